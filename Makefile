@@ -1,0 +1,54 @@
+# Flotilla. Newcomers need two targets: `make run` and `make test`.
+# Each target sets up what is missing first; the rest are building blocks.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+BUILD_VENV := .venv-build
+MODEL_REPO := build/model-repository
+MODEL_ONNX := $(MODEL_REPO)/efficientnet-lite0/1/model.onnx
+SAMPLES := build/samples
+PROTOS := $(wildcard protos/flotilla/api/v1/*.proto)
+
+.PHONY: install models samples generate check-generated run up test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+# torch lives only in this build venv: it exports the model once.
+$(BUILD_VENV)/.installed: flotilla/modelbuild/requirements.txt
+	$(PYTHON) -m venv $(BUILD_VENV)
+	$(BUILD_VENV)/bin/pip install --quiet torch==2.13.0
+	$(BUILD_VENV)/bin/pip install --quiet -r flotilla/modelbuild/requirements.txt
+	touch $@
+
+models: $(MODEL_ONNX) $(SAMPLES)/.done
+
+$(MODEL_ONNX): | $(BUILD_VENV)/.installed
+	PYTHONPATH=. $(BUILD_VENV)/bin/python -m flotilla.modelbuild.export --out $(MODEL_REPO)
+
+samples: $(SAMPLES)/.done
+
+$(SAMPLES)/.done: | $(BUILD_VENV)/.installed
+	PYTHONPATH=. $(BUILD_VENV)/bin/python -m flotilla.modelbuild.samples --out $(SAMPLES)
+	touch $@
+
+generate: install
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+
+run: install models
+	$(BIN)/flotilla run --config flotilla.yaml
+
+up: install models
+	$(BIN)/flotilla up --config flotilla.yaml
+
+test: install models
+	$(BIN)/pytest
+
+clean:
+	rm -rf build .flotilla

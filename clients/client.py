@@ -1,0 +1,129 @@
+"""Async client: upload JPEG bytes to the object store, classify by uuid.
+
+    async with FlotillaClient(router="127.0.0.1:50051", api_key=key, s3=s3) as client:
+        image_uuid = await client.upload(jpeg_bytes)
+        result = await client.classify(image_uuid, "efficientnet-lite0")
+
+Requests carry metadata only; the model name and the API key travel as
+headers (``x-model-name``, ``authorization``) so the router can route
+without parsing the body. A failed call raises a ``FlotillaError`` whose
+``code`` is the gRPC status the mesh answered with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from types import TracebackType
+
+import grpc
+
+from flotilla.api.v1 import inference_pb2, inference_pb2_grpc
+from flotilla.common.ids import new_image_uuid, object_key
+from flotilla.common.object_store import ObjectStore
+from flotilla.common.status import error_from_rpc
+from flotilla.config import S3Settings
+
+# Transparent retries of UNAVAILABLE (nothing was processed) with backoff.
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "flotilla.api.v1.ImageClassifier"}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "0.5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    index: int
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Classification:
+    image_uuid: str
+    model: str
+    classes: list[ClassScore]
+    """Best first."""
+    request_id: str = ""
+
+
+class FlotillaClient:
+    """Talks to the router (gRPC) and the object store (S3)."""
+
+    def __init__(
+        self,
+        router: str,
+        api_key: str,
+        s3: S3Settings,
+        *,
+        default_timeout_s: float = 30.0,
+    ) -> None:
+        self.router = router
+        self.api_key = api_key
+        self.default_timeout_s = default_timeout_s
+        self._store = ObjectStore(s3)
+        self._channel = grpc.aio.insecure_channel(
+            router, options=[("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+        )
+        self._stub = inference_pb2_grpc.ImageClassifierStub(self._channel)
+
+    async def __aenter__(self) -> FlotillaClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def upload(self, jpeg: bytes, image_uuid: str | None = None) -> str:
+        """Store ``jpeg`` as ``<uuid>.jpg`` and return the uuid."""
+        image_uuid = image_uuid or new_image_uuid()
+        await asyncio.to_thread(self._store.put, object_key(image_uuid), jpeg)
+        return image_uuid
+
+    async def classify(
+        self,
+        image_uuid: str,
+        model: str,
+        *,
+        top_k: int = 5,
+        timeout_s: float | None = None,
+        request_id: str = "",
+    ) -> Classification:
+        """Classify an uploaded image; raises FlotillaError with the mesh's status."""
+        request = inference_pb2.ClassifyRequest(
+            image_uuid=image_uuid, model_name=model, top_k=top_k, request_id=request_id
+        )
+        metadata = (("x-model-name", model), ("authorization", f"Bearer {self.api_key}"))
+        try:
+            reply = await self._stub.Classify(
+                request, metadata=metadata, timeout=timeout_s or self.default_timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, f"router {self.router}") from exc
+        return Classification(
+            image_uuid=reply.image_uuid,
+            model=reply.model_name,
+            classes=[ClassScore(c.index, c.label, c.score) for c in reply.classes],
+            request_id=reply.request_id,
+        )
+
+    async def classify_jpeg(self, jpeg: bytes, model: str, *, top_k: int = 5) -> Classification:
+        """Upload then classify."""
+        return await self.classify(await self.upload(jpeg), model, top_k=top_k)

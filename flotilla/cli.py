@@ -1,0 +1,180 @@
+"""The ``flotilla`` command.
+
+    flotilla up      [--config FILE]                start the local stack, wait for Ctrl-C
+    flotilla run     [--config FILE] [--images DIR] start, classify the sample photos, stop
+    flotilla infer   IMAGE... --model NAME          classify JPEG files on a running stack
+    flotilla serve   ROLE --config FILE --port N    run one service (the stack does this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from flotilla.config import FlotillaSettings, S3Settings, load_settings
+from flotilla.errors import FlotillaError
+
+DEFAULT_CONFIG = Path("flotilla.yaml")
+DEFAULT_STATE = Path(".flotilla/stack.json")
+DEFAULT_SAMPLES = Path("build/samples")
+
+
+def _settings(path: Path | None) -> FlotillaSettings:
+    if path is None and DEFAULT_CONFIG.exists():
+        path = DEFAULT_CONFIG
+    try:
+        return load_settings(path)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"invalid configuration{f' in {path}' if path else ''}:\n{exc}") from exc
+
+
+def format_classification(title: str, classes: list) -> str:  # type: ignore[type-arg]
+    lines = [title]
+    for rank, c in enumerate(classes, 1):
+        lines.append(f"  {rank}. {c.label:<28} {c.score:7.4f}  (class {c.index})")
+    return "\n".join(lines)
+
+
+async def _classify_files(
+    router: str, api_key: str, s3: S3Settings, model: str, files: list[Path], top_k: int
+) -> int:
+    from flotilla.clients.client import FlotillaClient
+
+    failures = 0
+    async with FlotillaClient(router, api_key, s3) as client:
+
+        async def one(path: Path) -> tuple[bool, str]:
+            try:
+                result = await client.classify_jpeg(path.read_bytes(), model, top_k=top_k)
+            except FlotillaError as exc:
+                return False, f"{path.name}: FAILED ({exc.code.name}) {exc.message}"
+            except OSError as exc:
+                return False, f"{path.name}: FAILED to read: {exc}"
+            title = f"{path.name}  [{model}, image {result.image_uuid}]"
+            return True, format_classification(title, result.classes)
+
+        for ok, text in await asyncio.gather(*(one(p) for p in files)):
+            failures += not ok
+            print(text)
+    return failures
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    settings = _settings(args.config)
+    if args.role == "router":
+        from flotilla.services.router.server import serve as serve_router
+
+        asyncio.run(serve_router(settings, args.port))
+    elif args.role == "batcher":
+        if not args.model:
+            raise SystemExit("flotilla serve batcher needs --model NAME")
+        from flotilla.services.batcher.server import serve as serve_batcher
+
+        asyncio.run(serve_batcher(settings, args.model, args.port))
+    else:
+        from flotilla.services.preprocess.server import serve as serve_preprocess
+
+        asyncio.run(serve_preprocess(settings, args.port))
+
+
+def cmd_up(args: argparse.Namespace) -> None:
+    from flotilla.stack.local import LocalStack
+
+    settings = _settings(args.config)
+    print("starting the local stack ...", flush=True)
+    with LocalStack(settings) as stack:
+        print(stack.describe())
+        print(f"\nclassify: flotilla infer IMAGE.jpg --model {next(iter(settings.models))}")
+        print("Ctrl-C stops the stack.", flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            pass
+        print("\nstopping ...", flush=True)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from flotilla.stack.local import LocalStack
+
+    settings = _settings(args.config)
+    images = sorted(args.images.glob("*.jpg"))
+    if not images:
+        raise SystemExit(f"no *.jpg files in {args.images}; run `make models` to write the sample photos")
+    model = args.model or next(iter(settings.models))
+    print(f"starting the local stack (Triton x{settings.triton.replicas}, "
+          f"{settings.preprocess.workers} preprocess worker(s)) ...", flush=True)
+    with LocalStack(settings) as stack:
+        assert stack.state is not None and stack.settings is not None
+        print(stack.describe(), "\n", flush=True)
+        failures = asyncio.run(
+            _classify_files(stack.state.router, stack.state.api_key, stack.settings.s3, model, images, args.top_k)
+        )
+        print("\nstopping the local stack ...", flush=True)
+    if failures:
+        raise SystemExit(f"{failures} image(s) failed")
+
+
+def cmd_infer(args: argparse.Namespace) -> None:
+    from flotilla.stack.local import StackState
+
+    if not args.state.exists():
+        raise SystemExit(f"no running stack found ({args.state} is missing); start one with `flotilla up`")
+    state = StackState.read(args.state)
+    s3 = S3Settings(
+        endpoint=state.s3_endpoint, access_key=state.s3_access_key,
+        secret_key=state.s3_secret_key, bucket=state.s3_bucket,  # type: ignore[arg-type]
+    )
+    router = args.router or state.router
+    api_key = args.api_key or os.environ.get("FLOTILLA_API_KEY") or state.api_key
+    failures = asyncio.run(_classify_files(router, api_key, s3, args.model, args.images, args.top_k))
+    if failures:
+        raise SystemExit(1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flotilla", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run one Flotilla service")
+    serve.add_argument("role", choices=["router", "batcher", "preprocess"])
+    serve.add_argument("--config", type=Path, help="YAML configuration")
+    serve.add_argument("--port", type=int, required=True, help="port to bind on settings.host")
+    serve.add_argument("--model", help="the model a batcher serves")
+    serve.set_defaults(func=cmd_serve)
+
+    up = sub.add_parser("up", help="start the local stack until Ctrl-C")
+    up.add_argument("--config", type=Path, help=f"YAML configuration (default: {DEFAULT_CONFIG} if present)")
+    up.set_defaults(func=cmd_up)
+
+    run = sub.add_parser("run", help="start the stack, classify sample photos, stop")
+    run.add_argument("--config", type=Path, help=f"YAML configuration (default: {DEFAULT_CONFIG} if present)")
+    run.add_argument("--images", type=Path, default=DEFAULT_SAMPLES, help="folder of .jpg files")
+    run.add_argument("--model", help="model to use (default: the first configured)")
+    run.add_argument("--top-k", type=int, default=5)
+    run.set_defaults(func=cmd_run)
+
+    infer = sub.add_parser("infer", help="classify JPEG files on a running stack")
+    infer.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    infer.add_argument("--model", required=True)
+    infer.add_argument("--top-k", type=int, default=5)
+    infer.add_argument("--state", type=Path, default=DEFAULT_STATE, help="stack.json written by `flotilla up`")
+    infer.add_argument("--router", help="router host:port (default: from --state)")
+    infer.add_argument("--api-key", help="API key (default: $FLOTILLA_API_KEY, then --state)")
+    infer.set_defaults(func=cmd_infer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    args.func(args)

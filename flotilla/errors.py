@@ -1,0 +1,146 @@
+"""Flotilla's one error hierarchy.
+
+Every error a caller can act on is a ``FlotillaError`` carrying its canonical
+status ``Code``. The core of each service raises these; the gRPC layer turns
+them into statuses in one place (``flotilla.common.status``). Anything else
+that escapes becomes INTERNAL with a generic message and a logged traceback.
+
+    FlotillaError                       INTERNAL
+    ├── InvalidArgument                 INVALID_ARGUMENT
+    │   ├── InvalidImageUuid
+    │   ├── InvalidImage                (not a JPEG, truncated, undecodable)
+    │   ├── ImageTooLarge               (bytes or pixels over the limit)
+    │   └── MalformedRequest            (body is not the expected message)
+    ├── NotFound                        NOT_FOUND
+    │   ├── ModelNotFound
+    │   └── ImageNotFound
+    ├── Unauthenticated                 UNAUTHENTICATED
+    ├── ResourceExhausted               RESOURCE_EXHAUSTED
+    │   └── QueueFull
+    ├── DeadlineExceeded                DEADLINE_EXCEEDED
+    ├── Unavailable                     UNAVAILABLE
+    │   ├── StoreUnavailable
+    │   ├── BackendUnavailable
+    │   └── NoHealthyEndpoint
+    └── BackendError                    INTERNAL (the backend failed the batch)
+
+The core modules import no grpc, so ``Code`` mirrors the canonical gRPC
+status codes by number (google.rpc.Code).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Code(enum.IntEnum):
+    """Canonical status codes, numbered as in google.rpc.Code."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+class FlotillaError(Exception):
+    """Base of every error a caller gets with a specific status and message."""
+
+    code: Code = Code.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(FlotillaError):
+    code = Code.INVALID_ARGUMENT
+
+
+class InvalidImageUuid(InvalidArgument):
+    """The image uuid is empty, too long or not a canonical UUID."""
+
+
+class InvalidImage(InvalidArgument):
+    """The stored object is not a decodable JPEG."""
+
+
+class ImageTooLarge(InvalidArgument):
+    """The stored object or its decoded pixel count exceeds a configured limit."""
+
+
+class MalformedRequest(InvalidArgument):
+    """The request body is not a valid message of the expected type."""
+
+
+class NotFound(FlotillaError):
+    code = Code.NOT_FOUND
+
+
+class ModelNotFound(NotFound):
+    """No model of that name is served."""
+
+
+class ImageNotFound(NotFound):
+    """No object is stored under the image's key."""
+
+
+class Unauthenticated(FlotillaError):
+    code = Code.UNAUTHENTICATED
+
+
+class ResourceExhausted(FlotillaError):
+    code = Code.RESOURCE_EXHAUSTED
+
+
+class QueueFull(ResourceExhausted):
+    """The model's batching queue is at its configured size."""
+
+
+class DeadlineExceeded(FlotillaError):
+    code = Code.DEADLINE_EXCEEDED
+
+
+class Unavailable(FlotillaError):
+    """A dependency cannot be reached right now; retrying later may succeed."""
+
+    code = Code.UNAVAILABLE
+
+
+class StoreUnavailable(Unavailable):
+    """The object store did not answer."""
+
+
+class BackendUnavailable(Unavailable):
+    """An inference backend did not answer."""
+
+
+class NoHealthyEndpoint(Unavailable):
+    """Every endpoint of a pool is down or ejected."""
+
+
+class BackendError(FlotillaError):
+    """The inference backend answered with an error for the whole batch."""
+
+
+def error_from_code(code: int, message: str) -> FlotillaError:
+    """Rebuild an error received as (status code, message) from another service."""
+    try:
+        status = Code(code)
+    except ValueError:
+        status = Code.UNKNOWN
+    error = FlotillaError(message)
+    error.code = status
+    return error

@@ -1,0 +1,57 @@
+"""Write scikit-image's real photographs as JPEG files for demos and tests.
+
+    python -m flotilla.modelbuild.samples --out build/samples
+
+Runs in the build virtualenv (scikit-image is not a runtime dependency). The
+photos ship inside the scikit-image wheel; they are re-encoded as JPEG
+because that is what clients upload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+from PIL import Image
+
+# name in skimage/data -> what a sensible ImageNet classifier should see
+PHOTOS = {
+    "chelsea.png": "a tabby cat",
+    "coffee.png": "a cup of espresso",
+    "astronaut.png": "an astronaut portrait",
+    "rocket.jpg": "a rocket on its launch pad",
+    "motorcycle_left.png": "a motorcycle",
+}
+JPEG_QUALITY = 90
+
+
+def skimage_data_dir() -> Path:
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or spec.origin is None:
+        raise SystemExit("scikit-image is not installed in this environment")
+    return Path(spec.origin).parent / "data"
+
+
+def write_samples(out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    data = skimage_data_dir()
+    written = []
+    for name in PHOTOS:
+        target = out / (Path(name).stem + ".jpg")
+        with Image.open(data / name) as photo:
+            photo.convert("RGB").save(target, "JPEG", quality=JPEG_QUALITY)
+        written.append(target)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    for path in write_samples(args.out):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

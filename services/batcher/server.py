@@ -1,0 +1,145 @@
+"""gRPC layer of the batcher role: one service per model.
+
+Serves ``flotilla.api.v1.ImageClassifier/Classify`` with a raw-bytes
+handler so that a malformed body is answered here with INVALID_ARGUMENT
+(the router forwards bodies it never parses). Requests join the model's
+BatchQueue; each formed batch goes to a preprocess worker chosen by an
+EndpointPool, and every request gets its own item's answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from flotilla.api.v1 import inference_pb2, preprocess_pb2, preprocess_pb2_grpc
+from flotilla.common.clock import Clock, MonotonicClock
+from flotilla.common.ids import check_image_uuid
+from flotilla.common.server import ServiceServer, serve_until_signal
+from flotilla.common.status import error_from_rpc, rpc_errors
+from flotilla.config import FlotillaSettings
+from flotilla.errors import FlotillaError, InvalidArgument, MalformedRequest, error_from_code
+from flotilla.services.backend_pool.pool import Endpoint, EndpointPool
+from flotilla.services.batcher.queue import BatchQueue
+
+log = logging.getLogger(__name__)
+
+CLASSIFIER_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["ImageClassifier"].full_name
+MODEL_HEADER = "x-model-name"
+
+
+class PreprocessDispatcher:
+    """Sends one batch to a preprocess worker and splits the answer per item."""
+
+    def __init__(
+        self,
+        model: str,
+        pool: EndpointPool[preprocess_pb2_grpc.PreprocessorStub],
+        *,
+        batch_timeout_s: float,
+        clock: Clock,
+    ) -> None:
+        self.model = model
+        self.pool = pool
+        self.batch_timeout_s = batch_timeout_s
+        self.clock = clock
+
+    async def __call__(
+        self, items: list[preprocess_pb2.BatchItem], deadline_s: float | None
+    ) -> Sequence[inference_pb2.ClassifyResponse | FlotillaError]:
+        request = preprocess_pb2.ProcessBatchRequest(model_name=self.model, items=items)
+
+        async def on(endpoint: Endpoint[preprocess_pb2_grpc.PreprocessorStub]) -> preprocess_pb2.ProcessBatchResponse:
+            timeout_s = self.batch_timeout_s if deadline_s is None else max(deadline_s - self.clock.now(), 0.001)
+            try:
+                return await endpoint.client.ProcessBatch(request, timeout=timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                raise error_from_rpc(exc, f"preprocess worker {endpoint.address}") from exc
+
+        reply = await self.pool.call(on, deadline_s=deadline_s)
+        results: list[inference_pb2.ClassifyResponse | FlotillaError] = []
+        for result in reply.results:
+            if result.HasField("response"):
+                results.append(result.response)
+            else:
+                results.append(error_from_code(result.error.code, result.error.message))
+        return results
+
+
+class ClassifierHandler:
+    """Parses Classify requests and waits for their place in a batch."""
+
+    def __init__(
+        self,
+        model: str,
+        queue: BatchQueue[preprocess_pb2.BatchItem, inference_pb2.ClassifyResponse],
+        clock: Clock,
+    ) -> None:
+        self.model = model
+        self.queue = queue
+        self.clock = clock
+
+    def _parse(self, raw: bytes, context: grpc.aio.ServicerContext) -> inference_pb2.ClassifyRequest:
+        try:
+            request = inference_pb2.ClassifyRequest.FromString(raw)
+        except DecodeError as exc:
+            raise MalformedRequest(
+                f"request body ({len(raw)} bytes) is not a valid {inference_pb2.ClassifyRequest.DESCRIPTOR.full_name}: {exc}"
+            ) from exc
+        header_model = dict(context.invocation_metadata() or ()).get(MODEL_HEADER)
+        for source, named in (("header " + MODEL_HEADER, header_model), ("model_name", request.model_name)):
+            if named and named != self.model:
+                raise InvalidArgument(f"{source} says {named!r} but this is the batcher of {self.model!r}")
+        check_image_uuid(request.image_uuid)
+        return request
+
+    async def classify(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        async with rpc_errors(context, f"batcher of {self.model}"):
+            request = self._parse(raw, context)
+            remaining_s = context.time_remaining()
+            deadline_s = None if remaining_s is None else self.clock.now() + remaining_s
+            item = preprocess_pb2.BatchItem(
+                image_uuid=request.image_uuid, top_k=request.top_k, request_id=request.request_id
+            )
+            response = await self.queue.submit(item, deadline_s=deadline_s)
+            return response.SerializeToString()
+        raise AssertionError("unreachable: rpc_errors aborts the call")
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            CLASSIFIER_SERVICE,
+            {"Classify": grpc.unary_unary_rpc_method_handler(self.classify)},
+        )
+
+
+async def serve(settings: FlotillaSettings, model: str, port: int) -> None:
+    """Run the batcher of ``model`` until SIGTERM."""
+    if model not in settings.models:
+        raise SystemExit(f"batcher: model {model!r} is not configured (configured: {', '.join(settings.models)})")
+    if not settings.endpoints.preprocess:
+        raise SystemExit("batcher: endpoints.preprocess is empty; configure at least one worker")
+    policy = settings.models[model].batching
+    clock = MonotonicClock()
+    channels = {a: grpc.aio.insecure_channel(a) for a in settings.endpoints.preprocess}
+    pool = EndpointPool(
+        "preprocess worker", {a: preprocess_pb2_grpc.PreprocessorStub(c) for a, c in channels.items()}
+    )
+    dispatcher = PreprocessDispatcher(model, pool, batch_timeout_s=policy.batch_timeout_s, clock=clock)
+    queue: BatchQueue[preprocess_pb2.BatchItem, inference_pb2.ClassifyResponse] = BatchQueue(
+        model, policy, dispatcher, clock=clock
+    )
+    handler = ClassifierHandler(model, queue, clock)
+    server = ServiceServer(f"batcher[{model}]", [CLASSIFIER_SERVICE], grace_s=settings.shutdown_grace_s)
+    server.server.add_generic_rpc_handlers([handler.generic_handler()])
+    queue.start()
+
+    async def cleanup() -> None:
+        await queue.stop()
+        for channel in channels.values():
+            await channel.close()
+        log.info("batcher[%s] formed %d batches for %d requests", model, queue.stats.batches, queue.stats.items)
+
+    await serve_until_signal(server, settings.host, port, on_stop=cleanup)

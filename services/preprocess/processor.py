@@ -1,0 +1,174 @@
+"""The preprocess role's core: a batch of image uuids in, per-item results out.
+
+For one batch it fetches every JPEG from the object store and decodes it
+concurrently (a thread pool: both steps release the GIL), stacks the good
+images into one tensor, runs it on an inference backend and splits the
+output back per item. A bad image fails only its own item; a failure of the
+whole batch (backend down, unknown model) raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from flotilla.common.ids import object_key
+from flotilla.config import ModelSettings
+from flotilla.errors import FlotillaError, ModelNotFound
+from flotilla.services.backend_pool.triton import InferResult
+from flotilla.services.preprocess.imaging import decode_for_model, to_batch_tensor, top_k
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOP_K = 5
+
+
+@dataclass(frozen=True)
+class ItemRequest:
+    image_uuid: str
+    top_k: int = DEFAULT_TOP_K
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    index: int
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class ItemOutcome:
+    """Exactly one of ``classes`` and ``error`` is set."""
+
+    classes: list[ClassScore] | None = None
+    error: FlotillaError | None = None
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    items: list[ItemOutcome]
+    backend: str
+    """The backend replica that ran the batch; empty if no item reached one."""
+
+
+class ImageSource(Protocol):
+    def get(self, key: str, max_bytes: int) -> bytes: ...
+
+
+class InferenceBackend(Protocol):
+    async def infer(
+        self,
+        model: str,
+        input_name: str,
+        batch: np.ndarray,
+        output_name: str,
+        *,
+        timeout_s: float | None = None,
+    ) -> InferResult: ...
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A configured model plus its class labels."""
+
+    name: str
+    settings: ModelSettings
+    labels: list[str]
+
+    @property
+    def backend_model(self) -> str:
+        return self.settings.backend_model or self.name
+
+    def label(self, index: int) -> str:
+        return self.labels[index] if index < len(self.labels) else str(index)
+
+    @classmethod
+    def load(cls, name: str, settings: ModelSettings, model_repository: Path) -> ServedModel:
+        """Labels come from ``labels_file``, else from Triton's ``labels.txt`` beside the model."""
+        path = settings.labels_file or model_repository / (settings.backend_model or name) / "labels.txt"
+        labels = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        if not labels:
+            log.warning("model %s: no labels at %s; labels will be class indices", name, path)
+        return cls(name, settings, labels)
+
+
+class BatchProcessor:
+    """Fetch, decode, preprocess, infer and split one batch."""
+
+    def __init__(
+        self,
+        models: dict[str, ServedModel],
+        store: ImageSource,
+        backend: InferenceBackend,
+        executor: Executor,
+        *,
+        max_object_bytes: int,
+        max_image_pixels: int,
+    ) -> None:
+        self.models = models
+        self.store = store
+        self.backend = backend
+        self.executor = executor
+        self.max_object_bytes = max_object_bytes
+        self.max_image_pixels = max_image_pixels
+
+    def model(self, name: str) -> ServedModel:
+        try:
+            return self.models[name]
+        except KeyError:
+            served = ", ".join(sorted(self.models)) or "none"
+            raise ModelNotFound(f"model {name!r} is not served here (served: {served})") from None
+
+    def _load_pixels(self, item: ItemRequest, model: ServedModel) -> np.ndarray:
+        key = object_key(item.image_uuid)
+        data = self.store.get(key, self.max_object_bytes)
+        return decode_for_model(
+            data, model.settings.input, what=f"image {item.image_uuid}", max_pixels=self.max_image_pixels
+        )
+
+    async def process(
+        self, model_name: str, items: Sequence[ItemRequest], *, timeout_s: float | None = None
+    ) -> BatchOutcome:
+        model = self.model(model_name)
+        loop = asyncio.get_running_loop()
+        loads = [loop.run_in_executor(self.executor, self._load_pixels, item, model) for item in items]
+        loaded = await asyncio.gather(*loads, return_exceptions=True)
+
+        outcomes: list[ItemOutcome | None] = [None] * len(items)
+        good: list[int] = []
+        for i, result in enumerate(loaded):
+            if isinstance(result, FlotillaError):
+                outcomes[i] = ItemOutcome(error=result)
+            elif isinstance(result, BaseException):
+                log.error("image %s: unexpected load failure", items[i].image_uuid, exc_info=result)
+                outcomes[i] = ItemOutcome(error=FlotillaError("internal error loading the image"))
+            else:
+                good.append(i)
+
+        backend = ""
+        if good:
+            tensor = to_batch_tensor([loaded[i] for i in good], model.settings.input)  # type: ignore[misc]
+            result = await self.backend.infer(
+                model.backend_model,
+                model.settings.input.name,
+                tensor,
+                model.settings.output_name,
+                timeout_s=timeout_s,
+            )
+            backend = result.backend
+            for row, i in enumerate(good):
+                best = top_k(result.outputs[row], items[i].top_k or DEFAULT_TOP_K)
+                classes = [ClassScore(idx, model.label(idx), score) for idx, score in best]
+                outcomes[i] = ItemOutcome(classes=classes)
+        missing = [items[i].image_uuid for i, o in enumerate(outcomes) if o is None]
+        if missing:  # every item gets exactly one outcome; anything else is a bug
+            raise FlotillaError(f"internal error: no outcome for {missing}")
+        return BatchOutcome(outcomes, backend)  # type: ignore[arg-type]

@@ -1,0 +1,58 @@
+"""The router's core: who may call, and which model's batchers get the call.
+
+Decisions use request headers only; the body is never looked at.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+from typing import Generic, TypeVar
+
+from flotilla.errors import InvalidArgument, ModelNotFound, Unauthenticated
+from flotilla.services.backend_pool.pool import EndpointPool
+
+C = TypeVar("C")
+
+BEARER = "bearer "
+
+
+class ApiKeys:
+    """Accepts ``authorization: Bearer <key>`` for any configured key."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self._keys = [k.encode() for k in keys if k]
+
+    def check(self, authorization: str | None) -> None:
+        if not authorization:
+            raise Unauthenticated("missing authorization header; send 'authorization: Bearer <api key>'")
+        if not authorization.lower().startswith(BEARER):
+            raise Unauthenticated("authorization header must be 'Bearer <api key>'")
+        presented = authorization[len(BEARER):].strip().encode()
+        # Compare against every key so timing does not reveal which matched.
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(presented, key)
+        if not matched:
+            raise Unauthenticated("API key is not valid")
+
+
+class RouteTable(Generic[C]):
+    """Model name → the pool of that model's batcher replicas."""
+
+    def __init__(self, pools: dict[str, EndpointPool[C]]) -> None:
+        self._pools = pools
+
+    @property
+    def models(self) -> list[str]:
+        return sorted(self._pools)
+
+    def pool_for(self, model: str | None) -> EndpointPool[C]:
+        if not model:
+            raise InvalidArgument("missing x-model-name header; set it to the model to run")
+        try:
+            return self._pools[model]
+        except KeyError:
+            raise ModelNotFound(
+                f"model {model!r} is not served; served models: {', '.join(self.models) or 'none'}"
+            ) from None
