@@ -10,7 +10,7 @@ MODEL_ONNX := $(MODEL_REPO)/efficientnet-lite0/1/model.onnx
 SAMPLES := build/samples
 PROTOS := $(wildcard protos/flotilla/api/v1/*.proto)
 
-.PHONY: install models samples generate check-generated run up test bench clean
+.PHONY: install models samples generate run up test clean
 
 install: $(VENV)/.installed
 

@@ -1,0 +1,113 @@
+"""The router forwards request bytes without ever parsing them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from flotilla.services.backend_pool.pool import EndpointPool
+from flotilla.services.router.routing import ApiKeys, RouteTable
+from flotilla.services.router.server import ForwardingHandler, Upstream
+from flotilla.stack.local import LocalStack
+from tests.integration.conftest import API_KEY, MODEL
+
+CLASSIFY = "/flotilla.api.v1.ImageClassifier/Classify"
+# Not a protobuf message: field 31, wire type 7 does not exist.
+NOT_PROTOBUF = b"\xff\xff\xff\xff\x0f raw bytes only a parser would choke on \x00\x01"
+
+
+class RecordingBatcher:
+    """A stand-in upstream that keeps exactly what reached it."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.headers: list[dict[str, str]] = []
+
+    async def classify(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.bodies.append(raw)
+        self.headers.append({k: v for k, v in context.invocation_metadata() or ()})
+        return b"\x00reply bytes, also unparsed\xff"
+
+
+@pytest.fixture
+async def router_to_recorder() -> AsyncIterator[tuple[grpc.aio.Channel, RecordingBatcher]]:
+    recorder = RecordingBatcher()
+    upstream = grpc.aio.server()
+    upstream.add_generic_rpc_handlers([
+        grpc.method_handlers_generic_handler(
+            "flotilla.api.v1.ImageClassifier",
+            {"Classify": grpc.unary_unary_rpc_method_handler(recorder.classify)},
+        )
+    ])
+    upstream_port = upstream.add_insecure_port("127.0.0.1:0")
+    await upstream.start()
+    address = f"127.0.0.1:{upstream_port}"
+    pool = EndpointPool("batcher", {address: Upstream(address)})
+    router = grpc.aio.server()
+    router.add_generic_rpc_handlers([ForwardingHandler(ApiKeys(["k"]), RouteTable({"m": pool}))])
+    router_port = router.add_insecure_port("127.0.0.1:0")
+    await router.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{router_port}")
+    try:
+        yield channel, recorder
+    finally:
+        await channel.close()
+        await router.stop(None)
+        await upstream.stop(None)
+        await pool.endpoints[0].client.channel.close()
+
+
+async def test_router_forwards_bytes_and_routing_headers_verbatim(router_to_recorder) -> None:  # type: ignore[no-untyped-def]
+    channel, recorder = router_to_recorder
+    reply = await channel.unary_unary(CLASSIFY)(
+        NOT_PROTOBUF,
+        metadata=(("x-model-name", "m"), ("authorization", "Bearer k"), ("x-request-id", "r-1")),
+        timeout=5,
+    )
+    assert reply == b"\x00reply bytes, also unparsed\xff"
+    assert recorder.bodies == [NOT_PROTOBUF]
+    headers = recorder.headers[0]
+    assert headers["x-model-name"] == "m" and headers["x-request-id"] == "r-1"
+    assert "authorization" not in headers  # credentials stop at the router
+
+
+async def test_router_rejects_on_headers_alone(router_to_recorder) -> None:  # type: ignore[no-untyped-def]
+    channel, recorder = router_to_recorder
+    call = channel.unary_unary(CLASSIFY)
+    with pytest.raises(grpc.aio.AioRpcError) as bad_key:
+        await call(NOT_PROTOBUF, metadata=(("x-model-name", "m"), ("authorization", "Bearer nope")), timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError) as no_model:
+        await call(NOT_PROTOBUF, metadata=(("authorization", "Bearer k"),), timeout=5)
+    assert bad_key.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert no_model.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "x-model-name" in (no_model.value.details() or "")
+    assert recorder.bodies == []
+
+
+async def test_real_router_passes_unparseable_body_to_the_batcher(stack: LocalStack) -> None:
+    """Only the batcher parses: it is the one that rejects the body, naming the message type."""
+    assert stack.state is not None
+    async with grpc.aio.insecure_channel(stack.state.router) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await channel.unary_unary(CLASSIFY)(
+                NOT_PROTOBUF,
+                metadata=(("x-model-name", MODEL), ("authorization", f"Bearer {API_KEY}")),
+                timeout=10,
+            )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "flotilla.api.v1.ClassifyRequest" in (caught.value.details() or "")
+
+
+def test_router_module_does_not_import_the_api_messages() -> None:
+    import ast
+    from pathlib import Path
+
+    import flotilla.services.router.server as router_server
+
+    tree = ast.parse(Path(router_server.__file__).read_text())
+    imported = {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    } | {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not any(name.startswith("flotilla.api") for name in imported), imported
