@@ -105,10 +105,19 @@ class FlotillaClient:
         top_k: int = 5,
         timeout_s: float | None = None,
         request_id: str = "",
+        priority: int = 0,
+        queue_timeout_us: int = 0,
     ) -> Classification:
-        """Classify an uploaded image; raises FlotillaError with the mesh's status."""
+        """Classify an uploaded image; raises FlotillaError with the mesh's status.
+
+        ``timeout_s`` is the gRPC deadline for the whole call; ``priority``
+        (1 = highest, 0 = the model's default) and ``queue_timeout_us`` (0 =
+        the model's default, can only lower it) shape its place in the
+        model's batching queue.
+        """
         request = inference_pb2.ClassifyRequest(
-            image_uuid=image_uuid, model_name=model, top_k=top_k, request_id=request_id
+            image_uuid=image_uuid, model_name=model, top_k=top_k, request_id=request_id,
+            priority=priority, timeout_us=queue_timeout_us,
         )
         metadata = (("x-model-name", model), ("authorization", f"Bearer {self.api_key}"))
         try:

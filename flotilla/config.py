@@ -36,18 +36,63 @@ class S3Settings(_Section):
 
 
 class BatchingSettings(_Section):
-    """How a model's batcher forms batches (names follow Triton's dynamic_batching)."""
+    """How a model's batcher forms batches (names follow Triton's dynamic_batching).
+
+    Priority level 1 is the highest. A request may lower its queue timeout
+    below ``default_timeout_us`` but never raise it; its gRPC deadline
+    always applies as well.
+    """
 
     max_batch_size: int = Field(8, ge=1, le=1024)
     """Largest batch sent to a preprocess worker."""
+    preferred_batch_sizes: list[int] = []
+    """Batch sizes to release as soon as they can be formed; at the delay, the largest that fits."""
     max_queue_delay_us: int = Field(2000, ge=0)
     """Longest the oldest queued request waits for its batch to fill, in microseconds."""
     max_queue_size: int = Field(1024, ge=1)
-    """Requests queued beyond this are rejected with RESOURCE_EXHAUSTED."""
+    """Requests queued beyond this are rejected at once with RESOURCE_EXHAUSTED."""
     max_inflight_batches: int = Field(2, ge=1)
     """Batches dispatched and not yet answered, at most."""
+    priority_levels: int = Field(0, ge=0, le=100)
+    """Number of priority levels; 0 turns priorities off (every request is level 1)."""
+    default_priority_level: int = Field(0, ge=0)
+    """Level of requests that name none; 0 means the lowest level."""
+    priority_aging_us: int = Field(100_000, ge=0)
+    """Starvation bound: a request queued this long is served before any younger request,
+    whatever its level. 0 turns aging off (strict priority)."""
+    default_timeout_us: int = Field(0, ge=0)
+    """Queue timeout for requests that set none, in microseconds; 0 means no queue timeout."""
+    timeout_action: Literal["REJECT", "DELAY"] = "REJECT"
+    """REJECT: a request past its queue timeout leaves with DEADLINE_EXCEEDED.
+    DELAY: it stays queued behind every request still within its timeout."""
     batch_timeout_s: float = Field(30.0, gt=0)
     """Bound on one batch's preprocess and inference call when no request in it has a deadline."""
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> BatchingSettings:
+        for size in self.preferred_batch_sizes:
+            if not 1 <= size <= self.max_batch_size:
+                raise ValueError(
+                    f"preferred_batch_sizes: {size} is outside 1..max_batch_size ({self.max_batch_size})"
+                )
+        if len(set(self.preferred_batch_sizes)) != len(self.preferred_batch_sizes):
+            raise ValueError(f"preferred_batch_sizes: {self.preferred_batch_sizes} has duplicates")
+        self.preferred_batch_sizes = sorted(self.preferred_batch_sizes)
+        levels = max(self.priority_levels, 1)
+        if self.default_priority_level > levels:
+            raise ValueError(
+                f"default_priority_level: {self.default_priority_level} is above priority_levels ({levels})"
+            )
+        return self
+
+    @property
+    def levels(self) -> int:
+        """Priority levels in effect (at least one)."""
+        return max(self.priority_levels, 1)
+
+    @property
+    def default_level(self) -> int:
+        return self.default_priority_level or self.levels
 
 
 class InputSpec(_Section):

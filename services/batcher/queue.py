@@ -1,15 +1,30 @@
-"""The batcher's core: a request queue that releases batches.
+"""The batcher's core: a priority request queue that releases batches.
 
-A batch leaves the queue when it is full (``max_batch_size`` requests) or
-when its oldest request has waited ``max_queue_delay_us``, whichever comes
-first, and only while fewer than ``max_inflight_batches`` batches are out.
-While every slot is busy requests keep queueing, so batches grow with load.
+Release rule. A batch leaves when the queue holds ``max_batch_size``
+requests (or, with ``preferred_batch_sizes``, the largest preferred size),
+or when the oldest queued request has waited ``max_queue_delay_us``, and
+only while fewer than ``max_inflight_batches`` batches are out. While every
+slot is busy requests keep queueing, so batches grow with load. At the
+delay, the batch is the largest preferred size that fits, else everything
+queued (up to ``max_batch_size``).
 
-Each request owns one future. A batch's dispatch answers every live request
-of the batch exactly once: its own result or error, or the batch's error
-when the whole batch failed. Requests whose caller went away (cancelled) or
-whose deadline passed while queued are dropped before dispatch; the latter
-get DEADLINE_EXCEEDED. A full queue rejects at once with RESOURCE_EXHAUSTED.
+Order. Level 1 is the highest priority; within a level, first in first
+out. Starvation bound: with ``priority_aging_us`` = A > 0, a request that
+has been queued for A is served before every younger request whatever their
+levels (aged requests go oldest first), so no request waits behind traffic
+that arrived after it once it is A old. With A = 0 priority is strict.
+
+Time limits. A request's gRPC deadline always applies: when it passes while
+the request is queued, the request leaves the queue with DEADLINE_EXCEEDED
+and is never dispatched. A queue timeout (``default_timeout_us``, lowered
+per request by ``timeout_us``) applies while queued: REJECT answers
+DEADLINE_EXCEEDED; DELAY moves the request behind every request still
+within its timeout. A caller that goes away (cancelled call) leaves the
+queue at once. A full queue rejects with RESOURCE_EXHAUSTED.
+
+Answers. Each request owns one future. A batch's dispatch answers each
+live request exactly once: its own result or error, or the batch's error
+when the whole batch failed.
 """
 
 from __future__ import annotations
@@ -17,13 +32,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+import numpy as np
+
 from flotilla.common.clock import Clock, MonotonicClock
 from flotilla.config import BatchingSettings
-from flotilla.errors import DeadlineExceeded, FlotillaError, QueueFull, Unavailable
+from flotilla.errors import DeadlineExceeded, FlotillaError, InvalidArgument, QueueFull, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +50,26 @@ R = TypeVar("R")
 # dispatch(items, deadline_s) -> one result or FlotillaError per item, in order
 Dispatch = Callable[[list[T], float | None], Awaitable[Sequence[R | FlotillaError]]]
 
+QUEUE_WAIT_SAMPLES = 50_000
+
 
 @dataclass(eq=False)
 class _Pending(Generic[T, R]):
     item: T
     enqueued_s: float
+    level: int
     deadline_s: float | None
+    """Hard deadline (the caller's): always ends the wait."""
+    timeout_s: float | None
+    """Queue timeout: acts per timeout_action, only while queued."""
     future: asyncio.Future[R]
+    queued: bool = True
+    delayed: bool = False
 
 
 @dataclass
 class QueueStats:
-    """Running totals, for logs, tests and (later) metrics."""
+    """Running totals since start or the last reset."""
 
     batches: int = 0
     items: int = 0
@@ -52,6 +77,14 @@ class QueueStats:
     rejected_full: int = 0
     batch_sizes: Counter[int] = field(default_factory=Counter)
     """How many batches of each size were dispatched."""
+    queue_waits_s: deque[float] = field(default_factory=lambda: deque(maxlen=QUEUE_WAIT_SAMPLES))
+    """Arrival-to-dispatch time of the most recent requests."""
+
+    def queue_wait_ms(self, percentiles: Iterable[float]) -> list[float]:
+        if not self.queue_waits_s:
+            return [0.0 for _ in percentiles]
+        waits = np.fromiter(self.queue_waits_s, dtype=np.float64)
+        return [float(v) * 1000.0 for v in np.percentile(waits, list(percentiles))]
 
 
 class BatchQueue(Generic[T, R]):
@@ -66,98 +99,221 @@ class BatchQueue(Generic[T, R]):
         clock: Clock | None = None,
     ) -> None:
         self.name = name
-        self.policy = policy
+        self._policy = policy
         self._dispatch = dispatch
         self._clock = clock or MonotonicClock()
-        self._queue: deque[_Pending[T, R]] = deque()
+        self._levels: list[deque[_Pending[T, R]]] = [deque() for _ in range(policy.levels)]
+        self._delayed: deque[_Pending[T, R]] = deque()
+        self._size = 0
+        self._inflight = 0
         self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(policy.max_inflight_batches)
+        self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._dispatched: set[_Pending[T, R]] = set()
+        """Requests taken off the queue whose batch has not answered yet."""
         self._runner: asyncio.Task[None] | None = None
         self.stats = QueueStats()
 
+    # -- state -----------------------------------------------------------------
+
+    @property
+    def policy(self) -> BatchingSettings:
+        return self._policy
+
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        """Requests waiting in the queue."""
+        return self._size
+
+    @property
+    def inflight(self) -> int:
+        """Batches dispatched and not yet answered."""
+        return self._inflight
+
+    def reset_stats(self) -> None:
+        self.stats = QueueStats()
+
+    def set_policy(self, policy: BatchingSettings) -> None:
+        """Apply a new policy at once; queued requests keep their order."""
+        queued = sorted(
+            (p for level in self._levels for p in level), key=lambda p: p.enqueued_s
+        )
+        self._policy = policy
+        self._levels = [deque() for _ in range(policy.levels)]
+        for pending in queued:
+            pending.level = min(pending.level, policy.levels)
+            self._levels[pending.level - 1].append(pending)
+        self._wakeup.set()
+        self._slot_freed.set()
+
+    # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
         if self._runner is None:
             self._runner = asyncio.create_task(self._run(), name=f"batcher:{self.name}")
 
     async def stop(self) -> None:
-        """Stop forming batches, cancel batches in flight, fail what is queued."""
+        """Stop forming batches, cancel batches in flight; every waiting request gets UNAVAILABLE."""
         tasks = [t for t in (self._runner, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._runner = None
-        while self._queue:
-            pending = self._queue.popleft()
+        queued = [*(p for level in self._levels for p in level), *self._delayed]
+        for pending in [*queued, *self._dispatched]:
+            self._unqueue(pending)
             if not pending.future.done():
                 pending.future.set_exception(Unavailable(f"batcher for {self.name} is shutting down"))
 
-    async def submit(self, item: T, *, deadline_s: float | None = None) -> R:
+    # -- submitting ------------------------------------------------------------
+
+    def _level_of(self, priority: int) -> int:
+        if priority == 0:
+            return self._policy.default_level
+        if priority > self._policy.levels:
+            raise InvalidArgument(
+                f"priority {priority} is outside 1..{self._policy.levels} for model {self.name} "
+                "(1 is the highest; 0 uses the default)"
+            )
+        return priority
+
+    def _queue_timeout_s(self, now: float, timeout_us: int) -> float | None:
+        default_us = self._policy.default_timeout_us
+        effective_us = min(timeout_us, default_us) if timeout_us and default_us else timeout_us or default_us
+        return now + effective_us / 1e6 if effective_us else None
+
+    async def submit(
+        self, item: T, *, deadline_s: float | None = None, priority: int = 0, timeout_us: int = 0
+    ) -> R:
         """Queue ``item`` and wait for its result; raises its FlotillaError."""
-        if len(self._queue) >= self.policy.max_queue_size:
+        level = self._level_of(priority)
+        if self._size >= self._policy.max_queue_size:
             self.stats.rejected_full += 1
             raise QueueFull(
-                f"queue for model {self.name} is full ({self.policy.max_queue_size} requests); "
+                f"queue for model {self.name} is full ({self._policy.max_queue_size} requests); "
                 "retry with backoff or raise max_queue_size"
             )
+        now = self._clock.now()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(item, self._clock.now(), deadline_s, future))
+        pending = _Pending(item, now, level, deadline_s, self._queue_timeout_s(now, timeout_us), future)
+        self._levels[level - 1].append(pending)
+        self._size += 1
         # Wake the former only when it has something new to decide.
-        if len(self._queue) == 1 or len(self._queue) >= self.policy.max_batch_size:
+        if self._size == 1 or self._size >= self._ready_size():
             self._wakeup.set()
-        return await future  # a cancelled caller cancels the future: it is skipped
+        try:
+            return await self._await_answer(pending)
+        except asyncio.CancelledError:
+            future.cancel()
+            self._unqueue(pending)  # the caller went away: free its place now
+            raise
+
+    async def _await_answer(self, pending: _Pending[T, R]) -> R:
+        while True:
+            timed_out = pending.timeout_s if pending.queued else None
+            limits = [t for t in (pending.deadline_s, timed_out) if t is not None]
+            if not limits:
+                return await pending.future
+            timer = asyncio.ensure_future(self._clock.sleep(max(0.0, min(limits) - self._clock.now())))
+            try:
+                await asyncio.wait({pending.future, timer}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                timer.cancel()
+            if pending.future.done():
+                return pending.future.result()
+            self._on_time_limit(pending)
+
+    def _on_time_limit(self, pending: _Pending[T, R]) -> None:
+        now = self._clock.now()
+        if pending.deadline_s is not None and now >= pending.deadline_s:
+            where = "queued" if pending.queued else "its batch was in flight"
+            self._give_up(pending)
+            raise DeadlineExceeded(f"deadline passed while {where} for model {self.name}")
+        if pending.timeout_s is not None and now >= pending.timeout_s and pending.queued:
+            if self._policy.timeout_action == "REJECT":
+                self._give_up(pending)
+                raise DeadlineExceeded(
+                    f"queue timeout passed while queued for model {self.name}; "
+                    "the model is overloaded, retry later or raise the timeout"
+                )
+            self._unqueue(pending)  # DELAY: behind everything still within its timeout
+            pending.queued, pending.delayed = True, True
+            self._delayed.append(pending)
+            self._size += 1
+        pending.timeout_s = None  # handled, or no longer queued
+
+    def _give_up(self, pending: _Pending[T, R]) -> None:
+        if pending.queued:
+            self.stats.expired += 1
+        self._unqueue(pending)
+        pending.future.cancel()  # a late answer from an in-flight batch is dropped
+
+    def _unqueue(self, pending: _Pending[T, R]) -> None:
+        if not pending.queued:
+            return
+        source = self._delayed if pending.delayed else self._levels[pending.level - 1]
+        source.remove(pending)
+        pending.queued = False
+        self._size -= 1
+
+    # -- forming batches -------------------------------------------------------
+
+    def _ready_size(self) -> int:
+        """Queue length at which a batch leaves without waiting for the delay."""
+        preferred = self._policy.preferred_batch_sizes
+        return preferred[-1] if preferred else self._policy.max_batch_size
+
+    def _size_at_delay(self) -> int:
+        fitting = [s for s in self._policy.preferred_batch_sizes if s <= self._size]
+        return fitting[-1] if fitting else min(self._size, self._policy.max_batch_size)
+
+    def _oldest_enqueued_s(self) -> float:
+        heads = [q[0].enqueued_s for q in (*self._levels, self._delayed) if q]
+        return min(heads)
+
+    def _pop_next(self, now: float) -> _Pending[T, R]:
+        """Aged requests oldest first, then by level, then delayed ones."""
+        aging_s = self._policy.priority_aging_us / 1e6
+        candidates = [q for q in self._levels if q]
+        if aging_s > 0:
+            aged = [q for q in candidates if q[0].enqueued_s + aging_s <= now]
+            if aged:
+                candidates = [min(aged, key=lambda q: q[0].enqueued_s)]
+        source = candidates[0] if candidates else self._delayed
+        pending = source.popleft()
+        pending.queued = False
+        self._size -= 1
+        return pending
 
     async def _run(self) -> None:
         while True:
-            await self._slots.acquire()
-            try:
-                batch = await self._next_batch()
-            except BaseException:
-                self._slots.release()
-                raise
+            while self._inflight >= self._policy.max_inflight_batches:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+            batch = await self._next_batch()
+            self._dispatched.update(batch)
+            self._inflight += 1
             task = asyncio.create_task(self._send(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _drop_dead(self) -> None:
-        """Remove cancelled requests and fail expired ones, anywhere in the queue."""
-        now = self._clock.now()
-        if not any(p.future.done() or (p.deadline_s is not None and p.deadline_s <= now) for p in self._queue):
-            return
-        live: deque[_Pending[T, R]] = deque()
-        for pending in self._queue:
-            if pending.future.done():
-                continue
-            if pending.deadline_s is not None and pending.deadline_s <= now:
-                self.stats.expired += 1
-                pending.future.set_exception(
-                    DeadlineExceeded(f"deadline passed while queued for model {self.name}")
-                )
-                continue
-            live.append(pending)
-        self._queue = live
-
     async def _next_batch(self) -> list[_Pending[T, R]]:
-        max_delay_s = self.policy.max_queue_delay_us / 1e6
         while True:
-            self._drop_dead()
-            if not self._queue:
+            if self._size == 0:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if len(self._queue) >= self.policy.max_batch_size:
+            if self._size >= self._ready_size():
+                size = self._ready_size()
                 break
-            wait_s = self._queue[0].enqueued_s + max_delay_s - self._clock.now()
+            wait_s = self._oldest_enqueued_s() + self._policy.max_queue_delay_us / 1e6 - self._clock.now()
             if wait_s <= 0:
+                size = self._size_at_delay()
                 break
             self._wakeup.clear()
             await self._wait(wait_s)
-        size = min(len(self._queue), self.policy.max_batch_size)
-        return [self._queue.popleft() for _ in range(size)]
+        now = self._clock.now()
+        return [self._pop_next(now) for _ in range(size)]
 
     async def _wait(self, delay_s: float) -> None:
         """Until ``delay_s`` passes on the clock or the queue signals a change."""
@@ -169,26 +325,21 @@ class BatchQueue(Generic[T, R]):
             woken.cancel()
             timer.cancel()
 
+    # -- dispatching -----------------------------------------------------------
+
     async def _send(self, batch: list[_Pending[T, R]]) -> None:
         try:
             live = [p for p in batch if not p.future.done()]
             if not live:
                 return
+            now = self._clock.now()
+            self.stats.queue_waits_s.extend(now - p.enqueued_s for p in live)
             deadlines = [p.deadline_s for p in live]
             deadline_s = None if None in deadlines else max(d for d in deadlines if d is not None)
             self.stats.batches += 1
             self.stats.items += len(live)
             self.stats.batch_sizes[len(live)] += 1
-            try:
-                results = await self._dispatch([p.item for p in live], deadline_s)
-            except FlotillaError as exc:
-                results = [exc] * len(live)
-            except Exception:
-                log.exception("batcher %s: batch dispatch failed", self.name)
-                results = [FlotillaError(f"internal error dispatching a batch for {self.name}")] * len(live)
-            if len(results) != len(live):
-                log.error("batcher %s: %d results for %d requests", self.name, len(results), len(live))
-                results = [FlotillaError("internal error: backend answered the wrong number of items")] * len(live)
+            results = await self._answers_for(live, deadline_s)
             for pending, result in zip(live, results):
                 if pending.future.done():
                     continue
@@ -197,4 +348,22 @@ class BatchQueue(Generic[T, R]):
                 else:
                     pending.future.set_result(result)
         finally:
-            self._slots.release()
+            # Unanswered ones (cancelled by stop) stay for stop() to answer.
+            self._dispatched.difference_update([p for p in batch if p.future.done()])
+            self._inflight -= 1
+            self._slot_freed.set()
+
+    async def _answers_for(
+        self, live: list[_Pending[T, R]], deadline_s: float | None
+    ) -> Sequence[R | FlotillaError]:
+        try:
+            results = await self._dispatch([p.item for p in live], deadline_s)
+        except FlotillaError as exc:
+            return [exc] * len(live)
+        except Exception:
+            log.exception("batcher %s: batch dispatch failed", self.name)
+            return [FlotillaError(f"internal error dispatching a batch for {self.name}")] * len(live)
+        if len(results) != len(live):
+            log.error("batcher %s: %d results for %d requests", self.name, len(results), len(live))
+            return [FlotillaError("internal error: the worker answered the wrong number of items")] * len(live)
+        return results

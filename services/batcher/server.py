@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import grpc
 from google.protobuf.message import DecodeError
 
-from flotilla.api.v1 import inference_pb2, preprocess_pb2, preprocess_pb2_grpc
+from flotilla.api.v1 import batcher_pb2_grpc, inference_pb2, preprocess_pb2, preprocess_pb2_grpc
 from flotilla.common.clock import Clock, MonotonicClock
 from flotilla.common.ids import check_image_uuid
 from flotilla.common.server import ServiceServer, serve_until_signal
@@ -23,6 +23,7 @@ from flotilla.common.status import error_from_rpc, rpc_errors
 from flotilla.config import FlotillaSettings
 from flotilla.errors import FlotillaError, InvalidArgument, MalformedRequest, error_from_code
 from flotilla.services.backend_pool.pool import Endpoint, EndpointPool
+from flotilla.services.batcher.admin import ADMIN_SERVICE, BatcherAdminServicer
 from flotilla.services.batcher.queue import BatchQueue
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,9 @@ class ClassifierHandler:
             item = preprocess_pb2.BatchItem(
                 image_uuid=request.image_uuid, top_k=request.top_k, request_id=request.request_id
             )
-            response = await self.queue.submit(item, deadline_s=deadline_s)
+            response = await self.queue.submit(
+                item, deadline_s=deadline_s, priority=request.priority, timeout_us=request.timeout_us
+            )
             return response.SerializeToString()
         raise AssertionError("unreachable: rpc_errors aborts the call")
 
@@ -132,8 +135,11 @@ async def serve(settings: FlotillaSettings, model: str, port: int) -> None:
         model, policy, dispatcher, clock=clock
     )
     handler = ClassifierHandler(model, queue, clock)
-    server = ServiceServer(f"batcher[{model}]", [CLASSIFIER_SERVICE], grace_s=settings.shutdown_grace_s)
+    server = ServiceServer(
+        f"batcher[{model}]", [CLASSIFIER_SERVICE, ADMIN_SERVICE], grace_s=settings.shutdown_grace_s
+    )
     server.server.add_generic_rpc_handlers([handler.generic_handler()])
+    batcher_pb2_grpc.add_BatcherAdminServicer_to_server(BatcherAdminServicer(model, queue), server.server)
     queue.start()
 
     async def cleanup() -> None:

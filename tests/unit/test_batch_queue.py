@@ -354,11 +354,6 @@ async def test_stop_fails_queued_requests_with_unavailable(h: Harness) -> None:
     assert q.depth == 0
 
 
-@pytest.mark.xfail(
-    reason="stop() cancels in-flight dispatch tasks without answering their requests: "
-    "the submitters of a batch that was formed or in flight wait forever",
-    strict=True,
-)
 async def test_stop_answers_requests_of_batches_in_flight(h: Harness) -> None:
     q = h.make(max_batch_size=1, max_queue_delay_us=0)
     h.dispatch.hold()
@@ -373,11 +368,6 @@ async def test_stop_answers_requests_of_batches_in_flight(h: Harness) -> None:
         answer(in_flight)
 
 
-@pytest.mark.xfail(
-    reason="max_queue_size counts requests whose callers were cancelled but that are only "
-    "dropped when the next batch forms, so a queue of dead entries rejects live callers",
-    strict=True,
-)
 async def test_cancelled_requests_do_not_fill_the_queue(h: Harness) -> None:
     q = h.make(max_batch_size=8, max_queue_delay_us=0, max_queue_size=2, max_inflight_batches=1)
     h.dispatch.hold()

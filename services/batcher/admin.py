@@ -1,0 +1,99 @@
+"""gRPC layer of the batcher's operator API: policy and statistics."""
+
+from __future__ import annotations
+
+import grpc
+from pydantic import ValidationError
+
+from flotilla.api.v1 import batcher_pb2, batcher_pb2_grpc
+from flotilla.common.status import rpc_errors
+from flotilla.config import BatchingSettings
+from flotilla.errors import InvalidArgument
+from flotilla.services.batcher.queue import BatchQueue
+
+ADMIN_SERVICE = batcher_pb2.DESCRIPTOR.services_by_name["BatcherAdmin"].full_name
+
+
+def policy_to_pb(policy: BatchingSettings) -> batcher_pb2.BatchingPolicy:
+    return batcher_pb2.BatchingPolicy(
+        max_batch_size=policy.max_batch_size,
+        preferred_batch_sizes=policy.preferred_batch_sizes,
+        max_queue_delay_us=policy.max_queue_delay_us,
+        max_queue_size=policy.max_queue_size,
+        max_inflight_batches=policy.max_inflight_batches,
+        priority_levels=policy.priority_levels,
+        default_priority_level=policy.default_priority_level,
+        priority_aging_us=policy.priority_aging_us,
+        default_timeout_us=policy.default_timeout_us,
+        timeout_action=policy.timeout_action,
+    )
+
+
+def policy_from_pb(message: batcher_pb2.BatchingPolicy, current: BatchingSettings) -> BatchingSettings:
+    """A validated policy; fields the message leaves at zero keep their current value
+    where zero is not a meaningful setting."""
+    fields = {
+        "max_batch_size": message.max_batch_size or current.max_batch_size,
+        "preferred_batch_sizes": list(message.preferred_batch_sizes),
+        "max_queue_delay_us": message.max_queue_delay_us,
+        "max_queue_size": message.max_queue_size or current.max_queue_size,
+        "max_inflight_batches": message.max_inflight_batches or current.max_inflight_batches,
+        "priority_levels": message.priority_levels,
+        "default_priority_level": message.default_priority_level,
+        "priority_aging_us": message.priority_aging_us,
+        "default_timeout_us": message.default_timeout_us,
+        "timeout_action": message.timeout_action or current.timeout_action,
+        "batch_timeout_s": current.batch_timeout_s,
+    }
+    try:
+        return BatchingSettings(**fields)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'policy'}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidArgument(f"invalid batching policy: {problems}") from exc
+
+
+class BatcherAdminServicer(batcher_pb2_grpc.BatcherAdminServicer):
+    def __init__(self, model: str, queue: BatchQueue) -> None:  # type: ignore[type-arg]
+        self.model = model
+        self.queue = queue
+
+    async def GetBatching(
+        self, request: batcher_pb2.GetBatchingRequest, context: grpc.aio.ServicerContext
+    ) -> batcher_pb2.BatchingPolicy:
+        return policy_to_pb(self.queue.policy)
+
+    async def SetBatching(
+        self, request: batcher_pb2.BatchingPolicy, context: grpc.aio.ServicerContext
+    ) -> batcher_pb2.BatchingPolicy:
+        async with rpc_errors(context, f"batcher of {self.model}"):
+            self.queue.set_policy(policy_from_pb(request, self.queue.policy))
+            return policy_to_pb(self.queue.policy)
+        raise AssertionError("unreachable: rpc_errors aborts the call")
+
+    async def GetStats(
+        self, request: batcher_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> batcher_pb2.BatcherStats:
+        stats = self.queue.stats
+        p50, p90, p99 = stats.queue_wait_ms((50, 90, 99))
+        reply = batcher_pb2.BatcherStats(
+            model_name=self.model,
+            requests=stats.items,
+            batches=stats.batches,
+            expired=stats.expired,
+            rejected_full=stats.rejected_full,
+            mean_batch_size=stats.items / stats.batches if stats.batches else 0.0,
+            batch_sizes=[
+                batcher_pb2.BatchSizeCount(batch_size=size, batches=count)
+                for size, count in sorted(stats.batch_sizes.items())
+            ],
+            queue_wait_p50_ms=p50,
+            queue_wait_p90_ms=p90,
+            queue_wait_p99_ms=p99,
+            queue_depth=self.queue.depth,
+            inflight_batches=self.queue.inflight,
+        )
+        if request.reset:
+            self.queue.reset_stats()
+        return reply
