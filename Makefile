@@ -10,7 +10,7 @@ MODEL_ONNX := $(MODEL_REPO)/efficientnet-lite0/1/model.onnx
 SAMPLES := build/samples
 PROTOS := $(wildcard protos/flotilla/api/v1/*.proto)
 
-.PHONY: install models samples generate run up test clean
+.PHONY: install models samples generate run up test bench clean
 
 install: $(VENV)/.installed
 
@@ -29,12 +29,12 @@ $(BUILD_VENV)/.installed: flotilla/modelbuild/requirements.txt
 
 models: $(MODEL_ONNX) $(SAMPLES)/.done
 
-$(MODEL_ONNX): | $(BUILD_VENV)/.installed
+$(MODEL_ONNX): flotilla/modelbuild/export.py flotilla/modelbuild/triton_onnx_model.py | $(BUILD_VENV)/.installed
 	PYTHONPATH=. $(BUILD_VENV)/bin/python -m flotilla.modelbuild.export --out $(MODEL_REPO)
 
 samples: $(SAMPLES)/.done
 
-$(SAMPLES)/.done: | $(BUILD_VENV)/.installed
+$(SAMPLES)/.done: flotilla/modelbuild/samples.py | $(BUILD_VENV)/.installed
 	PYTHONPATH=. $(BUILD_VENV)/bin/python -m flotilla.modelbuild.samples --out $(SAMPLES)
 	touch $@
 
@@ -49,6 +49,9 @@ up: install models
 
 test: install models
 	$(BIN)/pytest
+
+bench: install models
+	$(BIN)/flotilla bench
 
 clean:
 	rm -rf build .flotilla

@@ -137,6 +137,66 @@ def cmd_infer(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_loadtest(args: argparse.Namespace) -> None:
+    from flotilla.clients import loadtest
+    from flotilla.stack.local import StackState
+
+    if not args.state.exists():
+        raise SystemExit(f"no running stack found ({args.state} is missing); start one with `flotilla up`")
+    try:
+        batch_sizes = loadtest.parse_list(args.batch_sizes)
+        points = loadtest.parse_list(args.concurrency if args.mode == "closed" else args.rates,
+                                     int if args.mode == "closed" else float)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    images = [p.read_bytes() for p in sorted(args.images.glob("*.jpg"))]
+    if not images:
+        raise SystemExit(f"no *.jpg files in {args.images}")
+    rows = asyncio.run(_loadtest(args, StackState.read(args.state), images, batch_sizes, points))
+    loadtest.write_csv(rows, args.out / "results.csv")
+    loadtest.plot(rows, args.out / "loadtest.png", f"{args.model}: throughput vs p99 latency")
+    print(loadtest.format_table(rows))
+    print(f"\nwrote {args.out / 'results.csv'} and {args.out / 'loadtest.png'}")
+
+
+async def _loadtest(args, state, images, batch_sizes, points):  # type: ignore[no-untyped-def]
+    from tqdm import tqdm
+
+    from flotilla.clients import loadtest
+
+    target = loadtest.StackTarget(state)
+    rows = []
+    try:
+        uuids = await target.upload_images(images, copies=4)
+        original = (await target.admin(args.model).GetBatching(loadtest.batcher_pb2.GetBatchingRequest())).max_batch_size
+        plans = [("mesh", bs) for bs in batch_sizes] + ([("baseline", 1)] if args.baseline else [])
+        with tqdm(total=len(plans) * len(points), unit="point", desc="load test") as bar:
+            for mode, bs in plans:
+                if mode == "mesh":
+                    await target.set_max_batch_size(args.model, bs)
+                    call = target.mesh_call(args.model, uuids)
+                else:
+                    call = target.direct_call(args.model + loadtest.BASELINE_SUFFIX, uuids)
+                for value in points:
+                    load = {"concurrency": value} if args.mode == "closed" else {"rate_per_s": value}
+                    rows.append(await loadtest.measure(
+                        target, mode=mode, model=args.model, max_batch_size=bs, call=call,
+                        duration_s=args.duration_s, **load,
+                    ))
+                    bar.set_postfix(img_s=rows[-1].throughput_per_s, p99_ms=rows[-1].p99_ms)
+                    bar.update(1)
+        await target.set_max_batch_size(args.model, original)
+    finally:
+        await target.close()
+    return rows
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from flotilla import bench
+
+    bench.main(duration_s=args.duration_s)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flotilla", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -168,6 +228,25 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--router", help="router host:port (default: from --state)")
     infer.add_argument("--api-key", help="API key (default: $FLOTILLA_API_KEY, then --state)")
     infer.set_defaults(func=cmd_infer)
+
+    lt = sub.add_parser("loadtest", help="sweep batch sizes and load against a running stack")
+    lt.add_argument("--model", default="efficientnet-lite0")
+    lt.add_argument("--mode", choices=["closed", "open"], default="closed",
+                    help="closed: fixed concurrency; open: Poisson arrivals at fixed rates")
+    lt.add_argument("--concurrency", default="1,4,16,64", help="closed loop: comma-separated concurrencies")
+    lt.add_argument("--rates", default="10,25,50", help="open loop: comma-separated requests/s")
+    lt.add_argument("--batch-sizes", default="1,2,4,8,16,32", help="batcher max_batch_size values to sweep")
+    lt.add_argument("--duration-s", type=float, default=5.0, help="measured seconds per point")
+    lt.add_argument("--baseline", action="store_true",
+                    help="also run the no-batching-tier baseline (needs <model>-tritonbatch; see bench/flotilla-bench.yaml)")
+    lt.add_argument("--images", type=Path, default=DEFAULT_SAMPLES)
+    lt.add_argument("--state", type=Path, default=DEFAULT_STATE)
+    lt.add_argument("--out", type=Path, default=Path("loadtest-results"))
+    lt.set_defaults(func=cmd_loadtest)
+
+    bench = sub.add_parser("bench", help="the benchmark `make bench` runs")
+    bench.add_argument("--duration-s", type=float, default=5.0, help="measured seconds per load point")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

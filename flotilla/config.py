@@ -46,7 +46,8 @@ class BatchingSettings(_Section):
     max_batch_size: int = Field(8, ge=1, le=1024)
     """Largest batch sent to a preprocess worker."""
     preferred_batch_sizes: list[int] = []
-    """Batch sizes to release as soon as they can be formed; at the delay, the largest that fits."""
+    """With these set, a batch leaves at once when the largest preferred size is queued;
+    at the delay, the batch is the largest preferred size that fits (or all queued)."""
     max_queue_delay_us: int = Field(2000, ge=0)
     """Longest the oldest queued request waits for its batch to fill, in microseconds."""
     max_queue_size: int = Field(1024, ge=1)
@@ -54,12 +55,13 @@ class BatchingSettings(_Section):
     max_inflight_batches: int = Field(2, ge=1)
     """Batches dispatched and not yet answered, at most."""
     priority_levels: int = Field(0, ge=0, le=100)
-    """Number of priority levels; 0 turns priorities off (every request is level 1)."""
+    """Number of priority levels; 0 turns priorities off (request priorities are ignored)."""
     default_priority_level: int = Field(0, ge=0)
     """Level of requests that name none; 0 means the lowest level."""
     priority_aging_us: int = Field(100_000, ge=0)
     """Starvation bound: a request queued this long is served before any younger request,
-    whatever its level. 0 turns aging off (strict priority)."""
+    whatever its level (requests DELAYed past their queue timeout excepted). 0 turns aging
+    off (strict priority)."""
     default_timeout_us: int = Field(0, ge=0)
     """Queue timeout for requests that set none, in microseconds; 0 means no queue timeout."""
     timeout_action: Literal["REJECT", "DELAY"] = "REJECT"

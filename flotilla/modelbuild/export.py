@@ -20,11 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from importlib import resources
 from pathlib import Path
 
 MODEL_NAME = "efficientnet-lite0"
+# The same network with Triton's own dynamic batcher on: the load tests'
+# baseline, where requests reach Triton one by one through a load balancer.
+TRITON_BATCHING_MODEL_NAME = "efficientnet-lite0-tritonbatch"
+TRITON_MAX_QUEUE_DELAY_US = 2000
 INPUT_SIZE_PX = 224
 NUM_CLASSES = 1000
 # EfficientNet-Lite's training normalisation: (pixel - 127) / 128.
@@ -86,12 +91,18 @@ def write_labels(out_path: Path) -> None:
     out_path.write_text("\n".join(names) + "\n", encoding="utf-8")
 
 
-def triton_config(name: str) -> str:
+def triton_config(name: str, *, dynamic_batching: bool = False) -> str:
     """config.pbtxt for the Python-backend model.
 
-    Triton's own dynamic batcher stays off: Flotilla's batching tier forms the
-    batches, so one request to Triton is one execution.
+    Triton's own dynamic batcher stays off for the served model: Flotilla's
+    batching tier forms the batches, so one request to Triton is one
+    execution. The baseline model turns it on.
     """
+    batching = (
+        f"dynamic_batching {{ max_queue_delay_microseconds: {TRITON_MAX_QUEUE_DELAY_US} }}\n"
+        if dynamic_batching
+        else ""
+    )
     return f"""name: "{name}"
 backend: "python"
 max_batch_size: {MAX_BATCH_SIZE}
@@ -104,7 +115,7 @@ output [
 instance_group [ {{ kind: KIND_CPU, count: 1 }} ]
 parameters: {{ key: "onnx_file", value: {{ string_value: "model.onnx" }} }}
 parameters: {{ key: "intra_op_threads", value: {{ string_value: "0" }} }}
-"""
+{batching}"""
 
 
 def build_repository(repo: Path) -> Path:
@@ -118,8 +129,27 @@ def build_repository(repo: Path) -> Path:
     shutil.copyfile(Path(__file__).with_name("triton_onnx_model.py"), version_dir / "model.py")
     write_labels(model_dir / "labels.txt")
     (model_dir / "config.pbtxt").write_text(triton_config(MODEL_NAME), encoding="utf-8")
+    _write_baseline_model(repo, onnx_path=tmp_path)
     tmp_path.replace(onnx_path)  # last: a present model.onnx means a complete build
     return model_dir
+
+
+def _write_baseline_model(repo: Path, *, onnx_path: Path) -> None:
+    """The same files as the served model, with Triton's dynamic batching on."""
+    source = repo / MODEL_NAME
+    target = repo / TRITON_BATCHING_MODEL_NAME
+    (target / "1").mkdir(parents=True, exist_ok=True)
+    for name in ("labels.txt",):
+        shutil.copyfile(source / name, target / name)
+    shutil.copyfile(source / "1" / "model.py", target / "1" / "model.py")
+    linked = target / "1" / "model.onnx"
+    linked.unlink(missing_ok=True)
+    try:
+        os.link(onnx_path, linked)  # same bytes, no second copy on disk
+    except OSError:
+        shutil.copyfile(onnx_path, linked)
+    config = triton_config(TRITON_BATCHING_MODEL_NAME, dynamic_batching=True)
+    (target / "config.pbtxt").write_text(config, encoding="utf-8")
 
 
 def main() -> None:

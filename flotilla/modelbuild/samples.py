@@ -24,6 +24,11 @@ PHOTOS = {
     "motorcycle_left.png": "a motorcycle",
 }
 JPEG_QUALITY = 90
+# Preprocessing benchmarks need 1-2 MP photos: retina.jpg is one (1411x1411);
+# the others are upscaled to about 1.5 MP (Lanczos) so their JPEGs carry
+# camera-sized pixel counts.
+LARGE_PHOTOS = ["retina.jpg", "chelsea.png", "coffee.png", "astronaut.png", "motorcycle_left.png", "rocket.jpg"]
+LARGE_TARGET_PIXELS = 1_500_000
 
 
 def skimage_data_dir() -> Path:
@@ -45,11 +50,27 @@ def write_samples(out: Path) -> list[Path]:
     return written
 
 
+def write_large_samples(out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    data = skimage_data_dir()
+    written = []
+    for name in LARGE_PHOTOS:
+        with Image.open(data / name) as photo:
+            rgb = photo.convert("RGB")
+        if rgb.width * rgb.height < 1_000_000:
+            scale = (LARGE_TARGET_PIXELS / (rgb.width * rgb.height)) ** 0.5
+            rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.Resampling.LANCZOS)
+        target = out / (Path(name).stem + ".jpg")
+        rgb.save(target, "JPEG", quality=JPEG_QUALITY)
+        written.append(target)
+    return written
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    for path in write_samples(args.out):
+    for path in [*write_samples(args.out), *write_large_samples(args.out / "large")]:
         print(f"wrote {path}")
 
 

@@ -2,8 +2,11 @@
 
 Copied into ``<repository>/<model>/1/model.py`` by the model build. It reads
 its input and output names from the model's config.pbtxt, so one file serves
-any single-input, single-output ONNX classifier. Requests that Triton hands
-over together (one execution) run as one ONNX Runtime call.
+any single-input, single-output ONNX classifier. Parameters (config.pbtxt):
+``onnx_file``, ``intra_op_threads`` (0: from $FLOTILLA_ORT_INTRA_OP_THREADS,
+else ONNX Runtime's default) and ``allow_spinning`` ("0" by default).
+Requests that Triton hands over together (one execution) run as one ONNX
+Runtime call.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+THREADS_ENV = "FLOTILLA_ORT_INTRA_OP_THREADS"
 
 
 class TritonPythonModel:
@@ -29,7 +34,14 @@ class TritonPythonModel:
             args["model_repository"], args["model_version"], params.get("onnx_file", "model.onnx")
         )
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
+        # 0 = the share of the host's cores the launcher gives each replica
+        # (replicas on one host must not oversubscribe the cores).
+        threads = int(params.get("intra_op_threads", "0")) or int(os.environ.get(THREADS_ENV, "0"))
+        options.intra_op_num_threads = threads
+        # Spinning threads burn the cores other replicas and the preprocessing need.
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", params.get("allow_spinning", "0")
+        )
         providers = ["CPUExecutionProvider"]
         if args.get("model_instance_kind") == "GPU":
             device_id = int(args.get("model_instance_device_id", 0))

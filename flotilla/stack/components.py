@@ -115,7 +115,9 @@ class TritonInstallation:
         model_repository: Path,
         models: list[str],
         log_path: Path,
+        ort_threads: int = 0,
     ) -> ManagedProcess:
+        """One replica; ``ort_threads`` > 0 caps each ONNX Runtime session's thread pool."""
         argv = [
             str(self.server),
             f"--model-repository={model_repository.resolve()}",
@@ -136,4 +138,6 @@ class TritonInstallation:
         env["PATH"] = f"{_venv_bin()}{os.pathsep}{env.get('PATH', '')}"
         env["LD_LIBRARY_PATH"] = f"{self.libs}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}".rstrip(os.pathsep)
         env.update(self.extra_env)
+        if ort_threads > 0:
+            env["FLOTILLA_ORT_INTRA_OP_THREADS"] = str(ort_threads)
         return ManagedProcess(name, argv, log_path=log_path, env=env, address=f"{host}:{ports.grpc}")

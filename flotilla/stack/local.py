@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import sys
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ class StackState:
     s3_bucket: str
     models: list[str]
     triton: list[str] = field(default_factory=list)
+    batchers: dict[str, list[str]] = field(default_factory=dict)
+    preprocess: list[str] = field(default_factory=list)
     config: str = ""
 
     def write(self, path: Path) -> None:
@@ -141,11 +144,13 @@ class LocalStack:
         self.s3.start()
 
         install = TritonInstallation.prepare(self.run_dir)
+        # Replicas share this host's cores: each gets its share, not all of them.
+        ort_threads = max(1, (os.cpu_count() or 1) // self.base.triton.replicas)
         for i in range(self.base.triton.replicas):
             ports = TritonPorts.free(self.host)
             proc = install.process(
                 f"triton-{i}", host=self.host, ports=ports, model_repository=repository,
-                models=backend_models, log_path=self.logs / f"triton-{i}.log",
+                models=backend_models, log_path=self.logs / f"triton-{i}.log", ort_threads=ort_threads,
             )
             proc.start()
             self.tritons.append(proc)
@@ -199,6 +204,8 @@ class LocalStack:
             s3_bucket=s3_settings.bucket,
             models=models,
             triton=triton_addresses,
+            batchers=endpoints.batchers,
+            preprocess=endpoints.preprocess,
             config=str(config_path),
         )
         self.state.write(self.run_dir / "stack.json")

@@ -13,13 +13,20 @@ out. Starvation bound: with ``priority_aging_us`` = A > 0, a request that
 has been queued for A is served before every younger request whatever their
 levels (aged requests go oldest first), so no request waits behind traffic
 that arrived after it once it is A old. With A = 0 priority is strict.
+With ``priority_levels`` = 0 request priorities are ignored; otherwise a
+priority outside 1..levels is INVALID_ARGUMENT. When the number of levels
+changes at run time, queued requests keep their level (clamped to the new
+lowest) and their arrival order.
 
 Time limits. A request's gRPC deadline always applies: when it passes while
 the request is queued, the request leaves the queue with DEADLINE_EXCEEDED
 and is never dispatched. A queue timeout (``default_timeout_us``, lowered
 per request by ``timeout_us``) applies while queued: REJECT answers
 DEADLINE_EXCEEDED; DELAY moves the request behind every request still
-within its timeout. A caller that goes away (cancelled call) leaves the
+within its timeout (DELAYed requests do not age, leave in the order their
+timeouts passed, and still end at their deadline). Limits are applied by
+each request's own timer and again before every batch forms, so nothing
+past its time takes a place in a batch. A caller that goes away (cancelled call) leaves the
 queue at once. A full queue rejects with RESOURCE_EXHAUSTED.
 
 Answers. Each request owns one future. A batch's dispatch answers each
@@ -30,6 +37,7 @@ when the whole batch failed.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -63,6 +71,8 @@ class _Pending(Generic[T, R]):
     timeout_s: float | None
     """Queue timeout: acts per timeout_action, only while queued."""
     future: asyncio.Future[R]
+    seq: int = 0
+    """Arrival order, the tie-breaker for equal clock readings."""
     queued: bool = True
     delayed: bool = False
 
@@ -109,6 +119,7 @@ class BatchQueue(Generic[T, R]):
         self._wakeup = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._arrivals = itertools.count()
         self._dispatched: set[_Pending[T, R]] = set()
         """Requests taken off the queue whose batch has not answered yet."""
         self._runner: asyncio.Task[None] | None = None
@@ -135,9 +146,7 @@ class BatchQueue(Generic[T, R]):
 
     def set_policy(self, policy: BatchingSettings) -> None:
         """Apply a new policy at once; queued requests keep their order."""
-        queued = sorted(
-            (p for level in self._levels for p in level), key=lambda p: p.enqueued_s
-        )
+        queued = sorted((p for level in self._levels for p in level), key=lambda p: p.seq)
         self._policy = policy
         self._levels = [deque() for _ in range(policy.levels)]
         for pending in queued:
@@ -168,7 +177,9 @@ class BatchQueue(Generic[T, R]):
     # -- submitting ------------------------------------------------------------
 
     def _level_of(self, priority: int) -> int:
-        if priority == 0:
+        if priority < 0:
+            raise InvalidArgument(f"priority {priority} is negative; 1 is the highest, 0 uses the default")
+        if priority == 0 or self._policy.priority_levels == 0:  # default, or priorities off
             return self._policy.default_level
         if priority > self._policy.levels:
             raise InvalidArgument(
@@ -195,7 +206,9 @@ class BatchQueue(Generic[T, R]):
             )
         now = self._clock.now()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        pending = _Pending(item, now, level, deadline_s, self._queue_timeout_s(now, timeout_us), future)
+        pending = _Pending(
+            item, now, level, deadline_s, self._queue_timeout_s(now, timeout_us), future, next(self._arrivals)
+        )
         self._levels[level - 1].append(pending)
         self._size += 1
         # Wake the former only when it has something new to decide.
@@ -219,34 +232,53 @@ class BatchQueue(Generic[T, R]):
                 await asyncio.wait({pending.future, timer}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 timer.cancel()
+            if not pending.future.done():
+                self._apply_limits(pending, self._clock.now())
             if pending.future.done():
                 return pending.future.result()
-            self._on_time_limit(pending)
 
-    def _on_time_limit(self, pending: _Pending[T, R]) -> None:
-        now = self._clock.now()
+    def _apply_limits(self, pending: _Pending[T, R], now: float) -> None:
+        """Act on a passed deadline or queue timeout; the only place that does.
+
+        Called by the request's own timer and, for everything queued, before
+        each batch forms, whichever comes first. A request that fails gets
+        its error on its future, where its caller picks it up.
+        """
         if pending.deadline_s is not None and now >= pending.deadline_s:
             where = "queued" if pending.queued else "its batch was in flight"
-            self._give_up(pending)
-            raise DeadlineExceeded(f"deadline passed while {where} for model {self.name}")
-        if pending.timeout_s is not None and now >= pending.timeout_s and pending.queued:
-            if self._policy.timeout_action == "REJECT":
-                self._give_up(pending)
-                raise DeadlineExceeded(
+            self._fail(pending, DeadlineExceeded(f"deadline passed while {where} for model {self.name}"))
+            return
+        if pending.timeout_s is None or now < pending.timeout_s:
+            return  # not yet (a timer may wake a hair early): keep the limit armed
+        pending.timeout_s = None
+        if not pending.queued:
+            return  # queue timeouts end at dispatch
+        if self._policy.timeout_action == "REJECT":
+            self._fail(
+                pending,
+                DeadlineExceeded(
                     f"queue timeout passed while queued for model {self.name}; "
                     "the model is overloaded, retry later or raise the timeout"
-                )
-            self._unqueue(pending)  # DELAY: behind everything still within its timeout
-            pending.queued, pending.delayed = True, True
-            self._delayed.append(pending)
-            self._size += 1
-        pending.timeout_s = None  # handled, or no longer queued
+                ),
+            )
+            return
+        self._unqueue(pending)  # DELAY: behind everything still within its timeout
+        pending.queued, pending.delayed = True, True
+        self._delayed.append(pending)
+        self._size += 1
 
-    def _give_up(self, pending: _Pending[T, R]) -> None:
+    def _fail(self, pending: _Pending[T, R], error: FlotillaError) -> None:
         if pending.queued:
             self.stats.expired += 1
         self._unqueue(pending)
-        pending.future.cancel()  # a late answer from an in-flight batch is dropped
+        if not pending.future.done():
+            pending.future.set_exception(error)  # a late answer from a batch in flight is dropped
+
+    def _apply_limits_to_queue(self) -> None:
+        now = self._clock.now()
+        for pending in [p for q in (*self._levels, self._delayed) for p in q]:
+            if pending.deadline_s is not None or pending.timeout_s is not None:
+                self._apply_limits(pending, now)
 
     def _unqueue(self, pending: _Pending[T, R]) -> None:
         if not pending.queued:
@@ -268,8 +300,9 @@ class BatchQueue(Generic[T, R]):
         return fitting[-1] if fitting else min(self._size, self._policy.max_batch_size)
 
     def _oldest_enqueued_s(self) -> float:
-        heads = [q[0].enqueued_s for q in (*self._levels, self._delayed) if q]
-        return min(heads)
+        # Levels are in arrival order; delayed requests are in timeout order.
+        heads = [q[0].enqueued_s for q in self._levels if q]
+        return min([*heads, *(p.enqueued_s for p in self._delayed)])
 
     def _pop_next(self, now: float) -> _Pending[T, R]:
         """Aged requests oldest first, then by level, then delayed ones."""
@@ -299,6 +332,7 @@ class BatchQueue(Generic[T, R]):
 
     async def _next_batch(self) -> list[_Pending[T, R]]:
         while True:
+            self._apply_limits_to_queue()  # nothing past its time takes a place in a batch
             if self._size == 0:
                 self._wakeup.clear()
                 await self._wakeup.wait()

@@ -1,0 +1,309 @@
+"""`make bench`: what the batching tier buys, measured in one run.
+
+1. Preprocessing per core: DCT-scaled decode + resize (the worker's path)
+   against a naive full Pillow decode then resize, on 1-2 MP photos.
+2. For R = 2 and R = 4 Triton replicas, a stack on this machine:
+   - the mesh at saturation (closed loop) for several ``max_batch_size``;
+   - the baseline at the same load: each request alone through a preprocess
+     worker to round-robin Triton replicas with Triton's own dynamic batcher;
+   - both below saturation (open loop), for queue wait and batch sizes;
+   - (R = 2) latency at concurrency 1: through router and batcher, straight
+     to the batcher, and straight to a preprocess worker.
+3. An in-process pipeline on the R = 2 stack's S3 objects (same decode,
+   same ONNX file in ONNX Runtime, two batches in flight) for mesh efficiency.
+
+Writes ``bench/results.json``, ``bench/results.csv``, ``bench/loadtest.png``
+and refreshes the results table in README.md. A benchmark, not a test: it
+asserts nothing and reports what it measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from flotilla.clients.loadgen import closed_loop
+from flotilla.clients.loadtest import Row, StackTarget, format_table, measure, plot, write_csv
+from flotilla.common.ids import object_key
+from flotilla.common.object_store import ObjectStore
+from flotilla.config import FlotillaSettings, load_settings
+from flotilla.services.preprocess.imaging import decode_for_model, to_batch_tensor
+from flotilla.stack.local import LocalStack
+
+MODEL = "efficientnet-lite0"
+BENCH_CONFIG = Path("bench/flotilla-bench.yaml")
+OUT = Path("bench")
+README = Path("README.md")
+SATURATION_BATCH_SIZES = (8, 16)
+BELOW_SATURATION_LOAD = 0.25
+"""Open-loop rate as a fraction of the mesh's saturated throughput."""
+MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+# -- 1. preprocessing per core ---------------------------------------------------
+
+
+def preprocessing_per_core(photos: list[bytes], settings: FlotillaSettings, rounds: int = 5) -> dict[str, float]:
+    spec = settings.models[MODEL].input
+
+    def naive(data: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB").resize((spec.width_px, spec.height_px), Image.Resampling.BILINEAR))
+
+    def scaled(data: bytes) -> np.ndarray:
+        return decode_for_model(data, spec, what="bench", max_pixels=10**9)
+
+    rates = {}
+    for name, fn in (("naive", naive), ("flotilla", scaled)):
+        fn(photos[0])
+        start = time.perf_counter()
+        for _ in range(rounds):
+            for photo in photos:
+                fn(photo)
+        rates[name] = rounds * len(photos) / (time.perf_counter() - start)
+    megapixels = [Image.open(io.BytesIO(p)).size for p in photos]
+    return {
+        "naive_images_per_s_per_core": round(rates["naive"], 1),
+        "flotilla_images_per_s_per_core": round(rates["flotilla"], 1),
+        "speedup": round(rates["flotilla"] / rates["naive"], 2),
+        "photo_megapixels": [round(w * h / 1e6, 2) for w, h in megapixels],
+    }
+
+
+# -- 3. in-process pipeline --------------------------------------------------------
+
+
+async def in_process_pipeline(
+    settings: FlotillaSettings, uuids: list[str], batch_size: int, duration_s: float
+) -> float:
+    """Images/s of fetch + decode + ONNX Runtime in one process, two batches in flight."""
+    import onnxruntime as ort
+
+    spec = settings.models[MODEL].input
+    onnx = settings.triton.model_repository / MODEL / "1" / "model.onnx"
+    options = ort.SessionOptions()  # tuned like the replicas: every core, no spinning against the decoders
+    options.intra_op_num_threads = os.cpu_count() or 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(onnx), options, providers=["CPUExecutionProvider"])
+    store = ObjectStore(settings.s3, pool_size=settings.preprocess.fetch_threads)
+    loaders = ThreadPoolExecutor(settings.preprocess.fetch_threads)
+    runner = ThreadPoolExecutor(1)
+    loop = asyncio.get_running_loop()
+
+    def load(image_uuid: str) -> np.ndarray:
+        data = store.get(object_key(image_uuid), settings.preprocess.max_object_bytes)
+        return decode_for_model(data, spec, what=image_uuid, max_pixels=settings.preprocess.max_image_pixels)
+
+    done = 0
+    cursor = 0
+    stop_at = time.perf_counter() + duration_s
+
+    async def lane() -> None:
+        nonlocal done, cursor
+        while time.perf_counter() < stop_at:
+            batch = [uuids[(cursor + i) % len(uuids)] for i in range(batch_size)]
+            cursor += batch_size
+            pixels = await asyncio.gather(*(loop.run_in_executor(loaders, load, u) for u in batch))
+            tensor = to_batch_tensor(list(pixels), spec)
+            await loop.run_in_executor(runner, lambda: session.run(None, {spec.name: tensor}))
+            done += batch_size
+
+    start = time.perf_counter()
+    await asyncio.gather(lane(), lane())
+    elapsed = time.perf_counter() - start
+    loaders.shutdown()
+    runner.shutdown()
+    return done / elapsed
+
+
+# -- 2. the stacks -------------------------------------------------------------------
+
+
+async def bench_stack(
+    target: StackTarget, settings: FlotillaSettings, photos: list[bytes], *, duration_s: float, first: bool
+) -> tuple[list[Row], dict[str, float]]:
+    uuids = await target.upload_images(photos, copies=8)
+    rows: list[Row] = []
+    extra: dict[str, float] = {}
+    bar = tqdm(unit="req", desc=f"R={len(target.state.triton)}", leave=False)
+
+    async def point(**kw) -> Row:  # type: ignore[no-untyped-def]
+        row = await measure(target, model=MODEL, duration_s=duration_s, on_done=lambda: bar.update(1), **kw)
+        rows.append(row)
+        return row
+
+    mesh = target.mesh_call(MODEL, uuids)
+    baseline = target.direct_call(MODEL + "-tritonbatch", uuids)
+    slots = settings.models[MODEL].batching.max_inflight_batches
+    for max_bs in SATURATION_BATCH_SIZES:
+        await target.set_max_batch_size(MODEL, max_bs)
+        # Saturated: twice what the dispatch slots hold, so the queue never drains.
+        await point(mode="mesh", max_batch_size=max_bs, call=mesh, concurrency=2 * slots * max_bs)
+    saturation = 2 * slots * max(SATURATION_BATCH_SIZES)
+    await point(mode="baseline", max_batch_size=1, call=baseline, concurrency=saturation)
+
+    # Below saturation: the same Poisson rate for both, a quarter of the mesh's capacity.
+    await target.set_max_batch_size(MODEL, 8)
+    rate = max(5.0, round(BELOW_SATURATION_LOAD * max(r.throughput_per_s for r in rows if r.mode == "mesh")))
+    await point(mode="mesh", max_batch_size=8, call=mesh, rate_per_s=rate)
+    await point(mode="baseline", max_batch_size=1, call=baseline, rate_per_s=rate)
+
+    if first:  # what the tier adds at max_batch_size=1, concurrency 1
+        await target.set_max_batch_size(MODEL, 1)
+        extra = await tier_overhead(target, uuids, duration_s=duration_s)
+        await target.set_max_batch_size(MODEL, 8)
+        extra["in_process_images_per_s"] = round(await in_process_pipeline(settings, uuids, 8, 2 * duration_s), 1)
+    bar.close()
+    return rows, extra
+
+
+async def tier_overhead(target: StackTarget, uuids: list[str], *, duration_s: float, rounds: int = 4) -> dict[str, float]:
+    """p50 at concurrency 1 and max_batch_size=1: straight to a worker, via the
+    batcher, via router and batcher. The three alternate in short rounds and
+    their latencies are pooled, so machine noise hits all three alike."""
+    calls = {
+        "direct_to_worker": target.direct_call(MODEL, uuids),
+        "via_batcher": target.batcher_call(MODEL, uuids),
+        "via_router_and_batcher": target.mesh_call(MODEL, uuids),
+    }
+    pooled: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            result = await closed_loop(call, concurrency=1, duration_s=duration_s / rounds, warmup_s=0.2)
+            pooled[name] += result.latencies_s
+    p50 = {name: float(np.median(v)) * 1000.0 for name, v in pooled.items()}
+    return {
+        **{f"p50_ms_{name}": round(v, 2) for name, v in p50.items()},
+        "batching_tier_adds_p50_ms": round(p50["via_batcher"] - p50["direct_to_worker"], 2),
+        "router_and_batcher_add_p50_ms": round(p50["via_router_and_batcher"] - p50["direct_to_worker"], 2),
+        "requests_per_path": min(len(v) for v in pooled.values()),
+    }
+
+
+def with_replicas(base: FlotillaSettings, replicas: int) -> FlotillaSettings:
+    """R Triton replicas, and room for 2 batches per replica in flight (one
+    being preprocessed while the other runs), so that below saturation no
+    request waits for a dispatch slot."""
+    settings = base.model_copy(deep=True)
+    settings.triton.replicas = replicas
+    settings.models[MODEL].batching.max_inflight_batches = 2 * replicas
+    return settings
+
+
+def run_bench(*, duration_s: float = 5.0, replica_counts: tuple[int, ...] = (2, 4)) -> dict[str, object]:
+    base = load_settings(BENCH_CONFIG)
+    photos = [p.read_bytes() for p in sorted(Path("build/samples/large").glob("*.jpg"))]
+    small = [p.read_bytes() for p in sorted(Path("build/samples").glob("*.jpg"))]
+    if not photos or not small:
+        raise SystemExit("sample photos missing; run `make models`")
+    results: dict[str, object] = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "gpu": None},
+        "preprocessing": preprocessing_per_core(photos, base),
+    }
+    rows: list[Row] = []
+    for replicas in replica_counts:
+        settings = with_replicas(base, replicas)
+        print(f"starting a stack with {replicas} Triton replicas ...", flush=True)
+        with LocalStack(settings) as stack:
+            assert stack.state is not None and stack.settings is not None
+
+            async def drive() -> tuple[list[Row], dict[str, float]]:
+                target = StackTarget(stack.state)  # type: ignore[arg-type]
+                try:
+                    return await bench_stack(
+                        target, stack.settings, small, duration_s=duration_s, first=replicas == replica_counts[0]  # type: ignore[arg-type]
+                    )
+                finally:
+                    await target.close()
+
+            stack_rows, extra = asyncio.run(drive())
+        rows += stack_rows
+        if extra:
+            results["latency"] = {k: v for k, v in extra.items() if k != "in_process_images_per_s"}
+            results["in_process_images_per_s"] = extra["in_process_images_per_s"]
+    results["rows"] = [asdict(r) for r in rows]
+    results["summary"] = summarise(rows, results)
+    return results
+
+
+def summarise(rows: list[Row], results: dict[str, object]) -> dict[str, object]:
+    summary: dict[str, object] = {}
+    for r in rows:
+        if r.concurrency > 1 and r.mode == "mesh":
+            summary[f"R{r.replicas}_mesh_bs{r.max_batch_size}_formed_fraction"] = round(r.mean_formed_batch / r.max_batch_size, 3)
+        if r.concurrency > 1 and r.mode == "baseline":
+            summary[f"R{r.replicas}_baseline_batch_per_execution"] = r.mean_batch_per_execution
+        if r.request_rate_per_s and r.mode == "mesh":
+            summary[f"R{r.replicas}_below_saturation_p99_queue_wait_ms"] = r.p99_queue_wait_ms
+    best_mesh = max((r.throughput_per_s for r in rows if r.mode == "mesh" and r.replicas == 2), default=0.0)
+    in_process = float(results.get("in_process_images_per_s", 0.0) or 0.0)  # type: ignore[arg-type]
+    summary["mesh_images_per_s_R2"] = best_mesh
+    summary["mesh_efficiency"] = round(best_mesh / in_process, 3) if in_process else None
+    summary["preprocessing_speedup"] = results["preprocessing"]["speedup"]  # type: ignore[index]
+    return summary
+
+
+def readme_table(results: dict[str, object]) -> str:
+    rows = [Row(**r) for r in results["rows"]]  # type: ignore[union-attr, arg-type]
+    pre = results["preprocessing"]
+    latency = results.get("latency", {})
+    summary = results["summary"]
+    lines = [
+        MARK_START,
+        f"Measured by `make bench` on {results['machine']['cpus']} CPU cores, no GPU "  # type: ignore[index]
+        f"({time.strftime('%Y-%m-%d')}). Every figure comes from the same run.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| preprocessing, images/s per core (1-2 MP photos): Flotilla / naive Pillow | "
+        f"{pre['flotilla_images_per_s_per_core']} / {pre['naive_images_per_s_per_core']} = **{pre['speedup']}x** |",  # type: ignore[index]
+        f"| mesh efficiency: mesh img/s (R=2) / in-process pipeline img/s | "
+        f"{summary['mesh_images_per_s_R2']} / {results.get('in_process_images_per_s')} = **{summary['mesh_efficiency']}** |",  # type: ignore[index]
+        f"| p50 at concurrency 1, max_batch_size=1: direct to worker / via batcher / via router+batcher (ms) | "
+        f"{latency.get('p50_ms_direct_to_worker')} / {latency.get('p50_ms_via_batcher')} / {latency.get('p50_ms_via_router_and_batcher')} "  # type: ignore[union-attr]
+        f"(batcher adds **{latency.get('batching_tier_adds_p50_ms')} ms**) |",  # type: ignore[union-attr]
+        "",
+        "```",
+        format_table(rows),
+        "```",
+        "",
+        "`formed` is the mean batch Flotilla's batcher formed; `per exec` is images per Triton execution "
+        "from Triton's own statistics. Baseline rows send each request alone to round-robin replicas "
+        "whose own dynamic batcher is on. `batcher`/`direct` rows: straight to the batcher / to a worker.",
+        MARK_END,
+    ]
+    return "\n".join(lines)
+
+
+def refresh_readme(table: str) -> None:
+    text = README.read_text(encoding="utf-8")
+    if MARK_START in text and MARK_END in text:
+        head, rest = text.split(MARK_START, 1)
+        _, tail = rest.split(MARK_END, 1)
+        text = head + table + tail
+    else:
+        text = text.rstrip() + "\n\n## Benchmark results\n\n" + table + "\n"
+    README.write_text(text, encoding="utf-8")
+
+
+def main(duration_s: float = 5.0) -> None:
+    results = run_bench(duration_s=duration_s)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    rows = [Row(**r) for r in results["rows"]]  # type: ignore[union-attr, arg-type]
+    write_csv(rows, OUT / "results.csv")
+    plot([r for r in rows if r.mode in ("mesh", "baseline")], OUT / "loadtest.png", "Flotilla: throughput vs p99 latency")
+    refresh_readme(readme_table(results))
+    print(format_table(rows))
+    print(json.dumps(results["summary"], indent=2))
