@@ -103,10 +103,12 @@ class StackTarget:
         """Upload ``copies`` objects per image (distinct uuids) and return the uuids."""
         return [await self.client.upload(jpeg) for jpeg in images for _ in range(copies)]
 
-    async def set_max_batch_size(self, model: str, max_batch_size: int) -> None:
+    async def set_max_batch_size(self, model: str, max_batch_size: int, max_queue_delay_us: int | None = None) -> None:
         admin = self.admin(model)
         policy = await admin.GetBatching(batcher_pb2.GetBatchingRequest())
         policy.max_batch_size = max_batch_size
+        if max_queue_delay_us is not None:
+            policy.max_queue_delay_us = max_queue_delay_us
         del policy.preferred_batch_sizes[:]
         await admin.SetBatching(policy)
 
