@@ -26,6 +26,9 @@ MODEL_REPOSITORY = REPO / "build" / "model-repository"
 # on a busy 2-core machine; short enough not to slow the suite down.
 MAX_QUEUE_DELAY_US = 20_000
 MAX_BATCH_SIZE = 8
+# Small enough that a test can upload a larger object cheaply.
+MAX_OBJECT_BYTES = 2 * 1024 * 1024
+MAX_IMAGE_PIXELS = 50_000_000
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -42,6 +45,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         REPO / "flotilla.yaml",
         run_dir=tmp_path_factory.mktemp("stack"),
         router={"api_keys": [API_KEY]},
+        preprocess={"workers": 1, "max_object_bytes": MAX_OBJECT_BYTES, "max_image_pixels": MAX_IMAGE_PIXELS},
         triton={"replicas": 2, "model_repository": str(MODEL_REPOSITORY)},
     )
     settings.models[MODEL].batching.max_queue_delay_us = MAX_QUEUE_DELAY_US
