@@ -118,6 +118,39 @@ class InputSpec(_Section):
     """center_crop only: the crop covers this fraction of the scaled short side."""
 
 
+StrategyName = Literal["round_robin", "least_outstanding", "power_of_two"]
+
+
+class PoolSettings(_Section):
+    """How a tier spreads calls over the replicas of the next tier."""
+
+    strategy: StrategyName = "round_robin"
+    """round_robin, least_outstanding or power_of_two (two at random, the less busy)."""
+    max_attempts: int = Field(3, ge=1)
+    """Attempts per call; only UNAVAILABLE is retried, each time on another replica."""
+    eject_after_failures: int = Field(2, ge=1)
+    """Consecutive UNAVAILABLE failures that eject a replica (passive check)."""
+    eject_cooldown_s: float = Field(1.0, gt=0)
+    """How long a passively ejected replica is left out before it is tried again."""
+    health_check_interval_s: float = Field(0.25, gt=0)
+    """Time between active probes of every replica."""
+    health_check_timeout_s: float = Field(0.5, gt=0)
+    """A probe slower than this counts as failed."""
+
+
+class BackendSettings(_Section):
+    """How a model runs on the inference backends (Truss-style instance groups)."""
+
+    strategy: StrategyName | None = None
+    """Replica choice for this model; defaults to pools.strategy."""
+    instance_groups: int = Field(1, ge=1)
+    """Model instances per Triton replica (Triton's instance_group count)."""
+    predict_concurrency: int = Field(1, ge=1)
+    """Executions in flight per instance that the pool allows. Capacity =
+    replicas x instance_groups x predict_concurrency; beyond it work waits in
+    Flotilla, not in Triton."""
+
+
 class ModelSettings(_Section):
     """One served model."""
 
@@ -129,6 +162,7 @@ class ModelSettings(_Section):
     labels_file: Path | None = None
     """One class name per line; index = line number. Without it, labels are the indices."""
     batching: BatchingSettings = BatchingSettings()
+    backend: BackendSettings = BackendSettings()
 
 
 class RouterSettings(_Section):
@@ -184,6 +218,7 @@ class FlotillaSettings(BaseSettings):
     router: RouterSettings = RouterSettings()
     preprocess: PreprocessSettings = PreprocessSettings()
     triton: TritonSettings = TritonSettings()
+    pools: PoolSettings = PoolSettings()
     models: dict[str, ModelSettings] = {"efficientnet-lite0": ModelSettings()}
     endpoints: Endpoints = Endpoints()
 

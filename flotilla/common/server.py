@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -89,3 +90,31 @@ def is_serving(address: str, *, service: str = "", timeout_s: float = 1.0) -> bo
     except grpc.RpcError:
         return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+S = TypeVar("S")
+
+
+class GrpcPeer(Generic[S]):
+    """A channel to one replica of another Flotilla tier: its stub, raw-bytes
+    callables and a gRPC health probe (what an EndpointPool holds)."""
+
+    def __init__(self, address: str, stub_factory: Callable[[grpc.aio.Channel], S] | None = None) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub: S | None = stub_factory(self.channel) if stub_factory else None
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._raw: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
+
+    def raw(self, method: str) -> grpc.aio.UnaryUnaryMultiCallable:
+        """A bytes-in, bytes-out callable for ``method`` (no serialisers)."""
+        if method not in self._raw:
+            self._raw[method] = self.channel.unary_unary(method)
+        return self._raw[method]
+
+    async def serving(self, service: str = "") -> bool:
+        reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service))
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close(self) -> None:
+        await self.channel.close()

@@ -187,13 +187,16 @@ class LocalStack:
         dump_settings(self.settings, config_path)
         config_path.chmod(0o600)
 
+        # Tier by tier, each healthy before the next starts, so that no
+        # service's first health probes find its upstream still starting.
         for i, address in enumerate(endpoints.preprocess):
             self.preprocess.append(self._service(f"preprocess-{i}", "preprocess", address, config_path))
+        self._wait_serving(self.preprocess)
         for model, addresses in endpoints.batchers.items():
             self.batchers[model] = self._service(f"batcher-{model}", "batcher", addresses[0], config_path, model)
+        self._wait_serving(list(self.batchers.values()))
         self.router = self._service("router", "router", endpoints.router, config_path)
-        for proc in self.flotilla_services():
-            wait_until(lambda a=proc.address: is_serving(a), SERVICE_START_TIMEOUT_S, proc.name, procs=[proc])  # type: ignore[misc]
+        self._wait_serving([self.router])
 
         self.state = StackState(
             router=endpoints.router,
@@ -219,6 +222,11 @@ class LocalStack:
         proc = ManagedProcess(name, argv, log_path=self.logs / f"{name}.log", address=address)
         proc.start()
         return proc
+
+    @staticmethod
+    def _wait_serving(procs: list[ManagedProcess]) -> None:
+        for proc in procs:
+            wait_until(lambda a=proc.address: is_serving(a), SERVICE_START_TIMEOUT_S, proc.name, procs=[proc])  # type: ignore[misc]
 
     def flotilla_services(self) -> list[ManagedProcess]:
         """The Flotilla gRPC services (each answers gRPC health)."""

@@ -3,21 +3,38 @@
 One mechanism for every hop that spreads work over replicas (router →
 batchers, batcher → preprocess workers, preprocess → Triton). It imports no
 grpc: the caller's function talks to the endpoint and raises
-``flotilla.errors.Unavailable`` when the endpoint could not serve the call;
-only those failures are retried, on an endpoint not yet tried, and only
-while attempts and the caller's deadline last. An endpoint that fails
-``eject_after_failures`` times in a row is left out for ``eject_cooldown_s``.
+``flotilla.errors.Unavailable`` when the endpoint could not serve the call.
+
+- Choosing: a strategy picks among endpoints that are admitted and below
+  their capacity (``max_outstanding``); when every admitted endpoint is full
+  the call waits for a free one (within its deadline), so work queues here,
+  not in the backend.
+- Retrying: only Unavailable is retried, on an endpoint not yet tried, for
+  at most ``max_attempts`` attempts and never past the caller's deadline.
+- Ejecting: ``eject_after_failures`` failures in a row eject an endpoint
+  (passive check); an ActiveHealthCheck ejects it on a failed probe and
+  re-admits it on a good one. Without active checks an ejected endpoint is
+  tried again after ``eject_cooldown_s``.
+- With no admitted endpoint at all, a call still tries each endpoint once
+  (a dead one refuses at once), then fails with UNAVAILABLE naming them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
+import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from flotilla.config import PoolSettings
 from flotilla.errors import DeadlineExceeded, NoHealthyEndpoint, Unavailable
+
+log = logging.getLogger(__name__)
 
 C = TypeVar("C")
 R = TypeVar("R")
@@ -33,9 +50,16 @@ class Endpoint(Generic[C]):
     """Calls in flight on this endpoint."""
     consecutive_failures: int = 0
     ejected_until_s: float = 0.0
-    """Clock time before which the endpoint is not chosen."""
+    """Clock time before which the endpoint is not chosen (passive ejection)."""
+    healthy: bool = True
+    """The last active probe's verdict."""
     calls: int = 0
     """Calls started on this endpoint so far."""
+    failures: int = 0
+    """Calls that failed with Unavailable so far."""
+    ejections: int = 0
+    last_ejected_s: float | None = None
+    last_admitted_s: float | None = None
 
 
 class Strategy(Protocol):
@@ -58,6 +82,48 @@ class RoundRobin:
         return candidates[next(self._counter) % len(candidates)]
 
 
+class LeastOutstanding:
+    """The candidate with the fewest calls in flight; ties go round-robin."""
+
+    def __init__(self) -> None:
+        self._tie_break = RoundRobin()
+
+    def choose(self, candidates: Sequence[Endpoint[C]]) -> Endpoint[C]:
+        fewest = min(e.outstanding for e in candidates)
+        return self._tie_break.choose([e for e in candidates if e.outstanding == fewest])
+
+
+class PowerOfTwoChoices:
+    """Two candidates at random; the one with fewer calls in flight.
+
+    Nearly as balanced as least-outstanding without scanning every endpoint,
+    and it does not herd every caller onto the same momentarily idle one.
+    """
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+
+    def choose(self, candidates: Sequence[Endpoint[C]]) -> Endpoint[C]:
+        if len(candidates) == 1:
+            return candidates[0]
+        a, b = self._rng.sample(list(candidates), 2)
+        return a if a.outstanding <= b.outstanding else b
+
+
+STRATEGIES: dict[str, Callable[[], Strategy]] = {
+    "round_robin": RoundRobin,
+    "least_outstanding": LeastOutstanding,
+    "power_of_two": PowerOfTwoChoices,
+}
+
+
+def make_strategy(name: str) -> Strategy:
+    try:
+        return STRATEGIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown pool strategy {name!r}; choose one of {', '.join(STRATEGIES)}") from None
+
+
 class EndpointPool(Generic[C]):
     """Spreads calls over endpoints with a strategy, retrying UNAVAILABLE elsewhere."""
 
@@ -70,6 +136,7 @@ class EndpointPool(Generic[C]):
         max_attempts: int = 3,
         eject_after_failures: int = 3,
         eject_cooldown_s: float = 2.0,
+        max_outstanding: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not clients:
@@ -80,11 +147,63 @@ class EndpointPool(Generic[C]):
         self.max_attempts = max_attempts
         self.eject_after_failures = eject_after_failures
         self.eject_cooldown_s = eject_cooldown_s
+        self.max_outstanding = max_outstanding
+        """Calls in flight allowed per endpoint; None = unlimited."""
         self._clock = clock
+        self._changed = asyncio.Condition()
+
+    # -- admission ---------------------------------------------------------------
+
+    def admitted(self) -> list[Endpoint[C]]:
+        now = self._clock()
+        return [e for e in self.endpoints if e.healthy and e.ejected_until_s <= now]
 
     def available(self) -> list[Endpoint[C]]:
-        now = self._clock()
-        return [e for e in self.endpoints if e.ejected_until_s <= now]
+        """Admitted endpoints with room for one more call."""
+        return [e for e in self.admitted() if self.max_outstanding is None or e.outstanding < self.max_outstanding]
+
+    def eject(self, endpoint: Endpoint[C], reason: str) -> None:
+        if endpoint.healthy:
+            endpoint.ejections += 1
+            endpoint.last_ejected_s = self._clock()
+            log.warning("%s %s ejected: %s", self.name, endpoint.address, reason)
+        endpoint.healthy = False
+
+    async def admit(self, endpoint: Endpoint[C]) -> None:
+        if not endpoint.healthy or endpoint.ejected_until_s > self._clock():
+            endpoint.last_admitted_s = self._clock()
+            log.warning("%s %s admitted", self.name, endpoint.address)
+        endpoint.healthy = True
+        endpoint.ejected_until_s = 0.0
+        endpoint.consecutive_failures = 0
+        await self._notify()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    # -- calls -------------------------------------------------------------------
+
+    async def _endpoint_for(self, tried: set[int], deadline_s: float | None) -> Endpoint[C] | None:
+        """An endpoint not yet tried with room for a call, waiting for room if needed."""
+        while True:
+            # With none admitted (all ejected, or probes that flaked), every
+            # endpoint is tried once more: a dead one fails fast anyway.
+            pool = self.admitted() or self.endpoints
+            admitted = [e for e in pool if id(e) not in tried]
+            if not admitted:
+                return None
+            free = [e for e in admitted if self.max_outstanding is None or e.outstanding < self.max_outstanding]
+            if free:
+                return self.strategy.choose(free)
+            timeout = None if deadline_s is None else deadline_s - self._clock()
+            if timeout is not None and timeout <= 0:
+                raise DeadlineExceeded(f"deadline passed waiting for a free {self.name}")
+            async with self._changed:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    # Woken when a call ends or an endpoint is admitted; the
+                    # cap on the wait also notices cooldowns that ran out.
+                    await asyncio.wait_for(self._changed.wait(), min(timeout or 1.0, 1.0))
 
     async def call(
         self,
@@ -102,10 +221,9 @@ class EndpointPool(Generic[C]):
         for _ in range(self.max_attempts):
             if deadline_s is not None and self._clock() >= deadline_s:
                 raise DeadlineExceeded(f"deadline passed before {self.name} could answer")
-            candidates = [e for e in self.available() if id(e) not in tried]
-            if not candidates:
+            endpoint = await self._endpoint_for(tried, deadline_s)
+            if endpoint is None:
                 break
-            endpoint = self.strategy.choose(candidates)
             tried.add(id(endpoint))
             endpoint.outstanding += 1
             endpoint.calls += 1
@@ -113,20 +231,124 @@ class EndpointPool(Generic[C]):
                 result = await fn(endpoint)
             except Unavailable as exc:
                 last_error = exc
-                self._record_failure(endpoint)
+                self._record_failure(endpoint, exc)
                 continue
             finally:
                 endpoint.outstanding -= 1
+                await self._notify()
             endpoint.consecutive_failures = 0
             return result
-        if last_error is not None:
+        if last_error is not None and len(tried) < len(self.endpoints):
             raise last_error
+        if last_error is not None:
+            raise NoHealthyEndpoint(
+                f"no {self.name} is available: all {len(self.endpoints)} failed or are ejected "
+                f"({', '.join(e.address for e in self.endpoints)}); last error: {last_error.message}"
+            ) from last_error
         raise NoHealthyEndpoint(
-            f"no {self.name} endpoint is available: all {len(self.endpoints)} are ejected "
-            f"after repeated failures ({', '.join(e.address for e in self.endpoints)})"
+            f"no {self.name} is available: all {len(self.endpoints)} are down or ejected "
+            f"({', '.join(e.address for e in self.endpoints)})"
         )
 
-    def _record_failure(self, endpoint: Endpoint[C]) -> None:
+    def _record_failure(self, endpoint: Endpoint[C], error: Exception) -> None:
+        endpoint.failures += 1
         endpoint.consecutive_failures += 1
         if endpoint.consecutive_failures >= self.eject_after_failures:
             endpoint.ejected_until_s = self._clock() + self.eject_cooldown_s
+            endpoint.ejections += 1
+            endpoint.last_ejected_s = self._clock()
+            log.warning("%s %s ejected after %d failures: %s", self.name, endpoint.address,
+                        endpoint.consecutive_failures, error)
+
+
+Probe = Callable[[Endpoint[C]], Awaitable[bool]]
+
+
+class ActiveHealthCheck(Generic[C]):
+    """Probes every endpoint of a pool on an interval; ejects and re-admits.
+
+    ``unhealthy_after`` probes in a row that fail, raise or exceed
+    ``timeout_s`` eject the endpoint; the first good probe afterwards admits
+    it again.
+    """
+
+    def __init__(
+        self,
+        pool: EndpointPool[C],
+        probe: Probe[C],
+        *,
+        interval_s: float,
+        timeout_s: float,
+        unhealthy_after: int = 2,
+    ) -> None:
+        self.pool = pool
+        self.probe = probe
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.unhealthy_after = unhealthy_after
+        self._failed_probes: dict[int, int] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"health:{self.pool.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def check_once(self) -> None:
+        await asyncio.gather(*(self._check(e) for e in self.pool.endpoints))
+
+    async def _check(self, endpoint: Endpoint[C]) -> None:
+        try:
+            ok = await asyncio.wait_for(self.probe(endpoint), self.timeout_s)
+        except Exception as exc:  # any probe failure means "not serving"
+            ok, why = False, f"{type(exc).__name__}: {exc}"
+        else:
+            why = "probe reported not ready"
+        if ok:
+            self._failed_probes[id(endpoint)] = 0
+            await self.pool.admit(endpoint)
+            return
+        failed = self._failed_probes.get(id(endpoint), 0) + 1
+        self._failed_probes[id(endpoint)] = failed
+        if failed >= self.unhealthy_after:
+            self.pool.eject(endpoint, why)
+
+    async def _run(self) -> None:
+        while True:
+            await self.check_once()
+            await asyncio.sleep(self.interval_s)
+
+
+def pool_from_settings(
+    name: str,
+    clients: dict[str, C],
+    settings: PoolSettings,
+    probe: Probe[C],
+    *,
+    strategy: str | None = None,
+    max_outstanding: int | None = None,
+) -> tuple[EndpointPool[C], ActiveHealthCheck[C]]:
+    """A pool configured by ``settings`` and the active check that watches it (not started)."""
+    pool = EndpointPool(
+        name,
+        clients,
+        strategy=make_strategy(strategy or settings.strategy),
+        max_attempts=settings.max_attempts,
+        eject_after_failures=settings.eject_after_failures,
+        eject_cooldown_s=settings.eject_cooldown_s,
+        max_outstanding=max_outstanding,
+    )
+    check = ActiveHealthCheck(
+        pool, probe, interval_s=settings.health_check_interval_s, timeout_s=settings.health_check_timeout_s
+    )
+    return pool, check
+
+
+def strategy_name(strategy: Strategy) -> str:
+    return next((name for name, cls in STRATEGIES.items() if isinstance(strategy, cls)), type(strategy).__name__)  # type: ignore[arg-type]

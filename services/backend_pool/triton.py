@@ -8,7 +8,8 @@ which are turned back into Flotilla errors here, at the boundary.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from flotilla.config import BackendSettings, PoolSettings
 from flotilla.errors import (
     BackendError,
     BackendUnavailable,
@@ -24,7 +26,7 @@ from flotilla.errors import (
     FlotillaError,
     ModelNotFound,
 )
-from flotilla.services.backend_pool.pool import Endpoint, EndpointPool, Strategy
+from flotilla.services.backend_pool.pool import ActiveHealthCheck, Endpoint, EndpointPool, pool_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +58,39 @@ def translate_triton_error(exc: InferenceServerException, address: str, model: s
 
 
 class TritonBackend:
-    """Runs batches on Triton replicas chosen by a pool strategy (round-robin by default)."""
+    """Runs batches on Triton replicas: one pool per model, each with its own
+    strategy, capacity (instance_groups x predict_concurrency per replica) and
+    active readiness probe (server ready and that model ready)."""
 
-    def __init__(self, addresses: Sequence[str], *, strategy: Strategy | None = None) -> None:
-        clients = {a: triton_aio.InferenceServerClient(url=a) for a in addresses}
-        self.pool: EndpointPool[triton_aio.InferenceServerClient] = EndpointPool(
-            "Triton", clients, strategy=strategy
-        )
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        models: dict[str, BackendSettings],
+        settings: PoolSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``models`` maps each backend model name to how it runs."""
+        self._clients = {a: triton_aio.InferenceServerClient(url=a) for a in addresses}
+        self._clock = clock
+        self.pools: dict[str, EndpointPool[triton_aio.InferenceServerClient]] = {}
+        self._checks: list[ActiveHealthCheck[triton_aio.InferenceServerClient]] = []
+        for model, backend in models.items():
+            pool, check = pool_from_settings(
+                f"Triton[{model}]",
+                self._clients,
+                settings,
+                probe=lambda endpoint, m=model: _ready(endpoint, m),  # type: ignore[misc]
+                strategy=backend.strategy,
+                max_outstanding=backend.instance_groups * backend.predict_concurrency,
+            )
+            self.pools[model] = pool
+            self._checks.append(check)
+
+    def start(self) -> None:
+        """Start the active health checks (needs a running event loop)."""
+        for check in self._checks:
+            check.start()
 
     async def infer(
         self,
@@ -74,16 +102,21 @@ class TritonBackend:
         timeout_s: float | None = None,
     ) -> InferResult:
         """Run ``batch`` on one replica and return its ``output_name`` tensor."""
+        pool = self.pools.get(model)
+        if pool is None:
+            raise ModelNotFound(f"no Triton pool serves model {model!r}")
+        deadline_s = None if timeout_s is None else self._clock() + timeout_s
 
         async def on(endpoint: Endpoint[triton_aio.InferenceServerClient]) -> InferResult:
             tensor = InferInput(input_name, list(batch.shape), np_to_triton_dtype(batch.dtype))
             tensor.set_data_from_numpy(batch)
+            remaining_s = None if deadline_s is None else max(deadline_s - self._clock(), 0.001)
             try:
                 reply = await endpoint.client.infer(
                     model,
                     [tensor],
                     outputs=[InferRequestedOutput(output_name)],
-                    client_timeout=timeout_s,
+                    client_timeout=remaining_s,
                 )
             except InferenceServerException as exc:
                 raise translate_triton_error(exc, endpoint.address, model) from exc
@@ -92,8 +125,14 @@ class TritonBackend:
                 raise BackendError(f"Triton at {endpoint.address} returned no {output_name!r} output")
             return InferResult(outputs, endpoint.address)
 
-        return await self.pool.call(on)
+        return await pool.call(on, deadline_s=deadline_s)
 
     async def close(self) -> None:
-        for endpoint in self.pool.endpoints:
-            await endpoint.client.close()
+        for check in self._checks:
+            await check.stop()
+        for client in self._clients.values():
+            await client.close()
+
+
+async def _ready(endpoint: Endpoint[triton_aio.InferenceServerClient], model: str) -> bool:
+    return bool(await endpoint.client.is_server_ready() and await endpoint.client.is_model_ready(model))

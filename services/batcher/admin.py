@@ -5,10 +5,12 @@ from __future__ import annotations
 import grpc
 from pydantic import ValidationError
 
-from flotilla.api.v1 import batcher_pb2, batcher_pb2_grpc
+from flotilla.api.v1 import batcher_pb2, batcher_pb2_grpc, pools_pb2
 from flotilla.common.status import rpc_errors
 from flotilla.config import BatchingSettings
 from flotilla.errors import InvalidArgument
+from flotilla.services.backend_pool.pool import EndpointPool
+from flotilla.services.backend_pool.status import pools_to_pb
 from flotilla.services.batcher.queue import BatchQueue
 
 ADMIN_SERVICE = batcher_pb2.DESCRIPTOR.services_by_name["BatcherAdmin"].full_name
@@ -55,9 +57,13 @@ def policy_from_pb(message: batcher_pb2.BatchingPolicy, current: BatchingSetting
 
 
 class BatcherAdminServicer(batcher_pb2_grpc.BatcherAdminServicer):
-    def __init__(self, model: str, queue: BatchQueue) -> None:  # type: ignore[type-arg]
+    def __init__(self, model: str, queue: BatchQueue, pools: list[EndpointPool]) -> None:  # type: ignore[type-arg]
         self.model = model
         self.queue = queue
+        self.pools = pools
+
+    async def GetPools(self, request: pools_pb2.GetPoolsRequest, context: grpc.aio.ServicerContext) -> pools_pb2.Pools:
+        return pools_to_pb(self.pools)
 
     async def GetBatching(
         self, request: batcher_pb2.GetBatchingRequest, context: grpc.aio.ServicerContext

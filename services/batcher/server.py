@@ -18,17 +18,18 @@ from google.protobuf.message import DecodeError
 from flotilla.api.v1 import batcher_pb2_grpc, inference_pb2, preprocess_pb2, preprocess_pb2_grpc
 from flotilla.common.clock import Clock, MonotonicClock
 from flotilla.common.ids import check_image_uuid
-from flotilla.common.server import ServiceServer, serve_until_signal
+from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
 from flotilla.common.status import error_from_rpc, rpc_errors
 from flotilla.config import FlotillaSettings
 from flotilla.errors import FlotillaError, InvalidArgument, MalformedRequest, error_from_code
-from flotilla.services.backend_pool.pool import Endpoint, EndpointPool
+from flotilla.services.backend_pool.pool import Endpoint, EndpointPool, pool_from_settings
 from flotilla.services.batcher.admin import ADMIN_SERVICE, BatcherAdminServicer
 from flotilla.services.batcher.queue import BatchQueue
 
 log = logging.getLogger(__name__)
 
 CLASSIFIER_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["ImageClassifier"].full_name
+PREPROCESS_SERVICE = preprocess_pb2.DESCRIPTOR.services_by_name["Preprocessor"].full_name
 MODEL_HEADER = "x-model-name"
 
 
@@ -38,7 +39,7 @@ class PreprocessDispatcher:
     def __init__(
         self,
         model: str,
-        pool: EndpointPool[preprocess_pb2_grpc.PreprocessorStub],
+        pool: EndpointPool[GrpcPeer[preprocess_pb2_grpc.PreprocessorStub]],
         *,
         batch_timeout_s: float,
         clock: Clock,
@@ -53,10 +54,13 @@ class PreprocessDispatcher:
     ) -> Sequence[inference_pb2.ClassifyResponse | FlotillaError]:
         request = preprocess_pb2.ProcessBatchRequest(model_name=self.model, items=items)
 
-        async def on(endpoint: Endpoint[preprocess_pb2_grpc.PreprocessorStub]) -> preprocess_pb2.ProcessBatchResponse:
+        async def on(
+            endpoint: Endpoint[GrpcPeer[preprocess_pb2_grpc.PreprocessorStub]],
+        ) -> preprocess_pb2.ProcessBatchResponse:
             timeout_s = self.batch_timeout_s if deadline_s is None else max(deadline_s - self.clock.now(), 0.001)
+            assert endpoint.client.stub is not None
             try:
-                return await endpoint.client.ProcessBatch(request, timeout=timeout_s)
+                return await endpoint.client.stub.ProcessBatch(request, timeout=timeout_s)
             except grpc.aio.AioRpcError as exc:
                 raise error_from_rpc(exc, f"preprocess worker {endpoint.address}") from exc
 
@@ -126,9 +130,9 @@ async def serve(settings: FlotillaSettings, model: str, port: int) -> None:
         raise SystemExit("batcher: endpoints.preprocess is empty; configure at least one worker")
     policy = settings.models[model].batching
     clock = MonotonicClock()
-    channels = {a: grpc.aio.insecure_channel(a) for a in settings.endpoints.preprocess}
-    pool = EndpointPool(
-        "preprocess worker", {a: preprocess_pb2_grpc.PreprocessorStub(c) for a, c in channels.items()}
+    peers = {a: GrpcPeer(a, preprocess_pb2_grpc.PreprocessorStub) for a in settings.endpoints.preprocess}
+    pool, health_check = pool_from_settings(
+        "preprocess worker", peers, settings.pools, probe=lambda e: e.client.serving(PREPROCESS_SERVICE)
     )
     dispatcher = PreprocessDispatcher(model, pool, batch_timeout_s=policy.batch_timeout_s, clock=clock)
     queue: BatchQueue[preprocess_pb2.BatchItem, inference_pb2.ClassifyResponse] = BatchQueue(
@@ -139,13 +143,15 @@ async def serve(settings: FlotillaSettings, model: str, port: int) -> None:
         f"batcher[{model}]", [CLASSIFIER_SERVICE, ADMIN_SERVICE], grace_s=settings.shutdown_grace_s
     )
     server.server.add_generic_rpc_handlers([handler.generic_handler()])
-    batcher_pb2_grpc.add_BatcherAdminServicer_to_server(BatcherAdminServicer(model, queue), server.server)
+    batcher_pb2_grpc.add_BatcherAdminServicer_to_server(BatcherAdminServicer(model, queue, [pool]), server.server)
     queue.start()
+    health_check.start()
 
     async def cleanup() -> None:
+        await health_check.stop()
         await queue.stop()
-        for channel in channels.values():
-            await channel.close()
+        for peer in peers.values():
+            await peer.close()
         log.info("batcher[%s] formed %d batches for %d requests", model, queue.stats.batches, queue.stats.items)
 
     await serve_until_signal(server, settings.host, port, on_stop=cleanup)

@@ -7,11 +7,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from flotilla.api.v1 import inference_pb2, preprocess_pb2, preprocess_pb2_grpc
+from flotilla.api.v1 import inference_pb2, pools_pb2, preprocess_pb2, preprocess_pb2_grpc
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.server import ServiceServer, serve_until_signal
 from flotilla.common.status import rpc_errors
 from flotilla.config import FlotillaSettings
+from flotilla.services.backend_pool.status import pools_to_pb
 from flotilla.services.backend_pool.triton import TritonBackend
 from flotilla.services.preprocess.processor import (
     BatchOutcome,
@@ -46,8 +47,12 @@ def to_pb(request: preprocess_pb2.ProcessBatchRequest, outcome: BatchOutcome) ->
 
 
 class PreprocessorServicer(preprocess_pb2_grpc.PreprocessorServicer):
-    def __init__(self, processor: BatchProcessor) -> None:
+    def __init__(self, processor: BatchProcessor, backend: TritonBackend) -> None:
         self.processor = processor
+        self.backend = backend
+
+    async def GetPools(self, request: pools_pb2.GetPoolsRequest, context: grpc.aio.ServicerContext) -> pools_pb2.Pools:
+        return pools_to_pb(self.backend.pools.values())
 
     async def ProcessBatch(
         self, request: preprocess_pb2.ProcessBatchRequest, context: grpc.aio.ServicerContext
@@ -68,7 +73,11 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
         for name, model in settings.models.items()
     }
     executor = ThreadPoolExecutor(settings.preprocess.fetch_threads, thread_name_prefix="fetch")
-    backend = TritonBackend(settings.endpoints.triton)
+    backend = TritonBackend(
+        settings.endpoints.triton,
+        {model.backend_model: model.settings.backend for model in models.values()},
+        settings.pools,
+    )
     processor = BatchProcessor(
         models,
         ObjectStore(settings.s3, pool_size=settings.preprocess.fetch_threads),
@@ -78,7 +87,10 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
         max_image_pixels=settings.preprocess.max_image_pixels,
     )
     server = ServiceServer("preprocess", [SERVICE_NAME], grace_s=settings.shutdown_grace_s)
-    preprocess_pb2_grpc.add_PreprocessorServicer_to_server(PreprocessorServicer(processor), server.server)
+    preprocess_pb2_grpc.add_PreprocessorServicer_to_server(
+        PreprocessorServicer(processor, backend), server.server
+    )
+    backend.start()
 
     async def cleanup() -> None:
         await backend.close()

@@ -13,11 +13,11 @@ import logging
 
 import grpc
 
-from flotilla.common.server import ServiceServer, serve_until_signal
+from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
 from flotilla.common.status import rpc_errors
 from flotilla.config import FlotillaSettings
 from flotilla.errors import Unavailable
-from flotilla.services.backend_pool.pool import Endpoint, EndpointPool
+from flotilla.services.backend_pool.pool import Endpoint, EndpointPool, pool_from_settings
 from flotilla.services.router.routing import ApiKeys, RouteTable
 
 log = logging.getLogger(__name__)
@@ -30,24 +30,10 @@ AUTH_HEADER = "authorization"
 _DROPPED_HEADERS = {AUTH_HEADER}
 
 
-class Upstream:
-    """A channel to one batcher replica, with raw-bytes callables per method."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.channel = grpc.aio.insecure_channel(address)
-        self._methods: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
-
-    def method(self, path: str) -> grpc.aio.UnaryUnaryMultiCallable:
-        if path not in self._methods:
-            self._methods[path] = self.channel.unary_unary(path)  # no serialisers: bytes through
-        return self._methods[path]
-
-
 class ForwardingHandler(grpc.GenericRpcHandler):
     """Serves every ImageClassifier method by forwarding it."""
 
-    def __init__(self, keys: ApiKeys, routes: RouteTable[Upstream]) -> None:
+    def __init__(self, keys: ApiKeys, routes: RouteTable[GrpcPeer[None]]) -> None:
         self.keys = keys
         self.routes = routes
 
@@ -70,9 +56,9 @@ class ForwardingHandler(grpc.GenericRpcHandler):
             passed = tuple((k, v) for k, v in headers if k not in _DROPPED_HEADERS)
             timeout_s = context.time_remaining()
 
-            async def on(endpoint: Endpoint[Upstream]) -> bytes:
+            async def on(endpoint: Endpoint[GrpcPeer[None]]) -> bytes:
                 try:
-                    return await endpoint.client.method(method)(raw, metadata=passed, timeout=timeout_s)
+                    return await endpoint.client.raw(method)(raw, metadata=passed, timeout=timeout_s)
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() == grpc.StatusCode.UNAVAILABLE:
                         raise Unavailable(exc.details() or f"batcher {endpoint.address} is unavailable") from exc
@@ -84,19 +70,28 @@ class ForwardingHandler(grpc.GenericRpcHandler):
 
 async def serve(settings: FlotillaSettings, port: int) -> None:
     """Run the router until SIGTERM."""
-    pools: dict[str, EndpointPool[Upstream]] = {}
+    pools: dict[str, EndpointPool[GrpcPeer[None]]] = {}
+    checks = []
     for model, addresses in settings.endpoints.batchers.items():
         if addresses:
-            pools[model] = EndpointPool(f"batcher of {model}", {a: Upstream(a) for a in addresses})
+            pools[model], check = pool_from_settings(
+                f"batcher of {model}", {a: GrpcPeer(a) for a in addresses}, settings.pools,
+                probe=lambda e: e.client.serving(CLASSIFIER_SERVICE),
+            )
+            checks.append(check)
     keys = ApiKeys(k.get_secret_value() for k in settings.router.api_keys)
     if not settings.router.api_keys:
         log.warning("router: no API keys configured; every request will be rejected")
     server = ServiceServer("router", [CLASSIFIER_SERVICE], grace_s=settings.shutdown_grace_s)
     server.server.add_generic_rpc_handlers([ForwardingHandler(keys, RouteTable(pools))])
+    for check in checks:
+        check.start()
 
     async def cleanup() -> None:
+        for check in checks:
+            await check.stop()
         for pool in pools.values():
             for endpoint in pool.endpoints:
-                await endpoint.client.channel.close()
+                await endpoint.client.close()
 
     await serve_until_signal(server, settings.host, port, on_stop=cleanup)

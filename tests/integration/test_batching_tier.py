@@ -32,6 +32,7 @@ async def admin(stack: LocalStack) -> AsyncIterator[batcher_pb2_grpc.BatcherAdmi
     async with grpc.aio.insecure_channel(stack.state.batchers[MODEL][0]) as channel:
         stub = batcher_pb2_grpc.BatcherAdminStub(channel)
         original = await stub.GetBatching(batcher_pb2.GetBatchingRequest())
+        await stub.GetStats(batcher_pb2.GetStatsRequest(reset=True))
         try:
             yield stub
         finally:

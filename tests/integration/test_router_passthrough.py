@@ -9,7 +9,8 @@ import pytest
 
 from flotilla.services.backend_pool.pool import EndpointPool
 from flotilla.services.router.routing import ApiKeys, RouteTable
-from flotilla.services.router.server import ForwardingHandler, Upstream
+from flotilla.common.server import GrpcPeer
+from flotilla.services.router.server import ForwardingHandler
 from flotilla.stack.local import LocalStack
 from tests.integration.conftest import API_KEY, MODEL
 
@@ -44,7 +45,7 @@ async def router_to_recorder() -> AsyncIterator[tuple[grpc.aio.Channel, Recordin
     upstream_port = upstream.add_insecure_port("127.0.0.1:0")
     await upstream.start()
     address = f"127.0.0.1:{upstream_port}"
-    pool = EndpointPool("batcher", {address: Upstream(address)})
+    pool = EndpointPool("batcher", {address: GrpcPeer(address)})
     router = grpc.aio.server()
     router.add_generic_rpc_handlers([ForwardingHandler(ApiKeys(["k"]), RouteTable({"m": pool}))])
     router_port = router.add_insecure_port("127.0.0.1:0")
@@ -56,7 +57,7 @@ async def router_to_recorder() -> AsyncIterator[tuple[grpc.aio.Channel, Recordin
         await channel.close()
         await router.stop(None)
         await upstream.stop(None)
-        await pool.endpoints[0].client.channel.close()
+        await pool.endpoints[0].client.close()
 
 
 async def test_router_forwards_bytes_and_routing_headers_verbatim(router_to_recorder) -> None:  # type: ignore[no-untyped-def]

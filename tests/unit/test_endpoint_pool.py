@@ -105,16 +105,17 @@ async def test_other_errors_are_not_retried() -> None:
     assert pool.endpoints[0].consecutive_failures == 0
 
 
-async def test_when_every_attempt_fails_the_last_unavailable_is_raised() -> None:
+async def test_when_every_endpoint_fails_the_error_names_them_all_and_the_last_cause() -> None:
     pool = make_pool(max_attempts=5)
     script = Script({a: Unavailable(f"{a} down") for a in ADDRESSES})
 
-    with pytest.raises(Unavailable) as info:
+    with pytest.raises(NoHealthyEndpoint) as info:
         await pool.call(script)
 
     # Each endpoint is tried at most once per call, even with attempts to spare.
     assert sorted(script.visited) == sorted(ADDRESSES)
-    assert info.value.message == f"{script.visited[-1]} down"
+    assert all(a in info.value.message for a in ADDRESSES)
+    assert info.value.message.endswith(f"last error: {script.visited[-1]} down")
 
 
 async def test_attempts_are_bounded_by_max_attempts() -> None:
@@ -163,20 +164,30 @@ async def test_a_success_resets_the_failure_count() -> None:
     assert pool.available() == pool.endpoints
 
 
-async def test_all_ejected_raises_no_healthy_endpoint_naming_them() -> None:
+async def test_all_ejected_are_still_tried_once_and_failing_names_them() -> None:
     pool = make_pool(addresses=["a:1", "b:2"], eject_after_failures=1, eject_cooldown_s=5.0)
     with pytest.raises(Unavailable):
         await pool.call(Script({"a:1": Unavailable("down"), "b:2": Unavailable("down")}))
     assert pool.available() == []
 
-    script = Script()
+    still_down = Script({"a:1": Unavailable("refused"), "b:2": Unavailable("refused")})
     with pytest.raises(NoHealthyEndpoint) as info:
-        await pool.call(script)
+        await pool.call(still_down)
 
-    assert script.visited == []
+    assert sorted(still_down.visited) == ["a:1", "b:2"]  # each tried once, none twice
     assert info.value.code == Code.UNAVAILABLE
     assert "a:1" in info.value.message and "b:2" in info.value.message
-    assert "worker" in info.value.message
+    assert "worker" in info.value.message and "refused" in info.value.message
+
+
+async def test_all_ejected_but_one_recovered_serves_the_call() -> None:
+    pool = make_pool(addresses=["a:1", "b:2"], eject_after_failures=1, eject_cooldown_s=5.0)
+    with pytest.raises(Unavailable):
+        await pool.call(Script({"a:1": Unavailable("down"), "b:2": Unavailable("down")}))
+
+    recovered = Script({"a:1": Unavailable("still down")})
+    await pool.call(recovered)
+    assert recovered.visited[-1] == "b:2"
 
 
 async def test_deadline_in_the_past_raises_without_calling() -> None:

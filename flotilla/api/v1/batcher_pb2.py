@@ -22,25 +22,26 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from flotilla.api.v1 import pools_pb2 as flotilla_dot_api_dot_v1_dot_pools__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66lotilla/api/v1/batcher.proto\x12\x0f\x66lotilla.api.v1\"\x14\n\x12GetBatchingRequest\"\xa1\x02\n\x0e\x42\x61tchingPolicy\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1d\n\x15preferred_batch_sizes\x18\x02 \x03(\r\x12\x1a\n\x12max_queue_delay_us\x18\x03 \x01(\x04\x12\x16\n\x0emax_queue_size\x18\x04 \x01(\r\x12\x1c\n\x14max_inflight_batches\x18\x05 \x01(\r\x12\x17\n\x0fpriority_levels\x18\x06 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_priority_level\x18\x07 \x01(\r\x12\x19\n\x11priority_aging_us\x18\x08 \x01(\x04\x12\x1a\n\x12\x64\x65\x66\x61ult_timeout_us\x18\t \x01(\x04\x12\x16\n\x0etimeout_action\x18\n \x01(\t\" \n\x0fGetStatsRequest\x12\r\n\x05reset\x18\x01 \x01(\x08\"5\n\x0e\x42\x61tchSizeCount\x12\x12\n\nbatch_size\x18\x01 \x01(\r\x12\x0f\n\x07\x62\x61tches\x18\x02 \x01(\x04\"\xbc\x02\n\x0c\x42\x61tcherStats\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x04\x12\x0f\n\x07\x65xpired\x18\x04 \x01(\x04\x12\x15\n\rrejected_full\x18\x05 \x01(\x04\x12\x17\n\x0fmean_batch_size\x18\x06 \x01(\x01\x12\x34\n\x0b\x62\x61tch_sizes\x18\x07 \x03(\x0b\x32\x1f.flotilla.api.v1.BatchSizeCount\x12\x19\n\x11queue_wait_p50_ms\x18\x08 \x01(\x01\x12\x19\n\x11queue_wait_p90_ms\x18\t \x01(\x01\x12\x19\n\x11queue_wait_p99_ms\x18\n \x01(\x01\x12\x13\n\x0bqueue_depth\x18\x0b \x01(\r\x12\x18\n\x10inflight_batches\x18\x0c \x01(\r2\x81\x02\n\x0c\x42\x61tcherAdmin\x12S\n\x0bGetBatching\x12#.flotilla.api.v1.GetBatchingRequest\x1a\x1f.flotilla.api.v1.BatchingPolicy\x12O\n\x0bSetBatching\x12\x1f.flotilla.api.v1.BatchingPolicy\x1a\x1f.flotilla.api.v1.BatchingPolicy\x12K\n\x08GetStats\x12 .flotilla.api.v1.GetStatsRequest\x1a\x1d.flotilla.api.v1.BatcherStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66lotilla/api/v1/batcher.proto\x12\x0f\x66lotilla.api.v1\x1a\x1b\x66lotilla/api/v1/pools.proto\"\x14\n\x12GetBatchingRequest\"\xa1\x02\n\x0e\x42\x61tchingPolicy\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1d\n\x15preferred_batch_sizes\x18\x02 \x03(\r\x12\x1a\n\x12max_queue_delay_us\x18\x03 \x01(\x04\x12\x16\n\x0emax_queue_size\x18\x04 \x01(\r\x12\x1c\n\x14max_inflight_batches\x18\x05 \x01(\r\x12\x17\n\x0fpriority_levels\x18\x06 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_priority_level\x18\x07 \x01(\r\x12\x19\n\x11priority_aging_us\x18\x08 \x01(\x04\x12\x1a\n\x12\x64\x65\x66\x61ult_timeout_us\x18\t \x01(\x04\x12\x16\n\x0etimeout_action\x18\n \x01(\t\" \n\x0fGetStatsRequest\x12\r\n\x05reset\x18\x01 \x01(\x08\"5\n\x0e\x42\x61tchSizeCount\x12\x12\n\nbatch_size\x18\x01 \x01(\r\x12\x0f\n\x07\x62\x61tches\x18\x02 \x01(\x04\"\xbc\x02\n\x0c\x42\x61tcherStats\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x04\x12\x0f\n\x07\x65xpired\x18\x04 \x01(\x04\x12\x15\n\rrejected_full\x18\x05 \x01(\x04\x12\x17\n\x0fmean_batch_size\x18\x06 \x01(\x01\x12\x34\n\x0b\x62\x61tch_sizes\x18\x07 \x03(\x0b\x32\x1f.flotilla.api.v1.BatchSizeCount\x12\x19\n\x11queue_wait_p50_ms\x18\x08 \x01(\x01\x12\x19\n\x11queue_wait_p90_ms\x18\t \x01(\x01\x12\x19\n\x11queue_wait_p99_ms\x18\n \x01(\x01\x12\x13\n\x0bqueue_depth\x18\x0b \x01(\r\x12\x18\n\x10inflight_batches\x18\x0c \x01(\r2\xc7\x02\n\x0c\x42\x61tcherAdmin\x12S\n\x0bGetBatching\x12#.flotilla.api.v1.GetBatchingRequest\x1a\x1f.flotilla.api.v1.BatchingPolicy\x12O\n\x0bSetBatching\x12\x1f.flotilla.api.v1.BatchingPolicy\x1a\x1f.flotilla.api.v1.BatchingPolicy\x12K\n\x08GetStats\x12 .flotilla.api.v1.GetStatsRequest\x1a\x1d.flotilla.api.v1.BatcherStats\x12\x44\n\x08GetPools\x12 .flotilla.api.v1.GetPoolsRequest\x1a\x16.flotilla.api.v1.Poolsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flotilla.api.v1.batcher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETBATCHINGREQUEST']._serialized_start=50
-  _globals['_GETBATCHINGREQUEST']._serialized_end=70
-  _globals['_BATCHINGPOLICY']._serialized_start=73
-  _globals['_BATCHINGPOLICY']._serialized_end=362
-  _globals['_GETSTATSREQUEST']._serialized_start=364
-  _globals['_GETSTATSREQUEST']._serialized_end=396
-  _globals['_BATCHSIZECOUNT']._serialized_start=398
-  _globals['_BATCHSIZECOUNT']._serialized_end=451
-  _globals['_BATCHERSTATS']._serialized_start=454
-  _globals['_BATCHERSTATS']._serialized_end=770
-  _globals['_BATCHERADMIN']._serialized_start=773
-  _globals['_BATCHERADMIN']._serialized_end=1030
+  _globals['_GETBATCHINGREQUEST']._serialized_start=79
+  _globals['_GETBATCHINGREQUEST']._serialized_end=99
+  _globals['_BATCHINGPOLICY']._serialized_start=102
+  _globals['_BATCHINGPOLICY']._serialized_end=391
+  _globals['_GETSTATSREQUEST']._serialized_start=393
+  _globals['_GETSTATSREQUEST']._serialized_end=425
+  _globals['_BATCHSIZECOUNT']._serialized_start=427
+  _globals['_BATCHSIZECOUNT']._serialized_end=480
+  _globals['_BATCHERSTATS']._serialized_start=483
+  _globals['_BATCHERSTATS']._serialized_end=799
+  _globals['_BATCHERADMIN']._serialized_start=802
+  _globals['_BATCHERADMIN']._serialized_end=1129
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from flotilla.api.v1 import batcher_pb2 as flotilla_dot_api_dot_v1_dot_batcher__pb2
+from flotilla.api.v1 import pools_pb2 as flotilla_dot_api_dot_v1_dot_pools__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -49,6 +50,11 @@ class BatcherAdminStub:
                 request_serializer=flotilla_dot_api_dot_v1_dot_batcher__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=flotilla_dot_api_dot_v1_dot_batcher__pb2.BatcherStats.FromString,
                 _registered_method=True)
+        self.GetPools = channel.unary_unary(
+                '/flotilla.api.v1.BatcherAdmin/GetPools',
+                request_serializer=flotilla_dot_api_dot_v1_dot_pools__pb2.GetPoolsRequest.SerializeToString,
+                response_deserializer=flotilla_dot_api_dot_v1_dot_pools__pb2.Pools.FromString,
+                _registered_method=True)
 
 
 class BatcherAdminServicer:
@@ -76,6 +82,13 @@ class BatcherAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPools(self, request, context):
+        """The state of this batcher's preprocess-worker pool.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BatcherAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +106,11 @@ def add_BatcherAdminServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=flotilla_dot_api_dot_v1_dot_batcher__pb2.GetStatsRequest.FromString,
                     response_serializer=flotilla_dot_api_dot_v1_dot_batcher__pb2.BatcherStats.SerializeToString,
+            ),
+            'GetPools': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPools,
+                    request_deserializer=flotilla_dot_api_dot_v1_dot_pools__pb2.GetPoolsRequest.FromString,
+                    response_serializer=flotilla_dot_api_dot_v1_dot_pools__pb2.Pools.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +194,33 @@ class BatcherAdmin:
             '/flotilla.api.v1.BatcherAdmin/GetStats',
             flotilla_dot_api_dot_v1_dot_batcher__pb2.GetStatsRequest.SerializeToString,
             flotilla_dot_api_dot_v1_dot_batcher__pb2.BatcherStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flotilla.api.v1.BatcherAdmin/GetPools',
+            flotilla_dot_api_dot_v1_dot_pools__pb2.GetPoolsRequest.SerializeToString,
+            flotilla_dot_api_dot_v1_dot_pools__pb2.Pools.FromString,
             options,
             channel_credentials,
             insecure,

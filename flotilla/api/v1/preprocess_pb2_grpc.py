@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from flotilla.api.v1 import pools_pb2 as flotilla_dot_api_dot_v1_dot_pools__pb2
 from flotilla.api.v1 import preprocess_pb2 as flotilla_dot_api_dot_v1_dot_preprocess__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
@@ -39,6 +40,11 @@ class PreprocessorStub:
                 request_serializer=flotilla_dot_api_dot_v1_dot_preprocess__pb2.ProcessBatchRequest.SerializeToString,
                 response_deserializer=flotilla_dot_api_dot_v1_dot_preprocess__pb2.ProcessBatchResponse.FromString,
                 _registered_method=True)
+        self.GetPools = channel.unary_unary(
+                '/flotilla.api.v1.Preprocessor/GetPools',
+                request_serializer=flotilla_dot_api_dot_v1_dot_pools__pb2.GetPoolsRequest.SerializeToString,
+                response_deserializer=flotilla_dot_api_dot_v1_dot_pools__pb2.Pools.FromString,
+                _registered_method=True)
 
 
 class PreprocessorServicer:
@@ -51,6 +57,13 @@ class PreprocessorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPools(self, request, context):
+        """The state of this worker's Triton pools (one per model).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PreprocessorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +71,11 @@ def add_PreprocessorServicer_to_server(servicer, server):
                     servicer.ProcessBatch,
                     request_deserializer=flotilla_dot_api_dot_v1_dot_preprocess__pb2.ProcessBatchRequest.FromString,
                     response_serializer=flotilla_dot_api_dot_v1_dot_preprocess__pb2.ProcessBatchResponse.SerializeToString,
+            ),
+            'GetPools': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPools,
+                    request_deserializer=flotilla_dot_api_dot_v1_dot_pools__pb2.GetPoolsRequest.FromString,
+                    response_serializer=flotilla_dot_api_dot_v1_dot_pools__pb2.Pools.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +105,33 @@ class Preprocessor:
             '/flotilla.api.v1.Preprocessor/ProcessBatch',
             flotilla_dot_api_dot_v1_dot_preprocess__pb2.ProcessBatchRequest.SerializeToString,
             flotilla_dot_api_dot_v1_dot_preprocess__pb2.ProcessBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flotilla.api.v1.Preprocessor/GetPools',
+            flotilla_dot_api_dot_v1_dot_pools__pb2.GetPoolsRequest.SerializeToString,
+            flotilla_dot_api_dot_v1_dot_pools__pb2.Pools.FromString,
             options,
             channel_credentials,
             insecure,
