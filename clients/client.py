@@ -70,14 +70,19 @@ class FlotillaClient:
         s3: S3Settings,
         *,
         default_timeout_s: float = 30.0,
+        transparent_retries: bool = True,
     ) -> None:
+        """``transparent_retries``: let the channel retry UNAVAILABLE (off to see every failure)."""
         self.router = router
         self.api_key = api_key
         self.default_timeout_s = default_timeout_s
         self._store = ObjectStore(s3)
-        self._channel = grpc.aio.insecure_channel(
-            router, options=[("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+        options = (
+            [("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+            if transparent_retries
+            else [("grpc.enable_retries", 0)]
         )
+        self._channel = grpc.aio.insecure_channel(router, options=options)
         self._stub = inference_pb2_grpc.ImageClassifierStub(self._channel)
 
     async def __aenter__(self) -> FlotillaClient:

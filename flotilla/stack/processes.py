@@ -1,11 +1,15 @@
 """Child processes of the local stack: started in their own process group,
-killed with their parent, stopped with SIGTERM then SIGKILL."""
+killed with their parent, stopped with SIGTERM then SIGKILL.
+
+The parent-death signal follows the thread that started the child, so the
+stack starts its children from a thread that lives as long as it does.
+"""
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,8 +19,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork, never inside one
+_SETPRIV = shutil.which("setpriv")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -26,13 +29,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec: SIGKILL it when the parent dies.
+def _dying_with_parent(argv: list[str]) -> list[str]:
+    """``argv`` wrapped so the child gets SIGKILL when this process dies.
 
-    The signal follows the thread that forked, so children must be started
-    from a thread that lives as long as the stack (the main thread).
+    util-linux's setpriv sets the parent-death signal and execs the command.
+    (A preexec_fn would do it too, but it runs Python between fork and exec,
+    which is unsafe in a process whose other threads use gRPC.)
     """
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _SETPRIV is None:
+        return argv
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
 
 
 class ManagedProcess:
@@ -61,14 +67,13 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
-                self.argv,
+                _dying_with_parent(self.argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,  # its own process group, stopped as a whole
-                preexec_fn=_die_with_parent,
             )
         log.info("started %s (pid %d), log %s", self.name, self.proc.pid, self.log_path)
 

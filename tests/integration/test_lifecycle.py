@@ -44,7 +44,8 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_up_serves_then_stops_everything_on_sigterm(tmp_path: Path) -> None:
+def start_up(tmp_path: Path) -> tuple[subprocess.Popen[str], dict[str, object], set[int]]:
+    """`flotilla up` with one Triton replica; returns it, its stack.json and its descendants."""
     env = dict(os.environ)
     env.update({
         "FLOTILLA_RUN_DIR": str(tmp_path),
@@ -55,16 +56,33 @@ def test_up_serves_then_stops_everything_on_sigterm(tmp_path: Path) -> None:
         [sys.executable, "-m", "flotilla", "up", "--config", str(REPO / "flotilla.yaml")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
     )
+    state_file = tmp_path / "stack.json"
+    deadline = time.monotonic() + 180
+    while not state_file.exists():
+        if up.poll() is not None:
+            raise AssertionError(up.stdout.read())  # type: ignore[union-attr]
+        if time.monotonic() > deadline:
+            up.kill()
+            raise AssertionError("stack did not come up")
+        time.sleep(0.2)
+    state = json.loads(state_file.read_text())
+    return up, state, descendants(up.pid)
+
+
+def wait_gone(pids: set[int], timeout_s: float = 15.0) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        left = [pid for pid in pids if alive(pid)]
+        if not left:
+            return []
+        time.sleep(0.2)
+    return [pid for pid in pids if alive(pid)]
+
+
+def test_up_serves_then_stops_everything_on_sigterm(tmp_path: Path) -> None:
+    up, state, children = start_up(tmp_path)
     try:
-        state_file = tmp_path / "stack.json"
-        deadline = time.monotonic() + 180
-        while not state_file.exists():
-            assert up.poll() is None, up.stdout.read()  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "stack did not come up"
-            time.sleep(0.2)
-        state = json.loads(state_file.read_text())
-        assert is_serving(state["router"])
-        children = descendants(up.pid)
+        assert is_serving(str(state["router"]))
         # S3, one Triton (+ its Python stub), preprocess, batcher, router
         assert len(children) >= 5, children
     finally:
@@ -72,6 +90,11 @@ def test_up_serves_then_stops_everything_on_sigterm(tmp_path: Path) -> None:
         output, _ = up.communicate(timeout=60)
     assert up.returncode == 0, output
     assert "API key" in output and "router" in output
-    time.sleep(0.5)  # let the kernel reap the last ones
-    left = [pid for pid in children if alive(pid)]
-    assert left == [], f"orphaned processes after SIGTERM: {left}"
+    assert wait_gone(children) == [], "orphaned processes after SIGTERM"
+
+
+def test_children_die_when_up_is_killed_outright(tmp_path: Path) -> None:
+    up, _, children = start_up(tmp_path)
+    up.kill()  # SIGKILL: no handler runs, only the parent-death signal
+    up.communicate(timeout=30)
+    assert wait_gone(children) == [], "orphaned processes after SIGKILL of flotilla up"

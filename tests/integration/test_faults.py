@@ -1,0 +1,278 @@
+"""Faults on real processes under steady load (pytest -m faults).
+
+A dedicated stack (2 Triton replicas, 2 preprocess workers) takes a steady
+closed-loop load of good and bad requests while parts are killed and
+restarted. Every request must end with exactly one terminal answer; good
+requests must not fail while a Triton replica or a worker dies; with the
+object store down they fail with UNAVAILABLE before their deadline. The
+figures are printed and written to build/fault-figures.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from flotilla.api.v1 import batcher_pb2_grpc, pools_pb2, preprocess_pb2_grpc
+from flotilla.clients.client import FlotillaClient
+from flotilla.common.server import is_serving
+from flotilla.config import load_settings
+from flotilla.errors import Code, FlotillaError
+from flotilla.stack.local import LocalStack, _triton_ready
+from tests.integration.conftest import API_KEY, MODEL, MODEL_REPOSITORY, REPO, sample
+
+pytestmark = pytest.mark.faults
+
+REQUEST_TIMEOUT_S = 10.0
+FIGURES = REPO / "build" / "fault-figures.json"
+
+
+@pytest.fixture(scope="module")
+def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    settings = load_settings(
+        REPO / "flotilla.yaml",
+        run_dir=tmp_path_factory.mktemp("fault-stack"),
+        router={"api_keys": [API_KEY]},
+        triton={"replicas": 2, "model_repository": str(MODEL_REPOSITORY)},
+        preprocess={"workers": 2},
+    )
+    settings.models[MODEL].batching.max_queue_delay_us = 5_000
+    settings.models[MODEL].batching.max_inflight_batches = 4
+    with LocalStack(settings) as stack:
+        yield stack
+
+
+@dataclass
+class Outcome:
+    kind: str
+    """'good', 'missing', 'not_jpeg' or 'bad_uuid'."""
+    code: Code
+    message: str = ""
+    elapsed_s: float = 0.0
+
+
+@dataclass
+class SteadyLoad:
+    """Closed-loop load of mixed requests; one Outcome per request sent."""
+
+    client: FlotillaClient
+    requests: list[tuple[str, str]]
+    concurrency: int = 6
+    outcomes: list[Outcome] = field(default_factory=list)
+    sent: int = 0
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def start(self) -> None:
+        cycle = itertools.cycle(self.requests)
+
+        async def worker() -> None:
+            while not self._stop.is_set():
+                kind, uuid = next(cycle)
+                self.sent += 1
+                start = time.monotonic()
+                try:
+                    result = await self.client.classify(uuid, MODEL, timeout_s=REQUEST_TIMEOUT_S, request_id=f"r{self.sent}")
+                    assert result.image_uuid == uuid, "answer for another request"
+                    self.outcomes.append(Outcome(kind, Code.OK, elapsed_s=time.monotonic() - start))
+                except FlotillaError as exc:
+                    self.outcomes.append(Outcome(kind, exc.code, exc.message, time.monotonic() - start))
+
+        self._tasks = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    def since(self, mark: int) -> list[Outcome]:
+        return self.outcomes[mark:]
+
+
+@pytest.fixture
+async def load(fault_stack: LocalStack) -> AsyncIterator[SteadyLoad]:
+    assert fault_stack.state is not None and fault_stack.settings is not None
+    async with FlotillaClient(
+        fault_stack.state.router, API_KEY, fault_stack.settings.s3, transparent_retries=False
+    ) as client:
+        good = [await client.upload(sample(p)) for p in ("coffee.jpg", "chelsea.jpg", "rocket.jpg") for _ in range(3)]
+        not_jpeg = await client.upload(b"GIF89a definitely not a jpeg")
+        requests = [("good", u) for u in good] + [
+            ("missing", "0b7e8c9a-1234-4cde-8f00-00000000dead"),
+            ("not_jpeg", not_jpeg),
+            ("bad_uuid", "../etc/passwd"),
+        ]
+        runner = SteadyLoad(client, requests)
+        runner.start()
+        try:
+            yield runner
+        finally:
+            await runner.stop()
+    check_terminal_answers(runner)
+
+
+EXPECTED_BAD = {"missing": Code.NOT_FOUND, "not_jpeg": Code.INVALID_ARGUMENT, "bad_uuid": Code.INVALID_ARGUMENT}
+
+
+def check_terminal_answers(load: SteadyLoad) -> None:
+    """Nothing accepted is lost: one terminal answer per request, each the right one."""
+    assert len(load.outcomes) == load.sent, f"{load.sent} sent, {len(load.outcomes)} answered"
+    for outcome in load.outcomes:
+        if outcome.kind in EXPECTED_BAD:
+            assert outcome.code in (EXPECTED_BAD[outcome.kind], Code.UNAVAILABLE), outcome
+        assert outcome.elapsed_s < REQUEST_TIMEOUT_S + 1.0, f"answer after its deadline: {outcome}"
+
+
+async def pools_of(address: str, stub_factory: Callable) -> pools_pb2.Pools:  # type: ignore[type-arg]
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await stub_factory(channel).GetPools(pools_pb2.GetPoolsRequest(), timeout=2)
+
+
+async def admitted_everywhere(stack: LocalStack, address: str, stub_factory: Callable, holders: list[str]) -> list[bool]:  # type: ignore[type-arg]
+    verdicts = []
+    for holder in holders:
+        for pool in (await pools_of(holder, stub_factory)).pools:
+            verdicts += [e.admitted for e in pool.endpoints if e.address == address]
+    return verdicts
+
+
+async def wait_for(predicate: Callable, timeout_s: float) -> float:  # type: ignore[type-arg]
+    """Seconds until the async ``predicate()`` held; fails after ``timeout_s``."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if await predicate():
+            return time.monotonic() - start
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout_s}s")
+
+
+def record(name: str, figures: dict[str, object]) -> None:
+    FIGURES.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
+    existing[name] = figures
+    FIGURES.write_text(json.dumps(existing, indent=2) + "\n")
+    print(f"\n{name}: {figures}")
+
+
+def tally(outcomes: list[Outcome]) -> dict[str, int]:
+    good = [o for o in outcomes if o.kind == "good"]
+    return {
+        "sent": len(outcomes),
+        "good_succeeded": sum(o.code == Code.OK for o in good),
+        "good_failed": sum(o.code != Code.OK for o in good),
+        "bad_answered_with_their_status": sum(o.code == EXPECTED_BAD.get(o.kind) for o in outcomes if o.kind in EXPECTED_BAD),
+    }
+
+
+async def test_sigkill_a_triton_replica(fault_stack: LocalStack, load: SteadyLoad) -> None:
+    workers = [p.address for p in fault_stack.preprocess]
+    victim = fault_stack.tritons[0]
+    await asyncio.sleep(1.5)
+    mark = len(load.outcomes)
+
+    victim.kill()
+    ejected_s = await wait_for(
+        lambda: _all_false(admitted_everywhere(fault_stack, victim.address, preprocess_pb2_grpc.PreprocessorStub, workers)), 5
+    )
+    await asyncio.sleep(1.0)
+    victim.start()
+    readmitted_s = await wait_for(
+        lambda: _all_true(admitted_everywhere(fault_stack, victim.address, preprocess_pb2_grpc.PreprocessorStub, workers)), 120
+    )
+    calls_before = await _calls(victim.address, workers)
+    await asyncio.sleep(1.5)
+    calls_after = await _calls(victim.address, workers)
+
+    figures = {**tally(load.since(mark)), "ejected_after_s": round(ejected_s, 3),
+               "readmitted_after_restart_s": round(readmitted_s, 3), "calls_after_readmission": calls_after - calls_before}
+    record("sigkill_triton", figures)
+    assert figures["good_failed"] == 0, [o for o in load.since(mark) if o.kind == "good" and o.code != Code.OK][:3]
+    assert ejected_s < 1.0
+    assert calls_after > calls_before, "the restarted replica gets traffic again"
+
+
+async def test_sigkill_a_preprocess_worker(fault_stack: LocalStack, load: SteadyLoad) -> None:
+    assert fault_stack.state is not None
+    batcher = fault_stack.state.batchers[MODEL][0]
+    victim = fault_stack.preprocess[0]
+    await asyncio.sleep(1.5)
+    mark = len(load.outcomes)
+
+    victim.kill()
+    ejected_s = await wait_for(
+        lambda: _all_false(admitted_everywhere(fault_stack, victim.address, batcher_pb2_grpc.BatcherAdminStub, [batcher])), 5
+    )
+    await asyncio.sleep(1.0)
+    victim.start()
+    readmitted_s = await wait_for(
+        lambda: _all_true(admitted_everywhere(fault_stack, victim.address, batcher_pb2_grpc.BatcherAdminStub, [batcher])), 60
+    )
+    await asyncio.sleep(1.0)
+
+    figures = {**tally(load.since(mark)), "ejected_after_s": round(ejected_s, 3), "readmitted_after_restart_s": round(readmitted_s, 3)}
+    record("sigkill_preprocess_worker", figures)
+    assert figures["good_failed"] == 0, [o for o in load.since(mark) if o.kind == "good" and o.code != Code.OK][:3]
+
+
+async def test_object_store_outage_fails_fast_then_recovers(fault_stack: LocalStack, load: SteadyLoad) -> None:
+    assert fault_stack.s3 is not None
+    await asyncio.sleep(1.0)
+    fault_stack.s3.stop()
+    await asyncio.sleep(0.5)
+    mark = len(load.outcomes)
+    await asyncio.sleep(2.0)
+    during = load.since(mark)
+
+    fault_stack.s3.start()
+    recovered_s = await wait_for(lambda: _recent_good_ok(load), 60)
+    mark_after = len(load.outcomes)
+    await asyncio.sleep(1.5)
+    after = load.since(mark_after)
+
+    good_during = [o for o in during if o.kind == "good"]
+    figures = {"during_outage": tally(during), "during_outage_codes": dict(Counter(o.code.name for o in good_during)),
+               "max_answer_s_during_outage": round(max((o.elapsed_s for o in during), default=0.0), 3),
+               "recovered_after_restart_s": round(recovered_s, 3), "after_recovery": tally(after)}
+    record("object_store_outage", figures)
+    assert good_during and all(o.code == Code.UNAVAILABLE for o in good_during), figures
+    assert all("object store" in o.message for o in good_during)
+    assert max(o.elapsed_s for o in during) < REQUEST_TIMEOUT_S  # nobody hangs to the deadline
+    assert tally(after)["good_failed"] == 0 and tally(after)["good_succeeded"] > 0
+
+
+def test_every_service_is_healthy_after_the_faults(fault_stack: LocalStack) -> None:
+    for proc in fault_stack.flotilla_services():
+        assert proc.alive() and is_serving(proc.address), proc.name
+    for proc in fault_stack.tritons:
+        assert proc.alive() and _triton_ready(proc.address, [MODEL]), proc.name
+
+
+async def _all_false(verdicts_coro) -> bool:  # type: ignore[no-untyped-def]
+    verdicts = await verdicts_coro
+    return bool(verdicts) and not any(verdicts)
+
+
+async def _all_true(verdicts_coro) -> bool:  # type: ignore[no-untyped-def]
+    verdicts = await verdicts_coro
+    return bool(verdicts) and all(verdicts)
+
+
+async def _calls(address: str, workers: list[str]) -> int:
+    total = 0
+    for worker in workers:
+        for pool in (await pools_of(worker, preprocess_pb2_grpc.PreprocessorStub)).pools:
+            total += sum(e.calls for e in pool.endpoints if e.address == address)
+    return total
+
+
+async def _recent_good_ok(load: SteadyLoad) -> bool:
+    recent = [o for o in load.outcomes[-10:] if o.kind == "good"]
+    return bool(recent) and all(o.code == Code.OK for o in recent)
