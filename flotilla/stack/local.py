@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import sys
 from dataclasses import dataclass, field
@@ -131,10 +132,7 @@ class LocalStack:
         self.logs.mkdir(parents=True, exist_ok=True)
         models = list(self.base.models)
         backend_models = [m.backend_model or name for name, m in self.base.models.items()]
-        repository = self.base.triton.model_repository.resolve()
-        for name in backend_models:
-            if not (repository / name / "config.pbtxt").exists():
-                raise FileNotFoundError(f"model {name!r} is missing from {repository}; run `make models`")
+        repository = self._prepare_repository(self.base.triton.model_repository.resolve())
 
         s3_settings = self.base.s3.model_copy(update={"endpoint": f"{self.host}:{free_port(self.host)}"})
         self.s3 = seaweed_s3(
@@ -144,8 +142,10 @@ class LocalStack:
         self.s3.start()
 
         install = TritonInstallation.prepare(self.run_dir)
-        # Replicas share this host's cores: each gets its share, not all of them.
-        ort_threads = max(1, (os.cpu_count() or 1) // self.base.triton.replicas)
+        # Replicas and their model instances share this host's cores: each
+        # instance gets its share, not all of them.
+        instances = max(m.backend.instance_groups for m in self.base.models.values())
+        ort_threads = max(1, (os.cpu_count() or 1) // (self.base.triton.replicas * instances))
         for i in range(self.base.triton.replicas):
             ports = TritonPorts.free(self.host)
             proc = install.process(
@@ -213,6 +213,26 @@ class LocalStack:
         )
         self.state.write(self.run_dir / "stack.json")
         return self.state
+
+    def _prepare_repository(self, source: Path) -> Path:
+        """This stack's model repository: each served model's files linked from
+        ``source``, its config.pbtxt with the configured instance_group count."""
+        target = self.run_dir / "model-repository"
+        for name, model in self.base.models.items():
+            backend_model = model.backend_model or name
+            src, dst = source / backend_model, target / backend_model
+            if not (src / "config.pbtxt").exists():
+                raise FileNotFoundError(f"model {backend_model!r} is missing from {source}; run `make models`")
+            dst.mkdir(parents=True, exist_ok=True)
+            for entry in src.iterdir():
+                link = dst / entry.name
+                if entry.name != "config.pbtxt" and not link.exists():
+                    link.symlink_to(entry.resolve())
+            config = (src / "config.pbtxt").read_text(encoding="utf-8")
+            group = f"instance_group [ {{ kind: KIND_CPU, count: {model.backend.instance_groups} }} ]"
+            config, found = re.subn(r"instance_group\s*\[[^\]]*\]", group, config)
+            (dst / "config.pbtxt").write_text(config if found else f"{config}{group}\n", encoding="utf-8")
+        return target
 
     def _service(self, name: str, role: str, address: str, config: Path, model: str | None = None) -> ManagedProcess:
         port = address.rsplit(":", 1)[1]

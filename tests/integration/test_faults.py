@@ -47,6 +47,7 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
     )
     settings.models[MODEL].batching.max_queue_delay_us = 5_000
     settings.models[MODEL].batching.max_inflight_batches = 4
+    settings.models[MODEL].backend.instance_groups = 2  # capacity 2 x 2 x 1 = 4 batches
     with LocalStack(settings) as stack:
         yield stack
 
@@ -246,6 +247,21 @@ async def test_object_store_outage_fails_fast_then_recovers(fault_stack: LocalSt
     assert all("object store" in o.message for o in good_during)
     assert max(o.elapsed_s for o in during) < REQUEST_TIMEOUT_S  # nobody hangs to the deadline
     assert tally(after)["good_failed"] == 0 and tally(after)["good_succeeded"] > 0
+
+
+async def test_instance_groups_reach_triton_and_the_pool(fault_stack: LocalStack) -> None:
+    import tritonclient.grpc as triton_grpc
+
+    for proc in fault_stack.tritons:
+        client = triton_grpc.InferenceServerClient(proc.address)
+        try:
+            config = client.get_model_config(MODEL, as_json=True)["config"]
+        finally:
+            client.close()
+        assert [int(g["count"]) for g in config["instance_group"]] == [2]
+    for worker in fault_stack.preprocess:
+        pools = (await pools_of(worker.address, preprocess_pb2_grpc.PreprocessorStub)).pools
+        assert [p.max_outstanding for p in pools] == [2]  # instance_groups x predict_concurrency
 
 
 def test_every_service_is_healthy_after_the_faults(fault_stack: LocalStack) -> None:
