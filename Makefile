@@ -10,7 +10,7 @@ MODEL_ONNX := $(MODEL_REPO)/efficientnet-lite0/1/model.onnx
 SAMPLES := build/samples
 PROTOS := $(wildcard protos/flotilla/api/v1/*.proto)
 
-.PHONY: install models samples generate run up test bench clean
+.PHONY: install models samples generate run up test bench lint clean
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,9 @@ test: install models
 
 bench: install models
 	$(BIN)/flotilla bench
+
+lint: install
+	$(BIN)/ruff check flotilla services clients tests
 
 clean:
 	rm -rf build .flotilla

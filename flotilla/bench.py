@@ -119,7 +119,7 @@ async def in_process_pipeline(
             cursor += batch_size
             pixels = await asyncio.gather(*(loop.run_in_executor(loaders, load, u) for u in batch))
             tensor = to_batch_tensor(list(pixels), spec)
-            await loop.run_in_executor(runner, lambda: session.run(None, {spec.name: tensor}))
+            await loop.run_in_executor(runner, session.run, None, {spec.name: tensor})
             done += batch_size
 
     start = time.perf_counter()
@@ -240,7 +240,7 @@ def run_bench(*, duration_s: float = 5.0, replica_counts: tuple[int, ...] = (2, 
         with LocalStack(settings) as stack:
             assert stack.state is not None and stack.settings is not None
 
-            async def drive() -> tuple[list[Row], dict[str, float]]:
+            async def drive(replicas: int = replicas) -> tuple[list[Row], dict[str, float]]:
                 target = StackTarget(stack.state)  # type: ignore[arg-type]
                 try:
                     return await bench_stack(

@@ -71,7 +71,7 @@ def _s3_ready(store: ObjectStore) -> bool:
     return True
 
 
-def _triton_ready(address: str, models: list[str]) -> bool:
+def triton_ready(address: str, models: list[str]) -> bool:
     try:
         client = triton_grpc.InferenceServerClient(address)
         try:
@@ -160,7 +160,7 @@ class LocalStack:
         wait_until(lambda: _s3_ready(store), S3_START_TIMEOUT_S, "SeaweedFS S3", procs=[self.s3])
         for proc in self.tritons:
             wait_until(
-                lambda a=proc.address: _triton_ready(a, backend_models),  # type: ignore[misc]
+                lambda a=proc.address: triton_ready(a, backend_models),  # type: ignore[misc]
                 self.base.triton.startup_timeout_s, f"Triton {proc.address}", procs=[proc],
             )
 

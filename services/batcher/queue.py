@@ -374,7 +374,7 @@ class BatchQueue(Generic[T, R]):
             self.stats.items += len(live)
             self.stats.batch_sizes[len(live)] += 1
             results = await self._answers_for(live, deadline_s)
-            for pending, result in zip(live, results):
+            for pending, result in zip(live, results, strict=True):
                 if pending.future.done():
                     continue
                 if isinstance(result, FlotillaError):

@@ -20,7 +20,7 @@ from flotilla.api.v1 import batcher_pb2, batcher_pb2_grpc
 from flotilla.clients.client import FlotillaClient
 from flotilla.errors import Code, FlotillaError
 from flotilla.stack.local import LocalStack
-from tests.integration.conftest import API_KEY, MODEL, sample
+from tests.integration.conftest import MODEL, sample
 
 HOLD_DELAY_US = 30_000_000  # 30 s: nothing leaves the queue unless the test lets it
 
@@ -183,7 +183,7 @@ def test_loadtest_cli_writes_csv_and_plot(stack: LocalStack, tmp_path: Path) -> 
     for column in ("max_batch_size", "concurrency", "throughput_per_s", "p50_ms", "p90_ms", "p95_ms",
                    "p99_ms", "mean_formed_batch", "p99_queue_wait_ms", "backend_executions", "errors"):
         assert column in header
-    rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
+    rows = [dict(zip(header, line.split(","), strict=True)) for line in lines[1:]]
     assert [(r["max_batch_size"], r["concurrency"]) for r in rows] == [("1", "2"), ("1", "8"), ("4", "2"), ("4", "8")]
     assert all(float(r["throughput_per_s"]) > 0 and r["errors"] == "0" for r in rows)
     assert all(float(r["mean_formed_batch"]) == 1.0 for r in rows if r["max_batch_size"] == "1")

@@ -17,7 +17,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import pytest
@@ -27,7 +26,7 @@ from flotilla.clients.client import FlotillaClient
 from flotilla.common.server import is_serving
 from flotilla.config import load_settings
 from flotilla.errors import Code, FlotillaError
-from flotilla.stack.local import LocalStack, _triton_ready
+from flotilla.stack.local import LocalStack, triton_ready
 from tests.integration.conftest import API_KEY, MODEL, MODEL_REPOSITORY, REPO, sample
 
 pytestmark = pytest.mark.faults
@@ -268,7 +267,7 @@ def test_every_service_is_healthy_after_the_faults(fault_stack: LocalStack) -> N
     for proc in fault_stack.flotilla_services():
         assert proc.alive() and is_serving(proc.address), proc.name
     for proc in fault_stack.tritons:
-        assert proc.alive() and _triton_ready(proc.address, [MODEL]), proc.name
+        assert proc.alive() and triton_ready(proc.address, [MODEL]), proc.name
 
 
 async def _all_false(verdicts_coro) -> bool:  # type: ignore[no-untyped-def]

@@ -49,7 +49,7 @@ async def test_mesh_matches_in_process_onnx(client: FlotillaClient, stack: Local
     result = await client.classify_jpeg(jpeg, MODEL)
     reference = in_process_top5(jpeg, stack)
     assert [c.index for c in result.classes] == [i for i, _ in reference]
-    for got, (_, want) in zip(result.classes, reference):
+    for got, (_, want) in zip(result.classes, reference, strict=True):
         assert got.score == pytest.approx(want, abs=1e-4)
 
 
@@ -60,8 +60,8 @@ async def test_concurrent_requests_share_triton_executions(client: FlotillaClien
     results = await asyncio.gather(*(client.classify(u, MODEL) for u in uuids))
     after = [triton_counts(a) for a in stack.state.triton]  # type: ignore[union-attr]
 
-    inferences = sum(a[0] - b[0] for a, b in zip(after, before))
-    executions = sum(a[1] - b[1] for a, b in zip(after, before))
+    inferences = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+    executions = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
     assert all(r.classes[0].index in (ESPRESSO, CUP) for r in results)
     assert inferences == n  # every image ran exactly once
     assert executions < n, f"{n} requests took {executions} Triton executions: no batching"
@@ -75,7 +75,7 @@ async def test_both_triton_replicas_do_work(client: FlotillaClient, stack: Local
     for _ in range(6):  # one request at a time: one batch each, round-robin
         await client.classify(uuid, MODEL)
     after = [triton_counts(a) for a in stack.state.triton]
-    executions = [a[1] - b[1] for a, b in zip(after, before)]
+    executions = [a[1] - b[1] for a, b in zip(after, before, strict=True)]
     assert sum(executions) == 6
     assert all(e >= 2 for e in executions), f"executions per replica: {executions}"
 

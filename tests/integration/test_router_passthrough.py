@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from flotilla.common.server import GrpcPeer
 from flotilla.services.backend_pool.pool import EndpointPool
 from flotilla.services.router.routing import ApiKeys, RouteTable
-from flotilla.common.server import GrpcPeer
 from flotilla.services.router.server import ForwardingHandler
 from flotilla.stack.local import LocalStack
 from tests.integration.conftest import API_KEY, MODEL
