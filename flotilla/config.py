@@ -136,6 +136,8 @@ class PoolSettings(_Section):
     """Time between active probes of every replica."""
     health_check_timeout_s: float = Field(0.5, gt=0)
     """A probe slower than this counts as failed."""
+    health_check_unhealthy_after: int = Field(2, ge=1)
+    """Failed probes in a row that eject a replica."""
 
 
 class BackendSettings(_Section):

@@ -162,20 +162,25 @@ class EndpointPool(Generic[C]):
         """Admitted endpoints with room for one more call."""
         return [e for e in self.admitted() if self.max_outstanding is None or e.outstanding < self.max_outstanding]
 
+    def _is_admitted(self, endpoint: Endpoint[C]) -> bool:
+        return endpoint.healthy and endpoint.ejected_until_s <= self._clock()
+
     def eject(self, endpoint: Endpoint[C], reason: str) -> None:
-        if endpoint.healthy:
+        if self._is_admitted(endpoint):  # count each ejection once, however it came
             endpoint.ejections += 1
             endpoint.last_ejected_s = self._clock()
             log.warning("%s %s ejected: %s", self.name, endpoint.address, reason)
         endpoint.healthy = False
 
     async def admit(self, endpoint: Endpoint[C]) -> None:
-        if not endpoint.healthy or endpoint.ejected_until_s > self._clock():
+        """Let the endpoint be chosen again (a good probe). An endpoint that was
+        admitted already keeps its count of failed calls."""
+        if not self._is_admitted(endpoint):
             endpoint.last_admitted_s = self._clock()
+            endpoint.consecutive_failures = 0
             log.warning("%s %s admitted", self.name, endpoint.address)
         endpoint.healthy = True
         endpoint.ejected_until_s = 0.0
-        endpoint.consecutive_failures = 0
         await self._notify()
 
     async def _notify(self) -> None:
@@ -187,6 +192,8 @@ class EndpointPool(Generic[C]):
     async def _endpoint_for(self, tried: set[int], deadline_s: float | None) -> Endpoint[C] | None:
         """An endpoint not yet tried with room for a call, waiting for room if needed."""
         while True:
+            if deadline_s is not None and self._clock() >= deadline_s:
+                raise DeadlineExceeded(f"deadline passed waiting for a free {self.name}")
             # With none admitted (all ejected, or probes that flaked), every
             # endpoint is tried once more: a dead one fails fast anyway.
             pool = self.admitted() or self.endpoints
@@ -197,8 +204,6 @@ class EndpointPool(Generic[C]):
             if free:
                 return self.strategy.choose(free)
             timeout = None if deadline_s is None else deadline_s - self._clock()
-            if timeout is not None and timeout <= 0:
-                raise DeadlineExceeded(f"deadline passed waiting for a free {self.name}")
             async with self._changed:
                 with contextlib.suppress(asyncio.TimeoutError):
                     # Woken when a call ends or an endpoint is admitted; the
@@ -254,9 +259,10 @@ class EndpointPool(Generic[C]):
         endpoint.failures += 1
         endpoint.consecutive_failures += 1
         if endpoint.consecutive_failures >= self.eject_after_failures:
+            if self._is_admitted(endpoint):
+                endpoint.ejections += 1
+                endpoint.last_ejected_s = self._clock()
             endpoint.ejected_until_s = self._clock() + self.eject_cooldown_s
-            endpoint.ejections += 1
-            endpoint.last_ejected_s = self._clock()
             log.warning("%s %s ejected after %d failures: %s", self.name, endpoint.address,
                         endpoint.consecutive_failures, error)
 
@@ -345,7 +351,11 @@ def pool_from_settings(
         max_outstanding=max_outstanding,
     )
     check = ActiveHealthCheck(
-        pool, probe, interval_s=settings.health_check_interval_s, timeout_s=settings.health_check_timeout_s
+        pool,
+        probe,
+        interval_s=settings.health_check_interval_s,
+        timeout_s=settings.health_check_timeout_s,
+        unhealthy_after=settings.health_check_unhealthy_after,
     )
     return pool, check
 
