@@ -8,6 +8,7 @@ message; the traceback goes to the log, never to the caller.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -38,19 +39,22 @@ async def rpc_errors(context: grpc.aio.ServicerContext, service: str) -> AsyncIt
     """Abort the call with the status an escaping exception maps to.
 
     ``service`` names the tier in the generic INTERNAL message so that an
-    operator knows which log to read.
+    operator knows which log to read. A call that its deadline or its caller
+    has already ended gets no status (there is nobody to send it to).
     """
     try:
         yield
+        return
     except FlotillaError as exc:
-        await context.abort(to_grpc_code(exc.code), exc.message)
+        code, details = to_grpc_code(exc.code), exc.message
     except grpc.aio.AioRpcError as exc:  # an upstream tier's status, passed through
-        await context.abort(exc.code(), exc.details() or exc.code().name)
+        code, details = exc.code(), exc.details() or exc.code().name
     except Exception:
         log.exception("%s: unhandled error", service)
-        await context.abort(
-            grpc.StatusCode.INTERNAL, f"internal error in the {service}; see its log"
-        )
+        code, details = grpc.StatusCode.INTERNAL, f"internal error in the {service}; see its log"
+    if context.done():
+        raise asyncio.CancelledError()
+    await context.abort(code, details)
 
 
 def error_from_rpc(exc: grpc.aio.AioRpcError, upstream: str) -> FlotillaError:

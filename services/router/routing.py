@@ -15,6 +15,7 @@ from flotilla.services.backend_pool.pool import EndpointPool
 C = TypeVar("C")
 
 BEARER = "bearer "
+_SHOWN_CHARS = 40  # how much of an unknown model name an error message repeats
 
 
 class ApiKeys:
@@ -53,6 +54,7 @@ class RouteTable(Generic[C]):
         try:
             return self._pools[model]
         except KeyError:
+            shown = model if len(model) <= _SHOWN_CHARS else model[:_SHOWN_CHARS] + "..."
             raise ModelNotFound(
-                f"model {model!r} is not served; served models: {', '.join(self.models) or 'none'}"
+                f"model {shown!r} is not served; served models: {', '.join(self.models) or 'none'}"
             ) from None
