@@ -23,7 +23,14 @@ from pathlib import Path
 import grpc
 import tritonclient.grpc.aio as triton_aio
 
-from flotilla.api.v1 import batcher_pb2, batcher_pb2_grpc, preprocess_pb2, preprocess_pb2_grpc
+from flotilla.api.v1 import (
+    batcher_pb2,
+    batcher_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    preprocess_pb2,
+    preprocess_pb2_grpc,
+)
 from flotilla.clients.client import FlotillaClient
 from flotilla.clients.loadgen import LoadResult, closed_loop, open_loop
 from flotilla.common.status import error_from_rpc
@@ -103,6 +110,9 @@ class StackTarget:
         """Upload ``copies`` objects per image (distinct uuids) and return the uuids."""
         return [await self.client.upload(jpeg) for jpeg in images for _ in range(copies)]
 
+    async def max_batch_size(self, model: str) -> int:
+        return (await self.admin(model).GetBatching(batcher_pb2.GetBatchingRequest())).max_batch_size
+
     async def set_max_batch_size(self, model: str, max_batch_size: int, max_queue_delay_us: int | None = None) -> None:
         admin = self.admin(model)
         policy = await admin.GetBatching(batcher_pb2.GetBatchingRequest())
@@ -118,8 +128,6 @@ class StackTarget:
 
     def batcher_call(self, model: str, uuids: Sequence[str]) -> Callable[[], Awaitable[object]]:
         """Straight to the model's batcher (no router hop)."""
-        from flotilla.api.v1 import inference_pb2, inference_pb2_grpc
-
         stub = inference_pb2_grpc.ImageClassifierStub(self.channel(self.state.batchers[model][0]))
         cycle = itertools.cycle(uuids)
 

@@ -168,7 +168,7 @@ async def _loadtest(args, state, images, batch_sizes, points):  # type: ignore[n
     rows = []
     try:
         uuids = await target.upload_images(images, copies=4)
-        original = (await target.admin(args.model).GetBatching(loadtest.batcher_pb2.GetBatchingRequest())).max_batch_size
+        original = await target.max_batch_size(args.model)
         plans = [("mesh", bs) for bs in batch_sizes] + ([("baseline", 1)] if args.baseline else [])
         with tqdm(total=len(plans) * len(points), unit="point", desc="load test") as bar:
             for mode, bs in plans:
