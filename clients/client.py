@@ -24,6 +24,7 @@ from flotilla.common.ids import new_image_uuid, object_key
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.status import error_from_rpc
 from flotilla.config import S3Settings
+from flotilla.errors import InvalidArgument
 
 # Transparent retries of UNAVAILABLE (nothing was processed) with backoff.
 _SERVICE_CONFIG = json.dumps(
@@ -124,10 +125,14 @@ class FlotillaClient:
             image_uuid=image_uuid, model_name=model, top_k=top_k, request_id=request_id,
             priority=priority, timeout_us=queue_timeout_us,
         )
+        if not model or not (model.isascii() and model.isprintable()):
+            raise InvalidArgument(f"model name {model[:40]!r} must be non-empty printable ASCII (it travels as a header)")
         metadata = (("x-model-name", model), ("authorization", f"Bearer {self.api_key}"))
         try:
             reply = await self._stub.Classify(
-                request, metadata=metadata, timeout=timeout_s or self.default_timeout_s
+                request,
+                metadata=metadata,
+                timeout=self.default_timeout_s if timeout_s is None else timeout_s,
             )
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, f"router {self.router}") from exc

@@ -52,9 +52,19 @@ async def rpc_errors(context: grpc.aio.ServicerContext, service: str) -> AsyncIt
     except Exception:
         log.exception("%s: unhandled error", service)
         code, details = grpc.StatusCode.INTERNAL, f"internal error in the {service}; see its log"
-    if context.done():
+    if _call_is_over(context):
         raise asyncio.CancelledError()
     await context.abort(code, details)
+
+
+def _call_is_over(context: grpc.aio.ServicerContext) -> bool:
+    """True when the caller or the deadline has ended the call.
+
+    At the instant the deadline passes, done() can still be False while gRPC
+    already refuses a status, so the remaining time is checked as well.
+    """
+    remaining_s = context.time_remaining()
+    return context.done() or (remaining_s is not None and remaining_s <= 0)
 
 
 def error_from_rpc(exc: grpc.aio.AioRpcError, upstream: str) -> FlotillaError:
