@@ -52,17 +52,24 @@ class LoadResult:
         return float(np.percentile(np.asarray(self.latencies_s), percentile) * 1000.0)
 
 
-async def _timed(call: Call, result: LoadResult) -> None:
+async def _timed(call: Call) -> tuple[float, str | None]:
+    """(latency in seconds, None) or (latency, status name) for one request."""
     start = time.perf_counter()
     try:
         await call()
     except FlotillaError as exc:
-        result.errors[exc.code.name] += 1
-        return
+        return time.perf_counter() - start, exc.code.name
     except Exception as exc:  # a load test reports failures, it does not stop on them
-        result.errors[type(exc).__name__] += 1
-        return
-    result.latencies_s.append(time.perf_counter() - start)
+        return time.perf_counter() - start, type(exc).__name__
+    return time.perf_counter() - start, None
+
+
+def _record(result: LoadResult, outcome: tuple[float, str | None]) -> None:
+    latency_s, error = outcome
+    if error is None:
+        result.latencies_s.append(latency_s)
+    else:
+        result.errors[error] += 1
 
 
 async def closed_loop(
@@ -73,11 +80,13 @@ async def closed_loop(
     warmup_s: float = 0.0,
     on_done: Callable[[], None] | None = None,
 ) -> LoadResult:
-    """``concurrency`` workers, each with one request outstanding, for ``duration_s``.
+    """``concurrency`` workers, each with one request outstanding.
 
-    Requests finished during ``warmup_s`` are not recorded.
+    The measured window is ``[warmup_s, warmup_s + duration_s)`` from the
+    start: only requests that complete inside it are recorded, so neither
+    the ramp-up nor the drain after the window (when the load is already
+    stopping) counts.
     """
-    warm = LoadResult(duration_s=warmup_s)
     measured = LoadResult(duration_s=duration_s)
     start = time.perf_counter()
     measure_from = start + warmup_s
@@ -85,8 +94,9 @@ async def closed_loop(
 
     async def worker() -> None:
         while time.perf_counter() < stop_at:
-            target = measured if time.perf_counter() >= measure_from else warm
-            await _timed(call, target)
+            outcome = await _timed(call)
+            if measure_from <= time.perf_counter() < stop_at:
+                _record(measured, outcome)
             if on_done is not None:
                 on_done()
 
@@ -110,7 +120,7 @@ async def open_loop(
     next_at = start
 
     async def one() -> None:
-        await _timed(call, result)
+        _record(result, await _timed(call))
         if on_done is not None:
             on_done()
 

@@ -13,6 +13,7 @@ own dynamic batcher is on (model ``<model>-tritonbatch``).
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import itertools
 import math
@@ -174,19 +175,26 @@ async def measure(
     warmup_s: float = 1.0,
     on_done: Callable[[], None] | None = None,
 ) -> Row:
-    """Run one load point and read what the batcher and Triton did meanwhile."""
+    """Run one load point; read what the batcher and Triton did inside its window.
+
+    Counters are read at the window's edges while the load is running, so
+    the ramp-up and the drain after the window do not count.
+    """
     backend_model = model if mode == "mesh" else model + BASELINE_SUFFIX
-    if concurrency:  # warm-up outside the measured window
-        await closed_loop(call, concurrency=concurrency, duration_s=warmup_s)
     admin = target.admin(model)
+    if concurrency:
+        load = asyncio.create_task(
+            closed_loop(call, concurrency=concurrency, duration_s=duration_s, warmup_s=warmup_s, on_done=on_done)
+        )
+        await asyncio.sleep(warmup_s)
+    else:
+        load = asyncio.create_task(open_loop(call, rate_per_s=rate_per_s, duration_s=duration_s, on_done=on_done))
     await admin.GetStats(batcher_pb2.GetStatsRequest(reset=True))
     before = await triton_totals(target.state.triton, backend_model)
-    if concurrency:
-        result: LoadResult = await closed_loop(call, concurrency=concurrency, duration_s=duration_s, on_done=on_done)
-    else:
-        result = await open_loop(call, rate_per_s=rate_per_s, duration_s=duration_s, on_done=on_done)
-    after = await triton_totals(target.state.triton, backend_model)
+    await asyncio.sleep(duration_s)
     stats = await admin.GetStats(batcher_pb2.GetStatsRequest(reset=True))
+    after = await triton_totals(target.state.triton, backend_model)
+    result: LoadResult = await load
     inferences, executions = after[0] - before[0], after[1] - before[1]
     return Row(
         mode=mode,

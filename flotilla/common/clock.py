@@ -8,6 +8,10 @@ from typing import Protocol
 
 
 class Clock(Protocol):
+    timer_slack_s: float
+    """How late ``sleep`` may wake on this clock; deadlines meant as upper
+    bounds are armed this much early."""
+
     def now(self) -> float:
         """Seconds on a monotonic scale."""
         ...
@@ -17,6 +21,10 @@ class Clock(Protocol):
 
 class MonotonicClock:
     """The real clock: ``time.monotonic`` and ``asyncio.sleep``."""
+
+    # asyncio's epoll/poll selectors round every timeout up to a whole
+    # millisecond, so a sleep can end up to 1 ms late.
+    timer_slack_s = 0.001
 
     def now(self) -> float:
         return time.monotonic()

@@ -2,7 +2,9 @@
 
 Release rule. A batch leaves when the queue holds ``max_batch_size``
 requests (or, with ``preferred_batch_sizes``, the largest preferred size),
-or when the oldest queued request has waited ``max_queue_delay_us``, and
+or when the oldest queued request has waited ``max_queue_delay_us`` (an
+upper bound: the timer is armed early by the clock's ``timer_slack_s``, the
+event loop's timer granularity, rather than firing late), and
 only while fewer than ``max_inflight_batches`` batches are out. While every
 slot is busy requests keep queueing, so batches grow with load. At the
 delay, the batch is the largest preferred size that fits, else everything
@@ -340,7 +342,12 @@ class BatchQueue(Generic[T, R]):
             if self._size >= self._ready_size():
                 size = self._ready_size()
                 break
-            wait_s = self._oldest_enqueued_s() + self._policy.max_queue_delay_us / 1e6 - self._clock.now()
+            # The delay is an upper bound: armed early by the timer's slack so
+            # a late wake-up does not stretch it.
+            wait_s = (
+                self._oldest_enqueued_s() + self._policy.max_queue_delay_us / 1e6
+                - self._clock.now() - getattr(self._clock, "timer_slack_s", 0.0)
+            )
             if wait_s <= 0:
                 size = self._size_at_delay()
                 break

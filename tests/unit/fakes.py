@@ -20,6 +20,8 @@ class FakeClock:
     least the wake time (``now() + d`` at the time of the call).
     """
 
+    timer_slack_s = 0.0  # this clock wakes sleepers exactly on time
+
     def __init__(self, start_s: float = 0.0) -> None:
         self._now = start_s
         self._sleepers: list[tuple[float, asyncio.Future[None]]] = []

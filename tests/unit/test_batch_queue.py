@@ -384,3 +384,16 @@ async def test_cancelled_requests_do_not_fill_the_queue(h: Harness) -> None:
 
     assert not newcomer.done(), f"rejected although no live request is queued: {newcomer.exception()!r}"
     assert q.stats.rejected_full == 0
+
+
+async def test_delay_is_an_upper_bound_armed_early_by_the_clocks_timer_slack(h: Harness) -> None:
+    """A clock whose sleeps may end late (epoll's 1 ms rounding) gets the timer early, not the batch late."""
+    h.clock.timer_slack_s = 0.001
+    h.make(max_batch_size=8, max_queue_delay_us=10_000)
+    h.submit("x")
+    await settle()
+
+    await h.clock.advance(0.0089)
+    assert h.dispatch.batches == []
+    await h.clock.advance(0.0002)  # within the slack of the 10 ms delay: released
+    assert h.dispatch.batches == [["x"]]
