@@ -80,24 +80,6 @@ async def test_both_triton_replicas_do_work(client: FlotillaClient, stack: Local
     assert all(e >= 2 for e in executions), f"executions per replica: {executions}"
 
 
-async def test_bad_api_key_is_unauthenticated(stack: LocalStack) -> None:
-    assert stack.state is not None and stack.settings is not None
-    async with FlotillaClient(stack.state.router, "not-the-key", stack.settings.s3) as wrong:
-        uuid = await wrong.upload(sample("chelsea.jpg"))
-        with pytest.raises(FlotillaError) as caught:
-            await wrong.classify(uuid, MODEL)
-    assert caught.value.code == Code.UNAUTHENTICATED
-    assert "API key" in caught.value.message
-
-
-async def test_unknown_model_is_not_found(client: FlotillaClient) -> None:
-    uuid = await client.upload(sample("chelsea.jpg"))
-    with pytest.raises(FlotillaError) as caught:
-        await client.classify(uuid, "resnet-9000")
-    assert caught.value.code == Code.NOT_FOUND
-    assert "resnet-9000" in caught.value.message and MODEL in caught.value.message
-
-
 async def test_missing_object_is_not_found_naming_the_uuid(client: FlotillaClient) -> None:
     missing = "0b7e8c9a-1234-4cde-8f00-00000000abcd"
     with pytest.raises(FlotillaError) as caught:
