@@ -5,8 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 BUILD_VENV := .venv-build
-MODEL_REPO := build/model-repository
-MODEL_ONNX := $(MODEL_REPO)/efficientnet-lite0/1/model.onnx
+MODEL_ARTIFACTS := build/models
+MODEL_ONNX := $(MODEL_ARTIFACTS)/.done
 SAMPLES := build/samples
 PROTOS := $(wildcard protos/flotilla/api/v1/*.proto)
 
@@ -21,16 +21,18 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # torch lives only in this build venv: it exports the model once.
-$(BUILD_VENV)/.installed: flotilla/modelbuild/requirements.txt
+$(BUILD_VENV)/.installed: flotilla/modelbuild/requirements.txt flotilla/modelbuild/requirements-nodeps.txt
 	$(PYTHON) -m venv $(BUILD_VENV)
 	$(BUILD_VENV)/bin/pip install --quiet torch==2.13.0
 	$(BUILD_VENV)/bin/pip install --quiet -r flotilla/modelbuild/requirements.txt
+	$(BUILD_VENV)/bin/pip install --quiet --no-deps -r flotilla/modelbuild/requirements-nodeps.txt
 	touch $@
 
 models: $(MODEL_ONNX) $(SAMPLES)/.done
 
-$(MODEL_ONNX): flotilla/modelbuild/export.py flotilla/modelbuild/triton_onnx_model.py | $(BUILD_VENV)/.installed
-	PYTHONPATH=. $(BUILD_VENV)/bin/python -m flotilla.modelbuild.export --out $(MODEL_REPO)
+$(MODEL_ONNX): flotilla/modelbuild/export.py flotilla/modelbuild/catalog.py | $(BUILD_VENV)/.installed
+	PYTHONPATH=. $(BUILD_VENV)/bin/python -m flotilla.modelbuild.export --out $(MODEL_ARTIFACTS)
+	touch $@
 
 samples: $(SAMPLES)/.done
 

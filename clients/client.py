@@ -113,17 +113,19 @@ class FlotillaClient:
         request_id: str = "",
         priority: int = 0,
         queue_timeout_us: int = 0,
+        version: int = 0,
     ) -> Classification:
         """Classify an uploaded image; raises FlotillaError with the mesh's status.
 
         ``timeout_s`` is the gRPC deadline for the whole call; ``priority``
         (1 = highest, 0 = the model's default) and ``queue_timeout_us`` (0 =
         the model's default, can only lower it) shape its place in the
-        model's batching queue.
+        model's batching queue. ``version`` picks one of the model's live
+        versions (0 = its default version).
         """
         request = inference_pb2.ClassifyRequest(
             image_uuid=image_uuid, model_name=model, top_k=top_k, request_id=request_id,
-            priority=priority, timeout_us=queue_timeout_us,
+            priority=priority, timeout_us=queue_timeout_us, model_version=version,
         )
         if not model or not (model.isascii() and model.isprintable()):
             raise InvalidArgument(f"model name {model[:40]!r} must be non-empty printable ASCII (it travels as a header)")

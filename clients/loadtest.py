@@ -23,6 +23,7 @@ from pathlib import Path
 
 import grpc
 import tritonclient.grpc.aio as triton_aio
+from tritonclient.utils import InferenceServerException
 
 from flotilla.api.v1 import (
     batcher_pb2,
@@ -34,6 +35,7 @@ from flotilla.api.v1 import (
 )
 from flotilla.clients.client import FlotillaClient
 from flotilla.clients.loadgen import LoadResult, closed_loop, open_loop
+from flotilla.clients.models import ModelsClient
 from flotilla.common.status import error_from_rpc
 from flotilla.config import S3Settings
 from flotilla.errors import error_from_code
@@ -68,12 +70,14 @@ class Row:
 
 
 async def triton_totals(addresses: Sequence[str], model: str) -> tuple[int, int]:
-    """Summed (inference_count, execution_count) over replicas."""
+    """Summed (inference_count, execution_count) over the replicas that hold the model."""
     inferences = executions = 0
     for address in addresses:
         client = triton_aio.InferenceServerClient(address)
         try:
             stats = await client.get_inference_statistics(model, as_json=True)
+        except InferenceServerException:
+            continue  # no copy of the model on this replica
         finally:
             await client.close()
         for entry in stats.get("model_stats", []):
@@ -93,14 +97,25 @@ class StackTarget:
         )
         self.client = FlotillaClient(state.router, state.api_key, self.s3, default_timeout_s=60.0)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._batchers: dict[str, str] = {}
 
     def channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
             self._channels[address] = grpc.aio.insecure_channel(address)
         return self._channels[address]
 
+    def batcher(self, model: str) -> str:
+        """The address of the model's (first) batcher, from the controller."""
+        if model not in self._batchers:
+            with ModelsClient(self.state.controller) as client:
+                batchers = list(client.status(model).batchers)
+            if not batchers:
+                raise SystemExit(f"model {model} has no batcher registered yet")
+            self._batchers[model] = batchers[0]
+        return self._batchers[model]
+
     def admin(self, model: str) -> batcher_pb2_grpc.BatcherAdminStub:
-        return batcher_pb2_grpc.BatcherAdminStub(self.channel(self.state.batchers[model][0]))
+        return batcher_pb2_grpc.BatcherAdminStub(self.channel(self.batcher(model)))
 
     async def close(self) -> None:
         await self.client.close()
@@ -129,7 +144,7 @@ class StackTarget:
 
     def batcher_call(self, model: str, uuids: Sequence[str]) -> Callable[[], Awaitable[object]]:
         """Straight to the model's batcher (no router hop)."""
-        stub = inference_pb2_grpc.ImageClassifierStub(self.channel(self.state.batchers[model][0]))
+        stub = inference_pb2_grpc.ImageClassifierStub(self.channel(self.batcher(model)))
         cycle = itertools.cycle(uuids)
 
         async def call() -> object:

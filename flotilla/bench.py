@@ -33,16 +33,17 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from flotilla import bench_fleet
 from flotilla.clients.loadgen import closed_loop
 from flotilla.clients.loadtest import Row, StackTarget, format_table, measure, plot, write_csv
 from flotilla.common.ids import object_key
 from flotilla.common.object_store import ObjectStore
 from flotilla.config import FlotillaSettings, load_settings
-from flotilla.modelbuild.export import TRITON_MAX_QUEUE_DELAY_US
+from flotilla.modelbuild.catalog import EFFICIENTNET_LITE0, TRITON_MAX_QUEUE_DELAY_US
 from flotilla.services.preprocess.imaging import decode_for_model, to_batch_tensor
 from flotilla.stack.local import LocalStack
 
-MODEL = "efficientnet-lite0"
+MODEL = EFFICIENTNET_LITE0
 BENCH_CONFIG = Path("bench/flotilla-bench.yaml")
 OUT = Path("bench")
 README = Path("README.md")
@@ -94,7 +95,7 @@ async def in_process_pipeline(
     import onnxruntime as ort
 
     spec = settings.models[MODEL].input
-    onnx = settings.triton.model_repository / MODEL / "1" / "model.onnx"
+    onnx = Path("build/models") / MODEL / "1" / "model.onnx"
     options = ort.SessionOptions()  # tuned like the replicas: every core, no spinning against the decoders
     options.intra_op_num_threads = os.cpu_count() or 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -219,6 +220,8 @@ def with_replicas(base: FlotillaSettings, replicas: int) -> FlotillaSettings:
     settings = base.model_copy(deep=True)
     settings.triton.replicas = replicas
     settings.models[MODEL].batching.max_inflight_batches = 2 * replicas
+    for model in settings.models.values():  # a copy of each model on every replica
+        model.min_copies = model.max_copies = replicas
     return settings
 
 
@@ -358,8 +361,12 @@ def refresh_readme(table: str) -> None:
     README.write_text(text, encoding="utf-8")
 
 
-def main(duration_s: float = 5.0) -> None:
+def main(duration_s: float = 5.0, only: str = "all") -> None:
+    if only == "fleet":
+        fleet_only()
+        return
     results = run_bench(duration_s=duration_s)
+    results["fleet"] = bench_fleet.run()
     OUT.mkdir(exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     rows = [Row(**r) for r in results["rows"]]  # type: ignore[union-attr, arg-type]
@@ -368,3 +375,14 @@ def main(duration_s: float = 5.0) -> None:
     refresh_readme(readme_table(results))
     print(format_table(rows))
     print(json.dumps(results["summary"], indent=2))
+
+
+def fleet_only() -> None:
+    """The control-plane part alone; merged into bench/results.json and the README."""
+    path = OUT / "results.json"
+    results = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    results["fleet"] = bench_fleet.run()
+    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if "rows" in results:
+        refresh_readme(readme_table(results))
+    print(json.dumps(results["fleet"], indent=2))

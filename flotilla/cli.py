@@ -1,8 +1,9 @@
 """The ``flotilla`` command.
 
     flotilla up      [--config FILE]                start the local stack, wait for Ctrl-C
-    flotilla run     [--config FILE] [--images DIR] start, classify the sample photos, stop
+    flotilla run     [--config FILE] [--images DIR] start, deploy the models, classify the samples, stop
     flotilla infer   IMAGE... --model NAME          classify JPEG files on a running stack
+    flotilla models  deploy|list|status|undeploy|upload ...   the model registry of a running stack
     flotilla serve   ROLE --config FILE --port N    run one service (the stack does this)
 """
 
@@ -66,7 +67,11 @@ async def _classify_files(
 
 def cmd_serve(args: argparse.Namespace) -> None:
     settings = _settings(args.config)
-    if args.role == "router":
+    if args.role == "controller":
+        from flotilla.services.controller.server import serve as serve_controller
+
+        asyncio.run(serve_controller(settings, args.port))
+    elif args.role == "router":
         from flotilla.services.router.server import serve as serve_router
 
         asyncio.run(serve_router(settings, args.port))
@@ -99,23 +104,42 @@ def cmd_up(args: argparse.Namespace) -> None:
         print("\nstopping ...", flush=True)
 
 
+# What `flotilla run` shows: which sample photos go through which model.
+RUN_PLAN = {
+    "efficientnet-lite0": ["*.jpg"],
+    "open-nsfw": ["chelsea.jpg", "coffee.jpg"],
+    "document-orientation": ["documents/page-rot*.jpg"],
+}
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from flotilla.stack.local import LocalStack
 
     settings = _settings(args.config)
-    images = sorted(args.images.glob("*.jpg"))
-    if not images:
-        raise SystemExit(f"no *.jpg files in {args.images}; run `make models` to write the sample photos")
-    model = args.model or next(iter(settings.models))
+    plan = {args.model: ["*.jpg"]} if args.model else {m: RUN_PLAN.get(m, ["*.jpg"]) for m in settings.models}
+    batches = {m: sorted({p for pattern in patterns for p in args.images.glob(pattern)}) for m, patterns in plan.items()}
+    if not any(batches.values()):
+        raise SystemExit(f"no sample photos in {args.images}; run `make models` to write them")
     print(f"starting the local stack (Triton x{settings.triton.replicas}, "
-          f"{settings.preprocess.workers} preprocess worker(s)) ...", flush=True)
+          f"{settings.preprocess.workers} preprocess worker(s)) and deploying "
+          f"{len(settings.models)} model(s) through the registry ...", flush=True)
+    failures = 0
     with LocalStack(settings) as stack:
         assert stack.state is not None and stack.settings is not None
         print(stack.describe(), "\n", flush=True)
-        failures = asyncio.run(
-            _classify_files(stack.state.router, stack.state.api_key, stack.settings.s3, model, images, args.top_k)
-        )
-        print("\nstopping the local stack ...", flush=True)
+        with stack.models_client() as client:
+            from flotilla.clients.models import format_list
+
+            print(format_list(client.list()), "\n", flush=True)
+        for model, images in batches.items():
+            if not images:
+                continue
+            print(f"== {model} ==", flush=True)
+            failures += asyncio.run(_classify_files(
+                stack.state.router, stack.state.api_key, stack.settings.s3, model, images, args.top_k,
+            ))
+            print(flush=True)
+        print("stopping the local stack ...", flush=True)
     if failures:
         raise SystemExit(f"{failures} image(s) failed")
 
@@ -126,15 +150,83 @@ def cmd_infer(args: argparse.Namespace) -> None:
     if not args.state.exists():
         raise SystemExit(f"no running stack found ({args.state} is missing); start one with `flotilla up`")
     state = StackState.read(args.state)
-    s3 = S3Settings(
-        endpoint=state.s3_endpoint, access_key=state.s3_access_key,
-        secret_key=state.s3_secret_key, bucket=state.s3_bucket,  # type: ignore[arg-type]
-    )
+    s3 = _stack_s3(state)
     router = args.router or state.router
     api_key = args.api_key or os.environ.get("FLOTILLA_API_KEY") or state.api_key
     failures = asyncio.run(_classify_files(router, api_key, s3, args.model, args.images, args.top_k))
     if failures:
         raise SystemExit(1)
+
+
+def _models_client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from flotilla.clients.models import ModelsClient
+    from flotilla.stack.local import StackState
+
+    if args.controller:
+        return ModelsClient(args.controller), None
+    if not args.state.exists():
+        raise SystemExit(f"no running stack found ({args.state} is missing); start one with `flotilla up`")
+    state = StackState.read(args.state)
+    return ModelsClient(state.controller), state
+
+
+def _stack_s3(state) -> S3Settings:  # type: ignore[no-untyped-def]
+    return S3Settings(
+        endpoint=state.s3_endpoint, access_key=state.s3_access_key,
+        secret_key=state.s3_secret_key, bucket=state.s3_bucket,  # type: ignore[arg-type]
+    )
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    import yaml
+    from pydantic import ValidationError
+
+    from flotilla.clients.models import format_list, format_status, upload_artifact
+    from flotilla.config import ModelSettings
+
+    client, state = _models_client(args)
+    try:
+        with client:
+            if args.action == "list":
+                print(format_list(client.list()))
+            elif args.action == "status":
+                print(format_status(client.status(args.name)))
+            elif args.action == "undeploy":
+                client.undeploy(args.name)
+                print(f"undeployed {args.name}")
+            elif args.action == "upload":
+                if state is None:
+                    raise SystemExit("models upload needs the stack's S3 credentials: pass --state, not --controller")
+                uri = args.storage_uri or f"s3://{state.artifact_bucket}/{args.name}"
+                files = upload_artifact(_stack_s3(state), args.directory, uri)
+                print(f"uploaded {len(files)} file(s) to {uri}: {', '.join(sorted(files))}")
+            elif args.action == "deploy":
+                data = yaml.safe_load(args.spec.read_text(encoding="utf-8")) if args.spec else {}
+                data = data or {}
+                flags = {
+                    "storage_uri": args.storage_uri, "framework": args.framework, "memory_mb": args.memory,
+                    "min_copies": args.min_copies, "max_copies": args.max_copies,
+                    "versions": args.version and [args.version],
+                }
+                data.update({k: v for k, v in flags.items() if v is not None})
+                try:
+                    spec = ModelSettings.model_validate(data)
+                except ValidationError as exc:
+                    raise SystemExit(f"invalid model spec: {exc}") from exc
+                status = client.deploy(args.name, spec, replace=args.replace)
+                print(format_status(status))
+    except FlotillaError as exc:
+        raise SystemExit(f"{exc.code.name}: {exc.message}") from exc
+
+
+def parse_memory_mb(text: str) -> float:
+    """"300Mi", "1.5Gi", "300M", "300" (MiB) -> MiB."""
+    units = {"Ki": 1 / 1024, "Mi": 1.0, "Gi": 1024.0, "K": 1000 / 1024**2, "M": 1000**2 / 1024**2,
+             "G": 1000**3 / 1024**2}
+    for suffix in sorted(units, key=len, reverse=True):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * units[suffix]
+    return float(text)
 
 
 def cmd_loadtest(args: argparse.Namespace) -> None:
@@ -194,7 +286,7 @@ async def _loadtest(args, state, images, batch_sizes, points):  # type: ignore[n
 def cmd_bench(args: argparse.Namespace) -> None:
     from flotilla import bench
 
-    bench.main(duration_s=args.duration_s)
+    bench.main(duration_s=args.duration_s, only=args.only)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run one Flotilla service")
-    serve.add_argument("role", choices=["router", "batcher", "preprocess"])
+    serve.add_argument("role", choices=["controller", "router", "batcher", "preprocess"])
     serve.add_argument("--config", type=Path, help="YAML configuration")
     serve.add_argument("--port", type=int, required=True, help="port to bind on settings.host")
     serve.add_argument("--model", help="the model a batcher serves")
@@ -216,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="start the stack, classify sample photos, stop")
     run.add_argument("--config", type=Path, help=f"YAML configuration (default: {DEFAULT_CONFIG} if present)")
     run.add_argument("--images", type=Path, default=DEFAULT_SAMPLES, help="folder of .jpg files")
-    run.add_argument("--model", help="model to use (default: the first configured)")
+    run.add_argument("--model", help="classify every sample with this model only (default: each model its photos)")
     run.add_argument("--top-k", type=int, default=5)
     run.set_defaults(func=cmd_run)
 
@@ -228,6 +320,31 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--router", help="router host:port (default: from --state)")
     infer.add_argument("--api-key", help="API key (default: $FLOTILLA_API_KEY, then --state)")
     infer.set_defaults(func=cmd_infer)
+
+    models = sub.add_parser("models", help="the model registry of a running stack")
+    models.add_argument("--state", type=Path, default=DEFAULT_STATE, help="stack.json written by `flotilla up`")
+    models.add_argument("--controller", help="controller host:port (default: from --state)")
+    msub = models.add_subparsers(dest="action", required=True)
+    deploy = msub.add_parser("deploy", help="register a model and place its copies")
+    deploy.add_argument("name")
+    deploy.add_argument("--storage-uri", help="s3://bucket/prefix holding <version>/model.onnx")
+    deploy.add_argument("--framework", help="artifact format (onnx)")
+    deploy.add_argument("--memory", type=parse_memory_mb, help="memory of one copy, e.g. 300Mi or 1Gi")
+    deploy.add_argument("--version", type=int, help="the version to serve (default: the spec's versions)")
+    deploy.add_argument("--min-copies", type=int)
+    deploy.add_argument("--max-copies", type=int)
+    deploy.add_argument("--spec", type=Path, help="YAML: input/output/labels/batching spec (ModelSettings)")
+    deploy.add_argument("--replace", action="store_true", help="replace a registered model of that name")
+    msub.add_parser("list", help="every registered model")
+    status = msub.add_parser("status", help="conditions, placement and decisions of one model")
+    status.add_argument("name")
+    undeploy = msub.add_parser("undeploy", help="unload every copy and remove the model")
+    undeploy.add_argument("name")
+    upload = msub.add_parser("upload", help="put a local model directory into the object store")
+    upload.add_argument("name")
+    upload.add_argument("directory", type=Path, help="holds <version>/model.onnx and optionally labels.txt")
+    upload.add_argument("--storage-uri", help="default: s3://<artifact bucket>/<name>")
+    models.set_defaults(func=cmd_models)
 
     lt = sub.add_parser("loadtest", help="sweep batch sizes and load against a running stack")
     lt.add_argument("--model", default="efficientnet-lite0")
@@ -246,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="the benchmark `make bench` runs")
     bench.add_argument("--duration-s", type=float, default=5.0, help="measured seconds per load point")
+    bench.add_argument("--only", choices=["all", "fleet"], default="all",
+                       help="fleet: only the control-plane part (cold start, placement, autoscaling)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -98,7 +98,13 @@ class BatchingSettings(_Section):
 
 
 class InputSpec(_Section):
-    """What the model's input tensor looks like, and how to make it from a JPEG."""
+    """What the model's input tensor looks like, and how to make it from a JPEG.
+
+    The pipeline, in order: read the EXIF orientation (``apply_exif_orientation``),
+    decode DCT-scaled, turn the pixels upright, resize (``resize``, ``resize_px``,
+    ``crop_fraction``), put the channels in ``channel_order``, and for FP32
+    compute ``(pixel * scale - mean) / std`` per channel; then ``layout``.
+    """
 
     name: str = "images"
     """Input tensor name in the backend model."""
@@ -107,15 +113,34 @@ class InputSpec(_Section):
     layout: Literal["NHWC", "NCHW"] = "NHWC"
     """Tensor layout of the batch."""
     dtype: Literal["UINT8", "FP32"] = "UINT8"
-    """UINT8 ships raw pixels (normalisation folded into the model); FP32 applies mean/std."""
+    """UINT8 ships raw pixels (normalisation folded into the model); FP32 applies scale, mean and std."""
+    channel_order: Literal["RGB", "BGR"] = "RGB"
+    """Order of the colour channels in the tensor (BGR for Caffe- and OpenCV-trained models)."""
+    scale: float = Field(1.0, gt=0.0)
+    """FP32 only: 0..255 pixels are multiplied by this before the mean is subtracted (1/255 for 0..1)."""
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    """Per-channel (RGB) value subtracted from 0..255 pixels, FP32 only."""
+    """FP32 only: per-channel value subtracted from ``pixel * scale``, in ``channel_order``."""
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    """Per-channel (RGB) divisor applied after the mean, FP32 only."""
+    """FP32 only: per-channel divisor applied after the mean, in ``channel_order``."""
     resize: Literal["stretch", "center_crop"] = "stretch"
-    """stretch: resize straight to height x width; center_crop: scale the short side, crop the centre."""
+    """stretch: resize ignoring the aspect ratio; center_crop: scale the short side, crop the centre."""
+    resize_px: int | None = Field(None, ge=1)
+    """stretch: stretch to resize_px x resize_px, then crop the centre height x width.
+    center_crop: scale the short side to resize_px, then crop the centre height x width.
+    Unset: stretch goes straight to height x width; center_crop uses ``crop_fraction``."""
     crop_fraction: float = Field(0.875, gt=0.0, le=1.0)
-    """center_crop only: the crop covers this fraction of the scaled short side."""
+    """center_crop without resize_px: the crop covers this fraction of the scaled short side."""
+    apply_exif_orientation: bool = True
+    """Turn the image upright as its EXIF orientation tag (1..8) says, as phones and viewers do."""
+
+    @model_validator(mode="after")
+    def _check_resize(self) -> InputSpec:
+        if self.resize_px is not None and self.resize_px < max(self.height_px, self.width_px):
+            raise ValueError(
+                f"resize_px ({self.resize_px}) is below the crop "
+                f"{self.height_px} x {self.width_px}; the crop must fit in the resized image"
+            )
+        return self
 
 
 StrategyName = Literal["round_robin", "least_outstanding", "power_of_two"]
@@ -151,20 +176,72 @@ class BackendSettings(_Section):
     """Executions in flight per instance that the pool allows. Capacity =
     replicas x instance_groups x predict_concurrency; beyond it work waits in
     Flotilla, not in Triton."""
+    max_batch_size: int = Field(64, ge=1)
+    """Triton's max_batch_size for the model (the largest batch a copy accepts)."""
+    triton_dynamic_batching_us: int | None = Field(None, ge=0)
+    """Turn on Triton's own dynamic batcher with this queue delay (load-test baselines only)."""
 
 
 class ModelSettings(_Section):
-    """One served model."""
+    """One served model: its registry record's spec (KFServing TrainedModel-like).
+
+    The same schema is the ``--spec`` file of ``flotilla models deploy`` and an
+    entry under ``models:`` in the stack's YAML (deployed through the registry
+    when the stack starts).
+    """
 
     backend_model: str | None = None
     """The model's name in the inference backend; defaults to the Flotilla name."""
+    framework: str = "onnx"
+    """Artifact format. Supported: onnx (run by the generic Python-backend ONNX wrapper)."""
+    storage_uri: str = ""
+    """s3://bucket/prefix holding ``<version>/model.onnx`` (and optionally ``labels.txt``)."""
+    artifact: Path | None = None
+    """Local directory the stack uploads to ``storage_uri`` before deploying (local stack only)."""
+    versions: list[int] = [1]
+    """Versions kept live on every copy (Triton version_policy specific)."""
+    default_version: int = Field(0, ge=0)
+    """Version a request gets when it names none; 0 means the highest of ``versions``."""
+    memory_mb: float = Field(300.0, gt=0)
+    """Declared memory of one copy in MiB; replaced by the measured value after the first load."""
+    min_copies: int = Field(1, ge=0)
+    """Copies kept loaded whatever the traffic; 0 allows scale-to-zero."""
+    max_copies: int = Field(1, ge=1)
+    """Most copies the autoscaler may place."""
     input: InputSpec = InputSpec()
     output_name: str = "probabilities"
-    """Output tensor holding per-class probabilities."""
+    """Output tensor holding per-class scores."""
+    output_kind: Literal["probabilities", "logits"] = "probabilities"
+    """probabilities: scores are used as they are; logits: softmax is applied first."""
+    labels: list[str] = []
+    """Class names, index = position. Else ``labels_file``, else the artifact's labels.txt, else indices."""
     labels_file: Path | None = None
-    """One class name per line; index = line number. Without it, labels are the indices."""
+    """One class name per line; index = line number."""
     batching: BatchingSettings = BatchingSettings()
     backend: BackendSettings = BackendSettings()
+
+    @model_validator(mode="after")
+    def _check_copies(self) -> ModelSettings:
+        if self.min_copies > self.max_copies:
+            raise ValueError(f"min_copies ({self.min_copies}) is above max_copies ({self.max_copies})")
+        if not self.versions or any(v < 1 for v in self.versions):
+            raise ValueError(f"versions: {self.versions} must list positive version numbers")
+        if len(set(self.versions)) != len(self.versions):
+            raise ValueError(f"versions: {self.versions} has duplicates")
+        self.versions = sorted(self.versions)
+        if self.default_version and self.default_version not in self.versions:
+            raise ValueError(f"default_version {self.default_version} is not one of versions {self.versions}")
+        if self.batching.max_batch_size > self.backend.max_batch_size:
+            raise ValueError(
+                f"batching.max_batch_size ({self.batching.max_batch_size}) is above "
+                f"backend.max_batch_size ({self.backend.max_batch_size})"
+            )
+        return self
+
+    @property
+    def served_version(self) -> int:
+        """The version requests get by default."""
+        return self.default_version or max(self.versions)
 
 
 class RouterSettings(_Section):
@@ -183,19 +260,65 @@ class PreprocessSettings(_Section):
     """JPEGs whose header declares more pixels are rejected (decompression bombs)."""
 
 
+class AutoscaleSettings(_Section):
+    """When a model gains or loses copies (decisions every ``interval_s``)."""
+
+    interval_s: float = Field(1.0, gt=0)
+    """Time between autoscaling decisions."""
+    queue_wait_high_ms: float = Field(100.0, gt=0)
+    """Mean queue wait above this, sustained for ``scale_up_window_s``, adds a copy."""
+    scale_up_window_s: float = Field(5.0, gt=0)
+    """How long the queue wait must stay high before a copy is added."""
+    scale_down_idle_s: float = Field(60.0, gt=0)
+    """A model with no request for this long loses a copy (down to min_copies, at least 1)."""
+    scale_to_zero_idle_s: float = Field(300.0, gt=0)
+    """A min_copies 0 model with no request for this long is unloaded everywhere."""
+    cooldown_s: float = Field(10.0, ge=0)
+    """Least time between two scaling decisions for one model."""
+
+
+class ControllerSettings(_Section):
+    """The control plane: registry, placement and load/unload of models."""
+
+    artifact_bucket: str = "flotilla-models"
+    """Bucket holding model artifacts (``models upload``) and the registry's records."""
+    registry_prefix: str = "registry/"
+    """Key prefix of the registry's model records in ``artifact_bucket``."""
+    replica_memory_mb: list[float] = [2048.0]
+    """Memory budget of each Triton replica in MiB; the last value repeats for further replicas."""
+    evict_idle_after_s: float = Field(10.0, ge=0)
+    """A copy with no request for this long may be evicted to make room for another model."""
+    drain_s: float = Field(0.5, ge=0)
+    """Time between taking a copy out of the pools and unloading it (in-flight batches finish)."""
+    load_timeout_s: float = Field(120.0, gt=0)
+    """Longest one load (artifact fetch, Triton load, warm-up) may take."""
+    usage_poll_interval_s: float = Field(0.5, gt=0)
+    """How often the controller reads each batcher's cumulative counters."""
+    replica_dirs: list[Path] = []
+    """Per Triton replica (same order as endpoints.triton): the directory holding its model
+    repository (``models/``) and artifact cache (``cache/``). The local stack fills these in."""
+    measure_memory: bool = True
+    """Measure each copy's memory (USS of its backend stubs after a warm-up) and use it for placement."""
+    autoscale: AutoscaleSettings = AutoscaleSettings()
+
+    def budget_mb(self, index: int) -> float:
+        budgets = self.replica_memory_mb or [2048.0]
+        return budgets[min(index, len(budgets) - 1)]
+
+
 class TritonSettings(_Section):
     replicas: int = Field(2, ge=1)
-    """Triton server processes the local stack starts, each serving every model."""
-    model_repository: Path = Path("build/model-repository")
-    """Triton model repository the local stack serves."""
+    """Triton server processes the local stack starts (empty; the controller places models)."""
     startup_timeout_s: float = Field(180.0, gt=0)
-    """How long the local stack waits for a replica to report its models ready."""
+    """How long the local stack waits for a replica to report ready."""
 
 
 class Endpoints(_Section):
     """Where each tier listens (host:port). The local stack fills these in."""
 
     router: str = ""
+    controller: str = ""
+    """The controller (model registry and placement) every service follows."""
     batchers: dict[str, list[str]] = {}
     """Model name -> that model's batcher replicas."""
     preprocess: list[str] = []
@@ -221,14 +344,10 @@ class FlotillaSettings(BaseSettings):
     preprocess: PreprocessSettings = PreprocessSettings()
     triton: TritonSettings = TritonSettings()
     pools: PoolSettings = PoolSettings()
-    models: dict[str, ModelSettings] = {"efficientnet-lite0": ModelSettings()}
+    controller: ControllerSettings = ControllerSettings()
+    models: dict[str, ModelSettings] = {}
+    """Models the local stack deploys through the registry when it starts."""
     endpoints: Endpoints = Endpoints()
-
-    @model_validator(mode="after")
-    def _check_models(self) -> FlotillaSettings:
-        if not self.models:
-            raise ValueError("models: configure at least one model")
-        return self
 
     @classmethod
     def settings_customise_sources(

@@ -14,13 +14,20 @@ that escapes becomes INTERNAL with a generic message and a logged traceback.
     ├── NotFound                        NOT_FOUND
     │   ├── ModelNotFound
     │   └── ImageNotFound
+    ├── AlreadyExists                   ALREADY_EXISTS
+    ├── FailedPrecondition              FAILED_PRECONDITION
+    │   ├── UnsupportedFramework
+    │   ├── ArtifactUnavailable         (missing or unreadable in S3, bad checksum)
+    │   └── ModelLoadFailed             (the backend refused to load it)
     ├── Unauthenticated                 UNAUTHENTICATED
     ├── ResourceExhausted               RESOURCE_EXHAUSTED
-    │   └── QueueFull
+    │   ├── QueueFull
+    │   └── NoCapacity                  (no replica has the memory; services.controller.placement)
     ├── DeadlineExceeded                DEADLINE_EXCEEDED
     ├── Unavailable                     UNAVAILABLE
     │   ├── StoreUnavailable
     │   ├── BackendUnavailable
+    │   │   └── ReplicaInTransition     (the replica no longer holds the model; retried elsewhere)
     │   └── NoHealthyEndpoint
     └── BackendError                    INTERNAL (the backend failed the batch)
 
@@ -97,6 +104,28 @@ class ImageNotFound(NotFound):
     """No object is stored under the image's key."""
 
 
+class AlreadyExists(FlotillaError):
+    code = Code.ALREADY_EXISTS
+
+
+class FailedPrecondition(FlotillaError):
+    """The request is valid but the system is not in a state to carry it out."""
+
+    code = Code.FAILED_PRECONDITION
+
+
+class UnsupportedFramework(FailedPrecondition):
+    """No backend here runs artifacts of that framework."""
+
+
+class ArtifactUnavailable(FailedPrecondition):
+    """The model's artifact is missing, unreadable or fails its checksum."""
+
+
+class ModelLoadFailed(FailedPrecondition):
+    """The inference backend refused to load the model."""
+
+
 class Unauthenticated(FlotillaError):
     code = Code.UNAUTHENTICATED
 
@@ -127,6 +156,10 @@ class BackendUnavailable(Unavailable):
     """An inference backend did not answer."""
 
 
+class ReplicaInTransition(BackendUnavailable):
+    """A replica answered NOT_FOUND for a model it was placed with (being unloaded or moved)."""
+
+
 class NoHealthyEndpoint(Unavailable):
     """Every endpoint of a pool is down or ejected."""
 
@@ -135,12 +168,30 @@ class BackendError(FlotillaError):
     """The inference backend answered with an error for the whole batch."""
 
 
+# The most general error class of each code, for errors rebuilt from a status.
+_CLASS_OF_CODE: dict[Code, type[FlotillaError]] = {
+    Code.INVALID_ARGUMENT: InvalidArgument,
+    Code.NOT_FOUND: NotFound,
+    Code.ALREADY_EXISTS: AlreadyExists,
+    Code.FAILED_PRECONDITION: FailedPrecondition,
+    Code.UNAUTHENTICATED: Unauthenticated,
+    Code.RESOURCE_EXHAUSTED: ResourceExhausted,
+    Code.DEADLINE_EXCEEDED: DeadlineExceeded,
+    Code.UNAVAILABLE: Unavailable,
+    Code.INTERNAL: FlotillaError,
+}
+
+
 def error_from_code(code: int, message: str) -> FlotillaError:
-    """Rebuild an error received as (status code, message) from another service."""
+    """Rebuild an error received as (status code, message) from another service,
+    as the class of that code (so ``except Unavailable`` still catches it)."""
     try:
         status = Code(code)
     except ValueError:
         status = Code.UNKNOWN
+    cls = _CLASS_OF_CODE.get(status)
+    if cls is not None:
+        return cls(message)
     error = FlotillaError(message)
     error.code = status
     return error

@@ -27,7 +27,8 @@ def test_configuration_loads_and_names_only_defined_services() -> None:
     config_map = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "flotilla-config")
     settings = FlotillaSettings(**yaml.safe_load(config_map["data"]["flotilla.yaml"]))
     services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
-    addresses = [settings.endpoints.router, *settings.endpoints.preprocess, *settings.endpoints.triton]
+    addresses = [settings.endpoints.router, settings.endpoints.controller, *settings.endpoints.preprocess,
+                 *settings.endpoints.triton]
     addresses += [a for batchers in settings.endpoints.batchers.values() for a in batchers]
     for address in addresses:
         host = address.rsplit(":", 1)[0]
@@ -42,5 +43,5 @@ def test_every_flotilla_container_has_grpc_probes_and_runs_a_configured_role() -
         for container in doc["spec"]["template"]["spec"]["containers"]:
             if not container["image"].startswith("flotilla:"):
                 continue
-            assert container["args"][:2][0] == "serve" and container["args"][1] in {"router", "batcher", "preprocess"}
+            assert container["args"][:2][0] == "serve" and container["args"][1] in {"router", "batcher", "preprocess", "controller"}
             assert "grpc" in container["readinessProbe"] and "grpc" in container["livenessProbe"]

@@ -20,7 +20,7 @@ _MISSING = {"NoSuchKey", "NoSuchObject", "NoSuchBucket"}
 
 
 class ObjectStore:
-    """Blocking get/put of whole objects in one bucket."""
+    """Blocking get/put/list/delete of whole objects in one bucket."""
 
     def __init__(
         self, settings: S3Settings, *, timeout_s: float = 10.0, pool_size: int = 16, retries: int = 1
@@ -77,6 +77,37 @@ class ObjectStore:
         finally:
             response.close()
             response.release_conn()
+
+    def list_keys(self, prefix: str) -> list[str]:
+        """Keys under ``prefix`` (recursively)."""
+        try:
+            return [o.object_name for o in self._client.list_objects(self.bucket, prefix=prefix, recursive=True)]
+        except S3Error as exc:
+            if exc.code in _MISSING:
+                return []
+            raise StoreUnavailable(f"object store error listing {prefix!r}: {exc.code}") from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise StoreUnavailable(f"object store at {self.endpoint} is unreachable: {exc}") from exc
+
+    def size(self, key: str) -> int | None:
+        """The object's size in bytes, or None when there is no such object."""
+        try:
+            return int(self._client.stat_object(self.bucket, key).size or 0)
+        except S3Error as exc:
+            if exc.code in _MISSING:
+                return None
+            raise StoreUnavailable(f"object store error for {key!r}: {exc.code}") from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise StoreUnavailable(f"object store at {self.endpoint} is unreachable: {exc}") from exc
+
+    def delete(self, key: str) -> None:
+        try:
+            self._client.remove_object(self.bucket, key)
+        except S3Error as exc:
+            if exc.code not in _MISSING:
+                raise StoreUnavailable(f"object store refused to delete {key!r}: {exc.code}") from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise StoreUnavailable(f"object store at {self.endpoint} is unreachable: {exc}") from exc
 
     def ensure_bucket(self) -> None:
         try:

@@ -2,6 +2,10 @@
 
     python -m flotilla.modelbuild.samples --out build/samples
 
+Also ``<out>/documents/page-{upright,rot90,rot180,rot270}.jpg``: scikit-image's
+scanned text page, turned clockwise by that many degrees (the pixels are
+turned; no EXIF orientation), for the document-orientation model.
+
 Runs in the build virtualenv (scikit-image is not a runtime dependency). The
 photos ship inside the scikit-image wheel; they are re-encoded as JPEG
 because that is what clients upload.
@@ -29,6 +33,9 @@ JPEG_QUALITY = 90
 # camera-sized pixel counts.
 LARGE_PHOTOS = ["retina.jpg", "chelsea.png", "coffee.png", "astronaut.png", "motorcycle_left.png", "rocket.jpg"]
 LARGE_TARGET_PIXELS = 1_500_000
+# A scanned page of text; written upright and turned clockwise by 90, 180 and 270 degrees.
+DOCUMENT = "page.png"
+DOCUMENT_ROTATIONS_DEG = (0, 90, 180, 270)
 
 
 def skimage_data_dir() -> Path:
@@ -66,11 +73,29 @@ def write_large_samples(out: Path) -> list[Path]:
     return written
 
 
+def document_name(clockwise_deg: int) -> str:
+    return "page-upright.jpg" if clockwise_deg == 0 else f"page-rot{clockwise_deg}.jpg"
+
+
+def write_document_samples(out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    with Image.open(skimage_data_dir() / DOCUMENT) as page:
+        upright = page.convert("RGB")
+    written = []
+    for degrees in DOCUMENT_ROTATIONS_DEG:
+        target = out / document_name(degrees)
+        # PIL rotates counter-clockwise for positive angles; expand keeps the whole page.
+        upright.rotate(-degrees, expand=True).save(target, "JPEG", quality=JPEG_QUALITY)
+        written.append(target)
+    return written
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    for path in [*write_samples(args.out), *write_large_samples(args.out / "large")]:
+    documents = write_document_samples(args.out / "documents")
+    for path in [*write_samples(args.out), *write_large_samples(args.out / "large"), *documents]:
         print(f"wrote {path}")
 
 

@@ -1,12 +1,13 @@
 """Triton Python-backend model that runs an ONNX file with ONNX Runtime.
 
-Copied into ``<repository>/<model>/1/model.py`` by the model build. It reads
-its input and output names from the model's config.pbtxt, so one file serves
-any single-input, single-output ONNX classifier. Parameters (config.pbtxt):
-``onnx_file``, ``intra_op_threads`` (0: from $FLOTILLA_ORT_INTRA_OP_THREADS,
-else ONNX Runtime's default) and ``allow_spinning`` ("0" by default).
-Requests that Triton hands over together (one execution) run as one ONNX
-Runtime call.
+Copied into ``<repository>/<model>/<version>/model.py`` by the control plane
+next to the registry artifact's ``model.onnx``. It reads its input and output
+names from the model's config, so one file serves any single-input,
+single-output ONNX classifier (any input dtype and layout, any output name).
+Parameters (model config): ``onnx_file``, ``intra_op_threads`` (0: from
+$FLOTILLA_ORT_INTRA_OP_THREADS, else ONNX Runtime's default) and
+``allow_spinning`` ("0" by default). Requests that Triton hands over together
+(one execution) run as one ONNX Runtime call.
 """
 
 from __future__ import annotations

@@ -113,11 +113,13 @@ class TritonInstallation:
         host: str,
         ports: TritonPorts,
         model_repository: Path,
-        models: list[str],
         log_path: Path,
         ort_threads: int = 0,
     ) -> ManagedProcess:
-        """One replica; ``ort_threads`` > 0 caps each ONNX Runtime session's thread pool."""
+        """One replica that starts empty: the controller loads models into it
+        (explicit model control, no config auto-complete: a load takes
+        0.2-0.35 s instead of ~1.6 s). ``ort_threads`` > 0 caps each ONNX
+        Runtime session's thread pool."""
         argv = [
             str(self.server),
             f"--model-repository={model_repository.resolve()}",
@@ -129,7 +131,7 @@ class TritonInstallation:
             f"--metrics-address={host}",
             f"--metrics-port={ports.metrics}",
             "--model-control-mode=explicit",
-            *(f"--load-model={m}" for m in models),
+            "--disable-auto-complete-config",
             "--exit-on-error=true",
             "--strict-readiness=true",
             "--log-verbose=0",

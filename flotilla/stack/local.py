@@ -1,13 +1,18 @@
 """The embedded local stack: every part of the mesh as processes on 127.0.0.1.
 
-    SeaweedFS S3 ─ Triton × R ─ preprocess × W ─ batcher per model ─ router
+    SeaweedFS S3 ─ Triton × R (empty) ─ controller ─ preprocess × W ─ router
+                                             └─ batcher per registered model
 
-``LocalStack.start`` brings the parts up in dependency order, waits until
-each is healthy (S3 answers with the bucket, Triton reports every model
-ready, each Flotilla service answers gRPC health SERVING), and writes the
-resolved configuration and a ``stack.json`` that clients (``flotilla
-infer``) read. ``stop`` takes them down in reverse order; children also die
-with this process, so nothing is orphaned.
+``LocalStack.start`` brings the parts up in dependency order and waits
+until each is healthy. Triton replicas start empty; the controller places
+models on them. The models configured under ``models:`` are deployed
+through the registry like any operator would (artifact uploaded to S3, then
+``Deploy``). A model's batcher comes and goes with its registry record: a
+thread follows the controller's fleet and starts or stops batcher
+processes. A supervisor restarts any process that dies, with backoff. The
+resolved configuration and ``stack.json`` (what ``flotilla infer`` and
+``flotilla models`` read) are written to the run directory. ``stop`` takes
+everything down in reverse order; children also die with this process.
 """
 
 from __future__ import annotations
@@ -15,27 +20,34 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import secrets
+import shutil
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+import grpc
 import tritonclient.grpc as triton_grpc
 from pydantic import SecretStr
 
+from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
+from flotilla.clients.models import ModelsClient, upload_artifact
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.server import is_serving
-from flotilla.config import Endpoints, FlotillaSettings, dump_settings
-from flotilla.errors import StoreUnavailable
+from flotilla.config import Endpoints, FlotillaSettings, ModelSettings, dump_settings
+from flotilla.errors import AlreadyExists, StoreUnavailable
 from flotilla.stack.components import TritonInstallation, TritonPorts, seaweed_s3
 from flotilla.stack.processes import ManagedProcess, free_port, wait_until
+from flotilla.stack.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
 SERVICE_START_TIMEOUT_S = 60.0
 S3_START_TIMEOUT_S = 60.0
+MODEL_READY_TIMEOUT_S = 180.0
 
 
 @dataclass
@@ -49,8 +61,9 @@ class StackState:
     s3_secret_key: str
     s3_bucket: str
     models: list[str]
+    controller: str = ""
+    artifact_bucket: str = ""
     triton: list[str] = field(default_factory=list)
-    batchers: dict[str, list[str]] = field(default_factory=dict)
     preprocess: list[str] = field(default_factory=list)
     config: str = ""
 
@@ -71,15 +84,75 @@ def _s3_ready(store: ObjectStore) -> bool:
     return True
 
 
-def triton_ready(address: str, models: list[str]) -> bool:
+def triton_ready(address: str) -> bool:
     try:
         client = triton_grpc.InferenceServerClient(address)
         try:
-            return client.is_server_ready() and all(client.is_model_ready(m) for m in models)
+            return bool(client.is_server_ready())
         finally:
             client.close()
     except Exception:  # tritonclient raises several types while the server starts
         return False
+
+
+def default_storage_uri(settings: FlotillaSettings, name: str) -> str:
+    return f"s3://{settings.controller.artifact_bucket}/{name}"
+
+
+class BatcherManager:
+    """Follows the controller's fleet: one batcher process per registered model.
+
+    Runs in its own thread for the stack's lifetime; the batchers it starts
+    are children of that thread (they die with it, i.e. with the stack).
+    """
+
+    def __init__(self, stack: LocalStack, controller: str, config: Path) -> None:
+        self.stack = stack
+        self.controller = controller
+        self.config = config
+        self._stopping = threading.Event()
+        self._call: grpc.Future | None = None  # type: ignore[type-arg]
+        self._thread = threading.Thread(target=self._run, name="batchers", daemon=True)
+        self._lock = threading.Lock()
+        self.generation = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._call is not None:
+            self._call.cancel()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            with grpc.insecure_channel(self.controller) as channel:
+                stub = controller_pb2_grpc.ControllerStub(channel)
+                self._call = stub.WatchFleet(controller_pb2.WatchFleetRequest())
+                try:
+                    for fleet in self._call:
+                        self._apply(fleet)
+                except grpc.RpcError:
+                    pass  # controller restarting, or the stack stopping
+            self._stopping.wait(0.5)
+
+    def _apply(self, fleet: controller_pb2.Fleet) -> None:
+        wanted = [m.name for m in fleet.models]
+        with self._lock:
+            for model in [m for m in self.stack.batchers if m not in wanted]:
+                proc = self.stack.batchers.pop(model)
+                self.stack.supervisor.remove(proc.name)
+                proc.stop()
+                log.info("stopped the batcher of %s (model undeployed)", model)
+            for model in wanted:
+                if model not in self.stack.batchers and not self._stopping.is_set():
+                    address = f"{self.stack.host}:{free_port(self.stack.host)}"
+                    proc = self.stack.service(f"batcher-{model}", "batcher", address, self.config, model)
+                    self.stack.batchers[model] = proc
+                    self.stack.supervisor.add(proc)
+                    log.info("started the batcher of %s on %s", model, address)
+            self.generation = fleet.generation
 
 
 class LocalStack:
@@ -95,9 +168,12 @@ class LocalStack:
         self.state: StackState | None = None
         self.s3: ManagedProcess | None = None
         self.tritons: list[ManagedProcess] = []
+        self.controller: ManagedProcess | None = None
         self.preprocess: list[ManagedProcess] = []
         self.batchers: dict[str, ManagedProcess] = {}
         self.router: ManagedProcess | None = None
+        self.supervisor = Supervisor()
+        self.batcher_manager: BatcherManager | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -112,7 +188,7 @@ class LocalStack:
 
     def processes(self) -> list[ManagedProcess]:
         """Every child, in start order."""
-        procs = [self.s3, *self.tritons, *self.preprocess, *self.batchers.values(), self.router]
+        procs = [self.s3, *self.tritons, self.controller, *self.preprocess, *self.batchers.values(), self.router]
         return [p for p in procs if p is not None]
 
     def start(self) -> StackState:
@@ -123,6 +199,9 @@ class LocalStack:
             raise
 
     def stop(self) -> None:
+        self.supervisor.stop()  # first: nothing is restarted while the stack stops
+        if self.batcher_manager is not None:
+            self.batcher_manager.stop()
         for proc in reversed(self.processes()):
             proc.stop()
 
@@ -130,10 +209,6 @@ class LocalStack:
 
     def _start(self) -> StackState:
         self.logs.mkdir(parents=True, exist_ok=True)
-        models = list(self.base.models)
-        backend_models = [m.backend_model or name for name, m in self.base.models.items()]
-        repository = self._prepare_repository(self.base.triton.model_repository.resolve())
-
         s3_settings = self.base.s3.model_copy(update={"endpoint": f"{self.host}:{free_port(self.host)}"})
         self.s3 = seaweed_s3(
             s3_settings, self.host, int(s3_settings.endpoint.rsplit(":", 1)[1]),
@@ -142,15 +217,18 @@ class LocalStack:
         self.s3.start()
 
         install = TritonInstallation.prepare(self.run_dir)
-        # Replicas and their model instances share this host's cores: each
-        # instance gets its share, not all of them.
-        instances = max(m.backend.instance_groups for m in self.base.models.values())
-        ort_threads = max(1, (os.cpu_count() or 1) // (self.base.triton.replicas * instances))
+        # Replicas share this host's cores: each ONNX Runtime session gets a share.
+        ort_threads = max(1, (os.cpu_count() or 1) // self.base.triton.replicas)
+        replica_dirs = []
         for i in range(self.base.triton.replicas):
-            ports = TritonPorts.free(self.host)
+            replica_dir = self.run_dir / f"triton-{i}"
+            repository = replica_dir / "models"
+            shutil.rmtree(repository, ignore_errors=True)  # starts empty; the cache/ beside it is kept
+            repository.mkdir(parents=True)
+            replica_dirs.append(replica_dir)
             proc = install.process(
-                f"triton-{i}", host=self.host, ports=ports, model_repository=repository,
-                models=backend_models, log_path=self.logs / f"triton-{i}.log", ort_threads=ort_threads,
+                f"triton-{i}", host=self.host, ports=TritonPorts.free(self.host), model_repository=repository,
+                log_path=self.logs / f"triton-{i}.log", ort_threads=ort_threads,
             )
             proc.start()
             self.tritons.append(proc)
@@ -159,14 +237,12 @@ class LocalStack:
         store = ObjectStore(s3_settings, timeout_s=2.0, retries=0)
         wait_until(lambda: _s3_ready(store), S3_START_TIMEOUT_S, "SeaweedFS S3", procs=[self.s3])
         for proc in self.tritons:
-            wait_until(
-                lambda a=proc.address: triton_ready(a, backend_models),  # type: ignore[misc]
-                self.base.triton.startup_timeout_s, f"Triton {proc.address}", procs=[proc],
-            )
+            wait_until(lambda a=proc.address: triton_ready(a),  # type: ignore[misc]
+                       self.base.triton.startup_timeout_s, f"Triton {proc.address}", procs=[proc])
 
         endpoints = Endpoints(
             router=f"{self.host}:{free_port(self.host)}",
-            batchers={m: [f"{self.host}:{free_port(self.host)}"] for m in models},
+            controller=f"{self.host}:{free_port(self.host)}",
             preprocess=[f"{self.host}:{free_port(self.host)}" for _ in range(self.base.preprocess.workers)],
             triton=triton_addresses,
         )
@@ -180,24 +256,28 @@ class LocalStack:
                 "s3": s3_settings,
                 "endpoints": endpoints,
                 "router": router_settings,
-                "triton": self.base.triton.model_copy(update={"model_repository": repository}),
+                "controller": self.base.controller.model_copy(update={"replica_dirs": replica_dirs}),
             }
         )
         config_path = self.run_dir / "flotilla.resolved.yaml"
         dump_settings(self.settings, config_path)
         config_path.chmod(0o600)
 
-        # Tier by tier, each healthy before the next starts, so that no
-        # service's first health probes find its upstream still starting.
+        # Tier by tier, each healthy before the next starts.
+        self.controller = self.service("controller", "controller", endpoints.controller, config_path)
+        self._wait_serving([self.controller])
         for i, address in enumerate(endpoints.preprocess):
-            self.preprocess.append(self._service(f"preprocess-{i}", "preprocess", address, config_path))
+            self.preprocess.append(self.service(f"preprocess-{i}", "preprocess", address, config_path))
         self._wait_serving(self.preprocess)
-        for model, addresses in endpoints.batchers.items():
-            self.batchers[model] = self._service(f"batcher-{model}", "batcher", addresses[0], config_path, model)
-        self._wait_serving(list(self.batchers.values()))
-        self.router = self._service("router", "router", endpoints.router, config_path)
+        self.router = self.service("router", "router", endpoints.router, config_path)
         self._wait_serving([self.router])
+        self.batcher_manager = BatcherManager(self, endpoints.controller, config_path)
+        self.batcher_manager.start()
+        for proc in [self.s3, *self.tritons, self.controller, *self.preprocess, self.router]:
+            self.supervisor.add(proc)
+        self.supervisor.start()
 
+        self.deploy_configured_models()
         self.state = StackState(
             router=endpoints.router,
             api_key=self.settings.router.api_keys[0].get_secret_value(),
@@ -205,36 +285,54 @@ class LocalStack:
             s3_access_key=s3_settings.access_key,
             s3_secret_key=s3_settings.secret_key.get_secret_value(),
             s3_bucket=s3_settings.bucket,
-            models=models,
+            models=list(self.base.models),
+            controller=endpoints.controller,
+            artifact_bucket=self.settings.controller.artifact_bucket,
             triton=triton_addresses,
-            batchers=endpoints.batchers,
             preprocess=endpoints.preprocess,
             config=str(config_path),
         )
         self.state.write(self.run_dir / "stack.json")
         return self.state
 
-    def _prepare_repository(self, source: Path) -> Path:
-        """This stack's model repository: each served model's files linked from
-        ``source``, its config.pbtxt with the configured instance_group count."""
-        target = self.run_dir / "model-repository"
-        for name, model in self.base.models.items():
-            backend_model = model.backend_model or name
-            src, dst = source / backend_model, target / backend_model
-            if not (src / "config.pbtxt").exists():
-                raise FileNotFoundError(f"model {backend_model!r} is missing from {source}; run `make models`")
-            dst.mkdir(parents=True, exist_ok=True)
-            for entry in src.iterdir():
-                link = dst / entry.name
-                if entry.name != "config.pbtxt" and not link.exists():
-                    link.symlink_to(entry.resolve())
-            config = (src / "config.pbtxt").read_text(encoding="utf-8")
-            group = f"instance_group [ {{ kind: KIND_CPU, count: {model.backend.instance_groups} }} ]"
-            config, found = re.subn(r"instance_group\s*\[[^\]]*\]", group, config)
-            (dst / "config.pbtxt").write_text(config if found else f"{config}{group}\n", encoding="utf-8")
-        return target
+    def models_client(self) -> ModelsClient:
+        assert self.settings is not None
+        return ModelsClient(self.settings.endpoints.controller)
 
-    def _service(self, name: str, role: str, address: str, config: Path, model: str | None = None) -> ManagedProcess:
+    def deploy(self, name: str, spec: ModelSettings, *, replace: bool = False, wait: bool = True) -> None:
+        """Upload ``spec.artifact`` (if set) and deploy through the registry, as an operator would."""
+        assert self.settings is not None
+        if not spec.storage_uri:
+            spec = spec.model_copy(update={"storage_uri": default_storage_uri(self.settings, name)})
+        if spec.artifact is not None:
+            upload_artifact(self.settings.s3, Path(spec.artifact), spec.storage_uri)
+            spec = spec.model_copy(update={"artifact": None})
+        with self.models_client() as client:
+            try:
+                client.deploy(name, spec, replace=replace)
+            except AlreadyExists:  # registered by an earlier run in this directory
+                if json.loads(client.status(name).spec_json) != json.loads(spec.model_dump_json()):
+                    client.deploy(name, spec, replace=True)
+        if wait:
+            self.wait_model(name)
+
+    def deploy_configured_models(self) -> None:
+        for name, spec in self.base.models.items():
+            self.deploy(name, spec)
+
+    def wait_model(self, name: str, timeout_s: float = MODEL_READY_TIMEOUT_S) -> None:
+        """Until the model's batcher is registered and serving and (min_copies > 0) a copy is ready."""
+        with self.models_client() as client:
+            def ready() -> bool:
+                status = client.status(name)
+                spec = json.loads(status.spec_json)
+                copies_ok = spec["min_copies"] == 0 or any(c.state == "ready" for c in status.copies)
+                return copies_ok and bool(status.batchers) and all(is_serving(b) for b in status.batchers)
+
+            wait_until(ready, timeout_s, f"model {name}", procs=[p for p in [self.controller] if p])
+        time.sleep(0.2)  # the router applies the same fleet snapshot; let it land
+
+    def service(self, name: str, role: str, address: str, config: Path, model: str | None = None) -> ManagedProcess:
         port = address.rsplit(":", 1)[1]
         argv = [sys.executable, "-m", "flotilla", "serve", role, "--config", str(config), "--port", port]
         if model is not None:
@@ -250,18 +348,23 @@ class LocalStack:
 
     def flotilla_services(self) -> list[ManagedProcess]:
         """The Flotilla gRPC services (each answers gRPC health)."""
-        return [*self.preprocess, *self.batchers.values(), *([self.router] if self.router else [])]
+        procs = [self.controller, *self.preprocess, *self.batchers.values(), self.router]
+        return [p for p in procs if p is not None]
 
     def describe(self) -> str:
         """Human-readable endpoints, for `flotilla up`."""
         assert self.state is not None and self.settings is not None
         lines = [
             f"router (gRPC):       {self.state.router}",
+            f"controller (gRPC):   {self.state.controller}",
             f"API key (dev):       {self.state.api_key}",
-            f"S3 endpoint:         http://{self.state.s3_endpoint}  bucket {self.state.s3_bucket}",
-            f"Triton replicas:     {', '.join(self.state.triton)}",
+            f"S3 endpoint:         http://{self.state.s3_endpoint}  bucket {self.state.s3_bucket}, "
+            f"artifacts {self.state.artifact_bucket}",
+            f"Triton replicas:     {', '.join(self.state.triton)}  (budgets "
+            + ", ".join(f"{self.settings.controller.budget_mb(i):.0f}" for i in range(len(self.state.triton)))
+            + " MiB)",
             f"preprocess workers:  {', '.join(self.settings.endpoints.preprocess)}",
         ]
-        lines += [f"batcher {m}: {', '.join(a)}" for m, a in self.settings.endpoints.batchers.items()]
-        lines += [f"models:              {', '.join(self.state.models)}", f"logs:                {self.logs}"]
+        lines += [f"batcher {m}: {p.address}" for m, p in sorted(self.batchers.items())]
+        lines += [f"models:              {', '.join(self.state.models) or 'none'}", f"logs:                {self.logs}"]
         return "\n".join(lines)

@@ -1,8 +1,12 @@
 """Child processes of the local stack: started in their own process group,
-killed with their parent, stopped with SIGTERM then SIGKILL.
+killed with their parent, stopped with their stop signal (SIGTERM unless
+set) then SIGKILL.
 
-The parent-death signal follows the thread that started the child, so the
-stack starts its children from a thread that lives as long as it does.
+The parent-death signal follows the *thread* that started the child (the
+kernel sends it when that thread exits, even while the process lives on),
+so a child must be started from a thread that lives as long as the child
+should: the stack's main thread, or the supervisor's monitor thread for
+restarts.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -42,7 +47,14 @@ def _dying_with_parent(argv: list[str]) -> list[str]:
 
 
 class ManagedProcess:
-    """One long-running child with its output in a log file."""
+    """One long-running child with its output appended to a log file.
+
+    ``start`` may be called again once the child has exited (the supervisor
+    restarts it that way): same command line, environment and log, and a
+    marker line in the log at every start. ``stop_signal`` is the signal
+    that asks this program to shut down cleanly (SIGTERM unless the program
+    honours another one better).
+    """
 
     def __init__(
         self,
@@ -53,6 +65,7 @@ class ManagedProcess:
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
         address: str = "",
+        stop_signal: signal.Signals = signal.SIGTERM,
     ) -> None:
         self.name = name
         self.address = address
@@ -61,12 +74,23 @@ class ManagedProcess:
         self.log_path = log_path
         self.env = env
         self.cwd = cwd
+        self.stop_signal = stop_signal
+        """Sent to the process group first by ``stop``; SIGKILL follows after the grace."""
         self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        """How many times ``start`` has started the child."""
+        self.started_at_s: float | None = None
+        """``time.monotonic()`` at the latest start."""
 
     def start(self) -> None:
+        """Start the child (again); what is left of an earlier run's process group is killed first."""
+        if self.alive():
+            raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
+        if self.proc is not None:
+            self._signal_group(signal.SIGKILL)  # e.g. Triton's backend stubs, still holding ports
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 _dying_with_parent(self.argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
@@ -75,7 +99,16 @@ class ManagedProcess:
                 cwd=self.cwd,
                 start_new_session=True,  # its own process group, stopped as a whole
             )
-        log.info("started %s (pid %d), log %s", self.name, self.proc.pid, self.log_path)
+            self.proc = proc
+            self.started_at_s = time.monotonic()
+            self.starts += 1
+            # The child has only just exec'd, so this lands ahead of its own output
+            # (both write with O_APPEND; a program that prints within microseconds could
+            # come first). It marks each new run and each restart in the kept log.
+            stamp = datetime.now().astimezone().isoformat(timespec="seconds")
+            marker = f"==== {self.name} started pid {proc.pid} at {stamp} (start #{self.starts}) ====\n"
+            log_file.write(marker.encode())
+        log.info("started %s (pid %d), log %s", self.name, proc.pid, self.log_path)
 
     @property
     def pid(self) -> int | None:
@@ -83,6 +116,20 @@ class ManagedProcess:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def describe_exit(self) -> str:
+        """``exit 1``, ``exit -9, killed by SIGKILL``; ``running`` or ``not started`` otherwise."""
+        if self.proc is None:
+            return "not started"
+        code = self.proc.poll()
+        if code is None:
+            return "running"
+        if code < 0:
+            try:
+                return f"exit {code}, killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"exit {code}, killed by signal {-code}"
+        return f"exit {code}"
 
     def exit_summary(self) -> str:
         """Exit status and the end of the log, for error messages."""
@@ -94,16 +141,20 @@ class ManagedProcess:
         return f"{self.name} exited with {code}; last log lines ({self.log_path}):\n" + "\n".join(tail)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM the whole process group, SIGKILL what is left after ``timeout_s``."""
+        """``stop_signal`` to the whole process group, SIGKILL what is left after ``timeout_s``."""
         if self.proc is None:
             return
-        self._signal_group(signal.SIGTERM)
+        began_s = time.monotonic()
+        self._signal_group(self.stop_signal)
         try:
             self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            log.warning("%s did not stop within %.0fs; killing it", self.name, timeout_s)
+            log.warning(
+                "%s did not stop within %.0f s of %s; killing it", self.name, timeout_s, self.stop_signal.name
+            )
         self._signal_group(signal.SIGKILL)  # stragglers in the group (e.g. backend stubs)
         self.proc.wait()
+        log.info("stopped %s (%s) in %.2f s", self.name, self.describe_exit(), time.monotonic() - began_s)
 
     def kill(self) -> None:
         """SIGKILL the process group at once (fault injection)."""
@@ -117,6 +168,51 @@ class ManagedProcess:
             os.killpg(self.proc.pid, signum)
         except ProcessLookupError:
             pass
+
+
+def processes_referencing(path: Path) -> list[tuple[int, str]]:
+    """(pid, command line) of the live processes, other than this one, with ``path`` as an argument.
+
+    An argument counts when it is the path itself or an option's value
+    (``-dir=<path>``); /proc is read, so this works on Linux only.
+    """
+    wanted = {os.path.normpath(os.path.abspath(path)), os.path.normpath(path.resolve())}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        values = [a.split("=", 1)[1] if a.startswith("-") and "=" in a else a for a in args if a]
+        if any(os.path.normpath(v) in wanted for v in values if v.startswith("/")):
+            found.append((int(entry.name), " ".join(a for a in args if a)))
+    return found
+
+
+def wait_for_previous_holder(path: Path, timeout_s: float, *, interval_s: float = 0.2) -> None:
+    """Wait until no other process has ``path`` on its command line.
+
+    A data directory (e.g. SeaweedFS's leveldb stores) can be held by a
+    process of an earlier run that is still stopping; starting a new one on
+    it would fail deep inside that program. After ``timeout_s`` this raises
+    RuntimeError naming each holder (pid and command) and the directory.
+    """
+    deadline = time.monotonic() + timeout_s
+    holders = processes_referencing(path)
+    if holders:
+        pids = ", ".join(str(pid) for pid, _ in holders)
+        log.info("waiting up to %.0f s for pid %s to release %s", timeout_s, pids, path)
+    while holders:
+        if time.monotonic() > deadline:
+            listed = "; ".join(f"pid {pid}: {command}" for pid, command in holders)
+            raise RuntimeError(
+                f"{path} is still in use by another process after {timeout_s:.0f} s ({listed}); "
+                "stop it or use another run directory"
+            )
+        time.sleep(interval_s)
+        holders = processes_referencing(path)
 
 
 def wait_until(check, timeout_s: float, what: str, *, procs: Sequence[ManagedProcess] = (), interval_s: float = 0.2) -> None:  # type: ignore[no-untyped-def]

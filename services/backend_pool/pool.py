@@ -139,8 +139,6 @@ class EndpointPool(Generic[C]):
         max_outstanding: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not clients:
-            raise ValueError(f"{name}: a pool needs at least one endpoint")
         self.name = name
         self.endpoints = [Endpoint(address, client) for address, client in clients.items()]
         self.strategy: Strategy = strategy or RoundRobin()
@@ -151,6 +149,23 @@ class EndpointPool(Generic[C]):
         """Calls in flight allowed per endpoint; None = unlimited."""
         self._clock = clock
         self._changed = asyncio.Condition()
+
+    # -- membership --------------------------------------------------------------
+
+    def set_endpoints(self, clients: dict[str, C]) -> list[C]:
+        """Make the pool exactly these endpoints (a changing set of replicas).
+
+        Endpoints still present keep their state and in-flight calls; new ones
+        are admitted at once. Returns the clients of endpoints that left (the
+        caller closes them once their calls are done).
+        """
+        kept = {e.address: e for e in self.endpoints if e.address in clients}
+        removed = [e.client for e in self.endpoints if e.address not in clients]
+        self.endpoints = [kept.get(a) or Endpoint(a, c) for a, c in clients.items()]
+        if removed or len(kept) != len(clients):
+            log.info("%s: endpoints now %s", self.name, ", ".join(clients) or "none")
+            asyncio.get_running_loop().create_task(self._notify())
+        return removed
 
     # -- admission ---------------------------------------------------------------
 
@@ -243,6 +258,8 @@ class EndpointPool(Generic[C]):
                 await self._notify()
             endpoint.consecutive_failures = 0
             return result
+        if not self.endpoints:
+            raise NoHealthyEndpoint(f"no {self.name} is available: there are none right now")
         if last_error is not None and len(tried) < len(self.endpoints):
             raise last_error
         if last_error is not None:
@@ -259,12 +276,13 @@ class EndpointPool(Generic[C]):
         endpoint.failures += 1
         endpoint.consecutive_failures += 1
         if endpoint.consecutive_failures >= self.eject_after_failures:
+            # Logged once per ejection (a state change), not once per failed call.
             if self._is_admitted(endpoint):
                 endpoint.ejections += 1
                 endpoint.last_ejected_s = self._clock()
+                log.warning("%s %s ejected after %d failures in a row: %s", self.name, endpoint.address,
+                            endpoint.consecutive_failures, error)
             endpoint.ejected_until_s = self._clock() + self.eject_cooldown_s
-            log.warning("%s %s ejected after %d failures: %s", self.name, endpoint.address,
-                        endpoint.consecutive_failures, error)
 
 
 Probe = Callable[[Endpoint[C]], Awaitable[bool]]

@@ -99,6 +99,9 @@ class BatcherAdminServicer(batcher_pb2_grpc.BatcherAdminServicer):
             queue_wait_p99_ms=p99,
             queue_depth=self.queue.depth,
             inflight_batches=self.queue.inflight,
+            total_arrivals=self.queue.totals.arrivals,
+            total_dispatched=self.queue.totals.dispatched,
+            total_queue_wait_s=self.queue.totals.queue_wait_s,
         )
         if request.reset:
             self.queue.reset_stats()

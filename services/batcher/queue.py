@@ -99,6 +99,19 @@ class QueueStats:
         return [float(v) * 1000.0 for v in np.percentile(waits, list(percentiles))]
 
 
+@dataclass
+class QueueTotals:
+    """Cumulative counters since the queue was created; never reset, so any
+    number of readers can take differences (the controller's autoscaler does)."""
+
+    arrivals: int = 0
+    """Requests accepted into the queue."""
+    dispatched: int = 0
+    """Requests that left the queue in a batch."""
+    queue_wait_s: float = 0.0
+    """Sum of the dispatched requests' arrival-to-dispatch times."""
+
+
 class BatchQueue(Generic[T, R]):
     """Forms batches of ``T`` and hands them to ``dispatch``."""
 
@@ -126,6 +139,7 @@ class BatchQueue(Generic[T, R]):
         """Requests taken off the queue whose batch has not answered yet."""
         self._runner: asyncio.Task[None] | None = None
         self.stats = QueueStats()
+        self.totals = QueueTotals()
 
     # -- state -----------------------------------------------------------------
 
@@ -213,6 +227,7 @@ class BatchQueue(Generic[T, R]):
         )
         self._levels[level - 1].append(pending)
         self._size += 1
+        self.totals.arrivals += 1
         # Wake the former only when it has something new to decide.
         if self._size == 1 or self._size >= self._ready_size():
             self._wakeup.set()
@@ -374,7 +389,10 @@ class BatchQueue(Generic[T, R]):
             if not live:
                 return
             now = self._clock.now()
-            self.stats.queue_waits_s.extend(now - p.enqueued_s for p in live)
+            waits = [now - p.enqueued_s for p in live]
+            self.stats.queue_waits_s.extend(waits)
+            self.totals.dispatched += len(live)
+            self.totals.queue_wait_s += sum(waits)
             deadlines = [p.deadline_s for p in live]
             deadline_s = None if None in deadlines else max(d for d in deadlines if d is not None)
             self.stats.batches += 1

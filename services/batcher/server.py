@@ -4,23 +4,37 @@ Serves ``flotilla.api.v1.ImageClassifier/Classify`` with a raw-bytes
 handler so that a malformed body is answered here with INVALID_ARGUMENT
 (the router forwards bodies it never parses). Requests join the model's
 BatchQueue; each formed batch goes to a preprocess worker chosen by an
-EndpointPool, and every request gets its own item's answer.
+EndpointPool (one call per model version in the batch), and every request
+gets its own item's answer.
+
+At start the batcher registers with the controller, which answers with the
+model's spec (its batching policy); it re-registers every
+``REGISTER_INTERVAL_S`` so a restarted controller routes to it again.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from flotilla.api.v1 import batcher_pb2_grpc, inference_pb2, preprocess_pb2, preprocess_pb2_grpc
+from flotilla.api.v1 import (
+    batcher_pb2_grpc,
+    controller_pb2,
+    controller_pb2_grpc,
+    inference_pb2,
+    preprocess_pb2,
+    preprocess_pb2_grpc,
+)
 from flotilla.common.clock import Clock, MonotonicClock
 from flotilla.common.ids import check_image_uuid
 from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
 from flotilla.common.status import error_from_rpc, rpc_errors
-from flotilla.config import FlotillaSettings
+from flotilla.config import FlotillaSettings, ModelSettings
 from flotilla.errors import FlotillaError, InvalidArgument, MalformedRequest, error_from_code
 from flotilla.services.backend_pool.pool import Endpoint, EndpointPool, pool_from_settings
 from flotilla.services.batcher.admin import ADMIN_SERVICE, BatcherAdminServicer
@@ -31,6 +45,8 @@ log = logging.getLogger(__name__)
 CLASSIFIER_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["ImageClassifier"].full_name
 PREPROCESS_SERVICE = preprocess_pb2.DESCRIPTOR.services_by_name["Preprocessor"].full_name
 MODEL_HEADER = "x-model-name"
+REGISTER_INTERVAL_S = 1.0
+REGISTER_TIMEOUT_S = 60.0
 
 
 class PreprocessDispatcher:
@@ -52,7 +68,31 @@ class PreprocessDispatcher:
     async def __call__(
         self, items: list[preprocess_pb2.BatchItem], deadline_s: float | None
     ) -> Sequence[inference_pb2.ClassifyResponse | FlotillaError]:
-        request = preprocess_pb2.ProcessBatchRequest(model_name=self.model, items=items)
+        """One worker call per model version in the batch (usually one), answers in item order."""
+        by_version: dict[int, list[int]] = {}
+        for i, item in enumerate(items):
+            by_version.setdefault(item.model_version, []).append(i)
+        if len(by_version) == 1:
+            return await self._send(items, next(iter(by_version)), deadline_s)
+        results: list[inference_pb2.ClassifyResponse | FlotillaError | None] = [None] * len(items)
+        parts = await asyncio.gather(
+            *(self._send([items[i] for i in idx], version, deadline_s) for version, idx in by_version.items()),
+            return_exceptions=True,
+        )
+        for idx, part in zip(by_version.values(), parts, strict=True):
+            for row, i in enumerate(idx):
+                if isinstance(part, FlotillaError):
+                    results[i] = part
+                elif isinstance(part, BaseException):
+                    raise part
+                else:
+                    results[i] = part[row]
+        return results  # type: ignore[return-value]
+
+    async def _send(
+        self, items: list[preprocess_pb2.BatchItem], version: int, deadline_s: float | None
+    ) -> Sequence[inference_pb2.ClassifyResponse | FlotillaError]:
+        request = preprocess_pb2.ProcessBatchRequest(model_name=self.model, items=items, model_version=version)
 
         async def on(
             endpoint: Endpoint[GrpcPeer[preprocess_pb2_grpc.PreprocessorStub]],
@@ -82,10 +122,13 @@ class ClassifierHandler:
         model: str,
         queue: BatchQueue[preprocess_pb2.BatchItem, inference_pb2.ClassifyResponse],
         clock: Clock,
+        versions: Sequence[int] = (),
     ) -> None:
         self.model = model
         self.queue = queue
         self.clock = clock
+        self.versions = list(versions)
+        """Live versions; empty accepts any (the worker checks)."""
 
     def _parse(self, raw: bytes, context: grpc.aio.ServicerContext) -> inference_pb2.ClassifyRequest:
         try:
@@ -99,6 +142,11 @@ class ClassifierHandler:
             if named and named != self.model:
                 raise InvalidArgument(f"{source} says {named!r} but this is the batcher of {self.model!r}")
         check_image_uuid(request.image_uuid)
+        if request.model_version and self.versions and request.model_version not in self.versions:
+            raise InvalidArgument(
+                f"model {self.model!r} has no version {request.model_version}; live versions: {self.versions} "
+                "(0 or unset runs the default)"
+            )
         return request
 
     async def classify(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -107,7 +155,8 @@ class ClassifierHandler:
             remaining_s = context.time_remaining()
             deadline_s = None if remaining_s is None else self.clock.now() + remaining_s
             item = preprocess_pb2.BatchItem(
-                image_uuid=request.image_uuid, top_k=request.top_k, request_id=request.request_id
+                image_uuid=request.image_uuid, top_k=request.top_k, request_id=request.request_id,
+                model_version=request.model_version,
             )
             response = await self.queue.submit(
                 item, deadline_s=deadline_s, priority=request.priority, timeout_us=request.timeout_us
@@ -122,13 +171,68 @@ class ClassifierHandler:
         )
 
 
+class Registration:
+    """Registers this batcher with the controller and keeps it registered."""
+
+    def __init__(self, controller: str, model: str, address: str) -> None:
+        self.model = model
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(controller)
+        self.stub = controller_pb2_grpc.ControllerStub(self.channel)
+        self._task: asyncio.Task[None] | None = None
+
+    async def register(self, *, announce: bool = True) -> ModelSettings:
+        """The model's spec; with ``announce`` also this batcher's address (once it serves)."""
+        address = self.address if announce else ""
+        reply = await self.stub.RegisterBatcher(
+            controller_pb2.RegisterBatcherRequest(model_name=self.model, address=address), timeout=5.0
+        )
+        return ModelSettings.model_validate_json(reply.spec_json)
+
+    async def first(self, timeout_s: float) -> ModelSettings:
+        """The model's spec, retrying while the controller starts; exits if the model is not registered."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            try:
+                return await self.register(announce=False)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    raise SystemExit(f"batcher: {exc.details()}") from exc
+                if asyncio.get_running_loop().time() > deadline:
+                    raise SystemExit(f"batcher: no controller answered within {timeout_s:.0f} s: {exc.details()}") from exc
+            await asyncio.sleep(0.2)
+
+    def start(self, server: ServiceServer) -> None:
+        """Announce this batcher once ``server`` listens, then every REGISTER_INTERVAL_S."""
+        self._task = asyncio.create_task(self._keep(server), name="register")
+
+    async def _keep(self, server: ServiceServer) -> None:
+        while not server.port:
+            await asyncio.sleep(0.01)
+        while True:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self.register()
+            await asyncio.sleep(REGISTER_INTERVAL_S)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.channel.close()
+
+
 async def serve(settings: FlotillaSettings, model: str, port: int) -> None:
     """Run the batcher of ``model`` until SIGTERM."""
-    if model not in settings.models:
-        raise SystemExit(f"batcher: model {model!r} is not configured (configured: {', '.join(settings.models)})")
+    if not settings.endpoints.controller:
+        raise SystemExit("batcher: endpoints.controller is empty; the batcher takes its model from the controller")
     if not settings.endpoints.preprocess:
         raise SystemExit("batcher: endpoints.preprocess is empty; configure at least one worker")
-    policy = settings.models[model].batching
+    # The address peers reach this batcher at: a configured one (a Kubernetes Service) or host:port.
+    advertised = (settings.endpoints.batchers.get(model) or [f"{settings.host}:{port}"])[0]
+    registration = Registration(settings.endpoints.controller, model, advertised)
+    spec = await registration.first(REGISTER_TIMEOUT_S)
+    policy = spec.batching
     clock = MonotonicClock()
     peers = {a: GrpcPeer(a, preprocess_pb2_grpc.PreprocessorStub) for a in settings.endpoints.preprocess}
     pool, health_check = pool_from_settings(
@@ -138,7 +242,7 @@ async def serve(settings: FlotillaSettings, model: str, port: int) -> None:
     queue: BatchQueue[preprocess_pb2.BatchItem, inference_pb2.ClassifyResponse] = BatchQueue(
         model, policy, dispatcher, clock=clock
     )
-    handler = ClassifierHandler(model, queue, clock)
+    handler = ClassifierHandler(model, queue, clock, spec.versions)
     server = ServiceServer(
         f"batcher[{model}]", [CLASSIFIER_SERVICE, ADMIN_SERVICE], grace_s=settings.shutdown_grace_s
     )
@@ -146,8 +250,10 @@ async def serve(settings: FlotillaSettings, model: str, port: int) -> None:
     batcher_pb2_grpc.add_BatcherAdminServicer_to_server(BatcherAdminServicer(model, queue, [pool]), server.server)
     queue.start()
     health_check.start()
+    registration.start(server)
 
     async def cleanup() -> None:
+        await registration.stop()
         await health_check.stop()
         await queue.stop()
         for peer in peers.values():

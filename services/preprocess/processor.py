@@ -21,9 +21,9 @@ import numpy as np
 
 from flotilla.common.ids import object_key
 from flotilla.config import ModelSettings
-from flotilla.errors import FlotillaError, ModelNotFound
-from flotilla.services.backend_pool.triton import InferResult
-from flotilla.services.preprocess.imaging import decode_for_model, to_batch_tensor, top_k
+from flotilla.errors import FlotillaError, InvalidArgument, ModelNotFound
+from flotilla.services.preprocess.backend import InferenceBackend
+from flotilla.services.preprocess.imaging import decode_for_model, scores_to_probabilities, to_batch_tensor, top_k
 
 log = logging.getLogger(__name__)
 
@@ -63,21 +63,9 @@ class ImageSource(Protocol):
     def get(self, key: str, max_bytes: int) -> bytes: ...
 
 
-class InferenceBackend(Protocol):
-    async def infer(
-        self,
-        model: str,
-        input_name: str,
-        batch: np.ndarray,
-        output_name: str,
-        *,
-        timeout_s: float | None = None,
-    ) -> InferResult: ...
-
-
 @dataclass(frozen=True)
 class ServedModel:
-    """A configured model plus its class labels."""
+    """A registered model (its spec from the controller) plus its class labels."""
 
     name: str
     settings: ModelSettings
@@ -91,12 +79,11 @@ class ServedModel:
         return self.labels[index] if index < len(self.labels) else str(index)
 
     @classmethod
-    def load(cls, name: str, settings: ModelSettings, model_repository: Path) -> ServedModel:
-        """Labels come from ``labels_file``, else from Triton's ``labels.txt`` beside the model."""
-        path = settings.labels_file or model_repository / (settings.backend_model or name) / "labels.txt"
-        labels = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-        if not labels:
-            log.warning("model %s: no labels at %s; labels will be class indices", name, path)
+    def from_spec(cls, name: str, settings: ModelSettings) -> ServedModel:
+        """Labels: the spec's list (the controller fills it from the artifact), else ``labels_file``."""
+        labels = list(settings.labels)
+        if not labels and settings.labels_file is not None and Path(settings.labels_file).exists():
+            labels = Path(settings.labels_file).read_text(encoding="utf-8").splitlines()
         return cls(name, settings, labels)
 
 
@@ -135,9 +122,15 @@ class BatchProcessor:
         )
 
     async def process(
-        self, model_name: str, items: Sequence[ItemRequest], *, timeout_s: float | None = None
+        self, model_name: str, items: Sequence[ItemRequest], *, version: int = 0, timeout_s: float | None = None
     ) -> BatchOutcome:
+        """``version`` 0 runs the model's default version."""
         model = self.model(model_name)
+        if version and version not in model.settings.versions:
+            raise InvalidArgument(
+                f"model {model_name!r} has no version {version}; live versions: {model.settings.versions}"
+            )
+        version = version or model.settings.served_version
         loop = asyncio.get_running_loop()
         loads = [loop.run_in_executor(self.executor, self._load_pixels, item, model) for item in items]
         loaded = await asyncio.gather(*loads, return_exceptions=True)
@@ -161,11 +154,13 @@ class BatchProcessor:
                 model.settings.input.name,
                 tensor,
                 model.settings.output_name,
+                version=version,
                 timeout_s=timeout_s,
             )
             backend = result.backend
+            scores = scores_to_probabilities(result.outputs, model.settings.output_kind)
             for row, i in enumerate(good):
-                best = top_k(result.outputs[row], items[i].top_k or DEFAULT_TOP_K)
+                best = top_k(scores[row], items[i].top_k or DEFAULT_TOP_K)
                 classes = [ClassScore(idx, model.label(idx), score) for idx, score in best]
                 outcomes[i] = ItemOutcome(classes=classes)
         missing = [items[i].image_uuid for i, o in enumerate(outcomes) if o is None]

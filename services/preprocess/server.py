@@ -1,4 +1,10 @@
-"""gRPC layer of the preprocess role: protobuf in, BatchProcessor, protobuf out."""
+"""gRPC layer of the preprocess role: protobuf in, BatchProcessor, protobuf out.
+
+The worker follows the controller: each fleet snapshot gives it the models'
+specs (preprocessing, labels, output kind) and the replicas holding a ready
+copy of each, which become that model's Triton pool. A model with no copy
+is loaded on demand through the controller's EnsureLoaded (cold start).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from flotilla.api.v1 import inference_pb2, pools_pb2, preprocess_pb2, preprocess_pb2_grpc
+from flotilla.api.v1 import (
+    controller_pb2,
+    controller_pb2_grpc,
+    inference_pb2,
+    pools_pb2,
+    preprocess_pb2,
+    preprocess_pb2_grpc,
+)
+from flotilla.common.fleet import FleetWatcher, ready_replicas, spec_of
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.server import ServiceServer, serve_until_signal
-from flotilla.common.status import rpc_errors
+from flotilla.common.status import error_from_rpc, rpc_errors
 from flotilla.config import FlotillaSettings
 from flotilla.services.backend_pool.status import pools_to_pb
 from flotilla.services.backend_pool.triton import TritonBackend
@@ -60,40 +74,86 @@ class PreprocessorServicer(preprocess_pb2_grpc.PreprocessorServicer):
         async with rpc_errors(context, "preprocess worker"):
             items = [ItemRequest(i.image_uuid, i.top_k, i.request_id) for i in request.items]
             outcome = await self.processor.process(
-                request.model_name, items, timeout_s=context.time_remaining()
+                request.model_name, items, version=request.model_version, timeout_s=context.time_remaining()
             )
             return to_pb(request, outcome)
         raise AssertionError("unreachable: rpc_errors aborts the call")
 
 
+class FleetFollower:
+    """Applies fleet snapshots to the processor's models and the backend's pools."""
+
+    def __init__(self, processor: BatchProcessor, backend: TritonBackend) -> None:
+        self.processor = processor
+        self.backend = backend
+
+    async def apply(self, fleet: controller_pb2.Fleet) -> None:
+        models: dict[str, ServedModel] = {}
+        for status in fleet.models:
+            spec = spec_of(status)
+            known = self.processor.models.get(status.name)
+            models[status.name] = known if known is not None and known.settings == spec else ServedModel.from_spec(
+                status.name, spec
+            )
+            self.backend.set_copies(spec.backend_model or status.name, ready_replicas(status), spec.backend)
+        for gone in set(self.processor.models) - set(models):
+            self.backend.remove(self.processor.models[gone].backend_model)
+        self.processor.models = models
+
+
+class ControllerColdStart:
+    """EnsureLoaded on the controller; returns the replicas with a ready copy."""
+
+    def __init__(self, stub: controller_pb2_grpc.ControllerStub, backend_to_model: dict[str, str]) -> None:
+        self.stub = stub
+        self.backend_to_model = backend_to_model
+
+    async def __call__(self, backend_model: str) -> list[str]:
+        name = self.backend_to_model.get(backend_model, backend_model)
+        try:
+            status = await self.stub.EnsureLoaded(controller_pb2.EnsureLoadedRequest(name=name))
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, "controller") from exc
+        return ready_replicas(status)
+
+
 async def serve(settings: FlotillaSettings, port: int) -> None:
     """Run one preprocess worker until SIGTERM."""
-    models = {
-        name: ServedModel.load(name, model, settings.triton.model_repository)
-        for name, model in settings.models.items()
-    }
+    if not settings.endpoints.controller:
+        raise SystemExit("preprocess: endpoints.controller is empty; workers take their models from the controller")
     executor = ThreadPoolExecutor(settings.preprocess.fetch_threads, thread_name_prefix="fetch")
+    channel = grpc.aio.insecure_channel(settings.endpoints.controller)
+    backend_to_model: dict[str, str] = {}
     backend = TritonBackend(
-        settings.endpoints.triton,
-        {model.backend_model: model.settings.backend for model in models.values()},
-        settings.pools,
+        settings.pools, cold_start=ControllerColdStart(controller_pb2_grpc.ControllerStub(channel), backend_to_model)
     )
     processor = BatchProcessor(
-        models,
+        {},
         ObjectStore(settings.s3, pool_size=settings.preprocess.fetch_threads),
         backend,
         executor,
         max_object_bytes=settings.preprocess.max_object_bytes,
         max_image_pixels=settings.preprocess.max_image_pixels,
     )
+    follower = FleetFollower(processor, backend)
+
+    async def on_fleet(fleet: controller_pb2.Fleet) -> None:
+        await follower.apply(fleet)
+        backend_to_model.clear()
+        backend_to_model.update({m.backend_model: name for name, m in processor.models.items()})
+
+    watcher = FleetWatcher(settings.endpoints.controller, on_fleet, name="preprocess")
+    watcher.start()
+    await watcher.wait_first(10.0)
     server = ServiceServer("preprocess", [SERVICE_NAME], grace_s=settings.shutdown_grace_s)
     preprocess_pb2_grpc.add_PreprocessorServicer_to_server(
         PreprocessorServicer(processor, backend), server.server
     )
-    backend.start()
 
     async def cleanup() -> None:
+        await watcher.stop()
         await backend.close()
+        await channel.close()
         executor.shutdown(wait=False, cancel_futures=True)
 
     await serve_until_signal(server, settings.host, port, on_stop=cleanup)

@@ -39,14 +39,23 @@ class ApiKeys:
 
 
 class RouteTable(Generic[C]):
-    """Model name → the pool of that model's batcher replicas."""
+    """Model name → the pool of that model's batcher replicas; changes at run time."""
 
-    def __init__(self, pools: dict[str, EndpointPool[C]]) -> None:
-        self._pools = pools
+    def __init__(self, pools: dict[str, EndpointPool[C]] | None = None) -> None:
+        self._pools: dict[str, EndpointPool[C]] = dict(pools or {})
 
     @property
     def models(self) -> list[str]:
         return sorted(self._pools)
+
+    def get(self, model: str) -> EndpointPool[C] | None:
+        return self._pools.get(model)
+
+    def put(self, model: str, pool: EndpointPool[C]) -> None:
+        self._pools[model] = pool
+
+    def remove(self, model: str) -> EndpointPool[C] | None:
+        return self._pools.pop(model, None)
 
     def pool_for(self, model: str | None) -> EndpointPool[C]:
         if not model:

@@ -5,6 +5,10 @@ with identity (de)serialisers: the router reads the ``authorization`` and
 ``x-model-name`` headers, picks a batcher replica of that model, and passes
 the body through unparsed along with the caller's remaining deadline. The
 answer (or the upstream's status) comes back the same way.
+
+Routes follow the controller: each fleet snapshot's models and their
+registered batchers become the route table, so a model deployed at run time
+is routed without a restart and an undeployed one answers NOT_FOUND.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ import logging
 
 import grpc
 
+from flotilla.api.v1 import controller_pb2
+from flotilla.common.fleet import FleetWatcher
 from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
 from flotilla.common.status import rpc_errors
-from flotilla.config import FlotillaSettings
-from flotilla.errors import Unavailable
-from flotilla.services.backend_pool.pool import Endpoint, EndpointPool, pool_from_settings
+from flotilla.config import FlotillaSettings, PoolSettings
+from flotilla.errors import DeadlineExceeded, Unavailable
+from flotilla.services.backend_pool.pool import ActiveHealthCheck, Endpoint, pool_from_settings
 from flotilla.services.router.routing import ApiKeys, RouteTable
 
 log = logging.getLogger(__name__)
@@ -28,6 +34,7 @@ MODEL_HEADER = "x-model-name"
 AUTH_HEADER = "authorization"
 # Headers not passed downstream: credentials stop at the router.
 _DROPPED_HEADERS = {AUTH_HEADER}
+FIRST_FLEET_TIMEOUT_S = 10.0
 
 
 class ForwardingHandler(grpc.GenericRpcHandler):
@@ -54,9 +61,12 @@ class ForwardingHandler(grpc.GenericRpcHandler):
             self.keys.check(by_key.get(AUTH_HEADER))  # type: ignore[arg-type]
             pool = self.routes.pool_for(by_key.get(MODEL_HEADER))  # type: ignore[arg-type]
             passed = tuple((k, v) for k, v in headers if k not in _DROPPED_HEADERS)
-            timeout_s = context.time_remaining()
 
             async def on(endpoint: Endpoint[GrpcPeer[None]]) -> bytes:
+                # Each attempt gets what is left of the caller's deadline, not the whole of it.
+                timeout_s = context.time_remaining()
+                if timeout_s is not None and timeout_s <= 0:
+                    raise DeadlineExceeded("deadline passed before a batcher could answer")
                 try:
                     return await endpoint.client.raw(method)(raw, metadata=passed, timeout=timeout_s)
                 except grpc.aio.AioRpcError as exc:
@@ -68,30 +78,67 @@ class ForwardingHandler(grpc.GenericRpcHandler):
         raise AssertionError("unreachable: rpc_errors aborts the call")
 
 
+class BatcherRoutes:
+    """Keeps the route table equal to the fleet: one pool per model over its batchers."""
+
+    def __init__(self, settings: PoolSettings) -> None:
+        self.settings = settings
+        self.table: RouteTable[GrpcPeer[None]] = RouteTable()
+        self._checks: dict[str, ActiveHealthCheck[GrpcPeer[None]]] = {}
+
+    async def apply(self, fleet: controller_pb2.Fleet) -> None:
+        wanted = {m.name: list(m.batchers) for m in fleet.models if m.batchers}
+        for model in [m for m in self.table.models if m not in wanted]:
+            await self._drop(model)
+            log.info("router: route for %s removed", model)
+        for model, addresses in wanted.items():
+            pool = self.table.get(model)
+            if pool is None:
+                pool, check = pool_from_settings(
+                    f"batcher of {model}", {}, self.settings,
+                    probe=lambda e: e.client.serving(CLASSIFIER_SERVICE),
+                )
+                self.table.put(model, pool)
+                self._checks[model] = check
+                check.start()
+                log.info("router: route for %s -> %s", model, ", ".join(addresses))
+            current = {e.address: e.client for e in pool.endpoints}
+            if set(current) != set(addresses):
+                removed = pool.set_endpoints({a: current.get(a) or GrpcPeer(a) for a in addresses})
+                for peer in removed:
+                    await peer.close()
+
+    async def _drop(self, model: str) -> None:
+        pool = self.table.remove(model)
+        check = self._checks.pop(model, None)
+        if check is not None:
+            await check.stop()
+        for endpoint in pool.endpoints if pool else []:
+            await endpoint.client.close()
+
+    async def close(self) -> None:
+        for model in self.table.models:
+            await self._drop(model)
+
+
 async def serve(settings: FlotillaSettings, port: int) -> None:
     """Run the router until SIGTERM."""
-    pools: dict[str, EndpointPool[GrpcPeer[None]]] = {}
-    checks = []
-    for model, addresses in settings.endpoints.batchers.items():
-        if addresses:
-            pools[model], check = pool_from_settings(
-                f"batcher of {model}", {a: GrpcPeer(a) for a in addresses}, settings.pools,
-                probe=lambda e: e.client.serving(CLASSIFIER_SERVICE),
-            )
-            checks.append(check)
+    if not settings.endpoints.controller:
+        raise SystemExit("router: endpoints.controller is empty; the router follows the controller's routes")
     keys = ApiKeys(k.get_secret_value() for k in settings.router.api_keys)
     if not settings.router.api_keys:
         log.warning("router: no API keys configured; every request will be rejected")
+    routes = BatcherRoutes(settings.pools)
+    watcher = FleetWatcher(settings.endpoints.controller, routes.apply, name="router")
+    watcher.start()
+    if not await watcher.wait_first(FIRST_FLEET_TIMEOUT_S):
+        log.warning("router: no answer from the controller at %s yet; starting with no routes",
+                    settings.endpoints.controller)
     server = ServiceServer("router", [CLASSIFIER_SERVICE], grace_s=settings.shutdown_grace_s)
-    server.server.add_generic_rpc_handlers([ForwardingHandler(keys, RouteTable(pools))])
-    for check in checks:
-        check.start()
+    server.server.add_generic_rpc_handlers([ForwardingHandler(keys, routes.table)])
 
     async def cleanup() -> None:
-        for check in checks:
-            await check.stop()
-        for pool in pools.values():
-            for endpoint in pool.endpoints:
-                await endpoint.client.close()
+        await watcher.stop()
+        await routes.close()
 
     await serve_until_signal(server, settings.host, port, on_stop=cleanup)

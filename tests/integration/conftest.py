@@ -1,8 +1,10 @@
 """The real local stack, started once per test session.
 
-SeaweedFS, two Triton replicas, a preprocess worker, the batcher and the
-router run as separate processes on 127.0.0.1 with free ports, exactly as
-`flotilla up` starts them; the fixture stops every one of them at the end.
+SeaweedFS, two Triton replicas, the controller, a preprocess worker, the
+router and the model's batcher run as separate processes on 127.0.0.1 with
+free ports, exactly as `flotilla up` starts them; the model is deployed
+through the registry with a copy on each replica. The fixture stops every
+process at the end.
 """
 
 from __future__ import annotations
@@ -14,14 +16,16 @@ import pytest
 import tritonclient.grpc as triton_grpc
 
 from flotilla.clients.client import FlotillaClient
-from flotilla.config import load_settings
+from flotilla.config import FlotillaSettings, load_settings
+from flotilla.modelbuild.catalog import EFFICIENTNET_LITE0
 from flotilla.stack.local import LocalStack
 
 REPO = Path(__file__).resolve().parents[2]
-MODEL = "efficientnet-lite0"
+MODEL = EFFICIENTNET_LITE0
 API_KEY = "integration-test-key"
 SAMPLES = REPO / "build" / "samples"
-MODEL_REPOSITORY = REPO / "build" / "model-repository"
+MODELS_DIR = REPO / "build" / "models"
+MODEL_ONNX = MODELS_DIR / MODEL / "1" / "model.onnx"
 # Long enough that concurrent requests from one test reliably share batches
 # on a busy 2-core machine; short enough not to slow the suite down.
 MAX_QUEUE_DELAY_US = 20_000
@@ -39,19 +43,34 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    if not (MODEL_REPOSITORY / MODEL / "1" / "model.onnx").exists():
-        pytest.fail("the model is not built; run `make models` (make test does it)")
-    settings = load_settings(
-        REPO / "flotilla.yaml",
-        run_dir=tmp_path_factory.mktemp("stack"),
-        router={"api_keys": [API_KEY]},
-        preprocess={"workers": 1, "max_object_bytes": MAX_OBJECT_BYTES, "max_image_pixels": MAX_IMAGE_PIXELS},
-        triton={"replicas": 2, "model_repository": str(MODEL_REPOSITORY)},
-    )
+    settings = stack_settings(tmp_path_factory.mktemp("stack"))
     settings.models[MODEL].batching.max_queue_delay_us = MAX_QUEUE_DELAY_US
     settings.models[MODEL].batching.max_batch_size = MAX_BATCH_SIZE
+    # A copy on each replica, as the batching-tier tests need.
+    settings.models[MODEL].min_copies = settings.models[MODEL].max_copies = 2
     with LocalStack(settings) as running:
         yield running
+
+
+def stack_settings(run_dir: Path, models: tuple[str, ...] = (MODEL,), **overrides: object) -> FlotillaSettings:
+    """flotilla.yaml with a test API key, only ``models`` deployed, artifact paths absolute."""
+    for model in models:
+        if not (MODELS_DIR / model / "1" / "model.onnx").exists():
+            pytest.fail(f"model {model} is not built; run `make models` (make test does it)")
+    values: dict[str, object] = {
+        "run_dir": run_dir,
+        "router": {"api_keys": [API_KEY]},
+        "preprocess": {"workers": 1, "max_object_bytes": MAX_OBJECT_BYTES, "max_image_pixels": MAX_IMAGE_PIXELS},
+        "triton": {"replicas": 2},
+    }
+    values.update(overrides)
+    settings = load_settings(REPO / "flotilla.yaml", **values)
+    settings.models = {
+        name: spec.model_copy(update={"artifact": REPO / spec.artifact if spec.artifact else None})
+        for name, spec in settings.models.items()
+        if name in models
+    }
+    return settings
 
 
 @pytest.fixture

@@ -180,7 +180,7 @@ async def raw(stack: LocalStack) -> AsyncIterator[grpc.aio.UnaryUnaryMultiCallab
 async def admin(stack: LocalStack) -> AsyncIterator[batcher_pb2_grpc.BatcherAdminStub]:
     """The batcher's admin API; its original policy is restored afterwards."""
     assert stack.state is not None
-    async with grpc.aio.insecure_channel(stack.state.batchers[MODEL][0]) as channel:
+    async with grpc.aio.insecure_channel(stack.batchers[MODEL].address) as channel:
         stub = batcher_pb2_grpc.BatcherAdminStub(channel)
         original = await stub.GetBatching(batcher_pb2.GetBatchingRequest())
         try:

@@ -29,7 +29,7 @@ HOLD_DELAY_US = 30_000_000  # 30 s: nothing leaves the queue unless the test let
 async def admin(stack: LocalStack) -> AsyncIterator[batcher_pb2_grpc.BatcherAdminStub]:
     """The batcher's admin API; the original policy is restored afterwards."""
     assert stack.state is not None
-    async with grpc.aio.insecure_channel(stack.state.batchers[MODEL][0]) as channel:
+    async with grpc.aio.insecure_channel(stack.batchers[MODEL].address) as channel:
         stub = batcher_pb2_grpc.BatcherAdminStub(channel)
         original = await stub.GetBatching(batcher_pb2.GetBatchingRequest())
         await stub.GetStats(batcher_pb2.GetStatsRequest(reset=True))

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from flotilla.common.server import is_serving
-from tests.integration.conftest import MODEL_REPOSITORY, REPO
+from tests.integration.conftest import REPO
 
 
 def descendants(pid: int) -> set[int]:
@@ -50,7 +50,6 @@ def start_up(tmp_path: Path) -> tuple[subprocess.Popen[str], dict[str, object], 
     env.update({
         "FLOTILLA_RUN_DIR": str(tmp_path),
         "FLOTILLA_TRITON__REPLICAS": "1",
-        "FLOTILLA_TRITON__MODEL_REPOSITORY": str(MODEL_REPOSITORY),
     })
     up = subprocess.Popen(
         [sys.executable, "-m", "flotilla", "up", "--config", str(REPO / "flotilla.yaml")],

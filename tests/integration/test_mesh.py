@@ -14,7 +14,7 @@ from flotilla.common.server import is_serving
 from flotilla.errors import Code, FlotillaError
 from flotilla.services.preprocess.imaging import decode_for_model, to_batch_tensor
 from flotilla.stack.local import LocalStack
-from tests.integration.conftest import MAX_BATCH_SIZE, MODEL, MODEL_REPOSITORY, sample, triton_counts
+from tests.integration.conftest import MAX_BATCH_SIZE, MODEL, MODEL_ONNX, sample, triton_counts
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO, CUP = 967, 968
@@ -25,7 +25,7 @@ def in_process_top5(jpeg: bytes, stack: LocalStack) -> list[tuple[int, float]]:
     assert stack.settings is not None
     spec = stack.settings.models[MODEL].input
     pixels = decode_for_model(jpeg, spec, what="reference", max_pixels=10**9)
-    session = ort.InferenceSession(str(MODEL_REPOSITORY / MODEL / "1" / "model.onnx"))
+    session = ort.InferenceSession(str(MODEL_ONNX))
     probabilities = session.run(None, {spec.name: to_batch_tensor([pixels], spec)})[0][0]
     best = np.argsort(-probabilities)[:5]
     return [(int(i), float(probabilities[i])) for i in best]

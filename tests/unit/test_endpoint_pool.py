@@ -56,9 +56,29 @@ def test_round_robin_takes_candidates_in_turn_and_wraps() -> None:
     assert chosen == ["a:1", "b:2", "c:3", "a:1", "b:2", "c:3", "a:1"]
 
 
-def test_pool_without_endpoints_is_rejected() -> None:
-    with pytest.raises(ValueError, match="at least one endpoint"):
-        EndpointPool("worker", {})
+async def test_a_pool_with_no_endpoints_fails_calls_as_unavailable() -> None:
+    pool = EndpointPool("worker", {})
+    with pytest.raises(NoHealthyEndpoint, match="there are none right now") as caught:
+        await pool.call(Script())
+    assert caught.value.code == Code.UNAVAILABLE
+
+
+async def test_set_endpoints_keeps_the_state_of_endpoints_that_stay() -> None:
+    clock = ManualTime()
+    pool = make_pool(clock, eject_after_failures=1, eject_cooldown_s=10.0)
+    await pool.call(Script({"a:1": Unavailable("down")}))  # a:1 ejected
+    kept_b = pool.endpoints[1]
+
+    removed = pool.set_endpoints({"a:1": "client-a:1", "b:2": "client-b:2", "d:4": "client-d:4"})
+
+    assert removed == ["client-c:3"]
+    assert [e.address for e in pool.endpoints] == ["a:1", "b:2", "d:4"]
+    assert pool.endpoints[1] is kept_b
+    assert [e.address for e in pool.admitted()] == ["b:2", "d:4"], "a:1 stays ejected; d:4 is new and admitted"
+    script = Script()
+    await pool.call(script)
+    await pool.call(script)
+    assert sorted(script.visited) == ["b:2", "d:4"]
 
 
 async def test_calls_visit_every_endpoint_in_turn() -> None:

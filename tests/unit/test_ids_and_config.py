@@ -122,7 +122,7 @@ def test_yaml_values_are_loaded(tmp_path: Path) -> None:
 def test_defaults_without_a_file() -> None:
     settings = load_settings()
     assert settings.triton.replicas == 2
-    assert list(settings.models) == ["efficientnet-lite0"]
+    assert settings.models == {}, "models are deployed through the registry; none by default"
 
 
 def test_empty_yaml_file_gives_defaults(tmp_path: Path) -> None:
@@ -180,9 +180,25 @@ def test_unknown_keys_are_rejected(tmp_path: Path, text: str, field: str) -> Non
     assert info.value.errors()[0]["type"] == "extra_forbidden"
 
 
-def test_no_models_is_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="at least one model"):
-        load_settings(write_yaml(tmp_path, "models: {}\n"))
+@pytest.mark.parametrize(
+    ("model", "problem"),
+    [
+        ("{min_copies: 3, max_copies: 2}", "min_copies \\(3\\) is above max_copies \\(2\\)"),
+        ("{versions: [1, 2], default_version: 3}", "default_version 3 is not one of versions"),
+        ("{versions: []}", "must list positive version numbers"),
+        ("{batching: {max_batch_size: 128}}", "above backend.max_batch_size \\(64\\)"),
+        ("{memory_mb: 0}", "memory_mb"),
+    ],
+)
+def test_inconsistent_model_specs_are_rejected_naming_the_fields(tmp_path: Path, model: str, problem: str) -> None:
+    with pytest.raises(ValidationError, match=problem):
+        load_settings(write_yaml(tmp_path, f"models:\n  m: {model}\n"))
+
+
+def test_a_model_spec_orders_its_versions_and_serves_the_highest_by_default(tmp_path: Path) -> None:
+    settings = load_settings(write_yaml(tmp_path, "models:\n  m: {versions: [3, 1]}\n"))
+    assert settings.models["m"].versions == [1, 3]
+    assert settings.models["m"].served_version == 3
 
 
 def test_dump_then_load_round_trips_secrets(tmp_path: Path) -> None:

@@ -8,12 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import simplejpeg
-from PIL import Image
+from PIL import Image, ImageOps
+from pydantic import ValidationError
 
 from flotilla.config import InputSpec
 from flotilla.errors import Code, ImageTooLarge, InvalidImage
 from flotilla.services.preprocess import imaging
-from flotilla.services.preprocess.imaging import decode_for_model, read_jpeg_size, to_batch_tensor, top_k
+from flotilla.services.preprocess.imaging import (
+    decode_for_model,
+    read_exif_orientation,
+    read_jpeg_size,
+    scores_to_probabilities,
+    to_batch_tensor,
+    top_k,
+)
 
 SAMPLE = Path(__file__).resolve().parents[2] / "build" / "samples" / "chelsea.jpg"
 NO_LIMIT = 10**9
@@ -276,3 +284,323 @@ def test_top_1_is_the_argmax() -> None:
     rng = np.random.default_rng(7)
     probabilities = rng.random(1000)
     assert top_k(probabilities, 1) == [(int(np.argmax(probabilities)), float(probabilities.max()))]
+
+
+# --- spec options: channel order, scale -------------------------------------------
+
+
+def test_bgr_uint8_reverses_the_channels() -> None:
+    images = random_images(2)
+    batch = to_batch_tensor(images, InputSpec(dtype="UINT8", channel_order="BGR"))
+    np.testing.assert_array_equal(batch, np.stack(images)[..., [2, 1, 0]])
+
+
+def test_bgr_fp32_nchw_applies_mean_and_std_in_the_tensors_channel_order() -> None:
+    images = random_images(2)
+    mean, std = (104.0, 117.0, 123.0), (2.0, 4.0, 8.0)  # for B, G, R
+    spec = InputSpec(dtype="FP32", layout="NCHW", channel_order="BGR", mean=mean, std=std)
+    batch = to_batch_tensor(images, spec)
+
+    bgr = np.stack(images).astype(np.float64)[..., ::-1]
+    reference = ((bgr - np.array(mean)) / np.array(std)).transpose(0, 3, 1, 2)
+    assert batch.shape == (2, 3, 4, 5) and batch.dtype == np.float32 and batch.flags.c_contiguous
+    np.testing.assert_allclose(batch, reference, rtol=1e-5, atol=1e-4)
+    # Channel 0 of the tensor is blue: pixel B - 104.
+    assert batch[1, 0, 2, 3] == pytest.approx((float(images[1][2, 3, 2]) - 104) / 2)
+
+
+def test_scale_multiplies_the_pixels_before_the_mean() -> None:
+    images = random_images(3)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    spec = InputSpec(dtype="FP32", scale=1 / 255, mean=mean, std=std)
+    batch = to_batch_tensor(images, spec)
+
+    reference = (np.stack(images).astype(np.float64) / 255 - np.array(mean)) / np.array(std)
+    np.testing.assert_allclose(batch, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_scale_and_mean_do_not_touch_uint8() -> None:
+    images = random_images(1)
+    spec = InputSpec(dtype="UINT8", scale=1 / 255, mean=(1, 2, 3), std=(4, 5, 6))
+    np.testing.assert_array_equal(to_batch_tensor(images, spec), np.stack(images))
+
+
+# --- spec options: resize_px -----------------------------------------------------
+
+
+def texture(height: int, width: int) -> np.ndarray:
+    """Smooth, asymmetric waves: survives DCT-scaled decoding, shows a crop off by one pixel."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    red = 128 + 100 * np.sin(2 * np.pi * x / 97)
+    green = 128 + 100 * np.sin(2 * np.pi * y / 89)
+    blue = 128 + 60 * np.sin(2 * np.pi * (x + 2 * y) / 151)
+    return np.stack([red, green, blue], axis=-1).round().astype(np.uint8)
+
+
+def reference_input(upright: Image.Image, spec: InputSpec) -> np.ndarray:
+    """The spec's resize done the plain way on a full decode: resize the whole frame, slice the centre."""
+    height, width = spec.height_px, spec.width_px
+    if spec.resize == "stretch":
+        if spec.resize_px is None:
+            return np.asarray(upright.resize((width, height), Image.Resampling.BILINEAR))
+        mid_w = mid_h = spec.resize_px
+    else:
+        assert spec.resize_px is not None
+        short = min(upright.width, upright.height)
+        mid_w = round(upright.width * spec.resize_px / short)
+        mid_h = round(upright.height * spec.resize_px / short)
+    resized = np.asarray(upright.resize((mid_w, mid_h), Image.Resampling.BILINEAR))
+    top, left = (mid_h - height) // 2, (mid_w - width) // 2
+    return resized[top : top + height, left : left + width]
+
+
+def full_decode(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+def assert_close(pixels: np.ndarray, reference: np.ndarray, *, mean_below: float, max_at_most: int) -> None:
+    assert pixels.shape == reference.shape
+    difference = np.abs(pixels.astype(np.int16) - reference.astype(np.int16))
+    assert difference.mean() < mean_below, difference.mean()
+    assert difference.max() <= max_at_most, difference.max()
+
+
+@pytest.fixture(scope="module")
+def big_texture() -> bytes:
+    return encode_jpeg(texture(2000, 3000))
+
+
+RESIZE_PX_SPECS = {
+    "stretch 256 crop 224": InputSpec(resize="stretch", resize_px=256),
+    "short side 256 crop 224": InputSpec(resize="center_crop", resize_px=256),
+    "stretch 300 crop 200x256": InputSpec(resize="stretch", resize_px=300, height_px=200, width_px=256),
+    "short side 240 crop 96x160": InputSpec(resize="center_crop", resize_px=240, height_px=96, width_px=160),
+}
+
+
+@pytest.mark.parametrize("spec", RESIZE_PX_SPECS.values(), ids=RESIZE_PX_SPECS.keys())
+@pytest.mark.parametrize("portrait", [False, True], ids=["landscape", "portrait"])
+def test_resize_px_matches_a_full_decode_resized_then_cropped(
+    big_texture: bytes, spec: InputSpec, portrait: bool
+) -> None:
+    data = encode_jpeg(texture(3000, 2000)) if portrait else big_texture
+    pixels = decode_for_model(data, spec, what="image t", max_pixels=NO_LIMIT)
+    assert_close(pixels, reference_input(full_decode(data), spec), mean_below=1.5, max_at_most=8)
+
+
+@pytest.mark.parametrize("spec", RESIZE_PX_SPECS.values(), ids=RESIZE_PX_SPECS.keys())
+def test_resize_px_geometry_is_exact_without_dct_scaling(
+    photo: bytes, spec: InputSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With the whole image decoded, one resize of the crop box equals resize-then-slice.
+    real_decode = simplejpeg.decode_jpeg
+    monkeypatch.setattr(imaging.simplejpeg, "decode_jpeg", lambda data, **kw: real_decode(data, colorspace="RGB"))
+    pixels = decode_for_model(photo, spec, what="image c", max_pixels=NO_LIMIT)
+    reference = reference_input(Image.fromarray(real_decode(photo, colorspace="RGB")), spec)
+    assert_close(pixels, reference, mean_below=0.05, max_at_most=1)
+
+
+def test_a_crop_off_by_one_pixel_would_be_caught(big_texture: bytes) -> None:
+    """The texture is sharp enough that the tolerance above rejects a one-pixel shift."""
+    spec = InputSpec(resize="stretch", resize_px=256)
+    reference = reference_input(full_decode(big_texture), spec)
+    shifted = np.asarray(full_decode(big_texture).resize((256, 256), Image.Resampling.BILINEAR))[17:241, 16:240]
+    assert np.abs(shifted.astype(np.int16) - reference.astype(np.int16)).mean() > 10
+
+
+def test_resize_px_must_leave_room_for_the_crop() -> None:
+    with pytest.raises(ValidationError, match="resize_px"):
+        InputSpec(resize_px=200)  # below 224
+    with pytest.raises(ValidationError, match="resize_px"):
+        InputSpec(height_px=100, width_px=300, resize_px=256)
+    assert InputSpec(resize_px=224).resize_px == 224
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected_min"),
+    [
+        (InputSpec(resize="stretch", resize_px=256), (256, 256)),
+        (InputSpec(resize="center_crop", resize_px=256), (256, 384)),  # short side 2000 -> 256
+        (InputSpec(resize="center_crop", resize_px=240, height_px=96, width_px=160), (240, 360)),
+    ],
+)
+def test_resize_px_still_decodes_dct_scaled(
+    big_texture: bytes, spec: InputSpec, expected_min: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = spy_on_decode(monkeypatch)
+    decode_for_model(big_texture, spec, what="image t", max_pixels=NO_LIMIT)
+
+    [(min_h, min_w, shape)] = seen
+    assert (min_h, min_w) == expected_min
+    # The smallest DCT scale (n/8) that covers it: far below 2000 x 3000, never below the cover.
+    assert min_h <= shape[0] < 2000 // 2 and min_w <= shape[1] < 3000 // 2
+
+
+def spy_on_decode(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, tuple[int, ...]]]:
+    """Record (min_height, min_width, decoded shape) of every simplejpeg decode."""
+    seen: list[tuple[int, int, tuple[int, ...]]] = []
+    real_decode = simplejpeg.decode_jpeg
+
+    def spy(*args, **kwargs):
+        out = real_decode(*args, **kwargs)
+        seen.append((kwargs.get("min_height", 0), kwargs.get("min_width", 0), out.shape))
+        return out
+
+    monkeypatch.setattr(imaging.simplejpeg, "decode_jpeg", spy)
+    return seen
+
+
+# --- EXIF orientation ----------------------------------------------------------------
+
+# Orientation tag -> how a camera stores an upright scene: the inverse of the
+# transpose that turns it upright (2, 3, 4, 5 and 7 are their own inverses).
+STORED_AS = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def jpeg_with_orientation(upright: Image.Image, orientation: int, quality: int = 95) -> bytes:
+    """A real JPEG whose pixels are stored turned, with the EXIF tag that turns them back."""
+    transpose = STORED_AS[orientation]
+    stored = upright if transpose is None else upright.transpose(transpose)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif[0x010F] = "Flotilla test camera"  # another IFD0 entry before/after the tag
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", quality=quality, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def upright_photo(photo: bytes) -> Image.Image:
+    return full_decode(photo)  # 451 x 300 landscape: a quarter turn swaps its sides
+
+
+ORIENTATION_SPECS = {
+    "stretch": InputSpec(),
+    "short side crop 96x160": InputSpec(resize="center_crop", resize_px=180, height_px=96, width_px=160),
+}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_read_from_the_header(upright_photo: Image.Image, orientation: int) -> None:
+    assert read_exif_orientation(jpeg_with_orientation(upright_photo, orientation)) == orientation
+
+
+@pytest.mark.parametrize("spec", ORIENTATION_SPECS.values(), ids=ORIENTATION_SPECS.keys())
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_turns_the_image_upright(
+    upright_photo: Image.Image, orientation: int, spec: InputSpec
+) -> None:
+    data = jpeg_with_orientation(upright_photo, orientation)
+    pixels = decode_for_model(data, spec, what="image o", max_pixels=NO_LIMIT)
+
+    with Image.open(io.BytesIO(data)) as stored:
+        reference_image = ImageOps.exif_transpose(stored).convert("RGB")
+    assert reference_image.size == upright_photo.size  # the reference itself is upright
+    reference = reference_input(reference_image, spec)
+    assert_close(pixels, reference, mean_below=3.5, max_at_most=60)
+    # ... and far from the stored, unturned pixels (the tolerance tells them apart).
+    if orientation != 1:
+        unturned = decode_for_model(data, spec.model_copy(update={"apply_exif_orientation": False}),
+                                    what="image o", max_pixels=NO_LIMIT)
+        assert np.abs(unturned.astype(np.int16) - reference.astype(np.int16)).mean() > 15
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_off_keeps_the_stored_orientation(upright_photo: Image.Image, orientation: int) -> None:
+    data = jpeg_with_orientation(upright_photo, orientation)
+    spec = InputSpec(resize="center_crop", resize_px=180, height_px=96, width_px=160, apply_exif_orientation=False)
+    pixels = decode_for_model(data, spec, what="image o", max_pixels=NO_LIMIT)
+    assert_close(pixels, reference_input(full_decode(data), spec), mean_below=3.5, max_at_most=60)
+
+
+@pytest.mark.parametrize(("orientation", "swapped"), [(1, False), (3, False), (5, True), (6, True), (8, True)])
+def test_exif_orientation_decodes_once_dct_scaled_with_the_sides_swapped(
+    orientation: int, swapped: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upright = Image.fromarray(texture(2000, 3000))
+    data = jpeg_with_orientation(upright, orientation, quality=90)
+    spec = InputSpec(resize="center_crop", resize_px=256)  # upright 2000 x 3000 -> cover 256 x 384
+    seen = spy_on_decode(monkeypatch)
+    pixels = decode_for_model(data, spec, what="image o", max_pixels=NO_LIMIT)
+
+    [(min_h, min_w, shape)] = seen  # one decode, in the stored orientation
+    assert (min_h, min_w) == ((384, 256) if swapped else (256, 384))
+    assert shape[0] >= min_h and shape[1] >= min_w and shape[0] * shape[1] <= 3000 * 2000 // 16
+    assert_close(pixels, reference_input(upright, spec), mean_below=2, max_at_most=20)
+
+
+def exif_segment(tiff: bytes) -> bytes:
+    payload = b"Exif\x00\x00" + tiff
+    return b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+def big_endian_tiff(orientation: int) -> bytes:
+    entries = [
+        (0x010F, 2, 4, b"Cam\x00"),  # Make, ASCII, fits in the value field
+        (0x0112, 3, 1, orientation.to_bytes(2, "big") + b"\x00\x00"),
+    ]
+    body = b"MM" + (42).to_bytes(2, "big") + (8).to_bytes(4, "big") + len(entries).to_bytes(2, "big")
+    for tag, kind, count, value in entries:
+        body += tag.to_bytes(2, "big") + kind.to_bytes(2, "big") + count.to_bytes(4, "big") + value
+    return body + (0).to_bytes(4, "big")
+
+
+def test_big_endian_exif_after_a_jfif_segment_is_read(upright_photo: Image.Image) -> None:
+    plain = encode_jpeg(np.asarray(upright_photo))
+    assert plain[2:4] == b"\xff\xe0"  # Pillow writes JFIF APP0 first
+    app0_end = 4 + int.from_bytes(plain[4:6], "big")
+    data = plain[:app0_end] + exif_segment(big_endian_tiff(8)) + plain[app0_end:]
+    assert read_exif_orientation(data) == 8
+    assert decode_for_model(data, InputSpec(height_px=96, width_px=64), what="image m",
+                            max_pixels=NO_LIMIT).shape == (96, 64, 3)
+
+
+@pytest.mark.parametrize(
+    "segment",
+    [
+        exif_segment(big_endian_tiff(9)),  # out of range
+        exif_segment(big_endian_tiff(6)[:20]),  # IFD cut short
+        exif_segment(b"XX\x00\x2a\x00\x00\x00\x08"),  # no byte order mark
+        exif_segment(b"II\x2a\x00\xff\xff\xff\x7f"),  # IFD0 offset far outside the segment
+        b"\xff\xe1\x00\x06Exif",  # segment shorter than the EXIF header
+    ],
+)
+def test_broken_or_absent_exif_means_upright(photo: bytes, segment: bytes) -> None:
+    data = photo[:2] + segment + photo[2:]
+    assert read_exif_orientation(data) == 1
+    assert read_exif_orientation(photo) == 1  # Pillow-written JPEG, no EXIF at all
+    assert decode_for_model(data, InputSpec(), what="image b", max_pixels=NO_LIMIT).shape == (224, 224, 3)
+
+
+# --- scores_to_probabilities ---------------------------------------------------------
+
+
+def test_logits_become_a_softmax_per_row() -> None:
+    logits = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]], dtype=np.float32)
+    probabilities = scores_to_probabilities(logits, "logits")
+    exp = np.exp(logits.astype(np.float64))
+    np.testing.assert_allclose(probabilities, exp / exp.sum(axis=1, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_softmax_is_stable_for_large_logits() -> None:
+    probabilities = scores_to_probabilities(np.array([[1000.0, 1001.0, -1000.0]], dtype=np.float32), "logits")
+    assert np.isfinite(probabilities).all()
+    np.testing.assert_allclose(probabilities[0], [1 / (1 + np.e), np.e / (1 + np.e), 0.0], rtol=1e-6, atol=1e-12)
+
+
+def test_probabilities_pass_through_and_unknown_kinds_are_refused() -> None:
+    scores = np.array([[0.2, 0.8]], dtype=np.float32)
+    assert scores_to_probabilities(scores, "probabilities") is scores
+    with pytest.raises(ValueError, match="unknown output kind"):
+        scores_to_probabilities(scores, "sigmoid")

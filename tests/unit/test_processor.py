@@ -15,11 +15,12 @@ from flotilla.errors import (
     Code,
     FlotillaError,
     ImageNotFound,
+    InvalidArgument,
     InvalidImage,
     InvalidImageUuid,
     ModelNotFound,
 )
-from flotilla.services.backend_pool.triton import InferResult
+from flotilla.services.preprocess.backend import InferResult
 from flotilla.services.preprocess.processor import (
     DEFAULT_TOP_K,
     BatchProcessor,
@@ -75,10 +76,11 @@ class FakeBackend:
         self.error = error
         self.calls: list[dict] = []
 
-    async def infer(self, model, input_name, batch, output_name, *, timeout_s=None) -> InferResult:
+    async def infer(self, model, input_name, batch, output_name, *, version=0, timeout_s=None) -> InferResult:
         self.calls.append(
             {
                 "model": model,
+                "version": version,
                 "input_name": input_name,
                 "shape": batch.shape,
                 "dtype": batch.dtype,
@@ -244,19 +246,46 @@ async def test_backend_unavailable_fails_the_whole_batch(executor) -> None:
         await processor.process("tiny", [ItemRequest(GOOD), ItemRequest(MISSING)])
 
 
-def test_served_model_loads_labels_from_the_model_repository(tmp_path) -> None:
-    (tmp_path / "tiny_onnx").mkdir()
-    (tmp_path / "tiny_onnx" / "labels.txt").write_text("cat\ndog\n", encoding="utf-8")
+def test_served_model_takes_labels_from_the_spec_else_its_labels_file(tmp_path) -> None:
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("cat\ndog\n", encoding="utf-8")
 
-    model = ServedModel.load("tiny", ModelSettings(backend_model="tiny_onnx"), tmp_path)
+    from_file = ServedModel.from_spec("tiny", ModelSettings(backend_model="tiny_onnx", labels_file=labels_file))
+    from_spec = ServedModel.from_spec("tiny", ModelSettings(labels=["sfw", "nsfw"], labels_file=labels_file))
 
-    assert model.labels == ["cat", "dog"]
-    assert model.backend_model == "tiny_onnx"
-    assert (model.label(1), model.label(2)) == ("dog", "2")
+    assert from_file.labels == ["cat", "dog"]
+    assert from_file.backend_model == "tiny_onnx"
+    assert (from_file.label(1), from_file.label(2)) == ("dog", "2")
+    assert from_spec.labels == ["sfw", "nsfw"]
 
 
-def test_served_model_without_labels_uses_indices(tmp_path) -> None:
-    model = ServedModel.load("tiny", ModelSettings(), tmp_path)
+def test_served_model_without_labels_uses_indices() -> None:
+    model = ServedModel.from_spec("tiny", ModelSettings())
     assert model.labels == []
     assert model.backend_model == "tiny"
     assert model.label(7) == "7"
+
+
+async def test_the_default_version_runs_unless_a_live_version_is_named(executor) -> None:
+    store = FakeStore({f"{GOOD}.jpg": jpeg(40, 40)})
+    backend = FakeBackend()
+    processor = make_processor(executor, store, backend, models=served(versions=[1, 2, 3], default_version=2))
+
+    await processor.process("tiny", [ItemRequest(GOOD)])
+    await processor.process("tiny", [ItemRequest(GOOD)], version=3)
+    with pytest.raises(InvalidArgument, match=r"no version 9; live versions: \[1, 2, 3\]"):
+        await processor.process("tiny", [ItemRequest(GOOD)], version=9)
+
+    assert [c["version"] for c in backend.calls] == [2, 3]
+
+
+async def test_logits_are_turned_into_probabilities_before_top_k(executor) -> None:
+    store = FakeStore({f"{GOOD}.jpg": jpeg(40, 40)})
+    processor = make_processor(executor, store, FakeBackend(), models=served(output_kind="logits"))
+
+    outcome = await processor.process("tiny", [ItemRequest(GOOD)], version=0)
+
+    classes = outcome.items[0].classes
+    expected = np.exp(SCORES) / np.exp(SCORES).sum()
+    assert [c.index for c in classes] == [3, 1, 4, 0, 5]
+    assert classes[0].score == pytest.approx(float(expected[3]), rel=1e-5)

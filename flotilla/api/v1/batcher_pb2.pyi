@@ -50,7 +50,7 @@ class BatchSizeCount(_message.Message):
     def __init__(self, batch_size: _Optional[int] = ..., batches: _Optional[int] = ...) -> None: ...
 
 class BatcherStats(_message.Message):
-    __slots__ = ("model_name", "requests", "batches", "expired", "rejected_full", "mean_batch_size", "batch_sizes", "queue_wait_p50_ms", "queue_wait_p90_ms", "queue_wait_p99_ms", "queue_depth", "inflight_batches")
+    __slots__ = ("model_name", "requests", "batches", "expired", "rejected_full", "mean_batch_size", "batch_sizes", "queue_wait_p50_ms", "queue_wait_p90_ms", "queue_wait_p99_ms", "queue_depth", "inflight_batches", "total_arrivals", "total_dispatched", "total_queue_wait_s")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,9 @@ class BatcherStats(_message.Message):
     QUEUE_WAIT_P99_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ARRIVALS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_DISPATCHED_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_QUEUE_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     requests: int
     batches: int
@@ -75,4 +78,7 @@ class BatcherStats(_message.Message):
     queue_wait_p99_ms: float
     queue_depth: int
     inflight_batches: int
-    def __init__(self, model_name: _Optional[str] = ..., requests: _Optional[int] = ..., batches: _Optional[int] = ..., expired: _Optional[int] = ..., rejected_full: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., batch_sizes: _Optional[_Iterable[_Union[BatchSizeCount, _Mapping]]] = ..., queue_wait_p50_ms: _Optional[float] = ..., queue_wait_p90_ms: _Optional[float] = ..., queue_wait_p99_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., inflight_batches: _Optional[int] = ...) -> None: ...
+    total_arrivals: int
+    total_dispatched: int
+    total_queue_wait_s: float
+    def __init__(self, model_name: _Optional[str] = ..., requests: _Optional[int] = ..., batches: _Optional[int] = ..., expired: _Optional[int] = ..., rejected_full: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., batch_sizes: _Optional[_Iterable[_Union[BatchSizeCount, _Mapping]]] = ..., queue_wait_p50_ms: _Optional[float] = ..., queue_wait_p90_ms: _Optional[float] = ..., queue_wait_p99_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., inflight_batches: _Optional[int] = ..., total_arrivals: _Optional[int] = ..., total_dispatched: _Optional[int] = ..., total_queue_wait_s: _Optional[float] = ...) -> None: ...

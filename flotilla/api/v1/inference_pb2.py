@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66lotilla/api/v1/inference.proto\x12\x0f\x66lotilla.api.v1\"\x82\x01\n\x0f\x43lassifyRequest\x12\x12\n\nimage_uuid\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\r\x12\x12\n\ntimeout_us\x18\x06 \x01(\x04\"9\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"|\n\x10\x43lassifyResponse\x12\x12\n\nimage_uuid\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12,\n\x07\x63lasses\x18\x03 \x03(\x0b\x32\x1b.flotilla.api.v1.ClassScore\x12\x12\n\nrequest_id\x18\x04 \x01(\t2b\n\x0fImageClassifier\x12O\n\x08\x43lassify\x12 .flotilla.api.v1.ClassifyRequest\x1a!.flotilla.api.v1.ClassifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66lotilla/api/v1/inference.proto\x12\x0f\x66lotilla.api.v1\"\x99\x01\n\x0f\x43lassifyRequest\x12\x12\n\nimage_uuid\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\r\x12\x12\n\ntimeout_us\x18\x06 \x01(\x04\x12\x15\n\rmodel_version\x18\x07 \x01(\r\"9\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"|\n\x10\x43lassifyResponse\x12\x12\n\nimage_uuid\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12,\n\x07\x63lasses\x18\x03 \x03(\x0b\x32\x1b.flotilla.api.v1.ClassScore\x12\x12\n\nrequest_id\x18\x04 \x01(\t2b\n\x0fImageClassifier\x12O\n\x08\x43lassify\x12 .flotilla.api.v1.ClassifyRequest\x1a!.flotilla.api.v1.ClassifyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,11 +32,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flotilla.api.v1.inference_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CLASSIFYREQUEST']._serialized_start=53
-  _globals['_CLASSIFYREQUEST']._serialized_end=183
-  _globals['_CLASSSCORE']._serialized_start=185
-  _globals['_CLASSSCORE']._serialized_end=242
-  _globals['_CLASSIFYRESPONSE']._serialized_start=244
-  _globals['_CLASSIFYRESPONSE']._serialized_end=368
-  _globals['_IMAGECLASSIFIER']._serialized_start=370
-  _globals['_IMAGECLASSIFIER']._serialized_end=468
+  _globals['_CLASSIFYREQUEST']._serialized_end=206
+  _globals['_CLASSSCORE']._serialized_start=208
+  _globals['_CLASSSCORE']._serialized_end=265
+  _globals['_CLASSIFYRESPONSE']._serialized_start=267
+  _globals['_CLASSIFYRESPONSE']._serialized_end=391
+  _globals['_IMAGECLASSIFIER']._serialized_start=393
+  _globals['_IMAGECLASSIFIER']._serialized_end=491
 # @@protoc_insertion_point(module_scope)

@@ -7,20 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("image_uuid", "model_name", "top_k", "request_id", "priority", "timeout_us")
+    __slots__ = ("image_uuid", "model_name", "top_k", "request_id", "priority", "timeout_us", "model_version")
     IMAGE_UUID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_US_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     image_uuid: str
     model_name: str
     top_k: int
     request_id: str
     priority: int
     timeout_us: int
-    def __init__(self, image_uuid: _Optional[str] = ..., model_name: _Optional[str] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ...) -> None: ...
+    model_version: int
+    def __init__(self, image_uuid: _Optional[str] = ..., model_name: _Optional[str] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("index", "label", "score")

@@ -9,22 +9,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class BatchItem(_message.Message):
-    __slots__ = ("image_uuid", "top_k", "request_id")
+    __slots__ = ("image_uuid", "top_k", "request_id", "model_version")
     IMAGE_UUID_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     image_uuid: str
     top_k: int
     request_id: str
-    def __init__(self, image_uuid: _Optional[str] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    model_version: int
+    def __init__(self, image_uuid: _Optional[str] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ProcessBatchRequest(_message.Message):
-    __slots__ = ("model_name", "items")
+    __slots__ = ("model_name", "items", "model_version")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     items: _containers.RepeatedCompositeFieldContainer[BatchItem]
-    def __init__(self, model_name: _Optional[str] = ..., items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ...) -> None: ...
+    model_version: int
+    def __init__(self, model_name: _Optional[str] = ..., items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ItemError(_message.Message):
     __slots__ = ("code", "message")

@@ -1,0 +1,130 @@
+"""Operator client for the control plane: deploy, list, status, undeploy, upload.
+
+    client = ModelsClient("127.0.0.1:50100")
+    client.deploy("open-nsfw", spec)            # spec: flotilla.config.ModelSettings
+    print(format_status(client.status("open-nsfw")))
+
+Blocking (the CLI and the local stack's start-up use it). Failures raise a
+``FlotillaError`` with the controller's status and reason.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+
+from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
+from flotilla.common.object_store import ObjectStore
+from flotilla.common.status import error_from_rpc
+from flotilla.config import ModelSettings, S3Settings
+from flotilla.services.controller.artifacts import ArtifactStore
+
+DEPLOY_TIMEOUT_S = 300.0
+CALL_TIMEOUT_S = 30.0
+
+
+def upload_artifact(s3: S3Settings, local_dir: Path, storage_uri: str) -> dict[str, dict[str, object]]:
+    """Put a local model directory (``<version>/model.onnx``, labels.txt) at ``storage_uri``."""
+    artifacts = ArtifactStore(lambda bucket: ObjectStore(s3.model_copy(update={"bucket": bucket}), timeout_s=60.0))
+    return artifacts.upload(local_dir, storage_uri)
+
+
+class ModelsClient:
+    def __init__(self, controller: str) -> None:
+        self.controller = controller
+        self._channel = grpc.insecure_channel(controller)
+        self._stub = controller_pb2_grpc.ControllerStub(self._channel)
+
+    def __enter__(self) -> ModelsClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method, request, timeout_s: float = CALL_TIMEOUT_S):  # type: ignore[no-untyped-def]
+        try:
+            return method(request, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, f"controller {self.controller}") from exc  # type: ignore[arg-type]
+
+    def deploy(
+        self, name: str, spec: ModelSettings | dict[str, object], *, replace: bool = False
+    ) -> controller_pb2.ModelStatus:
+        """``spec`` as settings, or as plain data the controller validates."""
+        spec_json = spec.model_dump_json() if isinstance(spec, ModelSettings) else json.dumps(spec)
+        request = controller_pb2.DeployRequest(name=name, spec_json=spec_json, replace=replace)
+        return self._call(self._stub.Deploy, request, DEPLOY_TIMEOUT_S)
+
+    def undeploy(self, name: str) -> None:
+        self._call(self._stub.Undeploy, controller_pb2.UndeployRequest(name=name), DEPLOY_TIMEOUT_S)
+
+    def list(self) -> list[controller_pb2.ModelStatus]:
+        return list(self._call(self._stub.ListModels, controller_pb2.ListModelsRequest()).models)
+
+    def status(self, name: str) -> controller_pb2.ModelStatus:
+        return self._call(self._stub.GetModel, controller_pb2.GetModelRequest(name=name))
+
+    def ensure_loaded(self, name: str, timeout_s: float = DEPLOY_TIMEOUT_S) -> controller_pb2.ModelStatus:
+        return self._call(self._stub.EnsureLoaded, controller_pb2.EnsureLoadedRequest(name=name), timeout_s)
+
+    def fleet(self) -> controller_pb2.Fleet:
+        """The current fleet (the first snapshot of the watch stream)."""
+        stream = self._stub.WatchFleet(controller_pb2.WatchFleetRequest(), timeout=CALL_TIMEOUT_S)
+        try:
+            return next(iter(stream))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, f"controller {self.controller}") from exc  # type: ignore[arg-type]
+        finally:
+            stream.cancel()
+
+
+def _when(unix_s: float) -> str:
+    if not unix_s:
+        return "never"
+    return datetime.datetime.fromtimestamp(unix_s).strftime("%H:%M:%S")
+
+
+def format_list(models: list[controller_pb2.ModelStatus]) -> str:
+    rows = [f"{'NAME':<24} {'READY':<6} {'COPIES':<8} {'MEMORY':>9}  {'VERSION':<8} {'LAST USED':<9} STORAGE"]
+    for m in models:
+        spec = json.loads(m.spec_json)
+        ready = next((c.status for c in m.conditions if c.type == "Ready" and not c.replica), "Unknown")
+        loaded = sum(c.state == "ready" for c in m.copies)
+        copies = f"{loaded}/{spec['min_copies']}-{spec['max_copies']}"
+        memory = f"{m.memory_mb:.0f}{'' if m.memory_measured else '*'} MiB"
+        rows.append(f"{m.name:<24} {ready:<6} {copies:<8} {memory:>9}  {m.default_version:<8} "
+                    f"{_when(m.last_used_unix_s):<9} {spec['storage_uri']}")
+    rows.append("(* declared memory, not yet measured; COPIES = ready/min-max)")
+    return "\n".join(rows)
+
+
+def format_status(m: controller_pb2.ModelStatus) -> str:
+    spec = json.loads(m.spec_json)
+    lines = [
+        f"model:      {m.name}",
+        f"storage:    {spec['storage_uri']}  ({spec['framework']}, versions {spec['versions']}, default {m.default_version})",
+        f"memory:     {m.memory_mb:.0f} MiB ({'measured' if m.memory_measured else 'declared'})",
+        f"copies:     min {spec['min_copies']}, max {spec['max_copies']}",
+        f"batchers:   {', '.join(m.batchers) or 'none'}",
+        f"queue wait: {m.queue_wait_ms:.1f} ms (last interval); last used {_when(m.last_used_unix_s)}",
+        "placement:",
+    ]
+    lines += [f"  {c.replica:<22} {c.state:<11} versions {list(c.versions)}  {c.memory_mb:.0f} MiB" for c in m.copies]
+    if not m.copies:
+        lines.append("  (no copy loaded)")
+    lines.append("conditions:")
+    for c in m.conditions:
+        where = f" [{c.replica}]" if c.replica else ""
+        lines.append(f"  {c.type + where:<44} {c.status:<7} {c.reason:<16} {c.message}  (since {_when(c.last_transition_unix_s)})")
+    lines.append("events (oldest first):")
+    lines += [f"  {_when(e.unix_s)} {e.kind:<16} {e.message}" for e in m.events]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The control plane: model registry, placement on Triton replicas, loading and autoscaling."""

@@ -1,0 +1,607 @@
+"""The controller's core: registry, placement, load/unload, cold starts, autoscaling.
+
+No grpc here: replicas are ``ReplicaAgent``s (Triton through tritonclient in
+production), the batchers' counters come from a ``UsageReader`` callable,
+and the gRPC layer (``server.py``) maps errors to statuses.
+
+- Deploy validates the spec, the framework, the artifact (manifest and
+  every version's file) and that some replica could ever hold the model,
+  then places ``min_copies`` copies. Any failure unloads what was loaded
+  and registers nothing. The record becomes visible to the fleet (routes,
+  batchers, pools) only once it is committed.
+- Placement holds ``_placing`` while it chooses a replica and reserves the
+  memory (a "loading" copy), so concurrent placements never overbook a
+  replica; the slow parts (eviction drains, artifact fetch, Triton load)
+  run outside it.
+- A copy leaves the fleet (state "draining") before it is unloaded, so
+  workers stop sending it batches; Triton finishes what it already queued.
+- Cold start: ``ensure_loaded`` of a model with no ready copy starts one
+  load and every concurrent caller awaits that same task.
+- Every ``usage_poll_interval_s`` the batchers' cumulative counters feed the
+  autoscaler; every ``autoscale.interval_s`` it decides per model; every
+  decision is logged and kept as an event in the model's status.
+- A replica that restarts comes back empty: copies it lost are dropped and
+  the autoscaler's min-copies rule places them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from flotilla.common.clock import Clock, MonotonicClock
+from flotilla.config import ControllerSettings, ModelSettings
+from flotilla.errors import (
+    AlreadyExists,
+    FlotillaError,
+    InvalidArgument,
+    ModelLoadFailed,
+    ModelNotFound,
+    UnsupportedFramework,
+)
+from flotilla.services.controller.artifacts import ArtifactStore
+from flotilla.services.controller.autoscale import Autoscaler
+from flotilla.services.controller.placement import (
+    CopyInfo,
+    ModelUsage,
+    NoCapacity,
+    ReplicaInfo,
+    can_ever_fit,
+    choose_copy_to_remove,
+    choose_replica,
+)
+from flotilla.services.controller.registry import (
+    ARTIFACT_AVAILABLE,
+    FRAMEWORK_SUPPORTED,
+    LOADED,
+    MEMORY_AVAILABLE,
+    READY,
+    ModelRecord,
+    RecordStore,
+    check_model_name,
+    parse_spec,
+)
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_FRAMEWORKS = ("onnx",)
+HEALTH_INTERVAL_S = 1.0
+
+
+class ReplicaAgent(Protocol):
+    address: str
+    budget_mb: float
+
+    async def is_ready(self) -> bool: ...
+
+    async def loaded(self) -> dict[str, list[int]]: ...
+
+    async def load(self, name: str, spec: ModelSettings, uri: str, manifest: dict[str, dict[str, object]]) -> None: ...
+
+    async def unload(self, name: str, spec: ModelSettings) -> None: ...
+
+    async def warm_up(self, name: str, spec: ModelSettings) -> None: ...
+
+    def measure_memory_mb(self, name: str, spec: ModelSettings) -> float | None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BatcherCounters:
+    arrivals_total: int
+    dispatched_total: int
+    queue_wait_s_total: float
+    queue_depth: int
+    inflight_batches: int
+
+
+# (model, batcher addresses) -> summed counters, or None when no batcher answered
+UsageReader = Callable[[str, list[str]], Awaitable[BatcherCounters | None]]
+
+
+class Controller:
+    def __init__(
+        self,
+        settings: ControllerSettings,
+        agents: list[ReplicaAgent],
+        artifacts: ArtifactStore,
+        records: RecordStore,
+        *,
+        usage: UsageReader | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.settings = settings
+        self.agents = {a.address: a for a in agents}
+        self.replicas = {a.address: ReplicaInfo(a.address, a.budget_mb) for a in agents}
+        self.artifacts = artifacts
+        self.store = records
+        self.usage = usage
+        self.clock = clock or MonotonicClock()
+        self.autoscaler = Autoscaler(settings.autoscale)
+        self.records: dict[str, ModelRecord] = {}
+        self.generation = 0
+        self._changed = asyncio.Condition()
+        self._placing = asyncio.Lock()
+        self._cold: dict[str, asyncio.Task[None]] = {}
+        self._scaling: dict[str, asyncio.Task[None]] = {}
+        self._busy: dict[str, bool] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Read the registry back, adopt what the replicas already hold, start the loops."""
+        for data in await asyncio.to_thread(self.store.load_all):
+            record = ModelRecord.from_json(data)
+            self.records[record.name] = record
+        await self._adopt_loaded_copies()
+        for record in self.records.values():
+            self._update_ready(record)
+        self._publish()
+        self._tasks = [
+            asyncio.create_task(self._loop(self._watch_replicas, HEALTH_INTERVAL_S), name="replicas"),
+            asyncio.create_task(self._loop(self._poll_usage, self.settings.usage_poll_interval_s), name="usage"),
+            asyncio.create_task(self._loop(self._autoscale, self.settings.autoscale.interval_s), name="autoscale"),
+        ]
+        log.info("controller: %d model(s) in the registry, %d replica(s)", len(self.records), len(self.agents))
+
+    async def stop(self) -> None:
+        for task in [*self._tasks, *self._cold.values(), *self._scaling.values()]:
+            task.cancel()
+        for task in [*self._tasks, *self._cold.values(), *self._scaling.values()]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for agent in self.agents.values():
+            await agent.close()
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        """A background task the controller cancels when it stops."""
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(asyncio.ensure_future(coro))
+        self._tasks[-1].set_name(name)
+
+    async def _loop(self, step: Callable[[], Awaitable[None]], interval_s: float) -> None:
+        while True:
+            try:
+                await step()
+            except Exception:
+                log.exception("controller: %s failed; retrying", step.__name__)
+            await self.clock.sleep(interval_s)
+
+    async def _adopt_loaded_copies(self) -> None:
+        """After a restart: the copies the replicas still hold are this controller's copies."""
+        by_backend = {r.spec.backend_model or r.name: r for r in self.records.values()}
+        for address, agent in self.agents.items():
+            replica = self.replicas[address]
+            try:
+                loaded = await agent.loaded()
+            except Exception as exc:  # a replica still starting; the health loop retries
+                log.warning("controller: cannot read the models on %s: %s", address, exc)
+                replica.healthy = False
+                continue
+            for backend_name, versions in loaded.items():
+                record = by_backend.get(backend_name)
+                if record is None:
+                    continue  # not ours (e.g. loaded by hand); left alone
+                replica.copies[record.name] = CopyInfo(record.name, record.memory_mb, "ready")
+                record.set_condition(LOADED, True, "Adopted", f"versions {sorted(versions)} found loaded", address)
+                log.info("controller: adopted %s on %s (versions %s)", record.name, address, sorted(versions))
+
+    # -- the fleet -------------------------------------------------------------
+
+    def _publish(self) -> None:
+        """A new fleet generation: the Ready conditions follow, watchers wake up."""
+        for record in self.records.values():
+            self._update_ready(record)
+        self.generation += 1
+
+        async def notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        task = asyncio.get_running_loop().create_task(notify())
+        task.add_done_callback(lambda t: None)
+
+    async def watch(self) -> AsyncIterator[int]:
+        """Yields the generation now and after every change (callers read the state)."""
+        seen = -1
+        while True:
+            async with self._changed:
+                if self.generation == seen:
+                    await self._changed.wait()
+            seen = self.generation
+            yield seen
+
+    def copies(self, name: str, states: tuple[str, ...] = ("loading", "ready")) -> list[str]:
+        return [a for a, r in self.replicas.items() if name in r.copies and r.copies[name].state in states]
+
+    def ready_copies(self, name: str) -> list[str]:
+        return [a for a in self.copies(name, ("ready",)) if self.replicas[a].healthy]
+
+    def committed(self) -> list[ModelRecord]:
+        return [r for r in self.records.values() if r.committed]
+
+    def record(self, name: str) -> ModelRecord:
+        record = self.records.get(name)
+        if record is None or not record.committed:
+            served = ", ".join(sorted(r.name for r in self.committed())) or "none"
+            shown = name if len(name) <= 70 else name[:70] + "..."
+            raise ModelNotFound(f"model {shown!r} is not registered; registered models: {served}")
+        return record
+
+    def last_used_s(self, name: str) -> float | None:
+        return self.autoscaler.last_used_s(name)
+
+    def queue_wait_ms(self, name: str) -> float | None:
+        return self.autoscaler.queue_wait_ms(name)
+
+    # -- registry operations ---------------------------------------------------
+
+    async def deploy(self, name: str, spec_json: str, *, replace: bool = False) -> ModelRecord:
+        check_model_name(name)
+        spec = parse_spec(spec_json)
+        existing = self.records.get(name)
+        if existing is not None and not replace:
+            raise AlreadyExists(f"model {name!r} is already registered; undeploy it first or deploy with --replace")
+        if spec.framework not in SUPPORTED_FRAMEWORKS:
+            raise UnsupportedFramework(
+                f"framework {spec.framework!r} is not supported; supported: {', '.join(SUPPORTED_FRAMEWORKS)}"
+            )
+        if not spec.storage_uri:
+            raise InvalidArgument(
+                f"model {name!r} has no storage_uri; pass --storage-uri s3://bucket/prefix "
+                "(upload the artifact with `flotilla models upload`)"
+            )
+        manifest = await asyncio.to_thread(self.artifacts.check, spec.storage_uri, spec.versions)
+        if not spec.labels and spec.labels_file is None:
+            labels = await asyncio.to_thread(self.artifacts.labels, spec.storage_uri, manifest)
+            spec = spec.model_copy(update={"labels": labels})
+        if not can_ever_fit(spec.memory_mb, list(self.replicas.values())):
+            budgets = ", ".join(f"{r.address} {r.budget_mb:.0f} MiB" for r in self.replicas.values())
+            raise NoCapacity(
+                f"model {name!r} declares {spec.memory_mb:.0f} MiB but no replica's whole budget is that large "
+                f"({budgets}); lower --memory or give replicas more (controller.replica_memory_mb)"
+            )
+        if existing is not None:
+            await self.undeploy(name)
+        record = ModelRecord(name, spec, manifest)
+        record.set_condition(
+            FRAMEWORK_SUPPORTED, True, "Supported", f"{spec.framework} runs on the Python-backend ONNX wrapper"
+        )
+        record.set_condition(
+            ARTIFACT_AVAILABLE,
+            True,
+            "Verified",
+            f"{spec.storage_uri}: versions {spec.versions} listed in its manifest and stored",
+        )
+        self.records[name] = record
+        try:
+            for _ in range(spec.min_copies):
+                await self._add_copy(name, "deploy: min_copies")
+        except BaseException:
+            self.records.pop(name, None)
+            for address in self.copies(name, ("loading", "ready", "draining")):
+                self.replicas[address].copies.pop(name, None)
+                await self.agents[address].unload(name, spec)
+            raise
+        record.set_condition(
+            MEMORY_AVAILABLE, True, "Placed", f"{len(self.copies(name))} copy(ies) placed within replica budgets"
+        )
+        record.committed = True
+        record.event(
+            "deployed",
+            f"registered with {len(self.copies(name))} copy(ies); min {spec.min_copies}, max {spec.max_copies}",
+        )
+        self._update_ready(record)
+        await self._save(record)
+        self._publish()
+        log.info("controller: deployed %s (%s)", name, spec.storage_uri)
+        return record
+
+    async def undeploy(self, name: str) -> None:
+        record = self.records.get(name) or self.record(name)  # record() raises NOT_FOUND
+        record.committed = False  # routes and batchers go first
+        self._publish()
+        for task in (self._cold.pop(name, None), self._scaling.pop(name, None)):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(self._remove_copy(name, a, "undeployed") for a in self.copies(name)))
+        self.records.pop(name, None)
+        self.autoscaler.forget(name)
+        await asyncio.to_thread(self.store.delete, name)
+        self._publish()
+        log.info("controller: undeployed %s", name)
+
+    def register_batcher(self, name: str, address: str) -> ModelRecord:
+        record = self.record(name)
+        if address and address not in record.batchers:
+            record.batchers.append(address)
+            record.event("batcher", f"batcher at {address} registered")
+            self._publish()
+            self._spawn(self._save(record), f"save:{name}")
+        return record
+
+    async def ensure_loaded(self, name: str) -> ModelRecord:
+        """Return once ``name`` has a ready copy; concurrent callers share one load."""
+        record = self.record(name)
+        if self.ready_copies(name):
+            return record
+        task = self._cold.get(name)
+        if task is None:
+            record.event("cold_start", "a request arrived with no copy loaded; loading one")
+            task = asyncio.create_task(self._cold_start(name), name=f"cold:{name}")
+            self._cold[name] = task
+        await asyncio.shield(task)
+        return record
+
+    async def _cold_start(self, name: str) -> None:
+        try:
+            if not self.copies(name):  # a copy already loading is waited for instead
+                await self._add_copy(name, "cold start")
+            while not self.ready_copies(name):
+                if not self.copies(name):
+                    raise ModelLoadFailed(f"model {name!r} has no copy loading any more")
+                await self.clock.sleep(0.01)
+        finally:
+            self._cold.pop(name, None)
+
+    # -- copies ----------------------------------------------------------------
+
+    def _usage(self) -> dict[str, ModelUsage]:
+        return {
+            name: ModelUsage(
+                name,
+                r.memory_mb,
+                r.spec.min_copies,
+                r.spec.max_copies,
+                self.autoscaler.last_used_s(name),
+                self._busy.get(name, False),
+            )
+            for name, r in self.records.items()
+        }
+
+    async def _add_copy(self, name: str, reason: str) -> str:
+        record = self.records[name]
+        async with self._placing:
+            usage = self._usage()
+            try:
+                placement = choose_replica(
+                    usage[name],
+                    list(self.replicas.values()),
+                    usage,
+                    self.clock.now(),
+                    evict_idle_after_s=self.settings.evict_idle_after_s,
+                )
+            except NoCapacity as exc:
+                record.set_condition(MEMORY_AVAILABLE, False, "NoReplicaFits", exc.message)
+                record.event("placement_failed", f"{reason}: {exc.message}")
+                log.warning("controller: cannot place %s (%s): %s", name, reason, exc.message)
+                raise
+            for eviction in placement.evictions:
+                self.replicas[eviction.replica].copies[eviction.model].state = "draining"
+            self.replicas[placement.replica].copies[name] = CopyInfo(name, record.memory_mb, "loading")
+        address = placement.replica
+        for eviction in placement.evictions:
+            victim = self.records.get(eviction.model)
+            if victim is not None:
+                victim.event("evicted", f"from {eviction.replica} to make room for {name}: {eviction.reason}")
+            log.info(
+                "controller: evicting %s from %s for %s: %s", eviction.model, eviction.replica, name, eviction.reason
+            )
+        if placement.evictions:
+            self._publish()
+            await asyncio.gather(*(self._unload(e.model, e.replica) for e in placement.evictions))
+        record.event("loading", f"{reason}: loading on {address} ({placement.reason})")
+        log.info("controller: loading %s on %s (%s; %s)", name, address, reason, placement.reason)
+        started = self.clock.now()
+        try:
+            await asyncio.wait_for(
+                self.agents[address].load(name, record.spec, record.spec.storage_uri, record.manifest),
+                self.settings.load_timeout_s,
+            )
+        except BaseException as exc:
+            self.replicas[address].copies.pop(name, None)
+            message = exc.message if isinstance(exc, FlotillaError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, asyncio.TimeoutError):
+                message = f"load did not finish within {self.settings.load_timeout_s:.0f} s"
+            record.set_condition(LOADED, False, "LoadFailed", message, address)
+            record.event("load_failed", f"on {address}: {message}")
+            self._update_ready(record)
+            self._publish()
+            log.warning("controller: loading %s on %s failed: %s", name, address, message)
+            if isinstance(exc, FlotillaError | asyncio.CancelledError):
+                raise
+            raise ModelLoadFailed(f"model {name!r} could not be loaded on {address}: {message}") from exc
+        copy = self.replicas[address].copies.get(name)
+        if copy is not None:
+            copy.state = "ready"
+        load_s = self.clock.now() - started
+        record.set_condition(
+            LOADED, True, "Loaded", f"versions {record.spec.versions} loaded in {load_s:.2f} s", address
+        )
+        record.event("loaded", f"on {address} in {load_s:.2f} s ({reason})")
+        self._update_ready(record)
+        self._publish()
+        if self.settings.measure_memory:
+            self._spawn(self._measure(name, address), f"measure:{name}")
+        return address
+
+    async def _measure(self, name: str, address: str) -> None:
+        """Warm the copy up at its batch size, then measure what it holds."""
+        record = self.records.get(name)
+        if record is None:
+            return
+        agent = self.agents[address]
+        try:
+            await agent.warm_up(name, record.spec)
+        except Exception as exc:
+            log.warning("controller: warm-up of %s on %s failed: %s", name, address, exc)
+            return
+        measured = await asyncio.to_thread(agent.measure_memory_mb, name, record.spec)
+        if measured is None or name not in self.records:
+            return
+        record.measured_memory_mb = max(measured, record.measured_memory_mb or 0.0)
+        for replica in self.replicas.values():
+            if name in replica.copies:
+                replica.copies[name].memory_mb = record.memory_mb
+        record.event(
+            "measured",
+            f"{measured:.0f} MiB on {address} after a warm-up at batch "
+            f"{record.spec.batching.max_batch_size} (declared {record.spec.memory_mb:.0f} MiB)",
+        )
+        await self._save(record)
+        self._publish()
+
+    async def _remove_copy(self, name: str, address: str, reason: str) -> None:
+        replica = self.replicas[address]
+        copy = replica.copies.get(name)
+        if copy is None:
+            return
+        copy.state = "draining"
+        self._publish()
+        record = self.records.get(name)
+        if record is not None:
+            record.event("unloading", f"from {address}: {reason}")
+        log.info("controller: unloading %s from %s: %s", name, address, reason)
+        await self._unload(name, address)
+        if record is not None:
+            record.drop_condition(LOADED, address)
+            self._update_ready(record)
+            self._publish()
+
+    async def _unload(self, name: str, address: str) -> None:
+        """Drain (the copy is already out of the fleet), then unload and free its memory."""
+        await self.clock.sleep(self.settings.drain_s)
+        record = self.records.get(name)
+        spec = record.spec if record is not None else None
+        if spec is not None:
+            await self.agents[address].unload(name, spec)
+        self.replicas[address].copies.pop(name, None)
+        if record is not None:
+            record.drop_condition(LOADED, address)
+            self._update_ready(record)
+        self._publish()
+
+    def _update_ready(self, record: ModelRecord) -> None:
+        ready = self.ready_copies(record.name)
+        if ready:
+            record.set_condition(READY, True, "CopiesReady", f"{len(ready)} ready copy(ies): {', '.join(ready)}")
+        elif record.spec.min_copies == 0:
+            record.set_condition(READY, True, "ScaledToZero", "no copy loaded; the next request loads one")
+        elif self.copies(record.name):
+            record.set_condition(READY, False, "Loading", "copies are loading")
+        else:
+            record.set_condition(READY, False, "NoCopy", f"no copy loaded; {record.spec.min_copies} wanted")
+
+    async def _save(self, record: ModelRecord) -> None:
+        if record.committed:
+            await asyncio.to_thread(self.store.save, record.name, record.to_json())
+
+    # -- background loops ------------------------------------------------------
+
+    async def _watch_replicas(self) -> None:
+        """Health of each replica; copies a restarted replica lost leave the fleet."""
+        changed = False
+        for address, agent in self.agents.items():
+            replica = self.replicas[address]
+            healthy = await agent.is_ready()
+            if healthy != replica.healthy:
+                log.warning("controller: replica %s is %s", address, "back" if healthy else "down (its copies leave the pools)")
+                replica.healthy = healthy
+                changed = True
+            if not healthy:
+                continue
+            try:
+                loaded = await agent.loaded()
+            except Exception:
+                continue
+            for name, copy in list(replica.copies.items()):
+                record = self.records.get(name)
+                backend = (record.spec.backend_model or name) if record else name
+                if copy.state == "ready" and backend not in loaded:
+                    replica.copies.pop(name, None)
+                    changed = True
+                    if record is not None:
+                        record.set_condition(
+                            LOADED, False, "Lost", "the replica no longer holds it (restarted?)", address
+                        )
+                        record.event("lost", f"{address} no longer holds it (restarted?)")
+                        self._update_ready(record)
+                    log.warning("controller: %s lost its copy of %s", address, name)
+        if changed:
+            self._publish()
+
+    async def _poll_usage(self) -> None:
+        if self.usage is None:
+            return
+        for record in self.committed():
+            if not record.batchers:
+                continue
+            counters = await self.usage(record.name, list(record.batchers))
+            if counters is None:
+                continue
+            self._busy[record.name] = counters.queue_depth > 0 or counters.inflight_batches > 0
+            self.autoscaler.observe(
+                record.name,
+                self.clock.now(),
+                arrivals_total=counters.arrivals_total,
+                dispatched_total=counters.dispatched_total,
+                queue_wait_s_total=counters.queue_wait_s_total,
+                queue_depth=counters.queue_depth,
+            )
+
+    async def _autoscale(self) -> None:
+        now = self.clock.now()
+        for record in self.committed():
+            name = record.name
+            if name in self._scaling or name in self._cold:
+                continue
+            copies = self.copies(name)
+            decision = self.autoscaler.decide(
+                name,
+                now,
+                copies=len(copies),
+                min_copies=record.spec.min_copies,
+                max_copies=record.spec.max_copies,
+                loading=any(self.replicas[a].copies[name].state == "loading" for a in copies),
+            )
+            if decision.action == "none":
+                continue
+            log.info("controller: autoscaler %s %s: %s", decision.action, name, decision.reason)
+            record.event(f"scale_{decision.action}", decision.reason)
+            self._scaling[name] = asyncio.create_task(self._scale(name, decision.action, decision.reason))
+
+    async def _scale(self, name: str, action: str, reason: str) -> None:
+        try:
+            if action == "add":
+                with contextlib.suppress(NoCapacity):
+                    await self._add_copy(name, f"autoscaler: {reason}")
+            elif action == "remove":
+                replica = choose_copy_to_remove(name, list(self.replicas.values()))
+                await self._remove_copy(name, replica, f"autoscaler: {reason}")
+            elif action == "zero":
+                await asyncio.gather(
+                    *(self._remove_copy(name, a, f"scale to zero: {reason}") for a in self.copies(name, ("ready",)))
+                )
+        except FlotillaError as exc:
+            log.warning("controller: scaling %s (%s) failed: %s", name, action, exc.message)
+        except ValueError as exc:
+            log.warning("controller: scaling %s (%s) skipped: %s", name, action, exc)
+        finally:
+            self._scaling.pop(name, None)
+            record = self.records.get(name)
+            if record is not None:
+                await self._save(record)
+
+
+def unix_time(monotonic_s: float | None, clock: Clock) -> float:
+    """A monotonic reading as wall-clock seconds (for status messages)."""
+    if monotonic_s is None:
+        return 0.0
+    return time.time() - (clock.now() - monotonic_s)

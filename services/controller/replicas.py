@@ -1,0 +1,185 @@
+"""One Triton replica as the controller drives it: load, unload, warm up, measure.
+
+Replicas run with ``--model-control-mode=explicit --disable-auto-complete-config``
+and start empty. Loading a model lays out ``<repository>/<model>/<version>/``
+with the generic Python-backend ONNX wrapper (``model.py``) and the artifact's
+``model.onnx`` linked from the replica's verified cache, then calls Triton's
+load API with a config built from the registry record (auto-complete would
+start a throwaway stub and cost ~1.3 s per load).
+
+Memory: Triton reports none per model on CPU, so a copy's memory is the USS
+(private resident memory) of that model's ``triton_python_backend_stub``
+processes - found by the model's path in their command line - plus their
+shared-memory regions, measured after a warm-up at the model's batch size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import InferInput
+from tritonclient.utils import InferenceServerException
+
+from flotilla.config import ModelSettings
+from flotilla.errors import ModelLoadFailed
+from flotilla.services.controller.artifacts import ArtifactCache
+
+log = logging.getLogger(__name__)
+
+_TRITON_DTYPES = {"UINT8": "TYPE_UINT8", "FP32": "TYPE_FP32"}
+_NUMPY_DTYPES = {"UINT8": np.uint8, "FP32": np.float32}
+PAGE_KB = 1024
+
+
+def backend_name(name: str, spec: ModelSettings) -> str:
+    return spec.backend_model or name
+
+
+def input_dims(spec: ModelSettings) -> list[int]:
+    size = spec.input
+    if size.layout == "NHWC":
+        return [size.height_px, size.width_px, 3]
+    return [3, size.height_px, size.width_px]
+
+
+def triton_config(name: str, spec: ModelSettings) -> dict[str, Any]:
+    """The model config Triton loads, from the registry record alone."""
+    config: dict[str, Any] = {
+        "name": backend_name(name, spec),
+        "backend": "python",
+        "max_batch_size": spec.backend.max_batch_size,
+        "input": [{"name": spec.input.name, "data_type": _TRITON_DTYPES[spec.input.dtype], "dims": input_dims(spec)}],
+        # Scores per class; the class count comes from the artifact, not the config.
+        "output": [{"name": spec.output_name, "data_type": "TYPE_FP32", "dims": [-1]}],
+        "instance_group": [{"kind": "KIND_CPU", "count": spec.backend.instance_groups}],
+        "version_policy": {"specific": {"versions": list(spec.versions)}},
+        "parameters": {"onnx_file": {"string_value": "model.onnx"}},
+    }
+    if spec.backend.triton_dynamic_batching_us is not None:
+        config["dynamic_batching"] = {"max_queue_delay_microseconds": spec.backend.triton_dynamic_batching_us}
+    return config
+
+
+def _wrapper_source() -> bytes:
+    return (resources.files("flotilla.modelbuild") / "triton_onnx_model.py").read_bytes()
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)  # same bytes, no second copy on disk
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+class TritonReplica:
+    """The controller's handle on one Triton server (grpc via tritonclient)."""
+
+    def __init__(self, address: str, budget_mb: float, repository: Path, cache: ArtifactCache) -> None:
+        self.address = address
+        self.budget_mb = budget_mb
+        self.repository = repository
+        self.cache = cache
+        self.client = triton_aio.InferenceServerClient(url=address)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def is_ready(self) -> bool:
+        """Live, not "ready": with strict readiness a server reports not ready while it loads a model."""
+        try:
+            return bool(await self.client.is_server_live())
+        except Exception:  # tritonclient raises several types for a server that is down
+            return False
+
+    async def loaded(self) -> dict[str, list[int]]:
+        """Model name -> versions READY on this replica (from Triton's repository index)."""
+        index = await self.client.get_model_repository_index(as_json=True)
+        ready: dict[str, list[int]] = {}
+        for entry in index.get("models", []):
+            if entry.get("state") == "READY" and entry.get("version"):
+                ready.setdefault(entry["name"], []).append(int(entry["version"]))
+        return ready
+
+    def _lay_out(self, name: str, spec: ModelSettings, uri: str, manifest: dict[str, dict[str, object]]) -> None:
+        """Blocking: fetch each version into the cache and link it into this replica's repository."""
+        model_dir = self.repository / backend_name(name, spec)
+        wrapper = _wrapper_source()
+        for version in spec.versions:
+            cached = self.cache.fetch(name, uri, version, manifest)
+            version_dir = model_dir / str(version)
+            version_dir.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(cached, version_dir / "model.onnx")
+            (version_dir / "model.py").write_bytes(wrapper)
+
+    async def load(self, name: str, spec: ModelSettings, uri: str, manifest: dict[str, dict[str, object]]) -> None:
+        """Fetch the artifact (cached) and load the model with the registry's config."""
+        await asyncio.to_thread(self._lay_out, name, spec, uri, manifest)
+        try:
+            await self.client.load_model(backend_name(name, spec), config=json.dumps(triton_config(name, spec)))
+        except InferenceServerException as exc:
+            raise ModelLoadFailed(f"Triton at {self.address} could not load {name!r}: {exc.message()}") from exc
+
+    async def unload(self, name: str, spec: ModelSettings) -> None:
+        try:
+            await self.client.unload_model(backend_name(name, spec))
+        except InferenceServerException as exc:
+            log.warning("unloading %s from %s: %s", name, self.address, exc.message())
+
+    async def warm_up(self, name: str, spec: ModelSettings) -> None:
+        """One execution per version at the batcher's max batch size (ONNX Runtime keeps the
+        arena of its largest batch, so this is the copy's working memory)."""
+        shape = [spec.batching.max_batch_size, *input_dims(spec)]
+        batch = np.zeros(shape, dtype=_NUMPY_DTYPES[spec.input.dtype])
+        tensor = InferInput(spec.input.name, shape, spec.input.dtype)
+        tensor.set_data_from_numpy(batch)
+        for version in spec.versions:
+            await self.client.infer(backend_name(name, spec), [tensor], model_version=str(version))
+
+    def measure_memory_mb(self, name: str, spec: ModelSettings) -> float | None:
+        """USS of the model's backend stubs on this replica plus their shm regions; None if none found."""
+        marker = f"{self.repository / backend_name(name, spec)}/"
+        total_kb = 0
+        found = False
+        for pid_dir in Path("/proc").iterdir():
+            if not pid_dir.name.isdigit():
+                continue
+            try:
+                argv = (pid_dir / "cmdline").read_bytes().split(b"\0")
+                if not argv or not argv[0].endswith(b"triton_python_backend_stub"):
+                    continue
+                if not any(a.decode(errors="replace").startswith(marker) for a in argv[1:2]):
+                    continue
+                total_kb += _uss_kb(pid_dir)
+                total_kb += _shm_kb([a.decode(errors="replace") for a in argv])
+                found = True
+            except OSError:
+                continue  # the process went away while being read
+        return total_kb / 1024 if found else None
+
+
+def _uss_kb(pid_dir: Path) -> int:
+    kb = 0
+    for line in (pid_dir / "smaps_rollup").read_text().splitlines():
+        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+            kb += int(line.split()[1])
+    return kb
+
+
+def _shm_kb(argv: list[str]) -> int:
+    for arg in argv:
+        if arg.startswith("triton_python_backend_shm_region"):
+            try:
+                return Path("/dev/shm", arg).stat().st_size // PAGE_KB
+            except OSError:
+                return 0
+    return 0
