@@ -22,8 +22,10 @@ import statistics
 import time
 from pathlib import Path
 
+import grpc
 import tritonclient.grpc as triton_grpc
 
+from flotilla.api.v1 import batcher_pb2, batcher_pb2_grpc
 from flotilla.clients.client import FlotillaClient
 from flotilla.clients.loadgen import closed_loop
 from flotilla.config import FlotillaSettings, load_settings
@@ -148,7 +150,8 @@ def autoscaling(stack: LocalStack, photos: list[bytes], duration_s: float) -> di
     spec = stack.base.models[MODEL].model_copy(update={"min_copies": 1, "max_copies": 2, "memory_mb": 200.0})
     stack.deploy("hot", spec)
     models = stack.models_client()
-    samples: list[tuple[float, float, int]] = []
+    samples: list[tuple[float, float, int, int]] = []
+    batcher = models.status("hot").batchers[0]
 
     async def drive() -> tuple[float, float]:
         async with FlotillaClient(stack.state.router, stack.state.api_key, stack.settings.s3, default_timeout_s=60) as client:  # type: ignore[union-attr]
@@ -161,11 +164,14 @@ def autoscaling(stack: LocalStack, photos: list[bytes], duration_s: float) -> di
                 return client.classify(uuids[n % len(uuids)], "hot")
 
             async def watch() -> None:
-                while True:
-                    status = await asyncio.to_thread(models.status, "hot")
-                    ready = sum(c.state == "ready" for c in status.copies)
-                    samples.append((time.monotonic(), status.queue_wait_ms, ready))
-                    await asyncio.sleep(0.25)
+                async with grpc.aio.insecure_channel(batcher) as channel:
+                    admin = batcher_pb2_grpc.BatcherAdminStub(channel)
+                    while True:
+                        status = await asyncio.to_thread(models.status, "hot")
+                        stats = await admin.GetStats(batcher_pb2.GetStatsRequest())
+                        ready = sum(c.state == "ready" for c in status.copies)
+                        samples.append((time.monotonic(), status.queue_wait_ms, ready, stats.total_dispatched))
+                        await asyncio.sleep(0.25)
 
             watcher = asyncio.create_task(watch())
             start = time.monotonic()
@@ -176,9 +182,17 @@ def autoscaling(stack: LocalStack, photos: list[bytes], duration_s: float) -> di
             return start, result.throughput_per_s
 
     start, throughput = asyncio.run(drive())
-    added_at = next((t for t, _, ready in samples if ready >= 2), None)
-    before = [w for t, w, ready in samples if ready == 1 and t - start > 1.0 and w > 0]
-    after = [w for t, w, ready in samples if ready >= 2 and added_at is not None and t > added_at + 1.0 and w > 0]
+    added_at = next((t for t, _, ready, _ in samples if ready >= 2), None)
+    before_window = [s for s in samples if s[2] == 1 and s[0] - start > 1.0]
+    after_window = [s for s in samples if s[2] >= 2 and added_at is not None and s[0] > added_at + 1.0]
+    before = [s[1] for s in before_window if s[1] > 0]
+    after = [s[1] for s in after_window if s[1] > 0]
+
+    def rate(window: list[tuple[float, float, int, int]]) -> float | None:
+        if len(window) < 2 or window[-1][0] <= window[0][0]:
+            return None
+        return round((window[-1][3] - window[0][3]) / (window[-1][0] - window[0][0]), 1)
+
     events = [f"{e.kind}: {e.message}" for e in models.status("hot").events if e.kind.startswith("scale")]
     models.undeploy("hot")
     models.close()
@@ -187,6 +201,8 @@ def autoscaling(stack: LocalStack, photos: list[bytes], duration_s: float) -> di
         "copy_added_after_s": None if added_at is None else round(added_at - start, 2),
         "queue_wait_ms_before": round(statistics.median(before), 1) if before else None,
         "queue_wait_ms_after": round(statistics.median(after), 1) if after else None,
+        "images_per_s_before": rate(before_window),
+        "images_per_s_after": rate(after_window),
         "throughput_per_s_overall": round(throughput, 1),
         "decisions": events,
     }
