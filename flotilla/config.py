@@ -247,6 +247,16 @@ class ModelSettings(_Section):
 class RouterSettings(_Section):
     api_keys: list[SecretStr] = []
     """Accepted API keys (``authorization: Bearer <key>``). Empty rejects every request."""
+    max_concurrent_calls: int = Field(8192, ge=1)
+    """Calls the router handles at once; beyond it, RESOURCE_EXHAUSTED at once."""
+
+
+class BatcherSettings(_Section):
+    """Every model's batcher process (its queue is configured per model under batching)."""
+
+    max_concurrent_calls: int = Field(4096, ge=1)
+    """Classify calls a batcher holds at once (queued or in a batch); beyond it,
+    RESOURCE_EXHAUSTED at once. The model's max_queue_size applies as well."""
 
 
 class PreprocessSettings(_Section):
@@ -341,6 +351,7 @@ class FlotillaSettings(BaseSettings):
     """How long a stopping service lets in-flight calls finish."""
     s3: S3Settings = S3Settings()
     router: RouterSettings = RouterSettings()
+    batcher: BatcherSettings = BatcherSettings()
     preprocess: PreprocessSettings = PreprocessSettings()
     triton: TritonSettings = TritonSettings()
     pools: PoolSettings = PoolSettings()

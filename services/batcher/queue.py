@@ -217,8 +217,8 @@ class BatchQueue(Generic[T, R]):
         if self._size >= self._policy.max_queue_size:
             self.stats.rejected_full += 1
             raise QueueFull(
-                f"queue for model {self.name} is full ({self._policy.max_queue_size} requests); "
-                "retry with backoff or raise max_queue_size"
+                f"queue for model {self.name} is full ({self._policy.max_queue_size} requests, "
+                "batching.max_queue_size); retry after a short backoff (e.g. 100 ms, doubling)"
             )
         now = self._clock.now()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()

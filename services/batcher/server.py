@@ -32,7 +32,7 @@ from flotilla.api.v1 import (
 )
 from flotilla.common.clock import Clock, MonotonicClock
 from flotilla.common.ids import check_image_uuid
-from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
+from flotilla.common.server import AdmissionLimit, GrpcPeer, ServiceServer, serve_until_signal
 from flotilla.common.status import error_from_rpc, rpc_errors
 from flotilla.config import FlotillaSettings, ModelSettings
 from flotilla.errors import FlotillaError, InvalidArgument, MalformedRequest, error_from_code
@@ -244,7 +244,10 @@ async def serve(settings: FlotillaSettings, model: str, port: int) -> None:
     )
     handler = ClassifierHandler(model, queue, clock, spec.versions)
     server = ServiceServer(
-        f"batcher[{model}]", [CLASSIFIER_SERVICE, ADMIN_SERVICE], grace_s=settings.shutdown_grace_s
+        f"batcher[{model}]", [CLASSIFIER_SERVICE, ADMIN_SERVICE], grace_s=settings.shutdown_grace_s,
+        admission=AdmissionLimit(
+            f"the batcher of {model}", settings.batcher.max_concurrent_calls, "batcher.max_concurrent_calls"
+        ),
     )
     server.server.add_generic_rpc_handlers([handler.generic_handler()])
     batcher_pb2_grpc.add_BatcherAdminServicer_to_server(BatcherAdminServicer(model, queue, [pool]), server.server)

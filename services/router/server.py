@@ -19,7 +19,7 @@ import grpc
 
 from flotilla.api.v1 import controller_pb2
 from flotilla.common.fleet import FleetWatcher
-from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
+from flotilla.common.server import AdmissionLimit, GrpcPeer, ServiceServer, serve_until_signal
 from flotilla.common.status import rpc_errors
 from flotilla.config import FlotillaSettings, PoolSettings
 from flotilla.errors import DeadlineExceeded, Unavailable
@@ -134,7 +134,10 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     if not await watcher.wait_first(FIRST_FLEET_TIMEOUT_S):
         log.warning("router: no answer from the controller at %s yet; starting with no routes",
                     settings.endpoints.controller)
-    server = ServiceServer("router", [CLASSIFIER_SERVICE], grace_s=settings.shutdown_grace_s)
+    server = ServiceServer(
+        "router", [CLASSIFIER_SERVICE], grace_s=settings.shutdown_grace_s,
+        admission=AdmissionLimit("router", settings.router.max_concurrent_calls, "router.max_concurrent_calls"),
+    )
     server.server.add_generic_rpc_handlers([ForwardingHandler(keys, routes.table)])
 
     async def cleanup() -> None:
