@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from flotilla.common.logsummary import FailureSummary
 from flotilla.config import PoolSettings
 from flotilla.errors import DeadlineExceeded, NoHealthyEndpoint, Unavailable
 
@@ -149,6 +150,8 @@ class EndpointPool(Generic[C]):
         """Calls in flight allowed per endpoint; None = unlimited."""
         self._clock = clock
         self._changed = asyncio.Condition()
+        self._failures = FailureSummary(log, clock=clock)
+        """Failed calls, summarised per endpoint and interval (state changes are logged apart)."""
 
     # -- membership --------------------------------------------------------------
 
@@ -273,6 +276,7 @@ class EndpointPool(Generic[C]):
         )
 
     def _record_failure(self, endpoint: Endpoint[C], error: Exception) -> None:
+        self._failures.note(f"{self.name} {endpoint.address}", f"call failed: {error}")
         endpoint.failures += 1
         endpoint.consecutive_failures += 1
         if endpoint.consecutive_failures >= self.eject_after_failures:

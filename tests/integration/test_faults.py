@@ -290,3 +290,26 @@ async def _calls(address: str, workers: list[str]) -> int:
 async def _recent_good_ok(load: SteadyLoad) -> bool:
     recent = [o for o in load.outcomes[-10:] if o.kind == "good"]
     return bool(recent) and all(o.code == Code.OK for o in recent)
+
+
+async def test_a_dead_tier_under_load_leaves_a_short_log(fault_stack: LocalStack, load: SteadyLoad) -> None:
+    """The router logs the batcher's state changes and failure counts, not a line per failed call."""
+    assert fault_stack.router is not None
+    victim = fault_stack.batchers[MODEL]
+    fault_stack.supervisor.remove(victim.name)  # stays down for the whole window
+    router_log = fault_stack.router.log_path
+    lines_before = len(router_log.read_text().splitlines())
+    mark = len(load.outcomes)
+
+    victim.kill()
+    await asyncio.sleep(5.0)
+    failed = [o for o in load.since(mark) if o.code != Code.OK]
+    victim.start()
+    fault_stack.supervisor.add(victim)
+    await wait_for(lambda: _recent_good_ok(load), 60)
+
+    added = router_log.read_text().splitlines()[lines_before:]
+    record("dead_batcher_log", {"failed_calls": len(failed), "router_log_lines": len(added)})
+    assert len(failed) > 100, "the load kept calling the dead tier"
+    assert all(o.code == Code.UNAVAILABLE for o in failed)
+    assert len(added) <= 25, "\n".join(added)
