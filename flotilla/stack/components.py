@@ -13,12 +13,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flotilla.config import S3Settings
-from flotilla.stack.processes import ManagedProcess, free_port
+from flotilla.stack.processes import ManagedProcess, free_port, free_port_pair, wait_for_previous_holder
 
 # weed mini's listeners; each gets its own free port.
 _WEED_PORT_FLAGS = (
@@ -29,12 +30,20 @@ _WEED_PORT_FLAGS = (
     "filer.port.grpc",
     "volume.port",
     "volume.port.grpc",
-    "admin.port",
-    "admin.port.grpc",
     "webdav.port",
     "s3.port.iceberg",
     "s3.port.lance",
 )
+# Its maintenance worker dials the admin server's gRPC at the admin HTTP port
+# + 10000, whatever -admin.port.grpc says, so those two ports are that far apart.
+_WEED_GRPC_PORT_OFFSET = 10_000
+# Its volume and filer servers, when stopping, wait for every open client
+# connection: one left idle held a stop until SIGKILL. This closes a connection
+# idle for that long (weed's default: 30 s; S3 clients have -s3.idleTimeout).
+_WEED_IDLE_TIMEOUT_S = 3
+# A previous weed on the same data directory (an earlier run, still stopping)
+# holds its leveldb stores; wait this long for it before giving up.
+_WEED_PREVIOUS_HOLDER_TIMEOUT_S = 15.0
 
 
 def _venv_bin() -> Path:
@@ -48,12 +57,28 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def seaweed_s3(settings: S3Settings, host: str, s3_port: int, data_dir: Path, log_path: Path) -> ManagedProcess:
-    """``weed mini`` serving S3 on ``host:s3_port`` with the bucket created."""
+def seaweed_s3(
+    settings: S3Settings,
+    host: str,
+    s3_port: int,
+    data_dir: Path,
+    log_path: Path,
+    *,
+    previous_holder_timeout_s: float = _WEED_PREVIOUS_HOLDER_TIMEOUT_S,
+) -> ManagedProcess:
+    """``weed mini`` serving S3 on ``host:s3_port`` with the bucket created.
+
+    Waits first for a process of an earlier run still holding ``data_dir``
+    (RuntimeError naming it after ``previous_holder_timeout_s``). weed stops
+    on SIGINT (its documented Ctrl+C) and SIGTERM alike, in about 2 s.
+    """
     weed = _venv_bin() / "weed"
     if not weed.exists():
         raise RuntimeError(f"SeaweedFS binary not found at {weed}; run `make install`")
+    data_dir = data_dir.resolve()
+    wait_for_previous_holder(data_dir, previous_holder_timeout_s)
     data_dir.mkdir(parents=True, exist_ok=True)
+    admin_port = free_port_pair(host, _WEED_GRPC_PORT_OFFSET)
     argv = [
         str(weed),
         "mini",
@@ -62,12 +87,15 @@ def seaweed_s3(settings: S3Settings, host: str, s3_port: int, data_dir: Path, lo
         f"-ip.bind={host}",
         f"-s3.port={s3_port}",
         f"-bucket={settings.bucket}",
+        f"-idleTimeout={_WEED_IDLE_TIMEOUT_S}",
+        f"-admin.port={admin_port}",
+        f"-admin.port.grpc={admin_port + _WEED_GRPC_PORT_OFFSET}",
     ]
     argv += [f"-{flag}={free_port(host)}" for flag in _WEED_PORT_FLAGS]
     env = dict(os.environ)
     env["AWS_ACCESS_KEY_ID"] = settings.access_key
     env["AWS_SECRET_ACCESS_KEY"] = settings.secret_key.get_secret_value()
-    return ManagedProcess("seaweedfs", argv, log_path=log_path, env=env)
+    return ManagedProcess("seaweedfs", argv, log_path=log_path, env=env, stop_signal=signal.SIGINT)
 
 
 @dataclass(frozen=True)

@@ -102,8 +102,10 @@ def default_storage_uri(settings: FlotillaSettings, name: str) -> str:
 class BatcherManager:
     """Follows the controller's fleet: one batcher process per registered model.
 
-    Runs in its own thread for the stack's lifetime; the batchers it starts
-    are children of that thread (they die with it, i.e. with the stack).
+    Runs in its own thread for the stack's lifetime. The batchers it starts
+    get the parent-death signal when that thread ends, so the thread outlives
+    them: ``halt`` stops following the fleet, and the thread ends only at
+    ``join``, after the stack has stopped the batchers gracefully.
     """
 
     def __init__(self, stack: LocalStack, controller: str, config: Path) -> None:
@@ -111,6 +113,7 @@ class BatcherManager:
         self.controller = controller
         self.config = config
         self._stopping = threading.Event()
+        self._released = threading.Event()
         self._call: grpc.Future | None = None  # type: ignore[type-arg]
         self._thread = threading.Thread(target=self._run, name="batchers", daemon=True)
         self._lock = threading.Lock()
@@ -119,13 +122,25 @@ class BatcherManager:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Stop following the fleet (no batcher is started or stopped after this)."""
         self._stopping.set()
         if self._call is not None:
             self._call.cancel()
+
+    def join(self) -> None:
+        """Let the thread end (its batchers must be stopped by now)."""
+        self.halt()
+        self._released.set()
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        try:
+            self._follow()
+        finally:
+            self._released.wait()
+
+    def _follow(self) -> None:
         while not self._stopping.is_set():
             with grpc.insecure_channel(self.controller) as channel:
                 stub = controller_pb2_grpc.ControllerStub(channel)
@@ -201,9 +216,11 @@ class LocalStack:
     def stop(self) -> None:
         self.supervisor.stop()  # first: nothing is restarted while the stack stops
         if self.batcher_manager is not None:
-            self.batcher_manager.stop()
+            self.batcher_manager.halt()
         for proc in reversed(self.processes()):
             proc.stop()
+        if self.batcher_manager is not None:
+            self.batcher_manager.join()
 
     # -- start-up ------------------------------------------------------------
 

@@ -25,6 +25,28 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _SETPRIV = shutil.which("setpriv")
+LOG_ROTATE_BYTES = 10 * 1024 * 1024
+"""A log this large is rotated when its process (re)starts: <name>.log -> <name>.log.1 -> .2."""
+LOG_BACKUPS = 2
+
+
+def rotate_log(path: Path, max_bytes: int = LOG_ROTATE_BYTES, backups: int = LOG_BACKUPS) -> bool:
+    """Shift ``path`` to ``path.1`` (and older ones up, the oldest dropped) when it is over ``max_bytes``."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    for i in range(backups, 0, -1):
+        older = path.with_name(f"{path.name}.{i}")
+        if i == backups:
+            older.unlink(missing_ok=True)
+        else:
+            newer = path.with_name(f"{path.name}.{i + 1}")
+            if older.exists():
+                older.replace(newer)
+    path.replace(path.with_name(f"{path.name}.1"))
+    return True
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -32,6 +54,20 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def free_port_pair(host: str = "127.0.0.1", offset: int = 10_000) -> int:
+    """A free port P with P + ``offset`` free as well (for programs that derive one port from another)."""
+    while True:
+        port = free_port(host)
+        if port + offset > 65535:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port + offset))
+            except OSError:
+                continue
+        return port
 
 
 def _dying_with_parent(argv: list[str]) -> list[str]:
@@ -89,6 +125,7 @@ class ManagedProcess:
         if self.proc is not None:
             self._signal_group(signal.SIGKILL)  # e.g. Triton's backend stubs, still holding ports
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        rotate_log(self.log_path)  # bounded across runs and restarts
         with open(self.log_path, "ab") as log_file:
             proc = subprocess.Popen(
                 _dying_with_parent(self.argv),
@@ -174,7 +211,8 @@ def processes_referencing(path: Path) -> list[tuple[int, str]]:
     """(pid, command line) of the live processes, other than this one, with ``path`` as an argument.
 
     An argument counts when it is the path itself or an option's value
-    (``-dir=<path>``); /proc is read, so this works on Linux only.
+    (``-dir=<path>``); /proc is read, so this works on Linux only. A process
+    in the middle of an exec shows an empty command line for that moment.
     """
     wanted = {os.path.normpath(os.path.abspath(path)), os.path.normpath(path.resolve())}
     found = []

@@ -22,6 +22,7 @@ long as the stack, so that is the intended lifetime.
 from __future__ import annotations
 
 import logging
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -95,7 +96,7 @@ class Supervisor:
         self._lock = threading.Lock()  # guards _watches; held while a restart starts a child
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._started_here: list[ManagedProcess] = []
+        self._started_here: list[subprocess.Popen[bytes]] = []
         """Children the monitor thread started; it outlives ``stop`` until they have exited."""
 
     # -- watching ------------------------------------------------------------
@@ -180,7 +181,7 @@ class Supervisor:
                 self._notify(proc)
         # Children started on this thread get the parent-death signal when it ends:
         # keep it alive until the caller has stopped them.
-        while any(p.alive() for p in self._started_here):
+        while any(child.poll() is None for child in self._started_here):
             time.sleep(self.poll_interval_s)
 
     def _check_all(self, now_s: float) -> list[ManagedProcess]:
@@ -215,17 +216,18 @@ class Supervisor:
             )
         if w.restart_at_s is None or now_s < w.restart_at_s:
             return False
-        w.restarts += 1
         w.backoff_s = min(w.backoff_s * 2, self.max_backoff_s)
         try:
             proc.start()
         except OSError as exc:  # e.g. its binary is gone; try again after the next backoff
             w.restart_at_s = now_s + w.backoff_s
-            log.error("restart %d of %s failed: %s; next try after %.3g s", w.restarts, proc.name, exc, w.backoff_s)
+            log.error("restarting %s failed: %s; next try after %.3g s", proc.name, exc, w.backoff_s)
             return False
+        w.restarts += 1
         w.restart_at_s = None
         w.reported = False
-        self._started_here = [p for p in self._started_here if p.alive() and p is not proc] + [proc]
+        assert proc.proc is not None
+        self._started_here = [c for c in self._started_here if c.poll() is None] + [proc.proc]
         return True
 
     def _notify(self, proc: ManagedProcess) -> None:

@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+from flotilla.clients.client import FlotillaClient
 from flotilla.common.server import is_serving
-from tests.integration.conftest import REPO
+from flotilla.stack.local import LocalStack
+from tests.integration.conftest import API_KEY, MODEL, REPO, sample, stack_settings
 
 
 def descendants(pid: int) -> set[int]:
@@ -97,3 +99,25 @@ def test_children_die_when_up_is_killed_outright(tmp_path: Path) -> None:
     up.kill()  # SIGKILL: no handler runs, only the parent-death signal
     up.communicate(timeout=30)
     assert wait_gone(children) == [], "orphaned processes after SIGKILL of flotilla up"
+
+
+async def test_a_stack_restarts_at_once_in_the_same_directory(tmp_path: Path) -> None:
+    """Stop, then start again in the same run directory right away: S3 stops
+    promptly, the registry it kept brings the model back, and it serves."""
+    settings = stack_settings(tmp_path, triton={"replicas": 1})
+    with LocalStack(settings) as first:
+        assert first.s3 is not None and first.state is not None
+    stopped_s = time.monotonic()
+    with LocalStack(settings) as second:
+        assert second.state is not None and second.settings is not None
+        restarted_s = time.monotonic() - stopped_s
+        async with FlotillaClient(second.state.router, API_KEY, second.settings.s3) as client:
+            result = await client.classify_jpeg(sample("chelsea.jpg"), MODEL)
+        with second.models_client() as models:
+            events = [e.kind for e in models.status(MODEL).events]
+    assert result.classes[0].label == "Egyptian cat"
+    assert "deployed" in events and "lost" not in events
+    assert restarted_s < 120
+    s3_log = (tmp_path / "logs" / "seaweedfs.log").read_text()
+    assert s3_log.count("==== seaweedfs started pid") == 2
+    assert "resource temporarily unavailable" not in s3_log, "the first S3 still held its store"

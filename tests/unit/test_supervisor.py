@@ -50,6 +50,14 @@ def gone(pid: int) -> bool:
     return False
 
 
+def cmdline(pid: int | None) -> list[str]:
+    """The process's command line; briefly setpriv's, or empty, while it execs."""
+    try:
+        return [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
+    except OSError:
+        return []
+
+
 def markers(log_path: Path) -> list[tuple[str, int, int]]:
     """(name, pid, start number) of each start marker in a log."""
     return [(m[1], int(m[2]), int(m[4])) for m in MARKER.finditer(log_path.read_text())]
@@ -111,8 +119,7 @@ def test_a_killed_child_comes_back_with_the_same_command_line(
 
     assert proc.pid != first_pid and restarted == [proc.pid]
     assert proc.argv == argv
-    cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[:-1]
-    assert [a.decode() for a in cmdline] == argv  # setpriv execs the command itself
+    wait_for(lambda: cmdline(proc.pid) == argv)  # setpriv execs the command itself
     warnings = [r.getMessage() for r in caplog.records if r.name == "flotilla.stack.supervisor"]
     assert warnings == ["restarting sleeper (exit -9, killed by SIGKILL), restart 1, after 0.1 s"]
     # Both runs are marked in the one appended log.
@@ -235,6 +242,7 @@ def test_waiting_for_a_previous_holder_of_a_directory(spawn: Callable[..., Manag
     wait_for_previous_holder(data, timeout_s=0.1)  # nobody holds it
 
     holder = spawn("holder", SLEEPER, f"-dir={data}")
+    wait_for(lambda: cmdline(holder.pid) == holder.argv)  # past its exec
     with pytest.raises(RuntimeError) as failure:
         wait_for_previous_holder(data, timeout_s=0.3)
     message = str(failure.value)
@@ -242,7 +250,23 @@ def test_waiting_for_a_previous_holder_of_a_directory(spawn: Callable[..., Manag
 
     # A holder that exits within the timeout is waited for.
     began_s = time.monotonic()
-    leaving = spawn("leaving", "import time; time.sleep(0.5)", str(data))
+    leaving = spawn("leaving", "import time; time.sleep(1.0)", str(data))
+    wait_for(lambda: cmdline(leaving.pid) == leaving.argv)
     holder.stop(timeout_s=2)
     wait_for_previous_holder(data, timeout_s=10)
     assert not leaving.alive() and time.monotonic() - began_s < 5
+
+
+def test_a_big_log_is_rotated_when_its_process_starts_and_old_ones_are_dropped(tmp_path: Path) -> None:
+    from flotilla.stack.processes import rotate_log
+
+    log = tmp_path / "svc.log"
+    for run in range(4):
+        log.write_bytes(f"run {run}\n".encode() * 100)
+        assert rotate_log(log, max_bytes=10, backups=2)
+    assert not log.exists()
+    assert (tmp_path / "svc.log.1").read_text().startswith("run 3")
+    assert (tmp_path / "svc.log.2").read_text().startswith("run 2")
+    assert not (tmp_path / "svc.log.3").exists()
+    log.write_text("small\n")
+    assert not rotate_log(log, max_bytes=10_000)
