@@ -378,3 +378,34 @@ async def test_a_cold_start_that_fails_answers_the_held_requests_with_its_reason
         assert any("load_failed" in e for e in events(models, "broken-lazy"))
     finally:
         models.undeploy("broken-lazy")
+
+
+def test_the_models_cli_uploads_deploys_shows_and_undeploys(fleet: LocalStack, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    state = str(fleet.run_dir / "stack.json")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "flotilla", "models", "--state", state, *args],
+            capture_output=True, text=True, timeout=120,
+        )
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps({"input": fleet.base.models[EFFNET].input.model_dump(mode="json"),
+                                "batching": {"max_batch_size": 4}}))
+    uploaded = cli("upload", "cli-effnet", str(MODELS_DIR / EFFNET))
+    assert uploaded.returncode == 0 and "s3://flotilla-models/cli-effnet" in uploaded.stdout, uploaded.stderr
+    deployed = cli("deploy", "cli-effnet", "--storage-uri", "s3://flotilla-models/cli-effnet", "--framework", "onnx",
+                   "--memory", "64Mi", "--min-copies", "0", "--max-copies", "1", "--spec", str(spec))
+    assert deployed.returncode == 0, deployed.stderr
+    assert "Ready" in deployed.stdout and "ScaledToZero" in deployed.stdout
+    listed = cli("list")
+    assert "cli-effnet" in listed.stdout and "64* MiB" in listed.stdout, listed.stdout
+    rejected = cli("deploy", "cli-tf", "--storage-uri", "s3://flotilla-models/cli-effnet", "--framework", "tensorflow",
+                   "--memory", "1Gi")
+    assert rejected.returncode != 0 and "FAILED_PRECONDITION: framework 'tensorflow'" in rejected.stderr
+    assert cli("undeploy", "cli-effnet").returncode == 0
+    missing = cli("status", "cli-effnet")
+    assert missing.returncode != 0 and "NOT_FOUND" in missing.stderr and "is not registered" in missing.stderr
