@@ -67,6 +67,10 @@ async def _classify_files(
 
 def cmd_serve(args: argparse.Namespace) -> None:
     settings = _settings(args.config)
+    if args.metrics_port is not None:
+        from flotilla.common.metrics import serve_metrics
+
+        serve_metrics(settings.host, args.metrics_port)
     if args.role == "controller":
         from flotilla.services.controller.server import serve as serve_controller
 
@@ -91,10 +95,15 @@ def cmd_up(args: argparse.Namespace) -> None:
     from flotilla.stack.local import LocalStack
 
     settings = _settings(args.config)
+    if args.prometheus:
+        settings.observability.prometheus = True
     print("starting the local stack ...", flush=True)
     with LocalStack(settings) as stack:
         print(stack.describe())
-        print(f"\nclassify: flotilla infer IMAGE.jpg --model {next(iter(settings.models))}")
+        if stack.prometheus is not None:
+            print(f"Prometheus:          http://{stack.prometheus.address}")
+        if settings.models:
+            print(f"\nclassify: flotilla infer IMAGE.jpg --model {next(iter(settings.models))}")
         print("Ctrl-C stops the stack.", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
@@ -299,10 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="YAML configuration")
     serve.add_argument("--port", type=int, required=True, help="port to bind on settings.host")
     serve.add_argument("--model", help="the model a batcher serves")
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on settings.host:PORT/metrics")
     serve.set_defaults(func=cmd_serve)
 
     up = sub.add_parser("up", help="start the local stack until Ctrl-C")
     up.add_argument("--config", type=Path, help=f"YAML configuration (default: {DEFAULT_CONFIG} if present)")
+    up.add_argument("--prometheus", action="store_true",
+                    help="also start Prometheus scraping every service (or set observability.prometheus)")
     up.set_defaults(func=cmd_up)
 
     run = sub.add_parser("run", help="start the stack, classify sample photos, stop")

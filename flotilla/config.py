@@ -316,6 +316,15 @@ class ControllerSettings(_Section):
         return budgets[min(index, len(budgets) - 1)]
 
 
+class ObservabilitySettings(_Section):
+    """Metrics and traces."""
+
+    prometheus: bool = False
+    """Local stack: also start a Prometheus server scraping every service and Triton replica."""
+    prometheus_scrape_interval_s: float = Field(1.0, gt=0)
+    """How often that Prometheus scrapes (short: a local stack is for watching things happen)."""
+
+
 class TritonSettings(_Section):
     replicas: int = Field(2, ge=1)
     """Triton server processes the local stack starts (empty; the controller places models)."""
@@ -356,6 +365,7 @@ class FlotillaSettings(BaseSettings):
     triton: TritonSettings = TritonSettings()
     pools: PoolSettings = PoolSettings()
     controller: ControllerSettings = ControllerSettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
     models: dict[str, ModelSettings] = {}
     """Models the local stack deploys through the registry when it starts."""
     endpoints: Endpoints = Endpoints()

@@ -18,6 +18,8 @@ from typing import Generic, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from flotilla.common.interceptors import AdmissionLimit, ModelLabel, Observe
+
 log = logging.getLogger(__name__)
 
 # Messages on the internal hops are small (metadata and scores); the limit
@@ -26,8 +28,8 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # gRPC core cancels, with a bare CANCELLED and no log line, calls that arrived
 # but that the asyncio server has not picked up yet beyond 1000 (hard limit
 # 3000) - what a burst of a few thousand concurrent calls hits. Admission is
-# Flotilla's job instead (AdmissionLimit: RESOURCE_EXHAUSTED naming the
-# limit), so core's limits are set far above any admission limit.
+# Flotilla's job instead (interceptors.AdmissionLimit: RESOURCE_EXHAUSTED
+# naming the limit), so core's limits are set far above any admission limit.
 MAX_PENDING_REQUESTS = 1_000_000
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -35,60 +37,27 @@ SERVER_OPTIONS = [
     ("grpc.server.max_pending_requests", MAX_PENDING_REQUESTS),
     ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_REQUESTS),
 ]
-RETRY_HINT = "retry after a short backoff (e.g. 100 ms, doubling)"
-
-
-class AdmissionLimit(grpc.aio.ServerInterceptor):
-    """At most ``max_calls`` unary calls at once; beyond it RESOURCE_EXHAUSTED at once.
-
-    Health checks are exempt (an overloaded service is still alive). The
-    message names the limit and the setting that raises it.
-    """
-
-    def __init__(self, service: str, max_calls: int, setting: str) -> None:
-        self.service = service
-        self.max_calls = max_calls
-        self.setting = setting
-        self.active = 0
-        self.rejected = 0
-
-    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or handler_call_details.method.startswith("/grpc.health"):
-            return handler
-        inner = handler.unary_unary
-
-        async def admitted(request, context):  # type: ignore[no-untyped-def]
-            if self.active >= self.max_calls:
-                self.rejected += 1
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{self.service} is at its limit of {self.max_calls} concurrent calls ({self.setting}); "
-                    f"{RETRY_HINT}",
-                )
-            self.active += 1
-            try:
-                return await inner(request, context)
-            finally:
-                self.active -= 1
-
-        return grpc.unary_unary_rpc_method_handler(
-            admitted, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-
 class ServiceServer:
     """A grpc.aio server with health checking and a graceful stop."""
 
     def __init__(
-        self, name: str, services: Sequence[str], *, grace_s: float, admission: AdmissionLimit | None = None
+        self,
+        name: str,
+        services: Sequence[str],
+        *,
+        grace_s: float,
+        tier: str,
+        admission: AdmissionLimit | None = None,
+        model_label: ModelLabel | None = None,
     ) -> None:
+        """``tier`` names the service in metrics and error messages (router, batcher, ...)."""
         self.name = name
         self.services = list(services)
         self.grace_s = grace_s
         self.admission = admission
-        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[admission] if admission else None)
+        chain: list[grpc.aio.ServerInterceptor] = [admission] if admission else []
+        chain.append(Observe(tier, model_label))
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=chain)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0

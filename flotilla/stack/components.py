@@ -170,4 +170,7 @@ class TritonInstallation:
         env.update(self.extra_env)
         if ort_threads > 0:
             env["FLOTILLA_ORT_INTRA_OP_THREADS"] = str(ort_threads)
-        return ManagedProcess(name, argv, log_path=log_path, env=env, address=f"{host}:{ports.grpc}")
+        return ManagedProcess(
+            name, argv, log_path=log_path, env=env, address=f"{host}:{ports.grpc}",
+            metrics_address=f"{host}:{ports.metrics}",
+        )

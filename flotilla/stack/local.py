@@ -66,6 +66,8 @@ class StackState:
     triton: list[str] = field(default_factory=list)
     preprocess: list[str] = field(default_factory=list)
     config: str = ""
+    metrics: dict[str, str] = field(default_factory=dict)
+    """Process name -> host:port of its Prometheus metrics (batchers come and go: see metrics_targets)."""
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(self.__dict__, indent=2) + "\n", encoding="utf-8")
@@ -168,6 +170,15 @@ class BatcherManager:
                     self.stack.supervisor.add(proc)
                     log.info("started the batcher of %s on %s", model, address)
             self.generation = fleet.generation
+            self.stack.write_targets()
+
+
+def _tier_of(process: str) -> str:
+    """triton-0 -> triton, batcher-open-nsfw -> batcher, router -> router."""
+    for tier in ("triton", "batcher", "preprocess", "controller", "router", "seaweedfs", "prometheus"):
+        if process.startswith(tier):
+            return tier
+    return process
 
 
 class LocalStack:
@@ -187,6 +198,8 @@ class LocalStack:
         self.preprocess: list[ManagedProcess] = []
         self.batchers: dict[str, ManagedProcess] = {}
         self.router: ManagedProcess | None = None
+        self.prometheus: ManagedProcess | None = None
+        """Started when settings.observability.prometheus is on; its HTTP API at prometheus.address."""
         self.supervisor = Supervisor()
         self.batcher_manager: BatcherManager | None = None
 
@@ -203,7 +216,8 @@ class LocalStack:
 
     def processes(self) -> list[ManagedProcess]:
         """Every child, in start order."""
-        procs = [self.s3, *self.tritons, self.controller, *self.preprocess, *self.batchers.values(), self.router]
+        procs = [self.s3, *self.tritons, self.controller, *self.preprocess, *self.batchers.values(), self.router,
+                 self.prometheus]
         return [p for p in procs if p is not None]
 
     def start(self) -> StackState:
@@ -288,10 +302,21 @@ class LocalStack:
         self._wait_serving(self.preprocess)
         self.router = self.service("router", "router", endpoints.router, config_path)
         self._wait_serving([self.router])
+        self.write_targets()
+        if self.base.observability.prometheus:
+            from flotilla.stack.prometheus import prometheus_process
+
+            self.prometheus = prometheus_process(
+                self.run_dir, self.host, free_port(self.host), self.targets_file,
+                scrape_interval_s=self.base.observability.prometheus_scrape_interval_s,
+                log_path=self.logs / "prometheus.log",
+            )
+            self.prometheus.start()
         self.batcher_manager = BatcherManager(self, endpoints.controller, config_path)
         self.batcher_manager.start()
-        for proc in [self.s3, *self.tritons, self.controller, *self.preprocess, self.router]:
-            self.supervisor.add(proc)
+        for proc in [self.s3, *self.tritons, self.controller, *self.preprocess, self.router, self.prometheus]:
+            if proc is not None:
+                self.supervisor.add(proc)
         self.supervisor.start()
 
         self.deploy_configured_models()
@@ -308,9 +333,29 @@ class LocalStack:
             triton=triton_addresses,
             preprocess=endpoints.preprocess,
             config=str(config_path),
+            metrics=self.metrics_targets(),
         )
         self.state.write(self.run_dir / "stack.json")
         return self.state
+
+    def metrics_targets(self) -> dict[str, str]:
+        """Every process's metrics endpoint now (Triton's own included)."""
+        return {p.name: p.metrics_address for p in self.processes() if p.metrics_address}
+
+    @property
+    def targets_file(self) -> Path:
+        return self.run_dir / "metrics-targets.json"
+
+    def write_targets(self) -> None:
+        """The metrics endpoints in Prometheus file_sd format, rewritten whenever batchers
+        come or go (Prometheus and `flotilla top` re-read it)."""
+        groups = [
+            {"targets": [address], "labels": {"process": name, "tier": _tier_of(name)}}
+            for name, address in self.metrics_targets().items()
+        ]
+        tmp = self.targets_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(groups, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(self.targets_file)
 
     def models_client(self) -> ModelsClient:
         assert self.settings is not None
@@ -351,10 +396,15 @@ class LocalStack:
 
     def service(self, name: str, role: str, address: str, config: Path, model: str | None = None) -> ManagedProcess:
         port = address.rsplit(":", 1)[1]
-        argv = [sys.executable, "-m", "flotilla", "serve", role, "--config", str(config), "--port", port]
+        metrics_port = free_port(self.host)
+        argv = [sys.executable, "-m", "flotilla", "serve", role, "--config", str(config), "--port", port,
+                "--metrics-port", str(metrics_port)]
         if model is not None:
             argv += ["--model", model]
-        proc = ManagedProcess(name, argv, log_path=self.logs / f"{name}.log", address=address)
+        proc = ManagedProcess(
+            name, argv, log_path=self.logs / f"{name}.log", address=address,
+            metrics_address=f"{self.host}:{metrics_port}",
+        )
         proc.start()
         return proc
 
@@ -383,5 +433,7 @@ class LocalStack:
             f"preprocess workers:  {', '.join(self.settings.endpoints.preprocess)}",
         ]
         lines += [f"batcher {m}: {p.address}" for m, p in sorted(self.batchers.items())]
+        lines += ["metrics (Prometheus, /metrics):"]
+        lines += [f"  {name:<32} http://{address}/metrics" for name, address in self.metrics_targets().items()]
         lines += [f"models:              {', '.join(self.state.models) or 'none'}", f"logs:                {self.logs}"]
         return "\n".join(lines)

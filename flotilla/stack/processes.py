@@ -102,10 +102,13 @@ class ManagedProcess:
         cwd: Path | None = None,
         address: str = "",
         stop_signal: signal.Signals = signal.SIGTERM,
+        metrics_address: str = "",
     ) -> None:
         self.name = name
         self.address = address
         """host:port the process serves, when it is a gRPC service."""
+        self.metrics_address = metrics_address
+        """host:port of its Prometheus metrics (``/metrics``), when it has them."""
         self.argv = list(argv)
         self.log_path = log_path
         self.env = env

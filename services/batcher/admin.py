@@ -6,7 +6,6 @@ import grpc
 from pydantic import ValidationError
 
 from flotilla.api.v1 import batcher_pb2, batcher_pb2_grpc, pools_pb2
-from flotilla.common.status import rpc_errors
 from flotilla.config import BatchingSettings
 from flotilla.errors import InvalidArgument
 from flotilla.services.backend_pool.pool import EndpointPool
@@ -73,10 +72,8 @@ class BatcherAdminServicer(batcher_pb2_grpc.BatcherAdminServicer):
     async def SetBatching(
         self, request: batcher_pb2.BatchingPolicy, context: grpc.aio.ServicerContext
     ) -> batcher_pb2.BatchingPolicy:
-        async with rpc_errors(context, f"batcher of {self.model}"):
-            self.queue.set_policy(policy_from_pb(request, self.queue.policy))
-            return policy_to_pb(self.queue.policy)
-        raise AssertionError("unreachable: rpc_errors aborts the call")
+        self.queue.set_policy(policy_from_pb(request, self.queue.policy))
+        return policy_to_pb(self.queue.policy)
 
     async def GetStats(
         self, request: batcher_pb2.GetStatsRequest, context: grpc.aio.ServicerContext

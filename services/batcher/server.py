@@ -32,8 +32,9 @@ from flotilla.api.v1 import (
 )
 from flotilla.common.clock import Clock, MonotonicClock
 from flotilla.common.ids import check_image_uuid
-from flotilla.common.server import AdmissionLimit, GrpcPeer, ServiceServer, serve_until_signal
-from flotilla.common.status import error_from_rpc, rpc_errors
+from flotilla.common.interceptors import AdmissionLimit
+from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
+from flotilla.common.status import error_from_rpc
 from flotilla.config import FlotillaSettings, ModelSettings
 from flotilla.errors import FlotillaError, InvalidArgument, MalformedRequest, error_from_code
 from flotilla.services.backend_pool.pool import Endpoint, EndpointPool, pool_from_settings
@@ -150,19 +151,17 @@ class ClassifierHandler:
         return request
 
     async def classify(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        async with rpc_errors(context, f"batcher of {self.model}"):
-            request = self._parse(raw, context)
-            remaining_s = context.time_remaining()
-            deadline_s = None if remaining_s is None else self.clock.now() + remaining_s
-            item = preprocess_pb2.BatchItem(
-                image_uuid=request.image_uuid, top_k=request.top_k, request_id=request.request_id,
-                model_version=request.model_version,
-            )
-            response = await self.queue.submit(
-                item, deadline_s=deadline_s, priority=request.priority, timeout_us=request.timeout_us
-            )
-            return response.SerializeToString()
-        raise AssertionError("unreachable: rpc_errors aborts the call")
+        request = self._parse(raw, context)
+        remaining_s = context.time_remaining()
+        deadline_s = None if remaining_s is None else self.clock.now() + remaining_s
+        item = preprocess_pb2.BatchItem(
+            image_uuid=request.image_uuid, top_k=request.top_k, request_id=request.request_id,
+            model_version=request.model_version,
+        )
+        response = await self.queue.submit(
+            item, deadline_s=deadline_s, priority=request.priority, timeout_us=request.timeout_us
+        )
+        return response.SerializeToString()
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -244,10 +243,12 @@ async def serve(settings: FlotillaSettings, model: str, port: int) -> None:
     )
     handler = ClassifierHandler(model, queue, clock, spec.versions)
     server = ServiceServer(
-        f"batcher[{model}]", [CLASSIFIER_SERVICE, ADMIN_SERVICE], grace_s=settings.shutdown_grace_s,
+        f"batcher[{model}]", [CLASSIFIER_SERVICE, ADMIN_SERVICE], grace_s=settings.shutdown_grace_s, tier="batcher",
         admission=AdmissionLimit(
-            f"the batcher of {model}", settings.batcher.max_concurrent_calls, "batcher.max_concurrent_calls"
+            f"the batcher of {model}", settings.batcher.max_concurrent_calls, "batcher.max_concurrent_calls",
+            tier="batcher",
         ),
+        model_label=lambda _: model,  # every call here is for this batcher's model
     )
     server.server.add_generic_rpc_handlers([handler.generic_handler()])
     batcher_pb2_grpc.add_BatcherAdminServicer_to_server(BatcherAdminServicer(model, queue, [pool]), server.server)

@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 
 from flotilla.api.v1 import batcher_pb2, batcher_pb2_grpc, controller_pb2, controller_pb2_grpc
+from flotilla.common.interceptors import UNKNOWN_MODEL
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
-from flotilla.common.status import rpc_errors
 from flotilla.config import FlotillaSettings
 from flotilla.services.controller.artifacts import ArtifactCache, ArtifactStore
 from flotilla.services.controller.controller import BatcherCounters, Controller
@@ -91,18 +91,14 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
     async def Deploy(
         self, request: controller_pb2.DeployRequest, context: grpc.aio.ServicerContext
     ) -> controller_pb2.ModelStatus:
-        async with rpc_errors(context, "controller"):
-            record = await self.controller.deploy(request.name, request.spec_json, replace=request.replace)
-            return status_to_pb(self.controller, record)
-        raise AssertionError("unreachable: rpc_errors aborts the call")
+        record = await self.controller.deploy(request.name, request.spec_json, replace=request.replace)
+        return status_to_pb(self.controller, record)
 
     async def Undeploy(
         self, request: controller_pb2.UndeployRequest, context: grpc.aio.ServicerContext
     ) -> controller_pb2.UndeployResponse:
-        async with rpc_errors(context, "controller"):
-            await self.controller.undeploy(request.name)
-            return controller_pb2.UndeployResponse()
-        raise AssertionError("unreachable: rpc_errors aborts the call")
+        await self.controller.undeploy(request.name)
+        return controller_pb2.UndeployResponse()
 
     async def ListModels(
         self, request: controller_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -114,25 +110,19 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
     async def GetModel(
         self, request: controller_pb2.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> controller_pb2.ModelStatus:
-        async with rpc_errors(context, "controller"):
-            return status_to_pb(self.controller, self.controller.record(request.name))
-        raise AssertionError("unreachable: rpc_errors aborts the call")
+        return status_to_pb(self.controller, self.controller.record(request.name))
 
     async def EnsureLoaded(
         self, request: controller_pb2.EnsureLoadedRequest, context: grpc.aio.ServicerContext
     ) -> controller_pb2.ModelStatus:
-        async with rpc_errors(context, "controller"):
-            record = await self.controller.ensure_loaded(request.name)
-            return status_to_pb(self.controller, record)
-        raise AssertionError("unreachable: rpc_errors aborts the call")
+        record = await self.controller.ensure_loaded(request.name)
+        return status_to_pb(self.controller, record)
 
     async def RegisterBatcher(
         self, request: controller_pb2.RegisterBatcherRequest, context: grpc.aio.ServicerContext
     ) -> controller_pb2.RegisterBatcherResponse:
-        async with rpc_errors(context, "controller"):
-            record = self.controller.register_batcher(request.model_name, request.address)
-            return controller_pb2.RegisterBatcherResponse(spec_json=record.spec.model_dump_json())
-        raise AssertionError("unreachable: rpc_errors aborts the call")
+        record = self.controller.register_batcher(request.model_name, request.address)
+        return controller_pb2.RegisterBatcherResponse(spec_json=record.spec.model_dump_json())
 
     async def WatchFleet(
         self, request: controller_pb2.WatchFleetRequest, context: grpc.aio.ServicerContext
@@ -203,7 +193,11 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     usage = BatcherUsage()
     controller = build_controller(settings, usage)
     await controller.start()
-    server = ServiceServer("controller", [SERVICE_NAME], grace_s=settings.shutdown_grace_s)
+    server = ServiceServer(
+        "controller", [SERVICE_NAME], grace_s=settings.shutdown_grace_s, tier="controller",
+        # Deploy names new models: registered ones are labels, the rest one value.
+        model_label=lambda name: name if name in controller.records else UNKNOWN_MODEL,
+    )
     controller_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(controller), server.server)
 
     async def cleanup() -> None:

@@ -22,9 +22,10 @@ from flotilla.api.v1 import (
     preprocess_pb2_grpc,
 )
 from flotilla.common.fleet import FleetWatcher, ready_replicas, spec_of
+from flotilla.common.interceptors import UNKNOWN_MODEL
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.server import ServiceServer, serve_until_signal
-from flotilla.common.status import error_from_rpc, rpc_errors
+from flotilla.common.status import error_from_rpc
 from flotilla.config import FlotillaSettings
 from flotilla.services.backend_pool.status import pools_to_pb
 from flotilla.services.backend_pool.triton import TritonBackend
@@ -71,13 +72,11 @@ class PreprocessorServicer(preprocess_pb2_grpc.PreprocessorServicer):
     async def ProcessBatch(
         self, request: preprocess_pb2.ProcessBatchRequest, context: grpc.aio.ServicerContext
     ) -> preprocess_pb2.ProcessBatchResponse:
-        async with rpc_errors(context, "preprocess worker"):
-            items = [ItemRequest(i.image_uuid, i.top_k, i.request_id) for i in request.items]
-            outcome = await self.processor.process(
-                request.model_name, items, version=request.model_version, timeout_s=context.time_remaining()
-            )
-            return to_pb(request, outcome)
-        raise AssertionError("unreachable: rpc_errors aborts the call")
+        items = [ItemRequest(i.image_uuid, i.top_k, i.request_id) for i in request.items]
+        outcome = await self.processor.process(
+            request.model_name, items, version=request.model_version, timeout_s=context.time_remaining()
+        )
+        return to_pb(request, outcome)
 
 
 class FleetFollower:
@@ -145,7 +144,10 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     watcher = FleetWatcher(settings.endpoints.controller, on_fleet, name="preprocess")
     watcher.start()
     await watcher.wait_first(10.0)
-    server = ServiceServer("preprocess", [SERVICE_NAME], grace_s=settings.shutdown_grace_s)
+    server = ServiceServer(
+        "preprocess", [SERVICE_NAME], grace_s=settings.shutdown_grace_s, tier="preprocess",
+        model_label=lambda name: name if name in processor.models else UNKNOWN_MODEL,
+    )
     preprocess_pb2_grpc.add_PreprocessorServicer_to_server(
         PreprocessorServicer(processor, backend), server.server
     )

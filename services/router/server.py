@@ -19,8 +19,8 @@ import grpc
 
 from flotilla.api.v1 import controller_pb2
 from flotilla.common.fleet import FleetWatcher
-from flotilla.common.server import AdmissionLimit, GrpcPeer, ServiceServer, serve_until_signal
-from flotilla.common.status import rpc_errors
+from flotilla.common.interceptors import UNKNOWN_MODEL, AdmissionLimit
+from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
 from flotilla.config import FlotillaSettings, PoolSettings
 from flotilla.errors import DeadlineExceeded, Unavailable
 from flotilla.services.backend_pool.pool import ActiveHealthCheck, Endpoint, pool_from_settings
@@ -55,27 +55,25 @@ class ForwardingHandler(grpc.GenericRpcHandler):
         return grpc.unary_unary_rpc_method_handler(forward)
 
     async def _forward(self, method: str, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        async with rpc_errors(context, "router"):
-            headers = tuple(context.invocation_metadata() or ())
-            by_key = {k: v for k, v in headers}
-            self.keys.check(by_key.get(AUTH_HEADER))  # type: ignore[arg-type]
-            pool = self.routes.pool_for(by_key.get(MODEL_HEADER))  # type: ignore[arg-type]
-            passed = tuple((k, v) for k, v in headers if k not in _DROPPED_HEADERS)
+        headers = tuple(context.invocation_metadata() or ())
+        by_key = {k: v for k, v in headers}
+        self.keys.check(by_key.get(AUTH_HEADER))  # type: ignore[arg-type]
+        pool = self.routes.pool_for(by_key.get(MODEL_HEADER))  # type: ignore[arg-type]
+        passed = tuple((k, v) for k, v in headers if k not in _DROPPED_HEADERS)
 
-            async def on(endpoint: Endpoint[GrpcPeer[None]]) -> bytes:
-                # Each attempt gets what is left of the caller's deadline, not the whole of it.
-                timeout_s = context.time_remaining()
-                if timeout_s is not None and timeout_s <= 0:
-                    raise DeadlineExceeded("deadline passed before a batcher could answer")
-                try:
-                    return await endpoint.client.raw(method)(raw, metadata=passed, timeout=timeout_s)
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                        raise Unavailable(exc.details() or f"batcher {endpoint.address} is unavailable") from exc
-                    raise  # the batcher's own status, passed through as-is
+        async def on(endpoint: Endpoint[GrpcPeer[None]]) -> bytes:
+            # Each attempt gets what is left of the caller's deadline, not the whole of it.
+            timeout_s = context.time_remaining()
+            if timeout_s is not None and timeout_s <= 0:
+                raise DeadlineExceeded("deadline passed before a batcher could answer")
+            try:
+                return await endpoint.client.raw(method)(raw, metadata=passed, timeout=timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    raise Unavailable(exc.details() or f"batcher {endpoint.address} is unavailable") from exc
+                raise  # the batcher's own status, passed through as-is
 
-            return await pool.call(on)
-        raise AssertionError("unreachable: rpc_errors aborts the call")
+        return await pool.call(on)
 
 
 class BatcherRoutes:
@@ -135,8 +133,10 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
         log.warning("router: no answer from the controller at %s yet; starting with no routes",
                     settings.endpoints.controller)
     server = ServiceServer(
-        "router", [CLASSIFIER_SERVICE], grace_s=settings.shutdown_grace_s,
+        "router", [CLASSIFIER_SERVICE], grace_s=settings.shutdown_grace_s, tier="router",
         admission=AdmissionLimit("router", settings.router.max_concurrent_calls, "router.max_concurrent_calls"),
+        # Callers name any model they like: only routed ones become label values.
+        model_label=lambda name: name if routes.table.get(name) is not None else UNKNOWN_MODEL,
     )
     server.server.add_generic_rpc_handlers([ForwardingHandler(keys, routes.table)])
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from flotilla.common.server import GrpcPeer
+from flotilla.common.server import GrpcPeer, ServiceServer
 from flotilla.services.backend_pool.pool import EndpointPool
 from flotilla.services.router.routing import ApiKeys, RouteTable
 from flotilla.services.router.server import ForwardingHandler
@@ -46,16 +46,15 @@ async def router_to_recorder() -> AsyncIterator[tuple[grpc.aio.Channel, Recordin
     await upstream.start()
     address = f"127.0.0.1:{upstream_port}"
     pool = EndpointPool("batcher", {address: GrpcPeer(address)})
-    router = grpc.aio.server()
-    router.add_generic_rpc_handlers([ForwardingHandler(ApiKeys(["k"]), RouteTable({"m": pool}))])
-    router_port = router.add_insecure_port("127.0.0.1:0")
-    await router.start()
+    router = ServiceServer("router", [], grace_s=0, tier="router")  # with the real interceptor chain
+    router.server.add_generic_rpc_handlers([ForwardingHandler(ApiKeys(["k"]), RouteTable({"m": pool}))])
+    router_port = await router.start("127.0.0.1", 0)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{router_port}")
     try:
         yield channel, recorder
     finally:
         await channel.close()
-        await router.stop(None)
+        await router.stop()
         await upstream.stop(None)
         await pool.endpoints[0].client.close()
 

@@ -9,13 +9,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from flotilla.common.server import AdmissionLimit, ServiceServer
+from flotilla.common.interceptors import AdmissionLimit
+from flotilla.common.server import ServiceServer
 
 
 async def test_calls_beyond_the_limit_are_rejected_and_the_rest_answered() -> None:
     release = asyncio.Event()
     admission = AdmissionLimit("test service", 3, "test.max_concurrent_calls")
-    server = ServiceServer("test", ["t.S"], grace_s=0, admission=admission)
+    server = ServiceServer("test", ["t.S"], grace_s=0, tier="test", admission=admission)
 
     async def slow(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         await release.wait()

@@ -1,0 +1,193 @@
+"""The server interceptor chain every Flotilla gRPC server runs.
+
+    AdmissionLimit (router, batchers)  ->  Observe  ->  the handler
+
+``Observe`` is the one place where an exception escaping a handler becomes
+a gRPC status: a ``FlotillaError`` with its code and message, an upstream
+tier's status passed through as it came, anything else INTERNAL with a
+generic message (the traceback goes to this service's log, never to the
+caller). It also counts every call and its latency by tier, method, model
+and status code. Handlers raise; they do not catch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+
+from flotilla.common import metrics
+from flotilla.errors import FlotillaError
+
+log = logging.getLogger(__name__)
+
+MODEL_HEADER = "x-model-name"
+UNKNOWN_MODEL = "(unknown)"
+
+# model name as the caller gave it -> the label to record (bounded), or None for "no model"
+ModelLabel = Callable[[str], str]
+
+
+def call_is_over(context: grpc.aio.ServicerContext) -> bool:
+    """True when the caller or the deadline has ended the call (nobody to send a status to).
+
+    At the instant the deadline passes, done() can still be False while gRPC
+    already refuses a status, so the remaining time is checked as well.
+    """
+    remaining_s = context.time_remaining()
+    return context.done() or (remaining_s is not None and remaining_s <= 0)
+
+
+def status_of(exc: BaseException, tier: str) -> tuple[grpc.StatusCode, str]:
+    """The status and message a caller gets for an exception escaping a handler."""
+    if isinstance(exc, FlotillaError):
+        return grpc.StatusCode[exc.code.name], exc.message
+    if isinstance(exc, grpc.aio.AioRpcError):  # an upstream tier's status, passed through
+        return exc.code(), exc.details() or exc.code().name
+    log.error("%s: unhandled error", tier, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error in the {tier}; see its log"
+
+
+RETRY_HINT = "retry after a short backoff (e.g. 100 ms, doubling)"
+
+
+class AdmissionLimit(grpc.aio.ServerInterceptor):
+    """At most ``max_calls`` unary calls at once; beyond it RESOURCE_EXHAUSTED at once.
+
+    Health checks are exempt (an overloaded service is still alive). The
+    message names the limit and the setting that raises it.
+    """
+
+    def __init__(self, service: str, max_calls: int, setting: str, *, tier: str = "") -> None:
+        self.service = service
+        self.tier = tier or service
+        self.max_calls = max_calls
+        self.setting = setting
+        self.active = 0
+        self.rejected = 0
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler_call_details.method.startswith("/grpc.health"):
+            return handler
+        inner = handler.unary_unary
+
+        async def admitted(request, context):  # type: ignore[no-untyped-def]
+            if self.active >= self.max_calls:
+                self.rejected += 1
+                metrics.ADMISSION_REJECTED.labels(self.tier).inc()
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{self.service} is at its limit of {self.max_calls} concurrent calls ({self.setting}); "
+                    f"{RETRY_HINT}",
+                )
+            self.active += 1
+            try:
+                return await inner(request, context)
+            finally:
+                self.active -= 1
+
+        return grpc.unary_unary_rpc_method_handler(
+            admitted, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class Observe(grpc.aio.ServerInterceptor):
+    """Errors to statuses, and request metrics, for every method of a server."""
+
+    def __init__(self, tier: str, model_label: ModelLabel | None = None) -> None:
+        self.tier = tier
+        self.model_label = model_label or (lambda name: name)
+
+    def _model(self, request: object, context: grpc.aio.ServicerContext) -> str:
+        named = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == MODEL_HEADER:
+                named = str(value)
+        named = named or str(getattr(request, "model_name", "") or getattr(request, "name", "") or "")
+        return self.model_label(named) if named else ""
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith("/grpc.health"):
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _record(self, method: str, model: str, code: grpc.StatusCode, started_s: float) -> None:
+        metrics.REQUESTS.labels(self.tier, method, model, code.name).inc()
+        metrics.REQUEST_SECONDS.labels(self.tier, method, model).observe(time.perf_counter() - started_s)
+
+    async def _fail(self, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+        """End the call with ``exc``'s status (``context.code`` then says which); always raises."""
+        if _is_abort(exc):
+            raise exc  # the handler set its own status
+        code, details = status_of(exc, self.tier)
+        if call_is_over(context):
+            context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED if _deadline_passed(context) else grpc.StatusCode.CANCELLED)
+            raise asyncio.CancelledError() from exc
+        await context.abort(code, details)
+
+    def _unary(self, inner, method: str):  # type: ignore[no-untyped-def]
+        async def observed(request, context):  # type: ignore[no-untyped-def]
+            started_s = time.perf_counter()
+            model = self._model(request, context)
+            try:
+                return await inner(request, context)
+            except Exception as exc:
+                await self._fail(exc, context)
+            finally:
+                self._record(method, model, _final_code(context), started_s)
+
+        return observed
+
+    def _stream(self, inner, method: str):  # type: ignore[no-untyped-def]
+        async def observed(request, context):  # type: ignore[no-untyped-def]
+            started_s = time.perf_counter()
+            model = self._model(request, context)
+            try:
+                async for reply in inner(request, context):
+                    yield reply
+            except Exception as exc:
+                await self._fail(exc, context)
+            finally:
+                self._record(method, model, _final_code(context), started_s)
+
+        return observed
+
+
+def _final_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if code is None:
+        if _deadline_passed(context):
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED if context.cancelled() else grpc.StatusCode.OK
+    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    remaining_s = context.time_remaining()
+    return remaining_s is not None and remaining_s <= 0
+
+
+def _is_abort(exc: BaseException) -> bool:
+    """``context.abort`` raises this (a handler that set its own status)."""
+    return type(exc).__name__ == "AbortError"

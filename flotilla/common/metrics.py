@@ -1,0 +1,114 @@
+"""Every Prometheus metric Flotilla exports, in one place (prometheus-client).
+
+Names follow Prometheus conventions: a ``flotilla_`` prefix, base units in
+the name (``_seconds``, ``_bytes``), ``_total`` on counters. Label sets are
+bounded: tiers, methods, models, status codes, replica and endpoint
+addresses, a handful of enumerated kinds - never a uuid, request id or key.
+
+Each service process serves the default registry on its own HTTP port
+(``serve_metrics``); metrics a process does not use simply have no samples
+there. The dashboard (``observability/grafana/flotilla.json``), the alert
+rules (``observability/prometheus/alerts.yml``) and ``flotilla top`` read
+these names; a test checks every expression returns data on a real stack.
+
+Histogram buckets: latencies from 1 ms to 60 s; batch sizes in powers of two.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+# -- every gRPC server (the interceptor chain) ----------------------------------------
+
+REQUESTS = Counter(
+    "flotilla_grpc_requests", "gRPC calls served, by tier, method, model and status code.",
+    ["tier", "method", "model", "code"],
+)
+REQUEST_SECONDS = Histogram(
+    "flotilla_grpc_request_duration_seconds", "Time to answer a gRPC call, by tier, method and model.",
+    ["tier", "method", "model"], buckets=LATENCY_BUCKETS_S,
+)
+ADMISSION_REJECTED = Counter(
+    "flotilla_admission_rejected", "Calls refused at once because a tier was at its concurrent-call limit.",
+    ["tier"],
+)
+
+# -- the batching tier -----------------------------------------------------------------
+
+QUEUE_DEPTH = Gauge("flotilla_batcher_queue_depth", "Requests waiting in a model's batching queue.", ["model"])
+INFLIGHT_BATCHES = Gauge("flotilla_batcher_inflight_batches", "Batches dispatched and not yet answered.", ["model"])
+QUEUE_WAIT_SECONDS = Histogram(
+    "flotilla_batcher_queue_wait_seconds",
+    "Arrival-to-dispatch time of requests that left the queue in a batch (the autoscaler's signal).",
+    ["model"], buckets=LATENCY_BUCKETS_S,
+)
+BATCH_SIZE = Histogram("flotilla_batcher_batch_size", "Requests per formed batch.", ["model"], buckets=BATCH_BUCKETS)
+BATCHES = Counter("flotilla_batcher_batches", "Batches dispatched (executions of the batching tier).", ["model"])
+BATCH_ITEMS = Counter("flotilla_batcher_batch_items", "Requests dispatched in batches; mean batch = items / batches.", ["model"])
+QUEUE_REJECTED = Counter(
+    "flotilla_batcher_rejected", "Requests that left the queue without a batch, by reason (queue_full, expired).",
+    ["model", "reason"],
+)
+
+# -- preprocess workers and the backend hop ------------------------------------------
+
+PREPROCESS_SECONDS = Histogram(
+    "flotilla_preprocess_stage_duration_seconds",
+    "Per image: fetch (S3 GET), decode (JPEG to pixels at size), and per batch: tensor (stacking, normalising).",
+    ["model", "stage"], buckets=LATENCY_BUCKETS_S,
+)
+BACKEND_SECONDS = Histogram(
+    "flotilla_backend_request_duration_seconds", "One batch's inference call, by model and Triton replica.",
+    ["model", "replica"], buckets=LATENCY_BUCKETS_S,
+)
+S3_ERRORS = Counter("flotilla_s3_errors", "Object store calls that failed, by operation and kind.", ["operation", "kind"])
+
+# -- endpoint pools (every hop that spreads calls over replicas) ----------------------
+
+ENDPOINT_ADMITTED = Gauge(
+    "flotilla_pool_endpoint_admitted", "1 when the pool may choose this endpoint, 0 while it is ejected.",
+    ["pool", "endpoint"],
+)
+EJECTIONS = Counter("flotilla_pool_ejections", "Times an endpoint was ejected from a pool.", ["pool", "endpoint"])
+
+# -- the controller ---------------------------------------------------------------------
+
+CONTROLLER_EVENTS = Counter(
+    "flotilla_controller_events",
+    "Controller actions and decisions by kind (loaded, unloaded, load_failed, evicted, cold_start, "
+    "scale_add, scale_remove, scale_zero, placement_failed, lost).",
+    ["model", "kind"],
+)
+LOAD_SECONDS = Histogram(
+    "flotilla_controller_load_duration_seconds", "Artifact fetch plus Triton load of one copy.", ["model"],
+    buckets=LATENCY_BUCKETS_S,
+)
+COLD_START_SECONDS = Histogram(
+    "flotilla_controller_cold_start_wait_seconds", "From the first held request to a ready copy.", ["model"],
+    buckets=LATENCY_BUCKETS_S,
+)
+MODEL_COPIES = Gauge("flotilla_model_copies", "Copies of a model by state (loading, ready, draining).", ["model", "state"])
+MODEL_PLACED = Gauge("flotilla_model_placed", "1 where a replica holds a ready copy of the model.", ["model", "replica"])
+MODEL_UNPLACEABLE = Gauge(
+    "flotilla_model_unplaceable", "1 while the model's last placement found no replica with room.", ["model"]
+)
+MODEL_QUEUE_WAIT_MS = Gauge(
+    "flotilla_model_queue_wait_milliseconds_mean",
+    "Mean queue wait of the last interval the autoscaler observed (from the batchers' counters).", ["model"],
+)
+REPLICA_MEMORY_USED = Gauge("flotilla_replica_memory_used_bytes", "Memory of the copies placed on a replica.", ["replica"])
+REPLICA_MEMORY_BUDGET = Gauge("flotilla_replica_memory_budget_bytes", "A replica's memory budget.", ["replica"])
+REPLICA_HEALTHY = Gauge("flotilla_replica_healthy", "1 while the controller finds the Triton replica live.", ["replica"])
+
+MIB = 1024 * 1024
+
+
+def serve_metrics(host: str, port: int) -> int:
+    """Serve this process's metrics on ``http://host:port/metrics``; 0 picks a free port."""
+    if port < 0:
+        return 0
+    server, _ = start_http_server(port, addr=host)
+    return int(server.server_port)
