@@ -13,10 +13,15 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
+from flotilla.common import metrics
 from flotilla.config import S3Settings
 from flotilla.errors import ImageNotFound, ImageTooLarge, StoreUnavailable
 
 _MISSING = {"NoSuchKey", "NoSuchObject", "NoSuchBucket"}
+
+
+def _count(operation: str, kind: str) -> None:
+    metrics.S3_ERRORS.labels(operation, kind).inc()
 
 
 class ObjectStore:
@@ -46,8 +51,10 @@ class ObjectStore:
                 self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
             )
         except S3Error as exc:
+            _count("put", "refused")
             raise StoreUnavailable(f"object store refused to store {key!r}: {exc.code}") from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
+            _count("put", "unreachable")
             raise StoreUnavailable(f"object store at {self.endpoint} is unreachable: {exc}") from exc
 
     def get(self, key: str, max_bytes: int) -> bytes:
@@ -56,11 +63,14 @@ class ObjectStore:
             response = self._client.get_object(self.bucket, key)
         except S3Error as exc:
             if exc.code in _MISSING:
+                _count("get", "not_found")
                 raise ImageNotFound(
                     f"no object {key!r} in bucket {self.bucket!r}; upload the image before classifying it"
                 ) from exc
+            _count("get", "refused")
             raise StoreUnavailable(f"object store error for {key!r}: {exc.code}") from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
+            _count("get", "unreachable")
             raise StoreUnavailable(f"object store at {self.endpoint} is unreachable: {exc}") from exc
         try:
             declared = int(response.headers.get("content-length", "0"))
@@ -73,6 +83,7 @@ class ObjectStore:
                 raise ImageTooLarge(f"object {key!r} exceeds the limit of {max_bytes} bytes")
             return body
         except (urllib3.exceptions.HTTPError, OSError) as exc:
+            _count("get", "unreachable")
             raise StoreUnavailable(f"reading {key!r} from the object store failed: {exc}") from exc
         finally:
             response.close()

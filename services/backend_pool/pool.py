@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from flotilla.common import metrics
 from flotilla.common.logsummary import FailureSummary
 from flotilla.config import PoolSettings
 from flotilla.errors import DeadlineExceeded, NoHealthyEndpoint, Unavailable
@@ -141,7 +142,7 @@ class EndpointPool(Generic[C]):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
-        self.endpoints = [Endpoint(address, client) for address, client in clients.items()]
+        self.endpoints: list[Endpoint[C]] = []
         self.strategy: Strategy = strategy or RoundRobin()
         self.max_attempts = max_attempts
         self.eject_after_failures = eject_after_failures
@@ -152,6 +153,14 @@ class EndpointPool(Generic[C]):
         self._changed = asyncio.Condition()
         self._failures = FailureSummary(log, clock=clock)
         """Failed calls, summarised per endpoint and interval (state changes are logged apart)."""
+        self.endpoints = [self._track(Endpoint(address, client)) for address, client in clients.items()]
+
+    def _track(self, endpoint: Endpoint[C]) -> Endpoint[C]:
+        """Export the endpoint's admission state (read live at scrape time)."""
+        metrics.ENDPOINT_ADMITTED.labels(self.name, endpoint.address).set_function(
+            lambda: 1.0 if self._is_admitted(endpoint) else 0.0
+        )
+        return endpoint
 
     # -- membership --------------------------------------------------------------
 
@@ -164,7 +173,10 @@ class EndpointPool(Generic[C]):
         """
         kept = {e.address: e for e in self.endpoints if e.address in clients}
         removed = [e.client for e in self.endpoints if e.address not in clients]
-        self.endpoints = [kept.get(a) or Endpoint(a, c) for a, c in clients.items()]
+        for endpoint in self.endpoints:
+            if endpoint.address not in clients:
+                metrics.ENDPOINT_ADMITTED.remove(self.name, endpoint.address)
+        self.endpoints = [kept.get(a) or self._track(Endpoint(a, c)) for a, c in clients.items()]
         if removed or len(kept) != len(clients):
             log.info("%s: endpoints now %s", self.name, ", ".join(clients) or "none")
             asyncio.get_running_loop().create_task(self._notify())
@@ -186,6 +198,7 @@ class EndpointPool(Generic[C]):
     def eject(self, endpoint: Endpoint[C], reason: str) -> None:
         if self._is_admitted(endpoint):  # count each ejection once, however it came
             endpoint.ejections += 1
+            metrics.EJECTIONS.labels(self.name, endpoint.address).inc()
             endpoint.last_ejected_s = self._clock()
             log.warning("%s %s ejected: %s", self.name, endpoint.address, reason)
         endpoint.healthy = False
@@ -283,6 +296,7 @@ class EndpointPool(Generic[C]):
             # Logged once per ejection (a state change), not once per failed call.
             if self._is_admitted(endpoint):
                 endpoint.ejections += 1
+                metrics.EJECTIONS.labels(self.name, endpoint.address).inc()
                 endpoint.last_ejected_s = self._clock()
                 log.warning("%s %s ejected after %d failures in a row: %s", self.name, endpoint.address,
                             endpoint.consecutive_failures, error)

@@ -24,6 +24,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from flotilla.common import metrics
 from flotilla.config import BackendSettings, PoolSettings
 from flotilla.errors import (
     BackendError,
@@ -103,7 +104,9 @@ class TritonBackend:
             pool.set_endpoints({a: self._client(a) for a in addresses})
 
     def remove(self, model: str) -> None:
-        self.pools.pop(model, None)
+        pool = self.pools.pop(model, None)
+        if pool is not None:
+            pool.set_endpoints({})  # its clients are shared per replica and stay open
 
     async def _ensure_copy(self, model: str) -> None:
         """Wait for the controller to load a copy (one request per model at a time)."""
@@ -142,6 +145,7 @@ class TritonBackend:
             tensor = InferInput(input_name, list(batch.shape), np_to_triton_dtype(batch.dtype))
             tensor.set_data_from_numpy(batch)
             remaining_s = None if deadline_s is None else max(deadline_s - self._clock(), 0.001)
+            started_s = time.perf_counter()
             try:
                 reply = await endpoint.client.infer(
                     model,
@@ -152,6 +156,8 @@ class TritonBackend:
                 )
             except InferenceServerException as exc:
                 raise translate_triton_error(exc, endpoint.address, model) from exc
+            finally:
+                metrics.BACKEND_SECONDS.labels(model, endpoint.address).observe(time.perf_counter() - started_s)
             outputs = reply.as_numpy(output_name)
             if outputs is None:
                 raise BackendError(f"Triton at {endpoint.address} returned no {output_name!r} output")

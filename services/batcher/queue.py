@@ -48,6 +48,7 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
+from flotilla.common import metrics
 from flotilla.common.clock import Clock, MonotonicClock
 from flotilla.config import BatchingSettings
 from flotilla.errors import DeadlineExceeded, FlotillaError, InvalidArgument, QueueFull, Unavailable
@@ -140,6 +141,13 @@ class BatchQueue(Generic[T, R]):
         self._runner: asyncio.Task[None] | None = None
         self.stats = QueueStats()
         self.totals = QueueTotals()
+        # Live gauges read the queue itself at scrape time.
+        metrics.QUEUE_DEPTH.labels(name).set_function(lambda: self._size)
+        metrics.INFLIGHT_BATCHES.labels(name).set_function(lambda: self._inflight)
+        self._queue_wait = metrics.QUEUE_WAIT_SECONDS.labels(name)
+        self._batch_size = metrics.BATCH_SIZE.labels(name)
+        self._batches = metrics.BATCHES.labels(name)
+        self._batch_items = metrics.BATCH_ITEMS.labels(name)
 
     # -- state -----------------------------------------------------------------
 
@@ -216,6 +224,7 @@ class BatchQueue(Generic[T, R]):
         level = self._level_of(priority)
         if self._size >= self._policy.max_queue_size:
             self.stats.rejected_full += 1
+            metrics.QUEUE_REJECTED.labels(self.name, "queue_full").inc()
             raise QueueFull(
                 f"queue for model {self.name} is full ({self._policy.max_queue_size} requests, "
                 "batching.max_queue_size); retry after a short backoff (e.g. 100 ms, doubling)"
@@ -287,6 +296,7 @@ class BatchQueue(Generic[T, R]):
     def _fail(self, pending: _Pending[T, R], error: FlotillaError) -> None:
         if pending.queued:
             self.stats.expired += 1
+            metrics.QUEUE_REJECTED.labels(self.name, "expired").inc()
         self._unqueue(pending)
         if not pending.future.done():
             pending.future.set_exception(error)  # a late answer from a batch in flight is dropped
@@ -391,8 +401,14 @@ class BatchQueue(Generic[T, R]):
             now = self._clock.now()
             waits = [now - p.enqueued_s for p in live]
             self.stats.queue_waits_s.extend(waits)
+            # The autoscaler's totals and the scraped histogram are the same observations.
             self.totals.dispatched += len(live)
             self.totals.queue_wait_s += sum(waits)
+            for wait in waits:
+                self._queue_wait.observe(wait)
+            self._batch_size.observe(len(live))
+            self._batches.inc()
+            self._batch_items.inc(len(live))
             deadlines = [p.deadline_s for p in live]
             deadline_s = None if None in deadlines else max(d for d in deadlines if d is not None)
             self.stats.batches += 1

@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from flotilla.common import metrics
 from flotilla.common.clock import Clock, MonotonicClock
 from flotilla.config import ControllerSettings, ModelSettings
 from flotilla.errors import (
@@ -132,6 +133,8 @@ class Controller:
         self._scaling: dict[str, asyncio.Task[None]] = {}
         self._busy: dict[str, bool] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._exported: dict[object, set[tuple[str, ...]]] = {}
+        """Label sets each gauge was last given (the rest are removed)."""
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -196,9 +199,10 @@ class Controller:
     # -- the fleet -------------------------------------------------------------
 
     def _publish(self) -> None:
-        """A new fleet generation: the Ready conditions follow, watchers wake up."""
+        """A new fleet generation: the Ready conditions and the gauges follow, watchers wake up."""
         for record in self.records.values():
             self._update_ready(record)
+        self._export_gauges()
         self.generation += 1
 
         async def notify() -> None:
@@ -207,6 +211,36 @@ class Controller:
 
         task = asyncio.get_running_loop().create_task(notify())
         task.add_done_callback(lambda t: None)
+
+    def _export_gauges(self) -> None:
+        """Copies, placement, unplaceable models and replica memory as Prometheus gauges."""
+        values: dict[object, dict[tuple[str, ...], float]] = {
+            metrics.MODEL_COPIES: {}, metrics.MODEL_PLACED: {}, metrics.MODEL_UNPLACEABLE: {},
+            metrics.MODEL_QUEUE_WAIT_MS: {}, metrics.REPLICA_MEMORY_USED: {}, metrics.REPLICA_MEMORY_BUDGET: {},
+            metrics.REPLICA_HEALTHY: {},
+        }
+        for record in self.committed():
+            name = record.name
+            for state in ("loading", "ready", "draining"):
+                values[metrics.MODEL_COPIES][(name, state)] = float(len(self.copies(name, (state,))))
+            for address in self.replicas:
+                values[metrics.MODEL_PLACED][(name, address)] = float(address in self.ready_copies(name))
+            memory = record.conditions.get((MEMORY_AVAILABLE, ""))
+            values[metrics.MODEL_UNPLACEABLE][(name,)] = float(memory is not None and memory.status == "False")
+            wait_ms = self.autoscaler.queue_wait_ms(name)
+            if wait_ms is not None:
+                values[metrics.MODEL_QUEUE_WAIT_MS][(name,)] = wait_ms
+        for address, replica in self.replicas.items():
+            values[metrics.REPLICA_MEMORY_USED][(address,)] = replica.used_mb * metrics.MIB
+            values[metrics.REPLICA_MEMORY_BUDGET][(address,)] = replica.budget_mb * metrics.MIB
+            values[metrics.REPLICA_HEALTHY][(address,)] = float(replica.healthy)
+        for gauge, current in values.items():
+            previous = self._exported.get(gauge, set())
+            for labels, value in current.items():
+                gauge.labels(*labels).set(value)  # type: ignore[attr-defined]
+            for labels in previous - set(current):
+                gauge.remove(*labels)  # type: ignore[attr-defined]
+            self._exported[gauge] = set(current)
 
     async def watch(self) -> AsyncIterator[int]:
         """Yields the generation now and after every change (callers read the state)."""
@@ -341,6 +375,7 @@ class Controller:
         return record
 
     async def _cold_start(self, name: str) -> None:
+        started = self.clock.now()
         try:
             if not self.copies(name):  # a copy already loading is waited for instead
                 await self._add_copy(name, "cold start")
@@ -348,6 +383,7 @@ class Controller:
                 if not self.copies(name):
                     raise ModelLoadFailed(f"model {name!r} has no copy loading any more")
                 await self.clock.sleep(0.01)
+            metrics.COLD_START_SECONDS.labels(name).observe(self.clock.now() - started)
         finally:
             self._cold.pop(name, None)
 
@@ -422,6 +458,7 @@ class Controller:
         if copy is not None:
             copy.state = "ready"
         load_s = self.clock.now() - started
+        metrics.LOAD_SECONDS.labels(name).observe(load_s)
         record.set_condition(
             LOADED, True, "Loaded", f"versions {record.spec.versions} loaded in {load_s:.2f} s", address
         )
@@ -555,6 +592,7 @@ class Controller:
                 queue_wait_s_total=counters.queue_wait_s_total,
                 queue_depth=counters.queue_depth,
             )
+        self._export_gauges()
 
     async def _autoscale(self) -> None:
         now = self.clock.now()

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from flotilla.common import metrics
 from flotilla.common.object_store import ObjectStore
 from flotilla.config import ModelSettings
 from flotilla.errors import InvalidArgument
@@ -107,6 +108,7 @@ class ModelRecord:
 
     def event(self, kind: str, message: str) -> None:
         self.events.append(Event(time.time(), kind, message))
+        metrics.CONTROLLER_EVENTS.labels(self.name, kind).inc()
 
     def to_json(self) -> dict[str, Any]:
         return {

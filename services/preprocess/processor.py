@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
+from flotilla.common import metrics
 from flotilla.common.ids import object_key
 from flotilla.config import ModelSettings
 from flotilla.errors import FlotillaError, InvalidArgument, ModelNotFound
@@ -116,10 +118,15 @@ class BatchProcessor:
 
     def _load_pixels(self, item: ItemRequest, model: ServedModel) -> np.ndarray:
         key = object_key(item.image_uuid)
+        started_s = time.perf_counter()
         data = self.store.get(key, self.max_object_bytes)
-        return decode_for_model(
+        fetched_s = time.perf_counter()
+        metrics.PREPROCESS_SECONDS.labels(model.name, "fetch").observe(fetched_s - started_s)
+        pixels = decode_for_model(
             data, model.settings.input, what=f"image {item.image_uuid}", max_pixels=self.max_image_pixels
         )
+        metrics.PREPROCESS_SECONDS.labels(model.name, "decode").observe(time.perf_counter() - fetched_s)
+        return pixels
 
     async def process(
         self, model_name: str, items: Sequence[ItemRequest], *, version: int = 0, timeout_s: float | None = None
@@ -148,7 +155,9 @@ class BatchProcessor:
 
         backend = ""
         if good:
+            started_s = time.perf_counter()
             tensor = to_batch_tensor([loaded[i] for i in good], model.settings.input)  # type: ignore[misc]
+            metrics.PREPROCESS_SECONDS.labels(model.name, "tensor").observe(time.perf_counter() - started_s)
             result = await self.backend.infer(
                 model.backend_model,
                 model.settings.input.name,

@@ -111,8 +111,8 @@ class BatcherRoutes:
         check = self._checks.pop(model, None)
         if check is not None:
             await check.stop()
-        for endpoint in pool.endpoints if pool else []:
-            await endpoint.client.close()
+        for peer in pool.set_endpoints({}) if pool else []:
+            await peer.close()
 
     async def close(self) -> None:
         for model in self.table.models:

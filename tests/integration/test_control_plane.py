@@ -45,7 +45,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
             "usage_poll_interval_s": 0.2,
             "autoscale": {
                 "interval_s": 0.2, "queue_wait_high_ms": 30.0, "scale_up_window_s": 1.0,
-                "scale_down_idle_s": 3.0, "scale_to_zero_idle_s": 2.0, "cooldown_s": 1.0,
+                "scale_down_idle_s": 3.0, "scale_to_zero_idle_s": 4.0, "cooldown_s": 1.0,
             },
         },
     )
@@ -197,12 +197,17 @@ async def test_a_hot_model_gains_a_copy_and_loses_it_when_idle(
 async def test_full_replicas_evict_the_least_recently_used_idle_copy(
     fleet: LocalStack, models: ModelsClient, client: FlotillaClient
 ) -> None:
-    # Load the min_copies-0 model (cold start), then let it go idle.
+    def settled() -> bool:  # no copy loading or draining anywhere (earlier tests scaled things)
+        return all(c.state == "ready" for m in models.list() for c in m.copies)
+
+    await eventually(settled, 30, "no copy in transition")
+    # Load the min_copies-0 model (cold start), then let it go idle (not long enough to scale to zero).
     page = await client.upload((DOCUMENTS / "page-upright.jpg").read_bytes())
     await client.classify(page, ORIENT, timeout_s=60)
     [holder] = placement(models, ORIENT)
-    free = {r.address: r.budget_mb - r.used_mb for r in models.fleet().replicas}
     await asyncio.sleep(1.2)  # idle past evict_idle_after_s, not yet scaled to zero
+    assert placement(models, ORIENT) == [holder]
+    free = {r.address: r.budget_mb - r.used_mb for r in models.fleet().replicas}
     # Needs more than any replica has free: only evicting the idle copy makes room.
     need = max(free.values()) + 10
     assert need <= free[holder] + DECLARED_MB[ORIENT]
