@@ -5,6 +5,7 @@
     flotilla infer   IMAGE... --model NAME          classify JPEG files on a running stack
     flotilla models  deploy|list|status|undeploy|upload ...   the model registry of a running stack
     flotilla serve   ROLE --config FILE --port N    run one service (the stack does this)
+    flotilla top     [--interval-s S] [--once]      a live view of a running stack, from its metrics
 """
 
 from __future__ import annotations
@@ -66,11 +67,22 @@ async def _classify_files(
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from flotilla.common import tracing
+
     settings = _settings(args.config)
     if args.metrics_port is not None:
         from flotilla.common.metrics import serve_metrics
 
         serve_metrics(settings.host, args.metrics_port)
+    service = f"{args.role}-{args.model}" if args.model else args.role
+    tracing.setup(settings.observability, service, file_dir=settings.observability.trace_dir)
+    try:
+        _serve_role(args, settings)
+    finally:
+        tracing.shutdown()
+
+
+def _serve_role(args: argparse.Namespace, settings: FlotillaSettings) -> None:
     if args.role == "controller":
         from flotilla.services.controller.server import serve as serve_controller
 
@@ -298,6 +310,23 @@ def cmd_bench(args: argparse.Namespace) -> None:
     bench.main(duration_s=args.duration_s, only=args.only)
 
 
+def cmd_top(args: argparse.Namespace) -> None:
+    from flotilla.clients import top
+    from flotilla.stack.local import StackState
+
+    if args.interval_s <= 0:
+        raise SystemExit("--interval-s must be positive")
+    if not args.state.exists():
+        raise SystemExit(f"no running stack found ({args.state} is missing); start one with `flotilla up`")
+    targets = top.Targets(args.state.parent / top.TARGETS_FILE, StackState.read(args.state).metrics)
+    if not targets.current():
+        raise SystemExit(f"the stack of {args.state} lists no metrics endpoints; restart it with `flotilla up`")
+    try:
+        top.run(targets, args.interval_s, once=args.once, out=sys.stdout)
+    except KeyboardInterrupt:
+        print()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flotilla", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -378,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--only", choices=["all", "fleet"], default="all",
                        help="fleet: only the control-plane part (cold start, placement, autoscaling)")
     bench.set_defaults(func=cmd_bench)
+
+    top = sub.add_parser("top", help="a live view of a running stack, from its metrics")
+    top.add_argument("--state", type=Path, default=DEFAULT_STATE, help="stack.json written by `flotilla up`")
+    top.add_argument("--interval-s", type=float, default=1.0, help="seconds between refreshes (rates cover this window)")
+    top.add_argument("--once", action="store_true", help="print one frame (two scrapes --interval-s apart) and exit")
+    top.set_defaults(func=cmd_top)
     return parser
 
 

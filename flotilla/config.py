@@ -323,6 +323,15 @@ class ObservabilitySettings(_Section):
     """Local stack: also start a Prometheus server scraping every service and Triton replica."""
     prometheus_scrape_interval_s: float = Field(1.0, gt=0)
     """How often that Prometheus scrapes (short: a local stack is for watching things happen)."""
+    tracing: bool = False
+    """OpenTelemetry traces from every service (router, batcher, worker, backend call)."""
+    trace_exporter: Literal["otlp", "console", "file"] = "otlp"
+    """otlp: to otlp_endpoint (a collector, Jaeger, Tempo); console: into each service's log;
+    file: JSON lines in trace_dir/<service>.jsonl."""
+    otlp_endpoint: str = "127.0.0.1:4317"
+    """host:port of the OTLP gRPC receiver."""
+    trace_dir: Path | None = None
+    """Where the file exporter writes; the local stack uses <run_dir>/traces."""
 
 
 class TritonSettings(_Section):

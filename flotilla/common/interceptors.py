@@ -18,8 +18,9 @@ import time
 from collections.abc import Callable
 
 import grpc
+from opentelemetry.trace import Status, StatusCode
 
-from flotilla.common import metrics
+from flotilla.common import metrics, tracing
 from flotilla.errors import FlotillaError
 
 log = logging.getLogger(__name__)
@@ -148,12 +149,18 @@ class Observe(grpc.aio.ServerInterceptor):
         async def observed(request, context):  # type: ignore[no-untyped-def]
             started_s = time.perf_counter()
             model = self._model(request, context)
-            try:
-                return await inner(request, context)
-            except Exception as exc:
-                await self._fail(exc, context)
-            finally:
-                self._record(method, model, _final_code(context), started_s)
+            attributes = {"rpc.system": "grpc", "rpc.method": method, "flotilla.tier": self.tier, "flotilla.model": model}
+            with tracing.server_span(f"{self.tier} {method}", context.invocation_metadata() or (), attributes) as span:
+                try:
+                    return await inner(request, context)
+                except Exception as exc:
+                    await self._fail(exc, context)
+                finally:
+                    code = _final_code(context)
+                    self._record(method, model, code, started_s)
+                    span.set_attribute("rpc.grpc.status_code", code.value[0])
+                    if code != grpc.StatusCode.OK:
+                        span.set_status(Status(StatusCode.ERROR, code.name))
 
         return observed
 

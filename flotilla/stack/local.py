@@ -282,8 +282,12 @@ class LocalStack:
             router_settings = router_settings.model_copy(
                 update={"api_keys": [SecretStr(secrets.token_urlsafe(24))]}
             )
+        observability = self.base.observability
+        if observability.tracing and observability.trace_exporter == "file" and observability.trace_dir is None:
+            observability = observability.model_copy(update={"trace_dir": self.run_dir / "traces"})
         self.settings = self.base.model_copy(
             update={
+                "observability": observability,
                 "s3": s3_settings,
                 "endpoints": endpoints,
                 "router": router_settings,

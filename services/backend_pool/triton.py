@@ -21,10 +21,11 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
+from opentelemetry.trace import SpanKind
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from flotilla.common import metrics
+from flotilla.common import metrics, tracing
 from flotilla.config import BackendSettings, PoolSettings
 from flotilla.errors import (
     BackendError,
@@ -146,18 +147,22 @@ class TritonBackend:
             tensor.set_data_from_numpy(batch)
             remaining_s = None if deadline_s is None else max(deadline_s - self._clock(), 0.001)
             started_s = time.perf_counter()
-            try:
-                reply = await endpoint.client.infer(
-                    model,
-                    [tensor],
-                    model_version=str(version) if version else "",
-                    outputs=[InferRequestedOutput(output_name)],
-                    client_timeout=remaining_s,
-                )
-            except InferenceServerException as exc:
-                raise translate_triton_error(exc, endpoint.address, model) from exc
-            finally:
-                metrics.BACKEND_SECONDS.labels(model, endpoint.address).observe(time.perf_counter() - started_s)
+            attributes = {"flotilla.model": model, "flotilla.replica": endpoint.address,
+                          "flotilla.model_version": version, "flotilla.batch_size": int(batch.shape[0])}
+            with tracing.tracer.start_as_current_span(f"triton {model}", kind=SpanKind.CLIENT, attributes=attributes):
+                try:
+                    reply = await endpoint.client.infer(
+                        model,
+                        [tensor],
+                        model_version=str(version) if version else "",
+                        outputs=[InferRequestedOutput(output_name)],
+                        client_timeout=remaining_s,
+                        headers=dict(tracing.inject()),
+                    )
+                except InferenceServerException as exc:
+                    raise translate_triton_error(exc, endpoint.address, model) from exc
+                finally:
+                    metrics.BACKEND_SECONDS.labels(model, endpoint.address).observe(time.perf_counter() - started_s)
             outputs = reply.as_numpy(output_name)
             if outputs is None:
                 raise BackendError(f"Triton at {endpoint.address} returned no {output_name!r} output")

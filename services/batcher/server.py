@@ -30,6 +30,7 @@ from flotilla.api.v1 import (
     preprocess_pb2,
     preprocess_pb2_grpc,
 )
+from flotilla.common import tracing
 from flotilla.common.clock import Clock, MonotonicClock
 from flotilla.common.ids import check_image_uuid
 from flotilla.common.interceptors import AdmissionLimit
@@ -100,12 +101,21 @@ class PreprocessDispatcher:
         ) -> preprocess_pb2.ProcessBatchResponse:
             timeout_s = self.batch_timeout_s if deadline_s is None else max(deadline_s - self.clock.now(), 0.001)
             assert endpoint.client.stub is not None
+            batch_span.set_attribute("flotilla.worker", endpoint.address)
             try:
-                return await endpoint.client.stub.ProcessBatch(request, timeout=timeout_s)
+                return await endpoint.client.stub.ProcessBatch(request, timeout=timeout_s, metadata=tracing.inject())
             except grpc.aio.AioRpcError as exc:
                 raise error_from_rpc(exc, f"preprocess worker {endpoint.address}") from exc
 
-        reply = await self.pool.call(on, deadline_s=deadline_s)
+        # One span per batch, linked to the span of every request that rides in it.
+        with tracing.tracer.start_as_current_span(
+            f"batch {self.model}",
+            links=tracing.links_from(item.traceparent for item in items),
+            attributes={"flotilla.model": self.model, "flotilla.batch_size": len(items),
+                        "flotilla.model_version": version},
+        ) as batch_span:
+            reply = await self.pool.call(on, deadline_s=deadline_s)
+            batch_span.set_attribute("flotilla.replica", reply.backend)
         results: list[inference_pb2.ClassifyResponse | FlotillaError] = []
         for result in reply.results:
             if result.HasField("response"):
@@ -156,7 +166,7 @@ class ClassifierHandler:
         deadline_s = None if remaining_s is None else self.clock.now() + remaining_s
         item = preprocess_pb2.BatchItem(
             image_uuid=request.image_uuid, top_k=request.top_k, request_id=request.request_id,
-            model_version=request.model_version,
+            model_version=request.model_version, traceparent=tracing.current_traceparent(),
         )
         response = await self.queue.submit(
             item, deadline_s=deadline_s, priority=request.priority, timeout_us=request.timeout_us

@@ -18,6 +18,7 @@ import logging
 import grpc
 
 from flotilla.api.v1 import controller_pb2
+from flotilla.common import tracing
 from flotilla.common.fleet import FleetWatcher
 from flotilla.common.interceptors import UNKNOWN_MODEL, AdmissionLimit
 from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
@@ -59,7 +60,8 @@ class ForwardingHandler(grpc.GenericRpcHandler):
         by_key = {k: v for k, v in headers}
         self.keys.check(by_key.get(AUTH_HEADER))  # type: ignore[arg-type]
         pool = self.routes.pool_for(by_key.get(MODEL_HEADER))  # type: ignore[arg-type]
-        passed = tuple((k, v) for k, v in headers if k not in _DROPPED_HEADERS)
+        # Credentials stop here; the trace context becomes this router span's.
+        passed = tracing.inject((k, v) for k, v in headers if k not in _DROPPED_HEADERS)
 
         async def on(endpoint: Endpoint[GrpcPeer[None]]) -> bytes:
             # Each attempt gets what is left of the caller's deadline, not the whole of it.
