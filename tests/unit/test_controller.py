@@ -1,0 +1,199 @@
+"""The controller's core with fake replicas and artifacts: deploy, rollback, cold
+starts, eviction, undeploy and restart adoption (the real stack is in
+tests/integration/test_control_plane.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from flotilla.config import ControllerSettings, ModelSettings
+from flotilla.errors import AlreadyExists, ArtifactUnavailable, ModelLoadFailed, ModelNotFound, UnsupportedFramework
+from flotilla.services.controller.controller import Controller
+from flotilla.services.controller.placement import NoCapacity
+from flotilla.services.controller.registry import MemoryRecords
+
+URI = "s3://flotilla-models/m"
+
+
+class FakeArtifacts:
+    """Every URI holds version 1 (and 2), except the ones marked missing."""
+
+    def __init__(self) -> None:
+        self.missing: set[str] = set()
+
+    def check(self, uri: str, versions: list[int]) -> dict[str, dict[str, object]]:
+        if uri in self.missing:
+            raise ArtifactUnavailable(f"no artifact at {uri}")
+        return {f"{v}/model.onnx": {"sha256": "0" * 64, "bytes": 1} for v in versions}
+
+    def labels(self, uri: str, manifest: dict[str, dict[str, object]]) -> list[str]:
+        return ["cat", "dog"]
+
+
+class FakeReplica:
+    def __init__(self, address: str, budget_mb: float) -> None:
+        self.address = address
+        self.budget_mb = budget_mb
+        self.models: dict[str, list[int]] = {}
+        self.loads: list[str] = []
+        self.unloads: list[str] = []
+        self.fail_loads: set[str] = set()
+        self.load_delay_s = 0.0
+        self.live = True
+
+    async def is_ready(self) -> bool:
+        return self.live
+
+    async def loaded(self) -> dict[str, list[int]]:
+        return dict(self.models)
+
+    async def load(self, name: str, spec: ModelSettings, uri: str, manifest: dict[str, dict[str, object]]) -> None:
+        self.loads.append(name)
+        await asyncio.sleep(self.load_delay_s)
+        if name in self.fail_loads:
+            raise ModelLoadFailed(f"Triton at {self.address} could not load {name!r}: bad graph")
+        self.models[spec.backend_model or name] = list(spec.versions)
+
+    async def unload(self, name: str, spec: ModelSettings) -> None:
+        self.unloads.append(name)
+        self.models.pop(spec.backend_model or name, None)
+
+    async def warm_up(self, name: str, spec: ModelSettings) -> None:
+        return None
+
+    def measure_memory_mb(self, name: str, spec: ModelSettings) -> float | None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def spec(memory_mb: float = 100, min_copies: int = 1, max_copies: int = 1, **extra: object) -> str:
+    return json.dumps({"storage_uri": URI, "memory_mb": memory_mb, "min_copies": min_copies,
+                       "max_copies": max_copies, **extra})
+
+
+def controller(replicas: list[FakeReplica], records: MemoryRecords | None = None) -> Controller:
+    settings = ControllerSettings(evict_idle_after_s=0.0, drain_s=0.0, measure_memory=False)
+    return Controller(settings, replicas, FakeArtifacts(), records or MemoryRecords())  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def replicas() -> list[FakeReplica]:
+    return [FakeReplica("a:1", 300), FakeReplica("b:2", 300)]
+
+
+async def test_deploy_places_min_copies_on_different_replicas_and_records_why(replicas: list[FakeReplica]) -> None:
+    ctl = controller(replicas)
+    record = await ctl.deploy("m", spec(min_copies=2, max_copies=2))
+
+    assert sorted(ctl.ready_copies("m")) == ["a:1", "b:2"]
+    assert record.spec.labels == ["cat", "dog"], "labels come from the artifact"
+    conditions = {(c.type, c.replica): c.status for c in record.conditions.values()}
+    assert conditions[("Ready", "")] == "True" and conditions[("Loaded", "a:1")] == "True"
+    assert [e.kind for e in record.events].count("loaded") == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (spec(framework="tensorflow"), UnsupportedFramework),
+        (spec(memory_mb=400), NoCapacity),
+    ],
+)
+async def test_rejected_deploys_register_nothing(replicas: list[FakeReplica], body: str, error: type) -> None:
+    ctl = controller(replicas)
+    with pytest.raises(error):
+        await ctl.deploy("m", body)
+    assert ctl.committed() == [] and "m" not in ctl.records
+    assert all(r.loads == [] for r in replicas)
+
+
+async def test_a_missing_artifact_is_rejected(replicas: list[FakeReplica]) -> None:
+    ctl = controller(replicas)
+    ctl.artifacts.missing.add(URI)  # type: ignore[attr-defined]
+    with pytest.raises(ArtifactUnavailable):
+        await ctl.deploy("m", spec())
+    assert "m" not in ctl.records
+
+
+async def test_a_failed_second_copy_rolls_back_the_first(replicas: list[FakeReplica]) -> None:
+    ctl = controller(replicas)
+    replicas[1].fail_loads.add("m")
+    with pytest.raises(ModelLoadFailed, match="bad graph"):
+        await ctl.deploy("m", spec(min_copies=2, max_copies=2))
+    assert "m" not in ctl.records
+    assert replicas[0].models == {} and replicas[0].unloads == ["m"], "nothing stays loaded"
+
+
+async def test_a_name_taken_is_already_exists_unless_replaced(replicas: list[FakeReplica]) -> None:
+    ctl = controller(replicas)
+    await ctl.deploy("m", spec())
+    with pytest.raises(AlreadyExists):
+        await ctl.deploy("m", spec())
+    await ctl.deploy("m", spec(memory_mb=150), replace=True)
+    assert ctl.records["m"].spec.memory_mb == 150
+
+
+async def test_concurrent_cold_starts_share_one_load(replicas: list[FakeReplica]) -> None:
+    ctl = controller(replicas)
+    await ctl.deploy("m", spec(min_copies=0))
+    assert ctl.copies("m") == []
+    for replica in replicas:
+        replica.load_delay_s = 0.05
+
+    await asyncio.gather(*(ctl.ensure_loaded("m") for _ in range(20)))
+
+    assert sum(r.loads.count("m") for r in replicas) == 1
+    assert len(ctl.ready_copies("m")) == 1
+
+
+async def test_a_failed_cold_start_reaches_every_waiter(replicas: list[FakeReplica]) -> None:
+    ctl = controller(replicas)
+    await ctl.deploy("m", spec(min_copies=0))
+    for replica in replicas:
+        replica.fail_loads.add("m")
+    results = await asyncio.gather(*(ctl.ensure_loaded("m") for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(r, ModelLoadFailed) for r in results)
+    assert ctl.copies("m") == []
+
+
+async def test_room_is_made_by_evicting_the_idle_copy_of_a_scale_to_zero_model(replicas: list[FakeReplica]) -> None:
+    ctl = controller(replicas[:1])
+    await ctl.deploy("lazy", spec(memory_mb=200, min_copies=0))
+    await ctl.ensure_loaded("lazy")
+    await ctl.deploy("big", spec(memory_mb=250))
+
+    assert ctl.ready_copies("big") == ["a:1"] and ctl.copies("lazy") == []
+    assert replicas[0].unloads == ["lazy"]
+    assert any(e.kind == "evicted" and "big" in e.message for e in ctl.records["lazy"].events)
+
+
+async def test_undeploy_unloads_everywhere_and_forgets_the_model(replicas: list[FakeReplica]) -> None:
+    records = MemoryRecords()
+    ctl = controller(replicas, records)
+    await ctl.deploy("m", spec(min_copies=2, max_copies=2))
+    await ctl.undeploy("m")
+    assert all(r.models == {} for r in replicas)
+    assert records.data == {}
+    with pytest.raises(ModelNotFound, match="not registered"):
+        ctl.record("m")
+
+
+async def test_a_restarted_controller_adopts_what_the_replicas_hold(replicas: list[FakeReplica]) -> None:
+    records = MemoryRecords()
+    first = controller(replicas, records)
+    await first.deploy("m", spec())
+    [holder] = first.ready_copies("m")
+
+    second = controller(replicas, records)
+    await second.start()
+    try:
+        assert second.ready_copies("m") == [holder]
+        assert sum(len(r.loads) for r in replicas) == 1, "adopted, not loaded again"
+        assert second.records["m"].spec.labels == ["cat", "dog"]
+    finally:
+        await second.stop()
