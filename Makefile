@@ -10,7 +10,7 @@ MODEL_ONNX := $(MODEL_ARTIFACTS)/.done
 SAMPLES := build/samples
 PROTOS := $(wildcard protos/flotilla/api/v1/*.proto)
 
-.PHONY: install models samples generate run up test bench lint clean
+.PHONY: install prometheus models samples generate run up test bench lint clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[local,test]'
 	touch $@
+
+# Debian's Prometheus server and promtool: `flotilla up --prometheus` and the
+# alert-rule tests. Installed with apt-get (as root) only when missing.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }
 
 # torch lives only in this build venv: it exports the model once.
 $(BUILD_VENV)/.installed: flotilla/modelbuild/requirements.txt flotilla/modelbuild/requirements-nodeps.txt
@@ -49,7 +55,7 @@ run: install models
 up: install models
 	$(BIN)/flotilla up --config flotilla.yaml
 
-test: install models
+test: install models prometheus
 	$(BIN)/pytest
 
 bench: install models

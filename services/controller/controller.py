@@ -227,9 +227,8 @@ class Controller:
                 values[metrics.MODEL_PLACED][(name, address)] = float(address in self.ready_copies(name))
             memory = record.conditions.get((MEMORY_AVAILABLE, ""))
             values[metrics.MODEL_UNPLACEABLE][(name,)] = float(memory is not None and memory.status == "False")
-            wait_ms = self.autoscaler.queue_wait_ms(name)
-            if wait_ms is not None:
-                values[metrics.MODEL_QUEUE_WAIT_MS][(name,)] = wait_ms
+            # No dispatch in the last interval (idle) reads as no wait.
+            values[metrics.MODEL_QUEUE_WAIT_MS][(name,)] = self.autoscaler.queue_wait_ms(name) or 0.0
         for address, replica in self.replicas.items():
             values[metrics.REPLICA_MEMORY_USED][(address,)] = replica.used_mb * metrics.MIB
             values[metrics.REPLICA_MEMORY_BUDGET][(address,)] = replica.budget_mb * metrics.MIB
