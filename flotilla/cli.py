@@ -4,6 +4,7 @@
     flotilla run     [--config FILE] [--images DIR] start, deploy the models, classify the samples, stop
     flotilla infer   IMAGE... --model NAME          classify JPEG files on a running stack
     flotilla models  deploy|list|status|undeploy|upload ...   the model registry of a running stack
+    flotilla k8s     render [--models FILE] [--out DIR] [--check]   the generated Kubernetes manifests
     flotilla serve   ROLE --config FILE --port N    run one service (the stack does this)
     flotilla top     [--interval-s S] [--once]      a live view of a running stack, from its metrics
 """
@@ -327,6 +328,25 @@ def cmd_top(args: argparse.Namespace) -> None:
         print()
 
 
+def cmd_k8s(args: argparse.Namespace) -> None:
+    from flotilla import k8s
+
+    scaling = k8s.BatcherScaling(min_replicas=args.batcher_min_replicas, max_replicas=args.batcher_max_replicas)
+    try:
+        rendered = k8s.render(args.out, args.observability, models=args.models, scaling=scaling)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"flotilla k8s render: {exc}") from exc
+    if args.check:
+        stale = k8s.stale(args.out, rendered)
+        if stale:
+            raise SystemExit(f"stale, run `flotilla k8s render`: {', '.join(map(str, stale))}")
+        print(f"{len(rendered)} generated file(s) up to date")
+        return
+    changed = k8s.write(args.out, rendered)
+    for rel in rendered:
+        print(f"{'wrote' if rel in changed else 'unchanged'} {args.out / rel}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flotilla", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -413,6 +433,18 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--interval-s", type=float, default=1.0, help="seconds between refreshes (rates cover this window)")
     top.add_argument("--once", action="store_true", help="print one frame (two scrapes --interval-s apart) and exit")
     top.set_defaults(func=cmd_top)
+
+    kube = sub.add_parser("k8s", help="the generated Kubernetes manifests")
+    ksub = kube.add_subparsers(dest="action", required=True)
+    render = ksub.add_parser("render", help="per-model batchers, the ConfigMap's endpoints, alerts and dashboard")
+    render.add_argument("--models", type=Path, help="flotilla YAML whose models: to render (default: OUT/base/flotilla.yaml)")
+    render.add_argument("--out", type=Path, default=Path("k8s"), help="the kustomize tree to write into")
+    render.add_argument("--observability", type=Path, default=Path("observability"),
+                        help="holds prometheus/alerts.yml and grafana/flotilla.json")
+    render.add_argument("--batcher-min-replicas", type=int, default=1)
+    render.add_argument("--batcher-max-replicas", type=int, default=3)
+    render.add_argument("--check", action="store_true", help="write nothing; fail when a generated file is stale")
+    render.set_defaults(func=cmd_k8s)
     return parser
 
 
