@@ -163,6 +163,10 @@ class PoolSettings(_Section):
     """A probe slower than this counts as failed."""
     health_check_unhealthy_after: int = Field(2, ge=1)
     """Failed probes in a row that eject a replica."""
+    dns_refresh_interval_s: float = Field(0.0, ge=0)
+    """Re-resolve each configured or registered peer name this often and hold one endpoint per
+    address behind it (Kubernetes headless Services: no pinning to one pod); 0 uses each name as
+    one endpoint (the local stack, where every name is one process)."""
 
 
 class BackendSettings(_Section):

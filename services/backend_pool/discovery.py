@@ -23,8 +23,12 @@ import inspect
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from flotilla.common.clock import Clock, MonotonicClock
+from flotilla.services.backend_pool.pool import EndpointPool
+
+C = TypeVar("C")
 
 log = logging.getLogger(__name__)
 
@@ -166,3 +170,28 @@ class DnsEndpoints:
     async def stop(self) -> None:
         for source in self.sources:
             await source.stop()
+
+
+async def pool_following(
+    pool: EndpointPool[C],
+    targets: Sequence[str],
+    make_client: Callable[[str], C],
+    close_client: Callable[[C], Awaitable[None]],
+    *,
+    interval_s: float,
+    resolver: Resolver = resolve_host,
+) -> DnsEndpoints:
+    """Keep ``pool`` equal to every address ``targets`` resolve to (started; stop it when done).
+
+    Endpoints that stay keep their client and state; a client whose address
+    went away is closed once the pool has dropped it.
+    """
+
+    async def follow(addresses: list[str]) -> None:
+        current = {e.address: e.client for e in pool.endpoints}
+        for client in pool.set_endpoints({a: current.get(a) or make_client(a) for a in addresses}):
+            await close_client(client)
+
+    endpoints = DnsEndpoints(targets, follow, interval_s=interval_s, resolver=resolver)
+    await endpoints.start()
+    return endpoints

@@ -38,6 +38,7 @@ from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
 from flotilla.common.status import error_from_rpc
 from flotilla.config import FlotillaSettings, ModelSettings
 from flotilla.errors import FlotillaError, InvalidArgument, MalformedRequest, error_from_code
+from flotilla.services.backend_pool.discovery import pool_following
 from flotilla.services.backend_pool.pool import Endpoint, EndpointPool, pool_from_settings
 from flotilla.services.batcher.admin import ADMIN_SERVICE, BatcherAdminServicer
 from flotilla.services.batcher.queue import BatchQueue
@@ -243,10 +244,18 @@ async def serve(settings: FlotillaSettings, model: str, port: int) -> None:
     spec = await registration.first(REGISTER_TIMEOUT_S)
     policy = spec.batching
     clock = MonotonicClock()
-    peers = {a: GrpcPeer(a, preprocess_pb2_grpc.PreprocessorStub) for a in settings.endpoints.preprocess}
+    def peer(address: str) -> GrpcPeer[preprocess_pb2_grpc.PreprocessorStub]:
+        return GrpcPeer(address, preprocess_pb2_grpc.PreprocessorStub)
+
+    dns_interval_s = settings.pools.dns_refresh_interval_s
     pool, health_check = pool_from_settings(
-        "preprocess worker", peers, settings.pools, probe=lambda e: e.client.serving(PREPROCESS_SERVICE)
+        "preprocess worker", {} if dns_interval_s else {a: peer(a) for a in settings.endpoints.preprocess},
+        settings.pools, probe=lambda e: e.client.serving(PREPROCESS_SERVICE),
     )
+    # Workers behind a headless Service: one endpoint per pod, re-resolved as pods come and go.
+    discovery = await pool_following(
+        pool, settings.endpoints.preprocess, peer, lambda p: p.close(), interval_s=dns_interval_s,
+    ) if dns_interval_s else None
     dispatcher = PreprocessDispatcher(model, pool, batch_timeout_s=policy.batch_timeout_s, clock=clock)
     queue: BatchQueue[preprocess_pb2.BatchItem, inference_pb2.ClassifyResponse] = BatchQueue(
         model, policy, dispatcher, clock=clock
@@ -270,8 +279,10 @@ async def serve(settings: FlotillaSettings, model: str, port: int) -> None:
         await registration.stop()
         await health_check.stop()
         await queue.stop()
-        for peer in peers.values():
-            await peer.close()
+        if discovery is not None:
+            await discovery.stop()
+        for endpoint in pool.endpoints:
+            await endpoint.client.close()
         log.info("batcher[%s] formed %d batches for %d requests", model, queue.stats.batches, queue.stats.items)
 
     await serve_until_signal(server, settings.host, port, on_stop=cleanup)

@@ -14,6 +14,7 @@ from flotilla.common.interceptors import UNKNOWN_MODEL
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
 from flotilla.config import FlotillaSettings
+from flotilla.services.backend_pool.discovery import join_address, resolve_host, split_target
 from flotilla.services.controller.artifacts import ArtifactCache, ArtifactStore
 from flotilla.services.controller.controller import BatcherCounters, Controller
 from flotilla.services.controller.registry import ModelRecord, ObjectStoreRecords
@@ -132,13 +133,31 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
 
 
 class BatcherUsage:
-    """Reads and sums the cumulative counters of a model's batchers."""
+    """Reads and sums the cumulative counters of a model's batchers.
 
-    def __init__(self) -> None:
+    With ``resolve`` (Kubernetes: a registered address is a headless Service
+    name) every pod behind each address is read, not whichever one a
+    connection lands on.
+    """
+
+    def __init__(self, *, resolve: bool = False) -> None:
+        self.resolve = resolve
         self._peers: dict[str, GrpcPeer[batcher_pb2_grpc.BatcherAdminStub]] = {}
 
+    async def _expand(self, addresses: list[str]) -> list[str]:
+        if not self.resolve:
+            return addresses
+        expanded: list[str] = []
+        for address in addresses:
+            host, port = split_target(address)
+            try:
+                expanded += [join_address(ip, port) for ip in sorted(set(await resolve_host(host, port)))]
+            except OSError:
+                expanded.append(address)  # unresolvable now: read it as named
+        return expanded
+
     async def __call__(self, model: str, addresses: list[str]) -> BatcherCounters | None:
-        replies = await asyncio.gather(*(self._read(a) for a in addresses))
+        replies = await asyncio.gather(*(self._read(a) for a in await self._expand(addresses)))
         stats = [r for r in replies if r is not None]
         if not stats:
             return None
@@ -190,7 +209,7 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     """Run the controller until SIGTERM."""
     if not settings.endpoints.triton:
         raise SystemExit("controller: endpoints.triton is empty; configure at least one Triton replica")
-    usage = BatcherUsage()
+    usage = BatcherUsage(resolve=settings.pools.dns_refresh_interval_s > 0)
     controller = build_controller(settings, usage)
     await controller.start()
     server = ServiceServer(

@@ -24,6 +24,7 @@ from flotilla.common.interceptors import UNKNOWN_MODEL, AdmissionLimit
 from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
 from flotilla.config import FlotillaSettings, PoolSettings
 from flotilla.errors import DeadlineExceeded, Unavailable
+from flotilla.services.backend_pool.discovery import DnsEndpoints, pool_following
 from flotilla.services.backend_pool.pool import ActiveHealthCheck, Endpoint, pool_from_settings
 from flotilla.services.router.routing import ApiKeys, RouteTable
 
@@ -85,6 +86,7 @@ class BatcherRoutes:
         self.settings = settings
         self.table: RouteTable[GrpcPeer[None]] = RouteTable()
         self._checks: dict[str, ActiveHealthCheck[GrpcPeer[None]]] = {}
+        self._discovery: dict[str, DnsEndpoints] = {}
 
     async def apply(self, fleet: controller_pb2.Fleet) -> None:
         wanted = {m.name: list(m.batchers) for m in fleet.models if m.batchers}
@@ -102,6 +104,17 @@ class BatcherRoutes:
                 self._checks[model] = check
                 check.start()
                 log.info("router: route for %s -> %s", model, ", ".join(addresses))
+            if self.settings.dns_refresh_interval_s:
+                # Batchers behind headless Services: one endpoint per pod, re-resolved.
+                following = self._discovery.get(model)
+                if following is None or following.targets != addresses:
+                    if following is not None:
+                        await following.stop()
+                    self._discovery[model] = await pool_following(
+                        pool, addresses, GrpcPeer, lambda p: p.close(),
+                        interval_s=self.settings.dns_refresh_interval_s,
+                    )
+                continue
             current = {e.address: e.client for e in pool.endpoints}
             if set(current) != set(addresses):
                 removed = pool.set_endpoints({a: current.get(a) or GrpcPeer(a) for a in addresses})
@@ -110,6 +123,9 @@ class BatcherRoutes:
 
     async def _drop(self, model: str) -> None:
         pool = self.table.remove(model)
+        following = self._discovery.pop(model, None)
+        if following is not None:
+            await following.stop()
         check = self._checks.pop(model, None)
         if check is not None:
             await check.stop()

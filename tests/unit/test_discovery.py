@@ -154,3 +154,32 @@ async def test_several_names_report_the_union_of_their_addresses() -> None:
     await clock.advance(1.0)
     assert seen[-1] == ["10.0.0.1:1", "10.0.0.2:1"]
     await endpoints.stop()
+
+
+async def test_a_pool_following_dns_holds_one_endpoint_per_pod_and_closes_the_ones_that_leave() -> None:
+    from flotilla.services.backend_pool.discovery import pool_following
+    from flotilla.services.backend_pool.pool import EndpointPool
+
+    answers = {"workers.ns.svc": ["10.0.0.2", "10.0.0.1"]}
+
+    async def resolver(host: str, port: int) -> list[str]:
+        return answers[host]
+
+    closed: list[str] = []
+
+    async def close(client: str) -> None:
+        closed.append(client)
+
+    pool: EndpointPool[str] = EndpointPool("workers", {})
+    following = await pool_following(pool, ["workers.ns.svc:50053"], lambda a: f"client {a}", close,
+                                     interval_s=3600, resolver=resolver)
+    try:
+        assert [e.address for e in pool.endpoints] == ["10.0.0.1:50053", "10.0.0.2:50053"]
+        kept = pool.endpoints[1]
+        answers["workers.ns.svc"] = ["10.0.0.2", "10.0.0.3"]  # one pod gone, one new
+        await following.sources[0].refresh()
+        assert [e.address for e in pool.endpoints] == ["10.0.0.2:50053", "10.0.0.3:50053"]
+        assert pool.endpoints[0] is kept, "a pod that stays keeps its endpoint state"
+        assert closed == ["client 10.0.0.1:50053"]
+    finally:
+        await following.stop()
