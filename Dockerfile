@@ -41,7 +41,7 @@ FROM runtime AS triton-cpu
 USER root
 ARG PYTRITON_VERSION=0.7.0
 ARG SITE=/usr/local/lib/python3.11/site-packages
-RUN pip install --no-cache-dir "nvidia-pytriton==${PYTRITON_VERSION}" "numpy>=1.26,<2" \
+RUN pip install --no-cache-dir "nvidia-pytriton==${PYTRITON_VERSION}" "numpy>=1.26,<2" "onnxruntime>=1.18" \
  && mkdir -p /opt/tritonserver/backends/python \
  && cp ${SITE}/pytriton/tritonserver/backends/python/libtriton_python.so \
        ${SITE}/pytriton/tritonserver/backends/python/triton_python_backend_utils.py \

@@ -39,3 +39,14 @@ def test_every_target_runs_as_a_non_root_user_and_flotilla_is_the_default() -> N
     assert 'ENTRYPOINT ["flotilla"]' in found["runtime"]
     # Nothing but the installed wheels reaches the runtime image.
     assert not any(line.startswith(("COPY ", "ADD ")) for line in found["runtime"])
+
+
+def test_the_image_installs_runtime_dependencies_only() -> None:
+    """Load-test, plotting and model-build packages live in extras the image does not install."""
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    runtime = " ".join(project["dependencies"])
+    for heavy in ("tqdm", "matplotlib", "onnxruntime", "torch", "pytest"):
+        assert heavy not in runtime, f"{heavy} belongs in an extra, not in the image"
+    assert set(project["optional-dependencies"]) >= {"local", "test", "loadtest", "triton"}
