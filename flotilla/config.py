@@ -308,6 +308,12 @@ class ControllerSettings(_Section):
     """Longest one load (artifact fetch, Triton load, warm-up) may take."""
     usage_poll_interval_s: float = Field(0.5, gt=0)
     """How often the controller reads each batcher's cumulative counters."""
+    triton_backend: Literal["python", "onnxruntime"] = "python"
+    """How replicas run ONNX models: python (the generic Python-backend wrapper running ONNX
+    Runtime; what the nvidia-pytriton binary ships) or onnxruntime (Triton's native backend,
+    as in the official image on GPU clusters)."""
+    instance_kind: Literal["KIND_CPU", "KIND_GPU"] = "KIND_CPU"
+    """Where each model instance runs on a replica."""
     replica_dirs: list[Path] = []
     """Per Triton replica (same order as endpoints.triton): the directory holding its model
     repository (``models/``) and artifact cache (``cache/``). The local stack fills these in."""

@@ -51,19 +51,29 @@ def input_dims(spec: ModelSettings) -> list[int]:
     return [3, size.height_px, size.width_px]
 
 
-def triton_config(name: str, spec: ModelSettings) -> dict[str, Any]:
-    """The model config Triton loads, from the registry record alone."""
+def triton_config(
+    name: str, spec: ModelSettings, *, backend: str = "python", instance_kind: str = "KIND_CPU"
+) -> dict[str, Any]:
+    """The model config Triton loads, from the registry record alone.
+
+    ``backend`` python: the generic wrapper (``model.py``) runs the ONNX file
+    with ONNX Runtime; onnxruntime: Triton's native backend runs it (the
+    official image; GPU instances with ``instance_kind`` KIND_GPU).
+    """
     config: dict[str, Any] = {
         "name": backend_name(name, spec),
-        "backend": "python",
+        "backend": backend,
         "max_batch_size": spec.backend.max_batch_size,
         "input": [{"name": spec.input.name, "data_type": _TRITON_DTYPES[spec.input.dtype], "dims": input_dims(spec)}],
         # Scores per class; the class count comes from the artifact, not the config.
         "output": [{"name": spec.output_name, "data_type": "TYPE_FP32", "dims": [-1]}],
-        "instance_group": [{"kind": "KIND_CPU", "count": spec.backend.instance_groups}],
+        "instance_group": [{"kind": instance_kind, "count": spec.backend.instance_groups}],
         "version_policy": {"specific": {"versions": list(spec.versions)}},
-        "parameters": {"onnx_file": {"string_value": "model.onnx"}},
     }
+    if backend == "python":
+        config["parameters"] = {"onnx_file": {"string_value": "model.onnx"}}
+    else:
+        config["default_model_filename"] = "model.onnx"
     if spec.backend.triton_dynamic_batching_us is not None:
         config["dynamic_batching"] = {"max_queue_delay_microseconds": spec.backend.triton_dynamic_batching_us}
     return config
@@ -84,11 +94,22 @@ def _link_or_copy(source: Path, target: Path) -> None:
 class TritonReplica:
     """The controller's handle on one Triton server (grpc via tritonclient)."""
 
-    def __init__(self, address: str, budget_mb: float, repository: Path, cache: ArtifactCache) -> None:
+    def __init__(
+        self,
+        address: str,
+        budget_mb: float,
+        repository: Path,
+        cache: ArtifactCache,
+        *,
+        backend: str = "python",
+        instance_kind: str = "KIND_CPU",
+    ) -> None:
         self.address = address
         self.budget_mb = budget_mb
         self.repository = repository
         self.cache = cache
+        self.backend = backend
+        self.instance_kind = instance_kind
         self.client = triton_aio.InferenceServerClient(url=address)
 
     async def close(self) -> None:
@@ -119,13 +140,15 @@ class TritonReplica:
             version_dir = model_dir / str(version)
             version_dir.mkdir(parents=True, exist_ok=True)
             _link_or_copy(cached, version_dir / "model.onnx")
-            (version_dir / "model.py").write_bytes(wrapper)
+            if self.backend == "python":
+                (version_dir / "model.py").write_bytes(wrapper)
 
     async def load(self, name: str, spec: ModelSettings, uri: str, manifest: dict[str, dict[str, object]]) -> None:
         """Fetch the artifact (cached) and load the model with the registry's config."""
         await asyncio.to_thread(self._lay_out, name, spec, uri, manifest)
         try:
-            await self.client.load_model(backend_name(name, spec), config=json.dumps(triton_config(name, spec)))
+            config = triton_config(name, spec, backend=self.backend, instance_kind=self.instance_kind)
+            await self.client.load_model(backend_name(name, spec), config=json.dumps(config))
         except InferenceServerException as exc:
             raise ModelLoadFailed(f"Triton at {self.address} could not load {name!r}: {exc.message()}") from exc
 

@@ -198,7 +198,10 @@ def build_controller(settings: FlotillaSettings, usage: BatcherUsage | None = No
             f"controller: {len(settings.endpoints.triton)} Triton endpoints but {len(dirs)} controller.replica_dirs"
         )
     agents = [
-        TritonReplica(address, ctl.budget_mb(i), Path(d) / "models", ArtifactCache(Path(d) / "cache", artifacts))
+        TritonReplica(
+            address, ctl.budget_mb(i), Path(d) / "models", ArtifactCache(Path(d) / "cache", artifacts),
+            backend=ctl.triton_backend, instance_kind=ctl.instance_kind,
+        )
         for i, (address, d) in enumerate(zip(settings.endpoints.triton, dirs, strict=True))
     ]
     records = ObjectStoreRecords(store_for(ctl.artifact_bucket), ctl.registry_prefix)

@@ -197,3 +197,22 @@ async def test_a_restarted_controller_adopts_what_the_replicas_hold(replicas: li
         assert second.records["m"].spec.labels == ["cat", "dog"]
     finally:
         await second.stop()
+
+
+def test_the_triton_config_comes_from_the_record_for_either_backend() -> None:
+    from flotilla.services.controller.replicas import triton_config
+
+    record = ModelSettings.model_validate_json(spec(
+        versions=[1, 2], input={"name": "x", "layout": "NCHW", "dtype": "FP32"}, output_name="probs",
+        backend={"instance_groups": 2},
+    ))
+    python = triton_config("m", record)
+    native = triton_config("m", record, backend="onnxruntime", instance_kind="KIND_GPU")
+
+    assert python["backend"] == "python" and python["parameters"]["onnx_file"]["string_value"] == "model.onnx"
+    assert python["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": [3, 224, 224]}]
+    assert python["output"] == [{"name": "probs", "data_type": "TYPE_FP32", "dims": [-1]}]
+    assert python["version_policy"] == {"specific": {"versions": [1, 2]}}
+    assert python["instance_group"] == [{"kind": "KIND_CPU", "count": 2}]
+    assert native["backend"] == "onnxruntime" and native["default_model_filename"] == "model.onnx"
+    assert "parameters" not in native and native["instance_group"] == [{"kind": "KIND_GPU", "count": 2}]
