@@ -9,8 +9,13 @@
    - both below saturation (open loop), for queue wait and batch sizes;
    - (R = 2) latency at concurrency 1: through router and batcher, straight
      to the batcher, and straight to a preprocess worker.
-3. An in-process pipeline on the R = 2 stack's S3 objects (same decode,
-   same ONNX file in ONNX Runtime, two batches in flight) for mesh efficiency.
+3. CPU per image by tier and the physical limit (``flotilla.bench_cpu``,
+   alone: ``--only cpu``): the saturated mesh (R = 2, max_batch_size 8,
+   concurrency 64) on the 1-2 MP photos and on the small samples, every
+   tier's CPU from its processes' own /proc counters, and ONNX Runtime plus
+   decode CPU per image on the same large photos: ``mesh_vs_limit``.
+4. The mesh's own overhead with a near-free model and 64 x 64 JPEGs against
+   Triton alone (``flotilla.bench_overhead``, alone: ``--only overhead``).
 
 Writes ``bench/results.json``, ``bench/results.csv``, ``bench/loadtest.png``
 and refreshes the results table in README.md. A benchmark, not a test: it
@@ -25,7 +30,6 @@ import json
 import os
 import platform
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,14 +37,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from flotilla import bench_fleet
+from flotilla import bench_cpu, bench_fleet, bench_overhead
 from flotilla.clients.loadgen import closed_loop
 from flotilla.clients.loadtest import Row, StackTarget, format_table, measure, plot, write_csv
-from flotilla.common.ids import object_key
-from flotilla.common.object_store import ObjectStore
 from flotilla.config import FlotillaSettings, load_settings
 from flotilla.modelbuild.catalog import EFFICIENTNET_LITE0, TRITON_MAX_QUEUE_DELAY_US
-from flotilla.services.preprocess.imaging import decode_for_model, to_batch_tensor
+from flotilla.services.preprocess.imaging import decode_for_model
 from flotilla.stack.local import LocalStack
 
 MODEL = EFFICIENTNET_LITE0
@@ -83,52 +85,6 @@ def preprocessing_per_core(photos: list[bytes], settings: FlotillaSettings, roun
         "speedup": round(rates["flotilla"] / rates["naive"], 2),
         "photo_megapixels": [round(w * h / 1e6, 2) for w, h in megapixels],
     }
-
-
-# -- 3. in-process pipeline --------------------------------------------------------
-
-
-async def in_process_pipeline(
-    settings: FlotillaSettings, uuids: list[str], batch_size: int, duration_s: float
-) -> float:
-    """Images/s of fetch + decode + ONNX Runtime in one process, two batches in flight."""
-    import onnxruntime as ort
-
-    spec = settings.models[MODEL].input
-    onnx = Path("build/models") / MODEL / "1" / "model.onnx"
-    options = ort.SessionOptions()  # tuned like the replicas: every core, no spinning against the decoders
-    options.intra_op_num_threads = os.cpu_count() or 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(onnx), options, providers=["CPUExecutionProvider"])
-    store = ObjectStore(settings.s3, pool_size=settings.preprocess.fetch_threads)
-    loaders = ThreadPoolExecutor(settings.preprocess.fetch_threads)
-    runner = ThreadPoolExecutor(1)
-    loop = asyncio.get_running_loop()
-
-    def load(image_uuid: str) -> np.ndarray:
-        data = store.get(object_key(image_uuid), settings.preprocess.max_object_bytes)
-        return decode_for_model(data, spec, what=image_uuid, max_pixels=settings.preprocess.max_image_pixels)
-
-    done = 0
-    cursor = 0
-    stop_at = time.perf_counter() + duration_s
-
-    async def lane() -> None:
-        nonlocal done, cursor
-        while time.perf_counter() < stop_at:
-            batch = [uuids[(cursor + i) % len(uuids)] for i in range(batch_size)]
-            cursor += batch_size
-            pixels = await asyncio.gather(*(loop.run_in_executor(loaders, load, u) for u in batch))
-            tensor = to_batch_tensor(list(pixels), spec)
-            await loop.run_in_executor(runner, session.run, None, {spec.name: tensor})
-            done += batch_size
-
-    start = time.perf_counter()
-    await asyncio.gather(lane(), lane())
-    elapsed = time.perf_counter() - start
-    loaders.shutdown()
-    runner.shutdown()
-    return done / elapsed
 
 
 # -- 2. the stacks -------------------------------------------------------------------
@@ -185,7 +141,6 @@ async def bench_stack(
         await target.set_max_batch_size(MODEL, 1)
         extra = await tier_overhead(target, uuids, duration_s=duration_s)
         await target.set_max_batch_size(MODEL, 8)
-        extra["in_process_images_per_s"] = round(await in_process_pipeline(settings, uuids, 8, 2 * duration_s), 1)
     bar.close()
     return rows, extra
 
@@ -256,8 +211,7 @@ def run_bench(*, duration_s: float = 5.0, replica_counts: tuple[int, ...] = (2, 
             stack_rows, extra = asyncio.run(drive())
         rows += stack_rows
         if extra:
-            results["latency"] = {k: v for k, v in extra.items() if k != "in_process_images_per_s"}
-            results["in_process_images_per_s"] = extra["in_process_images_per_s"]
+            results["latency"] = extra
     results["rows"] = [asdict(r) for r in rows]
     results["summary"] = summarise(rows, results, named)
     return results
@@ -274,12 +228,28 @@ def summarise(rows: list[Row], results: dict[str, object], named: dict[str, Row]
         elif "below_saturation" in name:
             summary[f"{name}_p99_queue_wait_ms"] = row.p99_queue_wait_ms
     best_mesh = max((r.throughput_per_s for r in rows if r.mode == "mesh" and r.replicas == 2), default=0.0)
-    in_process = float(results.get("in_process_images_per_s", 0.0) or 0.0)  # type: ignore[arg-type]
     summary["mesh_images_per_s_R2"] = best_mesh
-    summary["mesh_efficiency"] = round(best_mesh / in_process, 3) if in_process else None
     summary["preprocessing_speedup"] = results["preprocessing"]["speedup"]  # type: ignore[index]
     summary["batching_tier_adds_p50_ms"] = results.get("latency", {}).get("batching_tier_adds_p50_ms")  # type: ignore[union-attr]
     return summary
+
+
+def cpu_summary(results: dict[str, object]) -> dict[str, object]:
+    """The CPU part's and the overhead part's figures the issue's targets are stated in."""
+    cpu, overhead = results.get("cpu"), results.get("overhead")
+    return {
+        **(bench_cpu.summary(cpu) if isinstance(cpu, dict) else {}),
+        **(bench_overhead.summary(overhead) if isinstance(overhead, dict) else {}),
+    }
+
+
+def cpu_lines(results: dict[str, object]) -> list[str]:
+    """The README's CPU-per-tier and overhead tables (empty for a part not run)."""
+    cpu, overhead = results.get("cpu"), results.get("overhead")
+    return [
+        *(bench_cpu.readme_lines(cpu) if isinstance(cpu, dict) else []),
+        *(bench_overhead.readme_lines(overhead) if isinstance(overhead, dict) else []),
+    ]
 
 
 def readme_table(results: dict[str, object]) -> str:
@@ -290,17 +260,19 @@ def readme_table(results: dict[str, object]) -> str:
     lines = [
         MARK_START,
         f"Measured by `make bench` on {results['machine']['cpus']} CPU cores, no GPU "  # type: ignore[index]
-        f"({time.strftime('%Y-%m-%d')}). Every figure comes from the same run.",
+        f"({time.strftime('%Y-%m-%d')}). " + same_run_note(results),
         "",
         "| figure | value |",
         "|---|---|",
         f"| preprocessing, images/s per core (1-2 MP photos): Flotilla / naive Pillow | "
         f"{pre['flotilla_images_per_s_per_core']} / {pre['naive_images_per_s_per_core']} = **{pre['speedup']}x** |",  # type: ignore[index]
-        f"| mesh efficiency: mesh img/s (R=2) / in-process pipeline img/s | "
-        f"{summary['mesh_images_per_s_R2']} / {results.get('in_process_images_per_s')} = **{summary['mesh_efficiency']}** |",  # type: ignore[index]
+        *(bench_cpu.mesh_vs_limit_row(results["cpu"]) if isinstance(results.get("cpu"), dict) else []),  # type: ignore[arg-type]
         f"| p50 at concurrency 1, max_batch_size=1: direct to worker / via batcher / via router+batcher (ms) | "
         f"{latency.get('p50_ms_direct_to_worker')} / {latency.get('p50_ms_via_batcher')} / {latency.get('p50_ms_via_router_and_batcher')} "  # type: ignore[union-attr]
         f"(batcher adds **{latency.get('batching_tier_adds_p50_ms')} ms**) |",  # type: ignore[union-attr]
+        "",
+        *cpu_lines(results),
+        "Load points, on the five small sample photos (`build/samples/*.jpg`):",
         "",
         "```",
         format_table(rows),
@@ -316,6 +288,15 @@ def readme_table(results: dict[str, object]) -> str:
         MARK_END,
     ]
     return "\n".join(lines)
+
+
+def same_run_note(results: dict[str, object]) -> str:
+    separate = results.get("parts_run_separately")
+    if not separate:
+        return "Every figure comes from the same run."
+    return (f"The {' and '.join(separate)} tables come from `flotilla bench --only` runs at the time they state "  # type: ignore[arg-type]
+            "(each part's figures, limit included, from one run); the load points and the latency figures from "
+            "an earlier `make bench` run.")
 
 
 def targets_table(summary: dict[str, object]) -> list[str]:
@@ -343,7 +324,13 @@ def targets_table(summary: dict[str, object]) -> list[str]:
          " / ".join(f"{w:.2f} ms" for w in waits), met(all(w <= wait_limit_ms for w in waits))),
         ("max_batch_size=1: the batcher adds <= 2 ms to p50", f"{get('batching_tier_adds_p50_ms'):.2f} ms",
          met(get("batching_tier_adds_p50_ms") <= 2.0)),
-        ("mesh efficiency >= 0.9", f"{get('mesh_efficiency'):.2f}", met(get("mesh_efficiency") >= 0.9)),
+        ("mesh_vs_limit >= 0.9 (1-2 MP photos)", f"{get('mesh_vs_limit'):.2f}", met(get("mesh_vs_limit") >= 0.9)),
+        ("router / batcher CPU per request <= 350 µs (near-free model; 1-2 MP photos)",
+         f"{get('near_free_router_cpu_us_per_request'):.0f} / {get('near_free_batcher_cpu_us_per_request'):.0f} µs; "
+         f"{get('router_cpu_us_per_image_large_photos'):.0f} / {get('batcher_cpu_us_per_image_large_photos'):.0f} µs",
+         met(max(get('near_free_router_cpu_us_per_request'), get('near_free_batcher_cpu_us_per_request')) <= 350)),
+        ("worker overhead beyond decode <= 0.5 ms per image (1-2 MP photos)",
+         f"{get('worker_overhead_beyond_decode_ms'):.2f} ms", met(get("worker_overhead_beyond_decode_ms") <= 0.5)),
         ("preprocessing >= 2.5x naive images/s per core", f"{get('preprocessing_speedup'):.2f}x",
          met(get("preprocessing_speedup") >= 2.5)),
     ]
@@ -398,7 +385,11 @@ def main(duration_s: float = 5.0, only: str = "all") -> None:
     if only == "fleet":
         fleet_only()
         return
+    if only in ("cpu", "overhead"):
+        part_only(only, duration_s=duration_s)
+        return
     results = run_bench(duration_s=duration_s)
+    run_cpu_parts(results, ("cpu", "overhead"), duration_s=duration_s)
     results["fleet"] = bench_fleet.run()
     OUT.mkdir(exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
@@ -408,6 +399,39 @@ def main(duration_s: float = 5.0, only: str = "all") -> None:
     refresh_readme(readme_table(results))
     refresh_readme(fleet_table(results["fleet"]), FLEET_START, FLEET_END)  # type: ignore[arg-type]
     print(format_table(rows))
+    print(json.dumps(results["summary"], indent=2))
+
+
+def run_cpu_parts(results: dict[str, object], parts: tuple[str, ...], *, duration_s: float) -> None:
+    """Run the CPU part and/or the overhead part into ``results`` (windows twice
+    the load points', for the 10 ms resolution of the /proc counters)."""
+    base = load_settings(BENCH_CONFIG)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    if "cpu" in parts:
+        results["cpu"] = {"measured_at": stamp, **bench_cpu.run(base, MODEL, duration_s=2 * duration_s)}
+    if "overhead" in parts:
+        results["overhead"] = bench_overhead.run(base, duration_s=2 * duration_s)
+    summary = results.setdefault("summary", {})
+    assert isinstance(summary, dict)
+    summary.pop("mesh_efficiency", None)  # replaced by mesh_vs_limit (issue 9)
+    summary.update(cpu_summary(results))
+
+
+def part_only(part: str, *, duration_s: float) -> None:
+    """One CPU part alone (``--only cpu`` / ``--only overhead``), merged into
+    bench/results.json and the README block; each part's table says when it ran."""
+    path = OUT / "results.json"
+    results = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    results.pop("in_process_images_per_s", None)  # the old mesh-efficiency reference
+    separate = results.setdefault("parts_run_separately", [])
+    if part not in separate:
+        separate.append(part)
+    run_cpu_parts(results, (part,), duration_s=duration_s)
+    OUT.mkdir(exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if "rows" in results and "preprocessing" in results:
+        refresh_readme(readme_table(results))
+    print(json.dumps(results[part], indent=2))
     print(json.dumps(results["summary"], indent=2))
 
 

@@ -1,0 +1,438 @@
+"""CPU accounting for the bench: what each tier of the mesh spent, from /proc.
+
+Each process's own counters (``utime + stime`` in ``/proc/PID/stat``, every
+thread included) are read at the edges of a measured window::
+
+    with CpuMeter({"router": Tier([router_pid]), "triton": Tier(triton_pids, children_to="model stubs")}) as meter:
+        ...  # the load runs
+    meter.cpu_s  # {"router": 1.9, "triton": 0.3, "model stubs": 4.1}
+
+A tier is a set of root pids; their live descendants count too, unless the
+tier sends them to another tier (Triton's Python-backend stubs are children
+of tritonserver and are counted as "model stubs"), or ``descendants`` is off
+(the bench process itself: the whole stack is its descendants).
+
+A process that starts inside the window counts all its CPU (all of it was
+spent inside the window); one that exits inside it loses what it spent
+since the first read (its parent's ``cutime`` would hold it, but only after
+a wait and mixed with every other child). Processes are keyed by pid and
+start time, so a reused pid is a new process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from flotilla.clients.loadgen import closed_loop
+from flotilla.clients.loadtest import StackTarget
+from flotilla.config import FlotillaSettings, InputSpec
+from flotilla.services.preprocess.imaging import decode_for_model, to_batch_tensor
+from flotilla.stack.local import LocalStack
+from flotilla.stack.processes import ManagedProcess
+
+PROC = Path("/proc")
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """The fields of ``/proc/PID/stat`` the meter reads."""
+
+    pid: int
+    ppid: int
+    start_ticks: int
+    """Start time after boot, in clock ticks: with the pid, names one process."""
+    cpu_ticks: int
+    """utime + stime of every thread, in clock ticks."""
+
+
+def read_stat(pid: int, proc: Path = PROC) -> ProcStat | None:
+    """The process's counters, or None when it is gone."""
+    try:
+        text = (proc / str(pid) / "stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces or ')'.
+    fields = text[text.rindex(")") + 2 :].split()
+    # fields[0] is field 3 (state): ppid is field 4, utime 14, stime 15, starttime 22.
+    return ProcStat(
+        pid=pid, ppid=int(fields[1]), start_ticks=int(fields[19]), cpu_ticks=int(fields[11]) + int(fields[12])
+    )
+
+
+def machine_busy_ticks(proc: Path = PROC) -> int:
+    """Clock ticks every core of the machine spent busy (not idle or waiting on I/O)
+    since boot, from the first line of ``/proc/stat``."""
+    with (proc / "stat").open() as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return sum(fields[:8]) - fields[3] - fields[4]
+
+
+def all_stats(proc: Path = PROC) -> dict[int, ProcStat]:
+    """Every live process's counters, by pid."""
+    stats = {}
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            stat = read_stat(int(entry.name), proc)
+            if stat is not None:
+                stats[stat.pid] = stat
+    return stats
+
+
+def descendants(pid: int, stats: Mapping[int, ProcStat]) -> set[int]:
+    """The live descendants of ``pid`` (not ``pid`` itself)."""
+    children: dict[int, list[int]] = {}
+    for stat in stats.values():
+        children.setdefault(stat.ppid, []).append(stat.pid)
+    found: set[int] = set()
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        if child not in found:
+            found.add(child)
+            todo += children.get(child, [])
+    return found
+
+
+@dataclass
+class Tier:
+    """The processes one tier's CPU is read from."""
+
+    pids: Iterable[int]
+    """Root processes of the tier."""
+    descendants: bool = True
+    """Count the roots' live descendants too."""
+    children_to: str | None = None
+    """Count the descendants in this other tier instead (e.g. Triton's model stubs)."""
+
+
+@dataclass
+class CpuMeter:
+    """Per-tier CPU seconds spent between ``__enter__`` and ``__exit__``."""
+
+    tiers: Mapping[str, Tier]
+    proc: Path = PROC
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    """Filled on exit: CPU seconds per tier inside the window."""
+    processes: dict[str, int] = field(default_factory=dict)
+    """Filled on exit: how many processes each tier counted."""
+    machine_busy_s: float = 0.0
+    """Filled on exit: busy CPU seconds of the whole machine (every process, counted or not)."""
+    wall_s: float = 0.0
+    """Filled on exit: the window's length."""
+    _start: dict[tuple[int, int], int] = field(default_factory=dict)
+    _machine_start: tuple[int, float] = (0, 0.0)
+
+    def members(self, stats: Mapping[int, ProcStat]) -> dict[str, set[int]]:
+        """The pids of each tier in ``stats``; a pid counts in the first tier that claims it."""
+        members: dict[str, set[int]] = {name: set() for name in self.tiers}
+        for name, tier in self.tiers.items():
+            for root in tier.pids:
+                if root not in stats:
+                    continue
+                members[name].add(root)
+                if tier.descendants:
+                    into = tier.children_to or name
+                    members.setdefault(into, set()).update(descendants(root, stats))
+        seen: set[int] = set()
+        for name in members:
+            members[name] -= seen
+            seen |= members[name]
+        return members
+
+    def snapshot(self) -> dict[tuple[int, int], int]:
+        """CPU ticks by (pid, start time) of every live process."""
+        return {(s.pid, s.start_ticks): s.cpu_ticks for s in all_stats(self.proc).values()}
+
+    def __enter__(self) -> CpuMeter:
+        self._start = self.snapshot()
+        self._machine_start = (machine_busy_ticks(self.proc), time.perf_counter())
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        stats = all_stats(self.proc)
+        busy_ticks, started = self._machine_start
+        self.machine_busy_s = (machine_busy_ticks(self.proc) - busy_ticks) / CLOCK_TICKS_PER_S
+        self.wall_s = time.perf_counter() - started
+        self.cpu_s, self.processes = {}, {}
+        for name, pids in self.members(stats).items():
+            ticks = 0
+            for pid in pids:
+                stat = stats[pid]
+                ticks += stat.cpu_ticks - self._start.get((pid, stat.start_ticks), 0)
+            self.cpu_s[name] = ticks / CLOCK_TICKS_PER_S
+            self.processes[name] = len(pids)
+
+    def per_item_us(self, items: int) -> dict[str, float]:
+        """CPU microseconds per item (image, request) by tier, and their total."""
+        if items <= 0:
+            return {}
+        per = {name: round(cpu * 1e6 / items, 1) for name, cpu in self.cpu_s.items()}
+        per["total"] = round(sum(self.cpu_s.values()) * 1e6 / items, 1)
+        return per
+
+
+# -- the bench's CPU part (`flotilla bench --only cpu`, part of `make bench`) ------------
+
+LOAD_GENERATOR = "load generator"
+MODEL_STUBS = "model stubs"
+TIER_ORDER = ("router", "batcher", "worker", "triton server", MODEL_STUBS, "s3", "controller", LOAD_GENERATOR)
+
+
+def stack_tiers(stack: LocalStack) -> dict[str, Tier]:
+    """The running stack's processes by tier; this process is the load generator."""
+
+    def pids(*procs: ManagedProcess | None) -> list[int]:
+        return [p.pid for p in procs if p is not None and p.pid is not None]
+
+    return {
+        "router": Tier(pids(stack.router)),
+        "batcher": Tier(pids(*stack.batchers.values())),
+        "worker": Tier(pids(*stack.preprocess)),
+        "triton server": Tier(pids(*stack.tritons), children_to=MODEL_STUBS),
+        "s3": Tier(pids(stack.s3)),
+        "controller": Tier(pids(stack.controller)),
+        LOAD_GENERATOR: Tier([os.getpid()], descendants=False),
+    }
+
+
+def ort_cpu_ms_per_image(onnx_file: Path, batch: np.ndarray, *, min_cpu_s: float = 3.0) -> float:
+    """ONNX Runtime's CPU-ms per image on ``batch``, one intra-op thread (as each
+    of the bench's replicas on 2 cores runs), in this process."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for _ in range(2):  # warm-up: arena, kernels
+        session.run(None, {name: batch})
+    runs, start = 0, time.process_time()
+    while time.process_time() - start < min_cpu_s:
+        session.run(None, {name: batch})
+        runs += 1
+    return (time.process_time() - start) * 1000.0 / (runs * len(batch))
+
+
+def decode_cpu_ms_per_image(photos: list[bytes], spec: InputSpec, max_pixels: int, *, min_cpu_s: float = 2.0) -> float:
+    """decode_for_model's CPU-ms per image over ``photos``, in this process."""
+    decode_for_model(photos[0], spec, what="bench", max_pixels=max_pixels)
+    images, start = 0, time.process_time()
+    while time.process_time() - start < min_cpu_s:
+        for photo in photos:
+            decode_for_model(photo, spec, what="bench", max_pixels=max_pixels)
+        images += len(photos)
+    return (time.process_time() - start) * 1000.0 / images
+
+
+def physical_limit(settings: FlotillaSettings, model: str, photos: list[bytes], batch_size: int) -> dict[str, float]:
+    """CPU-ms per image of the model (ONNX Runtime) and of the decode, on ``photos``."""
+    spec = settings.models[model].input
+    pixels = [decode_for_model(p, spec, what="bench", max_pixels=settings.preprocess.max_image_pixels) for p in photos]
+    batch = to_batch_tensor([pixels[i % len(pixels)] for i in range(batch_size)], spec)
+    model_ms = ort_cpu_ms_per_image(Path("build/models") / model / "1" / "model.onnx", batch)
+    decode_ms = decode_cpu_ms_per_image(photos, spec, settings.preprocess.max_image_pixels)
+    cores = os.cpu_count() or 1
+    return {
+        "batch_size": batch_size,
+        "model_cpu_ms_per_image": round(model_ms, 3),
+        "decode_cpu_ms_per_image": round(decode_ms, 3),
+        "cores": cores,
+        "limit_images_per_s": round(cores / ((model_ms + decode_ms) / 1000.0), 1),
+    }
+
+
+async def metered_load(
+    tiers: Mapping[str, Tier],
+    call: Callable[[], Awaitable[object]],
+    *,
+    concurrency: int,
+    window_s: float,
+    windows: int = 3,
+    warmup_s: float = 2.0,
+    items_per_call: int = 1,
+) -> dict[str, object]:
+    """A closed loop with ``windows`` back-to-back measured windows after the
+    warm-up; each window's completions and each tier's CPU are read at its
+    edges. Figures are medians over the windows (per tier, and items/s)."""
+    done = 0
+
+    async def counted() -> object:
+        nonlocal done
+        reply = await call()
+        done += 1
+        return reply
+
+    total_s = windows * window_s
+    load = asyncio.create_task(closed_loop(counted, concurrency=concurrency, duration_s=total_s, warmup_s=warmup_s))
+    await asyncio.sleep(warmup_s)
+    rates: list[float] = []
+    cores: list[tuple[float, float]] = []  # (machine busy, counted in the tiers), cores
+    per_item: list[dict[str, float]] = []
+    for _ in range(windows):
+        first, start = done, time.perf_counter()
+        with CpuMeter(tiers) as meter:
+            await asyncio.sleep(window_s)
+        items = (done - first) * items_per_call
+        rates.append(items / (time.perf_counter() - start))
+        per_item.append(meter.per_item_us(items))
+        cores.append((meter.machine_busy_s / meter.wall_s, sum(meter.cpu_s.values()) / meter.wall_s))
+    result = await load
+    names = [k for k in (*TIER_ORDER, "total") if all(k in w for w in per_item)]
+    return {
+        "concurrency": concurrency,
+        "windows": windows,
+        "window_s": window_s,
+        "images_per_s": round(float(np.median(rates)), 1),
+        "images_per_s_windows": [round(r, 1) for r in rates],
+        "p50_ms": round(result.latency_ms(50), 1),
+        "p99_ms": round(result.latency_ms(99), 1),
+        "succeeded": result.succeeded,
+        "errors": result.failed,
+        "cpu_us_per_image": {k: round(float(np.median([w[k] for w in per_item])), 1) for k in names},
+        "processes": meter.processes,
+        # Cores busy on the whole machine and in the counted tiers (medians over the windows):
+        # the difference is what other processes took from the mesh.
+        "cores_busy_machine": round(float(np.median([c[0] for c in cores])), 2),
+        "cores_counted_tiers": round(float(np.median([c[1] for c in cores])), 2),
+    }
+
+
+async def cpu_point(
+    stack: LocalStack, call: Callable[[], Awaitable[object]], *, concurrency: int, window_s: float
+) -> dict[str, object]:
+    """The mesh under a closed loop, every tier's CPU per image (median of 3 windows)."""
+    return await metered_load(stack_tiers(stack), call, concurrency=concurrency, window_s=window_s)
+
+
+def run(
+    base: FlotillaSettings, model: str, *, duration_s: float = 10.0, replicas: int = 2, batch_size: int = 8
+) -> dict[str, object]:
+    """The saturated mesh (R replicas, max_batch_size, concurrency 2 x slots x
+    batch) on the 1-2 MP photos and on the small samples, every tier's CPU per
+    image, and the physical limit on the same large photos in the same run."""
+    large = [p.read_bytes() for p in sorted(Path("build/samples/large").glob("*.jpg"))]
+    small = [p.read_bytes() for p in sorted(Path("build/samples").glob("*.jpg"))]
+    settings = base.model_copy(deep=True)
+    # A run directory of its own: the registry there holds only this part's models.
+    settings.run_dir = base.run_dir.parent / "bench-cpu"
+    settings.models = {model: settings.models[model]}
+    settings.triton.replicas = replicas
+    settings.models[model].batching.max_inflight_batches = 2 * replicas
+    settings.models[model].min_copies = settings.models[model].max_copies = replicas
+    concurrency = 2 * 2 * replicas * batch_size
+    # Before the stack starts: nothing else on the cores.
+    limit = physical_limit(settings, model, large, batch_size)
+    points: dict[str, dict[str, object]] = {}
+    print(f"cpu: starting a stack with {replicas} Triton replicas ...", flush=True)
+    with LocalStack(settings) as stack:
+        assert stack.state is not None
+
+        async def drive() -> None:
+            target = StackTarget(stack.state)  # type: ignore[arg-type]
+            try:
+                await target.set_max_batch_size(model, batch_size)
+                for name, photos in (("large", large), ("small", small)):
+                    uuids = await target.upload_images(photos, copies=8)
+                    point = await cpu_point(
+                        stack, target.mesh_call(model, uuids), concurrency=concurrency, window_s=duration_s
+                    )
+                    point["photos"] = (
+                        "build/samples/large/*.jpg (1-2 MP)" if name == "large" else "build/samples/*.jpg (small)"
+                    )
+                    point["photo_megapixels"] = [round(w * h / 1e6, 2) for w, h in (_size(p) for p in photos)]
+                    points[name] = point
+            finally:
+                await target.close()
+
+        asyncio.run(drive())
+    mesh = float(points["large"]["images_per_s"])  # type: ignore[arg-type]
+    return {
+        "model": model,
+        "replicas": replicas,
+        "max_batch_size": batch_size,
+        "window_s": duration_s,
+        "windows": 3,
+        "limit": {**limit, "photos": "build/samples/large/*.jpg (1-2 MP)"},
+        "points": points,
+        "mesh_vs_limit": round(mesh / float(limit["limit_images_per_s"]), 3),
+    }
+
+
+def _size(photo: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(photo)) as im:
+        return im.size
+
+
+# -- its figures in bench/results.json's summary and the README --------------------
+
+
+def summary(cpu: dict[str, Any]) -> dict[str, object]:
+    """The figures issue 9's targets are stated in, from :func:`run`'s result."""
+    large = cpu["points"]["large"]
+    per_image = large["cpu_us_per_image"]
+    return {
+        "mesh_vs_limit": cpu["mesh_vs_limit"],
+        "mesh_images_per_s_large_photos": large["images_per_s"],
+        "limit_images_per_s_large_photos": cpu["limit"]["limit_images_per_s"],
+        **{f"{tier}_cpu_us_per_image_large_photos": per_image.get(tier) for tier in ("router", "batcher", "worker")},
+        "worker_overhead_beyond_decode_ms": round(
+            per_image["worker"] / 1000.0 - cpu["limit"]["decode_cpu_ms_per_image"], 2
+        ),
+    }
+
+
+def mesh_vs_limit_row(cpu: dict[str, Any]) -> list[str]:
+    """The README figure that replaced the old "mesh efficiency"."""
+    limit, large = cpu["limit"], cpu["points"]["large"]
+    return [
+        f"| mesh_vs_limit (1-2 MP photos `build/samples/large/*.jpg`, R={cpu['replicas']}, max_batch_size "
+        f"{cpu['max_batch_size']}, c={large['concurrency']}): mesh img/s / ({limit['cores']} cores / (ONNX Runtime "
+        "+ decode CPU-s per image)) | "
+        f"{large['images_per_s']} / ({limit['cores']} / ({limit['model_cpu_ms_per_image']} + "
+        f"{limit['decode_cpu_ms_per_image']} ms)) = {large['images_per_s']} / {limit['limit_images_per_s']} "
+        f"= **{cpu['mesh_vs_limit']}** |",
+    ]
+
+
+def readme_lines(cpu: dict[str, Any]) -> list[str]:
+    """The README's CPU-per-tier table."""
+    limit, large, small = cpu["limit"], cpu["points"]["large"], cpu["points"]["small"]
+    rows = [
+        f"| {tier} | {large['cpu_us_per_image'].get(tier, '-')} | {small['cpu_us_per_image'].get(tier, '-')} |"
+        for tier in (*TIER_ORDER, "total")
+    ]
+    return [
+        f"CPU per image by tier ({cpu.get('measured_at', 'this run')}): the saturated mesh, R={cpu['replicas']}, "
+        f"max_batch_size={cpu['max_batch_size']}, concurrency {large['concurrency']}; medians of "
+        f"{cpu.get('windows', 1)} windows of {cpu['window_s']:.0f} s per photo set; each process's own utime+stime "
+        "from /proc/PID/stat, its children included (Triton's Python-backend stubs counted apart, as model stubs). "
+        f"Limit: ONNX Runtime (1 intra-op thread, as each replica runs; batch {limit['batch_size']}) and "
+        "decode_for_model, CPU per image, in-process in the same run, on the large photos.",
+        "",
+        "| CPU-µs per image | 1-2 MP photos (`build/samples/large/*.jpg`) | small samples (`build/samples/*.jpg`) |",
+        "|---|---|---|",
+        f"| images/s | {large['images_per_s']} | {small['images_per_s']} |",
+        f"| cores busy: whole machine / counted in these tiers | {large.get('cores_busy_machine', '-')} / "
+        f"{large.get('cores_counted_tiers', '-')} | {small.get('cores_busy_machine', '-')} / "
+        f"{small.get('cores_counted_tiers', '-')} |",
+        *rows,
+        f"| limit: ONNX Runtime / decode, CPU-ms per image | {limit['model_cpu_ms_per_image']} / "
+        f"{limit['decode_cpu_ms_per_image']} | |",
+        "",
+    ]

@@ -1,0 +1,217 @@
+"""What the mesh itself costs: a near-free model and small JPEGs (`flotilla bench --only overhead`).
+
+The model (``flotilla.modelbuild.nearfree``) has EfficientNet-Lite0's
+signature (``images: UINT8 [-1, 224, 224, 3] -> probabilities: FP32
+[-1, 1000]``) and costs a few microseconds per image, and the photos are the
+samples re-encoded at 64 x 64, so decode and model are nearly free and what
+is left is the mesh: router, batcher, worker (S3 fetch, decode, Triton
+request), Triton server and its Python-backend stub, S3.
+
+In one run, on one stack (the model deployed through the registry, a copy
+on every replica):
+
+1. the mesh at saturation (closed loop, ``max_batch_size`` 8, concurrency
+   64): requests/s and every tier's CPU-µs per request;
+2. Triton alone, driven directly with tritonclient: requests of 8 images (the
+   batch the mesh forms) with 8 in flight (the mesh's 64 images in flight),
+   round-robin over the replicas: images/s and its CPU per image, the
+   ceiling the mesh is measured against;
+3. the projected cores of mesh CPU per 10 000 images/s: the mesh's CPU-s per
+   image (every tier but the load generator) x 10 000; also without the
+   model stubs (on a GPU host the model's CPU would not be the mesh's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc.aio as triton_aio
+from PIL import Image
+
+from flotilla.bench_cpu import LOAD_GENERATOR, MODEL_STUBS, TIER_ORDER, cpu_point, metered_load, stack_tiers
+from flotilla.clients.loadtest import StackTarget
+from flotilla.config import FlotillaSettings, ModelSettings
+from flotilla.stack.local import LocalStack
+
+NEAR_FREE = "near-free"
+ARTIFACT = Path("build/models") / NEAR_FREE
+SMALL_SIDE_PX = 64
+BATCH_SIZE = 8
+CONCURRENCY = 64
+PROJECTED_IMAGES_PER_S = 10_000
+
+
+def ensure_model(artifact: Path = ARTIFACT) -> Path:
+    """Build the near-free model with the build virtualenv's onnx if it is missing."""
+    if not (artifact / "1" / "model.onnx").exists():
+        python = Path(".venv-build/bin/python")
+        if not python.exists():
+            python = Path(sys.executable)  # onnx may be installed here too
+        subprocess.run([str(python), "-m", "flotilla.modelbuild.nearfree", "--out", str(artifact)], check=True)
+    return artifact
+
+
+def small_jpegs(side_px: int = SMALL_SIDE_PX) -> list[bytes]:
+    """The sample photos re-encoded at ``side_px`` x ``side_px``."""
+    out = []
+    for path in sorted(Path("build/samples").glob("*.jpg")):
+        with Image.open(path) as im:
+            buffer = io.BytesIO()
+            im.convert("RGB").resize((side_px, side_px), Image.Resampling.BILINEAR).save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def near_free_spec(base: ModelSettings, replicas: int) -> ModelSettings:
+    """EfficientNet-Lite0's spec (input, output, batching) on the near-free artifact."""
+    spec = base.model_copy(deep=True)
+    spec.artifact = ARTIFACT
+    spec.storage_uri = ""
+    spec.memory_mb = 50.0
+    spec.labels_file = None
+    spec.labels = []
+    spec.backend_model = None
+    spec.batching.max_batch_size = BATCH_SIZE
+    spec.batching.max_inflight_batches = 2 * replicas
+    spec.min_copies = spec.max_copies = replicas
+    return spec
+
+
+async def triton_alone(stack: LocalStack, *, batch_size: int, concurrency: int, window_s: float) -> dict[str, object]:
+    """Batches of ``batch_size`` straight to Triton, ``concurrency`` in flight, with
+    Triton's and the load generator's CPU (medians of 3 windows)."""
+    assert stack.state is not None
+    clients = [triton_aio.InferenceServerClient(a) for a in stack.state.triton]
+    tensor = np.random.default_rng(0).integers(0, 256, (batch_size, 224, 224, 3), dtype=np.uint8)
+    inputs = triton_aio.InferInput("images", list(tensor.shape), "UINT8")
+    inputs.set_data_from_numpy(tensor)  # serialised once: the ceiling, not the client's copies
+    outputs = [triton_aio.InferRequestedOutput("probabilities")]
+    ring = itertools.cycle(clients)
+
+    async def call() -> object:
+        return await next(ring).infer(NEAR_FREE, [inputs], outputs=outputs)
+
+    tiers = {k: v for k, v in stack_tiers(stack).items() if k in ("triton server", LOAD_GENERATOR)}
+    try:
+        point = await metered_load(tiers, call, concurrency=concurrency, window_s=window_s, items_per_call=batch_size)
+    finally:
+        for client in clients:
+            await client.close()
+    return {
+        "batch_size": batch_size,
+        "concurrency_requests": concurrency,
+        "requests_per_s": round(float(point["images_per_s"]) / batch_size, 1),  # type: ignore[arg-type]
+        **point,
+    }
+
+
+def run(base: FlotillaSettings, *, duration_s: float = 10.0, replicas: int = 2) -> dict[str, object]:
+    ensure_model()
+    photos = small_jpegs()
+    settings = base.model_copy(deep=True)
+    # A run directory of its own: the registry there holds only this part's models.
+    settings.run_dir = base.run_dir.parent / "bench-overhead"
+    settings.triton.replicas = replicas
+    template = next(iter(settings.models.values()))
+    settings.models = {}  # deployed below through the registry, as an operator would
+    spec = near_free_spec(template, replicas)
+    out: dict[str, object] = {}
+    print(f"overhead: starting a stack with {replicas} Triton replicas ...", flush=True)
+    with LocalStack(settings) as stack:
+        stack.deploy(NEAR_FREE, spec)
+        stack.state.models = [NEAR_FREE]  # type: ignore[union-attr]
+
+        async def drive() -> None:
+            target = StackTarget(stack.state)  # type: ignore[arg-type]
+            try:
+                await target.set_max_batch_size(NEAR_FREE, BATCH_SIZE)
+                uuids = await target.upload_images(photos, copies=8)
+                out["mesh"] = await cpu_point(
+                    stack, target.mesh_call(NEAR_FREE, uuids), concurrency=CONCURRENCY, window_s=duration_s
+                )
+                out["triton_alone"] = await triton_alone(
+                    stack, batch_size=BATCH_SIZE, concurrency=CONCURRENCY // BATCH_SIZE, window_s=duration_s
+                )
+            finally:
+                await target.close()
+
+        asyncio.run(drive())
+    mesh = out["mesh"]
+    per_request: dict[str, float] = mesh["cpu_us_per_image"]  # type: ignore[index, assignment]
+    mesh_us = sum(v for k, v in per_request.items() if k in TIER_ORDER and k != LOAD_GENERATOR)
+    without_model_us = mesh_us - per_request.get(MODEL_STUBS, 0.0)
+    alone: dict[str, object] = out["triton_alone"]  # type: ignore[assignment]
+    return {
+        "model": f"{NEAR_FREE} (EfficientNet-Lite0's signature, ~1 µs/image in ONNX Runtime)",
+        "photos": f"build/samples/*.jpg re-encoded at {SMALL_SIDE_PX}x{SMALL_SIDE_PX}",
+        "replicas": replicas,
+        "max_batch_size": BATCH_SIZE,
+        "concurrency": CONCURRENCY,
+        "window_s": duration_s,
+        "windows": 3,
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "mesh": {**mesh, "cpu_us_per_request": per_request},
+        "triton_alone": alone,
+        "mesh_vs_triton_alone": round(float(mesh["images_per_s"]) / float(alone["images_per_s"]), 3),  # type: ignore[arg-type, index]
+        "mesh_cpu_us_per_request": round(mesh_us, 1),
+        "projected_cores_per_10k_images_per_s": round(mesh_us * PROJECTED_IMAGES_PER_S / 1e6, 1),
+        "projected_cores_per_10k_images_per_s_without_model_stubs": round(
+            without_model_us * PROJECTED_IMAGES_PER_S / 1e6, 1
+        ),
+    }
+
+
+# -- its figures in bench/results.json's summary and the README --------------------
+
+
+def summary(overhead: dict[str, Any]) -> dict[str, object]:
+    """The figures issue 9's targets are stated in, from :func:`run`'s result."""
+    mesh = overhead["mesh"]
+    return {
+        "near_free_mesh_requests_per_s": mesh["images_per_s"],
+        "near_free_triton_alone_images_per_s": overhead["triton_alone"]["images_per_s"],
+        "near_free_mesh_vs_triton_alone": overhead["mesh_vs_triton_alone"],
+        "projected_cores_per_10k_images_per_s": overhead["projected_cores_per_10k_images_per_s"],
+        **{
+            f"near_free_{tier}_cpu_us_per_request": mesh["cpu_us_per_request"].get(tier)
+            for tier in ("router", "batcher")
+        },
+    }
+
+
+def readme_lines(overhead: dict[str, Any]) -> list[str]:
+    """The README's near-free-model table."""
+    mesh, alone = overhead["mesh"], overhead["triton_alone"]
+    per_request = " / ".join(str(mesh["cpu_us_per_request"].get(t, "-")) for t in TIER_ORDER)
+    alone_us = alone["cpu_us_per_image"]
+    return [
+        f"Mesh overhead ({overhead.get('measured_at', 'this run')}): a near-free model with EfficientNet-Lite0's "
+        f"signature, {overhead['photos']}, R={overhead['replicas']}, max_batch_size={overhead['max_batch_size']}, "
+        f"concurrency {overhead['concurrency']}, medians of {overhead.get('windows', 1)} windows of "
+        f"{overhead['window_s']:.0f} s; Triton alone in the same run and stack: requests of {alone['batch_size']} "
+        f"images (pre-serialised once) straight to the replicas, {alone['concurrency_requests']} in flight "
+        f"({alone['batch_size'] * alone['concurrency_requests']} images, as the mesh's {overhead['concurrency']}).",
+        "",
+        "| near-free model | value |",
+        "|---|---|",
+        f"| mesh requests/s / Triton alone images/s | {mesh['images_per_s']} / {alone['images_per_s']} "
+        f"= **{overhead['mesh_vs_triton_alone']}** |",
+        f"| mesh CPU-µs per request: {', '.join(TIER_ORDER)} | {per_request} |",
+        f"| cores busy, mesh / Triton alone: whole machine / counted in the tiers | "
+        f"{mesh.get('cores_busy_machine', '-')} / {mesh.get('cores_counted_tiers', '-')}; "
+        f"{alone.get('cores_busy_machine', '-')} / {alone.get('cores_counted_tiers', '-')} |",
+        f"| Triton alone CPU-µs per image: triton server / model stubs / load generator | "
+        f"{alone_us.get('triton server', '-')} / {alone_us.get(MODEL_STUBS, '-')} / {alone_us.get(LOAD_GENERATOR, '-')} |",
+        "| projected cores of mesh CPU per 10 000 images/s (every tier but the load generator; without the model "
+        f"stubs) | **{overhead['projected_cores_per_10k_images_per_s']}**; "
+        f"{overhead['projected_cores_per_10k_images_per_s_without_model_stubs']} |",
+        "",
+    ]
