@@ -37,7 +37,6 @@ from flotilla.clients.client import FlotillaClient
 from flotilla.clients.loadgen import LoadResult, closed_loop, open_loop
 from flotilla.clients.models import ModelsClient
 from flotilla.common.status import error_from_rpc
-from flotilla.config import S3Settings
 from flotilla.errors import error_from_code
 from flotilla.stack.local import StackState
 
@@ -91,10 +90,7 @@ class StackTarget:
 
     def __init__(self, state: StackState) -> None:
         self.state = state
-        self.s3 = S3Settings(
-            endpoint=state.s3_endpoint, access_key=state.s3_access_key,
-            secret_key=state.s3_secret_key, bucket=state.s3_bucket,  # type: ignore[arg-type]
-        )
+        self.s3 = state.s3_settings()
         self.client = FlotillaClient(state.router, state.api_key, self.s3, default_timeout_s=60.0)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._batchers: dict[str, str] = {}

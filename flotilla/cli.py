@@ -172,7 +172,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
     if not args.state.exists():
         raise SystemExit(f"no running stack found ({args.state} is missing); start one with `flotilla up`")
     state = StackState.read(args.state)
-    s3 = _stack_s3(state)
+    s3 = state.s3_settings()
     router = args.router or state.router
     api_key = args.api_key or os.environ.get("FLOTILLA_API_KEY") or state.api_key
     failures = asyncio.run(_classify_files(router, api_key, s3, args.model, args.images, args.top_k))
@@ -190,13 +190,6 @@ def _models_client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         raise SystemExit(f"no running stack found ({args.state} is missing); start one with `flotilla up`")
     state = StackState.read(args.state)
     return ModelsClient(state.controller), state
-
-
-def _stack_s3(state) -> S3Settings:  # type: ignore[no-untyped-def]
-    return S3Settings(
-        endpoint=state.s3_endpoint, access_key=state.s3_access_key,
-        secret_key=state.s3_secret_key, bucket=state.s3_bucket,  # type: ignore[arg-type]
-    )
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -220,7 +213,7 @@ def cmd_models(args: argparse.Namespace) -> None:
                 if state is None:
                     raise SystemExit("models upload needs the stack's S3 credentials: pass --state, not --controller")
                 uri = args.storage_uri or f"s3://{state.artifact_bucket}/{args.name}"
-                files = upload_artifact(_stack_s3(state), args.directory, uri)
+                files = upload_artifact(state.s3_settings(), args.directory, uri)
                 print(f"uploaded {len(files)} file(s) to {uri}: {', '.join(sorted(files))}")
             elif args.action == "deploy":
                 data = yaml.safe_load(args.spec.read_text(encoding="utf-8")) if args.spec else {}

@@ -11,6 +11,11 @@ _CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{
 _SHOWN_CHARS = 40  # how much of a bad uuid an error message repeats
 
 
+def shorten(text: str, limit: int = _SHOWN_CHARS) -> str:
+    """``text`` as an error message repeats it: cut at ``limit`` characters (a caller may send anything)."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def new_image_uuid() -> str:
     return str(uuid.uuid4())
 
@@ -24,7 +29,7 @@ def check_image_uuid(value: str) -> str:
     if not value:
         raise InvalidImageUuid("image_uuid is empty; upload the JPEG first and send its uuid")
     if len(value) != 36 or not _CANONICAL_UUID.fullmatch(value):
-        shown = value if len(value) <= _SHOWN_CHARS else value[:_SHOWN_CHARS] + "..."
+        shown = shorten(value)
         raise InvalidImageUuid(
             f"image_uuid {shown!r} ({len(value)} chars) is not a canonical UUID "
             "like 123e4567-e89b-12d3-a456-426614174000"

@@ -37,7 +37,7 @@ from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
 from flotilla.clients.models import ModelsClient, upload_artifact
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.server import is_serving
-from flotilla.config import Endpoints, FlotillaSettings, ModelSettings, dump_settings
+from flotilla.config import Endpoints, FlotillaSettings, ModelSettings, S3Settings, dump_settings
 from flotilla.errors import AlreadyExists, StoreUnavailable
 from flotilla.stack.components import TritonInstallation, TritonPorts, seaweed_s3
 from flotilla.stack.processes import ManagedProcess, free_port, wait_until
@@ -68,6 +68,13 @@ class StackState:
     config: str = ""
     metrics: dict[str, str] = field(default_factory=dict)
     """Process name -> host:port of its Prometheus metrics (batchers come and go: see metrics_targets)."""
+
+    def s3_settings(self) -> S3Settings:
+        """How to reach the stack's image bucket."""
+        return S3Settings(
+            endpoint=self.s3_endpoint, access_key=self.s3_access_key,
+            secret_key=SecretStr(self.s3_secret_key), bucket=self.s3_bucket,
+        )
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(self.__dict__, indent=2) + "\n", encoding="utf-8")

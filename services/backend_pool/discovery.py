@@ -172,6 +172,21 @@ class DnsEndpoints:
             await source.stop()
 
 
+async def replace_endpoints(
+    pool: EndpointPool[C],
+    addresses: Sequence[str],
+    make_client: Callable[[str], C],
+    close_client: Callable[[C], Awaitable[None]],
+) -> None:
+    """Make ``pool`` exactly ``addresses``: endpoints that stay keep their client and state, new
+    ones get ``make_client``, and the clients of those that left are closed."""
+    if {e.address for e in pool.endpoints} == set(addresses):
+        return
+    current = {e.address: e.client for e in pool.endpoints}
+    for client in pool.set_endpoints({a: current.get(a) or make_client(a) for a in addresses}):
+        await close_client(client)
+
+
 async def pool_following(
     pool: EndpointPool[C],
     targets: Sequence[str],
@@ -188,9 +203,7 @@ async def pool_following(
     """
 
     async def follow(addresses: list[str]) -> None:
-        current = {e.address: e.client for e in pool.endpoints}
-        for client in pool.set_endpoints({a: current.get(a) or make_client(a) for a in addresses}):
-            await close_client(client)
+        await replace_endpoints(pool, addresses, make_client, close_client)
 
     endpoints = DnsEndpoints(targets, follow, interval_s=interval_s, resolver=resolver)
     await endpoints.start()

@@ -36,6 +36,7 @@ from typing import Protocol
 
 from flotilla.common import metrics
 from flotilla.common.clock import Clock, MonotonicClock
+from flotilla.common.ids import shorten
 from flotilla.config import ControllerSettings, ModelSettings
 from flotilla.errors import (
     AlreadyExists,
@@ -78,7 +79,7 @@ class ReplicaAgent(Protocol):
     address: str
     budget_mb: float
 
-    async def is_ready(self) -> bool: ...
+    async def is_live(self) -> bool: ...
 
     async def loaded(self) -> dict[str, list[int]]: ...
 
@@ -144,8 +145,6 @@ class Controller:
             record = ModelRecord.from_json(data)
             self.records[record.name] = record
         await self._adopt_loaded_copies()
-        for record in self.records.values():
-            self._update_ready(record)
         self._publish()
         self._tasks = [
             asyncio.create_task(self._loop(self._watch_replicas, HEALTH_INTERVAL_S), name="replicas"),
@@ -223,8 +222,9 @@ class Controller:
             name = record.name
             for state in ("loading", "ready", "draining"):
                 values[metrics.MODEL_COPIES][(name, state)] = float(len(self.copies(name, (state,))))
+            ready = set(self.ready_copies(name))
             for address in self.replicas:
-                values[metrics.MODEL_PLACED][(name, address)] = float(address in self.ready_copies(name))
+                values[metrics.MODEL_PLACED][(name, address)] = float(address in ready)
             memory = record.conditions.get((MEMORY_AVAILABLE, ""))
             values[metrics.MODEL_UNPLACEABLE][(name,)] = float(memory is not None and memory.status == "False")
             # No dispatch in the last interval (idle) reads as no wait.
@@ -264,12 +264,16 @@ class Controller:
         record = self.records.get(name)
         if record is None or not record.committed:
             served = ", ".join(sorted(r.name for r in self.committed())) or "none"
-            shown = name if len(name) <= 70 else name[:70] + "..."
+            shown = shorten(name, 70)
             raise ModelNotFound(f"model {shown!r} is not registered; registered models: {served}")
         return record
 
     def last_used_s(self, name: str) -> float | None:
         return self.autoscaler.last_used_s(name)
+
+    def to_unix_s(self, monotonic_s: float) -> float:
+        """A reading of this controller's clock as wall-clock seconds (for status messages)."""
+        return time.time() - (self.clock.now() - monotonic_s)
 
     def queue_wait_ms(self, name: str) -> float | None:
         return self.autoscaler.queue_wait_ms(name)
@@ -447,7 +451,6 @@ class Controller:
                 message = f"load did not finish within {self.settings.load_timeout_s:.0f} s"
             record.set_condition(LOADED, False, "LoadFailed", message, address)
             record.event("load_failed", f"on {address}: {message}")
-            self._update_ready(record)
             self._publish()
             log.warning("controller: loading %s on %s failed: %s", name, address, message)
             if isinstance(exc, FlotillaError | asyncio.CancelledError):
@@ -462,7 +465,6 @@ class Controller:
             LOADED, True, "Loaded", f"versions {record.spec.versions} loaded in {load_s:.2f} s", address
         )
         record.event("loaded", f"on {address} in {load_s:.2f} s ({reason})")
-        self._update_ready(record)
         self._publish()
         if self.settings.measure_memory:
             self._spawn(self._measure(name, address), f"measure:{name}")
@@ -508,7 +510,6 @@ class Controller:
         await self._unload(name, address)
         if record is not None:
             record.drop_condition(LOADED, address)
-            self._update_ready(record)
             self._publish()
 
     async def _unload(self, name: str, address: str) -> None:
@@ -521,7 +522,6 @@ class Controller:
         self.replicas[address].copies.pop(name, None)
         if record is not None:
             record.drop_condition(LOADED, address)
-            self._update_ready(record)
         self._publish()
 
     def _update_ready(self, record: ModelRecord) -> None:
@@ -546,7 +546,7 @@ class Controller:
         changed = False
         for address, agent in self.agents.items():
             replica = self.replicas[address]
-            healthy = await agent.is_ready()
+            healthy = await agent.is_live()
             if healthy != replica.healthy:
                 log.warning("controller: replica %s is %s", address, "back" if healthy else "down (its copies leave the pools)")
                 replica.healthy = healthy
@@ -568,7 +568,6 @@ class Controller:
                             LOADED, False, "Lost", "the replica no longer holds it (restarted?)", address
                         )
                         record.event("lost", f"{address} no longer holds it (restarted?)")
-                        self._update_ready(record)
                     log.warning("controller: %s lost its copy of %s", address, name)
         if changed:
             self._publish()
@@ -636,9 +635,3 @@ class Controller:
             if record is not None:
                 await self._save(record)
 
-
-def unix_time(monotonic_s: float | None, clock: Clock) -> float:
-    """A monotonic reading as wall-clock seconds (for status messages)."""
-    if monotonic_s is None:
-        return 0.0
-    return time.time() - (clock.now() - monotonic_s)

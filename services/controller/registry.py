@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from flotilla.common import metrics
+from flotilla.common.ids import shorten
 from flotilla.common.object_store import ObjectStore
 from flotilla.config import ModelSettings
 from flotilla.errors import InvalidArgument
@@ -44,7 +45,7 @@ READY = "Ready"
 
 def check_model_name(name: str) -> None:
     if not NAME_PATTERN.match(name or ""):
-        shown = name if len(name) <= 70 else name[:70] + "..."
+        shown = shorten(name, 70)
         raise InvalidArgument(
             f"model name {shown!r} is not valid: use 1-63 lowercase letters, digits and '-', "
             "starting and ending with a letter or digit (it names a Service in Kubernetes)"

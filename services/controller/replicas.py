@@ -115,7 +115,7 @@ class TritonReplica:
     async def close(self) -> None:
         await self.client.close()
 
-    async def is_ready(self) -> bool:
+    async def is_live(self) -> bool:
         """Live, not "ready": with strict readiness a server reports not ready while it loads a model."""
         try:
             return bool(await self.client.is_server_live())

@@ -63,15 +63,9 @@ def status_to_pb(controller: Controller, record: ModelRecord) -> controller_pb2.
         memory_measured=record.measured_memory_mb is not None,
         events=[controller_pb2.Event(unix_s=e.unix_s, kind=e.kind, message=e.message) for e in record.events],
         queue_wait_ms=wait_ms or 0.0,
-        last_used_unix_s=0.0 if last_used is None else _to_unix(controller, last_used),
+        last_used_unix_s=0.0 if last_used is None else controller.to_unix_s(last_used),
         default_version=record.spec.served_version,
     )
-
-
-def _to_unix(controller: Controller, monotonic_s: float) -> float:
-    import time
-
-    return time.time() - (controller.clock.now() - monotonic_s)
 
 
 def fleet_to_pb(controller: Controller) -> controller_pb2.Fleet:
@@ -88,6 +82,7 @@ def fleet_to_pb(controller: Controller) -> controller_pb2.Fleet:
 class ControllerServicer(controller_pb2_grpc.ControllerServicer):
     def __init__(self, controller: Controller) -> None:
         self.controller = controller
+        self._snapshot: controller_pb2.Fleet | None = None
 
     async def Deploy(
         self, request: controller_pb2.DeployRequest, context: grpc.aio.ServicerContext
@@ -128,8 +123,14 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
     async def WatchFleet(
         self, request: controller_pb2.WatchFleetRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[controller_pb2.Fleet]:
-        async for _ in self.controller.watch():
-            yield fleet_to_pb(self.controller)
+        async for generation in self.controller.watch():
+            yield self._fleet(generation)
+
+    def _fleet(self, generation: int) -> controller_pb2.Fleet:
+        """One snapshot per generation, however many services watch (router, workers, the stack)."""
+        if self._snapshot is None or self._snapshot.generation != generation:
+            self._snapshot = fleet_to_pb(self.controller)
+        return self._snapshot
 
 
 class BatcherUsage:

@@ -9,6 +9,7 @@ import hmac
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
+from flotilla.common.ids import shorten
 from flotilla.errors import InvalidArgument, ModelNotFound, Unauthenticated
 from flotilla.services.backend_pool.pool import EndpointPool
 
@@ -63,7 +64,7 @@ class RouteTable(Generic[C]):
         try:
             return self._pools[model]
         except KeyError:
-            shown = model if len(model) <= _SHOWN_CHARS else model[:_SHOWN_CHARS] + "..."
+            shown = shorten(model, _SHOWN_CHARS)
             raise ModelNotFound(
                 f"model {shown!r} is not served; served models: {', '.join(self.models) or 'none'}"
             ) from None

@@ -24,7 +24,7 @@ from flotilla.common.interceptors import UNKNOWN_MODEL, AdmissionLimit
 from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
 from flotilla.config import FlotillaSettings, PoolSettings
 from flotilla.errors import DeadlineExceeded, Unavailable
-from flotilla.services.backend_pool.discovery import DnsEndpoints, pool_following
+from flotilla.services.backend_pool.discovery import DnsEndpoints, pool_following, replace_endpoints
 from flotilla.services.backend_pool.pool import ActiveHealthCheck, Endpoint, pool_from_settings
 from flotilla.services.router.routing import ApiKeys, RouteTable
 
@@ -115,11 +115,7 @@ class BatcherRoutes:
                         interval_s=self.settings.dns_refresh_interval_s,
                     )
                 continue
-            current = {e.address: e.client for e in pool.endpoints}
-            if set(current) != set(addresses):
-                removed = pool.set_endpoints({a: current.get(a) or GrpcPeer(a) for a in addresses})
-                for peer in removed:
-                    await peer.close()
+            await replace_endpoints(pool, addresses, GrpcPeer, lambda p: p.close())
 
     async def _drop(self, model: str) -> None:
         pool = self.table.remove(model)

@@ -44,7 +44,7 @@ class FakeReplica:
         self.load_delay_s = 0.0
         self.live = True
 
-    async def is_ready(self) -> bool:
+    async def is_live(self) -> bool:
         return self.live
 
     async def loaded(self) -> dict[str, list[int]]:
