@@ -2,7 +2,9 @@
 
 Pure decisions: no I/O, no clock (time comes in as ``now_s``, seconds on a
 monotonic clock). The controller feeds ``observe`` the counters it polls from
-each model's batcher and asks ``decide`` every ``interval_s``.
+each model's batcher, asks ``decide`` every ``interval_s`` (a question with
+no side effects: it may be asked again on fresher counters) and reports what
+it did with ``acted``, which starts the cooldown.
 
 Signals, per observed interval (between two ``observe`` calls):
 
@@ -22,7 +24,7 @@ Signals, per observed interval (between two ``observe`` calls):
 1. a load for the model is under way -> none;
 2. fewer copies than ``min_copies`` -> add (no cooldown);
 3. ``min_copies`` 0, some copies, idle ``scale_to_zero_idle_s`` -> zero;
-4. less than ``cooldown_s`` since this autoscaler's last add/remove/zero for
+4. less than ``cooldown_s`` since the last add/remove/zero ``acted`` on for
    the model -> none;
 5. wait high in every observation for ``scale_up_window_s`` -> add, or none
    at ``max_copies``;
@@ -75,7 +77,7 @@ class Autoscaler:
         self._settings = settings
         self._models: dict[str, _ModelSignals] = {}
         self._last_action: dict[str, tuple[float, str]] = {}
-        """Model -> (time, action) of the last add/remove/zero returned for it, for the cooldown."""
+        """Model -> (time, action) of the last add/remove/zero acted on, for the cooldown."""
 
     def observe(
         self,
@@ -151,14 +153,12 @@ class Autoscaler:
         if loading:
             return Decision(NONE, "a copy is loading; waiting for it before deciding again")
         if copies < min_copies:
-            return self._act(model, now_s, ADD, f"{copies} copies is below min_copies {min_copies}")
+            return Decision(ADD, f"{copies} copies is below min_copies {min_copies}")
 
         idle_s = self._idle_s(seen, now_s)
         idle_text = self._idle_text(seen, idle_s)
         if min_copies == 0 and copies > 0 and idle_s is not None and idle_s >= s.scale_to_zero_idle_s:
-            return self._act(
-                model, now_s, ZERO, f"{idle_text}; unloading every copy after {s.scale_to_zero_idle_s:.1f} s idle"
-            )
+            return Decision(ZERO, f"{idle_text}; unloading every copy after {s.scale_to_zero_idle_s:.1f} s idle")
 
         if model in self._last_action:
             acted_s, action = self._last_action[model]
@@ -172,18 +172,13 @@ class Autoscaler:
             if high_for_s >= s.scale_up_window_s:
                 why = f"{wait} for {high_for_s:.1f} s (window {s.scale_up_window_s:.1f} s)"
                 if copies < max_copies:
-                    return self._act(model, now_s, ADD, why)
+                    return Decision(ADD, why)
                 return Decision(NONE, f"{why}, but already at max_copies {max_copies}")
             return Decision(NONE, f"{wait} for {high_for_s:.1f} s of the {s.scale_up_window_s:.1f} s window")
 
         floor = max(min_copies, 1)
         if idle_s is not None and idle_s >= s.scale_down_idle_s and copies > floor:
-            return self._act(
-                model,
-                now_s,
-                REMOVE,
-                f"{idle_text}; {copies} copies, scaling down after {s.scale_down_idle_s:.1f} s idle",
-            )
+            return Decision(REMOVE, f"{idle_text}; {copies} copies, scaling down after {s.scale_down_idle_s:.1f} s idle")
 
         if seen is None:
             return Decision(NONE, f"no usage observed yet; {copies} copies")
@@ -194,10 +189,10 @@ class Autoscaler:
             )
         return Decision(NONE, f"{idle_text}; {copies} copies")
 
-    def _act(self, model: str, now_s: float, action: str, reason: str) -> Decision:
-        """Return a scaling decision and start its cooldown."""
-        self._last_action[model] = (now_s, action)
-        return Decision(action, reason)
+    def acted(self, model: str, now_s: float, action: str) -> None:
+        """The controller carried out ``action`` (add, remove or zero) for ``model`` at ``now_s``: start its cooldown."""
+        if action != NONE:
+            self._last_action[model] = (now_s, action)
 
     def _idle_s(self, seen: _ModelSignals | None, now_s: float) -> float | None:
         """Seconds since last use (or since first observed, if never used); None if never observed."""

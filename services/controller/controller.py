@@ -47,7 +47,7 @@ from flotilla.errors import (
     UnsupportedFramework,
 )
 from flotilla.services.controller.artifacts import ArtifactStore
-from flotilla.services.controller.autoscale import Autoscaler
+from flotilla.services.controller.autoscale import Autoscaler, Decision
 from flotilla.services.controller.placement import (
     CopyInfo,
     ModelUsage,
@@ -576,39 +576,53 @@ class Controller:
         if self.usage is None:
             return
         for record in self.committed():
-            if not record.batchers:
-                continue
-            counters = await self.usage(record.name, list(record.batchers))
-            if counters is None:
-                continue
-            self._busy[record.name] = counters.queue_depth > 0 or counters.inflight_batches > 0
-            self.autoscaler.observe(
-                record.name,
-                self.clock.now(),
-                arrivals_total=counters.arrivals_total,
-                dispatched_total=counters.dispatched_total,
-                queue_wait_s_total=counters.queue_wait_s_total,
-                queue_depth=counters.queue_depth,
-            )
+            await self._observe(record)
         self._export_gauges()
 
+    async def _observe(self, record: ModelRecord) -> None:
+        """Feed the autoscaler ``record``'s batcher counters as of now."""
+        if self.usage is None or not record.batchers:
+            return
+        counters = await self.usage(record.name, list(record.batchers))
+        if counters is None:
+            return
+        self._busy[record.name] = counters.queue_depth > 0 or counters.inflight_batches > 0
+        self.autoscaler.observe(
+            record.name,
+            self.clock.now(),
+            arrivals_total=counters.arrivals_total,
+            dispatched_total=counters.dispatched_total,
+            queue_wait_s_total=counters.queue_wait_s_total,
+            queue_depth=counters.queue_depth,
+        )
+
+    def _decide(self, record: ModelRecord) -> Decision:
+        copies = self.copies(record.name)
+        return self.autoscaler.decide(
+            record.name,
+            self.clock.now(),
+            copies=len(copies),
+            min_copies=record.spec.min_copies,
+            max_copies=record.spec.max_copies,
+            loading=any(self.replicas[a].copies[record.name].state == "loading" for a in copies),
+        )
+
     async def _autoscale(self) -> None:
-        now = self.clock.now()
         for record in self.committed():
             name = record.name
             if name in self._scaling or name in self._cold:
                 continue
-            copies = self.copies(name)
-            decision = self.autoscaler.decide(
-                name,
-                now,
-                copies=len(copies),
-                min_copies=record.spec.min_copies,
-                max_copies=record.spec.max_copies,
-                loading=any(self.replicas[a].copies[name].state == "loading" for a in copies),
-            )
+            decision = self._decide(record)
+            if decision.action in ("remove", "zero"):
+                # Taking capacity away is decided on counters read now, not up to a poll interval
+                # old: a request that reached the batcher since the last poll keeps its copy.
+                await self._observe(record)
+                if name in self._scaling or name in self._cold:
+                    continue
+                decision = self._decide(record)
             if decision.action == "none":
                 continue
+            self.autoscaler.acted(name, self.clock.now(), decision.action)
             log.info("controller: autoscaler %s %s: %s", decision.action, name, decision.reason)
             record.event(f"scale_{decision.action}", decision.reason)
             self._scaling[name] = asyncio.create_task(self._scale(name, decision.action, decision.reason))

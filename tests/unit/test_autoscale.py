@@ -49,7 +49,10 @@ class Batcher:
 def decide(
     scaler: Autoscaler, now_s: float, copies: int = 1, min_copies: int = 1, max_copies: int = 3, loading: bool = False
 ) -> Decision:
-    return scaler.decide(M, now_s, copies=copies, min_copies=min_copies, max_copies=max_copies, loading=loading)
+    """Decide, then act on the decision as the controller does."""
+    decision = scaler.decide(M, now_s, copies=copies, min_copies=min_copies, max_copies=max_copies, loading=loading)
+    scaler.acted(M, now_s, decision.action)
+    return decision
 
 
 def setup() -> tuple[Autoscaler, Batcher]:
@@ -243,3 +246,17 @@ def test_forget_drops_usage_and_cooldown() -> None:
     assert scaler.last_used_s(M) is None
     assert decide(scaler, 3.0, copies=0).action == "add"
     assert decide(scaler, 4.0, copies=1, max_copies=1).reason == "in cooldown after the last add: 9.0 s left"
+
+
+def test_deciding_has_no_side_effects_only_acting_starts_the_cooldown() -> None:
+    scaler = Autoscaler(SETTINGS)
+    Batcher(scaler).report(0.0)
+    idle_s = SETTINGS.scale_down_idle_s + 1
+
+    def ask(now_s: float) -> Decision:
+        return scaler.decide(M, now_s, copies=2, min_copies=1, max_copies=3, loading=False)
+
+    assert ask(idle_s).action == "remove"
+    assert ask(idle_s + 0.1).action == "remove", "asking twice is still the same answer"
+    scaler.acted(M, idle_s + 0.1, "remove")
+    assert "cooldown after the last remove" in ask(idle_s + 0.2).reason

@@ -8,10 +8,11 @@ import asyncio
 import json
 
 import pytest
+from fakes import FakeClock
 
-from flotilla.config import ControllerSettings, ModelSettings
+from flotilla.config import AutoscaleSettings, ControllerSettings, ModelSettings
 from flotilla.errors import AlreadyExists, ArtifactUnavailable, ModelLoadFailed, ModelNotFound, UnsupportedFramework
-from flotilla.services.controller.controller import Controller
+from flotilla.services.controller.controller import BatcherCounters, Controller
 from flotilla.services.controller.placement import NoCapacity
 from flotilla.services.controller.registry import MemoryRecords
 
@@ -170,6 +171,41 @@ async def test_room_is_made_by_evicting_the_idle_copy_of_a_scale_to_zero_model(r
     assert ctl.ready_copies("big") == ["a:1"] and ctl.copies("lazy") == []
     assert replicas[0].unloads == ["lazy"]
     assert any(e.kind == "evicted" and "big" in e.message for e in ctl.records["lazy"].events)
+
+
+async def test_scale_to_zero_is_confirmed_on_counters_read_at_the_decision(replicas: list[FakeReplica]) -> None:
+    # Counters polled every 3 s, decisions every 1 s: a request that reaches the batcher between a
+    # poll and a decision must keep the copy it is about to use.
+    arrivals = 1
+
+    async def usage(model: str, batchers: list[str]) -> BatcherCounters:
+        return BatcherCounters(arrivals, arrivals, 0.0, 0, 0)
+
+    clock = FakeClock()
+    settings = ControllerSettings(
+        drain_s=0.0, measure_memory=False, usage_poll_interval_s=3.0,
+        autoscale=AutoscaleSettings(interval_s=1.0, scale_to_zero_idle_s=4.0, cooldown_s=0.0),
+    )
+    ctl = Controller(settings, replicas, FakeArtifacts(), MemoryRecords(), usage=usage, clock=clock)  # type: ignore[arg-type]
+    await ctl.start()
+    try:
+        await ctl.deploy("m", spec(min_copies=0))
+        await ctl.ensure_loaded("m")
+        ctl.register_batcher("m", "batcher:1")
+
+        async def run_until(t_s: float) -> None:
+            while clock.now() < t_s:
+                await clock.advance(0.5)
+
+        await run_until(6.5)  # first observed at 3 s (its poll); last poll at 6 s
+        arrivals = 2  # a request arrives after the 6 s poll; at 7 s the stale counters say 4 s idle
+        await run_until(10.5)
+        assert ctl.ready_copies("m"), ctl.records["m"].events
+        await run_until(12.5)  # idle 4 s since the 7 s decision saw the arrival
+        assert ctl.copies("m") == []
+        assert any(e.kind == "scale_zero" for e in ctl.records["m"].events)
+    finally:
+        await ctl.stop()
 
 
 async def test_undeploy_unloads_everywhere_and_forgets_the_model(replicas: list[FakeReplica]) -> None:
