@@ -72,8 +72,14 @@ class FlotillaClient:
         *,
         default_timeout_s: float = 30.0,
         transparent_retries: bool = True,
+        own_connection: bool = False,
     ) -> None:
-        """``transparent_retries``: let the channel retry UNAVAILABLE (off to see every failure)."""
+        """``transparent_retries``: let the channel retry UNAVAILABLE (off to see every failure).
+
+        ``own_connection``: this client's channel opens its own TCP connection
+        instead of sharing one with the process's other channels to the same
+        router (what spreads one process's load over several router processes).
+        """
         self.router = router
         self.api_key = api_key
         self.default_timeout_s = default_timeout_s
@@ -83,6 +89,8 @@ class FlotillaClient:
             if transparent_retries
             else [("grpc.enable_retries", 0)]
         )
+        if own_connection:
+            options.append(("grpc.use_local_subchannel_pool", 1))
         self._channel = grpc.aio.insecure_channel(router, options=options)
         self._stub = inference_pb2_grpc.ImageClassifierStub(self._channel)
 

@@ -200,7 +200,7 @@ def stack_tiers(stack: LocalStack) -> dict[str, Tier]:
         return [p.pid for p in procs if p is not None and p.pid is not None]
 
     return {
-        "router": Tier(pids(stack.router)),
+        "router": Tier(pids(*stack.routers)),
         "batcher": Tier(pids(*stack.batchers.values())),
         "worker": Tier(pids(*stack.preprocess)),
         "triton server": Tier(pids(*stack.tritons), children_to=MODEL_STUBS),

@@ -253,6 +253,10 @@ class RouterSettings(_Section):
     """Accepted API keys (``authorization: Bearer <key>``). Empty rejects every request."""
     max_concurrent_calls: int = Field(8192, ge=1)
     """Calls the router handles at once; beyond it, RESOURCE_EXHAUSTED at once."""
+    processes: int = Field(1, ge=1)
+    """Router processes the local stack starts on the one router port (SO_REUSEPORT: the
+    kernel spreads client connections across them; a channel stays on one). In
+    Kubernetes, scale the router Deployment instead."""
 
 
 class BatcherSettings(_Section):

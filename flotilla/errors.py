@@ -164,6 +164,12 @@ class NoHealthyEndpoint(Unavailable):
     """Every endpoint of a pool is down or ejected."""
 
 
+class Unimplemented(FlotillaError):
+    """The method is not served by this service."""
+
+    code = Code.UNIMPLEMENTED
+
+
 class BackendError(FlotillaError):
     """The inference backend answered with an error for the whole batch."""
 
@@ -178,6 +184,7 @@ _CLASS_OF_CODE: dict[Code, type[FlotillaError]] = {
     Code.RESOURCE_EXHAUSTED: ResourceExhausted,
     Code.DEADLINE_EXCEEDED: DeadlineExceeded,
     Code.UNAVAILABLE: Unavailable,
+    Code.UNIMPLEMENTED: Unimplemented,
     Code.INTERNAL: FlotillaError,
 }
 

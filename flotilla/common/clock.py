@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Protocol
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
 
 
 class Clock(Protocol):
@@ -17,6 +22,10 @@ class Clock(Protocol):
         ...
 
     async def sleep(self, delay_s: float) -> None: ...
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> Timer:
+        """Run ``callback`` once ``delay_s`` has passed, unless cancelled first (no task, no coroutine)."""
+        ...
 
 
 class MonotonicClock:
@@ -31,3 +40,6 @@ class MonotonicClock:
 
     async def sleep(self, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> Timer:
+        return asyncio.get_running_loop().call_later(delay_s, callback)

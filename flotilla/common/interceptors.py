@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 import grpc
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import Span, Status, StatusCode
 
 from flotilla.common import metrics, tracing
 from flotilla.errors import FlotillaError
@@ -70,6 +70,24 @@ class AdmissionLimit(grpc.aio.ServerInterceptor):
         self.active = 0
         self.rejected = 0
 
+    def enter(self) -> bool:
+        """Admit one call (True), or count a rejection (False: answer it with ``rejection()``)."""
+        if self.active >= self.max_calls:
+            self.rejected += 1
+            metrics.ADMISSION_REJECTED.labels(self.tier).inc()
+            return False
+        self.active += 1
+        return True
+
+    def leave(self) -> None:
+        """An admitted call is over."""
+        self.active -= 1
+
+    def rejection(self) -> str:
+        return (
+            f"{self.service} is at its limit of {self.max_calls} concurrent calls ({self.setting}); {RETRY_HINT}"
+        )
+
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None or handler_call_details.method.startswith("/grpc.health"):
@@ -77,19 +95,12 @@ class AdmissionLimit(grpc.aio.ServerInterceptor):
         inner = handler.unary_unary
 
         async def admitted(request, context):  # type: ignore[no-untyped-def]
-            if self.active >= self.max_calls:
-                self.rejected += 1
-                metrics.ADMISSION_REJECTED.labels(self.tier).inc()
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{self.service} is at its limit of {self.max_calls} concurrent calls ({self.setting}); "
-                    f"{RETRY_HINT}",
-                )
-            self.active += 1
+            if not self.enter():
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.rejection())
             try:
                 return await inner(request, context)
             finally:
-                self.active -= 1
+                self.leave()
 
         return grpc.unary_unary_rpc_method_handler(
             admitted, request_deserializer=handler.request_deserializer,
@@ -132,8 +143,7 @@ class Observe(grpc.aio.ServerInterceptor):
         return handler
 
     def _record(self, method: str, model: str, code: grpc.StatusCode, started_s: float) -> None:
-        metrics.REQUESTS.labels(self.tier, method, model, code.name).inc()
-        metrics.REQUEST_SECONDS.labels(self.tier, method, model).observe(time.perf_counter() - started_s)
+        record_call(self.tier, method, model, code, started_s)
 
     async def _fail(self, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
         """End the call with ``exc``'s status (``context.code`` then says which); always raises."""
@@ -177,6 +187,19 @@ class Observe(grpc.aio.ServerInterceptor):
                 self._record(method, model, _final_code(context), started_s)
 
         return observed
+
+
+def record_call(
+    tier: str, method: str, model: str, code: grpc.StatusCode, started_s: float, span: Span | None = None
+) -> None:
+    """Count one call (any transport: a unary call or a relayed frame) and end its span, if it has one."""
+    metrics.REQUESTS.labels(tier, method, model, code.name).inc()
+    metrics.REQUEST_SECONDS.labels(tier, method, model).observe(time.perf_counter() - started_s)
+    if span is not None:
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code != grpc.StatusCode.OK:
+            span.set_status(Status(StatusCode.ERROR, code.name))
+        span.end()
 
 
 def _final_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from flotilla.common.interceptors import AdmissionLimit, ModelLabel, Observe
+from flotilla.common.relay import RelayClient
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,6 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_PENDING_REQUESTS = 1_000_000
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.so_reuseport", 0),
     ("grpc.server.max_pending_requests", MAX_PENDING_REQUESTS),
     ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_REQUESTS),
 ]
@@ -49,18 +49,26 @@ class ServiceServer:
         tier: str,
         admission: AdmissionLimit | None = None,
         model_label: ModelLabel | None = None,
+        reuse_port: bool = False,
     ) -> None:
-        """``tier`` names the service in metrics and error messages (router, batcher, ...)."""
+        """``tier`` names the service in metrics and error messages (router, batcher, ...).
+
+        ``reuse_port``: several processes serve one port (SO_REUSEPORT); off, a
+        port already bound fails the start instead of being shared by accident.
+        """
         self.name = name
         self.services = list(services)
         self.grace_s = grace_s
         self.admission = admission
         chain: list[grpc.aio.ServerInterceptor] = [admission] if admission else []
         chain.append(Observe(tier, model_label))
-        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=chain)
+        options = [*SERVER_OPTIONS, ("grpc.so_reuseport", 1 if reuse_port else 0)]
+        self.server = grpc.aio.server(options=options, interceptors=chain)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0
+        self.on_drain: list[Callable[[], None]] = []
+        """Called when shutdown begins, before in-flight calls get ``grace_s`` (relay streams stop taking calls)."""
 
     async def start(self, host: str, port: int) -> int:
         self.port = self.server.add_insecure_port(f"{host}:{port}")
@@ -74,6 +82,8 @@ class ServiceServer:
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
+        for drain in self.on_drain:
+            drain()
         await self.server.stop(self.grace_s)
         log.info("%s stopped", self.name)
 
@@ -117,25 +127,28 @@ S = TypeVar("S")
 
 
 class GrpcPeer(Generic[S]):
-    """A channel to one replica of another Flotilla tier: its stub, raw-bytes
-    callables and a gRPC health probe (what an EndpointPool holds)."""
+    """A channel to one replica of another Flotilla tier: its stub, its relay
+    (unary calls as stream frames) and a gRPC health probe (what an EndpointPool holds)."""
 
     def __init__(self, address: str, stub_factory: Callable[[grpc.aio.Channel], S] | None = None) -> None:
         self.address = address
         self.channel = grpc.aio.insecure_channel(address)
         self.stub: S | None = stub_factory(self.channel) if stub_factory else None
         self._health = health_pb2_grpc.HealthStub(self.channel)
-        self._raw: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
+        self._relay: RelayClient | None = None
 
-    def raw(self, method: str) -> grpc.aio.UnaryUnaryMultiCallable:
-        """A bytes-in, bytes-out callable for ``method`` (no serialisers)."""
-        if method not in self._raw:
-            self._raw[method] = self.channel.unary_unary(method)
-        return self._raw[method]
+    @property
+    def relay(self) -> RelayClient:
+        """Unary calls to this peer as frames on one stream (the peer serves ``Relay``)."""
+        if self._relay is None:
+            self._relay = RelayClient(self.channel, self.address)
+        return self._relay
 
     async def serving(self, service: str = "") -> bool:
         reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service))
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     async def close(self) -> None:
+        if self._relay is not None:
+            await self._relay.close()
         await self.channel.close()

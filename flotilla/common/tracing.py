@@ -24,7 +24,7 @@ from pathlib import Path
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace import Link, Span, SpanKind
 
 from flotilla.config import ObservabilitySettings
 
@@ -62,6 +62,14 @@ def setup(settings: ObservabilitySettings, service: str, *, file_dir: Path | Non
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return True
+
+
+def enabled() -> bool:
+    """Whether this process records spans (a tracer provider is installed): without one, span work is skipped."""
+    return not isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+
+
+use_span = trace.use_span
 
 
 def shutdown() -> None:
@@ -108,3 +116,15 @@ def server_span(name: str, metadata: Iterable[tuple[str, str | bytes]], attribut
     return tracer.start_as_current_span(
         name, context=extract(metadata), kind=SpanKind.SERVER, attributes=dict(attributes)
     )
+
+
+def start_server_span(name: str, metadata: Iterable[tuple[str, str | bytes]], attributes: Mapping[str, str]) -> Span:
+    """Like ``server_span`` for a call answered later: the caller ends the span (``span.end()``)."""
+    return tracer.start_span(name, context=extract(metadata), kind=SpanKind.SERVER, attributes=dict(attributes))
+
+
+def traceparent_of(span: Span) -> str:
+    """``span``'s context as a W3C traceparent ('' with tracing off)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=trace.set_span_in_context(span))
+    return carrier.get("traceparent", "")

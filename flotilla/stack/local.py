@@ -204,7 +204,8 @@ class LocalStack:
         self.controller: ManagedProcess | None = None
         self.preprocess: list[ManagedProcess] = []
         self.batchers: dict[str, ManagedProcess] = {}
-        self.router: ManagedProcess | None = None
+        self.routers: list[ManagedProcess] = []
+        """``router.processes`` router processes sharing the router's port (SO_REUSEPORT)."""
         self.prometheus: ManagedProcess | None = None
         """Started when settings.observability.prometheus is on; its HTTP API at prometheus.address."""
         self.supervisor = Supervisor()
@@ -223,7 +224,7 @@ class LocalStack:
 
     def processes(self) -> list[ManagedProcess]:
         """Every child, in start order."""
-        procs = [self.s3, *self.tritons, self.controller, *self.preprocess, *self.batchers.values(), self.router,
+        procs = [self.s3, *self.tritons, self.controller, *self.preprocess, *self.batchers.values(), *self.routers,
                  self.prometheus]
         return [p for p in procs if p is not None]
 
@@ -311,8 +312,11 @@ class LocalStack:
         for i, address in enumerate(endpoints.preprocess):
             self.preprocess.append(self.service(f"preprocess-{i}", "preprocess", address, config_path))
         self._wait_serving(self.preprocess)
-        self.router = self.service("router", "router", endpoints.router, config_path)
-        self._wait_serving([self.router])
+        self.routers = [
+            self.service("router" if i == 0 else f"router-{i}", "router", endpoints.router, config_path)
+            for i in range(self.base.router.processes)
+        ]
+        self._wait_serving(self.routers)
         self.write_targets()
         if self.base.observability.prometheus:
             from flotilla.stack.prometheus import prometheus_process
@@ -325,7 +329,7 @@ class LocalStack:
             self.prometheus.start()
         self.batcher_manager = BatcherManager(self, endpoints.controller, config_path)
         self.batcher_manager.start()
-        for proc in [self.s3, *self.tritons, self.controller, *self.preprocess, self.router, self.prometheus]:
+        for proc in [self.s3, *self.tritons, self.controller, *self.preprocess, *self.routers, self.prometheus]:
             if proc is not None:
                 self.supervisor.add(proc)
         self.supervisor.start()
@@ -424,9 +428,14 @@ class LocalStack:
         for proc in procs:
             wait_until(lambda a=proc.address: is_serving(a), SERVICE_START_TIMEOUT_S, proc.name, procs=[proc])  # type: ignore[misc]
 
+    @property
+    def router(self) -> ManagedProcess | None:
+        """The first router process (the only one unless ``router.processes`` > 1)."""
+        return self.routers[0] if self.routers else None
+
     def flotilla_services(self) -> list[ManagedProcess]:
         """The Flotilla gRPC services (each answers gRPC health)."""
-        procs = [self.controller, *self.preprocess, *self.batchers.values(), self.router]
+        procs = [self.controller, *self.preprocess, *self.batchers.values(), *self.routers]
         return [p for p in procs if p is not None]
 
     def describe(self) -> str:

@@ -28,7 +28,9 @@ DEADLINE_EXCEEDED; DELAY moves the request behind every request still
 within its timeout (DELAYed requests do not age, leave in the order their
 timeouts passed, and still end at their deadline). Limits are applied by
 each request's own timer and again before every batch forms, so nothing
-past its time takes a place in a batch. A caller that goes away (cancelled call) leaves the
+past its time takes a place in a batch. A request's timer is a clock
+callback (``Clock.call_later``), not a task: a queued request costs no
+coroutine. A caller that goes away (cancelled call, ``withdraw``) leaves the
 queue at once. A full queue rejects with RESOURCE_EXHAUSTED.
 
 Answers. Each request owns one future. A batch's dispatch answers each
@@ -49,7 +51,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from flotilla.common import metrics
-from flotilla.common.clock import Clock, MonotonicClock
+from flotilla.common.clock import Clock, MonotonicClock, Timer
 from flotilla.config import BatchingSettings
 from flotilla.errors import DeadlineExceeded, FlotillaError, InvalidArgument, QueueFull, Unavailable
 
@@ -65,7 +67,7 @@ QUEUE_WAIT_SAMPLES = 50_000
 
 
 @dataclass(eq=False)
-class _Pending(Generic[T, R]):
+class Ticket(Generic[T, R]):
     item: T
     enqueued_s: float
     level: int
@@ -78,6 +80,8 @@ class _Pending(Generic[T, R]):
     """Arrival order, the tie-breaker for equal clock readings."""
     queued: bool = True
     delayed: bool = False
+    timer: Timer | None = None
+    """The armed deadline / queue-timeout callback, if any."""
 
 
 @dataclass
@@ -128,15 +132,15 @@ class BatchQueue(Generic[T, R]):
         self._policy = policy
         self._dispatch = dispatch
         self._clock = clock or MonotonicClock()
-        self._levels: list[deque[_Pending[T, R]]] = [deque() for _ in range(policy.levels)]
-        self._delayed: deque[_Pending[T, R]] = deque()
+        self._levels: list[deque[Ticket[T, R]]] = [deque() for _ in range(policy.levels)]
+        self._delayed: deque[Ticket[T, R]] = deque()
         self._size = 0
         self._inflight = 0
         self._wakeup = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._arrivals = itertools.count()
-        self._dispatched: set[_Pending[T, R]] = set()
+        self._dispatched: set[Ticket[T, R]] = set()
         """Requests taken off the queue whose batch has not answered yet."""
         self._runner: asyncio.Task[None] | None = None
         self.stats = QueueStats()
@@ -195,6 +199,7 @@ class BatchQueue(Generic[T, R]):
         queued = [*(p for level in self._levels for p in level), *self._delayed]
         for pending in [*queued, *self._dispatched]:
             self._unqueue(pending)
+            self._disarm(pending)
             if not pending.future.done():
                 pending.future.set_exception(Unavailable(f"batcher for {self.name} is shutting down"))
 
@@ -221,6 +226,20 @@ class BatchQueue(Generic[T, R]):
         self, item: T, *, deadline_s: float | None = None, priority: int = 0, timeout_us: int = 0
     ) -> R:
         """Queue ``item`` and wait for its result; raises its FlotillaError."""
+        pending = self.enqueue(item, deadline_s=deadline_s, priority=priority, timeout_us=timeout_us)
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            self.withdraw(pending)  # the caller went away: free its place now
+            raise
+
+    def enqueue(
+        self, item: T, *, deadline_s: float | None = None, priority: int = 0, timeout_us: int = 0
+    ) -> Ticket[T, R]:
+        """Queue ``item``; its answer (result or FlotillaError) arrives on the returned ``.future``.
+
+        Raises at once when the item is refused (full queue, bad priority).
+        """
         level = self._level_of(priority)
         if self._size >= self._policy.max_queue_size:
             self.stats.rejected_full += 1
@@ -231,39 +250,46 @@ class BatchQueue(Generic[T, R]):
             )
         now = self._clock.now()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        pending = _Pending(
+        pending = Ticket(
             item, now, level, deadline_s, self._queue_timeout_s(now, timeout_us), future, next(self._arrivals)
         )
         self._levels[level - 1].append(pending)
         self._size += 1
         self.totals.arrivals += 1
+        self._arm(pending, now)
         # Wake the former only when it has something new to decide.
         if self._size == 1 or self._size >= self._ready_size():
             self._wakeup.set()
-        try:
-            return await self._await_answer(pending)
-        except asyncio.CancelledError:
-            future.cancel()
-            self._unqueue(pending)  # the caller went away: free its place now
-            raise
+        return pending
 
-    async def _await_answer(self, pending: _Pending[T, R]) -> R:
-        while True:
-            timed_out = pending.timeout_s if pending.queued else None
-            limits = [t for t in (pending.deadline_s, timed_out) if t is not None]
-            if not limits:
-                return await pending.future
-            timer = asyncio.ensure_future(self._clock.sleep(max(0.0, min(limits) - self._clock.now())))
-            try:
-                await asyncio.wait({pending.future, timer}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                timer.cancel()
-            if not pending.future.done():
-                self._apply_limits(pending, self._clock.now())
-            if pending.future.done():
-                return pending.future.result()
+    def withdraw(self, pending: Ticket[T, R]) -> None:
+        """The caller of ``pending`` went away: drop it (from the queue, if still queued); no answer follows."""
+        self._disarm(pending)
+        if not pending.future.done():
+            pending.future.cancel()
+        self._unqueue(pending)
 
-    def _apply_limits(self, pending: _Pending[T, R], now: float) -> None:
+    def _arm(self, pending: Ticket[T, R], now: float) -> None:
+        """Arm the request's timer for the nearer of its deadline and (while queued) its queue timeout."""
+        timed_out = pending.timeout_s if pending.queued else None
+        limits = [t for t in (pending.deadline_s, timed_out) if t is not None]
+        pending.timer = self._clock.call_later(max(0.0, min(limits) - now), lambda: self._on_timer(pending)) if limits else None
+
+    def _disarm(self, pending: Ticket[T, R]) -> None:
+        if pending.timer is not None:
+            pending.timer.cancel()
+            pending.timer = None
+
+    def _on_timer(self, pending: Ticket[T, R]) -> None:
+        pending.timer = None
+        if pending.future.done():
+            return
+        now = self._clock.now()
+        self._apply_limits(pending, now)
+        if not pending.future.done():
+            self._arm(pending, now)  # woken a hair early, or a DELAYed request still has its deadline
+
+    def _apply_limits(self, pending: Ticket[T, R], now: float) -> None:
         """Act on a passed deadline or queue timeout; the only place that does.
 
         Called by the request's own timer and, for everything queued, before
@@ -293,11 +319,12 @@ class BatchQueue(Generic[T, R]):
         self._delayed.append(pending)
         self._size += 1
 
-    def _fail(self, pending: _Pending[T, R], error: FlotillaError) -> None:
+    def _fail(self, pending: Ticket[T, R], error: FlotillaError) -> None:
         if pending.queued:
             self.stats.expired += 1
             metrics.QUEUE_REJECTED.labels(self.name, "expired").inc()
         self._unqueue(pending)
+        self._disarm(pending)
         if not pending.future.done():
             pending.future.set_exception(error)  # a late answer from a batch in flight is dropped
 
@@ -307,7 +334,7 @@ class BatchQueue(Generic[T, R]):
             if pending.deadline_s is not None or pending.timeout_s is not None:
                 self._apply_limits(pending, now)
 
-    def _unqueue(self, pending: _Pending[T, R]) -> None:
+    def _unqueue(self, pending: Ticket[T, R]) -> None:
         if not pending.queued:
             return
         source = self._delayed if pending.delayed else self._levels[pending.level - 1]
@@ -331,7 +358,7 @@ class BatchQueue(Generic[T, R]):
         heads = [q[0].enqueued_s for q in self._levels if q]
         return min([*heads, *(p.enqueued_s for p in self._delayed)])
 
-    def _pop_next(self, now: float) -> _Pending[T, R]:
+    def _pop_next(self, now: float) -> Ticket[T, R]:
         """Aged requests oldest first, then by level, then delayed ones."""
         aging_s = self._policy.priority_aging_us / 1e6
         candidates = [q for q in self._levels if q]
@@ -357,7 +384,7 @@ class BatchQueue(Generic[T, R]):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _next_batch(self) -> list[_Pending[T, R]]:
+    async def _next_batch(self) -> list[Ticket[T, R]]:
         while True:
             self._apply_limits_to_queue()  # nothing past its time takes a place in a batch
             if self._size == 0:
@@ -393,7 +420,7 @@ class BatchQueue(Generic[T, R]):
 
     # -- dispatching -----------------------------------------------------------
 
-    async def _send(self, batch: list[_Pending[T, R]]) -> None:
+    async def _send(self, batch: list[Ticket[T, R]]) -> None:
         try:
             live = [p for p in batch if not p.future.done()]
             if not live:
@@ -416,6 +443,7 @@ class BatchQueue(Generic[T, R]):
             self.stats.batch_sizes[len(live)] += 1
             results = await self._answers_for(live, deadline_s)
             for pending, result in zip(live, results, strict=True):
+                self._disarm(pending)
                 if pending.future.done():
                     continue
                 if isinstance(result, FlotillaError):
@@ -429,7 +457,7 @@ class BatchQueue(Generic[T, R]):
             self._slot_freed.set()
 
     async def _answers_for(
-        self, live: list[_Pending[T, R]], deadline_s: float | None
+        self, live: list[Ticket[T, R]], deadline_s: float | None
     ) -> Sequence[R | FlotillaError]:
         try:
             results = await self._dispatch([p.item for p in live], deadline_s)

@@ -29,23 +29,26 @@ from flotilla.api.v1 import (
     inference_pb2,
     preprocess_pb2,
     preprocess_pb2_grpc,
+    relay_pb2,
 )
 from flotilla.common import tracing
 from flotilla.common.clock import Clock, MonotonicClock
 from flotilla.common.ids import check_image_uuid
 from flotilla.common.interceptors import AdmissionLimit
+from flotilla.common.relay import RELAY_SERVICE, RelayServicer
 from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
 from flotilla.common.status import error_from_rpc
 from flotilla.config import FlotillaSettings, ModelSettings
-from flotilla.errors import FlotillaError, InvalidArgument, MalformedRequest, error_from_code
+from flotilla.errors import FlotillaError, InvalidArgument, MalformedRequest, Unimplemented, error_from_code
 from flotilla.services.backend_pool.discovery import pool_following
 from flotilla.services.backend_pool.pool import Endpoint, EndpointPool, pool_from_settings
 from flotilla.services.batcher.admin import ADMIN_SERVICE, BatcherAdminServicer
-from flotilla.services.batcher.queue import BatchQueue
+from flotilla.services.batcher.queue import BatchQueue, Ticket
 
 log = logging.getLogger(__name__)
 
 CLASSIFIER_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["ImageClassifier"].full_name
+CLASSIFY_METHOD = f"/{CLASSIFIER_SERVICE}/Classify"
 PREPROCESS_SERVICE = preprocess_pb2.DESCRIPTOR.services_by_name["Preprocessor"].full_name
 MODEL_HEADER = "x-model-name"
 REGISTER_INTERVAL_S = 1.0
@@ -142,14 +145,13 @@ class ClassifierHandler:
         self.versions = list(versions)
         """Live versions; empty accepts any (the worker checks)."""
 
-    def _parse(self, raw: bytes, context: grpc.aio.ServicerContext) -> inference_pb2.ClassifyRequest:
+    def _parse(self, raw: bytes, header_model: str | None) -> inference_pb2.ClassifyRequest:
         try:
             request = inference_pb2.ClassifyRequest.FromString(raw)
         except DecodeError as exc:
             raise MalformedRequest(
                 f"request body ({len(raw)} bytes) is not a valid {inference_pb2.ClassifyRequest.DESCRIPTOR.full_name}: {exc}"
             ) from exc
-        header_model = dict(context.invocation_metadata() or ()).get(MODEL_HEADER)
         for source, named in (("header " + MODEL_HEADER, header_model), ("model_name", request.model_name)):
             if named and named != self.model:
                 raise InvalidArgument(f"{source} says {named!r} but this is the batcher of {self.model!r}")
@@ -161,18 +163,42 @@ class ClassifierHandler:
             )
         return request
 
-    async def classify(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        request = self._parse(raw, context)
-        remaining_s = context.time_remaining()
-        deadline_s = None if remaining_s is None else self.clock.now() + remaining_s
+    def _enqueue(
+        self, raw: bytes, header_model: str | None, timeout_s: float | None
+    ) -> Ticket:
+        """Parse and queue one Classify call (its span, if any, is the current one)."""
+        request = self._parse(raw, header_model)
         item = preprocess_pb2.BatchItem(
             image_uuid=request.image_uuid, top_k=request.top_k, request_id=request.request_id,
             model_version=request.model_version, traceparent=tracing.current_traceparent(),
         )
-        response = await self.queue.submit(
-            item, deadline_s=deadline_s, priority=request.priority, timeout_us=request.timeout_us
+        return self.queue.enqueue(
+            item,
+            deadline_s=None if timeout_s is None else self.clock.now() + timeout_s,
+            priority=request.priority,
+            timeout_us=request.timeout_us,
         )
+
+    async def classify(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """A unary Classify call (clients that call the batcher directly)."""
+        header_model = dict(context.invocation_metadata() or ()).get(MODEL_HEADER)
+        ticket = self._enqueue(raw, header_model, context.time_remaining())  # type: ignore[arg-type]
+        try:
+            response = await ticket.future
+        except asyncio.CancelledError:
+            self.queue.withdraw(ticket)  # the caller went away: free its place now
+            raise
         return response.SerializeToString()
+
+    def start(self, frame: relay_pb2.CallFrame) -> asyncio.Future[inference_pb2.ClassifyResponse]:
+        """A Classify call relayed by the router; cancelling the future withdraws it."""
+        if frame.method != CLASSIFY_METHOD:
+            raise Unimplemented(f"method {frame.method!r} is not served by the batcher of {self.model!r}")
+        header_model = next((h.value for h in frame.headers if h.key == MODEL_HEADER), None)
+        ticket = self._enqueue(frame.request, header_model, frame.timeout_s or None)
+        future = ticket.future
+        future.add_done_callback(lambda f: self.queue.withdraw(ticket) if f.cancelled() else None)
+        return future
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -261,15 +287,19 @@ async def serve(settings: FlotillaSettings, model: str, port: int) -> None:
         model, policy, dispatcher, clock=clock
     )
     handler = ClassifierHandler(model, queue, clock, spec.versions)
+    # One limit for both ways in: unary calls and calls relayed on the router's streams.
+    admission = AdmissionLimit(
+        f"the batcher of {model}", settings.batcher.max_concurrent_calls, "batcher.max_concurrent_calls",
+        tier="batcher",
+    )
     server = ServiceServer(
-        f"batcher[{model}]", [CLASSIFIER_SERVICE, ADMIN_SERVICE], grace_s=settings.shutdown_grace_s, tier="batcher",
-        admission=AdmissionLimit(
-            f"the batcher of {model}", settings.batcher.max_concurrent_calls, "batcher.max_concurrent_calls",
-            tier="batcher",
-        ),
+        f"batcher[{model}]", [CLASSIFIER_SERVICE, ADMIN_SERVICE, RELAY_SERVICE], grace_s=settings.shutdown_grace_s,
+        tier="batcher", admission=admission,
         model_label=lambda _: model,  # every call here is for this batcher's model
     )
-    server.server.add_generic_rpc_handlers([handler.generic_handler()])
+    relay = RelayServicer(handler.start, tier="batcher", admission=admission, model_label=lambda _: model)
+    server.server.add_generic_rpc_handlers([handler.generic_handler(), relay.generic_handler()])
+    server.on_drain.append(relay.drain)
     batcher_pb2_grpc.add_BatcherAdminServicer_to_server(BatcherAdminServicer(model, queue, [pool]), server.server)
     queue.start()
     health_check.start()

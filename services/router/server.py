@@ -3,8 +3,10 @@
 Every method of the ImageClassifier service is served by a generic handler
 with identity (de)serialisers: the router reads the ``authorization`` and
 ``x-model-name`` headers, picks a batcher replica of that model, and passes
-the body through unparsed along with the caller's remaining deadline. The
-answer (or the upstream's status) comes back the same way.
+the body through unparsed along with the caller's remaining deadline, as a
+frame on this router's one ``Relay`` stream to that batcher (calls ready in
+the same event-loop turn share a message; ``flotilla.common.relay``). The
+answer (or the batcher's status) comes back the same way.
 
 Routes follow the controller: each fleet snapshot's models and their
 registered batchers become the route table, so a model deployed at run time
@@ -23,7 +25,7 @@ from flotilla.common.fleet import FleetWatcher
 from flotilla.common.interceptors import UNKNOWN_MODEL, AdmissionLimit
 from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
 from flotilla.config import FlotillaSettings, PoolSettings
-from flotilla.errors import DeadlineExceeded, Unavailable
+from flotilla.errors import DeadlineExceeded
 from flotilla.services.backend_pool.discovery import DnsEndpoints, pool_following, replace_endpoints
 from flotilla.services.backend_pool.pool import ActiveHealthCheck, Endpoint, pool_from_settings
 from flotilla.services.router.routing import ApiKeys, RouteTable
@@ -69,12 +71,9 @@ class ForwardingHandler(grpc.GenericRpcHandler):
             timeout_s = context.time_remaining()
             if timeout_s is not None and timeout_s <= 0:
                 raise DeadlineExceeded("deadline passed before a batcher could answer")
-            try:
-                return await endpoint.client.raw(method)(raw, metadata=passed, timeout=timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                    raise Unavailable(exc.details() or f"batcher {endpoint.address} is unavailable") from exc
-                raise  # the batcher's own status, passed through as-is
+            # One frame on this router's stream to that batcher; its status comes back as a FlotillaError
+            # of the same code and message (UNAVAILABLE ones are retried on another batcher by the pool).
+            return await endpoint.client.relay.call(method, raw, passed, timeout_s)
 
         return await pool.call(on)
 
@@ -151,6 +150,7 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
         admission=AdmissionLimit("router", settings.router.max_concurrent_calls, "router.max_concurrent_calls"),
         # Callers name any model they like: only routed ones become label values.
         model_label=lambda name: name if routes.table.get(name) is not None else UNKNOWN_MODEL,
+        reuse_port=settings.router.processes > 1,
     )
     server.server.add_generic_rpc_handlers([ForwardingHandler(keys, routes.table)])
 

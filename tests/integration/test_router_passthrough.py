@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
+from flotilla.api.v1 import relay_pb2
+from flotilla.common.relay import RelayServicer
 from flotilla.common.server import GrpcPeer, ServiceServer
 from flotilla.services.backend_pool.pool import EndpointPool
 from flotilla.services.router.routing import ApiKeys, RouteTable
@@ -19,29 +22,35 @@ CLASSIFY = "/flotilla.api.v1.ImageClassifier/Classify"
 NOT_PROTOBUF = b"\xff\xff\xff\xff\x0f raw bytes only a parser would choke on \x00\x01"
 
 
+class Raw:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 (what the relay calls on an answer)
+        return self.data
+
+
 class RecordingBatcher:
-    """A stand-in upstream that keeps exactly what reached it."""
+    """A stand-in upstream (a real Relay server) that keeps exactly what reached it."""
 
     def __init__(self) -> None:
         self.bodies: list[bytes] = []
         self.headers: list[dict[str, str]] = []
 
-    async def classify(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        self.bodies.append(raw)
-        self.headers.append({k: v for k, v in context.invocation_metadata() or ()})
-        return b"\x00reply bytes, also unparsed\xff"
+    def start(self, frame: relay_pb2.CallFrame) -> asyncio.Future[Raw]:
+        assert frame.method == CLASSIFY
+        self.bodies.append(frame.request)
+        self.headers.append({h.key: h.value for h in frame.headers})
+        answer: asyncio.Future[Raw] = asyncio.get_running_loop().create_future()
+        answer.set_result(Raw(b"\x00reply bytes, also unparsed\xff"))
+        return answer
 
 
 @pytest.fixture
 async def router_to_recorder() -> AsyncIterator[tuple[grpc.aio.Channel, RecordingBatcher]]:
     recorder = RecordingBatcher()
     upstream = grpc.aio.server()
-    upstream.add_generic_rpc_handlers([
-        grpc.method_handlers_generic_handler(
-            "flotilla.api.v1.ImageClassifier",
-            {"Classify": grpc.unary_unary_rpc_method_handler(recorder.classify)},
-        )
-    ])
+    upstream.add_generic_rpc_handlers([RelayServicer(recorder.start, tier="batcher").generic_handler()])
     upstream_port = upstream.add_insecure_port("127.0.0.1:0")
     await upstream.start()
     address = f"127.0.0.1:{upstream_port}"
@@ -55,8 +64,8 @@ async def router_to_recorder() -> AsyncIterator[tuple[grpc.aio.Channel, Recordin
     finally:
         await channel.close()
         await router.stop()
-        await upstream.stop(None)
         await pool.endpoints[0].client.close()
+        await upstream.stop(None)
 
 
 async def test_router_forwards_bytes_and_routing_headers_verbatim(router_to_recorder) -> None:  # type: ignore[no-untyped-def]

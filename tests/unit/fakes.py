@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 SETTLE_ROUNDS = 20
 
@@ -25,6 +26,7 @@ class FakeClock:
     def __init__(self, start_s: float = 0.0) -> None:
         self._now = start_s
         self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+        self._timers: list[_FakeTimer] = []
 
     def now(self) -> float:
         return self._now
@@ -45,6 +47,16 @@ class FakeClock:
         finally:
             self._sleepers.remove(entry)
 
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> _FakeTimer:
+        timer = _FakeTimer(self._now + max(delay_s, 0.0), callback)
+        self._timers.append(timer)
+        return timer
+
+    @property
+    def timers(self) -> int:
+        """How many ``call_later`` callbacks are armed and not cancelled."""
+        return sum(1 for t in self._timers if not t.cancelled)
+
     @property
     def sleepers(self) -> int:
         """How many callers are parked in ``sleep`` right now."""
@@ -58,4 +70,22 @@ class FakeClock:
         for wake_s, waiter in list(self._sleepers):
             if wake_s <= self._now and not waiter.done():
                 waiter.set_result(None)
+        for _ in range(1000):  # timers due now may arm more timers due now
+            due = sorted((t for t in self._timers if t.when_s <= self._now), key=lambda t: t.when_s)
+            if not due:
+                break
+            self._timers = [t for t in self._timers if t.when_s > self._now]
+            for timer in due:
+                if not timer.cancelled:
+                    timer.callback()
         await settle()
+
+
+class _FakeTimer:
+    def __init__(self, when_s: float, callback: Callable[[], None]) -> None:
+        self.when_s = when_s
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True

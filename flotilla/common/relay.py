@@ -1,0 +1,366 @@
+"""Many unary calls on one long-lived stream between two tiers (``relay.proto``).
+
+A unary gRPC call costs each side an HTTP/2 stream, headers, a handler
+task and a round of event-loop work; carried as frames on one stream,
+``RelayClient`` and ``RelayServicer`` pay that once per event-loop turn for
+every call ready in it. The semantics stay those of a unary call: each call
+has its own deadline, status and message; a caller that goes away cancels
+its call downstream; a stream that breaks fails every call still on it with
+UNAVAILABLE (the pools retry those on another replica, as for a unary call).
+
+The servicer side is generic: a ``start`` callable turns a frame into a
+future (a call in progress; cancelling the future withdraws it), the
+servicer turns futures into answers. Errors become statuses in the same
+place as for unary calls (``interceptors.status_of``), admission uses the
+same ``AdmissionLimit`` and every call is counted in the same request
+metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol
+
+import grpc
+
+from flotilla.api.v1 import relay_pb2
+from flotilla.common import tracing
+from flotilla.common.interceptors import MODEL_HEADER, AdmissionLimit, ModelLabel, record_call, status_of
+from flotilla.errors import DeadlineExceeded, FlotillaError, Unavailable, error_from_code
+
+log = logging.getLogger(__name__)
+
+RELAY_SERVICE = relay_pb2.DESCRIPTOR.services_by_name["Relay"].full_name
+CALLS_METHOD = f"/{RELAY_SERVICE}/Calls"
+OK = grpc.StatusCode.OK.value[0]
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+# -- client ----------------------------------------------------------------------
+
+
+class RelayClient:
+    """Sends unary calls to one peer as frames on one ``Relay.Calls`` stream.
+
+    The stream opens on the first call and again on the first call after it
+    ended; frames queued in the same event-loop turn go out as one message.
+    """
+
+    def __init__(self, channel: grpc.aio.Channel, peer: str) -> None:
+        self.peer = peer
+        self._open_stream = channel.stream_stream(
+            CALLS_METHOD,
+            request_serializer=relay_pb2.CallFrames.SerializeToString,
+            response_deserializer=relay_pb2.AnswerFrames.FromString,
+        )
+        self._stream: _ClientStream | None = None
+
+    async def call(
+        self, method: str, request: bytes, headers: Sequence[tuple[str, str]], timeout_s: float | None
+    ) -> bytes:
+        """The peer's answer to ``method`` with ``request``; raises its status as a FlotillaError."""
+        stream = self._stream
+        if stream is None or stream.closed:
+            stream = self._stream = _ClientStream(self._open_stream(), self.peer)
+        answer = await stream.call(method, request, headers, timeout_s)
+        if answer.code == OK:
+            return answer.response
+        raise error_from_code(answer.code, answer.message)
+
+    @property
+    def open_calls(self) -> int:
+        return 0 if self._stream is None else len(self._stream.pending)
+
+    async def close(self) -> None:
+        if self._stream is not None:
+            await self._stream.close(Unavailable(f"relay to {self.peer} closed"))
+
+
+class _ClientStream:
+    def __init__(self, call: grpc.aio.StreamStreamCall, peer: str) -> None:
+        self.rpc = call
+        self.peer = peer
+        self.closed = False
+        self.pending: dict[int, asyncio.Future[relay_pb2.AnswerFrame]] = {}
+        self._ids = itertools.count(1)
+        self._outbox: list[relay_pb2.CallFrame] = []
+        self._wake = asyncio.Event()
+        self._writer = asyncio.create_task(self._write(), name=f"relay-write:{peer}")
+        self._reader = asyncio.create_task(self._read(), name=f"relay-read:{peer}")
+
+    async def call(
+        self, method: str, request: bytes, headers: Sequence[tuple[str, str]], timeout_s: float | None
+    ) -> relay_pb2.AnswerFrame:
+        call_id = next(self._ids)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[relay_pb2.AnswerFrame] = loop.create_future()
+        self.pending[call_id] = future
+        self._send(relay_pb2.CallFrame(
+            id=call_id, method=method, request=request, timeout_s=timeout_s or 0.0,
+            headers=[relay_pb2.Header(key=k, value=v) for k, v in headers],
+        ))
+        # The peer ends the call at its deadline; this timer only covers a peer that never answers.
+        timer = loop.call_later(timeout_s, self._expire, call_id) if timeout_s is not None else None
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if self.pending.pop(call_id, None) is not None and not self.closed:
+                self._send(relay_pb2.CallFrame(id=call_id, cancel=True))  # the caller went away
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _send(self, frame: relay_pb2.CallFrame) -> None:
+        self._outbox.append(frame)
+        self._wake.set()
+
+    def _expire(self, call_id: int) -> None:
+        future = self.pending.pop(call_id, None)
+        if future is not None and not future.done():
+            future.set_exception(DeadlineExceeded(f"deadline passed before {self.peer} answered"))
+            if not self.closed:
+                self._send(relay_pb2.CallFrame(id=call_id, cancel=True))
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                if self._outbox:
+                    frames, self._outbox = self._outbox, []
+                    await self.rpc.write(relay_pb2.CallFrames(calls=frames))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._end(exc)
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.rpc:
+                for answer in message.answers:
+                    future = self.pending.pop(answer.id, None)
+                    if future is not None and not future.done():
+                        future.set_result(answer)
+            self._end(None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._end(exc)
+
+    def _end(self, exc: BaseException | None) -> None:
+        """The stream is over: every call still on it fails (UNAVAILABLE unless the peer said otherwise)."""
+        if self.closed:
+            return
+        self.closed = True
+        error: FlotillaError
+        if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in (
+            grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN
+        ):
+            error = error_from_code(exc.code().value[0], exc.details() or exc.code().name)
+        elif isinstance(exc, grpc.aio.AioRpcError):
+            error = Unavailable(f"{self.peer} is unavailable: {exc.details() or exc.code().name}")
+        elif exc is not None:
+            error = Unavailable(f"relay stream to {self.peer} failed: {exc!r}")
+        else:
+            error = Unavailable(f"{self.peer} closed the relay stream (shutting down?)")
+        self._fail_all(error)
+        self._writer.cancel()
+        self.rpc.cancel()
+
+    def _fail_all(self, error: FlotillaError) -> None:
+        pending, self.pending = self.pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+    async def close(self, error: FlotillaError) -> None:
+        self.closed = True
+        self._fail_all(error)
+        for task in (self._writer, self._reader):
+            task.cancel()
+        self.rpc.cancel()
+        for task in (self._writer, self._reader):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+# -- server ----------------------------------------------------------------------
+
+
+class Answerable(Protocol):
+    def SerializeToString(self) -> bytes: ...  # noqa: N802 (protobuf's name)
+
+
+# frame -> the call in progress (its deadline: frame.timeout_s from now, 0 for none); raises to refuse it
+Start = Callable[[relay_pb2.CallFrame], "asyncio.Future[Answerable]"]
+
+
+class RelayServicer:
+    """Answers the frames of every ``Relay.Calls`` stream through ``start``."""
+
+    def __init__(
+        self,
+        start: Start,
+        *,
+        tier: str,
+        admission: AdmissionLimit | None = None,
+        model_label: ModelLabel | None = None,
+    ) -> None:
+        self.start = start
+        self.tier = tier
+        self.admission = admission
+        self.model_label = model_label or (lambda name: name)
+        self.draining = False
+        self.messages = 0
+        """CallFrames messages received (calls / messages = how many calls shared one)."""
+        self.calls_received = 0
+        self._streams: set[_ServerStream] = set()
+
+    def drain(self) -> None:
+        """Shutting down: new calls get UNAVAILABLE (callers retry elsewhere); open ones finish, then streams end."""
+        self.draining = True
+        for stream in self._streams:
+            stream.wake.set()
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            RELAY_SERVICE,
+            {
+                "Calls": grpc.stream_stream_rpc_method_handler(
+                    self.calls,
+                    request_deserializer=relay_pb2.CallFrames.FromString,
+                    response_serializer=relay_pb2.AnswerFrames.SerializeToString,
+                )
+            },
+        )
+
+    async def calls(
+        self, requests: AsyncIterator[relay_pb2.CallFrames], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[relay_pb2.AnswerFrames]:
+        stream = _ServerStream(self)
+        self._streams.add(stream)
+        reader = asyncio.create_task(stream.read(requests))
+        try:
+            while True:
+                answers = await stream.next_answers()
+                if answers is None:
+                    return
+                yield relay_pb2.AnswerFrames(answers=answers)
+        finally:
+            self._streams.discard(stream)
+            reader.cancel()
+            stream.withdraw_all()
+
+
+class _ServerStream:
+    def __init__(self, servicer: RelayServicer) -> None:
+        self.servicer = servicer
+        self.open: dict[int, asyncio.Future[Answerable]] = {}
+        self.outbox: list[relay_pb2.AnswerFrame] = []
+        self.wake = asyncio.Event()
+        self.read_done = False
+
+    async def read(self, requests: AsyncIterator[relay_pb2.CallFrames]) -> None:
+        try:
+            async for message in requests:
+                self.servicer.messages += 1
+                self.servicer.calls_received += len(message.calls)
+                for frame in message.calls:
+                    if frame.cancel:
+                        future = self.open.pop(frame.id, None)
+                        if future is not None:
+                            future.cancel()
+                    else:
+                        self._begin(frame)
+        finally:
+            self.read_done = True
+            self.wake.set()
+
+    async def next_answers(self) -> list[relay_pb2.AnswerFrame] | None:
+        """The answers ready now (waiting for some); None once the stream is over."""
+        while not self.outbox:
+            if not self.open and (self.read_done or self.servicer.draining):
+                return None
+            self.wake.clear()
+            await self.wake.wait()
+        answers, self.outbox = self.outbox, []
+        return answers
+
+    def _begin(self, frame: relay_pb2.CallFrame) -> None:
+        servicer = self.servicer
+        started_s = time.perf_counter()
+        method = frame.method.rsplit("/", 1)[-1]
+        model = ""
+        for header in frame.headers:
+            if header.key == MODEL_HEADER:
+                model = servicer.model_label(header.value)
+        if servicer.draining:
+            self._answer_error(frame.id, method, model, started_s, grpc.StatusCode.UNAVAILABLE,
+                               f"the {servicer.tier} is shutting down; retry on another replica")
+            return
+        admission = servicer.admission
+        if admission is not None and not admission.enter():
+            self._answer_error(frame.id, method, model, started_s, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               admission.rejection())
+            return
+        span = None
+        if tracing.enabled():
+            span = tracing.start_server_span(
+                f"{servicer.tier} {method}", [(h.key, h.value) for h in frame.headers],
+                {"rpc.system": "grpc", "rpc.method": method, "flotilla.tier": servicer.tier, "flotilla.model": model},
+            )
+        try:
+            if span is not None:
+                with tracing.use_span(span):
+                    future = servicer.start(frame)
+            else:
+                future = servicer.start(frame)
+        except Exception as exc:
+            if admission is not None:
+                admission.leave()
+            code, message = status_of(exc, servicer.tier)
+            self._answer_error(frame.id, method, model, started_s, code, message, span)
+            return
+        self.open[frame.id] = future
+        future.add_done_callback(lambda f: self._finish(frame.id, f, method, model, started_s, span))
+
+    def _finish(
+        self, call_id: int, future: asyncio.Future[Answerable], method: str, model: str, started_s: float,
+        span: tracing.Span | None,
+    ) -> None:
+        servicer = self.servicer
+        if servicer.admission is not None:
+            servicer.admission.leave()
+        self.open.pop(call_id, None)
+        if future.cancelled():  # the caller went away: nobody to answer
+            record_call(servicer.tier, method, model, grpc.StatusCode.CANCELLED, started_s, span)
+            self.wake.set()
+            return
+        exc = future.exception()
+        if exc is None:
+            self.outbox.append(relay_pb2.AnswerFrame(id=call_id, response=future.result().SerializeToString()))
+            record_call(servicer.tier, method, model, grpc.StatusCode.OK, started_s, span)
+            self.wake.set()
+            return
+        code, message = status_of(exc, servicer.tier)
+        self._answer_error(call_id, method, model, started_s, code, message, span)
+
+    def _answer_error(
+        self, call_id: int, method: str, model: str, started_s: float, code: grpc.StatusCode, message: str,
+        span: tracing.Span | None = None,
+    ) -> None:
+        self.outbox.append(relay_pb2.AnswerFrame(id=call_id, code=code.value[0], message=message))
+        record_call(self.servicer.tier, method, model, code, started_s, span)
+        self.wake.set()
+
+    def withdraw_all(self) -> None:
+        """The stream is gone (the caller's side closed or broke): withdraw every call still open."""
+        open_calls, self.open = self.open, {}
+        for future in open_calls.values():
+            future.cancel()

@@ -1,0 +1,182 @@
+"""Unary calls as frames on one stream (flotilla.common.relay), over real gRPC on
+loopback, against a ``start`` function standing in for a tier's core."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from flotilla.api.v1 import relay_pb2
+from flotilla.common.interceptors import AdmissionLimit
+from flotilla.common.relay import RelayClient, RelayServicer
+from flotilla.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+
+METHOD = "/flotilla.api.v1.ImageClassifier/Classify"
+
+
+class Raw:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def SerializeToString(self) -> bytes:  # noqa: N802
+        return self.data
+
+
+class Core:
+    """Echoes each request reversed; b"bad" is refused, b"fail" fails later, b"hold" waits for release."""
+
+    def __init__(self) -> None:
+        self.held: list[asyncio.Future[Raw]] = []
+        self.headers: list[dict[str, str]] = []
+        self.timeouts: list[float] = []
+
+    def start(self, frame: relay_pb2.CallFrame) -> asyncio.Future[Raw]:
+        self.headers.append({h.key: h.value for h in frame.headers})
+        self.timeouts.append(frame.timeout_s)
+        if frame.request == b"bad":
+            raise InvalidArgument("bad request: say something else")
+        future: asyncio.Future[Raw] = asyncio.get_running_loop().create_future()
+        if frame.request == b"fail":
+            asyncio.get_running_loop().call_soon(future.set_exception, Unavailable("no worker"))
+        elif frame.request == b"hold":
+            self.held.append(future)
+        else:
+            future.set_result(Raw(frame.request[::-1]))
+        return future
+
+
+class Relay:
+    def __init__(self, core: Core, admission: AdmissionLimit | None = None) -> None:
+        self.core = core
+        self.servicer = RelayServicer(core.start, tier="batcher", admission=admission)
+        self.server = grpc.aio.server()
+        self.server.add_generic_rpc_handlers([self.servicer.generic_handler()])
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
+        self.client = RelayClient(self.channel, f"batcher at 127.0.0.1:{self.port}")
+
+    async def call(self, body: bytes, timeout_s: float | None = 5.0) -> bytes:
+        return await self.client.call(METHOD, body, [("x-model-name", "m")], timeout_s)
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[Relay]:
+    r = Relay(Core())
+    await r.server.start()
+    yield r
+    await r.client.close()
+    await r.channel.close()
+    await r.server.stop(None)
+
+
+async def test_concurrent_calls_share_messages_and_each_gets_its_own_answer(relay: Relay) -> None:
+    bodies = [f"request {i}".encode() for i in range(200)]
+    answers = await asyncio.gather(*(relay.call(b) for b in bodies))
+    assert answers == [b[::-1] for b in bodies]
+    assert relay.servicer.calls_received == 200
+    assert relay.servicer.messages < 20, f"{relay.servicer.messages} messages for 200 calls issued in one turn"
+    assert relay.core.headers[0] == {"x-model-name": "m"}
+    assert 4.0 < relay.core.timeouts[0] <= 5.0, "the caller's remaining deadline travels with the frame"
+
+
+async def test_a_refused_or_failed_call_gets_its_own_status_and_message(relay: Relay) -> None:
+    good, bad, failed = await asyncio.gather(
+        relay.call(b"ok"), relay.call(b"bad"), relay.call(b"fail"), return_exceptions=True
+    )
+    assert good == b"ko"
+    assert isinstance(bad, InvalidArgument) and bad.message == "bad request: say something else"
+    assert isinstance(failed, Unavailable) and failed.message == "no worker"
+
+
+async def test_a_caller_that_goes_away_withdraws_its_call_downstream(relay: Relay) -> None:
+    call = asyncio.ensure_future(relay.call(b"hold"))
+    while not relay.core.held:
+        await asyncio.sleep(0.01)
+    call.cancel()
+    held = relay.core.held[0]
+    for _ in range(100):
+        if held.cancelled():
+            break
+        await asyncio.sleep(0.01)
+    assert held.cancelled(), "the server-side call was not withdrawn"
+    assert await relay.call(b"still works") == b"skrow llits"
+
+
+async def test_a_call_past_its_deadline_ends_with_deadline_exceeded_and_is_withdrawn(relay: Relay) -> None:
+    with pytest.raises(DeadlineExceeded, match="deadline passed before batcher at"):
+        await relay.call(b"hold", timeout_s=0.2)
+    held = relay.core.held[0]
+    for _ in range(100):
+        if held.cancelled():
+            break
+        await asyncio.sleep(0.01)
+    assert held.cancelled()
+
+
+async def test_a_broken_stream_fails_open_calls_unavailable_and_the_next_call_reopens_it() -> None:
+    first = Relay(Core())
+    await first.server.start()
+    try:
+        call = asyncio.ensure_future(first.call(b"hold"))
+        while not first.core.held:
+            await asyncio.sleep(0.01)
+        await first.server.stop(None)  # the batcher dies with a call open
+        with pytest.raises(Unavailable, match="unavailable"):
+            await call
+        # A new batcher on the same port: the same client opens a new stream.
+        second = grpc.aio.server()
+        servicer = RelayServicer(Core().start, tier="batcher")
+        second.add_generic_rpc_handlers([servicer.generic_handler()])
+        assert second.add_insecure_port(f"127.0.0.1:{first.port}") == first.port
+        await second.start()
+        try:
+            for _ in range(50):  # the channel reconnects with backoff
+                try:
+                    assert await first.call(b"again") == b"niaga"
+                    break
+                except Unavailable:
+                    await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the relay never reconnected")
+        finally:
+            await second.stop(None)
+    finally:
+        await first.client.close()
+        await first.channel.close()
+
+
+async def test_draining_refuses_new_calls_finishes_open_ones_then_ends_the_stream(relay: Relay) -> None:
+    held_call = asyncio.ensure_future(relay.call(b"hold"))
+    while not relay.core.held:
+        await asyncio.sleep(0.01)
+    relay.servicer.drain()
+    with pytest.raises(Unavailable, match="shutting down; retry on another replica"):
+        await relay.call(b"new")
+    relay.core.held[0].set_result(Raw(b"done"))
+    assert await held_call == b"done"
+    for _ in range(100):  # the stream ends once nothing is open
+        if relay.client.open_calls == 0 and (relay.client._stream is None or relay.client._stream.closed):
+            break
+        await asyncio.sleep(0.01)
+    assert relay.client._stream is not None and relay.client._stream.closed
+
+
+async def test_admission_limits_relayed_calls_like_unary_ones() -> None:
+    r = Relay(Core(), AdmissionLimit("the batcher of m", 1, "batcher.max_concurrent_calls"))
+    await r.server.start()
+    try:
+        held = asyncio.ensure_future(r.call(b"hold"))
+        while not r.core.held:
+            await asyncio.sleep(0.01)
+        with pytest.raises(ResourceExhausted, match=r"limit of 1 concurrent calls \(batcher.max_concurrent_calls\)"):
+            await r.call(b"second")
+        r.core.held[0].set_result(Raw(b"x"))
+        assert await held == b"x"
+        assert await r.call(b"third") == b"driht", "the admitted call's place was given back"
+    finally:
+        await r.client.close()
+        await r.channel.close()
+        await r.server.stop(None)
