@@ -1,13 +1,16 @@
-"""The server interceptor chain every Flotilla gRPC server runs.
+"""The server interceptor every Flotilla gRPC server runs: ``Observe``.
 
-    AdmissionLimit (router, batchers)  ->  Observe  ->  the handler
+For each call, in order: admission (router, batchers: an ``AdmissionLimit``),
+the trace span (only when tracing is on), the handler, then the status and
+the request metrics. ``Observe`` is the one place where an exception
+escaping a handler becomes a gRPC status: a ``FlotillaError`` with its code
+and message, an upstream tier's status passed through as it came, anything
+else INTERNAL with a generic message (the traceback goes to this service's
+log, never to the caller). It also counts every call and its latency by
+tier, method, model and status code. Handlers raise; they do not catch.
 
-``Observe`` is the one place where an exception escaping a handler becomes
-a gRPC status: a ``FlotillaError`` with its code and message, an upstream
-tier's status passed through as it came, anything else INTERNAL with a
-generic message (the traceback goes to this service's log, never to the
-caller). It also counts every call and its latency by tier, method, model
-and status code. Handlers raise; they do not catch.
+One interceptor, not a chain of them, and its wrapped handler is built once
+per method: on the router and batchers this runs for every request.
 """
 
 from __future__ import annotations
@@ -53,12 +56,14 @@ def status_of(exc: BaseException, tier: str) -> tuple[grpc.StatusCode, str]:
 
 
 RETRY_HINT = "retry after a short backoff (e.g. 100 ms, doubling)"
+MAX_CACHED_METHODS = 256  # wrapped handlers kept per server (its methods; callers cannot grow it past this)
 
 
-class AdmissionLimit(grpc.aio.ServerInterceptor):
-    """At most ``max_calls`` unary calls at once; beyond it RESOURCE_EXHAUSTED at once.
+class AdmissionLimit:
+    """At most ``max_calls`` calls at once; beyond it RESOURCE_EXHAUSTED at once.
 
-    Health checks are exempt (an overloaded service is still alive). The
+    Applied by ``Observe`` to unary calls (health checks are exempt: an
+    overloaded service is still alive) and by the relay to relayed calls. The
     message names the limit and the setting that raises it.
     """
 
@@ -88,32 +93,18 @@ class AdmissionLimit(grpc.aio.ServerInterceptor):
             f"{self.service} is at its limit of {self.max_calls} concurrent calls ({self.setting}); {RETRY_HINT}"
         )
 
-    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or handler_call_details.method.startswith("/grpc.health"):
-            return handler
-        inner = handler.unary_unary
-
-        async def admitted(request, context):  # type: ignore[no-untyped-def]
-            if not self.enter():
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.rejection())
-            try:
-                return await inner(request, context)
-            finally:
-                self.leave()
-
-        return grpc.unary_unary_rpc_method_handler(
-            admitted, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
 
 class Observe(grpc.aio.ServerInterceptor):
     """Errors to statuses, and request metrics, for every method of a server."""
 
-    def __init__(self, tier: str, model_label: ModelLabel | None = None) -> None:
+    def __init__(
+        self, tier: str, model_label: ModelLabel | None = None, admission: AdmissionLimit | None = None
+    ) -> None:
         self.tier = tier
         self.model_label = model_label or (lambda name: name)
+        self.admission = admission
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        """method -> (the handler as served, its wrapped handler): built once per method."""
 
     def _model(self, request: object, context: grpc.aio.ServicerContext) -> str:
         named = ""
@@ -125,9 +116,19 @@ class Observe(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith("/grpc.health"):
+        full_method = handler_call_details.method
+        cached = self._wrapped.get(full_method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, full_method)
+        if handler is not None and len(self._wrapped) < MAX_CACHED_METHODS:
+            self._wrapped[full_method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler, full_method: str):  # type: ignore[no-untyped-def]
+        if handler is None or full_method.startswith("/grpc.health"):
             return handler
-        method = handler_call_details.method.rsplit("/", 1)[-1]
+        method = full_method.rsplit("/", 1)[-1]
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, method),
@@ -156,21 +157,31 @@ class Observe(grpc.aio.ServerInterceptor):
         await context.abort(code, details)
 
     def _unary(self, inner, method: str):  # type: ignore[no-untyped-def]
+        admission = self.admission
+
         async def observed(request, context):  # type: ignore[no-untyped-def]
             started_s = time.perf_counter()
             model = self._model(request, context)
-            attributes = {"rpc.system": "grpc", "rpc.method": method, "flotilla.tier": self.tier, "flotilla.model": model}
-            with tracing.server_span(f"{self.tier} {method}", context.invocation_metadata() or (), attributes) as span:
-                try:
+            if admission is not None and not admission.enter():
+                self._record(method, model, grpc.StatusCode.RESOURCE_EXHAUSTED, started_s)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, admission.rejection())
+            span = None
+            if tracing.enabled():
+                span = tracing.start_server_span(
+                    f"{self.tier} {method}", context.invocation_metadata() or (),
+                    {"rpc.system": "grpc", "rpc.method": method, "flotilla.tier": self.tier, "flotilla.model": model},
+                )
+            try:
+                if span is None:
                     return await inner(request, context)
-                except Exception as exc:
-                    await self._fail(exc, context)
-                finally:
-                    code = _final_code(context)
-                    self._record(method, model, code, started_s)
-                    span.set_attribute("rpc.grpc.status_code", code.value[0])
-                    if code != grpc.StatusCode.OK:
-                        span.set_status(Status(StatusCode.ERROR, code.name))
+                with tracing.use_span(span, end_on_exit=False):
+                    return await inner(request, context)
+            except Exception as exc:
+                await self._fail(exc, context)
+            finally:
+                if admission is not None:
+                    admission.leave()
+                record_call(self.tier, method, model, _final_code(context), started_s, span)
 
         return observed
 

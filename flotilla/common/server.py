@@ -60,10 +60,8 @@ class ServiceServer:
         self.services = list(services)
         self.grace_s = grace_s
         self.admission = admission
-        chain: list[grpc.aio.ServerInterceptor] = [admission] if admission else []
-        chain.append(Observe(tier, model_label))
         options = [*SERVER_OPTIONS, ("grpc.so_reuseport", 1 if reuse_port else 0)]
-        self.server = grpc.aio.server(options=options, interceptors=chain)
+        self.server = grpc.aio.server(options=options, interceptors=[Observe(tier, model_label, admission)])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0

@@ -151,6 +151,8 @@ class EndpointPool(Generic[C]):
         """Calls in flight allowed per endpoint; None = unlimited."""
         self._clock = clock
         self._changed = asyncio.Condition()
+        self._waiting = 0
+        """Calls waiting for room (``_endpoint_for``); only then does a finished call wake anyone."""
         self._failures = FailureSummary(log, clock=clock)
         """Failed calls, summarised per endpoint and interval (state changes are logged apart)."""
         self.endpoints = [self._track(Endpoint(address, client)) for address, client in clients.items()]
@@ -215,6 +217,8 @@ class EndpointPool(Generic[C]):
         await self._notify()
 
     async def _notify(self) -> None:
+        if not self._waiting:
+            return  # the common case on every call: nobody to wake, no lock to take
         async with self._changed:
             self._changed.notify_all()
 
@@ -235,11 +239,15 @@ class EndpointPool(Generic[C]):
             if free:
                 return self.strategy.choose(free)
             timeout = None if deadline_s is None else deadline_s - self._clock()
-            async with self._changed:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    # Woken when a call ends or an endpoint is admitted; the
-                    # cap on the wait also notices cooldowns that ran out.
-                    await asyncio.wait_for(self._changed.wait(), min(timeout or 1.0, 1.0))
+            self._waiting += 1
+            try:
+                async with self._changed:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        # Woken when a call ends or an endpoint is admitted; the
+                        # cap on the wait also notices cooldowns that ran out.
+                        await asyncio.wait_for(self._changed.wait(), min(timeout or 1.0, 1.0))
+            finally:
+                self._waiting -= 1
 
     async def call(
         self,

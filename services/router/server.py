@@ -22,7 +22,7 @@ import grpc
 from flotilla.api.v1 import controller_pb2
 from flotilla.common import tracing
 from flotilla.common.fleet import FleetWatcher
-from flotilla.common.interceptors import UNKNOWN_MODEL, AdmissionLimit
+from flotilla.common.interceptors import MAX_CACHED_METHODS, UNKNOWN_MODEL, AdmissionLimit
 from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
 from flotilla.config import FlotillaSettings, PoolSettings
 from flotilla.errors import DeadlineExceeded
@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 CLASSIFIER_SERVICE = "flotilla.api.v1.ImageClassifier"
 MODEL_HEADER = "x-model-name"
 AUTH_HEADER = "authorization"
-# Headers not passed downstream: credentials stop at the router.
-_DROPPED_HEADERS = {AUTH_HEADER}
+# Headers not passed downstream: credentials stop at the router; the caller's
+# user agent and encodings describe its connection, not the call.
+_DROPPED_HEADERS = {AUTH_HEADER, "user-agent", "grpc-accept-encoding"}
 FIRST_FLEET_TIMEOUT_S = 10.0
 
 
@@ -47,24 +48,33 @@ class ForwardingHandler(grpc.GenericRpcHandler):
     def __init__(self, keys: ApiKeys, routes: RouteTable[GrpcPeer[None]]) -> None:
         self.keys = keys
         self.routes = routes
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is not None:
+            return handler
         if not method.startswith(f"/{CLASSIFIER_SERVICE}/"):
             return None  # UNIMPLEMENTED
 
         async def forward(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
             return await self._forward(method, raw, context)
 
-        return grpc.unary_unary_rpc_method_handler(forward)
+        handler = grpc.unary_unary_rpc_method_handler(forward)
+        if len(self._handlers) < MAX_CACHED_METHODS:  # callers name methods; the cache stays bounded
+            self._handlers[method] = handler
+        return handler
 
     async def _forward(self, method: str, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        headers = tuple(context.invocation_metadata() or ())
-        by_key = {k: v for k, v in headers}
+        headers = context.invocation_metadata() or ()
+        by_key = dict(headers)
         self.keys.check(by_key.get(AUTH_HEADER))  # type: ignore[arg-type]
         pool = self.routes.pool_for(by_key.get(MODEL_HEADER))  # type: ignore[arg-type]
-        # Credentials stop here; the trace context becomes this router span's.
-        passed = tracing.inject((k, v) for k, v in headers if k not in _DROPPED_HEADERS)
+        # Credentials and transport headers stop here; the trace context becomes this router span's.
+        passed = [(k, v) for k, v in headers if k not in _DROPPED_HEADERS]
+        if tracing.enabled():
+            passed = list(tracing.inject(passed))
 
         async def on(endpoint: Endpoint[GrpcPeer[None]]) -> bytes:
             # Each attempt gets what is left of the caller's deadline, not the whole of it.
