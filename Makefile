@@ -58,7 +58,12 @@ up: install models
 test: install models prometheus
 	$(BIN)/pytest
 
-bench: install models
+# The bench's peer (the same job on Ray Serve): an extra only `make bench` needs.
+$(VENV)/.peer-installed: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[local,test,loadtest,peer]'
+	touch $@
+
+bench: install models $(VENV)/.peer-installed
 	$(BIN)/flotilla bench
 
 lint: install

@@ -16,6 +16,10 @@
    decode CPU per image on the same large photos: ``mesh_vs_limit``.
 4. The mesh's own overhead with a near-free model and 64 x 64 JPEGs against
    Triton alone (``flotilla.bench_overhead``, alone: ``--only overhead``).
+5. A peer: the CPU part's job (same photos, model, replicas, batch size and
+   concurrency) on Ray Serve with ``@serve.batch`` (``flotilla.bench_peer``,
+   alone: ``--only peer``; needs the ``peer`` extra, which `make bench`
+   installs), against the CPU part's mesh point of the same run.
 
 Writes ``bench/results.json``, ``bench/results.csv``, ``bench/loadtest.png``
 and refreshes the results table in README.md. A benchmark, not a test: it
@@ -37,7 +41,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from flotilla import bench_cpu, bench_fleet, bench_overhead
+from flotilla import bench_cpu, bench_fleet, bench_overhead, bench_peer
 from flotilla.clients.loadgen import closed_loop
 from flotilla.clients.loadtest import Row, StackTarget, format_table, measure, plot, write_csv
 from flotilla.config import FlotillaSettings, load_settings
@@ -249,6 +253,7 @@ def cpu_lines(results: dict[str, object]) -> list[str]:
     return [
         *(bench_cpu.readme_lines(cpu) if isinstance(cpu, dict) else []),
         *(bench_overhead.readme_lines(overhead) if isinstance(overhead, dict) else []),
+        *peer_lines(results),
     ]
 
 
@@ -385,11 +390,11 @@ def main(duration_s: float = 5.0, only: str = "all") -> None:
     if only == "fleet":
         fleet_only()
         return
-    if only in ("cpu", "overhead"):
+    if only in ("cpu", "overhead", "peer"):
         part_only(only, duration_s=duration_s)
         return
     results = run_bench(duration_s=duration_s)
-    run_cpu_parts(results, ("cpu", "overhead"), duration_s=duration_s)
+    run_cpu_parts(results, ("cpu", "overhead", "peer"), duration_s=duration_s)
     results["fleet"] = bench_fleet.run()
     OUT.mkdir(exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
@@ -411,10 +416,38 @@ def run_cpu_parts(results: dict[str, object], parts: tuple[str, ...], *, duratio
         results["cpu"] = {"measured_at": stamp, **bench_cpu.run(base, MODEL, duration_s=2 * duration_s)}
     if "overhead" in parts:
         results["overhead"] = bench_overhead.run(base, duration_s=2 * duration_s)
+    if "peer" in parts:
+        results["peer"] = peer_part(results, duration_s=2 * duration_s)
     summary = results.setdefault("summary", {})
     assert isinstance(summary, dict)
     summary.pop("mesh_efficiency", None)  # replaced by mesh_vs_limit (issue 9)
     summary.update(cpu_summary(results))
+
+
+def peer_part(results: dict[str, object], *, duration_s: float) -> dict[str, object]:
+    """Ray Serve doing the CPU part's job at its point (replicas, batch size, concurrency, photos)."""
+    if not bench_peer.ray_available():
+        print("peer: skipped: Ray Serve is not installed (pip install -e '.[peer]'; make bench does)", flush=True)
+        return {"skipped": "Ray Serve is not installed (the peer extra)"}
+    cpu = results.get("cpu")
+    if not isinstance(cpu, dict):
+        return {"skipped": "no CPU part in this run to compare with"}
+    large = cpu["points"]["large"]
+    print("peer: the same job on Ray Serve ...", flush=True)
+    return bench_peer.run_local(
+        replicas=cpu["replicas"], max_batch_size=cpu["max_batch_size"], concurrency=large["concurrency"],
+        duration_s=duration_s * large.get("windows", 3),
+    )
+
+
+def peer_lines(results: dict[str, object]) -> list[str]:
+    """The README's Flotilla-vs-Ray Serve table (empty without a peer result)."""
+    peer, cpu = results.get("peer"), results.get("cpu")
+    if not isinstance(peer, dict) or "skipped" in peer or not isinstance(cpu, dict):
+        return []
+    large = cpu["points"]["large"]
+    total_us = (large.get("cpu_us_per_image") or {}).get("total")
+    return bench_peer.peer_lines(peer, large["images_per_s"], large["p99_ms"], total_us)
 
 
 def part_only(part: str, *, duration_s: float) -> None:
