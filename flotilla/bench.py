@@ -16,7 +16,10 @@
    decode CPU per image on the same large photos: ``mesh_vs_limit``.
 4. The mesh's own overhead with a near-free model and 64 x 64 JPEGs against
    Triton alone (``flotilla.bench_overhead``, alone: ``--only overhead``).
-5. A peer: the CPU part's job (same photos, model, replicas, batch size and
+5. The router and a model's batcher alone, each at its own ceiling
+   (``flotilla.bench_ceiling``, alone: ``--only ceiling``): CPU-µs per
+   request and requests/s on one core.
+6. A peer: the CPU part's job (same photos, model, replicas, batch size and
    concurrency) on Ray Serve with ``@serve.batch`` (``flotilla.bench_peer``,
    alone: ``--only peer``; needs the ``peer`` extra, which `make bench`
    installs), against the CPU part's mesh point of the same run.
@@ -41,7 +44,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from flotilla import bench_cpu, bench_fleet, bench_overhead, bench_peer
+from flotilla import bench_ceiling, bench_cpu, bench_fleet, bench_overhead, bench_peer
 from flotilla.clients.loadgen import closed_loop
 from flotilla.clients.loadtest import Row, StackTarget, format_table, measure, plot, write_csv
 from flotilla.config import FlotillaSettings, load_settings
@@ -59,6 +62,8 @@ ARRIVAL_LIMITED_LOAD = 0.7
 
 """Open-loop rate as a fraction of the mesh's saturated throughput."""
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+CPU_PARTS = ("cpu", "overhead", "ceiling", "peer")
+"""The parts measured from the processes' CPU counters, in the order `make bench` runs them."""
 
 
 # -- 1. preprocessing per core ---------------------------------------------------
@@ -240,10 +245,11 @@ def summarise(rows: list[Row], results: dict[str, object], named: dict[str, Row]
 
 def cpu_summary(results: dict[str, object]) -> dict[str, object]:
     """The CPU part's and the overhead part's figures the issue's targets are stated in."""
-    cpu, overhead = results.get("cpu"), results.get("overhead")
+    cpu, overhead, ceiling = results.get("cpu"), results.get("overhead"), results.get("ceiling")
     return {
         **(bench_cpu.summary(cpu) if isinstance(cpu, dict) else {}),
         **(bench_overhead.summary(overhead) if isinstance(overhead, dict) else {}),
+        **(bench_ceiling.summary(ceiling) if isinstance(ceiling, dict) else {}),
     }
 
 
@@ -253,6 +259,7 @@ def cpu_lines(results: dict[str, object]) -> list[str]:
     return [
         *(bench_cpu.readme_lines(cpu) if isinstance(cpu, dict) else []),
         *(bench_overhead.readme_lines(overhead) if isinstance(overhead, dict) else []),
+        *(bench_ceiling.readme_lines(results["ceiling"]) if isinstance(results.get("ceiling"), dict) else []),
         *peer_lines(results),
     ]
 
@@ -390,11 +397,11 @@ def main(duration_s: float = 5.0, only: str = "all") -> None:
     if only == "fleet":
         fleet_only()
         return
-    if only in ("cpu", "overhead", "peer"):
+    if only in CPU_PARTS:
         part_only(only, duration_s=duration_s)
         return
     results = run_bench(duration_s=duration_s)
-    run_cpu_parts(results, ("cpu", "overhead", "peer"), duration_s=duration_s)
+    run_cpu_parts(results, CPU_PARTS, duration_s=duration_s)
     results["fleet"] = bench_fleet.run()
     OUT.mkdir(exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
@@ -416,6 +423,8 @@ def run_cpu_parts(results: dict[str, object], parts: tuple[str, ...], *, duratio
         results["cpu"] = {"measured_at": stamp, **bench_cpu.run(base, MODEL, duration_s=2 * duration_s)}
     if "overhead" in parts:
         results["overhead"] = bench_overhead.run(base, duration_s=2 * duration_s)
+    if "ceiling" in parts:
+        results["ceiling"] = bench_ceiling.run(base, duration_s=2 * duration_s)
     if "peer" in parts:
         results["peer"] = peer_part(results, duration_s=2 * duration_s)
     summary = results.setdefault("summary", {})

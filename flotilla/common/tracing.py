@@ -60,13 +60,23 @@ def setup(settings: ObservabilitySettings, service: str, *, file_dir: Path | Non
             out = sys.stdout
         exporter = ConsoleSpanExporter(out=out, formatter=lambda span: json.dumps(json.loads(span.to_json())) + "\n")
         provider.add_span_processor(SimpleSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
+    install(provider)
     return True
 
 
+_installed = False
+
+
+def install(provider: trace.TracerProvider) -> None:
+    """Make ``provider`` this process's tracer provider: spans are recorded from now on."""
+    global _installed
+    trace.set_tracer_provider(provider)
+    _installed = True
+
+
 def enabled() -> bool:
-    """Whether this process records spans (a tracer provider is installed): without one, span work is skipped."""
-    return not isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+    """Whether this process records spans (``install`` ran): without a provider, span work is skipped."""
+    return _installed
 
 
 use_span = trace.use_span

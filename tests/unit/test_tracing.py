@@ -25,7 +25,7 @@ EXPORTER = InMemorySpanExporter()
 def provider() -> None:
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
-    trace.set_tracer_provider(tracer_provider)
+    tracing.install(tracer_provider)
 
 
 class Worker(preprocess_pb2_grpc.PreprocessorServicer):

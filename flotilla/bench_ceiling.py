@@ -1,0 +1,298 @@
+"""The router and a model's batcher alone, each at its own ceiling (`flotilla bench --only ceiling`).
+
+On this machine the whole mesh shares two cores, so in the mesh benches no
+Flotilla tier ever runs at its own limit: calls arrive a few at a time and
+each pays its fixed costs alone. This part gives each tier the machine:
+
+- batcher: a real batcher process (``flotilla serve batcher``) between a load
+  generator that sends Classify calls the way the router does (frames on a
+  Relay stream) and a preprocess worker that answers every batch at once, so
+  the batcher is what runs out of CPU. A model's batcher must stay one queue
+  per model (that is how it forms full batches): its ceiling on one core is
+  what one model can carry.
+- router: a real router process between unary Classify calls from many
+  client connections (as callers send them) and a batcher that answers every
+  relayed call at once.
+
+The fakes (the controller, which answers only RegisterBatcher / WatchFleet,
+the worker, the batcher) and the load generator run in the bench process.
+For each point: requests/s over the window, the tier's CPU-µs per request
+and cores busy from its /proc counters, and its ceiling on one core:
+requests/s divided by its cores busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from pydantic import SecretStr
+
+from flotilla.api.v1 import (
+    controller_pb2,
+    controller_pb2_grpc,
+    inference_pb2,
+    preprocess_pb2,
+    preprocess_pb2_grpc,
+    relay_pb2,
+)
+from flotilla.bench_cpu import CLOCK_TICKS_PER_S, read_stat
+from flotilla.common.relay import RelayServicer
+from flotilla.common.server import GrpcPeer, ServiceServer, is_serving
+from flotilla.config import FlotillaSettings, ModelSettings, dump_settings
+from flotilla.stack.processes import ManagedProcess, free_port, wait_until
+
+MODEL = "ceiling"
+API_KEY = "ceiling-bench-key"
+CLASSIFY = "/flotilla.api.v1.ImageClassifier/Classify"
+BATCHER_CONCURRENCY = 1024
+BATCHER_BATCH_SIZES = (8, 32)
+ROUTER_CONNECTIONS = 16
+ROUTER_CONCURRENCY = 256
+WARMUP_S = 2.0
+
+
+def process_cpu_s(pid: int) -> float:
+    stat = read_stat(pid)
+    if stat is None:
+        raise RuntimeError(f"process {pid} is gone")
+    return stat.cpu_ticks / CLOCK_TICKS_PER_S
+
+
+def classify_bodies(n: int = 256) -> list[bytes]:
+    return [
+        inference_pb2.ClassifyRequest(image_uuid=str(uuid.uuid4()), model_name=MODEL, top_k=1).SerializeToString()
+        for _ in range(n)
+    ]
+
+
+def answer(image_uuid: str) -> inference_pb2.ClassifyResponse:
+    return inference_pb2.ClassifyResponse(
+        image_uuid=image_uuid, model_name=MODEL, classes=[inference_pb2.ClassScore(index=1, label="one", score=1.0)]
+    )
+
+
+class _Controller(controller_pb2_grpc.ControllerServicer):
+    """Answers a batcher's registration with the model's spec, and a router's WatchFleet with one fleet."""
+
+    def __init__(self, spec: ModelSettings, batchers: list[str]) -> None:
+        self.spec = spec
+        self.batchers = batchers
+
+    async def RegisterBatcher(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        return controller_pb2.RegisterBatcherResponse(spec_json=self.spec.model_dump_json())
+
+    async def WatchFleet(self, request, context) -> AsyncIterator[controller_pb2.Fleet]:  # type: ignore[no-untyped-def]  # noqa: N802
+        yield controller_pb2.Fleet(
+            generation=1, models=[controller_pb2.ModelStatus(name=MODEL, batchers=self.batchers)]
+        )
+        await asyncio.Event().wait()  # the fleet never changes
+
+
+class _InstantWorker(preprocess_pb2_grpc.PreprocessorServicer):
+    """Answers every item of every batch at once."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    async def ProcessBatch(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        self.batches += 1
+        return preprocess_pb2.ProcessBatchResponse(
+            backend="none",
+            results=[preprocess_pb2.ItemResult(response=answer(item.image_uuid)) for item in request.items],
+        )
+
+
+def _instant_batcher(frame: relay_pb2.CallFrame) -> asyncio.Future[inference_pb2.ClassifyResponse]:
+    future: asyncio.Future[inference_pb2.ClassifyResponse] = asyncio.get_running_loop().create_future()
+    future.set_result(answer("relayed"))
+    return future
+
+
+async def _measure(
+    pid: int, call: Callable[[], Awaitable[object]], *, concurrency: int, window_s: float
+) -> dict[str, float]:
+    """``concurrency`` loops of ``call`` for a warm-up and ``window_s``: rate, the process's and this one's CPU."""
+    done = errors = 0
+    stop = False
+
+    async def loop() -> None:
+        nonlocal done, errors
+        while not stop:
+            try:
+                await call()
+                done += 1
+            except Exception:
+                errors += 1
+
+    tasks = [asyncio.create_task(loop()) for _ in range(concurrency)]
+    try:
+        await asyncio.sleep(WARMUP_S)
+        cpu0, gen0, done0, t0 = process_cpu_s(pid), time.process_time(), done, time.monotonic()
+        await asyncio.sleep(window_s)
+        cpu1, gen1, done1, t1 = process_cpu_s(pid), time.process_time(), done, time.monotonic()
+    finally:
+        stop = True
+        await asyncio.gather(*tasks)
+    served = done1 - done0
+    rate = served / (t1 - t0)
+    cores = (cpu1 - cpu0) / (t1 - t0)
+    return {
+        "concurrency": concurrency,
+        "window_s": window_s,
+        "requests": served,
+        "requests_per_s": round(rate, 1),
+        "cpu_us_per_request": round(1e6 * (cpu1 - cpu0) / max(served, 1), 1),
+        "cores_busy": round(cores, 2),
+        "load_generator_cores_busy": round((gen1 - gen0) / (t1 - t0), 2),
+        "ceiling_requests_per_s_one_core": round(rate / cores) if cores > 0 else 0,
+        "errors": errors,
+    }
+
+
+async def _start(settings: FlotillaSettings, run_dir: Path, name: str, argv: list[str]) -> ManagedProcess:
+    port = free_port(settings.host)
+    address = f"{settings.host}:{port}"
+    process = ManagedProcess(
+        name, [sys.executable, "-m", "flotilla", "serve", *argv, "--port", str(port)],
+        log_path=run_dir / f"{name}.log", address=address,
+    )
+    process.start()
+    await asyncio.to_thread(
+        wait_until, lambda: is_serving(address), 30.0, name, procs=[process]  # type: ignore[arg-type]
+    )
+    return process
+
+
+def _config(settings: FlotillaSettings, run_dir: Path, name: str, controller: str, preprocess: str) -> Path:
+    config = settings.model_copy(deep=True)
+    config.models = {}
+    config.endpoints.controller = controller
+    config.endpoints.preprocess = [preprocess]
+    config.batcher.max_concurrent_calls = 4 * BATCHER_CONCURRENCY
+    config.router = config.router.model_copy(update={"api_keys": [SecretStr(API_KEY)]})
+    path = run_dir / f"{name}.yaml"
+    dump_settings(config, path)
+    return path
+
+
+async def batcher_point(settings: FlotillaSettings, run_dir: Path, *, max_batch_size: int, window_s: float) -> dict[str, Any]:
+    spec = ModelSettings(storage_uri="s3://unused/ceiling", memory_mb=1)
+    spec.batching.max_batch_size = max_batch_size
+    spec.batching.max_queue_size = 4 * BATCHER_CONCURRENCY
+    spec.batching.max_inflight_batches = 4
+    worker = _InstantWorker()
+    fakes = ServiceServer("bench fakes", [], grace_s=0, tier="bench")
+    controller_pb2_grpc.add_ControllerServicer_to_server(_Controller(spec, []), fakes.server)
+    preprocess_pb2_grpc.add_PreprocessorServicer_to_server(worker, fakes.server)
+    fakes_address = f"{settings.host}:{await fakes.start(settings.host, 0)}"
+    name = f"batcher-bs{max_batch_size}"
+    batcher: ManagedProcess | None = None
+    peer: GrpcPeer[None] | None = None
+    try:
+        config = _config(settings, run_dir, name, fakes_address, fakes_address)
+        batcher = await _start(settings, run_dir, name, ["batcher", "--config", str(config), "--model", MODEL])
+        peer = GrpcPeer(batcher.address)
+        ring = itertools.cycle(classify_bodies())
+        headers = [("x-model-name", MODEL)]
+        batches0 = worker.batches
+        assert batcher.pid is not None
+        point = await _measure(
+            batcher.pid, lambda: peer.relay.call(CLASSIFY, next(ring), headers, 30.0),  # type: ignore[union-attr]
+            concurrency=BATCHER_CONCURRENCY, window_s=window_s,
+        )
+        return {"tier": "batcher", "max_batch_size": max_batch_size, **point,
+                "mean_batch": round((point["requests"] + 0.0) / max(worker.batches - batches0, 1), 2)}
+    finally:
+        if peer is not None:
+            await peer.close()
+        if batcher is not None:
+            batcher.stop()
+        await fakes.stop()
+
+
+async def router_point(settings: FlotillaSettings, run_dir: Path, *, window_s: float) -> dict[str, Any]:
+    fakes = ServiceServer("bench fakes", [], grace_s=0, tier="bench")
+    fakes_port = await fakes.start(settings.host, 0)
+    fakes_address = f"{settings.host}:{fakes_port}"
+    spec = ModelSettings(storage_uri="s3://unused/ceiling", memory_mb=1)
+    controller_pb2_grpc.add_ControllerServicer_to_server(_Controller(spec, [fakes_address]), fakes.server)
+    batcher = RelayServicer(_instant_batcher, tier="bench")
+    fakes.server.add_generic_rpc_handlers([batcher.generic_handler()])
+    router: ManagedProcess | None = None
+    channels: list[grpc.aio.Channel] = []
+    try:
+        config = _config(settings, run_dir, "router", fakes_address, fakes_address)
+        router = await _start(settings, run_dir, "router", ["router", "--config", str(config)])
+        # Each channel its own connection (as separate callers would have).
+        channels = [
+            grpc.aio.insecure_channel(router.address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(ROUTER_CONNECTIONS)
+        ]
+        sends = itertools.cycle([c.unary_unary(CLASSIFY) for c in channels])
+        bodies = itertools.cycle(classify_bodies())
+        metadata = (("x-model-name", MODEL), ("authorization", f"Bearer {API_KEY}"))
+
+        def call() -> Awaitable[object]:
+            return next(sends)(next(bodies), metadata=metadata, timeout=30.0)
+
+        assert router.pid is not None
+        point = await _measure(router.pid, call, concurrency=ROUTER_CONCURRENCY, window_s=window_s)
+        return {"tier": "router", "connections": ROUTER_CONNECTIONS, **point,
+                "calls_per_relay_message": round(batcher.calls_received / max(batcher.messages, 1), 1)}
+    finally:
+        for channel in channels:
+            await channel.close()
+        if router is not None:
+            router.stop()
+        await fakes.stop()
+
+
+def run(base: FlotillaSettings, *, duration_s: float = 10.0) -> dict[str, Any]:
+    run_dir = base.run_dir.parent / "bench-ceiling"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    points = []
+    for size in BATCHER_BATCH_SIZES:
+        print(f"ceiling: the batcher alone, max_batch_size {size} ...", flush=True)
+        points.append(asyncio.run(batcher_point(base, run_dir, max_batch_size=size, window_s=duration_s)))
+    print("ceiling: the router alone ...", flush=True)
+    points.append(asyncio.run(router_point(base, run_dir, window_s=duration_s)))
+    return {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "points": points}
+
+
+def summary(result: dict[str, Any]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for p in result["points"]:
+        key = f"{p['tier']}_alone" + (f"_bs{p['max_batch_size']}" if "max_batch_size" in p else "")
+        out[f"{key}_cpu_us_per_request"] = p["cpu_us_per_request"]
+        out[f"{key}_ceiling_requests_per_s_one_core"] = p["ceiling_requests_per_s_one_core"]
+    return out
+
+
+def readme_lines(result: dict[str, Any]) -> list[str]:
+    lines = [
+        f"Each tier alone at its own ceiling ({result['measured_at']}; `flotilla bench --only ceiling`): a real "
+        "batcher process between a Relay load generator and a worker that answers every batch at once; a real router "
+        f"process between unary Classify calls on {ROUTER_CONNECTIONS} connections and a batcher that answers every "
+        "relayed call at once (fakes and load generator in the bench process). Ceiling = requests/s / the tier's "
+        "cores busy.",
+        "",
+        "| tier | max_batch_size | in flight | requests/s | CPU-µs per request | cores busy (tier / load generator) | "
+        "ceiling on one core (requests/s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in result["points"]:
+        lines.append(
+            f"| {p['tier']} | {p.get('max_batch_size', '-')} | {p['concurrency']} | {p['requests_per_s']} | "
+            f"**{p['cpu_us_per_request']}** | {p['cores_busy']} / {p['load_generator_cores_busy']} | "
+            f"**{p['ceiling_requests_per_s_one_core']}** |"
+        )
+    lines.append("")
+    return lines

@@ -1,0 +1,34 @@
+"""The ceiling bench's two points run against real router and batcher processes
+(short windows: this checks the measurement works, not what it measures)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flotilla import bench_ceiling
+from flotilla.config import load_settings
+from tests.integration.conftest import REPO
+
+
+@pytest.fixture
+def settings(tmp_path: Path):  # type: ignore[no-untyped-def]
+    return load_settings(REPO / "bench" / "flotilla-bench.yaml", run_dir=tmp_path / "run")
+
+
+async def test_a_batcher_alone_forms_full_batches_and_is_metered(settings, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(bench_ceiling, "WARMUP_S", 0.5)
+    point = await bench_ceiling.batcher_point(settings, tmp_path, max_batch_size=8, window_s=1.0)
+    assert point["errors"] == 0 and point["requests"] > 100, point
+    assert point["cpu_us_per_request"] > 0 and point["ceiling_requests_per_s_one_core"] > 0
+    assert 1 <= point["mean_batch"] <= 8
+
+
+async def test_a_router_alone_relays_every_call_and_is_metered(settings, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(bench_ceiling, "WARMUP_S", 0.5)
+    point = await bench_ceiling.router_point(settings, tmp_path, window_s=1.0)
+    assert point["errors"] == 0 and point["requests"] > 100, point
+    assert point["cpu_us_per_request"] > 0 and point["calls_per_relay_message"] >= 1
+    lines = bench_ceiling.readme_lines({"measured_at": "now", "points": [point]})
+    assert any("| router |" in line for line in lines)
