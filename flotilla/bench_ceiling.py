@@ -101,9 +101,11 @@ class _InstantWorker(preprocess_pb2_grpc.PreprocessorServicer):
 
     def __init__(self) -> None:
         self.batches = 0
+        self.items = 0
 
     async def ProcessBatch(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
         self.batches += 1
+        self.items += len(request.items)
         return preprocess_pb2.ProcessBatchResponse(
             backend="none",
             results=[preprocess_pb2.ItemResult(response=answer(item.image_uuid)) for item in request.items],
@@ -202,14 +204,13 @@ async def batcher_point(settings: FlotillaSettings, run_dir: Path, *, max_batch_
         peer = GrpcPeer(batcher.address)
         ring = itertools.cycle(classify_bodies())
         headers = [("x-model-name", MODEL)]
-        batches0 = worker.batches
         assert batcher.pid is not None
         point = await _measure(
             batcher.pid, lambda: peer.relay.call(CLASSIFY, next(ring), headers, 30.0),  # type: ignore[union-attr]
             concurrency=BATCHER_CONCURRENCY, window_s=window_s,
         )
         return {"tier": "batcher", "max_batch_size": max_batch_size, **point,
-                "mean_batch": round((point["requests"] + 0.0) / max(worker.batches - batches0, 1), 2)}
+                "mean_batch": round(worker.items / max(worker.batches, 1), 2)}  # over warm-up and window
     finally:
         if peer is not None:
             await peer.close()
