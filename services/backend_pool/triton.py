@@ -1,8 +1,12 @@
 """Triton Inference Server replicas behind EndpointPools, one pool per model.
 
-Talks KServe v2 gRPC through tritonclient's asyncio client and keeps the
-real status codes: tritonclient reports them as strings ("StatusCode.X"),
-which are turned back into Flotilla errors here, at the boundary.
+Talks KServe v2 gRPC on a grpc.aio channel per replica, with tritonclient's
+generated messages but not its client: the request is the small
+ModelInferRequest header serialised once plus the batch's bytes appended as
+``raw_input_contents`` straight from the numpy buffer (one copy, where
+tritonclient's InferInput, the message and its serialisation make three),
+and the output is read with ``np.frombuffer`` on ``raw_output_contents``.
+gRPC status codes are turned into Flotilla errors here, at the boundary.
 
 Membership is placement: each model's pool holds exactly the replicas the
 controller reports a ready copy on (``set_copies``), not whatever a probe
@@ -19,11 +23,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+import grpc
 import numpy as np
-import tritonclient.grpc.aio as triton_aio
 from opentelemetry.trace import SpanKind
-from tritonclient.grpc import InferInput, InferRequestedOutput
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from flotilla.common import metrics, tracing
 from flotilla.config import BackendSettings, PoolSettings
@@ -45,23 +49,90 @@ log = logging.getLogger(__name__)
 ColdStart = Callable[[str], Awaitable[list[str]]]
 
 
-def _status_code(exc: InferenceServerException) -> Code:
-    status = exc.status() or ""
-    name = status.rsplit(".", 1)[-1]
-    return Code[name] if name in Code.__members__ else Code.UNKNOWN
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+MAX_MESSAGE_BYTES = 2**31 - 1
+"""gRPC message limit both ways (tritonclient's): a batch of large FP32 images exceeds the 4 MiB default."""
+# ModelInferRequest.raw_input_contents (field 7, length-delimited): its tag byte on the wire.
+_RAW_INPUT_TAG = bytes([(service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number << 3) | 2])
 
 
-def translate_triton_error(exc: InferenceServerException, address: str, model: str) -> FlotillaError:
-    """Map a tritonclient failure to the Flotilla error a caller can act on."""
-    code = _status_code(exc)
-    message = exc.message() or str(exc)
-    if code == Code.UNAVAILABLE or "Socket closed" in message or "failed to connect" in message:
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_infer_request(
+    model: str, version: str, input_name: str, batch: np.ndarray, output_name: str
+) -> bytes:
+    """A serialised ModelInferRequest for one input tensor, its contents raw.
+
+    The header (names, shape, datatype) is a small message; the tensor's
+    bytes follow as field ``raw_input_contents``, joined straight from the
+    array's buffer (protobuf parses concatenated fields as one message).
+    """
+    batch = np.ascontiguousarray(batch)
+    header = service_pb2.ModelInferRequest(
+        model_name=model,
+        model_version=version,
+        inputs=[
+            service_pb2.ModelInferRequest.InferInputTensor(
+                name=input_name, datatype=np_to_triton_dtype(batch.dtype), shape=batch.shape
+            )
+        ],
+        outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=output_name)],
+    )
+    data = memoryview(batch).cast("B")
+    return b"".join((header.SerializeToString(), _RAW_INPUT_TAG, _varint(data.nbytes), data))
+
+
+def decode_infer_response(response: service_pb2.ModelInferResponse, output_name: str) -> np.ndarray | None:
+    """The named output of a ModelInferResponse as an array (a view of the message's bytes); None if absent."""
+    for index, output in enumerate(response.outputs):
+        if output.name != output_name:
+            continue
+        if output.datatype == "BYTES" or index >= len(response.raw_output_contents):
+            return None  # never what a classifier returns; Triton's gRPC always sends raw contents
+        flat = np.frombuffer(response.raw_output_contents[index], dtype=triton_to_np_dtype(output.datatype))
+        return flat.reshape(tuple(output.shape))
+    return None
+
+
+def translate_triton_error(code: grpc.StatusCode, details: str, address: str, model: str) -> FlotillaError:
+    """Map a failed ModelInfer call to the Flotilla error a caller can act on."""
+    status = Code[code.name] if code.name in Code.__members__ else Code.UNKNOWN
+    message = details or code.name
+    if status == Code.UNAVAILABLE or "Socket closed" in message or "failed to connect" in message:
         return BackendUnavailable(f"Triton at {address} is unavailable: {message}")
-    if code == Code.DEADLINE_EXCEEDED:
+    if status == Code.DEADLINE_EXCEEDED:
         return DeadlineExceeded(f"Triton at {address} did not answer before the deadline")
-    if code == Code.NOT_FOUND:
+    if status == Code.NOT_FOUND:
         return ReplicaInTransition(f"model {model!r} is not loaded on Triton at {address}: {message}")
     return BackendError(f"Triton at {address} failed the batch for {model!r}: {message}")
+
+
+class TritonReplica:
+    """One replica's channel and its ModelInfer method on pre-serialised requests."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        # No request serialiser: the request arrives as bytes from encode_infer_request.
+        self.model_infer = self.channel.unary_unary(
+            MODEL_INFER, request_serializer=None, response_deserializer=service_pb2.ModelInferResponse.FromString
+        )
+
+    async def close(self) -> None:
+        await self.channel.close()
 
 
 class TritonBackend:
@@ -77,13 +148,13 @@ class TritonBackend:
         self.settings = settings
         self.cold_start = cold_start
         self._clock = clock
-        self._clients: dict[str, triton_aio.InferenceServerClient] = {}
-        self.pools: dict[str, EndpointPool[triton_aio.InferenceServerClient]] = {}
+        self._clients: dict[str, TritonReplica] = {}
+        self.pools: dict[str, EndpointPool[TritonReplica]] = {}
         self._cold: dict[str, asyncio.Task[list[str]]] = {}
 
-    def _client(self, address: str) -> triton_aio.InferenceServerClient:
+    def _client(self, address: str) -> TritonReplica:
         if address not in self._clients:
-            self._clients[address] = triton_aio.InferenceServerClient(url=address)
+            self._clients[address] = TritonReplica(address)
         return self._clients[address]
 
     def set_copies(self, model: str, addresses: list[str], backend: BackendSettings) -> None:
@@ -142,28 +213,22 @@ class TritonBackend:
         if not pool.endpoints:
             await self._within(self._ensure_copy(model), deadline_s, model)
 
-        async def on(endpoint: Endpoint[triton_aio.InferenceServerClient]) -> InferResult:
-            tensor = InferInput(input_name, list(batch.shape), np_to_triton_dtype(batch.dtype))
-            tensor.set_data_from_numpy(batch)
+        request = encode_infer_request(model, str(version) if version else "", input_name, batch, output_name)
+        batch_size = int(batch.shape[0])
+
+        async def on(endpoint: Endpoint[TritonReplica]) -> InferResult:
             remaining_s = None if deadline_s is None else max(deadline_s - self._clock(), 0.001)
             started_s = time.perf_counter()
             attributes = {"flotilla.model": model, "flotilla.replica": endpoint.address,
-                          "flotilla.model_version": version, "flotilla.batch_size": int(batch.shape[0])}
+                          "flotilla.model_version": version, "flotilla.batch_size": batch_size}
             with tracing.tracer.start_as_current_span(f"triton {model}", kind=SpanKind.CLIENT, attributes=attributes):
                 try:
-                    reply = await endpoint.client.infer(
-                        model,
-                        [tensor],
-                        model_version=str(version) if version else "",
-                        outputs=[InferRequestedOutput(output_name)],
-                        client_timeout=remaining_s,
-                        headers=dict(tracing.inject()),
-                    )
-                except InferenceServerException as exc:
-                    raise translate_triton_error(exc, endpoint.address, model) from exc
+                    reply = await endpoint.client.model_infer(request, timeout=remaining_s, metadata=tracing.inject())
+                except grpc.aio.AioRpcError as exc:
+                    raise translate_triton_error(exc.code(), exc.details() or "", endpoint.address, model) from exc
                 finally:
                     metrics.BACKEND_SECONDS.labels(model, endpoint.address).observe(time.perf_counter() - started_s)
-            outputs = reply.as_numpy(output_name)
+            outputs = decode_infer_response(reply, output_name)
             if outputs is None:
                 raise BackendError(f"Triton at {endpoint.address} returned no {output_name!r} output")
             return InferResult(outputs, endpoint.address)

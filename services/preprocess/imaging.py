@@ -171,8 +171,14 @@ def _resize_box(height: int, width: int, decoded: tuple[int, int], spec: InputSp
     return left * sx, top * sy, (left + spec.width_px) * sx, (top + spec.height_px) * sy
 
 
-def decode_for_model(data: bytes, spec: InputSpec, *, what: str, max_pixels: int) -> np.ndarray:
-    """Decode a JPEG into an upright RGB uint8 array of shape (height_px, width_px, 3)."""
+def decode_for_model(
+    data: bytes, spec: InputSpec, *, what: str, max_pixels: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Decode a JPEG into an upright RGB uint8 array of shape (height_px, width_px, 3).
+
+    With ``out`` (such an array, e.g. one row of a batch) the pixels are
+    written there and ``out`` is returned: no per-image array to stack later.
+    """
     stored_h, stored_w = read_jpeg_size(data, what, max_pixels)
     orientation = read_exif_orientation(data) if spec.apply_exif_orientation else 1
     swapped = orientation >= 5  # 5..8 turn the image a quarter: height and width trade places
@@ -190,19 +196,26 @@ def decode_for_model(data: bytes, spec: InputSpec, *, what: str, max_pixels: int
     if orientation in _UPRIGHT:
         image = image.transpose(_UPRIGHT[orientation])
     box = _resize_box(height, width, (image.height, image.width), spec)
-    resized = image.resize((spec.width_px, spec.height_px), Image.Resampling.BILINEAR, box=box)
-    return np.asarray(resized, dtype=np.uint8)
+    resized = np.asarray(image.resize((spec.width_px, spec.height_px), Image.Resampling.BILINEAR, box=box))
+    if out is None:
+        return resized
+    out[...] = resized
+    return out
 
 
 def to_batch_tensor(images: list[np.ndarray], spec: InputSpec) -> np.ndarray:
-    """Stack (H, W, 3) RGB uint8 images into the model's batch tensor.
+    """Stack (H, W, 3) RGB uint8 images into the model's batch tensor (see ``batch_to_tensor``)."""
+    return batch_to_tensor(np.stack(images), spec)
+
+
+def batch_to_tensor(batch: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """A (N, H, W, 3) RGB uint8 batch as the model's batch tensor.
 
     Channels go into ``spec.channel_order``. UINT8 keeps the raw pixels (4x
     smaller on the wire than FP32; the model normalises). FP32 computes
     ``(pixel * scale - mean) / std`` per channel, mean and std in the
-    tensor's channel order.
+    tensor's channel order. An RGB NHWC UINT8 model takes ``batch`` as it is.
     """
-    batch = np.stack(images)
     if spec.channel_order == "BGR":
         batch = batch[..., ::-1]
     if spec.dtype == "FP32":
@@ -231,6 +244,18 @@ def scores_to_probabilities(scores: np.ndarray, kind: str) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.result_type(scores, np.float32))
     exp = np.exp(scores - scores.max(axis=-1, keepdims=True))  # the largest exponent is 0: no overflow
     return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def top_k_rows(probabilities: np.ndarray, ks: list[int]) -> list[list[tuple[int, float]]]:
+    """``top_k`` of every row at once: row i's ``ks[i]`` best (class index, score) pairs, best first."""
+    classes = probabilities.shape[-1]
+    widest = min(max(ks), classes)
+    best = np.argpartition(-probabilities, widest - 1, axis=-1)[:, :widest]
+    scores = np.take_along_axis(probabilities, best, axis=-1)
+    order = np.argsort(-scores, axis=-1, kind="stable")
+    indices = np.take_along_axis(best, order, axis=-1).tolist()
+    values = np.take_along_axis(scores, order, axis=-1).tolist()
+    return [list(zip(i[:k], v[:k], strict=True)) for i, v, k in zip(indices, values, ks, strict=True)]
 
 
 def top_k(probabilities: np.ndarray, k: int) -> list[tuple[int, float]]:

@@ -1,16 +1,19 @@
 """The preprocess role's core: a batch of image uuids in, per-item results out.
 
 For one batch it fetches every JPEG from the object store and decodes it
-concurrently (a thread pool: both steps release the GIL), stacks the good
-images into one tensor, runs it on an inference backend and splits the
-output back per item. A bad image fails only its own item; a failure of the
-whole batch (backend down, unknown model) raises.
+concurrently (a thread pool: both steps release the GIL) straight into its
+row of one preallocated batch array, runs the batch on an inference backend
+and splits the output back per item. The event loop is woken once per
+batch, by the last image to finish, not once per image. A bad image fails
+only its own item; a failure of the whole batch (backend down, unknown
+model) raises.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -19,13 +22,14 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from prometheus_client import Histogram
 
 from flotilla.common import metrics
 from flotilla.common.ids import object_key
 from flotilla.config import ModelSettings
 from flotilla.errors import FlotillaError, InvalidArgument, ModelNotFound
 from flotilla.services.preprocess.backend import InferenceBackend
-from flotilla.services.preprocess.imaging import decode_for_model, scores_to_probabilities, to_batch_tensor, top_k
+from flotilla.services.preprocess.imaging import batch_to_tensor, decode_for_model, scores_to_probabilities, top_k_rows
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +112,7 @@ class BatchProcessor:
         self.executor = executor
         self.max_object_bytes = max_object_bytes
         self.max_image_pixels = max_image_pixels
+        self._timers: dict[tuple[str, str], Histogram] = {}
 
     def model(self, name: str) -> ServedModel:
         try:
@@ -116,17 +121,63 @@ class BatchProcessor:
             served = ", ".join(sorted(self.models)) or "none"
             raise ModelNotFound(f"model {name!r} is not served here (served: {served})") from None
 
-    def _load_pixels(self, item: ItemRequest, model: ServedModel) -> np.ndarray:
+    def _stage_timer(self, model: str, stage: str) -> Histogram:
+        """The stage's histogram child (``labels`` looks it up under a lock on every call)."""
+        child = self._timers.get((model, stage))
+        if child is None:
+            child = self._timers[(model, stage)] = metrics.PREPROCESS_SECONDS.labels(model, stage)
+        return child
+
+    def _load_into(self, row: np.ndarray, item: ItemRequest, model: ServedModel) -> None:
         key = object_key(item.image_uuid)
         started_s = time.perf_counter()
         data = self.store.get(key, self.max_object_bytes)
         fetched_s = time.perf_counter()
-        metrics.PREPROCESS_SECONDS.labels(model.name, "fetch").observe(fetched_s - started_s)
-        pixels = decode_for_model(
-            data, model.settings.input, what=f"image {item.image_uuid}", max_pixels=self.max_image_pixels
+        self._stage_timer(model.name, "fetch").observe(fetched_s - started_s)
+        decode_for_model(
+            data, model.settings.input, what=f"image {item.image_uuid}", max_pixels=self.max_image_pixels, out=row
         )
-        metrics.PREPROCESS_SECONDS.labels(model.name, "decode").observe(time.perf_counter() - fetched_s)
-        return pixels
+        self._stage_timer(model.name, "decode").observe(time.perf_counter() - fetched_s)
+
+    async def _load_batch(
+        self, items: Sequence[ItemRequest], model: ServedModel
+    ) -> tuple[np.ndarray, list[BaseException | None]]:
+        """Every item's pixels in its row of one (N, H, W, 3) array, and each item's failure (None: loaded).
+
+        Each item is one job on the executor; the last job to finish wakes
+        the event loop, once for the whole batch.
+        """
+        spec = model.settings.input
+        pixels = np.empty((len(items), spec.height_px, spec.width_px, 3), dtype=np.uint8)
+        failures: list[BaseException | None] = [None] * len(items)
+        loop = asyncio.get_running_loop()
+        all_done = loop.create_future()
+        remaining = [len(items)]
+        lock = threading.Lock()
+
+        def wake() -> None:
+            if not all_done.done():
+                all_done.set_result(None)
+
+        def job(i: int) -> None:
+            try:
+                self._load_into(pixels[i], items[i], model)
+            except BaseException as exc:  # noqa: BLE001 - each item's failure is its own outcome
+                failures[i] = exc
+            finally:
+                with lock:
+                    remaining[0] -= 1
+                    last = remaining[0] == 0
+                if last:
+                    try:
+                        loop.call_soon_threadsafe(wake)
+                    except RuntimeError:  # the loop closed while the batch loaded (shutdown): nobody waits
+                        pass
+
+        for i in range(len(items)):
+            self.executor.submit(job, i)
+        await all_done
+        return pixels, failures
 
     async def process(
         self, model_name: str, items: Sequence[ItemRequest], *, version: int = 0, timeout_s: float | None = None
@@ -138,26 +189,27 @@ class BatchProcessor:
                 f"model {model_name!r} has no version {version}; live versions: {model.settings.versions}"
             )
         version = version or model.settings.served_version
-        loop = asyncio.get_running_loop()
-        loads = [loop.run_in_executor(self.executor, self._load_pixels, item, model) for item in items]
-        loaded = await asyncio.gather(*loads, return_exceptions=True)
+        if not items:
+            return BatchOutcome([], "")
+        pixels, failures = await self._load_batch(items, model)
 
         outcomes: list[ItemOutcome | None] = [None] * len(items)
         good: list[int] = []
-        for i, result in enumerate(loaded):
-            if isinstance(result, FlotillaError):
-                outcomes[i] = ItemOutcome(error=result)
-            elif isinstance(result, BaseException):
-                log.error("image %s: unexpected load failure", items[i].image_uuid, exc_info=result)
-                outcomes[i] = ItemOutcome(error=FlotillaError("internal error loading the image"))
-            else:
+        for i, failure in enumerate(failures):
+            if failure is None:
                 good.append(i)
+            elif isinstance(failure, FlotillaError):
+                outcomes[i] = ItemOutcome(error=failure)
+            else:
+                log.error("image %s: unexpected load failure", items[i].image_uuid, exc_info=failure)
+                outcomes[i] = ItemOutcome(error=FlotillaError("internal error loading the image"))
 
         backend = ""
         if good:
             started_s = time.perf_counter()
-            tensor = to_batch_tensor([loaded[i] for i in good], model.settings.input)  # type: ignore[misc]
-            metrics.PREPROCESS_SECONDS.labels(model.name, "tensor").observe(time.perf_counter() - started_s)
+            rows = pixels if len(good) == len(items) else pixels[good]
+            tensor = batch_to_tensor(rows, model.settings.input)
+            self._stage_timer(model.name, "tensor").observe(time.perf_counter() - started_s)
             result = await self.backend.infer(
                 model.backend_model,
                 model.settings.input.name,
@@ -168,10 +220,9 @@ class BatchProcessor:
             )
             backend = result.backend
             scores = scores_to_probabilities(result.outputs, model.settings.output_kind)
-            for row, i in enumerate(good):
-                best = top_k(scores[row], items[i].top_k or DEFAULT_TOP_K)
-                classes = [ClassScore(idx, model.label(idx), score) for idx, score in best]
-                outcomes[i] = ItemOutcome(classes=classes)
+            best = top_k_rows(scores.reshape(len(good), -1), [items[i].top_k or DEFAULT_TOP_K for i in good])
+            for i, pairs in zip(good, best, strict=True):
+                outcomes[i] = ItemOutcome(classes=[ClassScore(idx, model.label(idx), score) for idx, score in pairs])
         missing = [items[i].image_uuid for i, o in enumerate(outcomes) if o is None]
         if missing:  # every item gets exactly one outcome; anything else is a bug
             raise FlotillaError(f"internal error: no outcome for {missing}")
