@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -63,9 +64,9 @@ ARRIVAL_LIMITED_LOAD = 0.7
 """Open-loop rate as a fraction of the mesh's saturated throughput."""
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 CPU_PARTS = ("cpu", "overhead", "ceiling", "peer")
+"""The parts measured from the processes' CPU counters, in the order `make bench` runs them."""
 NEAR_FREE_BEFORE_REQUESTS_PER_S = 482.1
 """Near-free mesh requests/s before issue 9's cuts: `make bench` at f0d52b1 (2026-11-23 12:05 UTC), this machine."""
-"""The parts measured from the processes' CPU counters, in the order `make bench` runs them."""
 
 
 # -- 1. preprocessing per core ---------------------------------------------------
@@ -89,11 +90,23 @@ def preprocessing_per_core(photos: list[bytes], settings: FlotillaSettings, roun
             for photo in photos:
                 fn(photo)
         rates[name] = rounds * len(photos) / (time.perf_counter() - start)
+    # A worker decodes a batch on its fetch threads: the decode releases the GIL, so one worker
+    # process uses every core it is given. Same photos, all cores' worth of threads, wall clock.
+    threads = os.cpu_count() or 1
+    work = [photo for _ in range(rounds) for photo in photos]
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(scaled, photos))  # warm the threads
+        start = time.perf_counter()
+        list(pool.map(scaled, work))
+        threaded = len(work) / (time.perf_counter() - start)
     megapixels = [Image.open(io.BytesIO(p)).size for p in photos]
     return {
         "naive_images_per_s_per_core": round(rates["naive"], 1),
         "flotilla_images_per_s_per_core": round(rates["flotilla"], 1),
         "speedup": round(rates["flotilla"] / rates["naive"], 2),
+        "threads": threads,
+        "flotilla_images_per_s_threads": round(threaded, 1),
+        "cores_used_by_threads": round(threaded / rates["flotilla"], 2),
         "photo_megapixels": [round(w * h / 1e6, 2) for w, h in megapixels],
     }
 
@@ -293,6 +306,9 @@ def readme_table(results: dict[str, object]) -> str:
         "|---|---|",
         f"| preprocessing, images/s per core (1-2 MP photos): Flotilla / naive Pillow | "
         f"{pre['flotilla_images_per_s_per_core']} / {pre['naive_images_per_s_per_core']} = **{pre['speedup']}x** |",  # type: ignore[index]
+        *([f"| a worker's decode on {pre['threads']} threads (its fetch threads), images/s: cores used | "  # type: ignore[index]
+           f"{pre['flotilla_images_per_s_threads']}: **{pre['cores_used_by_threads']}** |"]  # type: ignore[index]
+          if "threads" in pre else []),  # type: ignore[operator]
         *(bench_cpu.mesh_vs_limit_row(results["cpu"]) if isinstance(results.get("cpu"), dict) else []),  # type: ignore[arg-type]
         f"| p50 at concurrency 1, max_batch_size=1: direct to worker / via batcher / via router+batcher (ms) | "
         f"{latency.get('p50_ms_direct_to_worker')} / {latency.get('p50_ms_via_batcher')} / {latency.get('p50_ms_via_router_and_batcher')} "  # type: ignore[union-attr]
