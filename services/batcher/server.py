@@ -1,8 +1,11 @@
 """gRPC layer of the batcher role: one service per model.
 
-Serves ``flotilla.api.v1.ImageClassifier/Classify`` with a raw-bytes
-handler so that a malformed body is answered here with INVALID_ARGUMENT
-(the router forwards bodies it never parses). Requests join the model's
+Takes Classify calls two ways, through the same parsing and queue: as
+frames on the router's ``Relay`` streams (``ClassifierHandler.start``) and
+as unary ``flotilla.api.v1.ImageClassifier/Classify`` calls from callers
+that reach the batcher directly. Bodies arrive as raw bytes so that a
+malformed one is answered here with INVALID_ARGUMENT (the router forwards
+bodies it never parses). Requests join the model's
 BatchQueue; each formed batch goes to a preprocess worker chosen by an
 EndpointPool (one call per model version in the batch), and every request
 gets its own item's answer.
