@@ -129,8 +129,12 @@ async def test_priorities_order_dispatch_and_bad_priority_is_invalid(client: Flo
         await client.classify(uuid, MODEL, priority=priority, timeout_s=30)
         order.append(name)
 
-    low = [asyncio.create_task(tracked(f"low{i}", 0)) for i in range(3)]  # default level 2
-    await wait_for_depth(admin, 3)
+    # FIFO is by arrival at the batcher; concurrent calls may overtake each other on the way (the
+    # router handles them as they come off the connection), so each is queued before the next is sent.
+    low = []
+    for i in range(3):
+        low.append(asyncio.create_task(tracked(f"low{i}", 0)))  # default level 2
+        await wait_for_depth(admin, i + 1)
     high = asyncio.create_task(tracked("high", 1))
     await wait_for_depth(admin, 4)
     # Release one request per batch, one batch at a time: completion order is dispatch order.
