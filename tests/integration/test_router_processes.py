@@ -29,11 +29,12 @@ def two_routers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
         yield stack
 
 
-def gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+def listeners(port: int) -> int:
+    """Sockets listening on 127.0.0.1:``port`` (one per router process), from /proc/net/tcp{,6}
+    (gRPC may listen on an IPv6 socket with the IPv4-mapped address)."""
+    addresses = {f"0100007F:{port:04X}", f"0000000000000000FFFF00000100007F:{port:04X}"}
+    rows = [row.split() for table in ("tcp", "tcp6") for row in Path(f"/proc/net/{table}").read_text().splitlines()[1:]]
+    return sum(1 for row in rows if row[1] in addresses and row[3] == "0A")  # 0A: LISTEN
 
 
 def served_ok(stack: LocalStack) -> dict[str, float]:
@@ -86,9 +87,12 @@ async def test_the_port_stays_served_when_one_router_process_dies(two_routers: L
     victim = two_routers.routers[1]
     pid = victim.pid
     assert pid is not None
+    port = int(victim.address.rsplit(":", 1)[1])
+    assert listeners(port) == 2
     os.kill(pid, signal.SIGKILL)
-    # Once it is gone its socket leaves the port's group (connections it had not accepted yet are reset).
-    while not gone(pid):
+    # Once its listening socket is closed (the last of its threads gone, after it shows as a zombie) it
+    # leaves the port's group; connections it had accepted but not taken are reset with it.
+    while listeners(port) > 1:
         await asyncio.sleep(0.01)
 
     await classify_from_many_connections(two_routers, uuid)  # new connections: all to the survivor
