@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_START_TIMEOUT_S = 60.0
 S3_START_TIMEOUT_S = 60.0
+S3_PORT_ATTEMPTS = 3
+WEED_PORT_TAKEN = "Port allocation failed"
+"""What weed logs when a port it was given is not available (it then exits)."""
 MODEL_READY_TIMEOUT_S = 180.0
 
 
@@ -246,14 +249,37 @@ class LocalStack:
 
     # -- start-up ------------------------------------------------------------
 
-    def _start(self) -> StackState:
-        self.logs.mkdir(parents=True, exist_ok=True)
+    def _launch_s3(self) -> S3Settings:
+        """Start SeaweedFS on free ports; its S3 settings (not yet ready: ``_wait_for_s3``)."""
         s3_settings = self.base.s3.model_copy(update={"endpoint": f"{self.host}:{free_port(self.host)}"})
         self.s3 = seaweed_s3(
             s3_settings, self.host, int(s3_settings.endpoint.rsplit(":", 1)[1]),
             self.run_dir / "s3-data", self.logs / "seaweedfs.log",
         )
         self.s3.start()
+        return s3_settings
+
+    def _wait_for_s3(self, s3_settings: S3Settings) -> S3Settings:
+        """Wait until S3 answers. A port chosen free can be taken before weed binds it (any
+        process's outgoing connection may get it): weed then exits at once, and is started
+        again on other ports."""
+        for attempt in range(1, S3_PORT_ATTEMPTS + 1):
+            store = ObjectStore(s3_settings, timeout_s=2.0, retries=0)
+            try:
+                wait_until(lambda s=store: _s3_ready(s), S3_START_TIMEOUT_S, "SeaweedFS S3", procs=[self.s3])  # type: ignore[misc, list-item]
+                return s3_settings
+            except RuntimeError as exc:
+                if WEED_PORT_TAKEN not in str(exc) or attempt == S3_PORT_ATTEMPTS:
+                    raise
+                log.warning("SeaweedFS: a port chosen for it was taken before it bound it; starting it on other ports")
+                assert self.s3 is not None
+                self.s3.stop()
+                s3_settings = self._launch_s3()
+        raise AssertionError("unreachable")
+
+    def _start(self) -> StackState:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        s3_settings = self._launch_s3()
 
         install = TritonInstallation.prepare(self.run_dir)
         # Replicas share this host's cores: each ONNX Runtime session gets a share.
@@ -273,8 +299,7 @@ class LocalStack:
             self.tritons.append(proc)
         triton_addresses = [p.address for p in self.tritons]
 
-        store = ObjectStore(s3_settings, timeout_s=2.0, retries=0)
-        wait_until(lambda: _s3_ready(store), S3_START_TIMEOUT_S, "SeaweedFS S3", procs=[self.s3])
+        s3_settings = self._wait_for_s3(s3_settings)
         for proc in self.tritons:
             wait_until(lambda a=proc.address: triton_ready(a),  # type: ignore[misc]
                        self.base.triton.startup_timeout_s, f"Triton {proc.address}", procs=[proc])

@@ -111,3 +111,32 @@ def test_a_new_weed_waits_for_the_previous_one_or_names_it(weeds: Weeds) -> None
     second, store = weeds.start()
     assert not first.alive() and first.describe_exit() == "exit 0"
     assert second.alive() and s3_ready(store)
+
+
+def test_a_port_taken_before_weed_binds_it_starts_weed_again_on_other_ports(tmp_path: Path, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A port chosen free can be taken before weed binds it; the stack starts weed again on other ports."""
+    from flotilla.config import FlotillaSettings
+    from flotilla.stack import components
+    from flotilla.stack.local import LocalStack
+
+    taken = socket.socket()
+    taken.bind((HOST, 0))
+    taken.listen()
+    # The Iceberg port given to the first weed is already in use (weed finds another for some of its
+    # ports by itself, not for this one: it exits).
+    iceberg = components._WEED_PORT_FLAGS.index("s3.port.iceberg")
+    calls = iter(range(10**6))
+    monkeypatch.setattr(
+        components, "free_port", lambda host: taken.getsockname()[1] if next(calls) == iceberg else free_port(host)
+    )
+    stack = LocalStack(FlotillaSettings(run_dir=tmp_path))
+    stack.logs.mkdir(parents=True)
+    try:
+        settings = stack._wait_for_s3(stack._launch_s3())
+        ObjectStore(settings, timeout_s=2.0, retries=0).put(KEY, BODY)
+        assert "a port chosen for it was taken before it bound it" in caplog.text
+        assert stack.s3 is not None and stack.s3.alive()
+    finally:
+        taken.close()
+        if stack.s3 is not None:
+            stack.s3.stop()
