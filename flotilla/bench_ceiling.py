@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import sys
 import time
 import uuid
@@ -43,7 +44,7 @@ from flotilla.api.v1 import (
     preprocess_pb2_grpc,
     relay_pb2,
 )
-from flotilla.bench_cpu import CLOCK_TICKS_PER_S, read_stat
+from flotilla.bench_cpu import LOAD_GENERATOR, Tier, metered_load
 from flotilla.common.relay import RelayServicer
 from flotilla.common.server import GrpcPeer, ServiceServer, is_serving
 from flotilla.config import FlotillaSettings, ModelSettings, dump_settings
@@ -57,13 +58,6 @@ BATCHER_BATCH_SIZES = (8, 32)
 ROUTER_CONNECTIONS = 16
 ROUTER_CONCURRENCY = 256
 WARMUP_S = 2.0
-
-
-def process_cpu_s(pid: int) -> float:
-    stat = read_stat(pid)
-    if stat is None:
-        raise RuntimeError(f"process {pid} is gone")
-    return stat.cpu_ticks / CLOCK_TICKS_PER_S
 
 
 def classify_bodies(n: int = 256) -> list[bytes]:
@@ -119,43 +113,27 @@ def _instant_batcher(frame: relay_pb2.CallFrame) -> asyncio.Future[inference_pb2
 
 
 async def _measure(
-    pid: int, call: Callable[[], Awaitable[object]], *, concurrency: int, window_s: float
+    tier: str, pid: int, call: Callable[[], Awaitable[object]], *, concurrency: int, window_s: float
 ) -> dict[str, float]:
-    """``concurrency`` loops of ``call`` for a warm-up and ``window_s``: rate, the process's and this one's CPU."""
-    done = errors = 0
-    stop = False
-
-    async def loop() -> None:
-        nonlocal done, errors
-        while not stop:
-            try:
-                await call()
-                done += 1
-            except Exception:
-                errors += 1
-
-    tasks = [asyncio.create_task(loop()) for _ in range(concurrency)]
-    try:
-        await asyncio.sleep(WARMUP_S)
-        cpu0, gen0, done0, t0 = process_cpu_s(pid), time.process_time(), done, time.monotonic()
-        await asyncio.sleep(window_s)
-        cpu1, gen1, done1, t1 = process_cpu_s(pid), time.process_time(), done, time.monotonic()
-    finally:
-        stop = True
-        await asyncio.gather(*tasks)
-    served = done1 - done0
-    rate = served / (t1 - t0)
-    cores = (cpu1 - cpu0) / (t1 - t0)
+    """The CPU bench's closed loop and meter (one window after the warm-up) on one process: rate,
+    its CPU per request, its and the load generator's cores, and its ceiling on one core."""
+    point = await metered_load(
+        {tier: Tier([pid]), LOAD_GENERATOR: Tier([os.getpid()], descendants=False)}, call,
+        concurrency=concurrency, window_s=window_s, windows=1, warmup_s=WARMUP_S,
+    )
+    rate = float(point["images_per_s"])  # type: ignore[arg-type]
+    per_request: dict[str, float] = point["cpu_us_per_image"]  # type: ignore[assignment]
+    us = per_request[tier]
     return {
         "concurrency": concurrency,
         "window_s": window_s,
-        "requests": served,
-        "requests_per_s": round(rate, 1),
-        "cpu_us_per_request": round(1e6 * (cpu1 - cpu0) / max(served, 1), 1),
-        "cores_busy": round(cores, 2),
-        "load_generator_cores_busy": round((gen1 - gen0) / (t1 - t0), 2),
-        "ceiling_requests_per_s_one_core": round(rate / cores) if cores > 0 else 0,
-        "errors": errors,
+        "requests": point["succeeded"],  # type: ignore[dict-item]
+        "requests_per_s": rate,
+        "cpu_us_per_request": us,
+        "cores_busy": round(us * rate / 1e6, 2),
+        "load_generator_cores_busy": round(per_request[LOAD_GENERATOR] * rate / 1e6, 2),
+        "ceiling_requests_per_s_one_core": round(1e6 / us) if us > 0 else 0,
+        "errors": point["errors"],  # type: ignore[dict-item]
     }
 
 
@@ -206,7 +184,7 @@ async def batcher_point(settings: FlotillaSettings, run_dir: Path, *, max_batch_
         headers = [("x-model-name", MODEL)]
         assert batcher.pid is not None
         point = await _measure(
-            batcher.pid, lambda: peer.relay.call(CLASSIFY, next(ring), headers, 30.0),  # type: ignore[union-attr]
+            "batcher", batcher.pid, lambda: peer.relay.call(CLASSIFY, next(ring), headers, 30.0),  # type: ignore[union-attr]
             concurrency=BATCHER_CONCURRENCY, window_s=window_s,
         )
         return {"tier": "batcher", "max_batch_size": max_batch_size, **point,
@@ -245,7 +223,7 @@ async def router_point(settings: FlotillaSettings, run_dir: Path, *, window_s: f
             return next(sends)(next(bodies), metadata=metadata, timeout=30.0)
 
         assert router.pid is not None
-        point = await _measure(router.pid, call, concurrency=ROUTER_CONCURRENCY, window_s=window_s)
+        point = await _measure("router", router.pid, call, concurrency=ROUTER_CONCURRENCY, window_s=window_s)
         return {"tier": "router", "connections": ROUTER_CONNECTIONS, **point,
                 "calls_per_relay_message": round(batcher.calls_received / max(batcher.messages, 1), 1)}
     finally:

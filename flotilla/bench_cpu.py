@@ -55,6 +55,8 @@ class ProcStat:
     """Start time after boot, in clock ticks: with the pid, names one process."""
     cpu_ticks: int
     """utime + stime of every thread, in clock ticks."""
+    state: str = "R"
+    """The state letter (R, S, D, Z, ...)."""
 
 
 def read_stat(pid: int, proc: Path = PROC) -> ProcStat | None:
@@ -67,7 +69,8 @@ def read_stat(pid: int, proc: Path = PROC) -> ProcStat | None:
     fields = text[text.rindex(")") + 2 :].split()
     # fields[0] is field 3 (state): ppid is field 4, utime 14, stime 15, starttime 22.
     return ProcStat(
-        pid=pid, ppid=int(fields[1]), start_ticks=int(fields[19]), cpu_ticks=int(fields[11]) + int(fields[12])
+        pid=pid, ppid=int(fields[1]), start_ticks=int(fields[19]), cpu_ticks=int(fields[11]) + int(fields[12]),
+        state=fields[0],
     )
 
 

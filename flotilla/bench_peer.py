@@ -302,11 +302,10 @@ def _wait_gone(pids: set[int], timeout_s: float) -> set[int]:
 
 def _state(pid: int) -> str:
     """The process's state letter (``X`` when it is gone)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return "X"
-    return text[text.rindex(")") + 2 :].split()[0]
+    from flotilla.bench_cpu import read_stat
+
+    stat = read_stat(pid)
+    return "X" if stat is None else stat.state
 
 
 def _cmdline(pid: int) -> str:
@@ -540,7 +539,7 @@ def run_local(
     on the CPU bench's large photos unless ``photos`` is given."""
     from flotilla.common.object_store import ObjectStore
     from flotilla.stack.components import seaweed_s3
-    from flotilla.stack.local import S3_START_TIMEOUT_S, _s3_ready
+    from flotilla.stack.local import S3_START_TIMEOUT_S, s3_ready
     from flotilla.stack.processes import free_port, wait_until
 
     photos = large_photos() if photos is None else photos
@@ -552,7 +551,7 @@ def run_local(
     weed.start()
     try:
         store = ObjectStore(s3, timeout_s=2.0, retries=0)
-        wait_until(lambda: _s3_ready(store), S3_START_TIMEOUT_S, "SeaweedFS S3", procs=[weed])
+        wait_until(lambda: s3_ready(store), S3_START_TIMEOUT_S, "SeaweedFS S3", procs=[weed])
         kw.setdefault("photos_note", LARGE_NOTE)
         return run_peer(replicas=replicas, max_batch_size=max_batch_size, concurrency=concurrency,
                         duration_s=duration_s, photos=photos, s3=s3, **kw)

@@ -88,7 +88,7 @@ class StackState:
         return cls(**json.loads(path.read_text(encoding="utf-8")))
 
 
-def _s3_ready(store: ObjectStore) -> bool:
+def s3_ready(store: ObjectStore) -> bool:
     try:
         store.ensure_bucket()
     except StoreUnavailable:
@@ -266,7 +266,7 @@ class LocalStack:
         for attempt in range(1, S3_PORT_ATTEMPTS + 1):
             store = ObjectStore(s3_settings, timeout_s=2.0, retries=0)
             try:
-                wait_until(lambda s=store: _s3_ready(s), S3_START_TIMEOUT_S, "SeaweedFS S3", procs=[self.s3])  # type: ignore[misc, list-item]
+                wait_until(lambda s=store: s3_ready(s), S3_START_TIMEOUT_S, "SeaweedFS S3", procs=[self.s3])  # type: ignore[misc, list-item]
                 return s3_settings
             except RuntimeError as exc:
                 if WEED_PORT_TAKEN not in str(exc) or attempt == S3_PORT_ATTEMPTS:

@@ -20,22 +20,14 @@ import pytest
 
 from flotilla.common.object_store import ObjectStore
 from flotilla.config import S3Settings
-from flotilla.errors import StoreUnavailable
 from flotilla.stack.components import seaweed_s3
+from flotilla.stack.local import s3_ready
 from flotilla.stack.processes import ManagedProcess, free_port, wait_until
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 30.0
 KEY = "kept-across-restarts.jpg"
 BODY = b"\xff\xd8 not really a jpeg \xff\xd9"
-
-
-def s3_ready(store: ObjectStore) -> bool:
-    try:
-        store.ensure_bucket()
-    except StoreUnavailable:
-        return False
-    return True
 
 
 class Weeds:
