@@ -13,8 +13,9 @@ Ray Serve serves it with ``num_replicas`` = the mesh's Triton replicas and
 ``max_batch_size`` and ``max_queue_delay_us``. Like the mesh (two batches in
 flight per replica: one preprocessed while the other runs), each replica
 forms up to two batches at once (``max_concurrent_batches=2``) and runs one
-ONNX Runtime call at a time; it fetches and decodes with as many threads as
-a preprocess worker (``fetch_threads``). Access logs are off.
+ONNX Runtime call at a time; it fetches (a keep-alive connection per thread,
+the same signed GET as ``ObjectStore.get``) and decodes on ``fetch_threads``
+threads per replica. Access logs are off.
 
 The load is the CPU bench's: a closed loop at the same concurrency (64 for
 R = 2, max_batch_size 8) after a warm-up, through Ray Serve's HTTP proxy on
@@ -130,7 +131,7 @@ class PeerConfig:
     output_kind: str = str(CATALOG[MODEL]["output_kind"])
     labels_file: str | None = None
     intra_op_threads: int = 1
-    fetch_threads: int = PreprocessSettings().fetch_threads
+    fetch_threads: int = 8
     max_object_bytes: int = PreprocessSettings().max_object_bytes
     max_image_pixels: int = PreprocessSettings().max_image_pixels
     top_k: int = TOP_K

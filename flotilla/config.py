@@ -270,8 +270,11 @@ class BatcherSettings(_Section):
 class PreprocessSettings(_Section):
     workers: int = Field(1, ge=1)
     """Preprocess worker processes the local stack starts."""
-    fetch_threads: int = Field(8, ge=1)
-    """Threads per worker fetching and decoding the images of a batch concurrently."""
+    decode_threads: int = Field(0, ge=0)
+    """Threads per worker decoding and resizing images (a batch's images are split between them);
+    0: one per CPU the worker may run on. More than the worker's cores only adds hand-offs."""
+    max_fetches: int = Field(64, ge=1)
+    """S3 GETs a worker runs at once (each batch fetches all its images at once, on the event loop)."""
     max_object_bytes: int = Field(20 * 1024 * 1024, ge=1)
     """Stored objects larger than this are rejected with INVALID_ARGUMENT."""
     max_image_pixels: int = Field(50_000_000, ge=1)

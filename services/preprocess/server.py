@@ -9,6 +9,7 @@ is loaded on demand through the controller's EnsureLoaded (cold start).
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -23,7 +24,7 @@ from flotilla.api.v1 import (
 )
 from flotilla.common.fleet import FleetWatcher, ready_replicas, spec_of
 from flotilla.common.interceptors import UNKNOWN_MODEL
-from flotilla.common.object_store import ObjectStore
+from flotilla.common.object_store import AsyncObjectReader
 from flotilla.common.server import ServiceServer, serve_until_signal
 from flotilla.common.status import error_from_rpc
 from flotilla.config import FlotillaSettings
@@ -120,7 +121,9 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     """Run one preprocess worker until SIGTERM."""
     if not settings.endpoints.controller:
         raise SystemExit("preprocess: endpoints.controller is empty; workers take their models from the controller")
-    executor = ThreadPoolExecutor(settings.preprocess.fetch_threads, thread_name_prefix="fetch")
+    decode_threads = settings.preprocess.decode_threads or len(os.sched_getaffinity(0))
+    executor = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
+    store = AsyncObjectReader(settings.s3, max_connections=settings.preprocess.max_fetches)
     channel = grpc.aio.insecure_channel(settings.endpoints.controller)
     backend_to_model: dict[str, str] = {}
     backend = TritonBackend(
@@ -128,11 +131,12 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     )
     processor = BatchProcessor(
         {},
-        ObjectStore(settings.s3, pool_size=settings.preprocess.fetch_threads),
+        store,
         backend,
         executor,
         max_object_bytes=settings.preprocess.max_object_bytes,
         max_image_pixels=settings.preprocess.max_image_pixels,
+        decode_jobs=decode_threads,
     )
     follower = FleetFollower(processor, backend)
 
@@ -155,6 +159,7 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     async def cleanup() -> None:
         await watcher.stop()
         await backend.close()
+        await store.close()
         await channel.close()
         executor.shutdown(wait=False, cancel_futures=True)
 

@@ -59,7 +59,7 @@ class FakeStore:
         self.objects = objects
         self.requested: list[str] = []
 
-    def get(self, key: str, max_bytes: int) -> bytes:
+    async def get(self, key: str, max_bytes: int) -> bytes:
         self.requested.append(key)
         if key not in self.objects:
             raise ImageNotFound(f"no object {key!r}")

@@ -30,7 +30,7 @@ class Store:
     def __init__(self, objects: dict[str, bytes]) -> None:
         self.objects = objects
 
-    def get(self, key: str, max_bytes: int) -> bytes:
+    async def get(self, key: str, max_bytes: int) -> bytes:
         if key not in self.objects:
             raise ImageNotFound(f"no object {key!r}")
         return self.objects[key]
@@ -56,12 +56,16 @@ def test_decoding_into_a_row_equals_decoding_alone() -> None:
     assert not row[0].any()
 
 
-async def test_the_batch_holds_the_good_images_in_item_order() -> None:
+@pytest.mark.parametrize("decode_jobs", [1, 2, 5])
+async def test_the_batch_holds_the_good_images_in_item_order(decode_jobs: int) -> None:
     photos = {f"{u}.jpg": jpeg(60 + 10 * i, 80, i) for i, u in enumerate(UUIDS) if i != 1}
     backend = RecordingBackend()
     models = {"m": ServedModel("m", ModelSettings(input=SPEC), [])}
     with ThreadPoolExecutor(3) as executor:
-        processor = BatchProcessor(models, Store(photos), backend, executor, max_object_bytes=1 << 20, max_image_pixels=10**7)
+        processor = BatchProcessor(
+            models, Store(photos), backend, executor,
+            max_object_bytes=1 << 20, max_image_pixels=10**7, decode_jobs=decode_jobs,
+        )
         outcome = await processor.process("m", [ItemRequest(u, top_k=3) for u in UUIDS])
     assert [o.error is None for o in outcome.items] == [True, False, True, True]
     expected = to_batch_tensor(

@@ -1,17 +1,21 @@
-"""ObjectStore.get's signed GET: the signature (checked against the minio SDK's signer) and
-each answer of a stand-in S3 server (found, missing, too large, refused, dropped connections)."""
+"""The signed GET of an image, both forms (ObjectStore.get in threads, AsyncObjectReader.get on the
+event loop): the signature (the minio SDK's signer) and each answer of a stand-in S3 server (found,
+missing, too large, refused, dropped connections, unreachable)."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
 
 import pytest
 from pydantic import SecretStr
 
-from flotilla.common.object_store import ObjectStore, SignedGetter
+from flotilla.common.object_store import AsyncObjectReader, GetSigner, ObjectStore
 from flotilla.config import S3Settings
 from flotilla.errors import ImageNotFound, ImageTooLarge, StoreUnavailable
 
@@ -24,7 +28,7 @@ def test_a_get_is_signed_for_the_endpoint_bucket_key_and_time() -> None:
     # and the real SeaweedFS checks the signature in the integration tests.
     now = datetime(2026, 11, 23, 12, 34, 56, tzinfo=UTC)
     path = "/images/123e4567-e89b-42d3-a456-426614174000.jpg"
-    headers = SignedGetter(SETTINGS, timeout_s=1.0, retries=0).headers(path, now)
+    headers = GetSigner(SETTINGS).headers(path, now)
     assert headers["x-amz-date"] == "20261123T123456Z"
     assert headers["Host"] == SETTINGS.endpoint
     assert headers["x-amz-content-sha256"] == EMPTY_SHA256
@@ -32,7 +36,7 @@ def test_a_get_is_signed_for_the_endpoint_bucket_key_and_time() -> None:
         "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261123/us-east-1/s3/aws4_request, "
         "SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature="
     )
-    later = SignedGetter(SETTINGS, timeout_s=1.0, retries=0).headers(path.replace("123e", "223e"), now)
+    later = GetSigner(SETTINGS).headers(path.replace("123e", "223e"), now)
     assert later["Authorization"] != headers["Authorization"], "the key is part of what is signed"
 
 
@@ -43,9 +47,11 @@ class FakeS3(BaseHTTPRequestHandler):
     objects: dict[str, bytes] = {}
     script: list[str] = []  # per request, first: "503", "drop" (close without answering), or "" (answer)
     seen: list[str] = []
+    connections: set[tuple[str, int]] = set()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         self.seen.append(self.path)
+        self.connections.add(self.client_address)
         step = self.script.pop(0) if self.script else ""
         if step == "drop":
             self.close_connection = True
@@ -54,7 +60,7 @@ class FakeS3(BaseHTTPRequestHandler):
             self._answer(503, b"<Error><Code>SlowDown</Code></Error>")
             return
         assert "Signature=" in self.headers["Authorization"]
-        body = self.objects.get(self.path.removeprefix("/images/"))
+        body = self.objects.get(unquote(self.path.removeprefix("/images/")))
         if body is None:
             self._answer(404, b"<?xml version='1.0'?><Error><Code>NoSuchKey</Code><Message>gone</Message></Error>")
         else:
@@ -70,40 +76,75 @@ class FakeS3(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def s3() -> Iterator[ObjectStore]:
+class Reader:
+    """AsyncObjectReader.get called from blocking test code: each call on its own event loop
+    (a fresh session each time, so reuse is checked within one ``get_all``)."""
+
+    def __init__(self, settings: S3Settings, *, timeout_s: float, retries: int) -> None:
+        self.settings = settings
+        self.timeout_s = timeout_s
+        self.retries = retries
+
+    async def _get_all(self, keys: list[str], max_bytes: int) -> list[bytes]:
+        reader = AsyncObjectReader(self.settings, timeout_s=self.timeout_s, retries=self.retries)
+        try:
+            return [await reader.get(key, max_bytes) for key in keys]
+        finally:
+            await reader.close()
+
+    def get_all(self, keys: list[str], max_bytes: int) -> list[bytes]:
+        return asyncio.run(self._get_all(keys, max_bytes))
+
+    def get(self, key: str, max_bytes: int) -> bytes:
+        return self.get_all([key], max_bytes)[0]
+
+
+@pytest.fixture(params=["threads", "event loop"])
+def s3(request: pytest.FixtureRequest) -> Iterator[ObjectStore | Reader]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeS3)
-    FakeS3.objects = {"a.jpg": b"\xff\xd8\xff" + b"x" * 1000, "big.jpg": b"y" * 5000}
-    FakeS3.script, FakeS3.seen = [], []
+    FakeS3.objects = {"a.jpg": b"\xff\xd8\xff" + b"x" * 1000, "big.jpg": b"y" * 5000, "a b+c.jpg": b"spaced"}
+    FakeS3.script, FakeS3.seen, FakeS3.connections = [], [], set()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     settings = SETTINGS.model_copy(update={"endpoint": f"127.0.0.1:{server.server_address[1]}"})
     try:
-        yield ObjectStore(settings, timeout_s=2.0, retries=1)
+        if request.param == "threads":
+            yield ObjectStore(settings, timeout_s=2.0, retries=1)
+        else:
+            yield Reader(settings, timeout_s=2.0, retries=1)
     finally:
         server.shutdown()
         server.server_close()
 
 
-def test_an_object_comes_back_whole_over_one_connection(s3: ObjectStore) -> None:
-    for _ in range(3):
-        assert s3.get("a.jpg", 4096) == FakeS3.objects["a.jpg"]
+def test_an_object_comes_back_whole_over_one_connection(s3: ObjectStore | Reader) -> None:
+    if isinstance(s3, Reader):
+        assert s3.get_all(["a.jpg"] * 3, 4096) == [FakeS3.objects["a.jpg"]] * 3
+    else:
+        for _ in range(3):
+            assert s3.get("a.jpg", 4096) == FakeS3.objects["a.jpg"]
     assert FakeS3.seen == ["/images/a.jpg"] * 3
+    assert len(FakeS3.connections) == 1
 
 
-def test_a_missing_object_says_to_upload_it(s3: ObjectStore) -> None:
+def test_a_key_is_sent_as_it_was_signed(s3: ObjectStore | Reader) -> None:
+    assert s3.get("a b+c.jpg", 4096) == b"spaced"
+    assert FakeS3.seen == ["/images/a%20b%2Bc.jpg"]
+
+
+def test_a_missing_object_says_to_upload_it(s3: ObjectStore | Reader) -> None:
     with pytest.raises(ImageNotFound, match="no object 'nope.jpg' in bucket 'images'; upload the image"):
         s3.get("nope.jpg", 4096)
     assert s3.get("a.jpg", 4096)  # the connection is still usable
 
 
-def test_an_object_over_the_limit_is_refused_from_its_length(s3: ObjectStore) -> None:
+def test_an_object_over_the_limit_is_refused_from_its_length(s3: ObjectStore | Reader) -> None:
     with pytest.raises(ImageTooLarge, match="object 'big.jpg' is 5000 bytes; the limit is 4096 bytes"):
         s3.get("big.jpg", 4096)
     assert s3.get("a.jpg", 4096) == FakeS3.objects["a.jpg"]  # a fresh connection after the unread body
 
 
-def test_a_busy_store_is_retried_then_reported(s3: ObjectStore) -> None:
+def test_a_busy_store_is_retried_then_reported(s3: ObjectStore | Reader) -> None:
     FakeS3.script = ["503"]
     assert s3.get("a.jpg", 4096) == FakeS3.objects["a.jpg"]
     FakeS3.script = ["503", "503"]
@@ -111,13 +152,26 @@ def test_a_busy_store_is_retried_then_reported(s3: ObjectStore) -> None:
         s3.get("a.jpg", 4096)
 
 
-def test_a_connection_the_server_dropped_is_replaced(s3: ObjectStore) -> None:
+def test_a_connection_the_server_dropped_is_replaced(s3: ObjectStore | Reader) -> None:
     assert s3.get("a.jpg", 4096)
     FakeS3.script = ["drop"]
     assert s3.get("a.jpg", 4096) == FakeS3.objects["a.jpg"]
 
 
-def test_an_unreachable_store_is_unavailable_with_its_address() -> None:
-    store = ObjectStore(SETTINGS.model_copy(update={"endpoint": "127.0.0.1:9"}), timeout_s=1.0, retries=0)
+@pytest.mark.parametrize("form", [ObjectStore, Reader])
+def test_an_unreachable_store_is_unavailable_with_its_address(form: type) -> None:
+    store = form(SETTINGS.model_copy(update={"endpoint": "127.0.0.1:9"}), timeout_s=1.0, retries=0)
     with pytest.raises(StoreUnavailable, match=r"object store at 127\.0\.0\.1:9 is unreachable"):
         store.get("a.jpg", 4096)
+
+
+@pytest.mark.parametrize("form", [ObjectStore, Reader])
+def test_a_store_that_never_answers_is_reported_in_time(form: type) -> None:
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel does), never answers
+    try:
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        store = form(SETTINGS.model_copy(update={"endpoint": address}), timeout_s=0.3, retries=0)
+        with pytest.raises(StoreUnavailable, match=rf"object store at {address} did not answer the GET of 'a.jpg' in time"):
+            store.get("a.jpg", 4096)
+    finally:
+        silent.close()
