@@ -25,6 +25,7 @@ import asyncio
 import io
 import os
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from flotilla.clients.loadgen import closed_loop
 from flotilla.clients.loadtest import StackTarget
@@ -269,10 +271,14 @@ async def metered_load(
     windows: int = 3,
     warmup_s: float = 2.0,
     items_per_call: int = 1,
+    counters: Mapping[str, Callable[[], float]] | None = None,
 ) -> dict[str, object]:
     """A closed loop with ``windows`` back-to-back measured windows after the
     warm-up; each window's completions and each tier's CPU are read at its
-    edges. Figures are medians over the windows (per tier, and items/s)."""
+    edges. Figures are medians over the windows (per tier, and items/s).
+    ``counters`` (name -> a reading in CPU seconds, e.g. a service's own
+    counter) are read at the same edges and reported per item too."""
+    counters = counters or {}
     done = 0
 
     async def counted() -> object:
@@ -287,13 +293,17 @@ async def metered_load(
     rates: list[float] = []
     cores: list[tuple[float, float]] = []  # (machine busy, counted in the tiers), cores
     per_item: list[dict[str, float]] = []
+    counted_per_item: list[dict[str, float]] = []
     for _ in range(windows):
         first, start = done, time.perf_counter()
+        before = {name: read() for name, read in counters.items()}
         with CpuMeter(tiers) as meter:
             await asyncio.sleep(window_s)
+        after = {name: read() for name, read in counters.items()}
         items = (done - first) * items_per_call
         rates.append(items / (time.perf_counter() - start))
         per_item.append(meter.per_item_us(items))
+        counted_per_item.append({name: (after[name] - before[name]) * 1e6 / max(items, 1) for name in counters})
         cores.append((meter.machine_busy_s / meter.wall_s, sum(meter.cpu_s.values()) / meter.wall_s))
     result = await load
     names = [k for k in (*TIER_ORDER, "total") if all(k in w for w in per_item)]
@@ -308,6 +318,9 @@ async def metered_load(
         "succeeded": result.succeeded,
         "errors": result.failed,
         "cpu_us_per_image": {k: round(float(np.median([w[k] for w in per_item])), 1) for k in names},
+        **({"counted_cpu_us_per_image": {
+            k: round(float(np.median([w[k] for w in counted_per_item])), 1) for k in counters
+        }} if counters else {}),
         "processes": meter.processes,
         # Cores busy on the whole machine and in the counted tiers (medians over the windows):
         # the difference is what other processes took from the mesh.
@@ -316,11 +329,32 @@ async def metered_load(
     }
 
 
+WORKER_DECODE = "worker: decode threads"
+DECODE_CPU_METRIC = "flotilla_preprocess_decode_cpu_seconds_total"
+
+
+def counter_total(address: str, sample: str) -> float:
+    """The sum of a counter's samples named ``sample`` (every label set) on a service's /metrics page."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5.0) as page:
+        text = page.read().decode()
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == sample)
+
+
+def worker_decode_cpu(stack: LocalStack) -> Callable[[], float]:
+    """The CPU seconds the stack's workers' decode threads have spent decoding (their own counter)."""
+    addresses = [p.metrics_address for p in stack.preprocess if p.metrics_address]
+    return lambda: sum(counter_total(address, DECODE_CPU_METRIC) for address in addresses)
+
+
 async def cpu_point(
     stack: LocalStack, call: Callable[[], Awaitable[object]], *, concurrency: int, window_s: float
 ) -> dict[str, object]:
-    """The mesh under a closed loop, every tier's CPU per image (median of 3 windows)."""
-    return await metered_load(stack_tiers(stack), call, concurrency=concurrency, window_s=window_s)
+    """The mesh under a closed loop, every tier's CPU per image (median of 3 windows), and how
+    much of the worker's CPU its decode threads spent decoding."""
+    return await metered_load(
+        stack_tiers(stack), call, concurrency=concurrency, window_s=window_s,
+        counters={WORKER_DECODE: worker_decode_cpu(stack)},
+    )
 
 
 def run(
@@ -389,12 +423,18 @@ def summary(cpu: dict[str, Any]) -> dict[str, object]:
     """The figures issue 9's targets are stated in, from :func:`run`'s result."""
     large = cpu["points"]["large"]
     per_image = large["cpu_us_per_image"]
+    decode_in_worker_us = large.get("counted_cpu_us_per_image", {}).get(WORKER_DECODE)
     return {
         "mesh_vs_limit": cpu["mesh_vs_limit"],
         "mesh_images_per_s_large_photos": large["images_per_s"],
         "limit_images_per_s_large_photos": cpu["limit"]["limit_images_per_s"],
         **{f"{tier}_cpu_us_per_image_large_photos": per_image.get(tier) for tier in ("router", "batcher", "worker")},
-        "worker_overhead_beyond_decode_ms": round(
+        # The worker's CPU less its decode threads' CPU in the same windows: all it spends on anything else.
+        **({"worker_overhead_beyond_decode_ms": round((per_image["worker"] - decode_in_worker_us) / 1000.0, 2),
+            "worker_decode_cpu_ms_per_image_in_mesh": round(decode_in_worker_us / 1000.0, 2)}
+           if decode_in_worker_us is not None else {}),
+        # The worker's CPU less decode measured alone on an idle core before the stack started.
+        "worker_minus_idle_core_decode_ms": round(
             per_image["worker"] / 1000.0 - cpu["limit"]["decode_cpu_ms_per_image"], 2
         ),
     }
@@ -435,6 +475,9 @@ def readme_lines(cpu: dict[str, Any]) -> list[str]:
         f"{large.get('cores_counted_tiers', '-')} | {small.get('cores_busy_machine', '-')} / "
         f"{small.get('cores_counted_tiers', '-')} |",
         *rows,
+        f"| of the worker: its decode threads (its own thread-CPU counter) | "
+        f"{large.get('counted_cpu_us_per_image', {}).get(WORKER_DECODE, '-')} | "
+        f"{small.get('counted_cpu_us_per_image', {}).get(WORKER_DECODE, '-')} |",
         f"| limit: ONNX Runtime / decode, CPU-ms per image | {limit['model_cpu_ms_per_image']} / "
         f"{limit['decode_cpu_ms_per_image']} | |",
         "",

@@ -62,6 +62,12 @@ PREPROCESS_SECONDS = Histogram(
     "Per image: fetch (S3 GET), decode (JPEG to pixels at size), and per batch: tensor (stacking, normalising).",
     ["model", "stage"], buckets=LATENCY_BUCKETS_S,
 )
+PREPROCESS_DECODE_CPU_SECONDS = Counter(
+    "flotilla_preprocess_decode_cpu_seconds",
+    "CPU time of the worker's decode threads decoding and resizing images (their thread CPU time):"
+    " what the worker's process CPU is beyond decode is the rest.",
+    ["model"],
+)
 BACKEND_SECONDS = Histogram(
     "flotilla_backend_request_duration_seconds", "One batch's inference call, by model and Triton replica.",
     ["model", "replica"], buckets=LATENCY_BUCKETS_S,

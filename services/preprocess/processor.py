@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 from flotilla.common import metrics
 from flotilla.common.ids import object_key
@@ -118,6 +118,7 @@ class BatchProcessor:
         self.max_object_bytes = max_object_bytes
         self.max_image_pixels = max_image_pixels
         self._timers: dict[tuple[str, str], Histogram] = {}
+        self._decode_cpu: dict[str, Counter] = {}
 
     def model(self, name: str) -> ServedModel:
         try:
@@ -131,6 +132,12 @@ class BatchProcessor:
         child = self._timers.get((model, stage))
         if child is None:
             child = self._timers[(model, stage)] = metrics.PREPROCESS_SECONDS.labels(model, stage)
+        return child
+
+    def _decode_cpu_counter(self, model: str) -> Counter:
+        child = self._decode_cpu.get(model)
+        if child is None:
+            child = self._decode_cpu[model] = metrics.PREPROCESS_DECODE_CPU_SECONDS.labels(model)
         return child
 
     async def _fetch(self, item: ItemRequest, model: ServedModel) -> bytes:
@@ -152,8 +159,10 @@ class BatchProcessor:
         if not todo:
             return pixels, failures
         timer = self._stage_timer(model.name, "decode")
+        cpu = self._decode_cpu_counter(model.name)
 
         def decode(indices: list[int]) -> None:
+            cpu_started_s = time.thread_time()
             for i in indices:
                 started_s = time.perf_counter()
                 try:
@@ -164,6 +173,7 @@ class BatchProcessor:
                 except Exception as exc:  # noqa: BLE001 - each item's failure is its own outcome
                     failures[i] = exc
                 timer.observe(time.perf_counter() - started_s)
+            cpu.inc(time.thread_time() - cpu_started_s)
 
         jobs = max(1, min(self.decode_jobs, len(todo)))
         loop = asyncio.get_running_loop()

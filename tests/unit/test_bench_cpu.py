@@ -1,7 +1,9 @@
-"""The bench's CPU accounting, on this process and a busy-looping child."""
+"""The bench's CPU accounting: /proc on this process and a busy-looping child, services' own
+counters read at the same window edges, and the worker-overhead figures made from them."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -9,8 +11,19 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from flotilla.bench_cpu import CpuMeter, ProcStat, Tier, descendants, read_stat
+from flotilla.bench_cpu import (
+    WORKER_DECODE,
+    CpuMeter,
+    ProcStat,
+    Tier,
+    counter_total,
+    descendants,
+    metered_load,
+    read_stat,
+    summary,
+)
 
 BUSY_S = 0.3
 
@@ -105,3 +118,44 @@ def test_per_item_us() -> None:
     meter.cpu_s = {"a": 0.5, "b": 0.25}
     assert meter.per_item_us(1000) == {"a": 500.0, "b": 250.0, "total": 750.0}
     assert meter.per_item_us(0) == {}
+
+
+async def test_metered_load_reports_a_counter_per_item_over_the_same_windows() -> None:
+    # A service's own CPU counter, read at the window edges like /proc: here each call spends
+    # 250 us of "decode" on it, so per item it is 250 whatever the machine's speed.
+    spent = [0.0]
+
+    async def call() -> None:
+        spent[0] += 250e-6
+        await asyncio.sleep(0.001)
+
+    point = await metered_load(
+        {}, call, concurrency=4, window_s=0.2, windows=2, warmup_s=0.05, counters={"decode": lambda: spent[0]}
+    )
+    assert point["counted_cpu_us_per_image"] == {"decode": pytest.approx(250.0, rel=0.05)}
+
+
+def test_counter_total_sums_a_counters_labels_from_a_metrics_page() -> None:
+    registry = CollectorRegistry()
+    counter = Counter("flotilla_test_cpu_seconds", "test", ["model"], registry=registry)
+    counter.labels("a").inc(1.5)
+    counter.labels("b").inc(0.25)
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        address = f"127.0.0.1:{server.server_port}"
+        assert counter_total(address, "flotilla_test_cpu_seconds_total") == 1.75
+        assert counter_total(address, "flotilla_absent_total") == 0.0
+    finally:
+        server.shutdown()
+        thread.join(5)
+
+
+def test_the_worker_overhead_is_its_cpu_less_its_decode_threads() -> None:
+    point = {"images_per_s": 150.0, "cpu_us_per_image": {"router": 400.0, "batcher": 300.0, "worker": 4000.0},
+             "counted_cpu_us_per_image": {WORKER_DECODE: 3400.0}}
+    cpu = {"mesh_vs_limit": 0.7, "limit": {"limit_images_per_s": 214.0, "decode_cpu_ms_per_image": 2.9},
+           "points": {"large": point}}
+    figures = summary(cpu)
+    assert figures["worker_overhead_beyond_decode_ms"] == 0.6
+    assert figures["worker_decode_cpu_ms_per_image_in_mesh"] == 3.4
+    assert figures["worker_minus_idle_core_decode_ms"] == 1.1

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client import REGISTRY
 
 from flotilla.config import InputSpec, ModelSettings
 from flotilla.errors import ImageNotFound
@@ -74,6 +76,24 @@ async def test_the_batch_holds_the_good_images_in_item_order(decode_jobs: int) -
     )
     [sent] = backend.batches
     np.testing.assert_array_equal(sent, expected)
+
+
+async def test_the_decode_threads_count_their_cpu_time_per_model() -> None:
+    def spent() -> float:
+        return REGISTRY.get_sample_value("flotilla_preprocess_decode_cpu_seconds_total", {"model": "cpu-counted"}) or 0.0
+
+    photos = {f"{u}.jpg": jpeg(1200, 1600, i) for i, u in enumerate(UUIDS)}
+    models = {"cpu-counted": ServedModel("cpu-counted", ModelSettings(input=SPEC), [])}
+    before = spent()
+    with ThreadPoolExecutor(2) as executor:
+        processor = BatchProcessor(
+            models, Store(photos), RecordingBackend(), executor, max_object_bytes=1 << 24, max_image_pixels=10**7
+        )
+        cpu_started_s = time.process_time()
+        await processor.process("cpu-counted", [ItemRequest(u) for u in UUIDS])
+        whole_s = time.process_time() - cpu_started_s
+    decode_s = spent() - before
+    assert 0 < decode_s <= whole_s  # four 2 MP decodes: milliseconds each, and part of this process's CPU
 
 
 @pytest.mark.parametrize("ks", [[5, 5, 5], [1, 3, 10], [12, 2, 1]])
