@@ -3,8 +3,8 @@
 ``ObjectStore`` is blocking (callers run it in threads) and translates
 every failure into a Flotilla error, so nothing above this module knows
 which S3 client is used. The hot path, one GET per image, has two forms
-over one signer (``GetSigner``: the minio SDK's SigV4 signer; the SDK's
-request machinery around it cost about twice the client CPU per GET):
+over one Signature V4 signer (``GetSigner``; the minio SDK's request
+machinery cost about twice the client CPU per GET):
 
 - ``AsyncObjectReader.get``, the preprocess worker's: on the event loop
   with aiohttp (its HTTP parser is C), no thread per GET; measured on this
@@ -21,20 +21,18 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import hmac
 import http.client
 import io
 import re
 import threading
 import time
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import aiohttp
 import urllib3
 from minio import Minio
-from minio.credentials import Credentials
 from minio.error import S3Error
-from minio.signer import sign_v4_s3
-from minio.time import to_amz_date
 from yarl import URL
 
 from flotilla.common import metrics
@@ -47,6 +45,7 @@ _CLOSED_BY_PEER = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError
 _ERROR_BODY_MAX_BYTES = 64 << 10
 _ERROR_CODE = re.compile(rb"<Code>([^<]{1,128})</Code>")
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_SIGNED_HEADERS = "host;x-amz-content-sha256;x-amz-date"
 SIGNING_REGION = "us-east-1"
 """The region GETs are signed for: what SeaweedFS and MinIO accept (and the minio SDK's default)."""
 
@@ -69,10 +68,14 @@ class _ReadFailed(Exception):
 
 
 class GetSigner:
-    """Signature V4 headers of a GET of a whole object, and the object's path.
+    """Signature V4 headers of a GET of a whole object (AWS's "Authenticating Requests:
+    Using the Authorization Header"), and the object's path.
 
-    Signed with the minio SDK's own signer (host, x-amz-content-sha256 of the
-    empty payload, x-amz-date).
+    The signed headers are host, x-amz-content-sha256 (of the empty payload)
+    and x-amz-date. The signing key depends only on the day (and region and
+    secret) and is derived once per day: deriving it every time is four of
+    the five HMACs, and the minio SDK's signer, which does, cost ~23 µs per
+    GET against ~10 here. Tests check every signature against the SDK's.
     """
 
     def __init__(self, settings: S3Settings, region: str = SIGNING_REGION) -> None:
@@ -80,20 +83,42 @@ class GetSigner:
         self.bucket = settings.bucket
         self.region = region
         self.scheme = "https" if settings.secure else "http"
-        self._credentials = Credentials(settings.access_key, settings.secret_key.get_secret_value())
+        self._access_key = settings.access_key
+        self._secret_key = settings.secret_key.get_secret_value()
+        self._day_key: tuple[str, bytes] = ("", b"")
 
     def path(self, key: str) -> str:
         """``/bucket/key``, URI-encoded as it is signed and sent."""
         return f"/{self.bucket}/{quote(key, safe='/~')}"
 
+    def _signing_key(self, day: str) -> bytes:
+        if self._day_key[0] != day:
+            key = f"AWS4{self._secret_key}".encode()
+            for part in (day, self.region, "s3", "aws4_request"):
+                key = hmac.digest(key, part.encode(), "sha256")
+            self._day_key = (day, key)
+        return self._day_key[1]
+
     def headers(self, path: str, now: datetime.datetime | None = None) -> dict[str, str]:
         """The signed headers of a GET of ``path`` (from ``path()``)."""
-        now = now or datetime.datetime.now(datetime.UTC)
-        headers = {"Host": self.host, "x-amz-content-sha256": _EMPTY_SHA256, "x-amz-date": to_amz_date(now)}
-        return sign_v4_s3(
-            method="GET", url=urlsplit(f"{self.scheme}://{self.host}{path}"), region=self.region, headers=headers,
-            credentials=self._credentials, content_sha256=_EMPTY_SHA256, date=now,
+        amz_date = (now or datetime.datetime.now(datetime.UTC)).strftime("%Y%m%dT%H%M%SZ")
+        day = amz_date[:8]
+        scope = f"{day}/{self.region}/s3/aws4_request"
+        canonical_request = (
+            f"GET\n{path}\n\nhost:{self.host}\nx-amz-content-sha256:{_EMPTY_SHA256}\nx-amz-date:{amz_date}\n\n"
+            f"{_SIGNED_HEADERS}\n{_EMPTY_SHA256}"
         )
+        string_to_sign = (
+            f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(canonical_request.encode()).hexdigest()}"
+        )
+        signature = hmac.new(self._signing_key(day), string_to_sign.encode(), "sha256").hexdigest()
+        return {
+            "Host": self.host,
+            "x-amz-content-sha256": _EMPTY_SHA256,
+            "x-amz-date": amz_date,
+            "Authorization": f"AWS4-HMAC-SHA256 Credential={self._access_key}/{scope}, "
+            f"SignedHeaders={_SIGNED_HEADERS}, Signature={signature}",
+        }
 
 
 def _refused(status: int, body: bytes) -> _Refused:
