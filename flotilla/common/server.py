@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -99,6 +100,7 @@ async def serve_until_signal(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await server.start(host, port)
+    settle_heap()
     try:
         await stop.wait()
     finally:
@@ -108,6 +110,23 @@ async def serve_until_signal(
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
+
+
+GC_YOUNGEST_THRESHOLD = 20_000
+"""Allocations (less deallocations) between collections of the youngest generation (Python's default: 700)."""
+
+
+def settle_heap() -> None:
+    """Once a service is up: what start-up allocated (modules, protobuf descriptors,
+    settings) leaves the cyclic collector's view (``gc.freeze``), and the youngest
+    generation is collected every 20 000 net allocations instead of 700. A call
+    allocates a few dozen short-lived objects (futures, tasks, frames), freed by
+    reference counting; at the default the collector ran every few calls and
+    walked them anyway (~3% of a router's CPU in perf)."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNGEST_THRESHOLD, older, oldest)
 
 
 def is_serving(address: str, *, service: str = "", timeout_s: float = 1.0) -> bool:
