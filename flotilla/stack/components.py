@@ -109,6 +109,15 @@ class TritonPorts:
         return cls(free_port(host), free_port(host), free_port(host))
 
 
+def _install_file(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` by renaming a fresh copy over it: a process of an earlier run
+    may still be running the old ``target`` (a Triton stub that outlived its server), and writing
+    into a running executable fails (ETXTBSY); the rename leaves that process its old file."""
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    shutil.copy2(source, partial)
+    os.replace(partial, target)
+
+
 @dataclass
 class TritonInstallation:
     """The tritonserver binary, its libraries and a backend directory for this interpreter."""
@@ -130,8 +139,8 @@ class TritonInstallation:
         python_backend.mkdir(parents=True, exist_ok=True)
         for source in (package / "backends" / "python").iterdir():
             if source.is_file():
-                shutil.copy2(source, python_backend / source.name)
-        shutil.copy2(stub, python_backend / stub.name)
+                _install_file(source, python_backend / source.name)
+        _install_file(stub, python_backend / stub.name)
         return cls(package / "bin" / "tritonserver", libs, backends)
 
     def process(
