@@ -265,7 +265,24 @@ def cpu_summary(results: dict[str, object]) -> dict[str, object]:
         **(bench_cpu.summary(cpu) if isinstance(cpu, dict) else {}),
         **(bench_overhead.summary(overhead) if isinstance(overhead, dict) else {}),
         **(bench_ceiling.summary(ceiling) if isinstance(ceiling, dict) else {}),
+        **(near_free_budget(overhead) if isinstance(overhead, dict) else {}),
         **peer_summary(results),
+    }
+
+
+def near_free_budget(overhead: dict[str, dict]) -> dict[str, object]:
+    """What the near-free 3x target leaves the router, batcher and worker: the CPU per request the
+    machine's cores allow at 3x the before figure, less what the other processes on them (S3, the
+    load generator, Triton's server and stubs, the controller) measured per request in this run."""
+    per_request = overhead["mesh"]["cpu_us_per_request"]
+    allowed_us = (os.cpu_count() or 1) * 1e6 / (3 * NEAR_FREE_BEFORE_REQUESTS_PER_S)
+    others_us = sum(v for k, v in per_request.items() if k not in ("router", "batcher", "worker", "total"))
+    return {
+        "near_free_3x_cpu_us_per_request_allowed": round(allowed_us, 1),
+        "near_free_3x_cpu_us_left_for_router_batcher_worker": round(allowed_us - others_us, 1),
+        "near_free_router_batcher_worker_cpu_us_per_request": round(
+            sum(per_request.get(k, 0.0) for k in ("router", "batcher", "worker")), 1
+        ),
     }
 
 
@@ -367,7 +384,9 @@ def targets_table(summary: dict[str, object]) -> list[str]:
          " / ".join(f"{w:.2f} ms" for w in waits), met(all(w <= wait_limit_ms for w in waits))),
         ("max_batch_size=1: the batcher adds <= 2 ms to p50", f"{get('batching_tier_adds_p50_ms'):.2f} ms",
          met(get("batching_tier_adds_p50_ms") <= 2.0)),
-        ("mesh_vs_limit >= 0.9 (1-2 MP photos)", f"{get('mesh_vs_limit'):.2f}", met(get("mesh_vs_limit") >= 0.9)),
+        ("mesh_vs_limit >= 0.9 (1-2 MP photos); the most this machine allows with its S3 store and load generator "
+         "on the same cores (every other tier free)",
+         f"{get('mesh_vs_limit'):.2f}; {get('mesh_vs_limit_ceiling_here'):.2f}", met(get("mesh_vs_limit") >= 0.9)),
         ("router / batcher CPU per request <= 350 µs at saturation: each alone at its ceiling (batcher: bs 8)",
          f"{get('router_alone_cpu_us_per_request'):.0f} / {get('batcher_alone_bs8_cpu_us_per_request'):.0f} µs",
          met(max(get('router_alone_cpu_us_per_request'), get('batcher_alone_bs8_cpu_us_per_request')) <= 350)),
@@ -378,9 +397,13 @@ def targets_table(summary: dict[str, object]) -> list[str]:
         ("a model's batcher on one core: ceiling requests/s (bs 8 / bs 32)",
          f"{get('batcher_alone_bs8_ceiling_requests_per_s_one_core'):.0f} / "
          f"{get('batcher_alone_bs32_ceiling_requests_per_s_one_core'):.0f}", "-"),
-        (f"near-free mesh requests/s >= 3 x {NEAR_FREE_BEFORE_REQUESTS_PER_S} (before issue 9's cuts, same machine)",
+        (f"near-free mesh requests/s >= 3 x {NEAR_FREE_BEFORE_REQUESTS_PER_S} (before issue 9's cuts, same machine); "
+         "router + batcher + worker CPU-µs per request: this run / what 3x leaves them after S3, load generator "
+         "and Triton",
          f"{get('near_free_mesh_requests_per_s'):.1f} = "
-         f"{get('near_free_mesh_requests_per_s') / NEAR_FREE_BEFORE_REQUESTS_PER_S:.2f}x",
+         f"{get('near_free_mesh_requests_per_s') / NEAR_FREE_BEFORE_REQUESTS_PER_S:.2f}x; "
+         f"{get('near_free_router_batcher_worker_cpu_us_per_request'):.0f} / "
+         f"{get('near_free_3x_cpu_us_left_for_router_batcher_worker'):.0f} µs",
          met(get("near_free_mesh_requests_per_s") >= 3 * NEAR_FREE_BEFORE_REQUESTS_PER_S)),
         ("Flotilla / Ray Serve images/s, same job, photos and concurrency (CPU part's point)",
          f"{get('flotilla_over_ray_images_per_s'):.2f}x", "-"),

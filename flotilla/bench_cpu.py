@@ -437,7 +437,19 @@ def summary(cpu: dict[str, Any]) -> dict[str, object]:
         "worker_minus_idle_core_decode_ms": round(
             per_image["worker"] / 1000.0 - cpu["limit"]["decode_cpu_ms_per_image"], 2
         ),
+        "mesh_vs_limit_ceiling_here": mesh_vs_limit_ceiling(cpu),
     }
+
+
+def mesh_vs_limit_ceiling(cpu: dict[str, Any]) -> float:
+    """The best mesh_vs_limit this machine allows with the same S3 store and load generator: every
+    Flotilla tier, Triton's server and the model's stub overhead at zero, so the cores carry only
+    the model and decode at their in-process cost plus what S3 and the load generator measured
+    per image in the same run (they share the cores; the limit assumes the cores carry nothing else)."""
+    limit_us = (cpu["limit"]["model_cpu_ms_per_image"] + cpu["limit"]["decode_cpu_ms_per_image"]) * 1000.0
+    per_image = cpu["points"]["large"]["cpu_us_per_image"]
+    outside_us = per_image.get("s3", 0.0) + per_image.get(LOAD_GENERATOR, 0.0)
+    return round(limit_us / (limit_us + outside_us), 3)
 
 
 def mesh_vs_limit_row(cpu: dict[str, Any]) -> list[str]:

@@ -13,13 +13,16 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
+from flotilla.bench import NEAR_FREE_BEFORE_REQUESTS_PER_S, near_free_budget
 from flotilla.bench_cpu import (
+    LOAD_GENERATOR,
     WORKER_DECODE,
     CpuMeter,
     ProcStat,
     Tier,
     counter_total,
     descendants,
+    mesh_vs_limit_ceiling,
     metered_load,
     read_stat,
     summary,
@@ -153,9 +156,27 @@ def test_counter_total_sums_a_counters_labels_from_a_metrics_page() -> None:
 def test_the_worker_overhead_is_its_cpu_less_its_decode_threads() -> None:
     point = {"images_per_s": 150.0, "cpu_us_per_image": {"router": 400.0, "batcher": 300.0, "worker": 4000.0},
              "counted_cpu_us_per_image": {WORKER_DECODE: 3400.0}}
-    cpu = {"mesh_vs_limit": 0.7, "limit": {"limit_images_per_s": 214.0, "decode_cpu_ms_per_image": 2.9},
+    cpu = {"mesh_vs_limit": 0.7,
+           "limit": {"limit_images_per_s": 214.0, "model_cpu_ms_per_image": 6.0, "decode_cpu_ms_per_image": 2.9},
            "points": {"large": point}}
     figures = summary(cpu)
     assert figures["worker_overhead_beyond_decode_ms"] == 0.6
     assert figures["worker_decode_cpu_ms_per_image_in_mesh"] == 3.4
     assert figures["worker_minus_idle_core_decode_ms"] == 1.1
+
+
+def test_the_mesh_vs_limit_ceiling_counts_only_s3_and_the_load_generator_beside_model_and_decode() -> None:
+    # 6 + 3 ms of model and decode per image, 0.8 + 0.2 ms of S3 and load generator: at best 9 / 10.
+    point = {"cpu_us_per_image": {"router": 400.0, "worker": 4000.0, "s3": 800.0, LOAD_GENERATOR: 200.0}}
+    cpu = {"limit": {"model_cpu_ms_per_image": 6.0, "decode_cpu_ms_per_image": 3.0}, "points": {"large": point}}
+    assert mesh_vs_limit_ceiling(cpu) == 0.9
+
+
+def test_the_near_free_budget_is_what_3x_leaves_after_the_other_processes() -> None:
+    per_request = {"router": 300.0, "batcher": 200.0, "worker": 900.0, "s3": 500.0, LOAD_GENERATOR: 200.0,
+                   "triton server": 100.0, "total": 2200.0}
+    budget = near_free_budget({"mesh": {"cpu_us_per_request": per_request}})
+    allowed = (os.cpu_count() or 1) * 1e6 / (3 * NEAR_FREE_BEFORE_REQUESTS_PER_S)
+    assert budget["near_free_3x_cpu_us_per_request_allowed"] == round(allowed, 1)
+    assert budget["near_free_3x_cpu_us_left_for_router_batcher_worker"] == round(allowed - 800.0, 1)
+    assert budget["near_free_router_batcher_worker_cpu_us_per_request"] == 1400.0
