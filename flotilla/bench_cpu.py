@@ -357,13 +357,21 @@ async def cpu_point(
     )
 
 
+LARGE_PHOTOS = "build/samples/large/*.jpg (1-2 MP)"
+
+
+def large_photos() -> list[bytes]:
+    """The bench's 1-2 MP photos (``LARGE_PHOTOS``)."""
+    return [p.read_bytes() for p in sorted(Path("build/samples/large").glob("*.jpg"))]
+
+
 def run(
     base: FlotillaSettings, model: str, *, duration_s: float = 10.0, replicas: int = 2, batch_size: int = 8
 ) -> dict[str, object]:
     """The saturated mesh (R replicas, max_batch_size, concurrency 2 x slots x
     batch) on the 1-2 MP photos and on the small samples, every tier's CPU per
     image, and the physical limit on the same large photos in the same run."""
-    large = [p.read_bytes() for p in sorted(Path("build/samples/large").glob("*.jpg"))]
+    large = large_photos()
     small = [p.read_bytes() for p in sorted(Path("build/samples").glob("*.jpg"))]
     settings = base.model_copy(deep=True)
     # A run directory of its own: the registry there holds only this part's models.
@@ -389,9 +397,7 @@ def run(
                     point = await cpu_point(
                         stack, target.mesh_call(model, uuids), concurrency=concurrency, window_s=duration_s
                     )
-                    point["photos"] = (
-                        "build/samples/large/*.jpg (1-2 MP)" if name == "large" else "build/samples/*.jpg (small)"
-                    )
+                    point["photos"] = LARGE_PHOTOS if name == "large" else "build/samples/*.jpg (small)"
                     point["photo_megapixels"] = [round(w * h / 1e6, 2) for w, h in (_size(p) for p in photos)]
                     points[name] = point
             finally:
@@ -405,7 +411,7 @@ def run(
         "max_batch_size": batch_size,
         "window_s": duration_s,
         "windows": 3,
-        "limit": {**limit, "photos": "build/samples/large/*.jpg (1-2 MP)"},
+        "limit": {**limit, "photos": LARGE_PHOTOS},
         "points": points,
         "mesh_vs_limit": round(mesh / float(limit["limit_images_per_s"]), 3),
     }

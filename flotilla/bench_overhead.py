@@ -36,7 +36,17 @@ import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from PIL import Image
 
-from flotilla.bench_cpu import LOAD_GENERATOR, MODEL_STUBS, TIER_ORDER, cpu_point, metered_load, stack_tiers
+from flotilla.bench_cpu import (
+    LARGE_PHOTOS,
+    LOAD_GENERATOR,
+    MODEL_STUBS,
+    TIER_ORDER,
+    WORKER_DECODE,
+    cpu_point,
+    large_photos,
+    metered_load,
+    stack_tiers,
+)
 from flotilla.clients.loadtest import StackTarget
 from flotilla.config import FlotillaSettings, ModelSettings
 from flotilla.stack.local import LocalStack
@@ -137,6 +147,12 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0, replicas: int = 2) 
                 out["mesh"] = await cpu_point(
                     stack, target.mesh_call(NEAR_FREE, uuids), concurrency=CONCURRENCY, window_s=duration_s
                 )
+                # The worker on 1-2 MP photos with no model beside it on the cores: its overhead beyond
+                # decode without the model's contention.
+                large = await target.upload_images(large_photos(), copies=8)
+                out["mesh_large_photos"] = await cpu_point(
+                    stack, target.mesh_call(NEAR_FREE, large), concurrency=CONCURRENCY, window_s=duration_s / 2
+                )
                 out["triton_alone"] = await triton_alone(
                     stack, batch_size=BATCH_SIZE, concurrency=CONCURRENCY // BATCH_SIZE, window_s=duration_s
                 )
@@ -159,6 +175,7 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0, replicas: int = 2) 
         "windows": 3,
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "mesh": {**mesh, "cpu_us_per_request": per_request},
+        "mesh_large_photos": {**out["mesh_large_photos"], "photos": LARGE_PHOTOS},  # type: ignore[dict-item]
         "triton_alone": alone,
         "mesh_vs_triton_alone": round(float(mesh["images_per_s"]) / float(alone["images_per_s"]), 3),  # type: ignore[arg-type, index]
         "mesh_cpu_us_per_request": round(mesh_us, 1),
@@ -184,6 +201,21 @@ def summary(overhead: dict[str, Any]) -> dict[str, object]:
             f"near_free_{tier}_cpu_us_per_request": mesh["cpu_us_per_request"].get(tier)
             for tier in ("router", "batcher")
         },
+        **large_photos_summary(overhead),
+    }
+
+
+def large_photos_summary(overhead: dict[str, Any]) -> dict[str, object]:
+    """The worker on 1-2 MP photos beside the near-free model: its CPU per image less its decode threads'."""
+    point = overhead.get("mesh_large_photos")
+    decode_us = point.get("counted_cpu_us_per_image", {}).get(WORKER_DECODE) if isinstance(point, dict) else None
+    if decode_us is None:
+        return {}
+    worker_us = point["cpu_us_per_image"]["worker"]  # type: ignore[index]
+    return {
+        "near_free_large_photos_images_per_s": point["images_per_s"],  # type: ignore[index]
+        "near_free_large_photos_worker_overhead_beyond_decode_ms": round((worker_us - decode_us) / 1000.0, 2),
+        "near_free_large_photos_worker_decode_cpu_ms_per_image": round(decode_us / 1000.0, 2),
     }
 
 
@@ -213,5 +245,21 @@ def readme_lines(overhead: dict[str, Any]) -> list[str]:
         "| projected cores of mesh CPU per 10 000 images/s (every tier but the load generator; without the model "
         f"stubs) | **{overhead['projected_cores_per_10k_images_per_s']}**; "
         f"{overhead['projected_cores_per_10k_images_per_s_without_model_stubs']} |",
+        *large_photos_lines(overhead),
         "",
+    ]
+
+
+def large_photos_lines(overhead: dict[str, Any]) -> list[str]:
+    figures = large_photos_summary(overhead)
+    if not figures:
+        return []
+    point = overhead["mesh_large_photos"]
+    per_image = " / ".join(str(point["cpu_us_per_image"].get(t, "-")) for t in TIER_ORDER)
+    return [
+        f"| the same model on {point['photos']}: images/s; CPU-µs per image: {', '.join(TIER_ORDER)} | "
+        f"{point['images_per_s']}; {per_image} |",
+        "| of that worker: its decode threads' CPU / the rest (its overhead beyond decode, no model on the cores), "
+        f"ms per image | {figures['near_free_large_photos_worker_decode_cpu_ms_per_image']} / "
+        f"**{figures['near_free_large_photos_worker_overhead_beyond_decode_ms']}** |",
     ]
