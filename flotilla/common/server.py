@@ -112,21 +112,13 @@ async def serve_until_signal(
                 loop.remove_signal_handler(signum)
 
 
-GC_YOUNGEST_THRESHOLD = 20_000
-"""Allocations (less deallocations) between collections of the youngest generation (Python's default: 700)."""
-
-
 def settle_heap() -> None:
-    """Once a service is up: what start-up allocated (modules, protobuf descriptors,
-    settings) leaves the cyclic collector's view (``gc.freeze``), and the youngest
-    generation is collected every 20 000 net allocations instead of 700. A call
-    allocates a few dozen short-lived objects (futures, tasks, frames), freed by
-    reference counting; at the default the collector ran every few calls and
-    walked them anyway (~3% of a router's CPU in perf)."""
+    """Once a service is up, what start-up allocated (modules, protobuf descriptors, settings)
+    leaves the cyclic collector's view (``gc.freeze``): the oldest generation's collections no
+    longer walk it. The thresholds stay Python's: a larger youngest generation made fewer but
+    longer pauses (p99 queue wait below saturation rose from ~3 to 8.5 ms in a bench run)."""
     gc.collect()
     gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNGEST_THRESHOLD, older, oldest)
 
 
 def is_serving(address: str, *, service: str = "", timeout_s: float = 1.0) -> bool:
