@@ -6,8 +6,9 @@ of one preallocated batch array in a few jobs on a thread pool (decode and
 resize release the GIL: ``decode_jobs`` of them use as many cores), runs the
 batch on an inference backend and splits the output back per item. Per
 batch that is ``decode_jobs`` thread hand-offs, not one or more per image:
-with 8 fetch-and-decode threads the GIL hand-offs between them and the event
-loop cost more CPU than small images' decode. A bad image fails only its
+with 8 fetch-and-decode threads, perf put as much of the worker's CPU in
+the kernel's thread switches and wake-ups (the GIL passed between them and
+the event loop) as in resizing small images. A bad image fails only its
 own item; a failure of the whole batch (backend down, unknown model)
 raises.
 """
