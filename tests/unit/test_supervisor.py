@@ -223,7 +223,10 @@ def test_a_process_without_restart_is_reported_and_left_down(
 def test_stop_uses_the_process_stop_signal(spawn: Callable[..., ManagedProcess]) -> None:
     """A program that ignores SIGTERM but honours SIGINT stops at once with stop_signal=SIGINT."""
     ignores_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
-    proc = spawn("int-stopper", ignores_term, stop_signal=signal.SIGINT)
+    # It honours SIGINT even when started from a shell's background job, which starts its children
+    # with SIGINT ignored (and Python then installs no KeyboardInterrupt handler).
+    honours_int = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); " + ignores_term
+    proc = spawn("int-stopper", honours_int, stop_signal=signal.SIGINT)
     time.sleep(0.3)  # its handler is installed
     began_s = time.monotonic()
     proc.stop(timeout_s=5)
