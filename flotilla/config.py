@@ -33,6 +33,8 @@ class S3Settings(_Section):
     """Bucket holding ``<uuid>.jpg`` objects."""
     secure: bool = False
     """Use HTTPS to reach the S3 API."""
+    region: str = "us-east-1"
+    """Region requests are signed for: the bucket's region on AWS S3; SeaweedFS and MinIO accept us-east-1."""
 
 
 class BatchingSettings(_Section):

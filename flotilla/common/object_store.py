@@ -46,8 +46,6 @@ _ERROR_BODY_MAX_BYTES = 64 << 10
 _ERROR_CODE = re.compile(rb"<Code>([^<]{1,128})</Code>")
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _SIGNED_HEADERS = "host;x-amz-content-sha256;x-amz-date"
-SIGNING_REGION = "us-east-1"
-"""The region GETs are signed for: what SeaweedFS and MinIO accept (and the minio SDK's default)."""
 
 
 def _count(operation: str, kind: str) -> None:
@@ -78,10 +76,10 @@ class GetSigner:
     GET against ~10 here. Tests check every signature against the SDK's.
     """
 
-    def __init__(self, settings: S3Settings, region: str = SIGNING_REGION) -> None:
+    def __init__(self, settings: S3Settings) -> None:
         self.host = settings.endpoint
         self.bucket = settings.bucket
-        self.region = region
+        self.region = settings.region
         self.scheme = "https" if settings.secure else "http"
         self._access_key = settings.access_key
         self._secret_key = settings.secret_key.get_secret_value()
@@ -340,6 +338,7 @@ class ObjectStore:
             access_key=settings.access_key,
             secret_key=settings.secret_key.get_secret_value(),
             secure=settings.secure,
+            region=settings.region,
             http_client=http,
         )
         self._getter = SignedGetter(settings, timeout_s=timeout_s, retries=retries)

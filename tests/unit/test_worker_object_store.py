@@ -41,16 +41,17 @@ def test_a_get_is_signed_for_the_endpoint_bucket_key_and_time() -> None:
     assert later["Authorization"] != headers["Authorization"], "the key is part of what is signed"
 
 
+@pytest.mark.parametrize("region", ["us-east-1", "eu-central-1"])
 @pytest.mark.parametrize("key", ["123e4567-e89b-42d3-a456-426614174000.jpg", "a b+c/ü~.jpg"])
-def test_every_signature_is_the_minio_sdks(key: str) -> None:
+def test_every_signature_is_the_minio_sdks(key: str, region: str) -> None:
     # The SDK's signer is the reference; one signer crosses a day boundary (its cached key must change).
-    signer = GetSigner(SETTINGS)
+    signer = GetSigner(SETTINGS.model_copy(update={"region": region}))
     credentials = Credentials(SETTINGS.access_key, SETTINGS.secret_key.get_secret_value())
     for now in (datetime(2026, 11, 23, 23, 59, 59, tzinfo=UTC), datetime(2026, 11, 24, 0, 0, 1, tzinfo=UTC)):
         path = signer.path(key)
         reference = {"Host": SETTINGS.endpoint, "x-amz-content-sha256": EMPTY_SHA256, "x-amz-date": to_amz_date(now)}
         reference = sign_v4_s3(
-            method="GET", url=urlsplit(f"http://{SETTINGS.endpoint}{path}"), region="us-east-1", headers=reference,
+            method="GET", url=urlsplit(f"http://{SETTINGS.endpoint}{path}"), region=region, headers=reference,
             credentials=credentials, content_sha256=EMPTY_SHA256, date=now,
         )
         assert signer.headers(path, now) == reference
