@@ -33,11 +33,35 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # Flotilla's job instead (interceptors.AdmissionLimit: RESOURCE_EXHAUSTED
 # naming the limit), so core's limits are set far above any admission limit.
 MAX_PENDING_REQUESTS = 1_000_000
+PEER_KEEPALIVE_S = 10.0
+"""A peer's channel pings its server this often (HTTP/2 PING), with calls open or not."""
+PEER_KEEPALIVE_TIMEOUT_S = 5.0
+"""A ping unanswered this long closes the connection: open calls on it (a relay stream's
+included) fail UNAVAILABLE and are retried on another replica, instead of waiting for their
+deadlines on a peer that vanished without a reset (a partition, a host that lost power)."""
+MIN_PING_INTERVAL_MS = 1_000
+"""Servers accept pings this often (gRPC's default, 5 minutes, would answer PEER_KEEPALIVE_S with GOAWAY)."""
+
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.server.max_pending_requests", MAX_PENDING_REQUESTS),
     ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_REQUESTS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
 ]
+
+
+def keepalive_options(every_s: float, timeout_s: float) -> list[tuple[str, int]]:
+    """Channel options: ping every ``every_s`` (at least MIN_PING_INTERVAL_MS apart), give up after ``timeout_s``."""
+    return [
+        ("grpc.keepalive_time_ms", max(MIN_PING_INTERVAL_MS, int(every_s * 1000))),
+        ("grpc.keepalive_timeout_ms", int(timeout_s * 1000)),
+        # This gRPC waits for a keepalive ping's ack by the ping timeout (default one minute):
+        # with the keepalive timeout alone, an unanswered ping closed nothing (tested).
+        ("grpc.http2.ping_timeout_ms", int(timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),  # keep pinging while a stream is open but quiet
+    ]
 class ServiceServer:
     """A grpc.aio server with health checking and a graceful stop."""
 
@@ -137,11 +161,19 @@ S = TypeVar("S")
 
 class GrpcPeer(Generic[S]):
     """A channel to one replica of another Flotilla tier: its stub, its relay
-    (unary calls as stream frames) and a gRPC health probe (what an EndpointPool holds)."""
+    (unary calls as stream frames) and a gRPC health probe (what an EndpointPool holds).
+    The channel keeps its connection alive with pings (``PEER_KEEPALIVE_S``)."""
 
-    def __init__(self, address: str, stub_factory: Callable[[grpc.aio.Channel], S] | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        stub_factory: Callable[[grpc.aio.Channel], S] | None = None,
+        *,
+        keepalive_s: float = PEER_KEEPALIVE_S,
+        keepalive_timeout_s: float = PEER_KEEPALIVE_TIMEOUT_S,
+    ) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address)
+        self.channel = grpc.aio.insecure_channel(address, options=keepalive_options(keepalive_s, keepalive_timeout_s))
         self.stub: S | None = stub_factory(self.channel) if stub_factory else None
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._relay: RelayClient | None = None
