@@ -10,29 +10,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from test_relay import METHOD, Core  # echoes each request reversed, holds b"hold"
 
-from flotilla.api.v1 import relay_pb2
 from flotilla.common.relay import RelayServicer
 from flotilla.common.server import SERVER_OPTIONS, GrpcPeer
 from flotilla.errors import Unavailable
-
-METHOD = "/flotilla.api.v1.ImageClassifier/Classify"
-
-
-class Raw:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def SerializeToString(self) -> bytes:  # noqa: N802
-        return self.data
-
-
-def start(frame: relay_pb2.CallFrame) -> asyncio.Future[Raw]:
-    """Answers b"echo" at once; holds anything else forever."""
-    future: asyncio.Future[Raw] = asyncio.get_running_loop().create_future()
-    if frame.request == b"echo":
-        future.set_result(Raw(b"ohce"))
-    return future
 
 
 class SilentLink:
@@ -74,7 +56,7 @@ class SilentLink:
 @pytest.fixture
 async def link() -> AsyncIterator[SilentLink]:
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers([RelayServicer(start, tier="batcher").generic_handler()])
+    server.add_generic_rpc_handlers([RelayServicer(Core().start, tier="batcher").generic_handler()])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     relay = SilentLink(("127.0.0.1", port))
