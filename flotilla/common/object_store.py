@@ -125,6 +125,13 @@ def _refused(status: int, body: bytes) -> _Refused:
     return _Refused(status, code or ("NoSuchKey" if status == 404 else f"HTTP {status}"))
 
 
+def _too_large(key: str, max_bytes: int, declared: int | None = None) -> ImageTooLarge:
+    """An object past ``max_bytes``: by its declared length, or found while reading it."""
+    if declared is not None:
+        return ImageTooLarge(f"object {key!r} is {declared} bytes; the limit is {max_bytes} bytes")
+    return ImageTooLarge(f"object {key!r} exceeds the limit of {max_bytes} bytes")
+
+
 def _get_failure(exc: BaseException, key: str, bucket: str, endpoint: str) -> FlotillaError | None:
     """The Flotilla error for a failed GET of ``key`` (counted), or None when ``exc`` is not a store failure."""
     if isinstance(exc, _Refused):
@@ -182,8 +189,8 @@ class SignedGetter:
         if connection is not None:
             connection.close()
 
-    def get(self, key: str, max_bytes: int, too_large: type[Exception]) -> bytes:
-        """The object's bytes. Raises ``too_large`` (with a message) past ``max_bytes``,
+    def get(self, key: str, max_bytes: int) -> bytes:
+        """The object's bytes. Raises ImageTooLarge past ``max_bytes``,
         ``_Refused`` on an error status, OSError / HTTPException when the store is unreachable,
         ``_ReadFailed`` when the connection breaks inside the body."""
         path = self.signer.path(key)
@@ -203,7 +210,7 @@ class SignedGetter:
                     continue
                 raise
             try:
-                return self._body(response, key, max_bytes, too_large)
+                return self._body(response, key, max_bytes)
             except _Refused as refused:
                 if refused.status in _RETRY_STATUSES and attempt < self.retries:
                     attempt += 1
@@ -217,7 +224,7 @@ class SignedGetter:
                 self._discard()
                 raise
 
-    def _body(self, response: http.client.HTTPResponse, key: str, max_bytes: int, too_large: type[Exception]) -> bytes:
+    def _body(self, response: http.client.HTTPResponse, key: str, max_bytes: int) -> bytes:
         if response.status != 200:
             body = response.read(_ERROR_BODY_MAX_BYTES)
             if not response.isclosed():
@@ -226,11 +233,11 @@ class SignedGetter:
         declared = response.length
         if declared is not None and declared > max_bytes:
             self._discard()  # its body is never read: the connection cannot carry another request
-            raise too_large(f"object {key!r} is {declared} bytes; the limit is {max_bytes} bytes")
+            raise _too_large(key, max_bytes, declared)
         body = response.read() if declared is not None else response.read(max_bytes + 1)
         if len(body) > max_bytes:
             self._discard()
-            raise too_large(f"object {key!r} exceeds the limit of {max_bytes} bytes")
+            raise _too_large(key, max_bytes)
         if declared is not None and len(body) < declared:
             raise http.client.IncompleteRead(body, declared - len(body))
         return body
@@ -308,7 +315,7 @@ class AsyncObjectReader:
         declared = response.content_length
         if declared is not None and declared > max_bytes:
             response.close()  # its body is never read: the connection cannot carry another request
-            raise ImageTooLarge(f"object {key!r} is {declared} bytes; the limit is {max_bytes} bytes")
+            raise _too_large(key, max_bytes, declared)
         if declared is not None:
             return await response.read()
         body = bytearray()
@@ -316,7 +323,7 @@ class AsyncObjectReader:
             body += chunk
             if len(body) > max_bytes:
                 response.close()
-                raise ImageTooLarge(f"object {key!r} exceeds the limit of {max_bytes} bytes")
+                raise _too_large(key, max_bytes)
         return bytes(body)
 
 
@@ -358,7 +365,7 @@ class ObjectStore:
     def get(self, key: str, max_bytes: int) -> bytes:
         """The object's bytes; ImageNotFound, ImageTooLarge or StoreUnavailable otherwise."""
         try:
-            return self._getter.get(key, max_bytes, ImageTooLarge)
+            return self._getter.get(key, max_bytes)
         except Exception as exc:
             failure = _get_failure(exc, key, self.bucket, self.endpoint)
             if failure is None:

@@ -118,8 +118,7 @@ class BatchProcessor:
         """At most this many executor jobs decode one batch (its images split evenly between them)."""
         self.max_object_bytes = max_object_bytes
         self.max_image_pixels = max_image_pixels
-        self._timers: dict[tuple[str, str], Histogram] = {}
-        self._decode_cpu: dict[str, Counter] = {}
+        self._children: dict[tuple[object, ...], Histogram | Counter] = {}
 
     def model(self, name: str) -> ServedModel:
         try:
@@ -129,16 +128,16 @@ class BatchProcessor:
             raise ModelNotFound(f"model {name!r} is not served here (served: {served})") from None
 
     def _stage_timer(self, model: str, stage: str) -> Histogram:
-        """The stage's histogram child (``labels`` looks it up under a lock on every call)."""
-        child = self._timers.get((model, stage))
-        if child is None:
-            child = self._timers[(model, stage)] = metrics.PREPROCESS_SECONDS.labels(model, stage)
-        return child
+        return self._child(metrics.PREPROCESS_SECONDS, model, stage)  # type: ignore[return-value]
 
     def _decode_cpu_counter(self, model: str) -> Counter:
-        child = self._decode_cpu.get(model)
+        return self._child(metrics.PREPROCESS_DECODE_CPU_SECONDS, model)  # type: ignore[return-value]
+
+    def _child(self, metric: Histogram | Counter, *labels: str) -> Histogram | Counter:
+        """The metric's child for ``labels``, looked up once (``labels`` takes a lock on every call)."""
+        child = self._children.get((metric, *labels))
         if child is None:
-            child = self._decode_cpu[model] = metrics.PREPROCESS_DECODE_CPU_SECONDS.labels(model)
+            child = self._children[(metric, *labels)] = metric.labels(*labels)
         return child
 
     async def _fetch(self, item: ItemRequest, model: ServedModel) -> bytes:
