@@ -281,6 +281,11 @@ class PreprocessSettings(_Section):
     """Stored objects larger than this are rejected with INVALID_ARGUMENT."""
     max_image_pixels: int = Field(50_000_000, ge=1)
     """JPEGs whose header declares more pixels are rejected (decompression bombs)."""
+    triton_shared_memory: Literal["auto", "off"] = "auto"
+    """auto: batches go to Triton replicas on this host (loopback addresses) through system shared
+    memory, not in the gRPC message (a replica that cannot map it gets them inline); off: always inline."""
+    shared_memory_max_bytes: int = Field(256 * 1024 * 1024, ge=0)
+    """Shared memory a worker may hold for batches in flight; past it a batch goes inline."""
 
 
 class AutoscaleSettings(_Section):

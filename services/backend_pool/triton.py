@@ -8,6 +8,14 @@ tritonclient's InferInput, the message and its serialisation make three),
 and the output is read with ``np.frombuffer`` on ``raw_output_contents``.
 gRPC status codes are turned into Flotilla errors here, at the boundary.
 
+A replica on this host (a loopback address) gets the batch through system
+shared memory instead when the worker has regions to give (``shm``): the
+batch is copied once into a region registered with that replica, and the
+request is only the header naming it. A replica that cannot map the region
+(another host or container behind a loopback port) gets the bytes inline
+from then on; one that lost the registration (it restarted) is registered
+again and the call sent again.
+
 Membership is placement: each model's pool holds exactly the replicas the
 controller reports a ready copy on (``set_copies``), not whatever a probe
 finds. A replica that answers NOT_FOUND is in transition (being unloaded or
@@ -19,6 +27,7 @@ awaited once per burst, and the batch runs on the copy it loaded.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -41,6 +50,7 @@ from flotilla.errors import (
     ReplicaInTransition,
 )
 from flotilla.services.backend_pool.pool import Endpoint, EndpointPool, make_strategy
+from flotilla.services.backend_pool.shm import Region, SharedMemoryRegions
 from flotilla.services.preprocess.backend import InferResult
 
 log = logging.getLogger(__name__)
@@ -50,6 +60,9 @@ ColdStart = Callable[[str], Awaitable[list[str]]]
 
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+SHM_REGISTER = "/inference.GRPCInferenceService/SystemSharedMemoryRegister"
+SHM_UNREGISTER = "/inference.GRPCInferenceService/SystemSharedMemoryUnregister"
+REGISTER_TIMEOUT_S = 5.0
 MAX_MESSAGE_BYTES = 2**31 - 1
 """gRPC message limit both ways (tritonclient's): a batch of large FP32 images exceeds the 4 MiB default."""
 # ModelInferRequest.raw_input_contents (field 7, length-delimited): its tag byte on the wire.
@@ -89,6 +102,38 @@ def encode_infer_request(
     return b"".join((header.SerializeToString(), _RAW_INPUT_TAG, _varint(data.nbytes), data))
 
 
+def encode_shm_infer_request(
+    model: str, version: str, input_name: str, batch: np.ndarray, output_name: str, region: str
+) -> bytes:
+    """A serialised ModelInferRequest whose one input is ``batch``'s bytes at the start of the
+    shared-memory ``region`` (Triton's system shared memory parameters), not in the message."""
+    request = service_pb2.ModelInferRequest(
+        model_name=model,
+        model_version=version,
+        outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=output_name)],
+    )
+    tensor = request.inputs.add(name=input_name, datatype=np_to_triton_dtype(batch.dtype), shape=batch.shape)
+    tensor.parameters["shared_memory_region"].string_param = region
+    tensor.parameters["shared_memory_byte_size"].int64_param = batch.nbytes
+    return request.SerializeToString()
+
+
+def lost_region(code: grpc.StatusCode, details: str) -> bool:
+    """Triton's answer to a request naming a region it has no registration of (it restarted)."""
+    return code == grpc.StatusCode.NOT_FOUND and "shared memory region" in details
+
+
+def is_loopback(address: str) -> bool:
+    """``host:port`` names this host (localhost or a loopback IP)."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def decode_infer_response(response: service_pb2.ModelInferResponse, output_name: str) -> np.ndarray | None:
     """The named output of a ModelInferResponse as an array (a view of the message's bytes); None if absent."""
     for index, output in enumerate(response.outputs):
@@ -115,10 +160,13 @@ def translate_triton_error(code: grpc.StatusCode, details: str, address: str, mo
 
 
 class TritonReplica:
-    """One replica's channel and its ModelInfer method on pre-serialised requests."""
+    """One replica's channel, its ModelInfer method on pre-serialised requests, and its
+    registrations of the worker's shared-memory regions."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, *, shared_memory: bool = False) -> None:
         self.address = address
+        self.shared_memory = shared_memory and is_loopback(address)
+        """Batches go to it through shared memory (it is on this host and can map the regions)."""
         self.channel = grpc.aio.insecure_channel(
             address,
             options=[
@@ -130,6 +178,52 @@ class TritonReplica:
         self.model_infer = self.channel.unary_unary(
             MODEL_INFER, request_serializer=None, response_deserializer=service_pb2.ModelInferResponse.FromString
         )
+        self._register = self.channel.unary_unary(
+            SHM_REGISTER,
+            request_serializer=service_pb2.SystemSharedMemoryRegisterRequest.SerializeToString,
+            response_deserializer=service_pb2.SystemSharedMemoryRegisterResponse.FromString,
+        )
+        self._unregister = self.channel.unary_unary(
+            SHM_UNREGISTER,
+            request_serializer=service_pb2.SystemSharedMemoryUnregisterRequest.SerializeToString,
+            response_deserializer=service_pb2.SystemSharedMemoryUnregisterResponse.FromString,
+        )
+
+    async def holds(self, region: Region, timeout_s: float | None) -> bool:
+        """Whether the replica has ``region`` registered, registering it now if not. A replica
+        that cannot map it gets every batch inline from then on (False); one that is down or
+        too slow to answer raises, as a ModelInfer would."""
+        if not self.shared_memory:
+            return False
+        if self.address in region.registered:
+            return True
+        request = service_pb2.SystemSharedMemoryRegisterRequest(name=region.name, key=region.key, byte_size=region.nbytes)
+        try:
+            await self._register(request, timeout=min(timeout_s or REGISTER_TIMEOUT_S, REGISTER_TIMEOUT_S))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.ALREADY_EXISTS:  # registered by this worker before it lost track
+                region.registered.add(self.address)
+                return True
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+            log.warning(
+                "Triton at %s cannot map shared memory (%s: %s); its batches go inline in the gRPC message",
+                self.address, exc.code().name, exc.details(),
+            )
+            self.shared_memory = False
+            return False
+        region.registered.add(self.address)
+        return True
+
+    async def forget(self, region: Region) -> None:
+        """Unregister ``region`` (best effort: the worker is stopping or the replica went away)."""
+        if self.address not in region.registered:
+            return
+        region.registered.discard(self.address)
+        try:
+            await self._unregister(service_pb2.SystemSharedMemoryUnregisterRequest(name=region.name), timeout=1.0)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("unregistering %s from %s: %s", region.name, self.address, exc.details())
 
     async def close(self) -> None:
         await self.channel.close()
@@ -144,17 +238,20 @@ class TritonBackend:
         *,
         cold_start: ColdStart | None = None,
         clock: Callable[[], float] = time.monotonic,
+        shm: SharedMemoryRegions | None = None,
     ) -> None:
         self.settings = settings
         self.cold_start = cold_start
         self._clock = clock
+        self.shm = shm
+        """Regions for batches to replicas on this host; None sends every batch inline."""
         self._clients: dict[str, TritonReplica] = {}
         self.pools: dict[str, EndpointPool[TritonReplica]] = {}
         self._cold: dict[str, asyncio.Task[list[str]]] = {}
 
     def _client(self, address: str) -> TritonReplica:
         if address not in self._clients:
-            self._clients[address] = TritonReplica(address)
+            self._clients[address] = TritonReplica(address, shared_memory=self.shm is not None)
         return self._clients[address]
 
     def set_copies(self, model: str, addresses: list[str], backend: BackendSettings) -> None:
@@ -213,17 +310,28 @@ class TritonBackend:
         if not pool.endpoints:
             await self._within(self._ensure_copy(model), deadline_s, model)
 
-        request = encode_infer_request(model, str(version) if version else "", input_name, batch, output_name)
+        batch = np.ascontiguousarray(batch)
         batch_size = int(batch.shape[0])
+        version_text = str(version) if version else ""
+        inline: list[bytes] = []
+        region = self._region_for(pool, batch)
+
+        def request_for(in_region: bool) -> bytes:
+            if in_region:
+                assert region is not None
+                return encode_shm_infer_request(model, version_text, input_name, batch, output_name, region.name)
+            if not inline:  # built once, on the first replica that takes it inline
+                inline.append(encode_infer_request(model, version_text, input_name, batch, output_name))
+            return inline[0]
 
         async def on(endpoint: Endpoint[TritonReplica]) -> InferResult:
-            remaining_s = None if deadline_s is None else max(deadline_s - self._clock(), 0.001)
+            replica = endpoint.client
             started_s = time.perf_counter()
             attributes = {"flotilla.model": model, "flotilla.replica": endpoint.address,
                           "flotilla.model_version": version, "flotilla.batch_size": batch_size}
             with tracing.tracer.start_as_current_span(f"triton {model}", kind=SpanKind.CLIENT, attributes=attributes):
                 try:
-                    reply = await endpoint.client.model_infer(request, timeout=remaining_s, metadata=tracing.inject())
+                    reply = await self._send(replica, region, request_for, deadline_s)
                 except grpc.aio.AioRpcError as exc:
                     raise translate_triton_error(exc.code(), exc.details() or "", endpoint.address, model) from exc
                 finally:
@@ -234,13 +342,58 @@ class TritonBackend:
             return InferResult(outputs, endpoint.address)
 
         try:
-            return await pool.call(on, deadline_s=deadline_s)
-        except NoHealthyEndpoint:
-            if self.cold_start is None or pool.endpoints:
+            try:
+                return await pool.call(on, deadline_s=deadline_s)
+            except NoHealthyEndpoint:
+                if self.cold_start is None or pool.endpoints:
+                    raise
+                # Every copy went away while the call waited (unloaded, scaled to zero): load one.
+                await self._within(self._ensure_copy(model), deadline_s, model)
+                return await pool.call(on, deadline_s=deadline_s)
+        finally:
+            if region is not None and self.shm is not None:
+                self.shm.release(region)  # its call has ended: the next batch may overwrite it
+
+    def _region_for(self, pool: EndpointPool[TritonReplica], batch: np.ndarray) -> Region | None:
+        """A region holding ``batch`` if any of the model's replicas may take it from one."""
+        if self.shm is None or not any(e.client.shared_memory for e in pool.endpoints):
+            return None
+        region = self.shm.acquire(batch.nbytes)
+        if region is not None:
+            region.write(memoryview(batch))
+        return region
+
+    async def _send(
+        self,
+        replica: TritonReplica,
+        region: Region | None,
+        request_for: Callable[[bool], bytes],
+        deadline_s: float | None,
+    ) -> service_pb2.ModelInferResponse:
+        """One ModelInfer on ``replica``. A replica that lost the region's registration (it
+        restarted) is given it again and the batch sent again, once."""
+        try:
+            return await self._send_once(replica, region, request_for, deadline_s)
+        except grpc.aio.AioRpcError as exc:
+            if region is None or not lost_region(exc.code(), exc.details() or ""):
                 raise
-            # Every copy went away while the call waited (unloaded, scaled to zero): load one.
-            await self._within(self._ensure_copy(model), deadline_s, model)
-            return await pool.call(on, deadline_s=deadline_s)
+        log.info("Triton at %s lost shared-memory region %s: registering it again", replica.address, region.name)
+        region.registered.discard(replica.address)
+        return await self._send_once(replica, region, request_for, deadline_s)
+
+    async def _send_once(
+        self,
+        replica: TritonReplica,
+        region: Region | None,
+        request_for: Callable[[bool], bytes],
+        deadline_s: float | None,
+    ) -> service_pb2.ModelInferResponse:
+        """Through ``region`` where the replica holds it (or can register it now), inline otherwise."""
+        def remaining_s() -> float | None:
+            return None if deadline_s is None else max(deadline_s - self._clock(), 0.001)
+
+        in_region = region is not None and await replica.holds(region, remaining_s())
+        return await replica.model_infer(request_for(in_region), timeout=remaining_s(), metadata=tracing.inject())
 
     async def _within(self, wait: Awaitable[None], deadline_s: float | None, model: str) -> None:
         if deadline_s is None:
@@ -254,5 +407,9 @@ class TritonBackend:
     async def close(self) -> None:
         for task in self._cold.values():
             task.cancel()
+        if self.shm is not None:
+            for region in self.shm.regions:
+                await asyncio.gather(*(client.forget(region) for client in self._clients.values()))
+            self.shm.close()
         for client in self._clients.values():
             await client.close()

@@ -27,7 +27,8 @@ from flotilla.common.interceptors import UNKNOWN_MODEL
 from flotilla.common.object_store import AsyncObjectReader
 from flotilla.common.server import ServiceServer, serve_until_signal
 from flotilla.common.status import error_from_rpc
-from flotilla.config import FlotillaSettings
+from flotilla.config import FlotillaSettings, PreprocessSettings
+from flotilla.services.backend_pool.shm import SHM_DIR, SharedMemoryRegions, remove_stale
 from flotilla.services.backend_pool.status import pools_to_pb
 from flotilla.services.backend_pool.triton import TritonBackend
 from flotilla.services.preprocess.processor import (
@@ -40,6 +41,8 @@ from flotilla.services.preprocess.processor import (
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = preprocess_pb2.DESCRIPTOR.services_by_name["Preprocessor"].full_name
+SHM_PREFIX = "flotilla-worker-"
+"""Batch regions are /dev/shm/flotilla-worker-<pid>-<n>."""
 
 
 def to_pb(request: preprocess_pb2.ProcessBatchRequest, outcome: BatchOutcome) -> preprocess_pb2.ProcessBatchResponse:
@@ -117,6 +120,14 @@ class ControllerColdStart:
         return ready_replicas(status)
 
 
+def batch_regions(settings: PreprocessSettings) -> SharedMemoryRegions | None:
+    """This worker's shared-memory regions for batches to Triton on its host (None when off)."""
+    if settings.triton_shared_memory == "off" or settings.shared_memory_max_bytes == 0 or not SHM_DIR.is_dir():
+        return None
+    remove_stale(SHM_PREFIX)
+    return SharedMemoryRegions(f"{SHM_PREFIX}{os.getpid()}-", max_bytes=settings.shared_memory_max_bytes)
+
+
 async def serve(settings: FlotillaSettings, port: int) -> None:
     """Run one preprocess worker until SIGTERM."""
     if not settings.endpoints.controller:
@@ -127,7 +138,9 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     channel = grpc.aio.insecure_channel(settings.endpoints.controller)
     backend_to_model: dict[str, str] = {}
     backend = TritonBackend(
-        settings.pools, cold_start=ControllerColdStart(controller_pb2_grpc.ControllerStub(channel), backend_to_model)
+        settings.pools,
+        cold_start=ControllerColdStart(controller_pb2_grpc.ControllerStub(channel), backend_to_model),
+        shm=batch_regions(settings.preprocess),
     )
     processor = BatchProcessor(
         {},

@@ -1,0 +1,136 @@
+"""Batches to a Triton replica on this host through system shared memory, against the real
+replicas of the session stack: same answers as inline, a lost registration is made again, a
+region Triton cannot map falls back to inline, and stopping leaves nothing registered."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+
+from flotilla.config import BackendSettings, PoolSettings
+from flotilla.services.backend_pool.shm import SHM_DIR, SharedMemoryRegions
+from flotilla.services.backend_pool.triton import TritonBackend
+from flotilla.services.preprocess.imaging import decode_for_model
+from flotilla.stack.local import LocalStack
+from tests.integration.conftest import MODEL, SAMPLES
+
+pytestmark = pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
+
+
+def photos_batch(stack: LocalStack) -> np.ndarray:
+    spec = stack.settings.models[MODEL].input  # type: ignore[union-attr]
+    files = sorted(SAMPLES.glob("*.jpg"))[:4]
+    batch = np.empty((len(files), spec.height_px, spec.width_px, 3), np.uint8)
+    for row, path in zip(batch, files, strict=True):
+        decode_for_model(path.read_bytes(), spec, what=path.name, max_pixels=50_000_000, out=row)
+    return batch
+
+
+def registered(address: str) -> set[str]:
+    client = triton_grpc.InferenceServerClient(address)
+    try:
+        status = client.get_system_shared_memory_status(as_json=True)
+    finally:
+        client.close()
+    return set(status.get("regions", {}))
+
+
+@pytest.fixture
+async def backends(stack: LocalStack) -> AsyncIterator[tuple[TritonBackend, TritonBackend, SharedMemoryRegions]]:
+    assert stack.state is not None
+    shm = SharedMemoryRegions(f"flotilla-test-{os.getpid()}-", max_bytes=64 << 20)
+    via_shm, inline = TritonBackend(PoolSettings(), shm=shm), TritonBackend(PoolSettings())
+    for backend in (via_shm, inline):
+        backend.set_copies(MODEL, stack.state.triton, BackendSettings())
+    try:
+        yield via_shm, inline, shm
+    finally:
+        await via_shm.close()
+        await inline.close()
+
+
+async def infer(backend: TritonBackend, stack: LocalStack, batch: np.ndarray) -> np.ndarray:
+    spec = stack.settings.models[MODEL]  # type: ignore[union-attr]
+    result = await backend.infer(MODEL, spec.input.name, batch, spec.output_name, timeout_s=30.0)
+    return result.outputs
+
+
+async def test_a_batch_through_shared_memory_gets_the_inline_answer(
+    stack: LocalStack, backends: tuple[TritonBackend, TritonBackend, SharedMemoryRegions]
+) -> None:
+    via_shm, inline, shm = backends
+    batch = photos_batch(stack)
+    expected = await infer(inline, stack, batch)
+    for _ in range(2 * len(stack.state.triton)):  # type: ignore[union-attr]  # every replica, round robin
+        np.testing.assert_allclose(await infer(via_shm, stack, batch), expected, rtol=1e-5, atol=1e-6)
+    [region] = shm.regions  # one batch in flight at a time: one region, reused
+    assert region.registered == set(stack.state.triton)  # type: ignore[union-attr]
+    for address in stack.state.triton:  # type: ignore[union-attr]
+        assert region.name in registered(address)
+    # A different batch in the same region: the answer follows the pixels, not a stale copy.
+    flipped = np.ascontiguousarray(batch[::-1])
+    np.testing.assert_allclose(await infer(via_shm, stack, flipped), expected[::-1], rtol=1e-5, atol=1e-6)
+
+
+async def test_a_replica_that_lost_the_registration_is_given_it_again(
+    stack: LocalStack, backends: tuple[TritonBackend, TritonBackend, SharedMemoryRegions]
+) -> None:
+    via_shm, inline, shm = backends
+    batch = photos_batch(stack)
+    expected = await infer(inline, stack, batch)
+    await infer(via_shm, stack, batch)
+    await infer(via_shm, stack, batch)
+    [region] = shm.regions
+    for address in stack.state.triton:  # type: ignore[union-attr]  # as a restarted Triton would be
+        client = triton_grpc.InferenceServerClient(address)
+        client.unregister_system_shared_memory(region.name)
+        client.close()
+    for _ in range(2):
+        np.testing.assert_allclose(await infer(via_shm, stack, batch), expected, rtol=1e-5, atol=1e-6)
+    for address in stack.state.triton:  # type: ignore[union-attr]
+        assert region.name in registered(address)
+
+
+async def test_a_region_triton_cannot_map_sends_batches_inline(
+    stack: LocalStack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert stack.state is not None
+    # Files outside /dev/shm: Triton's shm_open of the key finds nothing, as on another host.
+    shm = SharedMemoryRegions(f"flotilla-test-{os.getpid()}-", max_bytes=64 << 20, directory=tmp_path)
+    backend = TritonBackend(PoolSettings(), shm=shm)
+    backend.set_copies(MODEL, stack.state.triton, BackendSettings())
+    inline = TritonBackend(PoolSettings())
+    inline.set_copies(MODEL, stack.state.triton, BackendSettings())
+    batch = photos_batch(stack)
+    try:
+        with caplog.at_level(logging.WARNING):
+            expected = await infer(inline, stack, batch)
+            for _ in range(3):
+                np.testing.assert_allclose(await infer(backend, stack, batch), expected, rtol=1e-5, atol=1e-6)
+    finally:
+        await backend.close()
+        await inline.close()
+    assert "cannot map shared memory" in caplog.text
+    assert all(not r.registered for r in shm.regions)
+
+
+async def test_stopping_unregisters_and_removes_every_region(stack: LocalStack) -> None:
+    assert stack.state is not None
+    shm = SharedMemoryRegions(f"flotilla-test-{os.getpid()}-", max_bytes=64 << 20)
+    backend = TritonBackend(PoolSettings(), shm=shm)
+    backend.set_copies(MODEL, stack.state.triton, BackendSettings())
+    batch = photos_batch(stack)
+    await asyncio.gather(*(infer(backend, stack, batch) for _ in range(4)))  # several regions at once
+    names = {r.name for r in shm.regions}
+    assert names and all((SHM_DIR / n).exists() for n in names)
+    await backend.close()
+    for address in stack.state.triton:
+        assert not names & registered(address)
+    assert not any((SHM_DIR / n).exists() for n in names)
