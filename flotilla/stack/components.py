@@ -152,11 +152,14 @@ class TritonInstallation:
         model_repository: Path,
         log_path: Path,
         ort_threads: int = 0,
+        shm_prefix: str = "",
     ) -> ManagedProcess:
         """One replica that starts empty: the controller loads models into it
         (explicit model control, no config auto-complete: a load takes
         0.2-0.35 s instead of ~1.6 s). ``ort_threads`` > 0 caps each ONNX
-        Runtime session's thread pool."""
+        Runtime session's thread pool. ``shm_prefix`` names the Python
+        backend's /dev/shm regions (a replica killed outright leaves them
+        behind; the prefix lets its owner remove them)."""
         argv = [
             str(self.server),
             f"--model-repository={model_repository.resolve()}",
@@ -173,6 +176,8 @@ class TritonInstallation:
             "--strict-readiness=true",
             "--log-verbose=0",
         ]
+        if shm_prefix:
+            argv.append(f"--backend-config=python,shm-region-prefix-name={shm_prefix}")
         env = dict(os.environ)
         env["PATH"] = f"{_venv_bin()}{os.pathsep}{env.get('PATH', '')}"
         env["LD_LIBRARY_PATH"] = f"{self.libs}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}".rstrip(os.pathsep)

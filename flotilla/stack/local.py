@@ -39,6 +39,7 @@ from flotilla.common.object_store import ObjectStore
 from flotilla.common.server import is_serving
 from flotilla.config import Endpoints, FlotillaSettings, ModelSettings, S3Settings, dump_settings
 from flotilla.errors import AlreadyExists, StoreUnavailable
+from flotilla.services.backend_pool.shm import SHM_DIR, remove_stale
 from flotilla.stack.components import TritonInstallation, TritonPorts, seaweed_s3
 from flotilla.stack.processes import ManagedProcess, free_port, wait_until
 from flotilla.stack.supervisor import Supervisor
@@ -51,6 +52,8 @@ S3_PORT_ATTEMPTS = 3
 WEED_PORT_TAKEN = "Port allocation failed"
 """What weed logs when a port it was given is not available (it then exits)."""
 MODEL_READY_TIMEOUT_S = 180.0
+TRITON_SHM_PREFIX = "flotilla-triton-"
+"""Replicas' Python-backend /dev/shm files: flotilla-triton-<stack pid>-<stack id>-<replica>-..."""
 
 
 @dataclass
@@ -204,6 +207,8 @@ class LocalStack:
         self.state: StackState | None = None
         self.s3: ManagedProcess | None = None
         self.tritons: list[ManagedProcess] = []
+        self.shm_prefix = f"{TRITON_SHM_PREFIX}{os.getpid()}-{secrets.token_hex(3)}-"
+        """The replicas' Python-backend shared memory files start with this (one stack's own)."""
         self.controller: ManagedProcess | None = None
         self.preprocess: list[ManagedProcess] = []
         self.batchers: dict[str, ManagedProcess] = {}
@@ -246,6 +251,8 @@ class LocalStack:
             proc.stop()
         if self.batcher_manager is not None:
             self.batcher_manager.join()
+        for leftover in SHM_DIR.glob(f"{self.shm_prefix}*"):  # left by replicas that were killed outright
+            leftover.unlink(missing_ok=True)
 
     # -- start-up ------------------------------------------------------------
 
@@ -282,6 +289,7 @@ class LocalStack:
         s3_settings = self._launch_s3()
 
         install = TritonInstallation.prepare(self.run_dir)
+        remove_stale(TRITON_SHM_PREFIX)
         # Replicas share this host's cores: each ONNX Runtime session gets a share.
         ort_threads = max(1, (os.cpu_count() or 1) // self.base.triton.replicas)
         replica_dirs = []
@@ -294,6 +302,7 @@ class LocalStack:
             proc = install.process(
                 f"triton-{i}", host=self.host, ports=TritonPorts.free(self.host), model_repository=repository,
                 log_path=self.logs / f"triton-{i}.log", ort_threads=ort_threads,
+                shm_prefix=f"{self.shm_prefix}{i}-",
             )
             proc.start()
             self.tritons.append(proc)

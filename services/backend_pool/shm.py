@@ -114,9 +114,9 @@ class SharedMemoryRegions:
 
 
 def remove_stale(prefix_base: str, directory: Path = SHM_DIR) -> list[str]:
-    """Remove ``<prefix_base><pid>-<n>`` files whose pid is no longer running (a killed worker's
-    regions); the names removed. Triton keeps any mapping it had until it is unregistered."""
-    pattern = re.compile(re.escape(prefix_base) + r"(\d+)-\d+")
+    """Remove ``<prefix_base><pid>-<anything>`` files whose pid is no longer running (a killed
+    process's regions); the names removed. A process that mapped one keeps its mapping."""
+    pattern = re.compile(re.escape(prefix_base) + r"(\d+)-.+")
     removed = []
     for path in directory.glob(prefix_base + "*"):
         found = pattern.fullmatch(path.name)
@@ -125,7 +125,7 @@ def remove_stale(prefix_base: str, directory: Path = SHM_DIR) -> list[str]:
         path.unlink(missing_ok=True)
         removed.append(path.name)
     if removed:
-        log.info("removed %d shared-memory regions left by stopped workers", len(removed))
+        log.info("removed %d shared-memory files left by stopped processes (%s*)", len(removed), prefix_base)
     return removed
 
 

@@ -26,6 +26,7 @@ from flotilla.api.v1 import batcher_pb2_grpc, pools_pb2, preprocess_pb2_grpc
 from flotilla.clients.client import FlotillaClient
 from flotilla.common.server import is_serving
 from flotilla.errors import Code, FlotillaError
+from flotilla.services.backend_pool.shm import SHM_DIR
 from flotilla.stack.local import LocalStack, triton_ready
 from tests.integration.conftest import API_KEY, MODEL, REPO, sample, stack_settings
 
@@ -204,6 +205,7 @@ async def test_sigkill_a_preprocess_worker(fault_stack: LocalStack, load: Steady
     victim = fault_stack.preprocess[0]
     await asyncio.sleep(1.5)
     mark = len(load.outcomes)
+    killed_regions = list(SHM_DIR.glob(f"flotilla-worker-{victim.pid}-*"))  # its batches' shared memory
 
     victim.kill()  # the supervisor starts it again
     ejected_s = await wait_for(
@@ -217,6 +219,8 @@ async def test_sigkill_a_preprocess_worker(fault_stack: LocalStack, load: Steady
     figures = {**tally(load.since(mark)), "ejected_after_s": round(ejected_s, 3), "readmitted_after_restart_s": round(readmitted_s, 3)}
     record("sigkill_preprocess_worker", figures)
     assert figures["good_failed"] == 0, [o for o in load.since(mark) if o.kind == "good" and o.code != Code.OK][:3]
+    assert killed_regions, "the worker sent its batches to the local replicas through shared memory"
+    assert not [p for p in killed_regions if p.exists()], "the restarted worker removed the killed one's regions"
 
 
 async def test_object_store_outage_fails_fast_then_recovers(fault_stack: LocalStack, load: SteadyLoad) -> None:
