@@ -28,6 +28,7 @@ import yaml
 from flotilla import k8s
 from flotilla.cli import build_parser
 from flotilla.common import metrics
+from flotilla.common.server import TRITON_PING_ARGS
 from flotilla.config import FlotillaSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -317,3 +318,10 @@ def test_the_gpu_overlay_runs_the_official_triton_image_on_gpus() -> None:
     for overlay in OVERLAYS:
         args = named(overlay, "StatefulSet", "triton")["spec"]["template"]["spec"]["containers"][0]["args"]
         assert {"--model-control-mode=explicit", "--disable-auto-complete-config"} <= set(args)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_triton_accepts_the_workers_keepalive_pings(overlay: str) -> None:
+    # Without these flags Triton answers a worker's 10 s pings with GOAWAY (too many pings).
+    args = named(overlay, "StatefulSet", "triton")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert set(TRITON_PING_ARGS) <= set(args)

@@ -51,6 +51,14 @@ SERVER_OPTIONS = [
 ]
 
 
+TRITON_PING_ARGS = [
+    "--grpc-keepalive-permit-without-calls=1",
+    f"--grpc-http2-min-recv-ping-interval-without-data={MIN_PING_INTERVAL_MS}",
+]
+"""tritonserver flags that let workers keep their channels to it alive the same way (its default
+minimum ping interval, 5 minutes, would answer PEER_KEEPALIVE_S pings with GOAWAY)."""
+
+
 def keepalive_options(every_s: float, timeout_s: float) -> list[tuple[str, int]]:
     """Channel options: ping every ``every_s`` (at least MIN_PING_INTERVAL_MS apart), give up after ``timeout_s``."""
     return [

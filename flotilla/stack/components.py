@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flotilla.common.server import TRITON_PING_ARGS
 from flotilla.config import S3Settings
 from flotilla.stack.processes import ManagedProcess, free_port, free_port_pair, wait_for_previous_holder
 
@@ -175,6 +176,7 @@ class TritonInstallation:
             "--exit-on-error=true",
             "--strict-readiness=true",
             "--log-verbose=0",
+            *TRITON_PING_ARGS,
         ]
         if shm_prefix:
             argv.append(f"--backend-config=python,shm-region-prefix-name={shm_prefix}")

@@ -39,6 +39,7 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from flotilla.common import metrics, tracing
+from flotilla.common.server import PEER_KEEPALIVE_S, PEER_KEEPALIVE_TIMEOUT_S, keepalive_options
 from flotilla.config import BackendSettings, PoolSettings
 from flotilla.errors import (
     BackendError,
@@ -172,6 +173,9 @@ class TritonReplica:
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                # A replica that vanished without a reset fails its batches UNAVAILABLE (retried on
+                # another copy) within seconds, not at their deadlines; Triton runs with TRITON_PING_ARGS.
+                *keepalive_options(PEER_KEEPALIVE_S, PEER_KEEPALIVE_TIMEOUT_S),
             ],
         )
         # No request serialiser: the request arrives as bytes from encode_infer_request.
