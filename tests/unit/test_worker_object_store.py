@@ -1,11 +1,12 @@
 """The signed GET of an image, both forms (ObjectStore.get in threads, AsyncObjectReader.get on the
 event loop): the signature (the minio SDK's signer) and each answer of a stand-in S3 server (found,
-missing, too large, refused, dropped connections, unreachable)."""
+chunked, missing, too large, refused, dropped connections, cut bodies, malformed answers, unreachable)."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -62,7 +63,9 @@ class FakeS3(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"  # keep-alive, as S3 servers answer
     objects: dict[str, bytes] = {}
-    script: list[str] = []  # per request, first: "503", "drop" (close without answering), or "" (answer)
+    # Per request, first: "503", "drop" (close without answering), "cut" (half the declared body, then close),
+    # "garbage" (not HTTP), "chunked" (answer with a chunked body), or "" (answer).
+    script: list[str] = []
     seen: list[str] = []
     connections: set[tuple[str, int]] = set()
 
@@ -76,10 +79,21 @@ class FakeS3(BaseHTTPRequestHandler):
         if step == "503":
             self._answer(503, b"<Error><Code>SlowDown</Code></Error>")
             return
+        if step in ("cut", "garbage"):
+            self.close_connection = True
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 500 if step == "cut" else b"SPAM\r\n\r\n")
+            return
         assert "Signature=" in self.headers["Authorization"]
         body = self.objects.get(unquote(self.path.removeprefix("/images/")))
         if body is None:
             self._answer(404, b"<?xml version='1.0'?><Error><Code>NoSuchKey</Code><Message>gone</Message></Error>")
+        elif step == "chunked":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for at in range(0, len(body), 700):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(body[at : at + 700]), body[at : at + 700]))
+            self.wfile.write(b"0\r\n\r\n")
         else:
             self._answer(200, body)
 
@@ -93,45 +107,59 @@ class FakeS3(BaseHTTPRequestHandler):
         pass
 
 
+class QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that closed its connection early
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
 class Reader:
     """AsyncObjectReader.get called from blocking test code: each call on its own event loop
     (a fresh session each time, so reuse is checked within one ``get_all``)."""
 
-    def __init__(self, settings: S3Settings, *, timeout_s: float, retries: int) -> None:
+    def __init__(self, settings: S3Settings, *, timeout_s: float, retries: int, max_connections: int = 64) -> None:
         self.settings = settings
         self.timeout_s = timeout_s
         self.retries = retries
+        self.max_connections = max_connections
 
-    async def _get_all(self, keys: list[str], max_bytes: int) -> list[bytes]:
-        reader = AsyncObjectReader(self.settings, timeout_s=self.timeout_s, retries=self.retries)
+    async def _get_all(self, keys: list[str], max_bytes: int, at_once: bool) -> list[bytes]:
+        reader = AsyncObjectReader(
+            self.settings, timeout_s=self.timeout_s, retries=self.retries, max_connections=self.max_connections
+        )
         try:
+            if at_once:
+                return list(await asyncio.gather(*(reader.get(key, max_bytes) for key in keys)))
             return [await reader.get(key, max_bytes) for key in keys]
         finally:
             await reader.close()
 
-    def get_all(self, keys: list[str], max_bytes: int) -> list[bytes]:
-        return asyncio.run(self._get_all(keys, max_bytes))
+    def get_all(self, keys: list[str], max_bytes: int, *, at_once: bool = False) -> list[bytes]:
+        return asyncio.run(self._get_all(keys, max_bytes, at_once))
 
     def get(self, key: str, max_bytes: int) -> bytes:
         return self.get_all([key], max_bytes)[0]
 
 
-@pytest.fixture(params=["threads", "event loop"])
-def s3(request: pytest.FixtureRequest) -> Iterator[ObjectStore | Reader]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeS3)
+@pytest.fixture
+def fake_s3() -> Iterator[S3Settings]:
+    server = QuietServer(("127.0.0.1", 0), FakeS3)
     FakeS3.objects = {"a.jpg": b"\xff\xd8\xff" + b"x" * 1000, "big.jpg": b"y" * 5000, "a b+c.jpg": b"spaced"}
     FakeS3.script, FakeS3.seen, FakeS3.connections = [], [], set()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    settings = SETTINGS.model_copy(update={"endpoint": f"127.0.0.1:{server.server_address[1]}"})
     try:
-        if request.param == "threads":
-            yield ObjectStore(settings, timeout_s=2.0, retries=1)
-        else:
-            yield Reader(settings, timeout_s=2.0, retries=1)
+        yield SETTINGS.model_copy(update={"endpoint": f"127.0.0.1:{server.server_address[1]}"})
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(params=["threads", "event loop"])
+def s3(request: pytest.FixtureRequest, fake_s3: S3Settings) -> ObjectStore | Reader:
+    if request.param == "threads":
+        return ObjectStore(fake_s3, timeout_s=2.0, retries=1)
+    return Reader(fake_s3, timeout_s=2.0, retries=1)
 
 
 def test_an_object_comes_back_whole_over_one_connection(s3: ObjectStore | Reader) -> None:
@@ -173,6 +201,56 @@ def test_a_connection_the_server_dropped_is_replaced(s3: ObjectStore | Reader) -
     assert s3.get("a.jpg", 4096)
     FakeS3.script = ["drop"]
     assert s3.get("a.jpg", 4096) == FakeS3.objects["a.jpg"]
+
+
+def test_a_chunked_object_comes_back_whole_and_one_over_the_limit_is_refused(s3: ObjectStore | Reader) -> None:
+    FakeS3.script = ["chunked"]
+    assert s3.get("big.jpg", 5000) == FakeS3.objects["big.jpg"]
+    FakeS3.script = ["chunked"]
+    with pytest.raises(ImageTooLarge, match="object 'big.jpg' exceeds the limit of 4096 bytes"):
+        s3.get("big.jpg", 4096)
+    assert s3.get("a.jpg", 4096) == FakeS3.objects["a.jpg"]
+
+
+def test_a_connection_broken_inside_the_body_fails_the_get(s3: ObjectStore | Reader) -> None:
+    FakeS3.script = ["cut"]
+    with pytest.raises(StoreUnavailable, match="reading 'a.jpg' from the object store failed"):
+        s3.get("a.jpg", 4096)
+    assert s3.get("a.jpg", 4096) == FakeS3.objects["a.jpg"]
+
+
+def test_a_malformed_answer_is_unavailable_naming_the_store(s3: ObjectStore | Reader, fake_s3: S3Settings) -> None:
+    FakeS3.script = ["garbage", "garbage"]  # the threaded form tries twice
+    with pytest.raises(StoreUnavailable, match=rf"object store at {fake_s3.endpoint} "):
+        s3.get("a.jpg", 4096)
+
+
+def test_a_store_that_keeps_dropping_the_connection_is_unreachable(s3: ObjectStore | Reader) -> None:
+    FakeS3.script = ["drop", "drop"]  # the first try and the one retry
+    with pytest.raises(StoreUnavailable, match=r"object store at 127\.0\.0\.1:\d+ is unreachable"):
+        s3.get("a.jpg", 4096)
+
+
+@pytest.mark.parametrize("form", [ObjectStore, Reader])
+def test_a_kept_connection_the_server_closed_is_replaced_without_a_retry(form: type, fake_s3: S3Settings) -> None:
+    store = form(fake_s3, timeout_s=2.0, retries=0)
+    FakeS3.script = ["", "drop"]  # the second GET finds its kept connection closed
+    if isinstance(store, Reader):
+        assert store.get_all(["a.jpg", "a.jpg"], 4096) == [FakeS3.objects["a.jpg"]] * 2
+    else:
+        assert [store.get("a.jpg", 4096) for _ in range(2)] == [FakeS3.objects["a.jpg"]] * 2
+    assert len(FakeS3.connections) == 2
+
+
+def test_gets_at_once_share_at_most_max_connections(fake_s3: S3Settings) -> None:
+    reader = Reader(fake_s3, timeout_s=2.0, retries=0, max_connections=3)
+    keys = ["a.jpg", "big.jpg", "a b+c.jpg", "nope.jpg"] * 10
+    with pytest.raises(ImageNotFound):
+        reader.get_all(keys, 8192, at_once=True)
+    FakeS3.connections = set()
+    got = reader.get_all(keys[:3] * 10, 8192, at_once=True)
+    assert got == [FakeS3.objects[key] for key in keys[:3]] * 10
+    assert len(FakeS3.connections) <= 3
 
 
 @pytest.mark.parametrize("form", [ObjectStore, Reader])
