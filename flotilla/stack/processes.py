@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -49,11 +50,34 @@ def rotate_log(path: Path, max_bytes: int = LOG_ROTATE_BYTES, backups: int = LOG
     return True
 
 
+_HANDED_OUT: dict[int, None] = {}
+"""Ports free_port gave out, oldest first (at most _HANDED_OUT_MAX remembered)."""
+_HANDED_OUT_MAX = 4096
+_HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (the OS's choice)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port nothing listens on right now (the OS's choice) that this process has not
+    handed out recently. The kernel may offer a port again as soon as the probe closes, before
+    the process it was meant for binds it: 148 repeats in 2 000 calls here, and a stack asks for
+    ~30 (two of its processes were once given one port)."""
+    with _HANDED_OUT_LOCK:
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((host, 0))
+                port = int(sock.getsockname()[1])
+            if _hand_out(port):
+                return port
+
+
+def _hand_out(port: int) -> bool:
+    """Remember ``port`` as given out; False if it was already (the caller must not use it)."""
+    if port in _HANDED_OUT:
+        return False
+    _HANDED_OUT[port] = None
+    if len(_HANDED_OUT) > _HANDED_OUT_MAX:
+        del _HANDED_OUT[next(iter(_HANDED_OUT))]
+    return True
 
 
 def free_port_pair(host: str = "127.0.0.1", offset: int = 10_000) -> int:
@@ -66,6 +90,9 @@ def free_port_pair(host: str = "127.0.0.1", offset: int = 10_000) -> int:
             try:
                 sock.bind((host, port + offset))
             except OSError:
+                continue
+        with _HANDED_OUT_LOCK:
+            if not _hand_out(port + offset):
                 continue
         return port
 
