@@ -374,30 +374,25 @@ class TritonBackend:
         request_for: Callable[[bool], bytes],
         deadline_s: float | None,
     ) -> service_pb2.ModelInferResponse:
-        """One ModelInfer on ``replica``. A replica that lost the region's registration (it
+        """One ModelInfer on ``replica``: through ``region`` where the replica holds it (or can
+        register it now), inline otherwise. A replica that lost the region's registration (it
         restarted) is given it again and the batch sent again, once."""
-        try:
-            return await self._send_once(replica, region, request_for, deadline_s)
-        except grpc.aio.AioRpcError as exc:
-            if region is None or not lost_region(exc.code(), exc.details() or ""):
-                raise
-        log.info("Triton at %s lost shared-memory region %s: registering it again", replica.address, region.name)
-        region.registered.discard(replica.address)
-        return await self._send_once(replica, region, request_for, deadline_s)
 
-    async def _send_once(
-        self,
-        replica: TritonReplica,
-        region: Region | None,
-        request_for: Callable[[bool], bytes],
-        deadline_s: float | None,
-    ) -> service_pb2.ModelInferResponse:
-        """Through ``region`` where the replica holds it (or can register it now), inline otherwise."""
         def remaining_s() -> float | None:
             return None if deadline_s is None else max(deadline_s - self._clock(), 0.001)
 
-        in_region = region is not None and await replica.holds(region, remaining_s())
-        return await replica.model_infer(request_for(in_region), timeout=remaining_s(), metadata=tracing.inject())
+        retried = False
+        while True:
+            in_region = region is not None and await replica.holds(region, remaining_s())
+            try:
+                return await replica.model_infer(request_for(in_region), timeout=remaining_s(), metadata=tracing.inject())
+            except grpc.aio.AioRpcError as exc:
+                if retried or not in_region or not lost_region(exc.code(), exc.details() or ""):
+                    raise
+            assert region is not None
+            log.info("Triton at %s lost shared-memory region %s: registering it again", replica.address, region.name)
+            region.registered.discard(replica.address)
+            retried = True
 
     async def _within(self, wait: Awaitable[None], deadline_s: float | None, model: str) -> None:
         if deadline_s is None:

@@ -56,6 +56,10 @@ async def backends(stack: LocalStack) -> AsyncIterator[tuple[TritonBackend, Trit
         await inline.close()
 
 
+def assert_same_scores(got: np.ndarray, expected: np.ndarray) -> None:
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 async def infer(backend: TritonBackend, stack: LocalStack, batch: np.ndarray) -> np.ndarray:
     spec = stack.settings.models[MODEL]  # type: ignore[union-attr]
     result = await backend.infer(MODEL, spec.input.name, batch, spec.output_name, timeout_s=30.0)
@@ -69,14 +73,14 @@ async def test_a_batch_through_shared_memory_gets_the_inline_answer(
     batch = photos_batch(stack)
     expected = await infer(inline, stack, batch)
     for _ in range(2 * len(stack.state.triton)):  # type: ignore[union-attr]  # every replica, round robin
-        np.testing.assert_allclose(await infer(via_shm, stack, batch), expected, rtol=1e-5, atol=1e-6)
+        assert_same_scores(await infer(via_shm, stack, batch), expected)
     [region] = shm.regions  # one batch in flight at a time: one region, reused
     assert region.registered == set(stack.state.triton)  # type: ignore[union-attr]
     for address in stack.state.triton:  # type: ignore[union-attr]
         assert region.name in registered(address)
     # A different batch in the same region: the answer follows the pixels, not a stale copy.
     flipped = np.ascontiguousarray(batch[::-1])
-    np.testing.assert_allclose(await infer(via_shm, stack, flipped), expected[::-1], rtol=1e-5, atol=1e-6)
+    assert_same_scores(await infer(via_shm, stack, flipped), expected[::-1])
 
 
 async def test_a_replica_that_lost_the_registration_is_given_it_again(
@@ -93,7 +97,7 @@ async def test_a_replica_that_lost_the_registration_is_given_it_again(
         client.unregister_system_shared_memory(region.name)
         client.close()
     for _ in range(2):
-        np.testing.assert_allclose(await infer(via_shm, stack, batch), expected, rtol=1e-5, atol=1e-6)
+        assert_same_scores(await infer(via_shm, stack, batch), expected)
     for address in stack.state.triton:  # type: ignore[union-attr]
         assert region.name in registered(address)
 
@@ -113,7 +117,7 @@ async def test_a_region_triton_cannot_map_sends_batches_inline(
         with caplog.at_level(logging.WARNING):
             expected = await infer(inline, stack, batch)
             for _ in range(3):
-                np.testing.assert_allclose(await infer(backend, stack, batch), expected, rtol=1e-5, atol=1e-6)
+                assert_same_scores(await infer(backend, stack, batch), expected)
     finally:
         await backend.close()
         await inline.close()
