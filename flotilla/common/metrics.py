@@ -72,6 +72,15 @@ BACKEND_SECONDS = Histogram(
     "flotilla_backend_request_duration_seconds", "One batch's inference call, by model and Triton replica.",
     ["model", "replica"], buckets=LATENCY_BUCKETS_S,
 )
+BACKEND_BATCHES = Counter(
+    "flotilla_backend_batches",
+    "Batches Triton answered, by model, replica and how the tensor travelled: shm (system shared memory,"
+    " a replica on the worker's host) or inline (in the gRPC message).",
+    ["model", "replica", "transfer"],
+)
+SHARED_MEMORY_BYTES = Gauge(
+    "flotilla_preprocess_shared_memory_bytes", "Shared memory a worker holds for batches to Triton on its host."
+)
 S3_ERRORS = Counter("flotilla_s3_errors", "Object store calls that failed, by operation and kind.", ["operation", "kind"])
 
 # -- endpoint pools (every hop that spreads calls over replicas) ----------------------

@@ -335,11 +335,12 @@ class TritonBackend:
                           "flotilla.model_version": version, "flotilla.batch_size": batch_size}
             with tracing.tracer.start_as_current_span(f"triton {model}", kind=SpanKind.CLIENT, attributes=attributes):
                 try:
-                    reply = await self._send(replica, region, request_for, deadline_s)
+                    reply, transfer = await self._send(replica, region, request_for, deadline_s)
                 except grpc.aio.AioRpcError as exc:
                     raise translate_triton_error(exc.code(), exc.details() or "", endpoint.address, model) from exc
                 finally:
                     metrics.BACKEND_SECONDS.labels(model, endpoint.address).observe(time.perf_counter() - started_s)
+            metrics.BACKEND_BATCHES.labels(model, endpoint.address, transfer).inc()
             outputs = decode_infer_response(reply, output_name)
             if outputs is None:
                 raise BackendError(f"Triton at {endpoint.address} returned no {output_name!r} output")
@@ -365,6 +366,7 @@ class TritonBackend:
         region = self.shm.acquire(batch.nbytes)
         if region is not None:
             region.write(memoryview(batch))
+        metrics.SHARED_MEMORY_BYTES.set(self.shm.total_bytes)
         return region
 
     async def _send(
@@ -373,10 +375,11 @@ class TritonBackend:
         region: Region | None,
         request_for: Callable[[bool], bytes],
         deadline_s: float | None,
-    ) -> service_pb2.ModelInferResponse:
-        """One ModelInfer on ``replica``: through ``region`` where the replica holds it (or can
-        register it now), inline otherwise. A replica that lost the region's registration (it
-        restarted) is given it again and the batch sent again, once."""
+    ) -> tuple[service_pb2.ModelInferResponse, str]:
+        """One ModelInfer on ``replica`` and how the batch went (``shm`` or ``inline``): through
+        ``region`` where the replica holds it (or can register it now), inline otherwise. A replica
+        that lost the region's registration (it restarted) is given it again and the batch sent
+        again, once."""
 
         def remaining_s() -> float | None:
             return None if deadline_s is None else max(deadline_s - self._clock(), 0.001)
@@ -385,7 +388,8 @@ class TritonBackend:
         while True:
             in_region = region is not None and await replica.holds(region, remaining_s())
             try:
-                return await replica.model_infer(request_for(in_region), timeout=remaining_s(), metadata=tracing.inject())
+                reply = await replica.model_infer(request_for(in_region), timeout=remaining_s(), metadata=tracing.inject())
+                return reply, "shm" if in_region else "inline"
             except grpc.aio.AioRpcError as exc:
                 if retried or not in_region or not lost_region(exc.code(), exc.details() or ""):
                     raise
@@ -410,5 +414,6 @@ class TritonBackend:
             for region in self.shm.regions:
                 await asyncio.gather(*(client.forget(region) for client in self._clients.values()))
             self.shm.close()
+            metrics.SHARED_MEMORY_BYTES.set(0)
         for client in self._clients.values():
             await client.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
+from prometheus_client import REGISTRY
 
 from flotilla.config import BackendSettings, PoolSettings
 from flotilla.services.backend_pool.shm import SHM_DIR, SharedMemoryRegions
@@ -56,6 +57,16 @@ async def backends(stack: LocalStack) -> AsyncIterator[tuple[TritonBackend, Trit
         await inline.close()
 
 
+def batches(transfer: str, addresses: list[str]) -> float:
+    """Batches the worker-side counter saw go to ``addresses`` by ``transfer`` (shm or inline)."""
+    return sum(
+        REGISTRY.get_sample_value(
+            "flotilla_backend_batches_total", {"model": MODEL, "replica": a, "transfer": transfer}
+        ) or 0.0
+        for a in addresses
+    )
+
+
 def assert_same_scores(got: np.ndarray, expected: np.ndarray) -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
@@ -72,12 +83,15 @@ async def test_a_batch_through_shared_memory_gets_the_inline_answer(
     via_shm, inline, shm = backends
     batch = photos_batch(stack)
     expected = await infer(inline, stack, batch)
-    for _ in range(2 * len(stack.state.triton)):  # type: ignore[union-attr]  # every replica, round robin
+    replicas = stack.state.triton  # type: ignore[union-attr]
+    before = batches("shm", replicas)
+    for _ in range(2 * len(replicas)):  # every replica, round robin
         assert_same_scores(await infer(via_shm, stack, batch), expected)
     [region] = shm.regions  # one batch in flight at a time: one region, reused
     assert region.registered == set(stack.state.triton)  # type: ignore[union-attr]
-    for address in stack.state.triton:  # type: ignore[union-attr]
+    for address in replicas:
         assert region.name in registered(address)
+    assert batches("shm", replicas) - before == 2 * len(replicas)
     # A different batch in the same region: the answer follows the pixels, not a stale copy.
     flipped = np.ascontiguousarray(batch[::-1])
     assert_same_scores(await infer(via_shm, stack, flipped), expected[::-1])
@@ -113,6 +127,7 @@ async def test_a_region_triton_cannot_map_sends_batches_inline(
     inline = TritonBackend(PoolSettings())
     inline.set_copies(MODEL, stack.state.triton, BackendSettings())
     batch = photos_batch(stack)
+    shm_before, inline_before = batches("shm", stack.state.triton), batches("inline", stack.state.triton)
     try:
         with caplog.at_level(logging.WARNING):
             expected = await infer(inline, stack, batch)
@@ -123,6 +138,8 @@ async def test_a_region_triton_cannot_map_sends_batches_inline(
         await inline.close()
     assert "cannot map shared memory" in caplog.text
     assert all(not r.registered for r in shm.regions)
+    assert batches("shm", stack.state.triton) == shm_before
+    assert batches("inline", stack.state.triton) - inline_before == 1 + 3
 
 
 async def test_stopping_unregisters_and_removes_every_region(stack: LocalStack) -> None:
