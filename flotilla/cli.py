@@ -299,6 +299,11 @@ async def _loadtest(args, state, images, batch_sizes, points):  # type: ignore[n
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    if args.against:
+        from flotilla import bench_ab
+
+        bench_ab.run(args.against, args.only, rounds=args.rounds, duration_s=args.duration_s)
+        return
     from flotilla import bench
 
     bench.main(duration_s=args.duration_s, only=args.only)
@@ -422,6 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "cpu: CPU per image by tier and mesh_vs_limit; overhead: the near-free-model mesh "
                             "against Triton alone; ceiling: the router and a batcher alone at their limits; "
                             "peer: the CPU part's job on Ray Serve (the peer extra)")
+    bench.add_argument("--against", metavar="REV",
+                       help="measure the --only part (cpu, overhead or ceiling) on git revision REV and on this "
+                            "checkout alternately, in worktrees under .flotilla/ab/, and report head / base; "
+                            "writes nothing in this checkout's README or bench/")
+    bench.add_argument("--rounds", type=int, default=2, help="with --against: runs of each side, alternating")
     bench.set_defaults(func=cmd_bench)
 
     top = sub.add_parser("top", help="a live view of a running stack, from its metrics")
