@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
-import os
 import subprocess
 import sys
 import time
@@ -107,7 +106,7 @@ async def triton_alone(stack: LocalStack, *, batch_size: int, concurrency: int, 
     assert stack.state is not None
     clients = [triton_aio.InferenceServerClient(a) for a in stack.state.triton]
     tensor = np.random.default_rng(0).integers(0, 256, (batch_size, 224, 224, 3), dtype=np.uint8)
-    regions = SharedMemoryRegions(f"flotilla-bench-{os.getpid()}-", max_bytes=tensor.nbytes + (64 << 20))
+    regions = SharedMemoryRegions("flotilla-bench-", max_bytes=tensor.nbytes + (64 << 20))
     region = regions.acquire(tensor.nbytes)
     assert region is not None
     region.write(memoryview(tensor))

@@ -9,8 +9,9 @@ client CPU-µs and 90 -> 32 tritonserver CPU-µs per 224 x 224 image, and 2.8x
 the images/s Triton alone serves.
 
 Each batch in flight holds one region from acquire() to release(); regions
-are files under /dev/shm named ``<prefix><n>`` (the prefix carries the
-worker's pid, so a later worker can remove what a killed one left), sized
+are files under /dev/shm named ``<prefix_base><pid>-<n>`` (the worker's
+pid: a later worker removes what a killed one left, the files and their
+registrations in Triton), sized
 in powers of two and reused, smallest fit first. Triton only reads an input
 region: a region may be reused as soon as its batch's call has ended, even
 if an abandoned request still sits in Triton's queue (it reads the next
@@ -57,8 +58,12 @@ class Region:
 class SharedMemoryRegions:
     """A worker's shared-memory regions, at most ``max_bytes`` of them in all."""
 
-    def __init__(self, prefix: str, *, max_bytes: int, directory: Path = SHM_DIR) -> None:
-        self.prefix = prefix
+    def __init__(
+        self, prefix_base: str, *, max_bytes: int, directory: Path = SHM_DIR, owner: int | None = None
+    ) -> None:
+        self.prefix_base = prefix_base
+        self.prefix = f"{prefix_base}{os.getpid() if owner is None else owner}-"
+        """Region names: ``<prefix_base><owner pid>-<n>`` (what remove_stale and is_stale read)."""
         self.max_bytes = max_bytes
         self.directory = directory
         self._free: list[Region] = []
@@ -116,17 +121,20 @@ class SharedMemoryRegions:
 def remove_stale(prefix_base: str, directory: Path = SHM_DIR) -> list[str]:
     """Remove ``<prefix_base><pid>-<anything>`` files whose pid is no longer running (a killed
     process's regions); the names removed. A process that mapped one keeps its mapping."""
-    pattern = re.compile(re.escape(prefix_base) + r"(\d+)-.+")
     removed = []
     for path in directory.glob(prefix_base + "*"):
-        found = pattern.fullmatch(path.name)
-        if found is None or _running(int(found.group(1))):
-            continue
-        path.unlink(missing_ok=True)
-        removed.append(path.name)
+        if is_stale(path.name, prefix_base):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
     if removed:
         log.info("removed %d shared-memory files left by stopped processes (%s*)", len(removed), prefix_base)
     return removed
+
+
+def is_stale(name: str, prefix_base: str) -> bool:
+    """``name`` is ``<prefix_base><pid>-<anything>`` and that pid is no longer running."""
+    found = re.fullmatch(re.escape(prefix_base) + r"(\d+)-.+", name)
+    return found is not None and not _running(int(found.group(1)))
 
 
 def _running(pid: int) -> bool:

@@ -51,7 +51,7 @@ from flotilla.errors import (
     ReplicaInTransition,
 )
 from flotilla.services.backend_pool.pool import Endpoint, EndpointPool, make_strategy
-from flotilla.services.backend_pool.shm import Region, SharedMemoryRegions
+from flotilla.services.backend_pool.shm import Region, SharedMemoryRegions, is_stale
 from flotilla.services.preprocess.backend import InferResult
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ ColdStart = Callable[[str], Awaitable[list[str]]]
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 SHM_REGISTER = "/inference.GRPCInferenceService/SystemSharedMemoryRegister"
 SHM_UNREGISTER = "/inference.GRPCInferenceService/SystemSharedMemoryUnregister"
+SHM_STATUS = "/inference.GRPCInferenceService/SystemSharedMemoryStatus"
 REGISTER_TIMEOUT_S = 5.0
 MAX_MESSAGE_BYTES = 2**31 - 1
 """gRPC message limit both ways (tritonclient's): a batch of large FP32 images exceeds the 4 MiB default."""
@@ -164,10 +165,14 @@ class TritonReplica:
     """One replica's channel, its ModelInfer method on pre-serialised requests, and its
     registrations of the worker's shared-memory regions."""
 
-    def __init__(self, address: str, *, shared_memory: bool = False) -> None:
+    def __init__(self, address: str, *, shared_memory: bool = False, stale_prefix: str = "") -> None:
         self.address = address
         self.shared_memory = shared_memory and is_loopback(address)
         """Batches go to it through shared memory (it is on this host and can map the regions)."""
+        self.stale_prefix = stale_prefix
+        """Registrations named ``<stale_prefix><pid>-...`` of a pid no longer running are a killed
+        worker's: they are removed before this worker's first (Triton keeps their memory mapped)."""
+        self._swept = False
         self.channel = grpc.aio.insecure_channel(
             address,
             options=[
@@ -192,6 +197,11 @@ class TritonReplica:
             request_serializer=service_pb2.SystemSharedMemoryUnregisterRequest.SerializeToString,
             response_deserializer=service_pb2.SystemSharedMemoryUnregisterResponse.FromString,
         )
+        self._status = self.channel.unary_unary(
+            SHM_STATUS,
+            request_serializer=service_pb2.SystemSharedMemoryStatusRequest.SerializeToString,
+            response_deserializer=service_pb2.SystemSharedMemoryStatusResponse.FromString,
+        )
 
     async def holds(self, region: Region, timeout_s: float | None) -> bool:
         """Whether the replica has ``region`` registered, registering it now if not. A replica
@@ -201,6 +211,8 @@ class TritonReplica:
             return False
         if self.address in region.registered:
             return True
+        if not self._swept and self.stale_prefix:
+            await self._sweep(timeout_s)
         request = service_pb2.SystemSharedMemoryRegisterRequest(name=region.name, key=region.key, byte_size=region.nbytes)
         try:
             await self._register(request, timeout=min(timeout_s or REGISTER_TIMEOUT_S, REGISTER_TIMEOUT_S))
@@ -218,6 +230,22 @@ class TritonReplica:
             return False
         region.registered.add(self.address)
         return True
+
+    async def _sweep(self, timeout_s: float | None) -> None:
+        """Unregister the regions killed workers left registered (best effort, once)."""
+        self._swept = True
+        timeout = min(timeout_s or REGISTER_TIMEOUT_S, REGISTER_TIMEOUT_S)
+        try:
+            status = await self._status(service_pb2.SystemSharedMemoryStatusRequest(), timeout=timeout)
+            stale = [name for name in status.regions if is_stale(name, self.stale_prefix)]
+            for name in stale:
+                await self._unregister(service_pb2.SystemSharedMemoryUnregisterRequest(name=name), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("sweeping stale shared-memory registrations on %s: %s", self.address, exc.details())
+            return
+        if stale:
+            log.info("unregistered %d shared-memory regions of stopped workers from Triton at %s",
+                     len(stale), self.address)
 
     async def forget(self, region: Region) -> None:
         """Unregister ``region`` (best effort: the worker is stopping or the replica went away)."""
@@ -255,7 +283,9 @@ class TritonBackend:
 
     def _client(self, address: str) -> TritonReplica:
         if address not in self._clients:
-            self._clients[address] = TritonReplica(address, shared_memory=self.shm is not None)
+            self._clients[address] = TritonReplica(
+                address, shared_memory=self.shm is not None, stale_prefix=self.shm.prefix_base if self.shm else ""
+            )
         return self._clients[address]
 
     def set_copies(self, model: str, addresses: list[str], backend: BackendSettings) -> None:

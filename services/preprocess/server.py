@@ -125,9 +125,10 @@ def batch_regions(settings: PreprocessSettings) -> SharedMemoryRegions | None:
     if settings.triton_shared_memory == "off" or settings.shared_memory_max_bytes == 0 or not SHM_DIR.is_dir():
         return None
     remove_stale(SHM_PREFIX)
+    regions = SharedMemoryRegions(SHM_PREFIX, max_bytes=settings.shared_memory_max_bytes)
     log.info("batches to Triton replicas on this host go through shared memory (%s*, at most %d MiB)",
-             SHM_DIR / f"{SHM_PREFIX}{os.getpid()}-", settings.shared_memory_max_bytes >> 20)
-    return SharedMemoryRegions(f"{SHM_PREFIX}{os.getpid()}-", max_bytes=settings.shared_memory_max_bytes)
+             SHM_DIR / regions.prefix, settings.shared_memory_max_bytes >> 20)
+    return regions
 
 
 async def serve(settings: FlotillaSettings, port: int) -> None:

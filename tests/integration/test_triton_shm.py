@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -46,7 +48,7 @@ def registered(address: str) -> set[str]:
 @pytest.fixture
 async def backends(stack: LocalStack) -> AsyncIterator[tuple[TritonBackend, TritonBackend, SharedMemoryRegions]]:
     assert stack.state is not None
-    shm = SharedMemoryRegions(f"flotilla-test-{os.getpid()}-", max_bytes=64 << 20)
+    shm = SharedMemoryRegions("flotilla-test-", max_bytes=64 << 20)
     via_shm, inline = TritonBackend(PoolSettings(), shm=shm), TritonBackend(PoolSettings())
     for backend in (via_shm, inline):
         backend.set_copies(MODEL, stack.state.triton, BackendSettings())
@@ -121,7 +123,7 @@ async def test_a_region_triton_cannot_map_sends_batches_inline(
 ) -> None:
     assert stack.state is not None
     # Files outside /dev/shm: Triton's shm_open of the key finds nothing, as on another host.
-    shm = SharedMemoryRegions(f"flotilla-test-{os.getpid()}-", max_bytes=64 << 20, directory=tmp_path)
+    shm = SharedMemoryRegions("flotilla-test-", max_bytes=64 << 20, directory=tmp_path)
     backend = TritonBackend(PoolSettings(), shm=shm)
     backend.set_copies(MODEL, stack.state.triton, BackendSettings())
     inline = TritonBackend(PoolSettings())
@@ -144,7 +146,7 @@ async def test_a_region_triton_cannot_map_sends_batches_inline(
 
 async def test_stopping_unregisters_and_removes_every_region(stack: LocalStack) -> None:
     assert stack.state is not None
-    shm = SharedMemoryRegions(f"flotilla-test-{os.getpid()}-", max_bytes=64 << 20)
+    shm = SharedMemoryRegions("flotilla-test-", max_bytes=64 << 20)
     backend = TritonBackend(PoolSettings(), shm=shm)
     backend.set_copies(MODEL, stack.state.triton, BackendSettings())
     batch = photos_batch(stack)
@@ -155,3 +157,31 @@ async def test_stopping_unregisters_and_removes_every_region(stack: LocalStack) 
     for address in stack.state.triton:
         assert not names & registered(address)
     assert not any((SHM_DIR / n).exists() for n in names)
+
+
+async def test_a_killed_workers_registrations_are_removed_before_the_first_batch(stack: LocalStack) -> None:
+    assert stack.state is not None
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale, live = f"flotilla-test-{int(exited.stdout)}-0", f"flotilla-test-{os.getpid()}-kept"
+    for name in (stale, live):  # registered as a worker would have, its file then removed
+        (SHM_DIR / name).write_bytes(bytes(1 << 20))
+        for address in stack.state.triton:
+            client = triton_grpc.InferenceServerClient(address)
+            client.register_system_shared_memory(name, "/" + name, 1 << 20)
+            client.close()
+        (SHM_DIR / name).unlink()
+    backend = TritonBackend(PoolSettings(), shm=SharedMemoryRegions("flotilla-test-", max_bytes=64 << 20))
+    backend.set_copies(MODEL, stack.state.triton, BackendSettings())
+    try:
+        for _ in stack.state.triton:  # a batch to every replica
+            await infer(backend, stack, photos_batch(stack))
+        for address in stack.state.triton:
+            names = registered(address)
+            assert stale not in names, "the stopped worker's registration (Triton held its memory) is gone"
+            assert live in names, "a running process's registration is left alone"
+    finally:
+        await backend.close()
+        for address in stack.state.triton:
+            client = triton_grpc.InferenceServerClient(address)
+            client.unregister_system_shared_memory(live)
+            client.close()

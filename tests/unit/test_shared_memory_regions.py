@@ -13,7 +13,7 @@ from flotilla.services.backend_pool.shm import MIN_REGION_BYTES, SharedMemoryReg
 
 
 def regions(directory: Path, max_bytes: int = 64 * MIN_REGION_BYTES) -> SharedMemoryRegions:
-    return SharedMemoryRegions("flotilla-worker-1-", max_bytes=max_bytes, directory=directory)
+    return SharedMemoryRegions("flotilla-worker-", max_bytes=max_bytes, directory=directory, owner=1)
 
 
 def test_a_region_fits_its_batch_in_a_power_of_two_and_holds_its_bytes(tmp_path: Path) -> None:
