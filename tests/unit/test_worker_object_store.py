@@ -243,13 +243,13 @@ def test_a_kept_connection_the_server_closed_is_replaced_without_a_retry(form: t
 
 
 def test_gets_at_once_share_at_most_max_connections(fake_s3: S3Settings) -> None:
+    # 30 GETs at once over at most 3 connections. (A first round that failed on a missing object
+    # made this flaky: that round's abandoned GETs were still being answered on the server when
+    # the second round's connections were counted.)
     reader = Reader(fake_s3, timeout_s=2.0, retries=0, max_connections=3)
-    keys = ["a.jpg", "big.jpg", "a b+c.jpg", "nope.jpg"] * 10
-    with pytest.raises(ImageNotFound):
-        reader.get_all(keys, 8192, at_once=True)
-    FakeS3.connections = set()
-    got = reader.get_all(keys[:3] * 10, 8192, at_once=True)
-    assert got == [FakeS3.objects[key] for key in keys[:3]] * 10
+    keys = ["a.jpg", "big.jpg", "a b+c.jpg"] * 10
+    assert reader.get_all(keys, 8192, at_once=True) == [FakeS3.objects[key] for key in keys]
+    assert len(FakeS3.seen) == len(keys)
     assert len(FakeS3.connections) <= 3
 
 
