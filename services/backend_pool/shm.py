@@ -79,7 +79,8 @@ class SharedMemoryRegions:
         return sum(r.nbytes for r in self._all)
 
     def acquire(self, nbytes: int) -> Region | None:
-        """A free region of at least ``nbytes``, new if none fits; None once ``max_bytes`` is reached."""
+        """A free region of at least ``nbytes``, new if none fits; None once ``max_bytes`` is
+        reached or the directory has no room for another (the caller sends that batch inline)."""
         fits = [r for r in self._free if r.nbytes >= nbytes]
         if fits:
             region = min(fits, key=lambda r: r.nbytes)
@@ -88,8 +89,14 @@ class SharedMemoryRegions:
         size = max(MIN_REGION_BYTES, 1 << max(nbytes - 1, 0).bit_length())
         if self.total_bytes + size > self.max_bytes:
             return None
-        region = self._create(f"{self.prefix}{self._made}", size)
+        name = f"{self.prefix}{self._made}"
         self._made += 1
+        try:
+            region = self._create(name, size)
+        except OSError as exc:
+            log.warning("no room for a %d-byte shared-memory region in %s (%s): this batch goes inline",
+                        size, self.directory, exc)
+            return None
         self._all.append(region)
         return region
 
@@ -100,7 +107,9 @@ class SharedMemoryRegions:
         path = self.directory / name
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.ftruncate(fd, nbytes)
+            # Pages reserved now: a full tmpfs (a container's 64 MiB /dev/shm) fails here with ENOSPC,
+            # where a sparse file would kill the worker with SIGBUS on the first write past the room.
+            os.posix_fallocate(fd, 0, nbytes)
             buffer = mmap.mmap(fd, nbytes)
         except BaseException:
             path.unlink(missing_ok=True)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from flotilla.services.backend_pool.shm import MIN_REGION_BYTES, SharedMemoryRegions, remove_stale
 
@@ -69,3 +71,19 @@ def test_regions_of_a_stopped_worker_are_removed_and_a_running_ones_kept(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"flotilla-worker-{os.getpid()}-0", "flotilla-worker-notapid-0", "other-file"]
     )
+
+
+def test_no_room_for_a_region_sends_the_batch_inline_and_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A container's /dev/shm is 64 MiB by default: reserving the pages fails with ENOSPC up front
+    # (a sparse file would instead SIGBUS the worker on the first write past the room).
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    shm = regions(tmp_path)
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    assert shm.acquire(MIN_REGION_BYTES) is None
+    assert list(tmp_path.iterdir()) == [] and shm.regions == []
+    monkeypatch.undo()
+    assert shm.acquire(MIN_REGION_BYTES) is not None, "a later batch tries again"
