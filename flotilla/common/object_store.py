@@ -175,8 +175,7 @@ class SignedGetter:
         self.connect_timeout_s = min(timeout_s, 2.0)
         self.retries = retries
         self._connection_class = http.client.HTTPSConnection if settings.secure else http.client.HTTPConnection
-        hostname, _, port = self.host.rpartition(":")
-        self._address = (hostname, int(port)) if hostname and port.isdigit() else (self.host, None)
+        self._address = split_endpoint(self.host, settings.secure)
         self._local = threading.local()
 
     def _connection(self) -> tuple[http.client.HTTPConnection, bool]:

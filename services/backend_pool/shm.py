@@ -28,6 +28,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flotilla.common import metrics
+
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
@@ -98,6 +100,7 @@ class SharedMemoryRegions:
                         size, self.directory, exc)
             return None
         self._all.append(region)
+        metrics.SHARED_MEMORY_BYTES.set(self.total_bytes)
         return region
 
     def release(self, region: Region) -> None:
@@ -125,6 +128,7 @@ class SharedMemoryRegions:
             (self.directory / region.name).unlink(missing_ok=True)
         self._all.clear()
         self._free.clear()
+        metrics.SHARED_MEMORY_BYTES.set(0)
 
 
 def remove_stale(prefix_base: str, directory: Path = SHM_DIR) -> list[str]:

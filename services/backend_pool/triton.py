@@ -125,6 +125,11 @@ def lost_region(code: grpc.StatusCode, details: str) -> bool:
     return code == grpc.StatusCode.NOT_FOUND and "shared memory region" in details
 
 
+def _control_timeout_s(timeout_s: float | None) -> float:
+    """A shared-memory control call's timeout: what is left of the batch's, at most REGISTER_TIMEOUT_S."""
+    return min(timeout_s or REGISTER_TIMEOUT_S, REGISTER_TIMEOUT_S)
+
+
 def is_loopback(address: str) -> bool:
     """``host:port`` names this host (localhost or a loopback IP)."""
     host = address.rpartition(":")[0].strip("[]")
@@ -165,13 +170,14 @@ class TritonReplica:
     """One replica's channel, its ModelInfer method on pre-serialised requests, and its
     registrations of the worker's shared-memory regions."""
 
-    def __init__(self, address: str, *, shared_memory: bool = False, stale_prefix: str = "") -> None:
+    def __init__(self, address: str, *, shm_prefix_base: str | None = None) -> None:
         self.address = address
-        self.shared_memory = shared_memory and is_loopback(address)
-        """Batches go to it through shared memory (it is on this host and can map the regions)."""
-        self.stale_prefix = stale_prefix
-        """Registrations named ``<stale_prefix><pid>-...`` of a pid no longer running are a killed
-        worker's: they are removed before this worker's first (Triton keeps their memory mapped)."""
+        self.shared_memory = shm_prefix_base is not None and is_loopback(address)
+        """Batches go to it through shared memory (the worker has regions, named ``<shm_prefix_base>
+        <pid>-<n>``, and the replica is on this host and can map them)."""
+        self.shm_prefix_base = shm_prefix_base or ""
+        """Registrations under this prefix of a pid no longer running are a killed worker's: they are
+        removed before this worker's first (Triton keeps their memory mapped)."""
         self._swept = False
         self.channel = grpc.aio.insecure_channel(
             address,
@@ -211,11 +217,11 @@ class TritonReplica:
             return False
         if self.address in region.registered:
             return True
-        if not self._swept and self.stale_prefix:
+        if not self._swept:
             await self._sweep(timeout_s)
         request = service_pb2.SystemSharedMemoryRegisterRequest(name=region.name, key=region.key, byte_size=region.nbytes)
         try:
-            await self._register(request, timeout=min(timeout_s or REGISTER_TIMEOUT_S, REGISTER_TIMEOUT_S))
+            await self._register(request, timeout=_control_timeout_s(timeout_s))
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.ALREADY_EXISTS:  # registered by this worker before it lost track
                 region.registered.add(self.address)
@@ -234,10 +240,10 @@ class TritonReplica:
     async def _sweep(self, timeout_s: float | None) -> None:
         """Unregister the regions killed workers left registered (best effort, once)."""
         self._swept = True
-        timeout = min(timeout_s or REGISTER_TIMEOUT_S, REGISTER_TIMEOUT_S)
+        timeout = _control_timeout_s(timeout_s)
         try:
             status = await self._status(service_pb2.SystemSharedMemoryStatusRequest(), timeout=timeout)
-            stale = [name for name in status.regions if is_stale(name, self.stale_prefix)]
+            stale = [name for name in status.regions if is_stale(name, self.shm_prefix_base)]
             for name in stale:
                 await self._unregister(service_pb2.SystemSharedMemoryUnregisterRequest(name=name), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
@@ -283,9 +289,7 @@ class TritonBackend:
 
     def _client(self, address: str) -> TritonReplica:
         if address not in self._clients:
-            self._clients[address] = TritonReplica(
-                address, shared_memory=self.shm is not None, stale_prefix=self.shm.prefix_base if self.shm else ""
-            )
+            self._clients[address] = TritonReplica(address, shm_prefix_base=self.shm.prefix_base if self.shm else None)
         return self._clients[address]
 
     def set_copies(self, model: str, addresses: list[str], backend: BackendSettings) -> None:
@@ -396,7 +400,6 @@ class TritonBackend:
         region = self.shm.acquire(batch.nbytes)
         if region is not None:
             region.write(memoryview(batch))
-        metrics.SHARED_MEMORY_BYTES.set(self.shm.total_bytes)
         return region
 
     async def _send(
@@ -441,9 +444,9 @@ class TritonBackend:
         for task in self._cold.values():
             task.cancel()
         if self.shm is not None:
-            for region in self.shm.regions:
-                await asyncio.gather(*(client.forget(region) for client in self._clients.values()))
+            await asyncio.gather(
+                *(client.forget(region) for region in self.shm.regions for client in self._clients.values())
+            )
             self.shm.close()
-            metrics.SHARED_MEMORY_BYTES.set(0)
         for client in self._clients.values():
             await client.close()
