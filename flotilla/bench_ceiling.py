@@ -13,6 +13,10 @@ each pays its fixed costs alone. This part gives each tier the machine:
 - router: a real router process between unary Classify calls from many
   client connections (as callers send them) and a batcher that answers every
   relayed call at once.
+- an empty gRPC server: a bare ``grpc.aio`` server process whose one handler
+  returns a fixed answer, driven exactly as the router is. It is the floor of
+  any Python gRPC tier that accepts one unary call per request (the router
+  must: that is the public API), measured on the same machine in the same run.
 
 The fakes (the controller, which answers only RegisterBatcher / WatchFleet,
 the worker, the batcher) and the load generator run in the bench process.
@@ -34,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from pydantic import SecretStr
 
 from flotilla.api.v1 import (
@@ -58,6 +63,7 @@ BATCHER_BATCH_SIZES = (8, 32)
 ROUTER_CONNECTIONS = 16
 ROUTER_CONCURRENCY = 256
 WARMUP_S = 2.0
+EMPTY_SERVER = "empty gRPC server"
 
 
 def classify_bodies(n: int = 256) -> list[bytes]:
@@ -197,6 +203,27 @@ async def batcher_point(settings: FlotillaSettings, run_dir: Path, *, max_batch_
         await fakes.stop()
 
 
+class _RouterLoad:
+    """Unary Classify calls on ``ROUTER_CONNECTIONS`` connections (each channel its own, as separate
+    callers would have), cycling through the bodies, with the router's headers."""
+
+    def __init__(self, address: str) -> None:
+        self.channels = [
+            grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(ROUTER_CONNECTIONS)
+        ]
+        self._sends = itertools.cycle([c.unary_unary(CLASSIFY) for c in self.channels])
+        self._bodies = itertools.cycle(classify_bodies())
+        self._metadata = (("x-model-name", MODEL), ("authorization", f"Bearer {API_KEY}"))
+
+    def __call__(self) -> Awaitable[object]:
+        return next(self._sends)(next(self._bodies), metadata=self._metadata, timeout=30.0)
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close()
+
+
 async def router_point(settings: FlotillaSettings, run_dir: Path, *, window_s: float) -> dict[str, Any]:
     fakes = ServiceServer("bench fakes", [], grace_s=0, tier="bench")
     fakes_port = await fakes.start(settings.host, 0)
@@ -206,32 +233,67 @@ async def router_point(settings: FlotillaSettings, run_dir: Path, *, window_s: f
     batcher = RelayServicer(_instant_batcher, tier="bench")
     fakes.server.add_generic_rpc_handlers([batcher.generic_handler()])
     router: ManagedProcess | None = None
-    channels: list[grpc.aio.Channel] = []
+    load: _RouterLoad | None = None
     try:
         config = _config(settings, run_dir, "router", fakes_address, fakes_address)
         router = await _start(settings, run_dir, "router", ["router", "--config", str(config)])
-        # Each channel its own connection (as separate callers would have).
-        channels = [
-            grpc.aio.insecure_channel(router.address, options=[("grpc.use_local_subchannel_pool", 1)])
-            for _ in range(ROUTER_CONNECTIONS)
-        ]
-        sends = itertools.cycle([c.unary_unary(CLASSIFY) for c in channels])
-        bodies = itertools.cycle(classify_bodies())
-        metadata = (("x-model-name", MODEL), ("authorization", f"Bearer {API_KEY}"))
-
-        def call() -> Awaitable[object]:
-            return next(sends)(next(bodies), metadata=metadata, timeout=30.0)
-
+        load = _RouterLoad(router.address)
         assert router.pid is not None
-        point = await _measure("router", router.pid, call, concurrency=ROUTER_CONCURRENCY, window_s=window_s)
+        point = await _measure("router", router.pid, load, concurrency=ROUTER_CONCURRENCY, window_s=window_s)
         return {"tier": "router", "connections": ROUTER_CONNECTIONS, **point,
                 "calls_per_relay_message": round(batcher.calls_received / max(batcher.messages, 1), 1)}
     finally:
-        for channel in channels:
-            await channel.close()
+        if load is not None:
+            await load.close()
         if router is not None:
             router.stop()
         await fakes.stop()
+
+
+class _FixedAnswer(grpc.GenericRpcHandler):
+    """Every unary call answered with one serialised ClassifyResponse; the request is not parsed."""
+
+    def __init__(self) -> None:
+        self._answer = answer("empty").SerializeToString()
+        self._handler = grpc.unary_unary_rpc_method_handler(self._call)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self._handler
+
+    async def _call(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return self._answer
+
+
+async def serve_empty(host: str, port: int) -> None:
+    """The bare server of the floor point: grpc.aio, no interceptors, one handler (plus health, for readiness)."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    server.add_generic_rpc_handlers((_FixedAnswer(),))
+    server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+async def empty_server_point(settings: FlotillaSettings, run_dir: Path, *, window_s: float) -> dict[str, Any]:
+    port = free_port(settings.host)
+    server = ManagedProcess(
+        "empty-grpc-server", [sys.executable, "-m", "flotilla.bench_ceiling", settings.host, str(port)],
+        log_path=run_dir / "empty-grpc-server.log", address=f"{settings.host}:{port}",
+    )
+    load: _RouterLoad | None = None
+    try:
+        server.start()
+        await asyncio.to_thread(
+            wait_until, lambda: is_serving(server.address), 30.0, server.name, procs=[server]  # type: ignore[arg-type]
+        )
+        load = _RouterLoad(server.address)
+        assert server.pid is not None
+        point = await _measure(EMPTY_SERVER, server.pid, load, concurrency=ROUTER_CONCURRENCY, window_s=window_s)
+        return {"tier": EMPTY_SERVER, "connections": ROUTER_CONNECTIONS, **point}
+    finally:
+        if load is not None:
+            await load.close()
+        server.stop()
 
 
 def run(base: FlotillaSettings, *, duration_s: float = 10.0) -> dict[str, Any]:
@@ -243,13 +305,16 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0) -> dict[str, Any]:
         points.append(asyncio.run(batcher_point(base, run_dir, max_batch_size=size, window_s=duration_s)))
     print("ceiling: the router alone ...", flush=True)
     points.append(asyncio.run(router_point(base, run_dir, window_s=duration_s)))
+    print("ceiling: an empty gRPC server (the floor of a unary call) ...", flush=True)
+    points.append(asyncio.run(empty_server_point(base, run_dir, window_s=duration_s)))
     return {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "points": points}
 
 
 def summary(result: dict[str, Any]) -> dict[str, object]:
     out: dict[str, object] = {}
     for p in result["points"]:
-        key = f"{p['tier']}_alone" + (f"_bs{p['max_batch_size']}" if "max_batch_size" in p else "")
+        tier = "empty_grpc_server" if p["tier"] == EMPTY_SERVER else p["tier"]
+        key = f"{tier}_alone" + (f"_bs{p['max_batch_size']}" if "max_batch_size" in p else "")
         out[f"{key}_cpu_us_per_request"] = p["cpu_us_per_request"]
         out[f"{key}_ceiling_requests_per_s_one_core"] = p["ceiling_requests_per_s_one_core"]
     return out
@@ -260,8 +325,9 @@ def readme_lines(result: dict[str, Any]) -> list[str]:
         f"Each tier alone at its own ceiling ({result['measured_at']}; `flotilla bench --only ceiling`): a real "
         "batcher process between a Relay load generator and a worker that answers every batch at once; a real router "
         f"process between unary Classify calls on {ROUTER_CONNECTIONS} connections and a batcher that answers every "
-        "relayed call at once (fakes and load generator in the bench process). Ceiling = requests/s / the tier's "
-        "cores busy.",
+        "relayed call at once; an empty gRPC server (bare grpc.aio, one handler with a fixed answer) driven as the "
+        "router is: the floor of any Python tier that takes one unary call per request (fakes and load generator in "
+        "the bench process). Ceiling = requests/s / the tier's cores busy.",
         "",
         "| tier | max_batch_size | in flight | requests/s | CPU-µs per request | cores busy (tier / load generator) | "
         "ceiling on one core (requests/s) |",
@@ -275,3 +341,7 @@ def readme_lines(result: dict[str, Any]) -> list[str]:
         )
     lines.append("")
     return lines
+
+
+if __name__ == "__main__":  # the empty-server point's process: python -m flotilla.bench_ceiling HOST PORT
+    asyncio.run(serve_empty(sys.argv[1], int(sys.argv[2])))

@@ -306,7 +306,8 @@ async def metered_load(
         counted_per_item.append({name: (after[name] - before[name]) * 1e6 / max(items, 1) for name in counters})
         cores.append((meter.machine_busy_s / meter.wall_s, sum(meter.cpu_s.values()) / meter.wall_s))
     result = await load
-    names = [k for k in (*TIER_ORDER, "total") if all(k in w for w in per_item)]
+    # The usual tiers in their order, then any other the caller metered (the ceiling part's own).
+    names = [k for k in (*TIER_ORDER, *(t for t in tiers if t not in TIER_ORDER), "total") if all(k in w for w in per_item)]
     return {
         "concurrency": concurrency,
         "windows": windows,

@@ -32,3 +32,11 @@ async def test_a_router_alone_relays_every_call_and_is_metered(settings, tmp_pat
     assert point["cpu_us_per_request"] > 0 and point["calls_per_relay_message"] >= 1
     lines = bench_ceiling.readme_lines({"measured_at": "now", "points": [point]})
     assert any("| router |" in line for line in lines)
+
+
+async def test_an_empty_grpc_server_answers_every_call_and_is_metered(settings, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(bench_ceiling, "WARMUP_S", 0.5)
+    point = await bench_ceiling.empty_server_point(settings, tmp_path, window_s=1.0)
+    assert point["errors"] == 0 and point["requests"] > 100, point
+    assert point["tier"] == bench_ceiling.EMPTY_SERVER and point["cpu_us_per_request"] > 0
+    assert bench_ceiling.summary({"points": [point]})["empty_grpc_server_alone_cpu_us_per_request"] > 0

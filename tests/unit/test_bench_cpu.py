@@ -14,6 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from flotilla.bench import NEAR_FREE_BEFORE_REQUESTS_PER_S, near_free_budget
+from flotilla.bench_ceiling import EMPTY_SERVER
 from flotilla.bench_cpu import (
     LOAD_GENERATOR,
     WORKER_DECODE,
@@ -180,3 +181,16 @@ def test_the_near_free_budget_is_what_3x_leaves_after_the_other_processes() -> N
     assert budget["near_free_3x_cpu_us_per_request_allowed"] == round(allowed, 1)
     assert budget["near_free_3x_cpu_us_left_for_router_batcher_worker"] == round(allowed - 800.0, 1)
     assert budget["near_free_router_batcher_worker_cpu_us_per_request"] == 1400.0
+
+
+def test_the_near_free_floors_come_off_what_3x_leaves_when_the_ceiling_part_ran() -> None:
+    per_request = {"router": 300.0, "batcher": 200.0, "worker": 900.0, "s3": 500.0, LOAD_GENERATOR: 200.0,
+                   "triton server": 100.0, "total": 2200.0}
+    overhead = {"mesh": {"cpu_us_per_request": per_request}, "decode_cpu_us_per_image_idle_core": 250.0}
+    ceiling = {"points": [{"tier": "router", "cpu_us_per_request": 300.0},
+                          {"tier": EMPTY_SERVER, "cpu_us_per_request": 170.0}]}
+    allowed = (os.cpu_count() or 1) * 1e6 / (3 * NEAR_FREE_BEFORE_REQUESTS_PER_S)
+    budget = near_free_budget(overhead, ceiling)
+    assert budget["near_free_3x_floors_cpu_us_per_request"] == 420.0
+    assert budget["near_free_3x_cpu_us_left_after_floors"] == round(allowed - 800.0 - 420.0, 1)
+    assert "near_free_3x_floors_cpu_us_per_request" not in near_free_budget(overhead)  # no ceiling part: no floors
