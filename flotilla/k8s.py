@@ -97,8 +97,10 @@ def batcher_objects(model: str, scaling: BatcherScaling) -> list[dict[str, Any]]
                  "--port", str(BATCHER_PORT), "--metrics-port", str(METRICS_PORT)],
         "ports": [{"name": "grpc", "containerPort": BATCHER_PORT},
                   {"name": "metrics", "containerPort": METRICS_PORT}],
-        # The batcher serves only once the controller answered with the model's spec (up to 60 s).
-        "startupProbe": {"grpc": grpc_probe, "periodSeconds": 2, "failureThreshold": 45},
+        # Started: its health answers, which it does within seconds (up to 60 s while the controller
+        # starts). Ready: its classifier serves, once its model is deployed; until then the pod waits
+        # unready instead of restarting (the batcher serves only health while its model is not registered).
+        "startupProbe": {"grpc": {"port": BATCHER_PORT}, "periodSeconds": 2, "failureThreshold": 45},
         "readinessProbe": {"grpc": grpc_probe, "periodSeconds": 5},
         "livenessProbe": {"grpc": {"port": BATCHER_PORT}, "periodSeconds": 10, "failureThreshold": 3},
         "resources": {"requests": {"cpu": "250m", "memory": "128Mi"},

@@ -150,6 +150,10 @@ def test_every_long_running_container_has_health_probes(overlay: str) -> None:
                 for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                     assert container[probe]["grpc"]["port"] == port, f"{where}: {probe} is not gRPC health on {port}"
                 assert container["readinessProbe"]["grpc"].get("service"), f"{where}: readiness names no service"
+                if "batcher" in container["args"]:
+                    # A batcher waits, serving only health, until its model is deployed: its startup probe
+                    # must pass on health alone, or the kubelet would restart it while it waits.
+                    assert not container["startupProbe"]["grpc"].get("service"), f"{where}: startup names a service"
             elif container["name"] == "triton":
                 assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready", where
                 assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live", where

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -56,6 +56,7 @@ PREPROCESS_SERVICE = preprocess_pb2.DESCRIPTOR.services_by_name["Preprocessor"].
 MODEL_HEADER = "x-model-name"
 REGISTER_INTERVAL_S = 1.0
 REGISTER_TIMEOUT_S = 60.0
+WAIT_FOR_MODEL_POLL_S = 2.0
 
 
 class PreprocessDispatcher:
@@ -228,18 +229,36 @@ class Registration:
         )
         return ModelSettings.model_validate_json(reply.spec_json)
 
-    async def first(self, timeout_s: float) -> ModelSettings:
-        """The model's spec, retrying while the controller starts; exits if the model is not registered."""
-        deadline = asyncio.get_running_loop().time() + timeout_s
+    async def first(
+        self, timeout_s: float, on_waiting: Callable[[str], Awaitable[None]], *, poll_s: float = WAIT_FOR_MODEL_POLL_S
+    ) -> ModelSettings:
+        """The model's spec. Retries while the controller starts (SystemExit after ``timeout_s`` of no
+        answer). While the controller answers that the model is not registered, waits for it to be
+        deployed, asking every ``poll_s``: ``on_waiting`` runs once, with the controller's words, when
+        that wait begins (a batcher deployed before its model waits instead of restarting)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        waiting_since: float | None = None
         while True:
             try:
-                return await self.register(announce=False)
+                spec = await self.register(announce=False)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND:
-                    raise SystemExit(f"batcher: {exc.details()}") from exc
-                if asyncio.get_running_loop().time() > deadline:
-                    raise SystemExit(f"batcher: no controller answered within {timeout_s:.0f} s: {exc.details()}") from exc
-            await asyncio.sleep(0.2)
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    if loop.time() > deadline:
+                        raise SystemExit(
+                            f"batcher: no controller answered within {timeout_s:.0f} s: {exc.details()}"
+                        ) from exc
+                    await asyncio.sleep(0.2)
+                    continue
+                deadline = loop.time() + timeout_s  # the controller answers: only its silence has a deadline
+                if waiting_since is None:
+                    waiting_since = loop.time()
+                    await on_waiting(exc.details() or f"model {self.model!r} is not registered")
+                await asyncio.sleep(poll_s)
+                continue
+            if waiting_since is not None:
+                log.info("model %r was deployed after %.0f s of waiting", self.model, loop.time() - waiting_since)
+            return spec
 
     def start(self, server: ServiceServer) -> None:
         """Announce this batcher once ``server`` listens, then every REGISTER_INTERVAL_S."""
@@ -270,7 +289,20 @@ async def serve(settings: FlotillaSettings, model: str, port: int) -> None:
     # The address peers reach this batcher at: a configured one (a Kubernetes Service) or host:port.
     advertised = (settings.endpoints.batchers.get(model) or [f"{settings.host}:{port}"])[0]
     registration = Registration(settings.endpoints.controller, model, advertised)
-    spec = await registration.first(REGISTER_TIMEOUT_S)
+    waiting: ServiceServer | None = None
+
+    async def wait_serving_health_only(details: str) -> None:
+        # Alive (health "" SERVING, so a liveness probe passes) but not ready: the classifier
+        # service is unknown to health until the real server replaces this one on the same port.
+        nonlocal waiting
+        log.warning("batcher of %r: %s; waiting until it is deployed (`flotilla models deploy %s`); "
+                    "until then only health answers on port %d", model, details, model, port)
+        waiting = ServiceServer(f"batcher[{model}] (waiting for its model)", [], grace_s=0, tier="batcher")
+        await waiting.start(settings.host, port)
+
+    spec = await registration.first(REGISTER_TIMEOUT_S, wait_serving_health_only)
+    if waiting is not None:
+        await waiting.stop()
     policy = spec.batching
     clock = MonotonicClock()
     def peer(address: str) -> GrpcPeer[preprocess_pb2_grpc.PreprocessorStub]:

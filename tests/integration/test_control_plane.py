@@ -21,9 +21,12 @@ import tritonclient.grpc as triton_grpc
 
 from flotilla.clients.client import FlotillaClient
 from flotilla.clients.models import ModelsClient, upload_artifact
+from flotilla.common.server import is_serving
 from flotilla.config import ModelSettings
 from flotilla.errors import Code, FlotillaError
+from flotilla.services.batcher.server import CLASSIFIER_SERVICE, WAIT_FOR_MODEL_POLL_S
 from flotilla.stack.local import LocalStack
+from flotilla.stack.processes import free_port, wait_until
 from tests.integration.conftest import API_KEY, MODELS_DIR, sample, stack_settings
 
 EFFNET, NSFW, ORIENT = "efficientnet-lite0", "open-nsfw", "document-orientation"
@@ -416,3 +419,36 @@ def test_the_models_cli_uploads_deploys_shows_and_undeploys(fleet: LocalStack, t
     assert cli("undeploy", "cli-effnet").returncode == 0
     missing = cli("status", "cli-effnet")
     assert missing.returncode != 0 and "NOT_FOUND" in missing.stderr and "is not registered" in missing.stderr
+
+
+def test_a_batcher_started_before_its_model_waits_unready_then_serves_it(
+    fleet: LocalStack, models: ModelsClient, tmp_path: Path
+) -> None:
+    """As in Kubernetes, where a model's batcher Deployment may start before the operator deploys the
+    model: it stays up (health answers) but unready (its classifier is not served) instead of exiting,
+    and serves once the model is registered."""
+    assert fleet.settings is not None
+    name = "early-effnet"
+    address = f"{fleet.host}:{free_port(fleet.host)}"
+    batcher = fleet.service(f"batcher-{name}-early", "batcher", address, fleet.run_dir / "flotilla.resolved.yaml", name)
+    try:
+        wait_until(lambda: is_serving(address), 30, "the waiting batcher's health", procs=[batcher])
+        assert not is_serving(address, service=CLASSIFIER_SERVICE)
+        time.sleep(2 * WAIT_FOR_MODEL_POLL_S)  # a few "not registered" answers later: still up, still unready
+        assert batcher.alive() and not is_serving(address, service=CLASSIFIER_SERVICE)
+        log = (fleet.logs / f"batcher-{name}-early.log").read_text()
+        assert f"waiting until it is deployed (`flotilla models deploy {name}`)" in log, log[-2000:]
+
+        upload_artifact(fleet.settings.s3, MODELS_DIR / EFFNET, f"s3://flotilla-models/{name}")
+        spec = fleet.base.models[EFFNET].model_copy(update={
+            "artifact": None, "storage_uri": f"s3://flotilla-models/{name}", "memory_mb": 50.0,
+            "min_copies": 0, "max_copies": 1,
+        })
+        fleet.deploy(name, spec, wait=False)
+        wait_until(lambda: is_serving(address, service=CLASSIFIER_SERVICE), 30, "the batcher serving its model",
+                   procs=[batcher])
+        assert "was deployed after" in (fleet.logs / f"batcher-{name}-early.log").read_text()
+    finally:
+        batcher.stop()
+        if name in {m.name for m in models.list()}:
+            models.undeploy(name)
