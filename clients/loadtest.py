@@ -151,24 +151,27 @@ class StackTarget:
 
         return call
 
-    def direct_call(self, model: str, uuids: Sequence[str]) -> Callable[[], Awaitable[object]]:
-        """One request per ProcessBatch call, round-robin over preprocess workers."""
+    def direct_call(
+        self, model: str, uuids: Sequence[str], batch_size: int = 1
+    ) -> Callable[[], Awaitable[object]]:
+        """``batch_size`` requests per ProcessBatch call (as a batcher sends them), round-robin over
+        preprocess workers; any item's error fails the call."""
         stubs = itertools.cycle(
             [preprocess_pb2_grpc.PreprocessorStub(self.channel(a)) for a in self.state.preprocess]
         )
         cycle = itertools.cycle(uuids)
 
         async def call() -> object:
-            item = preprocess_pb2.BatchItem(image_uuid=next(cycle), top_k=5)
-            request = preprocess_pb2.ProcessBatchRequest(model_name=model, items=[item])
+            items = [preprocess_pb2.BatchItem(image_uuid=next(cycle), top_k=5) for _ in range(batch_size)]
+            request = preprocess_pb2.ProcessBatchRequest(model_name=model, items=items)
             try:
                 reply = await next(stubs).ProcessBatch(request, timeout=60)
             except grpc.aio.AioRpcError as exc:
                 raise error_from_rpc(exc, "preprocess worker") from exc
-            result = reply.results[0]
-            if result.HasField("error"):
-                raise error_from_code(result.error.code, result.error.message)
-            return result.response
+            for result in reply.results:
+                if result.HasField("error"):
+                    raise error_from_code(result.error.code, result.error.message)
+            return reply.results[0].response if batch_size == 1 else reply
 
         return call
 

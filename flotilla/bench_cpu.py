@@ -348,13 +348,14 @@ def worker_decode_cpu(stack: LocalStack) -> Callable[[], float]:
 
 
 async def cpu_point(
-    stack: LocalStack, call: Callable[[], Awaitable[object]], *, concurrency: int, window_s: float
+    stack: LocalStack, call: Callable[[], Awaitable[object]], *, concurrency: int, window_s: float,
+    items_per_call: int = 1,
 ) -> dict[str, object]:
     """The mesh under a closed loop, every tier's CPU per image (median of 3 windows), and how
     much of the worker's CPU its decode threads spent decoding."""
     return await metered_load(
         stack_tiers(stack), call, concurrency=concurrency, window_s=window_s,
-        counters={WORKER_DECODE: worker_decode_cpu(stack)},
+        counters={WORKER_DECODE: worker_decode_cpu(stack)}, items_per_call=items_per_call,
     )
 
 

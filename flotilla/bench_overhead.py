@@ -171,6 +171,13 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0, replicas: int = 2) 
                 out["mesh_large_photos"] = await cpu_point(
                     stack, target.mesh_call(NEAR_FREE, large), concurrency=CONCURRENCY, window_s=duration_s / 2
                 )
+                # The worker alone at its ceiling, as the ceiling part measures the router and the batcher:
+                # batches straight to it, as many in flight as its batcher would keep, no router or batcher.
+                out["worker_alone_large_photos"] = await cpu_point(
+                    stack, target.direct_call(NEAR_FREE, large, BATCH_SIZE),
+                    concurrency=spec.batching.max_inflight_batches, window_s=duration_s / 2,
+                    items_per_call=BATCH_SIZE,
+                )
                 out["triton_alone"] = await triton_alone(
                     stack, batch_size=BATCH_SIZE, concurrency=CONCURRENCY // BATCH_SIZE, window_s=duration_s
                 )
@@ -194,6 +201,10 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0, replicas: int = 2) 
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "mesh": {**mesh, "cpu_us_per_request": per_request},
         "mesh_large_photos": {**out["mesh_large_photos"], "photos": LARGE_PHOTOS},  # type: ignore[dict-item]
+        "worker_alone_large_photos": {
+            **out["worker_alone_large_photos"], "photos": LARGE_PHOTOS,  # type: ignore[dict-item]
+            "batch_size": BATCH_SIZE, "batches_in_flight": spec.batching.max_inflight_batches,
+        },
         "triton_alone": alone,
         "mesh_vs_triton_alone": round(float(mesh["images_per_s"]) / float(alone["images_per_s"]), 3),  # type: ignore[arg-type, index]
         "decode_cpu_us_per_image_idle_core": round(decode_us, 1),
@@ -224,18 +235,31 @@ def summary(overhead: dict[str, Any]) -> dict[str, object]:
     }
 
 
-def large_photos_summary(overhead: dict[str, Any]) -> dict[str, object]:
-    """The worker on 1-2 MP photos beside the near-free model: its CPU per image less its decode threads'."""
-    point = overhead.get("mesh_large_photos")
-    decode_us = point.get("counted_cpu_us_per_image", {}).get(WORKER_DECODE) if isinstance(point, dict) else None
+def _beyond_decode_ms(point: object) -> tuple[float, float] | None:
+    """A point's worker CPU per image less its decode threads' own, and that decode CPU, in ms."""
+    if not isinstance(point, dict):
+        return None
+    decode_us = point.get("counted_cpu_us_per_image", {}).get(WORKER_DECODE)
     if decode_us is None:
-        return {}
-    worker_us = point["cpu_us_per_image"]["worker"]  # type: ignore[index]
-    return {
-        "near_free_large_photos_images_per_s": point["images_per_s"],  # type: ignore[index]
-        "near_free_large_photos_worker_overhead_beyond_decode_ms": round((worker_us - decode_us) / 1000.0, 2),
-        "near_free_large_photos_worker_decode_cpu_ms_per_image": round(decode_us / 1000.0, 2),
-    }
+        return None
+    return (point["cpu_us_per_image"]["worker"] - decode_us) / 1000.0, decode_us / 1000.0
+
+
+def large_photos_summary(overhead: dict[str, Any]) -> dict[str, object]:
+    """The worker on 1-2 MP photos beside the near-free model (in the mesh, and alone at its ceiling):
+    its CPU per image less its decode threads'."""
+    out: dict[str, object] = {}
+    beside = _beyond_decode_ms(overhead.get("mesh_large_photos"))
+    if beside is not None:
+        out["near_free_large_photos_images_per_s"] = overhead["mesh_large_photos"]["images_per_s"]
+        out["near_free_large_photos_worker_overhead_beyond_decode_ms"] = round(beside[0], 2)
+        out["near_free_large_photos_worker_decode_cpu_ms_per_image"] = round(beside[1], 2)
+    alone = _beyond_decode_ms(overhead.get("worker_alone_large_photos"))
+    if alone is not None:
+        out["worker_alone_images_per_s"] = overhead["worker_alone_large_photos"]["images_per_s"]
+        out["worker_alone_overhead_beyond_decode_ms"] = round(alone[0], 2)
+        out["worker_alone_decode_cpu_ms_per_image"] = round(alone[1], 2)
+    return out
 
 
 def readme_lines(overhead: dict[str, Any]) -> list[str]:
@@ -274,14 +298,23 @@ def readme_lines(overhead: dict[str, Any]) -> list[str]:
 
 def large_photos_lines(overhead: dict[str, Any]) -> list[str]:
     figures = large_photos_summary(overhead)
-    if not figures:
-        return []
-    point = overhead["mesh_large_photos"]
-    per_image = " / ".join(str(point["cpu_us_per_image"].get(t, "-")) for t in TIER_ORDER)
-    return [
-        f"| the same model on {point['photos']}: images/s; CPU-µs per image: {', '.join(TIER_ORDER)} | "
-        f"{point['images_per_s']}; {per_image} |",
-        "| of that worker: its decode threads' CPU / the rest (its overhead beyond decode, no model on the cores), "
-        f"ms per image | {figures['near_free_large_photos_worker_decode_cpu_ms_per_image']} / "
-        f"**{figures['near_free_large_photos_worker_overhead_beyond_decode_ms']}** |",
-    ]
+    lines = []
+    if "near_free_large_photos_worker_overhead_beyond_decode_ms" in figures:
+        point = overhead["mesh_large_photos"]
+        per_image = " / ".join(str(point["cpu_us_per_image"].get(t, "-")) for t in TIER_ORDER)
+        lines += [
+            f"| the same model on {point['photos']}: images/s; CPU-µs per image: {', '.join(TIER_ORDER)} | "
+            f"{point['images_per_s']}; {per_image} |",
+            "| of that worker: its decode threads' CPU / the rest (its overhead beyond decode, no model on the "
+            f"cores), ms per image | {figures['near_free_large_photos_worker_decode_cpu_ms_per_image']} / "
+            f"**{figures['near_free_large_photos_worker_overhead_beyond_decode_ms']}** |",
+        ]
+    if "worker_alone_overhead_beyond_decode_ms" in figures:
+        point = overhead["worker_alone_large_photos"]
+        lines.append(
+            f"| the worker alone at its ceiling (batches of {point['batch_size']} straight to it, "
+            f"{point['batches_in_flight']} in flight, no router or batcher): images/s; its decode threads' CPU / "
+            f"the rest, ms per image | {point['images_per_s']}; {figures['worker_alone_decode_cpu_ms_per_image']} / "
+            f"**{figures['worker_alone_overhead_beyond_decode_ms']}** |"
+        )
+    return lines

@@ -28,6 +28,7 @@ from flotilla.bench_cpu import (
     read_stat,
     summary,
 )
+from flotilla.bench_overhead import large_photos_lines, large_photos_summary
 
 BUSY_S = 0.3
 
@@ -194,3 +195,19 @@ def test_the_near_free_floors_come_off_what_3x_leaves_when_the_ceiling_part_ran(
     assert budget["near_free_3x_floors_cpu_us_per_request"] == 420.0
     assert budget["near_free_3x_cpu_us_left_after_floors"] == round(allowed - 800.0 - 420.0, 1)
     assert "near_free_3x_floors_cpu_us_per_request" not in near_free_budget(overhead)  # no ceiling part: no floors
+
+
+def test_the_worker_beyond_decode_is_its_cpu_less_its_decode_threads_in_the_mesh_and_alone() -> None:
+    def point(worker_us: float, decode_us: float) -> dict[str, object]:
+        return {"images_per_s": 100.0, "photos": "large", "cpu_us_per_image": {"worker": worker_us},
+                "counted_cpu_us_per_image": {WORKER_DECODE: decode_us}}
+
+    overhead = {"mesh_large_photos": point(3500.0, 3000.0),
+                "worker_alone_large_photos": {**point(3300.0, 2900.0), "batch_size": 8, "batches_in_flight": 4}}
+    figures = large_photos_summary(overhead)
+    assert figures["near_free_large_photos_worker_overhead_beyond_decode_ms"] == 0.5
+    assert figures["worker_alone_overhead_beyond_decode_ms"] == 0.4
+    assert figures["worker_alone_decode_cpu_ms_per_image"] == 2.9
+    assert any("alone at its ceiling" in line and "**0.4**" in line for line in large_photos_lines(overhead))
+    # A run without the decode counter (an older worker) reports neither.
+    assert large_photos_summary({"mesh_large_photos": {"cpu_us_per_image": {"worker": 1.0}}}) == {}
