@@ -313,7 +313,7 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0) -> dict[str, Any]:
 def summary(result: dict[str, Any]) -> dict[str, object]:
     out: dict[str, object] = {}
     for p in result["points"]:
-        tier = "empty_grpc_server" if p["tier"] == EMPTY_SERVER else p["tier"]
+        tier = p["tier"].lower().replace(" ", "_")  # "empty gRPC server" -> empty_grpc_server
         key = f"{tier}_alone" + (f"_bs{p['max_batch_size']}" if "max_batch_size" in p else "")
         out[f"{key}_cpu_us_per_request"] = p["cpu_us_per_request"]
         out[f"{key}_ceiling_requests_per_s_one_core"] = p["ceiling_requests_per_s_one_core"]

@@ -427,20 +427,29 @@ def _size(photo: bytes) -> tuple[int, int]:
 # -- its figures in bench/results.json's summary and the README --------------------
 
 
+def beyond_decode_ms(point: object) -> tuple[float, float] | None:
+    """A point's worker CPU per image less its decode threads' own CPU in the same windows (all the
+    worker spends on anything else), and that decode CPU, in ms; None without the decode counter."""
+    if not isinstance(point, dict):
+        return None
+    decode_us = point.get("counted_cpu_us_per_image", {}).get(WORKER_DECODE)
+    if decode_us is None:
+        return None
+    return (point["cpu_us_per_image"]["worker"] - decode_us) / 1000.0, decode_us / 1000.0
+
+
 def summary(cpu: dict[str, Any]) -> dict[str, object]:
     """The figures issue 9's targets are stated in, from :func:`run`'s result."""
     large = cpu["points"]["large"]
     per_image = large["cpu_us_per_image"]
-    decode_in_worker_us = large.get("counted_cpu_us_per_image", {}).get(WORKER_DECODE)
+    beyond = beyond_decode_ms(large)
     return {
         "mesh_vs_limit": cpu["mesh_vs_limit"],
         "mesh_images_per_s_large_photos": large["images_per_s"],
         "limit_images_per_s_large_photos": cpu["limit"]["limit_images_per_s"],
         **{f"{tier}_cpu_us_per_image_large_photos": per_image.get(tier) for tier in ("router", "batcher", "worker")},
-        # The worker's CPU less its decode threads' CPU in the same windows: all it spends on anything else.
-        **({"worker_overhead_beyond_decode_ms": round((per_image["worker"] - decode_in_worker_us) / 1000.0, 2),
-            "worker_decode_cpu_ms_per_image_in_mesh": round(decode_in_worker_us / 1000.0, 2)}
-           if decode_in_worker_us is not None else {}),
+        **({"worker_overhead_beyond_decode_ms": round(beyond[0], 2),
+            "worker_decode_cpu_ms_per_image_in_mesh": round(beyond[1], 2)} if beyond is not None else {}),
         # The worker's CPU less decode measured alone on an idle core before the stack started.
         "worker_minus_idle_core_decode_ms": round(
             per_image["worker"] / 1000.0 - cpu["limit"]["decode_cpu_ms_per_image"], 2

@@ -45,7 +45,7 @@ from flotilla.bench_cpu import (
     LOAD_GENERATOR,
     MODEL_STUBS,
     TIER_ORDER,
-    WORKER_DECODE,
+    beyond_decode_ms,
     cpu_point,
     decode_cpu_ms_per_image,
     large_photos,
@@ -235,26 +235,16 @@ def summary(overhead: dict[str, Any]) -> dict[str, object]:
     }
 
 
-def _beyond_decode_ms(point: object) -> tuple[float, float] | None:
-    """A point's worker CPU per image less its decode threads' own, and that decode CPU, in ms."""
-    if not isinstance(point, dict):
-        return None
-    decode_us = point.get("counted_cpu_us_per_image", {}).get(WORKER_DECODE)
-    if decode_us is None:
-        return None
-    return (point["cpu_us_per_image"]["worker"] - decode_us) / 1000.0, decode_us / 1000.0
-
-
 def large_photos_summary(overhead: dict[str, Any]) -> dict[str, object]:
     """The worker on 1-2 MP photos beside the near-free model (in the mesh, and alone at its ceiling):
     its CPU per image less its decode threads'."""
     out: dict[str, object] = {}
-    beside = _beyond_decode_ms(overhead.get("mesh_large_photos"))
+    beside = beyond_decode_ms(overhead.get("mesh_large_photos"))
     if beside is not None:
         out["near_free_large_photos_images_per_s"] = overhead["mesh_large_photos"]["images_per_s"]
         out["near_free_large_photos_worker_overhead_beyond_decode_ms"] = round(beside[0], 2)
         out["near_free_large_photos_worker_decode_cpu_ms_per_image"] = round(beside[1], 2)
-    alone = _beyond_decode_ms(overhead.get("worker_alone_large_photos"))
+    alone = beyond_decode_ms(overhead.get("worker_alone_large_photos"))
     if alone is not None:
         out["worker_alone_images_per_s"] = overhead["worker_alone_large_photos"]["images_per_s"]
         out["worker_alone_overhead_beyond_decode_ms"] = round(alone[0], 2)
