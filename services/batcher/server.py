@@ -229,13 +229,11 @@ class Registration:
         )
         return ModelSettings.model_validate_json(reply.spec_json)
 
-    async def first(
-        self, timeout_s: float, on_waiting: Callable[[str], Awaitable[None]], *, poll_s: float = WAIT_FOR_MODEL_POLL_S
-    ) -> ModelSettings:
+    async def first(self, timeout_s: float, on_waiting: Callable[[str], Awaitable[None]]) -> ModelSettings:
         """The model's spec. Retries while the controller starts (SystemExit after ``timeout_s`` of no
         answer). While the controller answers that the model is not registered, waits for it to be
-        deployed, asking every ``poll_s``: ``on_waiting`` runs once, with the controller's words, when
-        that wait begins (a batcher deployed before its model waits instead of restarting)."""
+        deployed, asking every WAIT_FOR_MODEL_POLL_S: ``on_waiting`` runs once, with the controller's
+        words, when that wait begins (a batcher deployed before its model waits instead of restarting)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         waiting_since: float | None = None
@@ -243,18 +241,16 @@ class Registration:
             try:
                 spec = await self.register(announce=False)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.NOT_FOUND:
-                    if loop.time() > deadline:
-                        raise SystemExit(
-                            f"batcher: no controller answered within {timeout_s:.0f} s: {exc.details()}"
-                        ) from exc
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    deadline = loop.time() + timeout_s  # the controller answers: only its silence has a deadline
+                    if waiting_since is None:
+                        waiting_since = loop.time()
+                        await on_waiting(exc.details() or f"model {self.model!r} is not registered")
+                    await asyncio.sleep(WAIT_FOR_MODEL_POLL_S)
+                elif loop.time() > deadline:
+                    raise SystemExit(f"batcher: no controller answered within {timeout_s:.0f} s: {exc.details()}") from exc
+                else:
                     await asyncio.sleep(0.2)
-                    continue
-                deadline = loop.time() + timeout_s  # the controller answers: only its silence has a deadline
-                if waiting_since is None:
-                    waiting_since = loop.time()
-                    await on_waiting(exc.details() or f"model {self.model!r} is not registered")
-                await asyncio.sleep(poll_s)
                 continue
             if waiting_since is not None:
                 log.info("model %r was deployed after %.0f s of waiting", self.model, loop.time() - waiting_since)
