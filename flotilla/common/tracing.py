@@ -18,8 +18,9 @@ the local stack's tests read); ``console`` prints them to stdout (the log).
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from opentelemetry import context as otel_context
@@ -82,6 +83,18 @@ def enabled() -> bool:
 use_span = trace.use_span
 
 
+def span(
+    name: str, *, kind: SpanKind = SpanKind.INTERNAL, attributes: Mapping[str, str | int] | None = None,
+    links: Sequence[Link] = (),
+) -> contextlib.AbstractContextManager[Span]:
+    """A span of this process's work, current inside the block. With tracing off a non-recording
+    span and no OpenTelemetry work: the API's no-op tracer still builds a context per span
+    (~4.7 against ~0.5 µs per span and propagation here)."""
+    if not _installed:
+        return contextlib.nullcontext(trace.INVALID_SPAN)
+    return tracer.start_as_current_span(name, kind=kind, attributes=attributes, links=list(links))
+
+
 def shutdown() -> None:
     provider = trace.get_tracer_provider()
     if hasattr(provider, "shutdown"):
@@ -96,6 +109,8 @@ def extract(metadata: Iterable[tuple[str, str | bytes]]) -> otel_context.Context
 
 def inject(metadata: Iterable[tuple[str, str]] = ()) -> tuple[tuple[str, str], ...]:
     """``metadata`` without any incoming trace headers, plus the current span's context."""
+    if not _installed:
+        return tuple((k, v) for k, v in metadata if k not in TRACE_HEADERS)
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     kept = tuple((k, v) for k, v in metadata if k not in TRACE_HEADERS)
@@ -104,6 +119,8 @@ def inject(metadata: Iterable[tuple[str, str]] = ()) -> tuple[tuple[str, str], .
 
 def current_traceparent() -> str:
     """The current span's context as a W3C traceparent ('' with tracing off)."""
+    if not _installed:
+        return ""
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return carrier.get("traceparent", "")
@@ -111,6 +128,8 @@ def current_traceparent() -> str:
 
 def links_from(traceparents: Iterable[str]) -> list[Link]:
     """Span links to the requests whose contexts these are (a batch's riders)."""
+    if not _installed:
+        return []
     links = []
     for traceparent in traceparents:
         if not traceparent:

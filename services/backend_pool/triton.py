@@ -367,7 +367,7 @@ class TritonBackend:
             started_s = time.perf_counter()
             attributes = {"flotilla.model": model, "flotilla.replica": endpoint.address,
                           "flotilla.model_version": version, "flotilla.batch_size": batch_size}
-            with tracing.tracer.start_as_current_span(f"triton {model}", kind=SpanKind.CLIENT, attributes=attributes):
+            with tracing.span(f"triton {model}", kind=SpanKind.CLIENT, attributes=attributes):
                 try:
                     reply, transfer = await self._send(replica, region, request_for, deadline_s)
                 except grpc.aio.AioRpcError as exc:

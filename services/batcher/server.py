@@ -116,7 +116,7 @@ class PreprocessDispatcher:
                 raise error_from_rpc(exc, f"preprocess worker {endpoint.address}") from exc
 
         # One span per batch, linked to the span of every request that rides in it.
-        with tracing.tracer.start_as_current_span(
+        with tracing.span(
             f"batch {self.model}",
             links=tracing.links_from(item.traceparent for item in items),
             attributes={"flotilla.model": self.model, "flotilla.batch_size": len(items),

@@ -70,3 +70,13 @@ async def test_a_batch_span_links_its_requests_and_parents_the_worker_span() -> 
     assert worker.context.trace_id == batch.context.trace_id
     assert worker.kind == trace.SpanKind.SERVER
     assert worker.attributes["rpc.grpc.status_code"] == grpc.StatusCode.OK.value[0]
+
+
+def test_with_tracing_off_spans_and_propagation_do_no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracing, "_installed", False)
+    with tracing.span("batch m", attributes={"flotilla.batch_size": 8}) as span:
+        span.set_attribute("flotilla.replica", "triton:1")  # a no-op, not an error
+        assert not span.is_recording()
+        assert tracing.current_traceparent() == ""
+        assert tracing.inject((("x-model", "m"), ("traceparent", "00-ab-cd-01"))) == (("x-model", "m"),)
+    assert tracing.links_from(["00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"]) == []
