@@ -51,7 +51,7 @@ from flotilla.api.v1 import (
 )
 from flotilla.bench_cpu import LOAD_GENERATOR, Tier, metered_load
 from flotilla.common.relay import RelayServicer
-from flotilla.common.server import GrpcPeer, ServiceServer, is_serving
+from flotilla.common.server import GrpcPeer, ServiceServer, is_serving, run_service
 from flotilla.config import FlotillaSettings, ModelSettings, dump_settings
 from flotilla.stack.processes import ManagedProcess, free_port, wait_until
 
@@ -277,7 +277,8 @@ async def serve_empty(host: str, port: int) -> None:
 async def empty_server_point(settings: FlotillaSettings, run_dir: Path, *, window_s: float) -> dict[str, Any]:
     port = free_port(settings.host)
     server = ManagedProcess(
-        "empty-grpc-server", [sys.executable, "-m", "flotilla.bench_ceiling", settings.host, str(port)],
+        "empty-grpc-server",
+        [sys.executable, "-m", "flotilla.bench_ceiling", settings.host, str(port), settings.event_loop],
         log_path=run_dir / "empty-grpc-server.log", address=f"{settings.host}:{port}",
     )
     load: _RouterLoad | None = None
@@ -343,5 +344,6 @@ def readme_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-if __name__ == "__main__":  # the empty-server point's process: python -m flotilla.bench_ceiling HOST PORT
-    asyncio.run(serve_empty(sys.argv[1], int(sys.argv[2])))
+if __name__ == "__main__":  # the empty-server point's process: python -m flotilla.bench_ceiling HOST PORT LOOP
+    # On the services' event loop (settings.event_loop), so it stays the floor of the router as it runs.
+    run_service(serve_empty(sys.argv[1], int(sys.argv[2])), sys.argv[3])  # type: ignore[arg-type]

@@ -84,24 +84,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _serve_role(args: argparse.Namespace, settings: FlotillaSettings) -> None:
+    from flotilla.common.server import run_service
+
     if args.role == "controller":
         from flotilla.services.controller.server import serve as serve_controller
 
-        asyncio.run(serve_controller(settings, args.port))
+        run_service(serve_controller(settings, args.port), settings.event_loop)
     elif args.role == "router":
         from flotilla.services.router.server import serve as serve_router
 
-        asyncio.run(serve_router(settings, args.port))
+        run_service(serve_router(settings, args.port), settings.event_loop)
     elif args.role == "batcher":
         if not args.model:
             raise SystemExit("flotilla serve batcher needs --model NAME")
         from flotilla.services.batcher.server import serve as serve_batcher
 
-        asyncio.run(serve_batcher(settings, args.model, args.port))
+        run_service(serve_batcher(settings, args.model, args.port), settings.event_loop)
     else:
         from flotilla.services.preprocess.server import serve as serve_preprocess
 
-        asyncio.run(serve_preprocess(settings, args.port))
+        run_service(serve_preprocess(settings, args.port), settings.event_loop)
 
 
 def cmd_up(args: argparse.Namespace) -> None:

@@ -391,6 +391,9 @@ class FlotillaSettings(BaseSettings):
     """Where the local stack keeps logs, state and S3 data."""
     shutdown_grace_s: float = Field(5.0, ge=0)
     """How long a stopping service lets in-flight calls finish."""
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    """The services' event loop: uvloop (libuv; the loop's own work and its sockets' reads and writes
+    in C) or the standard library's. ``asyncio`` to rule the loop out when chasing a fault."""
     s3: S3Settings = S3Settings()
     router: RouterSettings = RouterSettings()
     batcher: BatcherSettings = BatcherSettings()
