@@ -11,7 +11,15 @@ import pytest
 
 from flotilla.api.v1 import relay_pb2
 from flotilla.common.interceptors import AdmissionLimit
-from flotilla.common.relay import RelayClient, RelayServicer
+from flotilla.common.relay import (
+    COALESCE_MAX_FRAMES,
+    COALESCE_MAX_S,
+    COALESCE_OPEN_CALLS,
+    COALESCE_SHARE,
+    RelayClient,
+    RelayServicer,
+    coalesce_wait_s,
+)
 from flotilla.errors import InvalidArgument, ResourceExhausted, Unavailable
 
 METHOD = "/flotilla.api.v1.ImageClassifier/Classify"
@@ -80,6 +88,42 @@ async def test_concurrent_calls_share_messages_and_each_gets_its_own_answer(rela
     assert relay.servicer.messages < 20, f"{relay.servicer.messages} messages for 200 calls issued in one turn"
     assert relay.core.headers[0] == {"x-model-name": "m"}
     assert 4.0 < relay.core.timeouts[0] <= 5.0, "the caller's remaining deadline travels with the frame"
+
+
+def test_only_a_busy_stream_waits_to_share_a_message_and_never_long_against_its_round_trip() -> None:
+    busy = COALESCE_OPEN_CALLS
+    assert coalesce_wait_s(busy - 1, 1, 0.4) == 0.0, "a quiet stream sends at once"
+    assert coalesce_wait_s(busy, 1, 0.0) == 0.0, "no round trip measured yet: send at once"
+    assert coalesce_wait_s(busy, COALESCE_MAX_FRAMES, 0.4) == 0.0, "a full message goes at once"
+    assert coalesce_wait_s(busy, 1, 0.02) == pytest.approx(COALESCE_SHARE * 0.02)
+    assert coalesce_wait_s(busy, 1, 10.0) == COALESCE_MAX_S
+
+
+async def test_calls_trickling_onto_a_busy_stream_share_messages(relay: Relay) -> None:
+    """As in front of a saturated model: many calls open, new ones arriving one by one."""
+    held = [asyncio.ensure_future(relay.call(b"hold")) for _ in range(COALESCE_OPEN_CALLS)]
+    while len(relay.core.held) < COALESCE_OPEN_CALLS:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+    for future in relay.core.held:
+        future.set_result(Raw(b"done"))
+    await asyncio.gather(*held)
+    stream = relay.client._stream
+    assert stream is not None and stream.round_trip_s >= 0.2, "the round trip of the answered calls is measured"
+
+    held = [asyncio.ensure_future(relay.call(b"hold")) for _ in range(COALESCE_OPEN_CALLS)]
+    while len(relay.core.held) < 2 * COALESCE_OPEN_CALLS:
+        await asyncio.sleep(0.01)
+    before = relay.servicer.messages
+    trickle = []
+    for i in range(20):  # one call per event-loop turn
+        trickle.append(asyncio.ensure_future(relay.call(f"late {i}".encode())))
+        await asyncio.sleep(0)
+    assert await asyncio.gather(*trickle) == [f"late {i}".encode()[::-1] for i in range(20)]
+    assert relay.servicer.messages - before <= 3, "calls arriving one per turn on a busy stream share messages"
+    for future in relay.core.held[COALESCE_OPEN_CALLS:]:
+        future.set_result(Raw(b"done"))
+    await asyncio.gather(*held)
 
 
 async def test_a_refused_or_failed_call_gets_its_own_status_and_message(relay: Relay) -> None:
