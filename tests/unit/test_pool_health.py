@@ -497,6 +497,60 @@ async def test_check_once_probes_every_endpoint_concurrently() -> None:
     assert not any(e.healthy for e in pool.endpoints)
 
 
+async def test_an_endpoint_whose_calls_succeeded_since_the_last_round_is_not_probed() -> None:
+    clock = ManualTime()
+    pool = make_pool(clock)
+    probe = Probe()
+    check = health_check(pool, probe, interval_s=0.25)
+    busy = pool.endpoints[0]
+    pool.strategy = FirstCandidate()
+
+    assert await pool.call(Script()) == "answer from client-a:1"
+    assert busy.last_success_s == 100.0
+    clock.now_s = 100.2
+    await check.check_once()
+    assert sorted(probe.probed) == ["b:2", "c:3"], "the traffic answered for a:1"
+
+    clock.now_s = 100.5  # no call for longer than the interval: probed again
+    probe.probed.clear()
+    await check.check_once()
+    assert sorted(probe.probed) == ["a:1", "b:2", "c:3"]
+
+
+async def test_an_endpoint_with_a_failed_call_is_probed_though_others_succeeded_since() -> None:
+    """A draining replica answers new calls UNAVAILABLE while its open ones still finish."""
+    clock = ManualTime()
+    pool = make_pool(clock)
+    pool.strategy = FirstCandidate()
+    probe = Probe({"a:1": False})
+    check = health_check(pool, probe, interval_s=0.25, unhealthy_after=1)
+    draining = Script({"a:1": Unavailable("a:1 is shutting down")})
+
+    assert await pool.call(draining) == "answer from client-b:2", "retried on the next endpoint"
+    clock.now_s = 100.1
+    assert await pool.call(Script()) == "answer from client-a:1", "an open call on a:1 finishes"
+    await check.check_once()
+    assert "a:1" in probe.probed
+    assert pool.endpoints[0] not in pool.admitted(), "the probe saw it draining and ejected it"
+
+
+async def test_an_ejected_endpoint_is_probed_whatever_its_past_traffic() -> None:
+    clock = ManualTime()
+    pool = make_pool(clock)
+    pool.strategy = FirstCandidate()
+    probe = Probe({"a:1": False})
+    check = health_check(pool, probe, interval_s=0.25, unhealthy_after=1)
+    await pool.call(Script())
+
+    pool.eject(pool.endpoints[0], "a test")
+    await check.check_once()
+    assert "a:1" in probe.probed
+
+    probe.verdicts["a:1"] = True
+    await check.check_once()
+    assert pool.endpoints[0] in pool.admitted()
+
+
 # -- panic mode: every endpoint ejected ------------------------------------------
 
 
