@@ -517,13 +517,18 @@ async def test_an_endpoint_whose_calls_succeeded_since_the_last_round_is_not_pro
     assert sorted(probe.probed) == ["a:1", "b:2", "c:3"]
 
 
-async def test_an_endpoint_with_a_failed_call_is_probed_though_others_succeeded_since() -> None:
-    """A draining replica answers new calls UNAVAILABLE while its open ones still finish."""
-    clock = ManualTime()
+def a_first_pool_with_a_failing_probe(clock: ManualTime) -> tuple[EndpointPool[str], Probe, ActiveHealthCheck[str]]:
+    """Calls go to a:1 first; its probe fails and one failed probe ejects."""
     pool = make_pool(clock)
     pool.strategy = FirstCandidate()
     probe = Probe({"a:1": False})
-    check = health_check(pool, probe, interval_s=0.25, unhealthy_after=1)
+    return pool, probe, health_check(pool, probe, interval_s=0.25, unhealthy_after=1)
+
+
+async def test_an_endpoint_with_a_failed_call_is_probed_though_others_succeeded_since() -> None:
+    """A draining replica answers new calls UNAVAILABLE while its open ones still finish."""
+    clock = ManualTime()
+    pool, probe, check = a_first_pool_with_a_failing_probe(clock)
     draining = Script({"a:1": Unavailable("a:1 is shutting down")})
 
     assert await pool.call(draining) == "answer from client-b:2", "retried on the next endpoint"
@@ -535,11 +540,7 @@ async def test_an_endpoint_with_a_failed_call_is_probed_though_others_succeeded_
 
 
 async def test_an_ejected_endpoint_is_probed_whatever_its_past_traffic() -> None:
-    clock = ManualTime()
-    pool = make_pool(clock)
-    pool.strategy = FirstCandidate()
-    probe = Probe({"a:1": False})
-    check = health_check(pool, probe, interval_s=0.25, unhealthy_after=1)
+    pool, probe, check = a_first_pool_with_a_failing_probe(ManualTime())
     await pool.call(Script())
 
     pool.eject(pool.endpoints[0], "a test")
