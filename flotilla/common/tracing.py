@@ -109,11 +109,11 @@ def extract(metadata: Iterable[tuple[str, str | bytes]]) -> otel_context.Context
 
 def inject(metadata: Iterable[tuple[str, str]] = ()) -> tuple[tuple[str, str], ...]:
     """``metadata`` without any incoming trace headers, plus the current span's context."""
+    kept = tuple((k, v) for k, v in metadata if k not in TRACE_HEADERS)
     if not _installed:
-        return tuple((k, v) for k, v in metadata if k not in TRACE_HEADERS)
+        return kept
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
-    kept = tuple((k, v) for k, v in metadata if k not in TRACE_HEADERS)
     return kept + tuple(carrier.items())
 
 
