@@ -8,7 +8,7 @@ machinery cost about twice the client CPU per GET):
 
 - ``AsyncObjectReader.get``, the preprocess worker's: on the event loop,
   no thread per GET, through this project's minimal HTTP/1.1 client
-  (``flotilla.common.http_get``: the body lands in place, ~half aiohttp's
+  (``flotilla.common.http_client``: the body lands in place, ~half aiohttp's
   client CPU per GET; its docstring has the measurements);
 - ``ObjectStore.get``, for code that runs in threads: a keep-alive
   ``http.client`` connection per thread (``SignedGetter``).
@@ -34,9 +34,9 @@ from minio import Minio
 from minio.error import S3Error
 
 from flotilla.common import metrics
-from flotilla.common.http_get import (
+from flotilla.common.http_client import (
     BodyTooLarge,
-    GetConnectionPool,
+    HttpConnectionPool,
     HttpProtocolError,
     IncompleteBody,
     split_endpoint,
@@ -251,7 +251,7 @@ class SignedGetter:
 
 
 class AsyncObjectReader:
-    """Signed GETs of whole objects on the running event loop (``http_get``), for the preprocess worker.
+    """Signed GETs of whole objects on the running event loop (``http_client``), for the preprocess worker.
 
     Up to ``max_connections`` GETs at once over kept-alive connections; the
     pool is made on first use, in the loop that uses it. Failures come
@@ -271,12 +271,12 @@ class AsyncObjectReader:
         self.timeout_s = timeout_s
         self.max_connections = max_connections
         self.retries = retries
-        self._pool: GetConnectionPool | None = None
+        self._pool: HttpConnectionPool | None = None
 
-    def _connections(self) -> GetConnectionPool:
+    def _connections(self) -> HttpConnectionPool:
         if self._pool is None:
             host, port = split_endpoint(self.endpoint, self.secure)
-            self._pool = GetConnectionPool(
+            self._pool = HttpConnectionPool(
                 host, port, secure=self.secure, max_connections=self.max_connections, timeout_s=self.timeout_s
             )
         return self._pool
