@@ -283,7 +283,11 @@ class PreprocessSettings(_Section):
     """JPEGs whose header declares more pixels are rejected (decompression bombs)."""
     triton_shared_memory: Literal["auto", "off"] = "auto"
     """auto: batches go to Triton replicas on this host (loopback addresses) through system shared
-    memory, not in the gRPC message (a replica that cannot map it gets them inline); off: always inline."""
+    memory, not in the request (a replica that cannot map it gets them inline); off: always inline."""
+    triton_protocol: Literal["http", "grpc"] = "http"
+    """How workers send batches to Triton: http (KServe v2 over HTTP/1.1 to each replica's
+    ``endpoints.triton_http``, about a quarter of gRPC's client CPU per batch; a replica with no HTTP
+    endpoint is called over gRPC) or grpc (every replica over gRPC)."""
     shared_memory_max_bytes: int = Field(256 * 1024 * 1024, ge=0)
     """Shared memory a worker may hold for batches in flight; past it a batch goes inline."""
 
@@ -375,7 +379,19 @@ class Endpoints(_Section):
     """Model name -> that model's batcher replicas."""
     preprocess: list[str] = []
     triton: list[str] = []
-    """Triton gRPC endpoints."""
+    """Triton gRPC endpoints: the replicas' names in placement (the controller loads models over gRPC)."""
+    triton_http: list[str] = []
+    """The same replicas' HTTP endpoints, in the same order (empty: none known). Workers send batches
+    there (``preprocess.triton_protocol``)."""
+
+    @model_validator(mode="after")
+    def _triton_http_matches(self) -> Endpoints:
+        if self.triton_http and len(self.triton_http) != len(self.triton):
+            raise ValueError(
+                f"endpoints.triton_http lists {len(self.triton_http)} endpoints for {len(self.triton)} Triton "
+                "replicas; give one per replica, in the order of endpoints.triton, or none"
+            )
+        return self
 
 
 class FlotillaSettings(BaseSettings):

@@ -37,6 +37,7 @@ BATCHER_PORT = 50052
 METRICS_PORT = 9100
 PORTS = {"router": 50051, "batcher": BATCHER_PORT, "preprocess": 50053, "controller": 50060}
 TRITON_GRPC_PORT = 8001
+TRITON_HTTP_PORT = 8000
 CLASSIFIER_SERVICE = "flotilla.api.v1.ImageClassifier"
 QUEUE_WAIT_METRIC = "flotilla_batcher_queue_wait_seconds_mean"
 """Per-pod mean queue wait, served by the Prometheus adapter (components/monitoring/prometheus-adapter-values.yaml)."""
@@ -183,6 +184,9 @@ def endpoints(settings: FlotillaSettings, namespace: str = NAMESPACE) -> dict[st
         "preprocess": [f"{service_host('preprocess', namespace)}:{PORTS['preprocess']}"],
         "triton": [f"triton-{i}.{service_host('triton', namespace)}:{TRITON_GRPC_PORT}"
                    for i in range(settings.triton.replicas)],
+        # Workers send batches over HTTP (preprocess.triton_protocol); the controller speaks gRPC.
+        "triton_http": [f"triton-{i}.{service_host('triton', namespace)}:{TRITON_HTTP_PORT}"
+                        for i in range(settings.triton.replicas)],
         "batchers": {m: [f"{service_host(batcher_name(m), namespace)}:{BATCHER_PORT}"] for m in settings.models},
     }
 

@@ -75,7 +75,7 @@ BACKEND_SECONDS = Histogram(
 BACKEND_BATCHES = Counter(
     "flotilla_backend_batches",
     "Batches Triton answered, by model, replica and how the tensor travelled: shm (system shared memory,"
-    " a replica on the worker's host) or inline (in the gRPC message).",
+    " a replica on the worker's host) or inline (in the request).",
     ["model", "replica", "transfer"],
 )
 SHARED_MEMORY_BYTES = Gauge(

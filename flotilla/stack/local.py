@@ -70,6 +70,8 @@ class StackState:
     controller: str = ""
     artifact_bucket: str = ""
     triton: list[str] = field(default_factory=list)
+    triton_http: list[str] = field(default_factory=list)
+    """The same replicas' HTTP endpoints, in the same order."""
     preprocess: list[str] = field(default_factory=list)
     config: str = ""
     metrics: dict[str, str] = field(default_factory=dict)
@@ -293,14 +295,17 @@ class LocalStack:
         # Replicas share this host's cores: each ONNX Runtime session gets a share.
         ort_threads = max(1, (os.cpu_count() or 1) // self.base.triton.replicas)
         replica_dirs = []
+        triton_http = []
         for i in range(self.base.triton.replicas):
             replica_dir = self.run_dir / f"triton-{i}"
             repository = replica_dir / "models"
             shutil.rmtree(repository, ignore_errors=True)  # starts empty; the cache/ beside it is kept
             repository.mkdir(parents=True)
             replica_dirs.append(replica_dir)
+            ports = TritonPorts.free(self.host)
+            triton_http.append(f"{self.host}:{ports.http}")
             proc = install.process(
-                f"triton-{i}", host=self.host, ports=TritonPorts.free(self.host), model_repository=repository,
+                f"triton-{i}", host=self.host, ports=ports, model_repository=repository,
                 log_path=self.logs / f"triton-{i}.log", ort_threads=ort_threads,
                 shm_prefix=f"{self.shm_prefix}{i}-",
             )
@@ -318,6 +323,7 @@ class LocalStack:
             controller=f"{self.host}:{free_port(self.host)}",
             preprocess=[f"{self.host}:{free_port(self.host)}" for _ in range(self.base.preprocess.workers)],
             triton=triton_addresses,
+            triton_http=triton_http,
         )
         router_settings = self.base.router
         if not router_settings.api_keys:
@@ -380,6 +386,7 @@ class LocalStack:
             controller=endpoints.controller,
             artifact_bucket=self.settings.controller.artifact_bucket,
             triton=triton_addresses,
+            triton_http=triton_http,
             preprocess=endpoints.preprocess,
             config=str(config_path),
             metrics=self.metrics_targets(),

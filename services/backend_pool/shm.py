@@ -21,6 +21,7 @@ region with each replica is the Triton client's job.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import mmap
 import os
@@ -158,3 +159,14 @@ def _running(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def is_loopback(address: str) -> bool:
+    """``host:port`` names this host (localhost or a loopback IP)."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

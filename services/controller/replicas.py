@@ -103,8 +103,11 @@ class TritonReplica:
         *,
         backend: str = "python",
         instance_kind: str = "KIND_CPU",
+        http_address: str = "",
     ) -> None:
         self.address = address
+        self.http_address = http_address
+        """Its HTTP endpoint, for the workers (the fleet carries it); the controller itself speaks gRPC."""
         self.budget_mb = budget_mb
         self.repository = repository
         self.cache = cache

@@ -73,7 +73,10 @@ def fleet_to_pb(controller: Controller) -> controller_pb2.Fleet:
         generation=controller.generation,
         models=[status_to_pb(controller, r) for r in controller.committed()],
         replicas=[
-            controller_pb2.Replica(address=r.address, budget_mb=r.budget_mb, used_mb=r.used_mb, healthy=r.healthy)
+            controller_pb2.Replica(
+                address=r.address, budget_mb=r.budget_mb, used_mb=r.used_mb, healthy=r.healthy,
+                http_address=getattr(controller.agents[r.address], "http_address", ""),
+            )
             for r in controller.replicas.values()
         ],
     )
@@ -198,10 +201,11 @@ def build_controller(settings: FlotillaSettings, usage: BatcherUsage | None = No
         raise SystemExit(
             f"controller: {len(settings.endpoints.triton)} Triton endpoints but {len(dirs)} controller.replica_dirs"
         )
+    http = settings.endpoints.triton_http or [""] * len(settings.endpoints.triton)
     agents = [
         TritonReplica(
             address, ctl.budget_mb(i), Path(d) / "models", ArtifactCache(Path(d) / "cache", artifacts),
-            backend=ctl.triton_backend, instance_kind=ctl.instance_kind,
+            backend=ctl.triton_backend, instance_kind=ctl.instance_kind, http_address=http[i],
         )
         for i, (address, d) in enumerate(zip(settings.endpoints.triton, dirs, strict=True))
     ]

@@ -91,6 +91,7 @@ class FleetFollower:
         self.backend = backend
 
     async def apply(self, fleet: controller_pb2.Fleet) -> None:
+        self.backend.set_http_endpoints({r.address: r.http_address for r in fleet.replicas if r.http_address})
         models: dict[str, ServedModel] = {}
         for status in fleet.models:
             spec = spec_of(status)
@@ -144,6 +145,7 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
         settings.pools,
         cold_start=ControllerColdStart(controller_pb2_grpc.ControllerStub(channel), backend_to_model),
         shm=batch_regions(settings.preprocess),
+        protocol=settings.preprocess.triton_protocol,
     )
     processor = BatchProcessor(
         {},

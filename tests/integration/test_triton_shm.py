@@ -1,6 +1,7 @@
 """Batches to a Triton replica on this host through system shared memory, against the real
-replicas of the session stack: same answers as inline, a lost registration is made again, a
-region Triton cannot map falls back to inline, and stopping leaves nothing registered."""
+replicas of the session stack, over HTTP and over gRPC: same answers as inline, a lost
+registration is made again, a region Triton cannot map falls back to inline, and stopping
+leaves nothing registered."""
 
 from __future__ import annotations
 
@@ -45,13 +46,28 @@ def registered(address: str) -> set[str]:
     return set(status.get("regions", {}))
 
 
-@pytest.fixture
-async def backends(stack: LocalStack) -> AsyncIterator[tuple[TritonBackend, TritonBackend, SharedMemoryRegions]]:
+@pytest.fixture(params=["http", "grpc"])
+def protocol(request: pytest.FixtureRequest) -> str:
+    """Every test here runs with batches over each protocol the worker speaks to Triton."""
+    return request.param  # type: ignore[no-any-return]
+
+
+def make_backend(stack: LocalStack, protocol: str, shm: SharedMemoryRegions | None = None) -> TritonBackend:
+    """A worker's backend on the stack's replicas, as a fleet snapshot would set it up."""
     assert stack.state is not None
+    backend = TritonBackend(PoolSettings(), shm=shm, protocol=protocol)
+    backend.set_http_endpoints(dict(zip(stack.state.triton, stack.state.triton_http, strict=True)))
+    backend.set_copies(MODEL, stack.state.triton, BackendSettings())
+    assert {e.client.protocol for e in backend.pools[MODEL].endpoints} == {protocol}
+    return backend
+
+
+@pytest.fixture
+async def backends(
+    stack: LocalStack, protocol: str
+) -> AsyncIterator[tuple[TritonBackend, TritonBackend, SharedMemoryRegions]]:
     shm = SharedMemoryRegions("flotilla-test-", max_bytes=64 << 20)
-    via_shm, inline = TritonBackend(PoolSettings(), shm=shm), TritonBackend(PoolSettings())
-    for backend in (via_shm, inline):
-        backend.set_copies(MODEL, stack.state.triton, BackendSettings())
+    via_shm, inline = make_backend(stack, protocol, shm), make_backend(stack, protocol)
     try:
         yield via_shm, inline, shm
     finally:
@@ -119,15 +135,13 @@ async def test_a_replica_that_lost_the_registration_is_given_it_again(
 
 
 async def test_a_region_triton_cannot_map_sends_batches_inline(
-    stack: LocalStack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    stack: LocalStack, protocol: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert stack.state is not None
     # Files outside /dev/shm: Triton's shm_open of the key finds nothing, as on another host.
     shm = SharedMemoryRegions("flotilla-test-", max_bytes=64 << 20, directory=tmp_path)
-    backend = TritonBackend(PoolSettings(), shm=shm)
-    backend.set_copies(MODEL, stack.state.triton, BackendSettings())
-    inline = TritonBackend(PoolSettings())
-    inline.set_copies(MODEL, stack.state.triton, BackendSettings())
+    backend = make_backend(stack, protocol, shm)
+    inline = make_backend(stack, protocol)
     batch = photos_batch(stack)
     shm_before, inline_before = batches("shm", stack.state.triton), batches("inline", stack.state.triton)
     try:
@@ -144,11 +158,10 @@ async def test_a_region_triton_cannot_map_sends_batches_inline(
     assert batches("inline", stack.state.triton) - inline_before == 1 + 3
 
 
-async def test_stopping_unregisters_and_removes_every_region(stack: LocalStack) -> None:
+async def test_stopping_unregisters_and_removes_every_region(stack: LocalStack, protocol: str) -> None:
     assert stack.state is not None
     shm = SharedMemoryRegions("flotilla-test-", max_bytes=64 << 20)
-    backend = TritonBackend(PoolSettings(), shm=shm)
-    backend.set_copies(MODEL, stack.state.triton, BackendSettings())
+    backend = make_backend(stack, protocol, shm)
     batch = photos_batch(stack)
     await asyncio.gather(*(infer(backend, stack, batch) for _ in range(4)))  # several regions at once
     names = {r.name for r in shm.regions}
@@ -159,7 +172,9 @@ async def test_stopping_unregisters_and_removes_every_region(stack: LocalStack) 
     assert not any((SHM_DIR / n).exists() for n in names)
 
 
-async def test_a_killed_workers_registrations_are_removed_before_the_first_batch(stack: LocalStack) -> None:
+async def test_a_killed_workers_registrations_are_removed_before_the_first_batch(
+    stack: LocalStack, protocol: str
+) -> None:
     assert stack.state is not None
     exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale, live = f"flotilla-test-{int(exited.stdout)}-0", f"flotilla-test-{os.getpid()}-kept"
@@ -170,8 +185,7 @@ async def test_a_killed_workers_registrations_are_removed_before_the_first_batch
             client.register_system_shared_memory(name, "/" + name, 1 << 20)
             client.close()
         (SHM_DIR / name).unlink()
-    backend = TritonBackend(PoolSettings(), shm=SharedMemoryRegions("flotilla-test-", max_bytes=64 << 20))
-    backend.set_copies(MODEL, stack.state.triton, BackendSettings())
+    backend = make_backend(stack, protocol, SharedMemoryRegions("flotilla-test-", max_bytes=64 << 20))
     try:
         for _ in stack.state.triton:  # a batch to every replica
             await infer(backend, stack, photos_batch(stack))

@@ -16,13 +16,9 @@ import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from flotilla.config import BackendSettings, PoolSettings
-from flotilla.errors import BackendError, BackendUnavailable, DeadlineExceeded, ReplicaInTransition
-from flotilla.services.backend_pool.triton import (
-    TritonBackend,
-    decode_infer_response,
-    encode_infer_request,
-    translate_triton_error,
-)
+from flotilla.errors import BackendError, BackendUnavailable, Code, DeadlineExceeded, ReplicaInTransition
+from flotilla.services.backend_pool.triton import TritonBackend, translate_triton_error
+from flotilla.services.backend_pool.triton_grpc import decode_infer_response, encode_infer_request
 
 
 @pytest.mark.parametrize(
@@ -63,14 +59,14 @@ def test_the_named_output_is_read_from_its_raw_contents() -> None:
 @pytest.mark.parametrize(
     ("code", "details", "expected"),
     [
-        (grpc.StatusCode.UNAVAILABLE, "connection refused", BackendUnavailable),
-        (grpc.StatusCode.INTERNAL, "Socket closed", BackendUnavailable),
-        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", DeadlineExceeded),
-        (grpc.StatusCode.NOT_FOUND, "Request for unknown model", ReplicaInTransition),
-        (grpc.StatusCode.INVALID_ARGUMENT, "unexpected shape", BackendError),
+        (Code.UNAVAILABLE, "connection refused", BackendUnavailable),
+        (Code.INTERNAL, "Socket closed", BackendUnavailable),
+        (Code.DEADLINE_EXCEEDED, "Deadline Exceeded", DeadlineExceeded),
+        (Code.NOT_FOUND, "Request for unknown model", ReplicaInTransition),
+        (Code.INVALID_ARGUMENT, "unexpected shape", BackendError),
     ],
 )
-def test_status_codes_become_flotilla_errors(code: grpc.StatusCode, details: str, expected: type) -> None:
+def test_status_codes_become_flotilla_errors(code: Code, details: str, expected: type) -> None:
     error = translate_triton_error(code, details, "10.0.0.1:8001", "m")
     assert type(error) is expected
     assert "10.0.0.1:8001" in error.message

@@ -141,13 +141,15 @@ class Fleet(_message.Message):
     def __init__(self, generation: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
 
 class Replica(_message.Message):
-    __slots__ = ("address", "budget_mb", "used_mb", "healthy")
+    __slots__ = ("address", "budget_mb", "used_mb", "healthy", "http_address")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BUDGET_MB_FIELD_NUMBER: _ClassVar[int]
     USED_MB_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    HTTP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     address: str
     budget_mb: float
     used_mb: float
     healthy: bool
-    def __init__(self, address: _Optional[str] = ..., budget_mb: _Optional[float] = ..., used_mb: _Optional[float] = ..., healthy: _Optional[bool] = ...) -> None: ...
+    http_address: str
+    def __init__(self, address: _Optional[str] = ..., budget_mb: _Optional[float] = ..., used_mb: _Optional[float] = ..., healthy: _Optional[bool] = ..., http_address: _Optional[str] = ...) -> None: ...
