@@ -59,13 +59,12 @@ ColdStart = Callable[[str], Awaitable[list[str]]]
 
 def translate_triton_error(code: Code, details: str, address: str, model: str) -> FlotillaError:
     """Map a failed inference call to the Flotilla error a caller can act on."""
-    status = code
     message = details or code.name
-    if status == Code.UNAVAILABLE or "Socket closed" in message or "failed to connect" in message:
+    if code == Code.UNAVAILABLE or "Socket closed" in message or "failed to connect" in message:
         return BackendUnavailable(f"Triton at {address} is unavailable: {message}")
-    if status == Code.DEADLINE_EXCEEDED:
+    if code == Code.DEADLINE_EXCEEDED:
         return DeadlineExceeded(f"Triton at {address} did not answer before the deadline")
-    if status == Code.NOT_FOUND:
+    if code == Code.NOT_FOUND:
         return ReplicaInTransition(f"model {model!r} is not loaded on Triton at {address}: {message}")
     return BackendError(f"Triton at {address} failed the batch for {model!r}: {message}")
 
