@@ -337,6 +337,10 @@ class ControllerSettings(_Section):
     repository (``models/``) and artifact cache (``cache/``). The local stack fills these in."""
     measure_memory: bool = True
     """Measure each copy's memory (USS of its backend stubs after a warm-up) and use it for placement."""
+    deploy_configured_models: bool = False
+    """Deploy the ``models:`` of this configuration that the registry lacks when the controller starts
+    (each from its ``storage_uri``, retried until its artifact is there). The local stack deploys them
+    itself, uploading their artifacts first; Kubernetes sets this."""
     autoscale: AutoscaleSettings = AutoscaleSettings()
 
     def budget_mb(self, index: int) -> float:

@@ -22,6 +22,12 @@ and the gRPC layer (``server.py``) maps errors to statuses.
   decision is logged and kept as an event in the model's status.
 - A replica that restarts comes back empty: copies it lost are dropped and
   the autoscaler's min-copies rule places them again.
+- With ``deploy_configured_models`` the models of the configuration that
+  the registry lacks are deployed at start, each retried every
+  ``CONFIGURED_RETRY_S`` until it deploys (its artifact uploaded later, S3
+  or a replica not up yet) or someone deploys it through the API.
+  The registry wins over the configuration: a registered model is left as
+  it is, with a warning when its spec differs.
 """
 
 from __future__ import annotations
@@ -73,6 +79,8 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_FRAMEWORKS = ("onnx",)
 HEALTH_INTERVAL_S = 1.0
+CONFIGURED_RETRY_S = 10.0
+"""How often a configured model that could not be deployed is tried again."""
 
 
 class ReplicaAgent(Protocol):
@@ -117,8 +125,11 @@ class Controller:
         *,
         usage: UsageReader | None = None,
         clock: Clock | None = None,
+        configured: dict[str, ModelSettings] | None = None,
     ) -> None:
         self.settings = settings
+        self.configured = dict(configured or {})
+        """Models of the configuration, deployed at start when the registry lacks them."""
         self.agents = {a.address: a for a in agents}
         self.replicas = {a.address: ReplicaInfo(a.address, a.budget_mb) for a in agents}
         self.artifacts = artifacts
@@ -151,7 +162,45 @@ class Controller:
             asyncio.create_task(self._loop(self._poll_usage, self.settings.usage_poll_interval_s), name="usage"),
             asyncio.create_task(self._loop(self._autoscale, self.settings.autoscale.interval_s), name="autoscale"),
         ]
+        for name, spec in self.configured.items():
+            if name in self.records:
+                self._warn_if_configured_differently(name, spec)
+            else:
+                self._spawn(self._deploy_configured(name, spec), f"configured:{name}")
         log.info("controller: %d model(s) in the registry, %d replica(s)", len(self.records), len(self.agents))
+
+    async def _deploy_configured(self, name: str, spec: ModelSettings) -> None:
+        """Deploy a model of the configuration, trying again until it is registered; each new
+        reason it cannot be yet is logged once."""
+        last = ""
+        while name not in self.records:
+            try:
+                await self.deploy(name, spec.model_dump_json())
+            except AlreadyExists:
+                return  # deployed through the API meanwhile
+            except FlotillaError as exc:
+                if exc.message != last:
+                    log.warning("controller: configured model %r not deployed yet (%s); trying again every %.0f s",
+                                name, exc.message, CONFIGURED_RETRY_S)
+                    last = exc.message
+            except Exception:
+                log.exception("controller: deploying configured model %r failed; trying again", name)
+            else:
+                log.info("controller: deployed configured model %r", name)
+                return
+            await self.clock.sleep(CONFIGURED_RETRY_S)
+
+    def _warn_if_configured_differently(self, name: str, spec: ModelSettings) -> None:
+        registered = self.records[name].spec.model_dump()
+        configured = spec.model_dump()
+        if not configured["labels"]:  # a deploy fills them from the artifact
+            registered.pop("labels")
+            configured.pop("labels")
+        if registered != configured:
+            differing = sorted(k for k in configured if configured[k] != registered.get(k))
+            log.warning("controller: model %r is registered with a spec that differs from the configuration's (%s); "
+                        "the registered one is served: deploy it with --replace to change it", name,
+                        ", ".join(differing))
 
     async def stop(self) -> None:
         for task in [*self._tasks, *self._cold.values(), *self._scaling.values()]:

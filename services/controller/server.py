@@ -210,7 +210,8 @@ def build_controller(settings: FlotillaSettings, usage: BatcherUsage | None = No
         for i, (address, d) in enumerate(zip(settings.endpoints.triton, dirs, strict=True))
     ]
     records = ObjectStoreRecords(store_for(ctl.artifact_bucket), ctl.registry_prefix)
-    return Controller(ctl, agents, artifacts, records, usage=usage)  # type: ignore[arg-type]
+    configured = settings.models if ctl.deploy_configured_models else None
+    return Controller(ctl, agents, artifacts, records, usage=usage, configured=configured)  # type: ignore[arg-type]
 
 
 async def serve(settings: FlotillaSettings, port: int) -> None:

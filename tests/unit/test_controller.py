@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from fakes import FakeClock
 
-from flotilla.config import AutoscaleSettings, ControllerSettings, ModelSettings
+from flotilla.config import AutoscaleSettings, ControllerSettings, FlotillaSettings, ModelSettings
 from flotilla.errors import AlreadyExists, ArtifactUnavailable, ModelLoadFailed, ModelNotFound, UnsupportedFramework
-from flotilla.services.controller.controller import BatcherCounters, Controller
+from flotilla.services.controller.controller import CONFIGURED_RETRY_S, BatcherCounters, Controller
 from flotilla.services.controller.placement import NoCapacity
 from flotilla.services.controller.registry import MemoryRecords
+from flotilla.services.controller.server import build_controller
 
 URI = "s3://flotilla-models/m"
 
@@ -24,8 +27,10 @@ class FakeArtifacts:
 
     def __init__(self) -> None:
         self.missing: set[str] = set()
+        self.checks = 0
 
     def check(self, uri: str, versions: list[int]) -> dict[str, dict[str, object]]:
+        self.checks += 1
         if uri in self.missing:
             raise ArtifactUnavailable(f"no artifact at {uri}")
         return {f"{v}/model.onnx": {"sha256": "0" * 64, "bytes": 1} for v in versions}
@@ -252,3 +257,102 @@ def test_the_triton_config_comes_from_the_record_for_either_backend() -> None:
     assert python["instance_group"] == [{"kind": "KIND_CPU", "count": 2}]
     assert native["backend"] == "onnxruntime" and native["default_model_filename"] == "model.onnx"
     assert "parameters" not in native and native["instance_group"] == [{"kind": "KIND_GPU", "count": 2}]
+
+
+# -- the configuration's models, deployed at start ------------------------------------------------
+
+
+def configured_controller(
+    replicas: list[FakeReplica], configured: dict[str, ModelSettings], records: MemoryRecords | None = None
+) -> tuple[Controller, FakeArtifacts, FakeClock]:
+    artifacts, clock = FakeArtifacts(), FakeClock()
+    settings = ControllerSettings(evict_idle_after_s=0.0, drain_s=0.0, measure_memory=False)
+    ctl = Controller(settings, replicas, artifacts, records or MemoryRecords(), clock=clock,  # type: ignore[arg-type]
+                     configured=configured)
+    return ctl, artifacts, clock
+
+
+LOOPS = 3
+"""The controller's own loops (replicas, usage, autoscale), each parked on the clock between rounds."""
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Until ``condition()`` holds (a deploy reads the artifact in a thread: real time passes)."""
+    for _ in range(400):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_a_configured_model_is_deployed_once_its_artifact_is_uploaded(
+    replicas: list[FakeReplica], caplog: pytest.LogCaptureFixture
+) -> None:
+    ctl, artifacts, clock = configured_controller(replicas, {"m": ModelSettings.model_validate_json(spec())})
+    artifacts.missing.add(URI)
+    await ctl.start()
+    try:
+        await until(lambda: clock.sleepers == LOOPS + 1, "the first attempt")
+        assert "m" not in ctl.records
+        assert "configured model 'm' not deployed yet (no artifact at s3://flotilla-models/m)" in caplog.text
+        await clock.advance(CONFIGURED_RETRY_S)
+        await until(lambda: artifacts.checks == 2 and clock.sleepers == LOOPS + 1, "the second attempt")
+        assert "m" not in ctl.records and caplog.text.count("not deployed yet") == 1, "each reason is logged once"
+        artifacts.missing.clear()  # the operator uploads it
+        await clock.advance(CONFIGURED_RETRY_S)
+        await until(lambda: "m" in ctl.records and ctl.records["m"].committed, "the deploy")
+        assert ctl.ready_copies("m")
+    finally:
+        await ctl.stop()
+
+
+async def test_the_registry_wins_over_the_configuration(
+    replicas: list[FakeReplica], caplog: pytest.LogCaptureFixture
+) -> None:
+    records = MemoryRecords()
+    first = controller(replicas, records)
+    await first.deploy("m", spec(memory_mb=100))
+    await first.stop()
+    # Restarted with a configuration that asks for more memory: the registered spec stays, with a warning.
+    ctl, _, _ = configured_controller(
+        [FakeReplica("a:1", 300), FakeReplica("b:2", 300)], {"m": ModelSettings.model_validate_json(spec(memory_mb=150))},
+        records,
+    )
+    await ctl.start()
+    try:
+        assert ctl.records["m"].spec.memory_mb == 100
+        assert "differs from the configuration's (memory_mb)" in caplog.text
+    finally:
+        await ctl.stop()
+
+
+async def test_a_configured_model_deployed_by_hand_meanwhile_is_left_to_the_registry(replicas: list[FakeReplica]) -> None:
+    ctl, artifacts, clock = configured_controller(replicas, {"m": ModelSettings.model_validate_json(spec())})
+    artifacts.missing.add(URI)
+    await ctl.start()
+    try:
+        await until(lambda: clock.sleepers == LOOPS + 1, "the first attempt")
+        artifacts.missing.clear()
+        await ctl.deploy("m", spec(memory_mb=120))  # an operator's own deploy
+        await clock.advance(CONFIGURED_RETRY_S)
+        await until(lambda: all(t.done() for t in ctl._tasks if t.get_name() == "configured:m"), "the retry")
+        assert ctl.records["m"].spec.memory_mb == 120
+        assert artifacts.checks == 2, "the one deploy by hand; the retry found the model registered"
+    finally:
+        await ctl.stop()
+
+
+@pytest.mark.parametrize("deploy_configured", [True, False])
+async def test_the_server_hands_the_configurations_models_to_the_controller_only_when_asked(
+    tmp_path: Path, deploy_configured: bool
+) -> None:
+    settings = FlotillaSettings(
+        run_dir=tmp_path, endpoints={"triton": ["127.0.0.1:1"]},
+        controller={"deploy_configured_models": deploy_configured},
+        models={"m": json.loads(spec())},
+    )
+    ctl = build_controller(settings)  # its replica agents' channels need the running loop
+    try:
+        assert list(ctl.configured) == (["m"] if deploy_configured else [])
+    finally:
+        await ctl.stop()
