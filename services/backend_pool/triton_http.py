@@ -96,24 +96,28 @@ def encode_inline_header(call: InferCall) -> bytes:
 def decode_answer(answer: HttpAnswer, output_name: str) -> np.ndarray | None:
     """The named output of a 200 answer as an array (a view of its body); None if absent.
     Raises HttpProtocolError when the body is not what its header says."""
+    try:
+        return _decode_answer(answer, output_name)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # a header that is not Triton's
+        raise HttpProtocolError(f"the inference answer does not parse: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode_answer(answer: HttpAnswer, output_name: str) -> np.ndarray | None:
     body = memoryview(answer.body)
     declared = header_value(answer.head, b"inference-header-content-length")
     json_bytes = len(body) if declared is None else int(declared)
     if not 0 <= json_bytes <= len(body):
         raise HttpProtocolError(f"an inference header of {json_bytes} bytes in a body of {len(body)}")
-    try:
-        header = json.loads(body[:json_bytes].tobytes())
-    except ValueError as exc:
-        raise HttpProtocolError(f"the inference answer's header is not JSON: {exc}") from exc
+    header = json.loads(body[:json_bytes].tobytes())
     offset = json_bytes
     for output in header.get("outputs", []):
         size = (output.get("parameters") or {}).get("binary_data_size")
         if output.get("name") != output_name:
             offset += size or 0
             continue
-        dtype, shape = triton_to_np_dtype(output["datatype"]), tuple(output["shape"])
         if output["datatype"] == "BYTES":
             return None  # never what a classifier returns
+        dtype, shape = triton_to_np_dtype(output["datatype"]), tuple(output["shape"])
         if size is None:  # Triton sent it as JSON after all
             return np.asarray(output["data"], dtype=dtype).reshape(shape)
         if offset + size > len(body):

@@ -79,6 +79,9 @@ def test_an_answer_shorter_than_its_header_says_is_a_protocol_error() -> None:
         decode_answer(whole._replace(body=whole.body[:-4]), "p")
     with pytest.raises(HttpProtocolError, match="inference header"):
         decode_answer(whole._replace(head=b"HTTP/1.1 200 OK\r\nInference-Header-Content-Length: 99999\r\n\r\n"), "p")
+    for body in (b"not json", b"[1, 2]", b'{"outputs": [{"name": "p"}]}'):
+        with pytest.raises(HttpProtocolError, match="does not parse"):
+            decode_answer(HttpAnswer(200, bytearray(body), head=b"HTTP/1.1 200 OK\r\n\r\n"), "p")
 
 
 @pytest.mark.parametrize(
