@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 _TRITON_DTYPES = {"UINT8": "TYPE_UINT8", "FP32": "TYPE_FP32"}
 _NUMPY_DTYPES = {"UINT8": np.uint8, "FP32": np.float32}
 PAGE_KB = 1024
+WATCH_TIMEOUT_S = 2.0
+"""How long the controller's liveness check and repository index of a replica may take: a replica
+whose process hangs (stopped, wedged) with its host up keeps its connections open and would never
+answer; past this it counts as down and its copies leave the pools."""
 
 
 def backend_name(name: str, spec: ModelSettings) -> str:
@@ -121,13 +125,13 @@ class TritonReplica:
     async def is_live(self) -> bool:
         """Live, not "ready": with strict readiness a server reports not ready while it loads a model."""
         try:
-            return bool(await self.client.is_server_live())
-        except Exception:  # tritonclient raises several types for a server that is down
+            return bool(await self.client.is_server_live(client_timeout=WATCH_TIMEOUT_S))
+        except Exception:  # tritonclient raises several types for a server that is down or too slow
             return False
 
     async def loaded(self) -> dict[str, list[int]]:
         """Model name -> versions READY on this replica (from Triton's repository index)."""
-        index = await self.client.get_model_repository_index(as_json=True)
+        index = await self.client.get_model_repository_index(as_json=True, client_timeout=WATCH_TIMEOUT_S)
         ready: dict[str, list[int]] = {}
         for entry in index.get("models", []):
             if entry.get("state") == "READY" and entry.get("version"):

@@ -1,7 +1,8 @@
 """Faults on real processes under steady load (pytest -m faults).
 
 A dedicated stack (2 Triton replicas, 2 preprocess workers) takes a steady
-closed-loop load of good and bad requests while parts are killed; the
+closed-loop load of good and bad requests while parts are killed (or, for
+a Triton replica, stopped); the
 stack's supervisor starts them again (a restarted Triton comes back empty
 and the controller loads the model again). Every request must end with exactly one terminal answer; good
 requests must not fail while a Triton replica or a worker dies; with the
@@ -14,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -54,6 +57,8 @@ class Outcome:
     code: Code
     message: str = ""
     elapsed_s: float = 0.0
+    ended_s: float = 0.0
+    """time.monotonic() when the answer came."""
 
 
 @dataclass
@@ -65,6 +70,9 @@ class SteadyLoad:
     concurrency: int = 6
     outcomes: list[Outcome] = field(default_factory=list)
     sent: int = 0
+    stalls: list[tuple[float, float]] = field(default_factory=list)
+    """(start, end) windows of time.monotonic() in which any request may end DEADLINE_EXCEEDED: a stopped
+    replica held its batch, and an answer (even a bad item's) can only come at the deadline."""
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -79,9 +87,11 @@ class SteadyLoad:
                 try:
                     result = await self.client.classify(uuid, MODEL, timeout_s=REQUEST_TIMEOUT_S, request_id=f"r{self.sent}")
                     assert result.image_uuid == uuid, "answer for another request"
-                    self.outcomes.append(Outcome(kind, Code.OK, elapsed_s=time.monotonic() - start))
+                    now = time.monotonic()
+                    self.outcomes.append(Outcome(kind, Code.OK, elapsed_s=now - start, ended_s=now))
                 except FlotillaError as exc:
-                    self.outcomes.append(Outcome(kind, exc.code, exc.message, time.monotonic() - start))
+                    now = time.monotonic()
+                    self.outcomes.append(Outcome(kind, exc.code, exc.message, now - start, now))
 
         self._tasks = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
 
@@ -122,6 +132,9 @@ def check_terminal_answers(load: SteadyLoad) -> None:
     """Nothing accepted is lost: one terminal answer per request, each the right one."""
     assert len(load.outcomes) == load.sent, f"{load.sent} sent, {len(load.outcomes)} answered"
     for outcome in load.outcomes:
+        stalled = any(start <= outcome.ended_s <= end for start, end in load.stalls)
+        if stalled and outcome.code == Code.DEADLINE_EXCEEDED:
+            continue
         if outcome.kind in EXPECTED_BAD:
             assert outcome.code in (EXPECTED_BAD[outcome.kind], Code.UNAVAILABLE), outcome
         assert outcome.elapsed_s < REQUEST_TIMEOUT_S + 1.0, f"answer after its deadline: {outcome}"
@@ -197,6 +210,52 @@ async def test_sigkill_a_triton_replica(fault_stack: LocalStack, load: SteadyLoa
     assert ejected_s < 1.5
     assert calls_after > calls_before, "the restarted replica gets traffic again"
     assert fault_stack.supervisor.restarts(victim.name) >= 1
+
+
+async def test_a_hung_triton_replica_leaves_the_pools_until_it_answers_again(
+    fault_stack: LocalStack, load: SteadyLoad
+) -> None:
+    """A replica whose process stops answering while its host and sockets stay up (SIGSTOP: no connection
+    breaks, its kernel still acknowledges) leaves the fleet on the controller's liveness check, so the
+    other copy takes the batches; it comes back once it answers again."""
+    workers = [p.address for p in fault_stack.preprocess]
+    victim = fault_stack.tritons[0]
+    assert victim.pid is not None
+    restarts = fault_stack.supervisor.restarts(victim.name)
+    await asyncio.sleep(1.5)
+
+    stopped_s = time.monotonic()
+    os.kill(victim.pid, signal.SIGSTOP)
+    try:
+        left_s = await wait_for(
+            lambda: _all_false(admitted_everywhere(fault_stack, victim.address, preprocess_pb2_grpc.PreprocessorStub, workers)), 10
+        )
+        # Batches the replica took before it left can only end at their deadlines: wait those out, then
+        # every request must succeed on the other copy.
+        await asyncio.sleep(REQUEST_TIMEOUT_S + 1.5)
+        mark = len(load.outcomes)
+        await asyncio.sleep(2.0)
+        after = load.since(mark)
+    finally:
+        os.kill(victim.pid, signal.SIGCONT)
+    # Batches it held end at their deadlines: at most one request timeout after it stopped.
+    load.stalls.append((stopped_s, stopped_s + REQUEST_TIMEOUT_S + 1.0))
+    stalled = [o for o in load.outcomes if o.code == Code.DEADLINE_EXCEEDED]
+    back_s = await wait_for(
+        lambda: _all_true(admitted_everywhere(fault_stack, victim.address, preprocess_pb2_grpc.PreprocessorStub, workers)), 30
+    )
+    calls_before = await _calls(victim.address, workers)
+    await asyncio.sleep(1.5)
+    calls_after = await _calls(victim.address, workers)
+
+    figures = {"while_stopped": tally(after), "left_the_pools_after_s": round(left_s, 3),
+               "held_to_their_deadline": len(stalled),
+               "back_after_resume_s": round(back_s, 3), "calls_after_resume": calls_after - calls_before}
+    record("sigstop_triton", figures)
+    assert left_s < 5
+    assert tally(after)["good_succeeded"] > 0 and tally(after)["good_failed"] == 0, figures
+    assert calls_after > calls_before, "the resumed replica gets traffic again"
+    assert fault_stack.supervisor.restarts(victim.name) == restarts, "a stopped process is not a dead one"
 
 
 async def test_sigkill_a_preprocess_worker(fault_stack: LocalStack, load: SteadyLoad) -> None:
