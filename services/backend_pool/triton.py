@@ -69,7 +69,6 @@ def translate_triton_error(code: Code, details: str, address: str, model: str) -
     return BackendError(f"Triton at {address} failed the batch for {model!r}: {message}")
 
 
-
 class TritonBackend:
     """Runs batches on the Triton replicas that hold each model."""
 
@@ -95,9 +94,13 @@ class TritonBackend:
         self._cold: dict[str, asyncio.Task[list[str]]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
+    def _http_for(self, address: str) -> str | None:
+        """The HTTP endpoint batches for ``address`` go to; None: over gRPC."""
+        return self._http.get(address) if self.protocol == "http" else None
+
     def _new_client(self, address: str) -> Replica:
         prefix = self.shm.prefix_base if self.shm else None
-        http = self._http.get(address) if self.protocol == "http" else None
+        http = self._http_for(address)
         if http:
             return HttpReplica(address, http, shm_prefix_base=prefix)
         return GrpcReplica(address, shm_prefix_base=prefix)
@@ -112,8 +115,7 @@ class TritonBackend:
         endpoint changed gets a new client (the old one closes once this call returns)."""
         self._http = dict(http)
         for address, old in list(self._clients.items()):
-            wanted = self._http.get(address) if self.protocol == "http" else None
-            if getattr(old, "http_address", None) == wanted:
+            if old.http_address == self._http_for(address):
                 continue
             new = self._clients[address] = self._new_client(address)
             for pool in self.pools.values():

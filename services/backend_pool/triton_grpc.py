@@ -105,6 +105,7 @@ class GrpcReplica(SharedMemoryRegistrations):
     registrations of the worker's shared-memory regions."""
 
     protocol = "grpc"
+    http_address = None
 
     def __init__(self, address: str, *, shm_prefix_base: str | None = None) -> None:
         super().__init__(address, shared_memory=shm_prefix_base is not None and is_loopback(address),
@@ -143,8 +144,9 @@ class GrpcReplica(SharedMemoryRegistrations):
         """See ``triton_replica.Replica.infer``."""
         if in_region:
             assert call.region is not None
+            region = call.region.name
             request = call.encoded("grpc", True, lambda: encode_shm_infer_request(
-                call.model, call.version, call.input_name, call.batch, call.output_name, call.region.name))  # type: ignore[union-attr]
+                call.model, call.version, call.input_name, call.batch, call.output_name, region))
         else:
             request = call.encoded("grpc", False, lambda: encode_infer_request(
                 call.model, call.version, call.input_name, call.batch, call.output_name))

@@ -158,9 +158,10 @@ class HttpReplica(SharedMemoryRegistrations):
         self, method: str, target: str, body: list[bytes | memoryview], headers: Mapping[str, str],
         timeout_s: float | None,
     ) -> HttpAnswer:
-        """One request; a transport failure as ReplicaCallError (UNAVAILABLE or DEADLINE_EXCEEDED)."""
+        """One request's 200 answer; an error answer or a transport failure (UNAVAILABLE,
+        DEADLINE_EXCEEDED) as ReplicaCallError."""
         try:
-            return await self._connections.request(
+            answer = await self._connections.request(
                 method, target, headers, body, max_bytes=MAX_ANSWER_BYTES, timeout_s=timeout_s
             )
         except TimeoutError:
@@ -169,12 +170,13 @@ class HttpReplica(SharedMemoryRegistrations):
             raise ReplicaCallError(Code.UNAVAILABLE, f"{self.http_address}: {exc or type(exc).__name__}") from exc
         except HttpProtocolError as exc:
             raise ReplicaCallError(Code.INTERNAL, f"{self.http_address} answered malformed HTTP: {exc}") from exc
+        if answer.status != 200:
+            raise error_of(answer)
+        return answer
 
     async def _json(self, method: str, target: str, payload: object, timeout_s: float | None) -> Any:
         body = [] if payload is None else [json.dumps(payload).encode()]
         answer = await self._call(method, target, body, {"Content-Type": "application/json"}, timeout_s)
-        if answer.status != 200:
-            raise error_of(answer)
         try:
             return json.loads(bytes(answer.body)) if answer.body else None
         except ValueError as exc:
@@ -194,8 +196,6 @@ class HttpReplica(SharedMemoryRegistrations):
             headers["Content-Type"] = "application/octet-stream"
             headers["Inference-Header-Content-Length"] = str(len(header))
         answer = await self._call("POST", infer_target(call.model, call.version), body, headers, timeout_s)
-        if answer.status != 200:
-            raise error_of(answer)
         try:
             return decode_answer(answer, call.output_name)
         except HttpProtocolError as exc:

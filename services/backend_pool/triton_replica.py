@@ -66,6 +66,8 @@ class Replica(Protocol):
     """The replica's gRPC host:port: its name in placement, pools and metrics."""
     protocol: str
     """"http" or "grpc": how batches reach it."""
+    http_address: str | None
+    """The HTTP endpoint batches go to; None over gRPC."""
     shared_memory: bool
     """Batches go to it through the worker's shared-memory regions (it is on this host and can map them)."""
 
