@@ -50,6 +50,7 @@ from flotilla.errors import (
     InvalidArgument,
     ModelLoadFailed,
     ModelNotFound,
+    Unavailable,
     UnsupportedFramework,
 )
 from flotilla.services.controller.artifacts import ArtifactStore
@@ -79,8 +80,15 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_FRAMEWORKS = ("onnx",)
 HEALTH_INTERVAL_S = 1.0
+COLD_START_ATTEMPTS = 3
+"""Loads one cold start tries when copies vanish under it (replicas dying) before answering UNAVAILABLE."""
+COLD_START_POLL_S = 0.01
 CONFIGURED_RETRY_S = 10.0
 """How often a configured model that could not be deployed is tried again."""
+
+
+class ReplicaWentDown(Unavailable):
+    """A load failed because its replica died or hung, not because of the model: retryable."""
 
 
 class ReplicaAgent(Protocol):
@@ -144,6 +152,8 @@ class Controller:
         self._cold: dict[str, asyncio.Task[None]] = {}
         self._scaling: dict[str, asyncio.Task[None]] = {}
         self._busy: dict[str, bool] = {}
+        self._standins: dict[str, int] = {}
+        """Model -> copies placed in for copies on replicas that are down (removed when those return)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._exported: dict[object, set[tuple[str, ...]]] = {}
         """Label sets each gauge was last given (the rest are removed)."""
@@ -269,8 +279,13 @@ class Controller:
         }
         for record in self.committed():
             name = record.name
+            # A copy on a replica that is down is "unreachable", not "loading" or "ready": it serves nothing.
+            down = set(self.unreachable_copies(name))
             for state in ("loading", "ready", "draining"):
-                values[metrics.MODEL_COPIES][(name, state)] = float(len(self.copies(name, (state,))))
+                values[metrics.MODEL_COPIES][(name, state)] = float(
+                    len([a for a in self.copies(name, (state,)) if a not in down])
+                )
+            values[metrics.MODEL_COPIES][(name, "unreachable")] = float(len(down))
             ready = set(self.ready_copies(name))
             for address in self.replicas:
                 values[metrics.MODEL_PLACED][(name, address)] = float(address in ready)
@@ -301,10 +316,22 @@ class Controller:
             yield seen
 
     def copies(self, name: str, states: tuple[str, ...] = ("loading", "ready")) -> list[str]:
+        """Replicas holding a copy of ``name`` in one of ``states``, whether they are up or down."""
         return [a for a, r in self.replicas.items() if name in r.copies and r.copies[name].state in states]
 
     def ready_copies(self, name: str) -> list[str]:
+        """Replicas that serve ``name`` now: a ready copy on a replica that is up."""
         return [a for a in self.copies(name, ("ready",)) if self.replicas[a].healthy]
+
+    def live_copies(self, name: str) -> list[str]:
+        """Copies that count as capacity: loading or ready on a replica that is up. A copy on a
+        replica that is down (hung, restarting) serves nothing until it returns, so it neither
+        satisfies ``min_copies`` nor stops a cold start from loading a copy elsewhere."""
+        return [a for a in self.copies(name) if self.replicas[a].healthy]
+
+    def unreachable_copies(self, name: str) -> list[str]:
+        """Copies, loading or ready, on replicas that are down."""
+        return [a for a in self.copies(name) if not self.replicas[a].healthy]
 
     def committed(self) -> list[ModelRecord]:
         return [r for r in self.records.values() if r.committed]
@@ -399,6 +426,7 @@ class Controller:
                 task.cancel()
         await asyncio.gather(*(self._remove_copy(name, a, "undeployed") for a in self.copies(name)))
         self.records.pop(name, None)
+        self._standins.pop(name, None)
         self.autoscaler.forget(name)
         await asyncio.to_thread(self.store.delete, name)
         self._publish()
@@ -420,21 +448,41 @@ class Controller:
             return record
         task = self._cold.get(name)
         if task is None:
-            record.event("cold_start", "a request arrived with no copy loaded; loading one")
+            down = self.unreachable_copies(name)
+            why = f"its copies are on replicas that are down ({', '.join(down)})" if down else "no copy loaded"
+            record.event("cold_start", f"a request arrived and {why}; loading one")
             task = asyncio.create_task(self._cold_start(name), name=f"cold:{name}")
             self._cold[name] = task
         await asyncio.shield(task)
         return record
 
     async def _cold_start(self, name: str) -> None:
+        """Load a copy of ``name`` and wait until one is ready.
+
+        A copy that vanishes while it is awaited (its replica died or restarted empty, a load cut
+        short by the replica going down) is a transient state, not the caller's problem: another
+        load starts, up to ``COLD_START_ATTEMPTS`` of them. Only a load the backend refused for the
+        model itself fails the waiters with its reason; running out of attempts is UNAVAILABLE
+        (retryable)."""
         started = self.clock.now()
+        attempts = 0
         try:
-            if not self.copies(name):  # a copy already loading is waited for instead
-                await self._add_copy(name, "cold start")
             while not self.ready_copies(name):
-                if not self.copies(name):
-                    raise ModelLoadFailed(f"model {name!r} has no copy loading any more")
-                await self.clock.sleep(0.01)
+                if name not in self.records or not self.records[name].committed:
+                    raise ModelNotFound(f"model {name!r} was undeployed while a request waited for a copy")
+                if self.live_copies(name):  # a copy loading on a live replica is waited for
+                    await self.clock.sleep(COLD_START_POLL_S)
+                    continue
+                if attempts >= COLD_START_ATTEMPTS:
+                    raise Unavailable(
+                        f"model {name!r} has no ready copy: {attempts} load(s) for this request ended without "
+                        "one (replicas down or restarting); retry shortly"
+                    )
+                attempts += 1
+                try:
+                    await self._add_copy(name, "cold start", standin=bool(self.unreachable_copies(name)))
+                except ReplicaWentDown as exc:
+                    log.warning("controller: cold start of %s: %s; trying again", name, exc.message)
             metrics.COLD_START_SECONDS.labels(name).observe(self.clock.now() - started)
         finally:
             self._cold.pop(name, None)
@@ -454,7 +502,16 @@ class Controller:
             for name, r in self.records.items()
         }
 
-    async def _add_copy(self, name: str, reason: str) -> str:
+    async def _is_live(self, address: str) -> bool:
+        """Ask the replica now (the health loop may not have looked since it went down)."""
+        try:
+            return await self.agents[address].is_live()
+        except Exception:
+            return False
+
+    async def _add_copy(self, name: str, reason: str, *, standin: bool = False) -> str:
+        """Place and load one copy of ``name``; returns its replica. A ``standin`` copy replaces one
+        on a replica that is down and is removed again when that replica returns with its copy."""
         record = self.records[name]
         async with self._placing:
             usage = self._usage()
@@ -498,13 +555,25 @@ class Controller:
             message = exc.message if isinstance(exc, FlotillaError) else f"{type(exc).__name__}: {exc}"
             if isinstance(exc, asyncio.TimeoutError):
                 message = f"load did not finish within {self.settings.load_timeout_s:.0f} s"
-            record.set_condition(LOADED, False, "LoadFailed", message, address)
+            # A replica that died or hung during the load says nothing about the model: that failure is
+            # transient (UNAVAILABLE), and the next placement picks another replica.
+            went_down = not isinstance(exc, asyncio.CancelledError) and not await self._is_live(address)
+            if went_down:
+                message = f"Triton replica {address} went down during the load ({message})"
+                if self.replicas[address].healthy:  # placements avoid it until the health loop sees it back
+                    self.replicas[address].healthy = False
+                    log.warning("controller: replica %s is down (its copies leave the pools)", address)
+            record.set_condition(LOADED, False, "ReplicaDown" if went_down else "LoadFailed", message, address)
             record.event("load_failed", f"on {address}: {message}")
             self._publish()
             log.warning("controller: loading %s on %s failed: %s", name, address, message)
+            if went_down:
+                raise ReplicaWentDown(f"model {name!r} could not be loaded: {message}; retry shortly") from exc
             if isinstance(exc, FlotillaError | asyncio.CancelledError):
                 raise
             raise ModelLoadFailed(f"model {name!r} could not be loaded on {address}: {message}") from exc
+        if standin:
+            self._standins[name] = self._standins.get(name, 0) + 1
         copy = self.replicas[address].copies.get(name)
         if copy is not None:
             copy.state = "ready"
@@ -574,13 +643,22 @@ class Controller:
         self._publish()
 
     def _update_ready(self, record: ModelRecord) -> None:
-        ready = self.ready_copies(record.name)
+        name = record.name
+        ready = self.ready_copies(name)
+        down = self.unreachable_copies(name)
+        loading = [a for a in self.live_copies(name) if a not in ready]
         if ready:
             record.set_condition(READY, True, "CopiesReady", f"{len(ready)} ready copy(ies): {', '.join(ready)}")
+        elif loading:
+            record.set_condition(READY, False, "Loading", f"a copy is loading on {', '.join(loading)}")
+        elif down:
+            record.set_condition(
+                READY, False, "ReplicaDown",
+                f"its only copies are on replicas that are down ({', '.join(down)}); "
+                "a replacement is placed on a replica that is up",
+            )
         elif record.spec.min_copies == 0:
             record.set_condition(READY, True, "ScaledToZero", "no copy loaded; the next request loads one")
-        elif self.copies(record.name):
-            record.set_condition(READY, False, "Loading", "copies are loading")
         else:
             record.set_condition(READY, False, "NoCopy", f"no copy loaded; {record.spec.min_copies} wanted")
 
@@ -612,6 +690,8 @@ class Controller:
                 if copy.state == "ready" and backend not in loaded:
                     replica.copies.pop(name, None)
                     changed = True
+                    if self._standins.get(name):  # the copy stood in for is gone: the stand-in stays
+                        self._standins[name] -= 1
                     if record is not None:
                         record.set_condition(
                             LOADED, False, "Lost", "the replica no longer holds it (restarted?)", address
@@ -646,8 +726,10 @@ class Controller:
         )
 
     def _decide(self, record: ModelRecord) -> Decision:
-        copies = self.copies(record.name)
-        return self.autoscaler.decide(
+        # Copies on replicas that are down are not capacity: below min_copies without them, the
+        # min-copies rule places a stand-in on a replica that is up at once.
+        copies = self.live_copies(record.name)
+        decision = self.autoscaler.decide(
             record.name,
             self.clock.now(),
             copies=len(copies),
@@ -655,11 +737,36 @@ class Controller:
             max_copies=record.spec.max_copies,
             loading=any(self.replicas[a].copies[record.name].state == "loading" for a in copies),
         )
+        down = self.unreachable_copies(record.name)
+        if decision.action == "add" and down:
+            return Decision(decision.action, f"{decision.reason} (copies on replicas that are down: {', '.join(down)})")
+        return decision
+
+    def _standin_surplus(self, record: ModelRecord) -> Decision | None:
+        """A stand-in copy to remove: the replicas it stood in for are back with their copies."""
+        name = record.name
+        if not self._standins.get(name) or self.unreachable_copies(name):
+            return None
+        ready = self.copies(name, ("ready",))
+        floor = max(record.spec.min_copies, 1)
+        if len(ready) <= floor or len(ready) < len(self.copies(name)):
+            if len(ready) <= floor:
+                self._standins[name] = 0  # nothing extra left (scaled down meanwhile)
+            return None
+        self._standins[name] -= 1
+        return Decision("remove", f"the replica a stand-in copy replaced is back with its copy: {len(ready)} copies, "
+                                  f"removing the extra one")
 
     async def _autoscale(self) -> None:
         for record in self.committed():
             name = record.name
             if name in self._scaling or name in self._cold:
+                continue
+            surplus = self._standin_surplus(record)
+            if surplus is not None:
+                log.info("controller: %s %s: %s", surplus.action, name, surplus.reason)
+                record.event("scale_remove", surplus.reason)
+                self._scaling[name] = asyncio.create_task(self._scale(name, surplus.action, surplus.reason))
                 continue
             decision = self._decide(record)
             if decision.action in ("remove", "zero"):
@@ -674,17 +781,21 @@ class Controller:
             self.autoscaler.acted(name, self.clock.now(), decision.action)
             log.info("controller: autoscaler %s %s: %s", decision.action, name, decision.reason)
             record.event(f"scale_{decision.action}", decision.reason)
-            self._scaling[name] = asyncio.create_task(self._scale(name, decision.action, decision.reason))
+            standin = decision.action == "add" and bool(self.unreachable_copies(name))
+            self._scaling[name] = asyncio.create_task(
+                self._scale(name, decision.action, decision.reason, standin=standin)
+            )
 
-    async def _scale(self, name: str, action: str, reason: str) -> None:
+    async def _scale(self, name: str, action: str, reason: str, *, standin: bool = False) -> None:
         try:
             if action == "add":
                 with contextlib.suppress(NoCapacity):
-                    await self._add_copy(name, f"autoscaler: {reason}")
+                    await self._add_copy(name, f"autoscaler: {reason}", standin=standin)
             elif action == "remove":
                 replica = choose_copy_to_remove(name, list(self.replicas.values()))
                 await self._remove_copy(name, replica, f"autoscaler: {reason}")
             elif action == "zero":
+                self._standins.pop(name, None)
                 await asyncio.gather(
                     *(self._remove_copy(name, a, f"scale to zero: {reason}") for a in self.copies(name, ("ready",)))
                 )

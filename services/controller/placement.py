@@ -23,7 +23,7 @@ Placing a copy (``choose_replica``):
    needed, the largest free memory and where, and why nothing more could be
    evicted.
 
-Removing a copy (``choose_copy_to_remove``): among replicas holding a
+Removing a copy (``choose_copy_to_remove``): among healthy replicas holding a
 ``ready`` copy, the one with the least free memory (ties: address), so
 scaling down relieves the most pressured replica.
 """
@@ -122,8 +122,10 @@ def can_ever_fit(memory_mb: float, replicas: Sequence[ReplicaInfo]) -> bool:
 
 
 def choose_copy_to_remove(model: str, replicas: Sequence[ReplicaInfo]) -> str:
-    """Address of the replica whose ``ready`` copy of ``model`` should go: least free memory, then address."""
-    holders = [r for r in replicas if model in r.copies and r.copies[model].state == READY]
+    """Address of the replica whose ``ready`` copy of ``model`` should go: least free memory, then
+    address, among replicas that are up (a copy on a replica that is down is not counted as capacity,
+    and its unload would wait on the replica)."""
+    holders = [r for r in replicas if r.healthy and model in r.copies and r.copies[model].state == READY]
     if not holders:
         raise ValueError(f"no replica holds a ready copy of {model!r}")
     return min(holders, key=lambda r: (r.free_mb, r.address)).address
