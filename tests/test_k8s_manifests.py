@@ -8,8 +8,11 @@ object is validated against the Kubernetes API schemas offline
 (kubernetes-validate, strict) and the Prometheus Operator objects
 structurally; then the policies: probes, requests and limits, a hardened
 security context, pinned images, roles that exist, a configuration that
-loads and names only Services that exist, PodDisruptionBudgets, HPAs on
-metrics the adapter serves, and NetworkPolicies that leave only the router open.
+loads and names only Services that exist, PodDisruptionBudgets that cover
+every tier and MinIO yet never block a drain, HPAs on metrics the adapter
+serves, NetworkPolicies that leave only the router open, scaled tiers spread
+over zones and nodes, Triton's memory sized from its budget, and one tracing
+configuration every Flotilla pod takes.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from flotilla import k8s
 from flotilla.cli import build_parser
 from flotilla.common import metrics
 from flotilla.common.server import TRITON_PING_ARGS
-from flotilla.config import FlotillaSettings
+from flotilla.config import FlotillaSettings, ObservabilitySettings
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -81,6 +84,18 @@ def label(obj: Obj) -> str:
     return f"{obj['kind']}/{obj['metadata']['name']}"
 
 
+UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "m": 10**-3}
+
+
+def quantity(value: str | int) -> float:
+    """A Kubernetes quantity (``4048Mi``, ``1Gi``, ``500m``, ``2``) as a number of bytes or cores."""
+    text = str(value)
+    for suffix, factor in sorted(UNITS.items(), key=lambda item: -len(item[0])):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_object_is_valid(overlay: str) -> None:
     for obj in rendered(overlay):
@@ -99,7 +114,7 @@ def check_prometheus_operator_object(obj: Obj) -> None:
         assert set(spec) <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}, label(obj)
         assert spec["selector"].get("matchLabels") or spec["selector"].get("matchExpressions"), label(obj)
         for endpoint in spec["endpoints"]:
-            assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "relabelings"}, label(obj)
+            assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "honorLabels", "relabelings"}, label(obj)
             assert isinstance(endpoint["port"], str) and endpoint["path"].startswith("/")
     elif obj["kind"] == "PrometheusRule":
         assert spec["groups"], label(obj)
@@ -127,6 +142,8 @@ def test_every_container_has_resources_a_hardened_context_and_a_pinned_image(ove
             resources = container.get("resources", {})
             for bound in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(resources.get(bound, {})), f"{where}: {bound} need cpu and memory"
+            for resource in ("cpu", "memory"):  # the API server rejects a request above its limit
+                assert quantity(resources["requests"][resource]) <= quantity(resources["limits"][resource]), where
             context = container.get("securityContext", {})
             assert context.get("allowPrivilegeEscalation") is False, where
             assert context.get("capabilities") == {"drop": ["ALL"]}, where
@@ -157,6 +174,16 @@ def test_every_long_running_container_has_health_probes(overlay: str) -> None:
             elif container["name"] == "triton":
                 assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready", where
                 assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live", where
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_triton_is_started_once_it_is_live_not_once_every_load_is_done(overlay: str) -> None:
+    # With strict readiness a replica mid-load is unready: a startup probe on ready would have the
+    # kubelet restart it during a long load (and every restart starts the loads over).
+    triton = named(overlay, "StatefulSet", "triton")["spec"]["template"]["spec"]["containers"][0]
+    startup = triton["startupProbe"]
+    assert startup["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -238,6 +265,28 @@ def test_disruption_budgets_cover_the_router_batchers_controller_and_triton(over
     for component, model in covered:
         labels = {"app.kubernetes.io/component": component, **({"flotilla/model": model} if model else {})}
         assert any(selects(b["spec"]["selector"]["matchLabels"], labels) for b in budgets), (component, model)
+    # MinIO holds the images in flight and the registry: evicted through a budget too (not its bucket Job).
+    minio = named(overlay, "StatefulSet", "minio")["spec"]["template"]["metadata"]["labels"]
+    job = named(overlay, "Job", "minio-buckets")["spec"]["template"]["metadata"]["labels"]
+    assert [b["metadata"]["name"] for b in budgets if selects(b["spec"]["selector"]["matchLabels"], minio)] == ["minio"]
+    assert not selects(named(overlay, "PodDisruptionBudget", "minio")["spec"]["selector"]["matchLabels"], job)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_disruption_budget_blocks_a_node_drain(overlay: str) -> None:
+    """At its fewest replicas every workload may still lose one pod to a drain (one-replica MinIO and
+    the controller included: a drain that never finishes stalls node upgrades; k8s/README.md, Security)."""
+    hpas = {h["spec"]["scaleTargetRef"]["name"]: h["spec"]["minReplicas"] for h in objects(overlay, "HorizontalPodAutoscaler")}
+    for budget in objects(overlay, "PodDisruptionBudget"):
+        spec = budget["spec"]
+        assert spec.get("unhealthyPodEvictionPolicy") == "AlwaysAllow", label(budget)
+        workloads = [w for w, _ in pod_specs(overlay) if w["kind"] != "Job"
+                     and selects(spec["selector"]["matchLabels"], w["spec"]["template"]["metadata"]["labels"])]
+        assert len(workloads) == 1, label(budget)
+        (workload,) = workloads
+        fewest = hpas.get(workload["metadata"]["name"], workload["spec"].get("replicas", 1))
+        allowed = spec["maxUnavailable"] if "maxUnavailable" in spec else fewest - spec["minAvailable"]
+        assert isinstance(allowed, int) and allowed >= 1, f"{label(budget)} blocks a drain at {fewest} replica(s)"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -311,6 +360,63 @@ def matches_expressions(selector: Obj, labels: dict[str, str]) -> bool:
         assert expr["operator"] == "In"
         ok = ok and labels.get(expr["key"]) in expr["values"]
     return ok
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_scaled_tiers_spread_over_zones_and_nodes_without_blocking_scheduling(overlay: str) -> None:
+    spread = [("Deployment", "router"), ("Deployment", "preprocess"), ("StatefulSet", "triton")]
+    spread += [("Deployment", k8s.batcher_name(m)) for m in settings(overlay).models]
+    for kind, name in spread:
+        workload = named(overlay, kind, name)
+        pod = workload["spec"]["template"]
+        constraints = {c["topologyKey"]: c for c in pod["spec"].get("topologySpreadConstraints", [])}
+        assert set(constraints) == set(k8s.SPREAD_KEYS), f"{label(workload)}: spread over {set(constraints)}"
+        for key, constraint in constraints.items():
+            where = f"{label(workload)} {key}"
+            # ScheduleAnyway: a preference; DoNotSchedule would leave pods pending on a one-node cluster.
+            assert constraint["whenUnsatisfiable"] == "ScheduleAnyway" and constraint["maxSkew"] == 1, where
+            assert selects(constraint["labelSelector"]["matchLabels"], pod["metadata"]["labels"]), where
+            assert constraint["labelSelector"]["matchLabels"] == workload["spec"]["selector"]["matchLabels"], where
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_triton_memory_limit_holds_its_budget_shared_memory_and_headroom(overlay: str) -> None:
+    config = settings(overlay)
+    for workload, pod in pod_specs(overlay):  # the budget is the ConfigMap's: the render sized Triton from it
+        for container in pod["containers"]:
+            names = {e["name"] for e in container.get("env", [])}
+            assert "FLOTILLA_CONTROLLER__REPLICA_MEMORY_MB" not in names, f"{label(workload)}: set it in flotilla.yaml"
+    pod = named(overlay, "StatefulSet", "triton")["spec"]["template"]["spec"]
+    (shm,) = [v for v in pod["volumes"] if v["name"] == "shm"]
+    assert shm["emptyDir"]["medium"] == "Memory"
+    shm_bytes = quantity(shm["emptyDir"]["sizeLimit"])
+    assert any(m["name"] == "shm" and m["mountPath"] == "/dev/shm" for m in pod["containers"][0]["volumeMounts"])
+    limit_bytes = quantity(pod["containers"][0]["resources"]["limits"]["memory"])
+    budget_bytes = max(config.controller.budget_mb(i) for i in range(config.triton.replicas)) * 2**20
+    headroom = limit_bytes - budget_bytes - shm_bytes
+    assert headroom >= 512 * 2**20, (f"{overlay}: Triton's limit {limit_bytes / 2**20:.0f} MiB leaves "
+                                     f"{headroom / 2**20:.0f} MiB above the budget and /dev/shm")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_flotilla_container_takes_the_one_tracing_configuration(overlay: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tracing,) = [c for c in objects(overlay, "ConfigMap") if c["metadata"]["name"].startswith(k8s.TRACING_CONFIG_MAP)]
+    for workload, pod in pod_specs(overlay):
+        for container in pod["containers"]:
+            if container["image"].startswith(FLOTILLA_IMAGE):
+                refs = [e["configMapRef"]["name"] for e in container.get("envFrom", []) if "configMapRef" in e]
+                assert tracing["metadata"]["name"] in refs, f"{label(workload)} container {container['name']}"
+    # Every key is a setting the services read, over the ConfigMap's file (environment wins). pydantic-settings
+    # drops an unknown nested variable silently, so each name is looked up in the schema here.
+    assert tracing["data"] and all(key.startswith("FLOTILLA_OBSERVABILITY__") for key in tracing["data"])
+    for key, value in tracing["data"].items():
+        field = key.removeprefix("FLOTILLA_OBSERVABILITY__").lower()
+        assert field in ObservabilitySettings.model_fields, f"{key}: no observability.{field} in flotilla.config"
+        monkeypatch.setenv(key, value)
+    config_map = next(d for d in objects(overlay, "ConfigMap") if d["metadata"]["name"].startswith("flotilla-config"))
+    loaded = FlotillaSettings(**yaml.safe_load(config_map["data"]["flotilla.yaml"]))
+    assert loaded.observability.otlp_endpoint == tracing["data"]["FLOTILLA_OBSERVABILITY__OTLP_ENDPOINT"]
+    assert loaded.observability.otlp_endpoint.split(":")[0].endswith(".svc")
 
 
 def test_the_gpu_overlay_runs_the_official_triton_image_on_gpus() -> None:
