@@ -17,8 +17,9 @@ that escapes becomes INTERNAL with a generic message and a logged traceback.
     ├── AlreadyExists                   ALREADY_EXISTS
     ├── FailedPrecondition              FAILED_PRECONDITION
     │   ├── UnsupportedFramework
-    │   ├── ArtifactUnavailable         (missing or unreadable in S3, bad checksum)
-    │   └── ModelLoadFailed             (the backend refused to load it)
+    │   ├── ArtifactUnavailable         (missing or unreadable in S3, bad checksum, not an ONNX model)
+    │   ├── SpecMismatch                (the spec does not match model.onnx; services.controller.graph)
+    │   └── ModelLoadFailed             (the backend refused to load it, or a copy failed its warm-up)
     ├── Unauthenticated                 UNAUTHENTICATED
     ├── ResourceExhausted               RESOURCE_EXHAUSTED
     │   ├── QueueFull
@@ -33,6 +34,18 @@ that escapes becomes INTERNAL with a generic message and a logged traceback.
 
 The core modules import no grpc, so ``Code`` mirrors the canonical gRPC
 status codes by number (google.rpc.Code).
+
+**Origin.** An error may name the part of the mesh that failed
+(``origin``, e.g. ``"preprocess worker 127.0.0.1:5001"``, ``"object store
+127.0.0.1:8333"``) when it arose below the service that answers with it. It
+travels with the status between tiers (``ORIGIN_HEADER`` in the trailing
+metadata of a unary call, ``AnswerFrame.origin`` on the relay,
+``ItemError.origin`` in a worker's batch reply). An endpoint pool tells by
+it an endpoint's own failure (no origin: connection refused or reset, a
+timeout, a malformed answer, the endpoint shutting down), which counts
+towards ejecting that endpoint and is retried on another, from a failure it
+relays from below (an origin), which does neither: the tier below already
+spread the call over its own replicas.
 """
 
 from __future__ import annotations
@@ -62,14 +75,26 @@ class Code(enum.IntEnum):
     UNAUTHENTICATED = 16
 
 
+ORIGIN_HEADER = "x-flotilla-origin"
+"""Trailing metadata key carrying an error's ``origin`` on a unary call between tiers."""
+
+
 class FlotillaError(Exception):
     """Base of every error a caller gets with a specific status and message."""
 
     code: Code = Code.INTERNAL
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, origin: str = "") -> None:
         super().__init__(message)
         self.message = message
+        self.origin = origin
+        """The part of the mesh that failed when it is below the service answering; "" for its own."""
+
+    def from_below(self, origin: str) -> FlotillaError:
+        """Mark this error as arising in ``origin`` unless it already names where it arose; returns it."""
+        if not self.origin:
+            self.origin = origin
+        return self
 
 
 class InvalidArgument(FlotillaError):
@@ -189,8 +214,8 @@ _CLASS_OF_CODE: dict[Code, type[FlotillaError]] = {
 }
 
 
-def error_from_code(code: int, message: str) -> FlotillaError:
-    """Rebuild an error received as (status code, message) from another service,
+def error_from_code(code: int, message: str, origin: str = "") -> FlotillaError:
+    """Rebuild an error received as (status code, message[, origin]) from another service,
     as the class of that code (so ``except Unavailable`` still catches it)."""
     try:
         status = Code(code)
@@ -198,7 +223,7 @@ def error_from_code(code: int, message: str) -> FlotillaError:
         status = Code.UNKNOWN
     cls = _CLASS_OF_CODE.get(status)
     if cls is not None:
-        return cls(message)
-    error = FlotillaError(message)
+        return cls(message, origin=origin)
+    error = FlotillaError(message, origin=origin)
     error.code = status
     return error

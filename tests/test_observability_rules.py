@@ -3,9 +3,9 @@
 promtool checks the rules and runs their unit tests (alerts_test.yml); every
 alert has a case that fires and one that must not. Every metric an
 expression names is one flotilla/common/metrics.py defines (with the suffix
-its type exports), a Triton ``nv_`` metric, or a recording rule of
-alerts.yml. The PromQL helpers here are shared with the Prometheus
-integration test.
+its type exports), a Triton ``nv_`` metric, Prometheus's own ``up``, or a
+recording rule of alerts.yml. The PromQL helpers here are shared with the
+Prometheus integration test.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ RULES = REPO / "observability" / "prometheus" / "alerts.yml"
 RULE_TESTS = REPO / "observability" / "prometheus" / "alerts_test.yml"
 DASHBOARD = REPO / "observability" / "grafana" / "flotilla.json"
 
+PROMETHEUS_OWN = {"up"}
+"""Series Prometheus itself writes for every target (with the target's ``tier`` and ``process`` labels)."""
 # The sample names each metric type exports (prometheus-client, *_created disabled in metrics.py).
 _SUFFIXES = {
     "counter": ("_total",),
@@ -85,6 +87,20 @@ def split_set_operands(expr: str) -> list[str]:
 def without_threshold(expr: str) -> str:
     """``X > 0.05`` -> ``X``: the signal an alert compares, without a trailing comparison with a number."""
     return re.sub(r"\s*(?:==|!=|>=|<=|>|<)\s*(?:bool\s+)?[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?\s*$", "", expr.strip())
+
+
+def watched_signal(operand: str) -> str:
+    """What an alert operand compares: ``X > 0.05`` -> ``X``; for an alert on absence,
+    ``label_replace(absent(up{tier="a"} == 1), ...)`` -> ``up{tier="a"}`` (the series whose absence it watches)."""
+    start = operand.find("absent(")
+    if start < 0:
+        return without_threshold(operand)
+    depth, i = 0, start + len("absent")
+    for i in range(start + len("absent"), len(operand)):
+        depth += {"(": 1, ")": -1}.get(operand[i], 0)
+        if depth == 0:
+            break
+    return without_threshold(operand[start + len("absent("):i])
 
 
 def rules() -> list[dict[str, Any]]:
@@ -243,7 +259,7 @@ def test_every_metric_name_is_in_the_contract() -> None:
     for where, expr in expressions.items():
         names = metric_names(expr)
         assert names, f"{where}: no metric found in {expr!r}"
-        missing = {n for n in names if n not in known and n not in recorded and not n.startswith("nv_")}
+        missing = {n for n in names if n not in known | recorded | PROMETHEUS_OWN and not n.startswith("nv_")}
         if missing:
             unknown[where] = sorted(missing)
     assert not unknown, f"metrics not defined in flotilla/common/metrics.py: {unknown}"
@@ -264,3 +280,37 @@ def test_promql_helpers() -> None:
     assert metric_names("rate(nv_inference_count[5m]) / 1e6 / model:x:rate5m") == {"nv_inference_count",
                                                                                     "model:x:rate5m"}
     assert split_set_operands("(a or 0 * b) / b") == ["(a or 0 * b) / b"]
+    tiers = 'label_replace(absent(up{tier="a"} == 1), "tier", "a", "", "") or label_replace(absent(up{tier="b"}), "tier", "b", "", "")'
+    assert [watched_signal(p) for p in split_set_operands(tiers)] == ['up{tier="a"}', 'up{tier="b"}']
+    assert watched_signal("sum(rate(x[5m])) / (sum(y) + sum(z)) > 0.05") == "sum(rate(x[5m])) / (sum(y) + sum(z))"
+    assert metric_names(tiers) == {"up"}
+
+
+# -- the same labels in Kubernetes -------------------------------------------------------
+
+SERVICE_MONITORS = REPO / "k8s" / "components" / "monitoring" / "servicemonitors.yaml"
+TARGET_LABELS = {"tier", "process"}
+"""Labels the local stack's Prometheus gives every target (``flotilla.stack.prometheus``) and the
+dashboard and alerts split by; the ServiceMonitors must add them in Kubernetes."""
+
+
+def test_service_monitors_label_targets_as_the_local_prometheus_does() -> None:
+    monitors = list(yaml.safe_load_all(SERVICE_MONITORS.read_text(encoding="utf-8")))
+    assert {m["metadata"]["name"] for m in monitors} == {"flotilla", "triton"}
+    for monitor in monitors:
+        for endpoint in monitor["spec"]["endpoints"]:
+            added = {r["targetLabel"] for r in endpoint.get("relabelings", [])}
+            assert TARGET_LABELS <= added, (monitor["metadata"]["name"], added)
+            if monitor["metadata"]["name"] == "flotilla":  # its metrics carry `tier` themselves
+                assert endpoint.get("honorLabels") is True
+    split = set()
+    for expr in [*dashboard_exprs().values(), *(r["expr"] for r in rules())]:
+        for labels in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+            split |= {label.strip() for label in labels.split(",") if label.strip()}
+    assert "process" in split, "the Triton panels split by process"
+
+
+def test_every_tier_has_a_tier_down_alert() -> None:
+    [rule] = [r for r in rules() if r.get("alert") == "FlotillaTierDown"]
+    for tier in ("router", "batcher", "preprocess", "controller", "triton"):
+        assert f'absent(up{{tier="{tier}"}} == 1), "tier", "{tier}"' in rule["expr"], tier

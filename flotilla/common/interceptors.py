@@ -1,7 +1,8 @@
 """The server interceptor every Flotilla gRPC server runs: ``Observe``.
 
 For each call, in order: admission (router, batchers: an ``AdmissionLimit``),
-the trace span (only when tracing is on), the handler, then the status and
+the trace span (only when tracing is on, and for polling only inside a
+caller's trace: ``tracing.traces_call``), the handler, then the status and
 the request metrics. ``Observe`` is the one place where an exception
 escaping a handler becomes a gRPC status: a ``FlotillaError`` with its code
 and message, an upstream tier's status passed through as it came, anything
@@ -24,7 +25,7 @@ import grpc
 from opentelemetry.trace import Span, Status, StatusCode
 
 from flotilla.common import metrics, tracing
-from flotilla.errors import FlotillaError
+from flotilla.errors import ORIGIN_HEADER, FlotillaError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,16 @@ def status_of(exc: BaseException, tier: str) -> tuple[grpc.StatusCode, str]:
         return exc.code(), exc.details() or exc.code().name
     log.error("%s: unhandled error", tier, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error in the {tier}; see its log"
+
+
+def origin_of(exc: BaseException) -> str:
+    """Where a failure arose when it is below the answering service ("" for its own): the caller's
+    endpoint pool then neither counts it against this service nor retries it elsewhere."""
+    if isinstance(exc, FlotillaError):
+        return exc.origin
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return next((str(v) for k, v in exc.trailing_metadata() or () if k == ORIGIN_HEADER), "")
+    return ""
 
 
 RETRY_HINT = "retry after a short backoff (e.g. 100 ms, doubling)"
@@ -151,6 +162,9 @@ class Observe(grpc.aio.ServerInterceptor):
         if _is_abort(exc):
             raise exc  # the handler set its own status
         code, details = status_of(exc, self.tier)
+        origin = origin_of(exc)
+        if origin:
+            context.set_trailing_metadata(((ORIGIN_HEADER, origin),))
         if call_is_over(context):
             context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED if _deadline_passed(context) else grpc.StatusCode.CANCELLED)
             raise asyncio.CancelledError() from exc
@@ -166,7 +180,7 @@ class Observe(grpc.aio.ServerInterceptor):
                 self._record(method, model, grpc.StatusCode.RESOURCE_EXHAUSTED, started_s)
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, admission.rejection())
             span = None
-            if tracing.enabled():
+            if tracing.enabled() and tracing.traces_call(method, context.invocation_metadata() or ()):
                 span = tracing.start_server_span(
                     f"{self.tier} {method}", context.invocation_metadata() or (),
                     {"rpc.system": "grpc", "rpc.method": method, "flotilla.tier": self.tier, "flotilla.model": model},

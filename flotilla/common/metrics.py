@@ -12,11 +12,24 @@ rules (``observability/prometheus/alerts.yml``) and ``flotilla top`` read
 these names; a test checks every expression returns data on a real stack.
 
 Histogram buckets: latencies from 1 ms to 60 s; batch sizes in powers of two.
+
+A counter's series must exist before its first event: Prometheus takes a
+series' first sample as its baseline, so one born at 9 (nine UNAVAILABLE in
+a burst) reads as no increase to ``rate``, ``increase``, the rules and the
+dashboard. ``models_served`` creates, at 0, every counter a tier may count
+for a model (each status code its request path can answer, rejections, S3
+errors, controller events) when the tier learns the model, and removes them
+when the model goes, so label sets follow the models.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
+
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+
+from flotilla.errors import Code
 
 disable_created_metrics()  # no *_created series: they double every counter's scrape size for no use here
 
@@ -107,7 +120,11 @@ COLD_START_SECONDS = Histogram(
     "flotilla_controller_cold_start_wait_seconds", "From the first held request to a ready copy.", ["model"],
     buckets=LATENCY_BUCKETS_S,
 )
-MODEL_COPIES = Gauge("flotilla_model_copies", "Copies of a model by state (loading, ready, draining).", ["model", "state"])
+MODEL_COPIES = Gauge(
+    "flotilla_model_copies",
+    "Copies of a model by state: loading, ready, draining on live replicas; unreachable on replicas that are down.",
+    ["model", "state"],
+)
 MODEL_PLACED = Gauge("flotilla_model_placed", "1 where a replica holds a ready copy of the model.", ["model", "replica"])
 MODEL_UNPLACEABLE = Gauge(
     "flotilla_model_unplaceable", "1 while the model's last placement found no replica with room.", ["model"]
@@ -121,6 +138,84 @@ REPLICA_MEMORY_BUDGET = Gauge("flotilla_replica_memory_budget_bytes", "A replica
 REPLICA_HEALTHY = Gauge("flotilla_replica_healthy", "1 while the controller finds the Triton replica live.", ["replica"])
 
 MIB = 1024 * 1024
+
+# -- series that exist from the start, at 0 ------------------------------------------------
+
+_SERVER_CODES = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "FAILED_PRECONDITION",
+    "RESOURCE_EXHAUSTED", "INTERNAL", "UNAVAILABLE",
+)
+REQUEST_PATH: dict[str, tuple[str, tuple[str, ...]]] = {
+    "router": ("Classify", (*_SERVER_CODES, "UNAUTHENTICATED")),
+    "batcher": ("Classify", _SERVER_CODES),
+    "preprocess": ("ProcessBatch", _SERVER_CODES),
+}
+"""Tier -> (its request-path method, every status code it can answer there): Flotilla's errors, an
+upstream status passed through, the deadline and the caller going away; UNAUTHENTICATED at the router."""
+QUEUE_REJECTION_REASONS = ("queue_full", "expired")
+S3_GET_ERRORS = ("not_found", "refused", "unreachable")
+CONTROLLER_EVENT_KINDS = (
+    "loaded", "unloaded", "load_failed", "evicted", "cold_start", "scale_add", "scale_remove", "scale_zero",
+    "placement_failed", "lost",
+)
+
+_served: dict[str, set[str]] = {}
+"""Tier -> the models whose series ``models_served`` created in this process."""
+
+
+def models_served(tier: str, models: Iterable[str]) -> None:
+    """This process's ``tier`` serves exactly ``models`` now: their counters exist, at 0 until counted.
+
+    Call it wherever a tier learns its models (the router's routes, a batcher's model, a worker's
+    and the controller's fleet); models it no longer serves lose their series (counted or not).
+    Per model: every code of the tier's request path, and the tier's own rejections and errors;
+    per tier, once: admission rejections (router, batcher) and S3 GET errors (workers).
+    """
+    wanted = set(models)
+    served = _served.setdefault(tier, set())
+    for model in wanted - served:
+        for metric, labels in _model_series(tier, model):
+            metric.labels(*labels)
+    for model in served - wanted:
+        _forget(tier, model)
+    if wanted and not served:
+        for metric, labels in _tier_series(tier):
+            metric.labels(*labels)
+    _served[tier] = wanted
+
+
+def _model_series(tier: str, model: str) -> Iterator[tuple[Counter | Histogram, tuple[str, ...]]]:
+    if tier in REQUEST_PATH:
+        method, codes = REQUEST_PATH[tier]
+        for code in codes:
+            yield REQUESTS, (tier, method, model, code)
+    if tier == "batcher":
+        for reason in QUEUE_REJECTION_REASONS:
+            yield QUEUE_REJECTED, (model, reason)
+    if tier == "controller":
+        for kind in CONTROLLER_EVENT_KINDS:
+            yield CONTROLLER_EVENTS, (model, kind)
+        yield COLD_START_SECONDS, (model,)
+
+
+def _tier_series(tier: str) -> Iterator[tuple[Counter, tuple[str, ...]]]:
+    if tier in ("router", "batcher"):
+        yield ADMISSION_REJECTED, (tier,)
+    if tier == "preprocess":
+        for kind in S3_GET_ERRORS:
+            yield S3_ERRORS, ("get", kind)
+
+
+def _forget(tier: str, model: str) -> None:
+    """Remove ``model``'s series of ``tier``: those ``_model_series`` made and any other code counted since."""
+    removals: list[tuple[Counter | Histogram, tuple[str, ...]]] = list(_model_series(tier, model))
+    if tier in REQUEST_PATH:
+        method, _ = REQUEST_PATH[tier]
+        removals += [(REQUESTS, (tier, method, model, code.name)) for code in Code]
+        removals.append((REQUEST_SECONDS, (tier, method, model)))
+    for metric, labels in removals:
+        with contextlib.suppress(KeyError):  # never created, or removed already
+            metric.remove(*labels)
 
 
 def serve_metrics(host: str, port: int) -> int:

@@ -138,7 +138,13 @@ def _too_large(key: str, max_bytes: int, declared: int | None = None) -> ImageTo
 
 
 def _get_failure(exc: BaseException, key: str, bucket: str, endpoint: str) -> FlotillaError | None:
-    """The Flotilla error for a failed GET of ``key`` (counted), or None when ``exc`` is not a store failure."""
+    """The Flotilla error for a failed GET of ``key`` (counted, its origin the store), or None when
+    ``exc`` is not a store failure."""
+    error = _get_error(exc, key, bucket, endpoint)
+    return None if error is None else error.from_below(f"object store {endpoint}")
+
+
+def _get_error(exc: BaseException, key: str, bucket: str, endpoint: str) -> FlotillaError | None:
     if isinstance(exc, _Refused):
         if exc.code in _MISSING:
             _count("get", "not_found")

@@ -30,7 +30,7 @@ import grpc
 
 from flotilla.api.v1 import relay_pb2
 from flotilla.common import tracing
-from flotilla.common.interceptors import MODEL_HEADER, AdmissionLimit, ModelLabel, record_call, status_of
+from flotilla.common.interceptors import MODEL_HEADER, AdmissionLimit, ModelLabel, origin_of, record_call, status_of
 from flotilla.errors import FlotillaError, Unavailable, error_from_code
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class RelayClient:
         answer = await stream.call(method, request, headers, timeout_s)
         if answer.code == OK:
             return answer.response
-        raise error_from_code(answer.code, answer.message)
+        raise error_from_code(answer.code, answer.message, answer.origin)
 
     @property
     def open_calls(self) -> int:
@@ -352,7 +352,7 @@ class _ServerStream:
             if admission is not None:
                 admission.leave()
             code, message = status_of(exc, servicer.tier)
-            self._answer_error(frame.id, method, model, started_s, code, message, span)
+            self._answer_error(frame.id, method, model, started_s, code, message, span, origin_of(exc))
             return
         self.open[frame.id] = future
         future.add_done_callback(lambda f: self._finish(frame.id, f, method, model, started_s, span))
@@ -376,13 +376,13 @@ class _ServerStream:
             self.wake.set()
             return
         code, message = status_of(exc, servicer.tier)
-        self._answer_error(call_id, method, model, started_s, code, message, span)
+        self._answer_error(call_id, method, model, started_s, code, message, span, origin_of(exc))
 
     def _answer_error(
         self, call_id: int, method: str, model: str, started_s: float, code: grpc.StatusCode, message: str,
-        span: tracing.Span | None = None,
+        span: tracing.Span | None = None, origin: str = "",
     ) -> None:
-        self.outbox.append(relay_pb2.AnswerFrame(id=call_id, code=code.value[0], message=message))
+        self.outbox.append(relay_pb2.AnswerFrame(id=call_id, code=code.value[0], message=message, origin=origin))
         record_call(self.servicer.tier, method, model, code, started_s, span)
         self.wake.set()
 

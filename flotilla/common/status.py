@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import grpc
 
-from flotilla.errors import Code, DeadlineExceeded, FlotillaError, Unavailable, error_from_code
+from flotilla.errors import ORIGIN_HEADER, Code, DeadlineExceeded, FlotillaError, Unavailable, error_from_code
 
 
 def from_grpc_code(code: grpc.StatusCode) -> Code:
@@ -20,12 +20,17 @@ def from_grpc_code(code: grpc.StatusCode) -> Code:
 def error_from_rpc(exc: grpc.aio.AioRpcError, upstream: str) -> FlotillaError:
     """Translate a failed call to another tier into a Flotilla error.
 
-    Transport failures keep their meaning (UNAVAILABLE stays retryable,
+    A status the upstream relays from below it (its trailing metadata names
+    the ``origin``) passes through as it came, origin kept. Otherwise
+    transport failures keep their meaning (UNAVAILABLE stays retryable,
     DEADLINE_EXCEEDED stays a deadline); other statuses pass through with
     the upstream's own message.
     """
     code = exc.code()
     details = exc.details() or code.name
+    origin = next((str(v) for k, v in exc.trailing_metadata() or () if k == ORIGIN_HEADER), "")
+    if origin:
+        return error_from_code(from_grpc_code(code).value, details, origin)
     if code == grpc.StatusCode.UNAVAILABLE:
         return Unavailable(f"{upstream} is unavailable: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

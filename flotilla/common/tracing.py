@@ -1,15 +1,27 @@
 """OpenTelemetry tracing: off by default, one setting turns it on for every service.
 
     observability.tracing: true
+    observability.trace_sample_ratio: 1.0             (fraction of traces kept)
     observability.trace_exporter: otlp | console | file
     observability.otlp_endpoint: 127.0.0.1:4317      (otlp)
+    observability.otlp_insecure: true                 (false: TLS, otlp_certificate_file ...)
 
 A request's trace: the router's span, the batcher's span for the request
 (its child, through W3C ``traceparent`` metadata). A batch is one span of
 its own, linked to the span of every request that rode in it (each
 ``BatchItem`` carries its request's ``traceparent``), with the batch size,
-the worker, the Triton replica and the model version as attributes; the
-worker's ProcessBatch span and its backend call are children of the batch.
+the worker, the Triton replica and the model version (the default one
+resolved) as attributes; the worker's ProcessBatch span is a child of the
+batch, and its image fetches, decode jobs and backend call are children of
+that.
+
+Sampling: a trace is kept or dropped where it starts (``trace_sample_ratio``
+of trace ids) and every later tier follows the caller's decision; a batch,
+which starts a trace of its own, is kept when any request riding in it is.
+The mesh's own polling (``POLLING_METHODS``: the controller reading batcher
+statistics, batchers re-registering, fleet watches, operators' reads) starts
+no trace: it made more root traces than the requests did. It is traced
+inside a caller's trace, or everywhere with ``trace_polling``.
 
 With tracing off the OpenTelemetry API is a no-op: no provider, no export.
 ``file`` writes one JSON object per span to ``<dir>/<service>.jsonl`` (what
@@ -22,6 +34,7 @@ import contextlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -29,8 +42,17 @@ from opentelemetry.trace import Link, Span, SpanKind
 
 from flotilla.config import ObservabilitySettings
 
+if TYPE_CHECKING:
+    import grpc
+    from opentelemetry.sdk.trace.sampling import Sampler
+
 TRACER_NAME = "flotilla"
 TRACE_HEADERS = ("traceparent", "tracestate")
+POLLING_METHODS = frozenset(
+    {"GetStats", "GetPools", "GetBatching", "RegisterBatcher", "WatchFleet", "ListModels", "GetModel"}
+)
+"""Reads the mesh and its operators repeat (the controller's GetStats, batchers' RegisterBatcher every
+second, fleet watches, ``flotilla top``): no trace of their own unless ``trace_polling``."""
 
 tracer = trace.get_tracer(TRACER_NAME)
 
@@ -43,13 +65,17 @@ def setup(settings: ObservabilitySettings, service: str, *, file_dir: Path | Non
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
 
-    provider = TracerProvider(resource=Resource.create({"service.name": f"flotilla-{service}"}))
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": f"flotilla-{service}"}),
+        sampler=sampler(settings.trace_sample_ratio),
+    )
     if settings.trace_exporter == "otlp":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(
-            BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.otlp_endpoint, insecure=True))
-        )
+        credentials = otlp_credentials(settings)
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(
+            endpoint=settings.otlp_endpoint, insecure=credentials is None, credentials=credentials,
+        )))
     else:
         if settings.trace_exporter == "file":
             directory = file_dir or Path(".")
@@ -61,18 +87,62 @@ def setup(settings: ObservabilitySettings, service: str, *, file_dir: Path | Non
             out = sys.stdout
         exporter = ConsoleSpanExporter(out=out, formatter=lambda span: json.dumps(json.loads(span.to_json())) + "\n")
         provider.add_span_processor(SimpleSpanProcessor(exporter))
-    install(provider)
+    install(provider, trace_polling=settings.trace_polling)
     return True
 
 
+def sampler(ratio: float) -> Sampler:
+    """Keep ``ratio`` of the traces that start here; follow the caller's decision otherwise. A span
+    that starts a trace with links (a batch) is kept when any linked span (a rider) was."""
+    from opentelemetry.sdk.trace.sampling import Decision, ParentBased, Sampler, SamplingResult, TraceIdRatioBased
+
+    class _LinkedOrRatio(Sampler):
+        def __init__(self) -> None:
+            self.ratio = TraceIdRatioBased(ratio)
+
+        def should_sample(  # type: ignore[no-untyped-def]
+            self, parent_context, trace_id, name, kind=None, attributes=None, links=None, trace_state=None
+        ):
+            if links:
+                sampled = any(link.context.trace_flags.sampled for link in links)
+                return SamplingResult(Decision.RECORD_AND_SAMPLE if sampled else Decision.DROP,
+                                      attributes if sampled else None, trace_state)
+            return self.ratio.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+        def get_description(self) -> str:
+            return f"LinkedOrRatio{{{ratio}}}"
+
+    return ParentBased(root=_LinkedOrRatio())
+
+
+def otlp_credentials(settings: ObservabilitySettings) -> grpc.ChannelCredentials | None:
+    """TLS credentials for the OTLP exporter (None: plaintext, ``otlp_insecure``)."""
+    if settings.otlp_insecure:
+        return None
+    import grpc
+
+    def read(path: Path | None) -> bytes | None:
+        return None if path is None else path.read_bytes()
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(settings.otlp_certificate_file),
+        private_key=read(settings.otlp_client_key_file),
+        certificate_chain=read(settings.otlp_client_certificate_file),
+    )
+
+
 _installed = False
+_trace_polling = False
 
 
-def install(provider: trace.TracerProvider) -> None:
-    """Make ``provider`` this process's tracer provider: spans are recorded from now on."""
-    global _installed
-    trace.set_tracer_provider(provider)
+def install(provider: trace.TracerProvider, *, trace_polling: bool = False) -> None:
+    """Make ``provider`` this process's tracer provider: spans are recorded from now on.
+    ``trace_polling``: polling calls start traces of their own too (``POLLING_METHODS``)."""
+    global _installed, _trace_polling
+    if trace.get_tracer_provider() is not provider:
+        trace.set_tracer_provider(provider)
     _installed = True
+    _trace_polling = trace_polling
 
 
 def enabled() -> bool:
@@ -80,19 +150,33 @@ def enabled() -> bool:
     return _installed
 
 
+def traces_call(method: str, metadata: Iterable[tuple[str, str | bytes]]) -> bool:
+    """Whether a server span is wanted for a call of ``method`` (tracing on; ``enabled()`` checked first):
+    every call, except polling that no traced caller made (``POLLING_METHODS``, ``trace_polling``)."""
+    if method not in POLLING_METHODS or _trace_polling:
+        return True
+    return any(key == "traceparent" for key, _ in metadata)
+
+
+def current_context() -> otel_context.Context | None:
+    """The current trace context, to parent spans on another thread (None with tracing off)."""
+    return otel_context.get_current() if _installed else None
+
+
 use_span = trace.use_span
 
 
 def span(
     name: str, *, kind: SpanKind = SpanKind.INTERNAL, attributes: Mapping[str, str | int] | None = None,
-    links: Sequence[Link] = (),
+    links: Sequence[Link] = (), context: otel_context.Context | None = None,
 ) -> contextlib.AbstractContextManager[Span]:
-    """A span of this process's work, current inside the block. With tracing off a non-recording
+    """A span of this process's work, current inside the block; ``context``: its parent's, when the
+    block runs where the current context is not (a thread pool). With tracing off a non-recording
     span and no OpenTelemetry work: the API's no-op tracer still builds a context per span
     (~4.7 against ~0.5 µs per span and propagation here)."""
     if not _installed:
         return contextlib.nullcontext(trace.INVALID_SPAN)
-    return tracer.start_as_current_span(name, kind=kind, attributes=attributes, links=list(links))
+    return tracer.start_as_current_span(name, context=context, kind=kind, attributes=attributes, links=list(links))
 
 
 def shutdown() -> None:

@@ -11,6 +11,12 @@ grpc: the caller's function talks to the endpoint and raises
   not in the backend.
 - Retrying: only Unavailable is retried, on an endpoint not yet tried, for
   at most ``max_attempts`` attempts and never past the caller's deadline.
+- Whose failure: an Unavailable that names an ``origin`` is a failure the
+  endpoint relays from below it (its worker, the object store, Triton): the
+  endpoint answered, so it is neither counted against it nor retried here
+  (the tier below already tried its replicas); the caller gets it as it
+  came. Every error leaving the pool names the pool's endpoint (or the
+  pool) as its origin unless it already names one.
 - Ejecting: ``eject_after_failures`` failures in a row eject an endpoint
   (passive check); an ActiveHealthCheck ejects it on a failed probe and
   re-admits it on a good one. Without active checks an ejected endpoint is
@@ -34,7 +40,7 @@ from typing import Generic, Protocol, TypeVar
 from flotilla.common import metrics
 from flotilla.common.logsummary import FailureSummary
 from flotilla.config import PoolSettings
-from flotilla.errors import DeadlineExceeded, NoHealthyEndpoint, Unavailable
+from flotilla.errors import DeadlineExceeded, FlotillaError, NoHealthyEndpoint, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +172,7 @@ class EndpointPool(Generic[C]):
         metrics.ENDPOINT_ADMITTED.labels(self.name, endpoint.address).set_function(
             lambda: 1.0 if self._is_admitted(endpoint) else 0.0
         )
+        metrics.EJECTIONS.labels(self.name, endpoint.address)  # at 0: a first ejection shows in rate()
         return endpoint
 
     # -- membership --------------------------------------------------------------
@@ -182,6 +189,7 @@ class EndpointPool(Generic[C]):
         for endpoint in self.endpoints:
             if endpoint.address not in clients:
                 metrics.ENDPOINT_ADMITTED.remove(self.name, endpoint.address)
+                metrics.EJECTIONS.remove(self.name, endpoint.address)
         self.endpoints = [kept.get(a) or self._track(Endpoint(a, c)) for a, c in clients.items()]
         if removed or len(kept) != len(clients):
             log.info("%s: endpoints now %s", self.name, ", ".join(clients) or "none")
@@ -275,9 +283,10 @@ class EndpointPool(Generic[C]):
         """
         tried: set[int] = set()
         last_error: Unavailable | None = None
+        last_endpoint: Endpoint[C] | None = None
         for _ in range(self.max_attempts):
             if deadline_s is not None and self._clock() >= deadline_s:
-                raise DeadlineExceeded(f"deadline passed before {self.name} could answer")
+                raise DeadlineExceeded(f"deadline passed before {self.name} could answer", origin=self.name)
             endpoint = await self._endpoint_for(tried, deadline_s)
             if endpoint is None:
                 break
@@ -287,28 +296,40 @@ class EndpointPool(Generic[C]):
             try:
                 result = await fn(endpoint)
             except Unavailable as exc:
-                last_error = exc
+                if exc.origin:  # relayed from below: the endpoint answered, the part under it failed
+                    self._answered(endpoint)
+                    raise
+                last_error, last_endpoint = exc, endpoint
                 self._record_failure(endpoint, exc)
                 continue
+            except FlotillaError as exc:  # not retried, not counted (a deadline, a bad request, ...)
+                exc.from_below(f"{self.name} {endpoint.address}")
+                raise
             finally:
                 endpoint.outstanding -= 1
                 await self._notify()
-            endpoint.consecutive_failures = 0
-            endpoint.last_success_s = self._clock()
+            self._answered(endpoint)
             return result
         if not self.endpoints:
-            raise NoHealthyEndpoint(f"no {self.name} is available: there are none right now")
-        if last_error is not None and len(tried) < len(self.endpoints):
-            raise last_error
+            raise NoHealthyEndpoint(f"no {self.name} is available: there are none right now", origin=self.name)
+        if last_error is not None and last_endpoint is not None and len(tried) < len(self.endpoints):
+            raise last_error.from_below(f"{self.name} {last_endpoint.address}")
         if last_error is not None:
             raise NoHealthyEndpoint(
                 f"no {self.name} is available: all {len(self.endpoints)} failed or are ejected "
-                f"({', '.join(e.address for e in self.endpoints)}); last error: {last_error.message}"
+                f"({', '.join(e.address for e in self.endpoints)}); last error: {last_error.message}",
+                origin=self.name,
             ) from last_error
         raise NoHealthyEndpoint(
             f"no {self.name} is available: all {len(self.endpoints)} are down or ejected "
-            f"({', '.join(e.address for e in self.endpoints)})"
+            f"({', '.join(e.address for e in self.endpoints)})",
+            origin=self.name,
         )
+
+    def _answered(self, endpoint: Endpoint[C]) -> None:
+        """The endpoint answered the call: with its result, or with a failure it relays from below."""
+        endpoint.consecutive_failures = 0
+        endpoint.last_success_s = self._clock()
 
     def _record_failure(self, endpoint: Endpoint[C], error: Exception) -> None:
         self._failures.note(f"{self.name} {endpoint.address}", f"call failed: {error}")

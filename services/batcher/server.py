@@ -34,7 +34,7 @@ from flotilla.api.v1 import (
     preprocess_pb2_grpc,
     relay_pb2,
 )
-from flotilla.common import tracing
+from flotilla.common import metrics, tracing
 from flotilla.common.clock import Clock, MonotonicClock
 from flotilla.common.ids import check_image_uuid
 from flotilla.common.interceptors import AdmissionLimit
@@ -69,11 +69,14 @@ class PreprocessDispatcher:
         *,
         batch_timeout_s: float,
         clock: Clock,
+        default_version: int = 0,
     ) -> None:
         self.model = model
         self.pool = pool
         self.batch_timeout_s = batch_timeout_s
         self.clock = clock
+        self.default_version = default_version
+        """The version items that name none (0) run: the batch span says which version ran."""
 
     async def __call__(
         self, items: list[preprocess_pb2.BatchItem], deadline_s: float | None
@@ -103,12 +106,15 @@ class PreprocessDispatcher:
         self, items: list[preprocess_pb2.BatchItem], version: int, deadline_s: float | None
     ) -> Sequence[inference_pb2.ClassifyResponse | FlotillaError]:
         request = preprocess_pb2.ProcessBatchRequest(model_name=self.model, items=items, model_version=version)
+        answered_by = ""
 
         async def on(
             endpoint: Endpoint[GrpcPeer[preprocess_pb2_grpc.PreprocessorStub]],
         ) -> preprocess_pb2.ProcessBatchResponse:
             timeout_s = self.batch_timeout_s if deadline_s is None else max(deadline_s - self.clock.now(), 0.001)
+            nonlocal answered_by
             assert endpoint.client.stub is not None
+            answered_by = endpoint.address
             batch_span.set_attribute("flotilla.worker", endpoint.address)
             try:
                 return await endpoint.client.stub.ProcessBatch(request, timeout=timeout_s, metadata=tracing.inject())
@@ -120,16 +126,18 @@ class PreprocessDispatcher:
             f"batch {self.model}",
             links=tracing.links_from(item.traceparent for item in items),
             attributes={"flotilla.model": self.model, "flotilla.batch_size": len(items),
-                        "flotilla.model_version": version},
+                        "flotilla.model_version": version or self.default_version},
         ) as batch_span:
             reply = await self.pool.call(on, deadline_s=deadline_s)
             batch_span.set_attribute("flotilla.replica", reply.backend)
         results: list[inference_pb2.ClassifyResponse | FlotillaError] = []
+        worker = f"preprocess worker {answered_by}"
         for result in reply.results:
             if result.HasField("response"):
                 results.append(result.response)
-            else:
-                results.append(error_from_code(result.error.code, result.error.message))
+            else:  # an image's failure, found by the worker or below it: never this batcher's own
+                error = result.error
+                results.append(error_from_code(error.code, error.message, error.origin or worker))
         return results
 
 
@@ -313,11 +321,14 @@ async def serve(settings: FlotillaSettings, model: str, port: int) -> None:
     discovery = await pool_following(
         pool, settings.endpoints.preprocess, peer, lambda p: p.close(), interval_s=dns_interval_s,
     ) if dns_interval_s else None
-    dispatcher = PreprocessDispatcher(model, pool, batch_timeout_s=policy.batch_timeout_s, clock=clock)
+    dispatcher = PreprocessDispatcher(
+        model, pool, batch_timeout_s=policy.batch_timeout_s, clock=clock, default_version=spec.served_version
+    )
     queue: BatchQueue[preprocess_pb2.BatchItem, inference_pb2.ClassifyResponse] = BatchQueue(
         model, policy, dispatcher, clock=clock
     )
     handler = ClassifierHandler(model, queue, clock, spec.versions)
+    metrics.models_served("batcher", [model])
     # One limit for both ways in: unary calls and calls relayed on the router's streams.
     admission = AdmissionLimit(
         f"the batcher of {model}", settings.batcher.max_concurrent_calls, "batcher.max_concurrent_calls",

@@ -22,6 +22,7 @@ from flotilla.api.v1 import (
     preprocess_pb2,
     preprocess_pb2_grpc,
 )
+from flotilla.common import metrics
 from flotilla.common.fleet import FleetWatcher, ready_replicas, spec_of
 from flotilla.common.interceptors import UNKNOWN_MODEL
 from flotilla.common.object_store import AsyncObjectReader
@@ -49,7 +50,9 @@ def to_pb(request: preprocess_pb2.ProcessBatchRequest, outcome: BatchOutcome) ->
     reply = preprocess_pb2.ProcessBatchResponse(backend=outcome.backend)
     for item, result in zip(request.items, outcome.items, strict=True):
         if result.error is not None:
-            error = preprocess_pb2.ItemError(code=int(result.error.code), message=result.error.message)
+            error = preprocess_pb2.ItemError(
+                code=int(result.error.code), message=result.error.message, origin=result.error.origin
+            )
             reply.results.append(preprocess_pb2.ItemResult(error=error))
             continue
         response = inference_pb2.ClassifyResponse(
@@ -103,6 +106,7 @@ class FleetFollower:
         for gone in set(self.processor.models) - set(models):
             self.backend.remove(self.processor.models[gone].backend_model)
         self.processor.models = models
+        metrics.models_served("preprocess", models)
 
 
 class ControllerColdStart:
@@ -117,7 +121,8 @@ class ControllerColdStart:
         try:
             status = await self.stub.EnsureLoaded(controller_pb2.EnsureLoadedRequest(name=name))
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, "controller") from exc
+            # The controller's failure, or one it relays from a replica: either way not this worker's.
+            raise error_from_rpc(exc, "controller").from_below("controller") from exc
         return ready_replicas(status)
 
 

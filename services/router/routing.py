@@ -9,6 +9,7 @@ import hmac
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
+from flotilla.common import metrics
 from flotilla.common.ids import shorten
 from flotilla.errors import InvalidArgument, ModelNotFound, Unauthenticated
 from flotilla.services.backend_pool.pool import EndpointPool
@@ -54,9 +55,12 @@ class RouteTable(Generic[C]):
 
     def put(self, model: str, pool: EndpointPool[C]) -> None:
         self._pools[model] = pool
+        metrics.models_served("router", self._pools)
 
     def remove(self, model: str) -> EndpointPool[C] | None:
-        return self._pools.pop(model, None)
+        pool = self._pools.pop(model, None)
+        metrics.models_served("router", self._pools)
+        return pool
 
     def pool_for(self, model: str | None) -> EndpointPool[C]:
         if not model:

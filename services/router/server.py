@@ -82,7 +82,9 @@ class ForwardingHandler(grpc.GenericRpcHandler):
             if timeout_s is not None and timeout_s <= 0:
                 raise DeadlineExceeded("deadline passed before a batcher could answer")
             # One frame on this router's stream to that batcher; its status comes back as a FlotillaError
-            # of the same code and message (UNAVAILABLE ones are retried on another batcher by the pool).
+            # of the same code, message and origin. The pool retries the batcher's own UNAVAILABLE (a
+            # broken stream, a batcher shutting down) on another batcher; one the batcher relays from
+            # below (its worker, S3, Triton: an origin) reaches the caller as it came.
             return await endpoint.client.relay.call(method, raw, passed, timeout_s)
 
         return await pool.call(on)

@@ -3,6 +3,8 @@
 A stack with tracing on and the file exporter (each service appends its
 spans as JSON lines to <run_dir>/traces/<service>.jsonl); four concurrent
 requests share batches, then the spans of all processes are put together.
+The mesh's polling (batchers re-registering every second, the controller
+reading their statistics) ran all along and left no trace.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from flotilla.clients.client import FlotillaClient
+from flotilla.common.tracing import POLLING_METHODS
 from flotilla.stack.local import LocalStack
 from tests.integration.conftest import API_KEY, MODEL, sample, stack_settings
 
@@ -66,12 +69,21 @@ async def test_a_batched_request_is_one_trace_and_its_batch_links_to_it(traced: 
         assert batch["attributes"]["flotilla.batch_size"] == len(batch["links"])
         assert batch["attributes"]["flotilla.replica"] == traced.tritons[0].address
         assert batch["attributes"]["flotilla.worker"] == traced.preprocess[0].address
+        assert batch["attributes"]["flotilla.model_version"] == 1, "the default version, resolved (not 0)"
         [worker] = [s for s in found if s["parent_id"] == batch["context"]["span_id"]]
         assert worker["name"] == "preprocess ProcessBatch"
-        [backend] = [s for s in found if s["parent_id"] == worker["context"]["span_id"]]
+        children = [s for s in found if s["parent_id"] == worker["context"]["span_id"]]
+        fetches = [s for s in children if s["name"] == "fetch"]
+        assert [s["attributes"]["flotilla.image_uuid"] for s in fetches] == [uuid] * len(batch["links"])
+        assert all(s["kind"] == "SpanKind.CLIENT" for s in fetches)
+        decodes = [s for s in children if s["name"] == "decode"]
+        assert sum(s["attributes"]["flotilla.images"] for s in decodes) == len(batch["links"])
+        [backend] = [s for s in children if s["name"] not in ("fetch", "decode")]
         assert backend["name"] == f"triton {MODEL}" and backend["kind"] == "SpanKind.CLIENT"
         assert backend["attributes"]["flotilla.replica"] == traced.tritons[0].address
         assert backend["attributes"]["flotilla.model_version"] == 1
         assert by_id[backend["parent_id"]]["context"]["trace_id"] == batch["context"]["trace_id"]
     batches = {s["context"]["span_id"] for s in found if s["name"] == f"batch {MODEL}"}
     assert len(batches) < REQUESTS, "the requests shared batches"
+    polls = sorted({s["name"] for s in found if s["name"].rsplit(" ", 1)[-1] in POLLING_METHODS})
+    assert not polls, f"polling started traces: {polls}"

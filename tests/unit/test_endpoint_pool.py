@@ -252,3 +252,35 @@ async def test_outstanding_returns_to_zero_after_success_and_failures() -> None:
         await pool.call(Script({a: BackendError("bad") for a in ADDRESSES}))
 
     assert [e.outstanding for e in pool.endpoints] == [0, 0, 0]
+
+
+async def test_a_failure_relayed_from_below_neither_ejects_nor_is_retried() -> None:
+    # The batcher answers UNAVAILABLE because its worker, S3 or Triton is down: the batcher itself is
+    # fine. Counting that against it ejected every healthy batcher of the model.
+    below = Unavailable("object store at s3:1 is unreachable", origin="object store s3:1")
+    pool = make_pool(addresses=["a:1", "b:2"], eject_after_failures=2)
+    script = Script({"a:1": below, "b:2": below})
+    for _ in range(6):
+        with pytest.raises(Unavailable) as caught:
+            await pool.call(script)
+        assert caught.value is below, "passed on as it came, origin and message"
+    assert len(script.visited) == 6, "one attempt per call: the tier below already tried its replicas"
+    assert [e.address for e in pool.admitted()] == ["a:1", "b:2"]
+    assert all(e.failures == 0 and e.ejections == 0 for e in pool.endpoints)
+
+
+async def test_an_endpoints_own_failure_leaves_the_pool_naming_it_as_the_origin() -> None:
+    pool = make_pool(addresses=["a:1", "b:2"])
+    with pytest.raises(NoHealthyEndpoint) as every:
+        await pool.call(Script({"a:1": Unavailable("refused"), "b:2": Unavailable("reset")}))
+    assert every.value.origin == "worker"
+    assert every.value.message.startswith("no worker is available")
+
+    pool = make_pool(addresses=["a:1", "b:2"], max_attempts=1)
+    with pytest.raises(Unavailable) as one:
+        await pool.call(Script({"a:1": Unavailable("refused"), "b:2": Unavailable("refused")}))
+    assert one.value.origin in ("worker a:1", "worker b:2")
+
+    with pytest.raises(BackendError) as internal:
+        await pool.call(Script({"a:1": BackendError("bad batch"), "b:2": BackendError("bad batch")}))
+    assert internal.value.origin in ("worker a:1", "worker b:2")

@@ -49,6 +49,9 @@ class Core:
         future: asyncio.Future[Raw] = asyncio.get_running_loop().create_future()
         if frame.request == b"fail":
             asyncio.get_running_loop().call_soon(future.set_exception, Unavailable("no worker"))
+        elif frame.request == b"fail below":
+            error = Unavailable("object store at s3:1 is unreachable", origin="object store s3:1")
+            asyncio.get_running_loop().call_soon(future.set_exception, error)
         elif frame.request == b"hold":
             self.held.append(future)
         else:
@@ -133,6 +136,14 @@ async def test_a_refused_or_failed_call_gets_its_own_status_and_message(relay: R
     assert good == b"ko"
     assert isinstance(bad, InvalidArgument) and bad.message == "bad request: say something else"
     assert isinstance(failed, Unavailable) and failed.message == "no worker"
+    assert failed.origin == "", "the batcher's own failure names no origin: the router may retry it elsewhere"
+
+
+async def test_a_failure_relayed_from_below_keeps_its_origin(relay: Relay) -> None:
+    with pytest.raises(Unavailable) as caught:
+        await relay.call(b"fail below")
+    assert caught.value.origin == "object store s3:1"
+    assert caught.value.message == "object store at s3:1 is unreachable"
 
 
 async def test_a_caller_that_goes_away_withdraws_its_call_downstream(relay: Relay) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66lotilla/api/v1/relay.proto\x12\x0f\x66lotilla.api.v1\"$\n\x06Header\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x85\x01\n\tCallFrame\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0f\n\x07request\x18\x03 \x01(\x0c\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x12(\n\x07headers\x18\x05 \x03(\x0b\x32\x17.flotilla.api.v1.Header\x12\x0e\n\x06\x63\x61ncel\x18\x06 \x01(\x08\"7\n\nCallFrames\x12)\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x1a.flotilla.api.v1.CallFrame\"J\n\x0b\x41nswerFrame\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x10\n\x08response\x18\x03 \x01(\x0c\x12\x0f\n\x07message\x18\x04 \x01(\t\"=\n\x0c\x41nswerFrames\x12-\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x1c.flotilla.api.v1.AnswerFrame2P\n\x05Relay\x12G\n\x05\x43\x61lls\x12\x1b.flotilla.api.v1.CallFrames\x1a\x1d.flotilla.api.v1.AnswerFrames(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66lotilla/api/v1/relay.proto\x12\x0f\x66lotilla.api.v1\"$\n\x06Header\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x85\x01\n\tCallFrame\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0f\n\x07request\x18\x03 \x01(\x0c\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x12(\n\x07headers\x18\x05 \x03(\x0b\x32\x17.flotilla.api.v1.Header\x12\x0e\n\x06\x63\x61ncel\x18\x06 \x01(\x08\"7\n\nCallFrames\x12)\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x1a.flotilla.api.v1.CallFrame\"Z\n\x0b\x41nswerFrame\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x10\n\x08response\x18\x03 \x01(\x0c\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0e\n\x06origin\x18\x05 \x01(\t\"=\n\x0c\x41nswerFrames\x12-\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x1c.flotilla.api.v1.AnswerFrame2P\n\x05Relay\x12G\n\x05\x43\x61lls\x12\x1b.flotilla.api.v1.CallFrames\x1a\x1d.flotilla.api.v1.AnswerFrames(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,9 +38,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CALLFRAMES']._serialized_start=222
   _globals['_CALLFRAMES']._serialized_end=277
   _globals['_ANSWERFRAME']._serialized_start=279
-  _globals['_ANSWERFRAME']._serialized_end=353
-  _globals['_ANSWERFRAMES']._serialized_start=355
-  _globals['_ANSWERFRAMES']._serialized_end=416
-  _globals['_RELAY']._serialized_start=418
-  _globals['_RELAY']._serialized_end=498
+  _globals['_ANSWERFRAME']._serialized_end=369
+  _globals['_ANSWERFRAMES']._serialized_start=371
+  _globals['_ANSWERFRAMES']._serialized_end=432
+  _globals['_RELAY']._serialized_start=434
+  _globals['_RELAY']._serialized_end=514
 # @@protoc_insertion_point(module_scope)

@@ -37,16 +37,18 @@ class CallFrames(_message.Message):
     def __init__(self, calls: _Optional[_Iterable[_Union[CallFrame, _Mapping]]] = ...) -> None: ...
 
 class AnswerFrame(_message.Message):
-    __slots__ = ("id", "code", "response", "message")
+    __slots__ = ("id", "code", "response", "message", "origin")
     ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
     id: int
     code: int
     response: bytes
     message: str
-    def __init__(self, id: _Optional[int] = ..., code: _Optional[int] = ..., response: _Optional[bytes] = ..., message: _Optional[str] = ...) -> None: ...
+    origin: str
+    def __init__(self, id: _Optional[int] = ..., code: _Optional[int] = ..., response: _Optional[bytes] = ..., message: _Optional[str] = ..., origin: _Optional[str] = ...) -> None: ...
 
 class AnswerFrames(_message.Message):
     __slots__ = ("answers",)
