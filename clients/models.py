@@ -14,6 +14,7 @@ import datetime
 import json
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 
@@ -21,16 +22,31 @@ from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.status import error_from_rpc
 from flotilla.config import ModelSettings, S3Settings
-from flotilla.services.controller.artifacts import ArtifactStore
+from flotilla.services.controller.artifacts import LABELS_FILE, ArtifactStore
 
 DEPLOY_TIMEOUT_S = 300.0
 CALL_TIMEOUT_S = 30.0
 
 
 def upload_artifact(s3: S3Settings, local_dir: Path, storage_uri: str) -> dict[str, dict[str, object]]:
-    """Put a local model directory (``<version>/model.onnx``, labels.txt) at ``storage_uri``."""
+    """Put a local model directory (``<version>/model.onnx``, labels.txt) at ``storage_uri``.
+
+    labels.txt goes beside the version directories; one put in them is taken
+    when they agree, rejected (InvalidArgument saying where it belongs) when
+    they do not. ``missing_labels`` says what an upload without one means.
+    """
     artifacts = ArtifactStore(lambda bucket: ObjectStore(s3.model_copy(update={"bucket": bucket}), timeout_s=60.0))
     return artifacts.upload(local_dir, storage_uri)
+
+
+def missing_labels(local_dir: Path, files: dict[str, dict[str, object]]) -> str | None:
+    """A warning when an upload of ``local_dir`` (which returned ``files``) carried no labels.txt."""
+    if LABELS_FILE in files:
+        return None
+    return (
+        f"{local_dir} has no {LABELS_FILE}: the model's classes will be shown as numbers; put one class "
+        f"name per line in {local_dir / LABELS_FILE} and upload again, or give labels in the spec"
+    )
 
 
 class ModelsClient:
@@ -59,8 +75,9 @@ class ModelsClient:
     def deploy(
         self, name: str, spec: ModelSettings | dict[str, object], *, replace: bool = False
     ) -> controller_pb2.ModelStatus:
-        """``spec`` as settings, or as plain data the controller validates."""
-        spec_json = spec.model_dump_json() if isinstance(spec, ModelSettings) else json.dumps(spec)
+        """``spec`` as settings, or as plain data the controller validates. Only the settings the spec
+        sets are sent: the controller reads the input/output settings left out from the model's graph."""
+        spec_json = spec.model_dump_json(exclude_unset=True) if isinstance(spec, ModelSettings) else json.dumps(spec)
         request = controller_pb2.DeployRequest(name=name, spec_json=spec_json, replace=replace)
         return self._call(self._stub.Deploy, request, DEPLOY_TIMEOUT_S)
 
@@ -107,11 +124,22 @@ def format_list(models: list[controller_pb2.ModelStatus]) -> str:
     return "\n".join(rows)
 
 
+def _input(i: dict[str, Any]) -> str:
+    """``'x' FP32 NCHW 320x320 RGB, stretch, ...``: the input tensor and how a JPEG becomes it."""
+    resize = f"{i['resize']} via {i['resize_px']} px" if i["resize_px"] else str(i["resize"])
+    text = f"{i['name']!r} {i['dtype']} {i['layout']} {i['height_px']}x{i['width_px']} {i['channel_order']}, {resize}"
+    if i["dtype"] == "FP32":
+        text += f", scale {i['scale']:g}, mean {list(i['mean'])}, std {list(i['std'])}"
+    return text
+
+
 def format_status(m: controller_pb2.ModelStatus) -> str:
     spec = json.loads(m.spec_json)
     lines = [
         f"model:      {m.name}",
         f"storage:    {spec['storage_uri']}  ({spec['framework']}, versions {spec['versions']}, default {m.default_version})",
+        f"input:      {_input(spec['input'])}",
+        f"output:     {spec['output_name']!r} ({spec['output_kind']}), {len(spec['labels']) or 'no'} labels",
         f"memory:     {m.memory_mb:.0f} MiB ({'measured' if m.memory_measured else 'declared'})",
         f"copies:     min {spec['min_copies']}, max {spec['max_copies']}",
         f"batchers:   {', '.join(m.batchers) or 'none'}",

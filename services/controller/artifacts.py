@@ -11,6 +11,9 @@ download verifiable. The cache keeps each downloaded file under its
 checksum (``<root>/<model>/<version>/<sha256>/model.onnx``): a file is
 written to a temporary name, verified, then renamed, so a present file is a
 verified one and is reused by every later load of the same bytes.
+
+A deploy also reads each version's graph (``ArtifactStore.graph``: its
+declared inputs and outputs, kept per checksum) to check the spec against it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 from flotilla.common.object_store import ObjectStore
 from flotilla.errors import ArtifactUnavailable, FlotillaError, ImageNotFound, InvalidArgument
+from flotilla.services.controller.graph import ModelGraph, read_graph
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,8 @@ LABELS_FILE = "labels.txt"
 MANIFEST_FILE = "manifest.json"
 MAX_ARTIFACT_BYTES = 2 * 1024**3
 MAX_SMALL_FILE_BYTES = 16 * 1024 * 1024
+MAX_GRAPHS = 64
+"""Graphs (inputs and outputs only: a few hundred bytes each) kept by checksum, so a redeploy reads none again."""
 
 
 @dataclass(frozen=True)
@@ -61,12 +67,39 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def local_labels(local_dir: Path, versions: list[Path]) -> Path | None:
+    """The labels.txt an upload of ``local_dir`` takes: ``local_dir/labels.txt``, else one put in
+    the version directories (the same file in each that has one); None when there is none.
+
+    A model has one list of class names, stored beside its versions. Version
+    directories whose labels.txt differ (from each other or from the one beside
+    them) are rejected, saying where the file belongs, rather than one of them
+    being picked or all skipped.
+    """
+    beside = local_dir / LABELS_FILE
+    inside = [v / LABELS_FILE for v in versions if (v / LABELS_FILE).is_file()]
+    if not inside:
+        return beside if beside.is_file() else None
+    reference = beside if beside.is_file() else inside[0]
+    differing = [p for p in inside if p.read_bytes() != reference.read_bytes()]
+    if differing:
+        raise InvalidArgument(
+            f"{differing[0]} differs from {reference}: a model has one labels.txt, beside its version "
+            f"directories ({beside}); put the right one there and remove those in the version directories"
+        )
+    if reference is not beside:
+        log.warning("%s: labels.txt belongs beside the version directories (%s); uploading it as the "
+                    "model's labels", reference, beside)
+    return reference
+
+
 class ArtifactStore:
     """Reads and writes artifacts through ObjectStores, one per bucket."""
 
     def __init__(self, store_for_bucket: Callable[[str], ObjectStore]) -> None:
         self._store_for_bucket = store_for_bucket
         self._stores: dict[str, ObjectStore] = {}
+        self._graphs: dict[str, ModelGraph] = {}
 
     def _store(self, bucket: str) -> ObjectStore:
         if bucket not in self._stores:
@@ -82,6 +115,7 @@ class ArtifactStore:
         versions = sorted(p for p in local_dir.iterdir() if p.is_dir() and p.name.isdigit())
         if not versions:
             raise InvalidArgument(f"{local_dir} has no version directory (expected {local_dir}/1/{MODEL_FILE})")
+        labels = local_labels(local_dir, versions)
         store = self._store(where.bucket)
         store.ensure_bucket()
         for version in versions:
@@ -91,8 +125,7 @@ class ArtifactStore:
             data = path.read_bytes()
             store.put(where.key(f"{version.name}/{MODEL_FILE}"), data, content_type="application/octet-stream")
             files[f"{version.name}/{MODEL_FILE}"] = {"sha256": _sha256(data), "bytes": len(data)}
-        labels = local_dir / LABELS_FILE
-        if labels.is_file():
+        if labels is not None:
             data = labels.read_bytes()
             store.put(where.key(LABELS_FILE), data, content_type="text/plain")
             files[LABELS_FILE] = {"sha256": _sha256(data), "bytes": len(data)}
@@ -147,6 +180,27 @@ class ArtifactStore:
         where = StorageUri.parse(uri)
         data = self._store(where.bucket).get(where.key(LABELS_FILE), MAX_SMALL_FILE_BYTES)
         return data.decode("utf-8").splitlines()
+
+    def graph(self, uri: str, version: int, manifest: dict[str, dict[str, object]]) -> ModelGraph:
+        """The inputs and outputs ``<version>/model.onnx`` declares (blocking: downloads and parses it
+        unless a file of the same checksum was read before)."""
+        relative = f"{version}/{MODEL_FILE}"
+        digest = str(manifest.get(relative, {}).get("sha256", ""))
+        known = self._graphs.get(digest)
+        if known is not None:
+            return known
+        data = self.read(uri, relative)
+        if digest and _sha256(data) != digest:
+            raise ArtifactUnavailable(
+                f"{relative} from {uri} fails its checksum (expected sha256 {digest[:12]}..., got "
+                f"{_sha256(data)[:12]}...); upload it again with `flotilla models upload`"
+            )
+        graph = read_graph(data, f"{StorageUri.parse(uri)}/{relative}")
+        if digest:
+            while len(self._graphs) >= MAX_GRAPHS:
+                self._graphs.pop(next(iter(self._graphs)))
+            self._graphs[digest] = graph
+        return graph
 
     def read(self, uri: str, relative: str, max_bytes: int = MAX_ARTIFACT_BYTES) -> bytes:
         where = StorageUri.parse(uri)

@@ -5,9 +5,12 @@ production), the batchers' counters come from a ``UsageReader`` callable,
 and the gRPC layer (``server.py``) maps errors to statuses.
 
 - Deploy validates the spec, the framework, the artifact (manifest and
-  every version's file) and that some replica could ever hold the model,
-  then places ``min_copies`` copies. Any failure unloads what was loaded
-  and registers nothing. The record becomes visible to the fleet (routes,
+  every version's file), the spec against every version's ONNX graph
+  (filling in the input/output settings it leaves unset) and that some
+  replica could ever hold the model, then places ``min_copies`` copies,
+  each warmed up (and measured) before the record is committed. Any
+  failure, a failed warm-up included, unloads what was loaded and
+  registers nothing. The record becomes visible to the fleet (routes,
   batchers, pools) only once it is committed.
 - Placement holds ``_placing`` while it chooses a replica and reserves the
   memory (a "loading" copy), so concurrent placements never overbook a
@@ -55,6 +58,7 @@ from flotilla.errors import (
 )
 from flotilla.services.controller.artifacts import ArtifactStore
 from flotilla.services.controller.autoscale import Autoscaler, Decision
+from flotilla.services.controller.graph import describe_spec, fit_spec
 from flotilla.services.controller.placement import (
     CopyInfo,
     ModelUsage,
@@ -70,6 +74,7 @@ from flotilla.services.controller.registry import (
     LOADED,
     MEMORY_AVAILABLE,
     READY,
+    SPEC_MATCHES_GRAPH,
     ModelRecord,
     RecordStore,
     check_model_name,
@@ -185,7 +190,8 @@ class Controller:
         last = ""
         while name not in self.records:
             try:
-                await self.deploy(name, spec.model_dump_json())
+                # Only what the configuration sets: the rest is read from the graph and the artifact.
+                await self.deploy(name, spec.model_dump_json(exclude_unset=True))
             except AlreadyExists:
                 return  # deployed through the API meanwhile
             except FlotillaError as exc:
@@ -202,12 +208,10 @@ class Controller:
 
     def _warn_if_configured_differently(self, name: str, spec: ModelSettings) -> None:
         registered = self.records[name].spec.model_dump()
-        configured = spec.model_dump()
-        if not configured["labels"]:  # a deploy fills them from the artifact
-            registered.pop("labels")
-            configured.pop("labels")
-        if registered != configured:
-            differing = sorted(k for k in configured if configured[k] != registered.get(k))
+        # Only what the configuration sets: labels, input and output a deploy filled in are no difference.
+        configured = spec.model_dump(exclude_unset=True)
+        differing = sorted(k for k in configured if _differs(configured[k], registered.get(k)))
+        if differing:
             log.warning("controller: model %r is registered with a spec that differs from the configuration's (%s); "
                         "the registered one is served: deploy it with --replace to change it", name,
                         ", ".join(differing))
@@ -297,6 +301,7 @@ class Controller:
             values[metrics.REPLICA_MEMORY_USED][(address,)] = replica.used_mb * metrics.MIB
             values[metrics.REPLICA_MEMORY_BUDGET][(address,)] = replica.budget_mb * metrics.MIB
             values[metrics.REPLICA_HEALTHY][(address,)] = float(replica.healthy)
+        metrics.models_served("controller", [record.name for record in self.committed()])
         for gauge, current in values.items():
             previous = self._exported.get(gauge, set())
             for labels, value in current.items():
@@ -375,6 +380,9 @@ class Controller:
         if not spec.labels and spec.labels_file is None:
             labels = await asyncio.to_thread(self.artifacts.labels, spec.storage_uri, manifest)
             spec = spec.model_copy(update={"labels": labels})
+        # The spec against each version's graph; what it leaves unset and the graph says is filled in.
+        graphs = {v: await asyncio.to_thread(self.artifacts.graph, spec.storage_uri, v, manifest) for v in spec.versions}
+        spec, fit = fit_spec(spec, graphs, spec.storage_uri)
         if not can_ever_fit(spec.memory_mb, list(self.replicas.values())):
             budgets = ", ".join(f"{r.address} {r.budget_mb:.0f} MiB" for r in self.replicas.values())
             raise NoCapacity(
@@ -384,6 +392,10 @@ class Controller:
         if existing is not None:
             await self.undeploy(name)
         record = ModelRecord(name, spec, manifest)
+        if not spec.labels and spec.labels_file is None:
+            unlabelled = f"no labels (none in the spec, no labels_file, no labels.txt at {spec.storage_uri}): "
+            record.event("no_labels", unlabelled + "classes are shown as their numbers")
+            log.warning("controller: model %r has %s", name, unlabelled + "classes are shown as their numbers")
         record.set_condition(
             FRAMEWORK_SUPPORTED, True, "Supported", f"{spec.framework} runs on the Python-backend ONNX wrapper"
         )
@@ -393,10 +405,14 @@ class Controller:
             "Verified",
             f"{spec.storage_uri}: versions {spec.versions} listed in its manifest and stored",
         )
+        record.set_condition(SPEC_MATCHES_GRAPH, True, "ReadFromGraph" if fit.inferred else "Checked", fit.message)
+        if fit.inferred:
+            record.event("spec_from_graph", f"{', '.join(fit.inferred)} read from model.onnx: {describe_spec(spec)}")
         self.records[name] = record
         try:
             for _ in range(spec.min_copies):
-                await self._add_copy(name, "deploy: min_copies")
+                address = await self._add_copy(name, "deploy: min_copies")
+                await self._measure(name, address, deploying=True)  # a copy that cannot run a batch fails the deploy
         except BaseException:
             self.records.pop(name, None)
             for address in self.copies(name, ("loading", "ready", "draining")):
@@ -584,20 +600,51 @@ class Controller:
         )
         record.event("loaded", f"on {address} in {load_s:.2f} s ({reason})")
         self._publish()
-        if self.settings.measure_memory:
-            self._spawn(self._measure(name, address), f"measure:{name}")
+        # Warmed up (and measured, with measure_memory) in the background: a cold start does not wait.
+        self._spawn(self._measure(name, address), f"warm-up:{name}")
         return address
 
-    async def _measure(self, name: str, address: str) -> None:
-        """Warm the copy up at its batch size, then measure what it holds."""
+    async def _measure(self, name: str, address: str, *, deploying: bool = False) -> None:
+        """Warm the copy on ``address`` up (one batch of zeros at the model's batch size per version),
+        then measure what it holds (``measure_memory``).
+
+        A deploy calls this for each of its copies before it commits the record: a failed warm-up
+        fails the deploy with Triton's reason (ModelLoadFailed, FAILED_PRECONDITION) and nothing stays
+        loaded. A copy placed later (min-copies rule, autoscaler, cold start) is warmed up in the
+        background, spawned by ``_add_copy`` after the load (inline, every cold start would wait for
+        it too); a failure there counts as a failed load: the copy leaves the fleet and is unloaded,
+        with a Loaded False ``WarmUpFailed`` condition and an event giving the reason.
+        """
         record = self.records.get(name)
-        if record is None:
-            return
+        if record is None or (not deploying and not record.committed):
+            return  # gone, or a deploy's own copy: the deploy warms it up itself
         agent = self.agents[address]
+        batch = record.spec.batching.max_batch_size
+        started = self.clock.now()
         try:
-            await agent.warm_up(name, record.spec)
+            await asyncio.wait_for(agent.warm_up(name, record.spec), self.settings.load_timeout_s)
         except Exception as exc:
-            log.warning("controller: warm-up of %s on %s failed: %s", name, address, exc)
+            if isinstance(exc, TimeoutError):
+                reason = f"it did not finish within {self.settings.load_timeout_s:.0f} s"
+            else:
+                reason = exc.message if isinstance(exc, FlotillaError) else str(exc) or type(exc).__name__
+            message = f"a batch of {batch} for {describe_spec(record.spec)} failed on {address}: {reason}"
+            record.event("warm_up_failed", message)
+            log.warning("controller: warm-up of %s: %s", name, message)
+            if deploying:
+                raise ModelLoadFailed(
+                    f"model {name!r} loaded but failed its warm-up: {message}; the model must run a batch of "
+                    f"{batch} of this input (check the spec's input against the model, or lower "
+                    "batching.max_batch_size)"
+                ) from exc
+            copy = self.replicas[address].copies.get(name)
+            if self.records.get(name) is record and copy is not None and copy.state == "ready":
+                await self._remove_copy(name, address, f"warm-up failed: {reason}")
+                record.set_condition(LOADED, False, "WarmUpFailed", message, address)
+                self._publish()
+            return
+        record.event("warmed_up", f"on {address}: a batch of {batch} per version ran in {self.clock.now() - started:.2f} s")
+        if not self.settings.measure_memory:
             return
         measured = await asyncio.to_thread(agent.measure_memory_mb, name, record.spec)
         if measured is None or name not in self.records:
@@ -809,3 +856,10 @@ class Controller:
             if record is not None:
                 await self._save(record)
 
+
+def _differs(configured: object, registered: object) -> bool:
+    """Whether a configured value differs from the registered one; in nested settings only the keys
+    the configuration sets are compared."""
+    if isinstance(configured, dict) and isinstance(registered, dict):
+        return any(_differs(value, registered.get(key)) for key, value in configured.items())
+    return configured != registered

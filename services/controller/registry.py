@@ -41,6 +41,8 @@ ARTIFACT_AVAILABLE = "ArtifactAvailable"
 MEMORY_AVAILABLE = "MemoryResourceAvailable"
 LOADED = "Loaded"
 READY = "Ready"
+SPEC_MATCHES_GRAPH = "SpecMatchesGraph"
+"""The spec fits every version's model.onnx; its message says which settings were read from the graph."""
 
 
 def check_model_name(name: str) -> None:

@@ -151,13 +151,28 @@ class TritonReplica:
                 (version_dir / "model.py").write_bytes(wrapper)
 
     async def load(self, name: str, spec: ModelSettings, uri: str, manifest: dict[str, dict[str, object]]) -> None:
-        """Fetch the artifact (cached) and load the model with the registry's config."""
-        await asyncio.to_thread(self._lay_out, name, spec, uri, manifest)
+        """Fetch the artifact (cached) and load the model with the registry's config.
+
+        A load that fails leaves nothing behind: the model is unloaded and its
+        directory removed, so the replica's repository index does not keep
+        listing it (UNAVAILABLE with the old reason, or a half laid-out one).
+        """
+        try:
+            await asyncio.to_thread(self._lay_out, name, spec, uri, manifest)
+        except Exception:  # e.g. a download that fails its checksum
+            await asyncio.to_thread(shutil.rmtree, self.repository / backend_name(name, spec), True)
+            raise
         try:
             config = triton_config(name, spec, backend=self.backend, instance_kind=self.instance_kind)
             await self.client.load_model(backend_name(name, spec), config=json.dumps(config))
         except InferenceServerException as exc:
+            await self._clear(name, spec)
             raise ModelLoadFailed(f"Triton at {self.address} could not load {name!r}: {exc.message()}") from exc
+
+    async def _clear(self, name: str, spec: ModelSettings) -> None:
+        """Unload ``name`` and remove its directory from this replica's repository (after a failed load)."""
+        await self.unload(name, spec)
+        await asyncio.to_thread(shutil.rmtree, self.repository / backend_name(name, spec), True)
 
     async def unload(self, name: str, spec: ModelSettings) -> None:
         try:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -121,6 +123,62 @@ async def eventually(check, timeout_s: float, what: str, interval_s: float = 0.1
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout_s} s: {what}")
         await asyncio.sleep(interval_s)
+
+
+def write_classifier(directory: Path, *, reshape_batch: int = -1) -> Path:
+    """``directory/1/model.onnx`` and ``labels.txt``: a small real classifier whose input is ``x`` FP32
+    NCHW 320x320 (the mean colour times a 3x10 matrix, softmax: 10 scores in ``probs``).
+    ``reshape_batch`` 1 hard-codes the batch in a Reshape, as an export with ``view(1, -1)`` does:
+    the model loads and runs a batch of 1, and fails any larger batch."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.linspace(-1.0, 1.0, 30, dtype=np.float32).reshape(3, 10)
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+            helper.make_node("Reshape", ["pooled", "shape"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "weights"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+        ],
+        "mean-colour",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 320, 320])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(np.array([reshape_batch, 3], dtype=np.int64), "shape"),
+         numpy_helper.from_array(weights, "weights")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    (directory / "1").mkdir(parents=True)
+    (directory / "1" / "model.onnx").write_bytes(model.SerializeToString())
+    (directory / "labels.txt").write_text("".join(f"colour-{i}\n" for i in range(10)))
+    return directory
+
+
+def write_unloadable(directory: Path) -> Path:
+    """``directory/1/model.onnx``: a graph that declares what the EfficientNet spec says (``images`` UINT8
+    NHWC 224x224 in, ``probabilities`` out) but uses an operator ONNX Runtime does not have, so
+    Triton refuses to load it."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["images"], ["pixels"], to=TensorProto.FLOAT),
+         helper.make_node("NoSuchOperator", ["pixels"], ["probabilities"])],
+        "unloadable",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", 224, 224, 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 1000])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    (directory / "1").mkdir(parents=True)
+    (directory / "1" / "model.onnx").write_bytes(model.SerializeToString())
+    return directory
+
+
+def models_cli(fleet: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:
+    """``flotilla models ARGS`` against the fleet, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "flotilla", "models", "--state", str(fleet.run_dir / "stack.json"), *args],
+        capture_output=True, text=True, timeout=120,
+    )
 
 
 def test_models_are_placed_on_different_replicas_within_their_budgets(fleet: LocalStack, models: ModelsClient) -> None:
@@ -264,7 +322,8 @@ def test_a_broken_artifact_fails_the_load_and_leaves_nothing_behind(fleet: Local
     with pytest.raises(FlotillaError) as caught:
         models.deploy("broken", spec)
 
-    assert caught.value.code == Code.FAILED_PRECONDITION and "could not load" in caught.value.message
+    assert caught.value.code == Code.FAILED_PRECONDITION
+    assert "s3://flotilla-models/broken/1/model.onnx is not a readable ONNX model" in caught.value.message
     assert "broken" not in [m.name for m in models.list()]
     for proc in fleet.tritons:
         assert "broken" not in loaded_on(proc.address)
@@ -368,10 +427,8 @@ async def test_a_cold_start_that_fails_answers_the_held_requests_with_its_reason
     fleet: LocalStack, models: ModelsClient, client: FlotillaClient, tmp_path: Path
 ) -> None:
     assert fleet.settings is not None
-    broken = tmp_path / "broken-lazy"
-    (broken / "1").mkdir(parents=True)
-    (broken / "1" / "model.onnx").write_bytes(b"not an ONNX graph either")
-    upload_artifact(fleet.settings.s3, broken, "s3://flotilla-models/broken-lazy")
+    # Its graph matches the spec (the deploy's check passes); Triton cannot load it.
+    upload_artifact(fleet.settings.s3, write_unloadable(tmp_path / "broken-lazy"), "s3://flotilla-models/broken-lazy")
     spec = fleet.base.models[EFFNET].model_copy(update={
         "artifact": None, "storage_uri": "s3://flotilla-models/broken-lazy", "memory_mb": 50.0,
         "min_copies": 0, "max_copies": 1,
@@ -391,16 +448,8 @@ async def test_a_cold_start_that_fails_answers_the_held_requests_with_its_reason
 
 
 def test_the_models_cli_uploads_deploys_shows_and_undeploys(fleet: LocalStack, tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    state = str(fleet.run_dir / "stack.json")
-
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "flotilla", "models", "--state", state, *args],
-            capture_output=True, text=True, timeout=120,
-        )
+        return models_cli(fleet, *args)
 
     spec = tmp_path / "spec.yaml"
     spec.write_text(json.dumps({"input": fleet.base.models[EFFNET].input.model_dump(mode="json"),
@@ -452,3 +501,65 @@ def test_a_batcher_started_before_its_model_waits_unready_then_serves_it(
         batcher.stop()
         if name in {m.name for m in models.list()}:
             models.undeploy(name)
+
+
+async def test_a_deploy_without_a_spec_reads_the_input_from_the_graph_and_a_mismatching_spec_is_refused(
+    fleet: LocalStack, models: ModelsClient, client: FlotillaClient, tmp_path: Path
+) -> None:
+    """The issue's case: an ONNX classifier whose input is ``x`` FP32 NCHW 320x320, deployed with the
+    CLI and no --spec. A spec that says otherwise is refused naming both sides; without one the input
+    comes from the graph, the status says so, and a real classification works."""
+    assert fleet.settings is not None
+    name, uri = "graph-x", "s3://flotilla-models/graph-x"
+    upload_artifact(fleet.settings.s3, write_classifier(tmp_path / "graph-x"), uri)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(json.dumps({"input": {"name": "images", "dtype": "UINT8", "layout": "NHWC",
+                                           "height_px": 224, "width_px": 224}}))
+
+    refused = models_cli(fleet, "deploy", name, "--storage-uri", uri, "--framework", "onnx", "--memory", "40Mi",
+                         "--spec", str(wrong))
+    assert refused.returncode != 0
+    assert "FAILED_PRECONDITION: the spec does not match the model: spec says input 'images' UINT8 NHWC 224x224" \
+        in refused.stderr, refused.stderr
+    assert f"model.onnx version 1 at {uri} has input 'x' FP32 [N,3,320,320]" in refused.stderr
+    assert "Pass --spec with input: {name: x, dtype: FP32, layout: NCHW, height_px: 320, width_px: 320}" \
+        in refused.stderr
+    assert name not in [m.name for m in models.list()]
+
+    deployed = models_cli(fleet, "deploy", name, "--storage-uri", uri, "--framework", "onnx", "--memory", "40Mi")
+    try:
+        assert deployed.returncode == 0, deployed.stderr
+        assert "input:      'x' FP32 NCHW 320x320 RGB, stretch" in deployed.stdout, deployed.stdout
+        assert "SpecMatchesGraph" in deployed.stdout and "ReadFromGraph" in deployed.stdout
+        assert "read from the graph: input.name, input.dtype, input.layout, input.height_px, input.width_px, " \
+            "output_name" in deployed.stdout
+        status = models.status(name)
+        assert next(c for c in status.conditions if c.type == "Ready").reason == "CopiesReady"
+        assert any(e.kind == "warmed_up" for e in status.events), "its copy ran a batch before it was Ready"
+        fleet.wait_model(name)
+
+        cat = await client.upload(sample("chelsea.jpg"))
+        result = await client.classify(cat, name, timeout_s=30)
+        assert result.classes[0].label.startswith("colour-") and 0.0 < result.classes[0].score <= 1.0
+    finally:
+        if name in [m.name for m in models.list()]:
+            models.undeploy(name)
+
+
+def test_a_model_that_fails_its_warm_up_is_not_deployed(fleet: LocalStack, models: ModelsClient, tmp_path: Path) -> None:
+    """It loads, but its Reshape hard-codes a batch of 1: the warm-up at the model's batch size (8)
+    fails in ONNX Runtime, and the deploy with it, leaving nothing loaded."""
+    assert fleet.settings is not None
+    uri = "s3://flotilla-models/batch-of-one"
+    upload_artifact(fleet.settings.s3, write_classifier(tmp_path / "batch-of-one", reshape_batch=1), uri)
+
+    with pytest.raises(FlotillaError) as caught:
+        models.deploy("batch-of-one", {"storage_uri": uri, "memory_mb": 40})
+
+    message = caught.value.message
+    assert caught.value.code == Code.FAILED_PRECONDITION, message
+    assert "loaded but failed its warm-up: a batch of 8 for input 'x' FP32 NCHW 320x320" in message, message
+    assert "Reshape" in message, "ONNX Runtime's own reason"
+    assert "batch-of-one" not in [m.name for m in models.list()]
+    for proc in fleet.tritons:
+        assert "batch-of-one" not in loaded_on(proc.address)

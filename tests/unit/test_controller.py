@@ -13,21 +13,35 @@ import pytest
 from fakes import FakeClock
 
 from flotilla.config import AutoscaleSettings, ControllerSettings, FlotillaSettings, ModelSettings
-from flotilla.errors import AlreadyExists, ArtifactUnavailable, ModelLoadFailed, ModelNotFound, UnsupportedFramework
+from flotilla.errors import (
+    AlreadyExists,
+    ArtifactUnavailable,
+    Code,
+    ModelLoadFailed,
+    ModelNotFound,
+    UnsupportedFramework,
+)
 from flotilla.services.controller.controller import CONFIGURED_RETRY_S, BatcherCounters, Controller
+from flotilla.services.controller.graph import ModelGraph, SpecMismatch, TensorInfo
 from flotilla.services.controller.placement import NoCapacity
-from flotilla.services.controller.registry import MemoryRecords
+from flotilla.services.controller.registry import LOADED, SPEC_MATCHES_GRAPH, MemoryRecords
 from flotilla.services.controller.server import build_controller
 
 URI = "s3://flotilla-models/m"
+DEFAULT_GRAPH = ModelGraph(
+    (TensorInfo("images", "UINT8", ("batch", 224, 224, 3)),), (TensorInfo("probabilities", "FP32", ("batch", 2)),)
+)
+"""What the default spec describes: a UINT8 NHWC 224x224 input, two classes (cat, dog)."""
 
 
 class FakeArtifacts:
-    """Every URI holds version 1 (and 2), except the ones marked missing."""
+    """Every URI holds version 1 (and 2), except the ones marked missing; each version's graph is
+    ``DEFAULT_GRAPH`` unless ``graphs`` names another for its URI."""
 
     def __init__(self) -> None:
         self.missing: set[str] = set()
         self.checks = 0
+        self.graphs: dict[str, ModelGraph] = {}
 
     def check(self, uri: str, versions: list[int]) -> dict[str, dict[str, object]]:
         self.checks += 1
@@ -37,6 +51,9 @@ class FakeArtifacts:
 
     def labels(self, uri: str, manifest: dict[str, dict[str, object]]) -> list[str]:
         return ["cat", "dog"]
+
+    def graph(self, uri: str, version: int, manifest: dict[str, dict[str, object]]) -> ModelGraph:
+        return self.graphs.get(uri, DEFAULT_GRAPH)
 
 
 class FakeReplica:
@@ -49,6 +66,12 @@ class FakeReplica:
         self.fail_loads: set[str] = set()
         self.load_delay_s = 0.0
         self.live = True
+        self.loaded_specs: dict[str, ModelSettings] = {}
+        self.fail_warm_ups: set[str] = set()
+        self.warm_ups: list[str] = []
+        self.warm_up_gate: asyncio.Event | None = None
+        """When set, a warm-up waits for it (a test sees what happens meanwhile)."""
+        self.memory_mb: float | None = None
 
     async def is_live(self) -> bool:
         return self.live
@@ -62,16 +85,22 @@ class FakeReplica:
         if name in self.fail_loads:
             raise ModelLoadFailed(f"Triton at {self.address} could not load {name!r}: bad graph")
         self.models[spec.backend_model or name] = list(spec.versions)
+        self.loaded_specs[name] = spec
 
     async def unload(self, name: str, spec: ModelSettings) -> None:
         self.unloads.append(name)
         self.models.pop(spec.backend_model or name, None)
 
     async def warm_up(self, name: str, spec: ModelSettings) -> None:
-        return None
+        self.warm_ups.append(name)
+        if self.warm_up_gate is not None:
+            await self.warm_up_gate.wait()
+        if name in self.fail_warm_ups:
+            # What tritonclient raises for an execution ONNX Runtime refused.
+            raise RuntimeError("[StatusCode.INTERNAL] RuntimeException: Reshape: requested shape {1,3}")
 
     def measure_memory_mb(self, name: str, spec: ModelSettings) -> float | None:
-        return None
+        return self.memory_mb
 
     async def close(self) -> None:
         return None
@@ -142,6 +171,100 @@ async def test_a_name_taken_is_already_exists_unless_replaced(replicas: list[Fak
         await ctl.deploy("m", spec())
     await ctl.deploy("m", spec(memory_mb=150), replace=True)
     assert ctl.records["m"].spec.memory_mb == 150
+
+
+def graph_x_fp32_nchw_320() -> ModelGraph:
+    return ModelGraph((TensorInfo("x", "FP32", ("N", 3, 320, 320)),), (TensorInfo("probs", "FP32", ("N", 2)),))
+
+
+async def test_a_spec_without_input_settings_is_filled_in_from_the_graph(replicas: list[FakeReplica]) -> None:
+    ctl = controller(replicas)
+    ctl.artifacts.graphs[URI] = graph_x_fp32_nchw_320()  # type: ignore[attr-defined]
+
+    record = await ctl.deploy("m", spec(input={"mean": [0.5, 0.5, 0.5]}))
+
+    [holder] = ctl.ready_copies("m")
+    for loaded in (record.spec, next(r for r in replicas if r.address == holder).loaded_specs["m"]):
+        assert (loaded.input.name, loaded.input.dtype, loaded.input.layout) == ("x", "FP32", "NCHW")
+        assert (loaded.input.height_px, loaded.input.width_px, loaded.output_name) == (320, 320, "probs")
+        assert loaded.input.mean == (0.5, 0.5, 0.5)
+    condition = record.conditions[(SPEC_MATCHES_GRAPH, "")]
+    assert condition.status == "True" and condition.reason == "ReadFromGraph"
+    assert "read from the graph: input.name, input.dtype, input.layout" in condition.message
+    assert any(e.kind == "spec_from_graph" for e in record.events)
+
+
+async def test_a_spec_that_does_not_match_the_graph_is_rejected_before_any_load(replicas: list[FakeReplica]) -> None:
+    ctl = controller(replicas)
+    ctl.artifacts.graphs[URI] = graph_x_fp32_nchw_320()  # type: ignore[attr-defined]
+    explicit = {"name": "images", "dtype": "UINT8", "layout": "NHWC", "height_px": 224, "width_px": 224}
+
+    with pytest.raises(SpecMismatch) as caught:
+        await ctl.deploy("m", spec(input=explicit))
+
+    assert caught.value.code == Code.FAILED_PRECONDITION
+    assert "spec says input 'images' UINT8 NHWC 224x224" in caught.value.message
+    assert "model.onnx version 1 at s3://flotilla-models/m has input 'x' FP32 [N,3,320,320]" in caught.value.message
+    assert "Pass --spec with input: {name: x, dtype: FP32, layout: NCHW" in caught.value.message
+    assert "m" not in ctl.records and all(r.loads == [] for r in replicas)
+
+
+async def test_a_failed_warm_up_fails_the_deploy_and_leaves_nothing_loaded(replicas: list[FakeReplica]) -> None:
+    ctl = controller(replicas)
+    for replica in replicas:
+        replica.fail_warm_ups.add("m")
+
+    with pytest.raises(ModelLoadFailed) as caught:
+        await ctl.deploy("m", spec())
+
+    assert caught.value.code == Code.FAILED_PRECONDITION
+    assert "failed its warm-up" in caught.value.message and "Reshape: requested shape {1,3}" in caught.value.message
+    assert "a batch of 8 for input 'images' UINT8 NHWC 224x224" in caught.value.message
+    assert "m" not in ctl.records and ctl.committed() == []
+    assert [r.unloads for r in replicas if r.loads] == [["m"]] and all(r.models == {} for r in replicas)
+
+
+async def test_a_deploy_warms_up_and_measures_its_copies_before_it_commits(replicas: list[FakeReplica]) -> None:
+    settings = ControllerSettings(evict_idle_after_s=0.0, drain_s=0.0, measure_memory=True)
+    records = MemoryRecords()
+    ctl = Controller(settings, replicas, FakeArtifacts(), records)  # type: ignore[arg-type]
+    gate = asyncio.Event()
+    for replica in replicas:
+        replica.warm_up_gate, replica.memory_mb = gate, 120.0
+
+    deploy = asyncio.create_task(ctl.deploy("m", spec(memory_mb=100)))
+    await until(lambda: any(r.warm_ups for r in replicas), "the warm-up")
+    assert not deploy.done() and ctl.committed() == [], "not registered while its copy warms up"
+    gate.set()
+    record = await deploy
+
+    assert record.measured_memory_mb == 120.0 and record.memory_mb == 120.0
+    assert records.data["m"]["measured_memory_mb"] == 120.0, "committed with the measured memory"
+    [holder] = ctl.ready_copies("m")
+    assert ctl.replicas[holder].copies["m"].memory_mb == 120.0
+    assert [e.kind for e in record.events][-3:] == ["warmed_up", "measured", "deployed"]
+    assert sum(len(r.warm_ups) for r in replicas) == 1, "warmed up once, not again in the background"
+
+
+async def test_a_later_copy_that_fails_its_warm_up_leaves_the_fleet(replicas: list[FakeReplica]) -> None:
+    # A cold start does not wait for the warm-up (it runs in the background); a failed one takes the
+    # copy out, as a failed load would.
+    settings = ControllerSettings(evict_idle_after_s=0.0, drain_s=0.0, measure_memory=True)
+    ctl = Controller(settings, replicas, FakeArtifacts(), MemoryRecords())  # type: ignore[arg-type]
+    await ctl.deploy("m", spec(min_copies=0))
+    for replica in replicas:
+        replica.fail_warm_ups.add("m")
+
+    await ctl.ensure_loaded("m")
+    [holder] = ctl.copies("m")
+    await until(lambda: not ctl.copies("m"), "the copy taken out")
+
+    condition = ctl.records["m"].conditions[(LOADED, holder)]
+    assert condition.status == "False" and condition.reason == "WarmUpFailed"
+    assert "Reshape: requested shape {1,3}" in condition.message
+    assert next(r for r in replicas if r.address == holder).unloads == ["m"]
+    assert any(e.kind == "warm_up_failed" for e in ctl.records["m"].events)
+    await ctl.stop()
 
 
 async def test_concurrent_cold_starts_share_one_load(replicas: list[FakeReplica]) -> None:
