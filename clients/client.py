@@ -20,7 +20,7 @@ from types import TracebackType
 import grpc
 
 from flotilla.api.v1 import inference_pb2, inference_pb2_grpc
-from flotilla.common.ids import new_image_uuid, object_key
+from flotilla.common.ids import check_image_uuid, new_image_uuid, object_key
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.status import error_from_rpc
 from flotilla.config import S3Settings
@@ -106,8 +106,8 @@ class FlotillaClient:
         await self._channel.close()
 
     async def upload(self, jpeg: bytes, image_uuid: str | None = None) -> str:
-        """Store ``jpeg`` as ``<uuid>.jpg`` and return the uuid."""
-        image_uuid = image_uuid or new_image_uuid()
+        """Store ``jpeg`` as ``<uuid>.jpg`` and return the uuid (canonical: lower case)."""
+        image_uuid = check_image_uuid(image_uuid) if image_uuid else new_image_uuid()
         await asyncio.to_thread(self._store.put, object_key(image_uuid), jpeg)
         return image_uuid
 

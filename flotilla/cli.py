@@ -15,12 +15,17 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flotilla.config import FlotillaSettings, S3Settings, load_settings
 from flotilla.errors import FlotillaError
+
+if TYPE_CHECKING:
+    from flotilla.stack.state import StackState
 
 DEFAULT_CONFIG = Path("flotilla.yaml")
 DEFAULT_STATE = Path(".flotilla/stack.json")
@@ -34,6 +39,16 @@ def _settings(path: Path | None) -> FlotillaSettings:
         return load_settings(path)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"invalid configuration{f' in {path}' if path else ''}:\n{exc}") from exc
+
+
+def _running_state(path: Path) -> StackState:
+    """The running stack's stack.json; exits saying why when the stack is not running."""
+    from flotilla.stack.state import StackNotRunning, read_running
+
+    try:
+        return read_running(path)
+    except StackNotRunning as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 def format_classification(title: str, classes: list) -> str:  # type: ignore[type-arg]
@@ -169,11 +184,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
-    from flotilla.stack.local import StackState
-
-    if not args.state.exists():
-        raise SystemExit(f"no running stack found ({args.state} is missing); start one with `flotilla up`")
-    state = StackState.read(args.state)
+    state = _running_state(args.state)
     s3 = state.s3_settings()
     router = args.router or state.router
     api_key = args.api_key or os.environ.get("FLOTILLA_API_KEY") or state.api_key
@@ -184,13 +195,10 @@ def cmd_infer(args: argparse.Namespace) -> None:
 
 def _models_client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from flotilla.clients.models import ModelsClient
-    from flotilla.stack.local import StackState
 
     if args.controller:
         return ModelsClient(args.controller), None
-    if not args.state.exists():
-        raise SystemExit(f"no running stack found ({args.state} is missing); start one with `flotilla up`")
-    state = StackState.read(args.state)
+    state = _running_state(args.state)
     return ModelsClient(state.controller), state
 
 
@@ -198,7 +206,7 @@ def cmd_models(args: argparse.Namespace) -> None:
     import yaml
     from pydantic import ValidationError
 
-    from flotilla.clients.models import format_list, format_status, upload_artifact
+    from flotilla.clients.models import format_list, format_status, missing_labels, upload_artifact
     from flotilla.config import ModelSettings
 
     client, state = _models_client(args)
@@ -217,6 +225,9 @@ def cmd_models(args: argparse.Namespace) -> None:
                 uri = args.storage_uri or f"s3://{state.artifact_bucket}/{args.name}"
                 files = upload_artifact(state.s3_settings(), args.directory, uri)
                 print(f"uploaded {len(files)} file(s) to {uri}: {', '.join(sorted(files))}")
+                warning = missing_labels(args.directory, files)
+                if warning:
+                    print(f"warning: {warning}", file=sys.stderr)
             elif args.action == "deploy":
                 data = yaml.safe_load(args.spec.read_text(encoding="utf-8")) if args.spec else {}
                 data = data or {}
@@ -236,22 +247,39 @@ def cmd_models(args: argparse.Namespace) -> None:
         raise SystemExit(f"{exc.code.name}: {exc.message}") from exc
 
 
+_MIB = 1024**2
+MEMORY_UNITS: dict[str, float] = {
+    **{unit: 1 / 1024 for unit in ("Ki", "KiB")},
+    **{unit: 1.0 for unit in ("Mi", "MiB")},
+    **{unit: 1024.0 for unit in ("Gi", "GiB")},
+    **{unit: 1000 / _MIB for unit in ("k", "K", "kB", "KB")},
+    **{unit: 1000**2 / _MIB for unit in ("M", "MB")},
+    **{unit: 1000**3 / _MIB for unit in ("G", "GB")},
+}
+"""Memory units -> MiB. Binary with an ``i`` (1 Mi = 1 MiB = 1024² bytes), decimal without one
+(1 M = 1 MB = 1000² bytes), as Kubernetes quantities and disk sizes read them."""
+_MEMORY_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
+
+
 def parse_memory_mb(text: str) -> float:
-    """"300Mi", "1.5Gi", "300M", "300" (MiB) -> MiB."""
-    units = {"Ki": 1 / 1024, "Mi": 1.0, "Gi": 1024.0, "K": 1000 / 1024**2, "M": 1000**2 / 1024**2,
-             "G": 1000**3 / 1024**2}
-    for suffix in sorted(units, key=len, reverse=True):
-        if text.endswith(suffix):
-            return float(text[: -len(suffix)]) * units[suffix]
-    return float(text)
+    """``300Mi``, ``300MiB``, ``1.5Gi``, ``300M``, ``300MB`` or ``300`` (MiB) -> MiB.
+
+    An unknown unit fails naming the accepted ones (argparse prints the message).
+    """
+    match = _MEMORY_SIZE.fullmatch(text)
+    if match is None or (match[2] and match[2] not in MEMORY_UNITS):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a memory size; use a number with one of Ki, KiB, Mi, MiB, Gi, GiB "
+            "(binary: 1 Mi = 2^20 bytes) or K, KB, M, MB, G, GB (decimal: 1 M = 10^6 bytes), "
+            "or a bare number of MiB: e.g. 300Mi, 1.5Gi, 300MB"
+        )
+    return float(match[1]) * MEMORY_UNITS.get(match[2], 1.0)
 
 
 def cmd_loadtest(args: argparse.Namespace) -> None:
     from flotilla.clients import loadtest
-    from flotilla.stack.local import StackState
 
-    if not args.state.exists():
-        raise SystemExit(f"no running stack found ({args.state} is missing); start one with `flotilla up`")
+    state = _running_state(args.state)
     try:
         batch_sizes = loadtest.parse_list(args.batch_sizes)
         points = loadtest.parse_list(args.concurrency if args.mode == "closed" else args.rates,
@@ -261,7 +289,7 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
     images = [p.read_bytes() for p in sorted(args.images.glob("*.jpg"))]
     if not images:
         raise SystemExit(f"no *.jpg files in {args.images}")
-    rows = asyncio.run(_loadtest(args, StackState.read(args.state), images, batch_sizes, points))
+    rows = asyncio.run(_loadtest(args, state, images, batch_sizes, points))
     loadtest.write_csv(rows, args.out / "results.csv")
     loadtest.plot(rows, args.out / "loadtest.png", f"{args.model}: throughput vs p99 latency")
     print(loadtest.format_table(rows))
@@ -313,13 +341,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def cmd_top(args: argparse.Namespace) -> None:
     from flotilla.clients import top
-    from flotilla.stack.local import StackState
 
     if args.interval_s <= 0:
         raise SystemExit("--interval-s must be positive")
-    if not args.state.exists():
-        raise SystemExit(f"no running stack found ({args.state} is missing); start one with `flotilla up`")
-    targets = top.Targets(args.state.parent / top.TARGETS_FILE, StackState.read(args.state).metrics)
+    targets = top.Targets(args.state.parent / top.TARGETS_FILE, _running_state(args.state).metrics)
     if not targets.current():
         raise SystemExit(f"the stack of {args.state} lists no metrics endpoints; restart it with `flotilla up`")
     try:
@@ -390,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("name")
     deploy.add_argument("--storage-uri", help="s3://bucket/prefix holding <version>/model.onnx")
     deploy.add_argument("--framework", help="artifact format (onnx)")
-    deploy.add_argument("--memory", type=parse_memory_mb, help="memory of one copy, e.g. 300Mi or 1Gi")
+    deploy.add_argument("--memory", type=parse_memory_mb, help="memory of one copy: 300Mi, 1.5Gi (binary), 300MB (decimal) or 300 (MiB)")
     deploy.add_argument("--version", type=int, help="the version to serve (default: the spec's versions)")
     deploy.add_argument("--min-copies", type=int)
     deploy.add_argument("--max-copies", type=int)
@@ -403,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     undeploy.add_argument("name")
     upload = msub.add_parser("upload", help="put a local model directory into the object store")
     upload.add_argument("name")
-    upload.add_argument("directory", type=Path, help="holds <version>/model.onnx and optionally labels.txt")
+    upload.add_argument("directory", type=Path,
+                        help="holds <version>/model.onnx and optionally labels.txt (beside the version directories)")
     upload.add_argument("--storage-uri", help="default: s3://<artifact bucket>/<name>")
     models.set_defaults(func=cmd_models)
 

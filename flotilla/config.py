@@ -106,6 +106,12 @@ class InputSpec(_Section):
     decode DCT-scaled, turn the pixels upright, resize (``resize``, ``resize_px``,
     ``crop_fraction``), put the channels in ``channel_order``, and for FP32
     compute ``(pixel * scale - mean) / std`` per channel; then ``layout``.
+
+    A deploy reads ``name``, ``dtype``, ``layout`` and a fixed ``height_px`` and
+    ``width_px`` from the model's ONNX graph when the spec leaves them unset (the
+    defaults below stand where the graph does not say, e.g. dynamic sizes), and
+    checks those given against it. Channel order, resize, scale and mean/std
+    are not in a graph: only the spec says them.
     """
 
     name: str = "images"
@@ -216,7 +222,7 @@ class ModelSettings(_Section):
     """Most copies the autoscaler may place."""
     input: InputSpec = InputSpec()
     output_name: str = "probabilities"
-    """Output tensor holding per-class scores."""
+    """Output tensor holding per-class scores; unset, a deploy takes the graph's output when it has one."""
     output_kind: Literal["probabilities", "logits"] = "probabilities"
     """probabilities: scores are used as they are; logits: softmax is applied first."""
     labels: list[str] = []
@@ -357,13 +363,40 @@ class ObservabilitySettings(_Section):
     """How often that Prometheus scrapes (short: a local stack is for watching things happen)."""
     tracing: bool = False
     """OpenTelemetry traces from every service (router, batcher, worker, backend call)."""
+    trace_sample_ratio: float = Field(1.0, ge=0.0, le=1.0)
+    """Fraction of traces kept, decided where a trace starts (a request's first tier, by its trace id)
+    and followed by every tier after it; a batch is kept when any request riding in it is."""
+    trace_polling: bool = False
+    """Also trace the mesh's own polling (GetStats, GetPools, GetBatching, RegisterBatcher, WatchFleet,
+    ListModels, GetModel) when no traced call made it: off, it starts no trace of its own."""
     trace_exporter: Literal["otlp", "console", "file"] = "otlp"
     """otlp: to otlp_endpoint (a collector, Jaeger, Tempo); console: into each service's log;
     file: JSON lines in trace_dir/<service>.jsonl."""
     otlp_endpoint: str = "127.0.0.1:4317"
     """host:port of the OTLP gRPC receiver."""
+    otlp_insecure: bool = True
+    """Plaintext gRPC to the OTLP receiver (a collector on the same host or pod). false: TLS, the
+    receiver's certificate checked against otlp_certificate_file, else the system's roots."""
+    otlp_certificate_file: Path | None = None
+    """PEM bundle of the CAs trusted for the OTLP receiver's certificate (TLS only)."""
+    otlp_client_certificate_file: Path | None = None
+    """PEM certificate this service presents to the OTLP receiver (mutual TLS; with otlp_client_key_file)."""
+    otlp_client_key_file: Path | None = None
+    """PEM private key of otlp_client_certificate_file."""
     trace_dir: Path | None = None
     """Where the file exporter writes; the local stack uses <run_dir>/traces."""
+
+    @model_validator(mode="after")
+    def _check_otlp_tls(self) -> ObservabilitySettings:
+        files = {"otlp_certificate_file": self.otlp_certificate_file,
+                 "otlp_client_certificate_file": self.otlp_client_certificate_file,
+                 "otlp_client_key_file": self.otlp_client_key_file}
+        named = [name for name, path in files.items() if path is not None]
+        if self.otlp_insecure and named:
+            raise ValueError(f"{', '.join(named)} set with otlp_insecure true; set otlp_insecure: false for TLS")
+        if (self.otlp_client_certificate_file is None) != (self.otlp_client_key_file is None):
+            raise ValueError("otlp_client_certificate_file and otlp_client_key_file go together (mutual TLS)")
+        return self
 
 
 class TritonSettings(_Section):

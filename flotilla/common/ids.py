@@ -21,10 +21,13 @@ def new_image_uuid() -> str:
 
 
 def check_image_uuid(value: str) -> str:
-    """Return ``value`` if it is a canonical textual UUID, else raise InvalidImageUuid.
+    """``value`` in canonical form (lower case) if it is a textual UUID, else raise InvalidImageUuid.
 
     Only the 36-character 8-4-4-4-12 hex form is accepted, which also rules
-    out anything path-like (``../x``, ``a/b``) before it can reach a key.
+    out anything path-like (``../x``, ``a/b``) before it can reach a key. Hex
+    digits of either case name the same UUID (RFC 9562), so an upper-case one
+    is lowered: every key is written and read in lower case, and ``ABC...``
+    finds the image uploaded as ``abc...``.
     """
     if not value:
         raise InvalidImageUuid("image_uuid is empty; upload the JPEG first and send its uuid")
@@ -34,9 +37,9 @@ def check_image_uuid(value: str) -> str:
             f"image_uuid {shown!r} ({len(value)} chars) is not a canonical UUID "
             "like 123e4567-e89b-12d3-a456-426614174000"
         )
-    return value
+    return value.lower()
 
 
 def object_key(image_uuid: str) -> str:
-    """The object store key of an image: ``<uuid>.jpg``."""
+    """The object store key of an image: ``<uuid>.jpg``, the uuid in lower case."""
     return f"{check_image_uuid(image_uuid)}.jpg"

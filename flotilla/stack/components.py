@@ -71,7 +71,14 @@ def seaweed_s3(
 
     Waits first for a process of an earlier run still holding ``data_dir``
     (RuntimeError naming it after ``previous_holder_timeout_s``). weed stops
-    on SIGINT (its documented Ctrl+C) and SIGTERM alike, in about 2 s.
+    on SIGINT (its documented Ctrl+C) and SIGTERM alike, in about 2 s; it is
+    sent SIGTERM. A SIGINT can be lost: a program started in the background
+    by a shell script inherits SIGINT ignored, passes that on to its
+    children, and a SIGINT that reaches weed before its Go runtime installs
+    a handler is dropped. A weed the supervisor has just restarted is in that
+    window (nothing waits for it to be ready), and a stop there waited out
+    the whole grace and ended in SIGKILL. SIGTERM is never inherited ignored:
+    that early it ends weed at once, later weed stops cleanly.
     """
     weed = _venv_bin() / "weed"
     if not weed.exists():
@@ -96,7 +103,7 @@ def seaweed_s3(
     env = dict(os.environ)
     env["AWS_ACCESS_KEY_ID"] = settings.access_key
     env["AWS_SECRET_ACCESS_KEY"] = settings.secret_key.get_secret_value()
-    return ManagedProcess("seaweedfs", argv, log_path=log_path, env=env, stop_signal=signal.SIGINT)
+    return ManagedProcess("seaweedfs", argv, log_path=log_path, env=env, stop_signal=signal.SIGTERM)
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,13 @@ through the registry like any operator would (artifact uploaded to S3, then
 thread follows the controller's fleet and starts or stops batcher
 processes. A supervisor restarts any process that dies, with backoff. The
 resolved configuration and ``stack.json`` (what ``flotilla infer`` and
-``flotilla models`` read) are written to the run directory. ``stop`` takes
-everything down in reverse order; children also die with this process.
+``flotilla models`` read; ``flotilla.stack.state``) are written to the run
+directory. ``stop`` marks ``stack.json`` stopped, then takes everything down
+in reverse order; children also die with this process. A stack started
+again in the same run directory finds the registry S3 kept: the models
+registered as configured stay (their batchers start once), those whose
+configuration changed are replaced, and what named the earlier stack's
+processes (batcher addresses, per-replica conditions) is forgotten first.
 """
 
 from __future__ import annotations
@@ -25,23 +30,25 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 import tritonclient.grpc as triton_grpc
 from pydantic import SecretStr
 
 from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
-from flotilla.clients.models import ModelsClient, upload_artifact
+from flotilla.clients.models import ModelsClient, missing_labels, upload_artifact
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.server import is_serving
 from flotilla.config import Endpoints, FlotillaSettings, ModelSettings, S3Settings, dump_settings
 from flotilla.errors import AlreadyExists, StoreUnavailable
 from flotilla.services.backend_pool.shm import SHM_DIR, remove_stale
+from flotilla.services.controller.registry import ModelRecord, ObjectStoreRecords
 from flotilla.stack.components import TritonInstallation, TritonPorts, seaweed_s3
 from flotilla.stack.processes import ManagedProcess, free_port, wait_until
+from flotilla.stack.state import StackState, mark_stopped, now_iso, process_start_ticks
 from flotilla.stack.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -56,49 +63,32 @@ TRITON_SHM_PREFIX = "flotilla-triton-"
 """Replicas' Python-backend /dev/shm files: flotilla-triton-<stack pid>-<stack id>-<replica>-..."""
 
 
-@dataclass
-class StackState:
-    """What a client needs to reach a running stack (written as stack.json)."""
-
-    router: str
-    api_key: str
-    s3_endpoint: str
-    s3_access_key: str
-    s3_secret_key: str
-    s3_bucket: str
-    models: list[str]
-    controller: str = ""
-    artifact_bucket: str = ""
-    triton: list[str] = field(default_factory=list)
-    triton_http: list[str] = field(default_factory=list)
-    """The same replicas' HTTP endpoints, in the same order."""
-    preprocess: list[str] = field(default_factory=list)
-    config: str = ""
-    metrics: dict[str, str] = field(default_factory=dict)
-    """Process name -> host:port of its Prometheus metrics (batchers come and go: see metrics_targets)."""
-
-    def s3_settings(self) -> S3Settings:
-        """How to reach the stack's image bucket."""
-        return S3Settings(
-            endpoint=self.s3_endpoint, access_key=self.s3_access_key,
-            secret_key=SecretStr(self.s3_secret_key), bucket=self.s3_bucket,
-        )
-
-    def write(self, path: Path) -> None:
-        path.write_text(json.dumps(self.__dict__, indent=2) + "\n", encoding="utf-8")
-        path.chmod(0o600)  # holds the dev API key and S3 secret
-
-    @classmethod
-    def read(cls, path: Path) -> StackState:
-        return cls(**json.loads(path.read_text(encoding="utf-8")))
-
-
 def s3_ready(store: ObjectStore) -> bool:
     try:
         store.ensure_bucket()
     except StoreUnavailable:
         return False
     return True
+
+
+def forget_previous_stack(s3: S3Settings, bucket: str, prefix: str) -> list[str]:
+    """Clear, in a registry kept from an earlier stack in this run directory, what named that
+    stack's processes: its batchers' addresses and its replicas' Loaded conditions. This stack
+    starts its own on new ports; left listed, the router would route to dead addresses and a model
+    would wait for batchers that never answer. Returns the models whose records changed."""
+    records = ObjectStoreRecords(ObjectStore(s3.model_copy(update={"bucket": bucket}), timeout_s=10.0), prefix)
+    changed = []
+    for data in records.load_all():
+        record = ModelRecord.from_json(data)
+        per_replica = [key for key in record.conditions if key[1]]
+        if not record.batchers and not per_replica:
+            continue
+        record.batchers = []
+        for key in per_replica:
+            del record.conditions[key]
+        records.save(record.name, record.to_json())
+        changed.append(record.name)
+    return changed
 
 
 def triton_ready(address: str) -> bool:
@@ -110,6 +100,41 @@ def triton_ready(address: str) -> bool:
             client.close()
     except Exception:  # tritonclient raises several types while the server starts
         return False
+
+
+FILLED_AT_DEPLOY = frozenset({
+    ("labels",), ("output_name",), ("batching", "max_batch_size"),
+    ("input", "name"), ("input", "dtype"), ("input", "layout"), ("input", "height_px"), ("input", "width_px"),
+})
+"""Spec settings a deploy fills in when the spec leaves them out: labels from the artifact's
+labels.txt, the rest from the model's ONNX graph."""
+
+
+def spec_differs(configured: ModelSettings, registered: dict[str, Any]) -> bool:
+    """Whether a registered spec is not what deploying ``configured`` would register.
+
+    A setting the configuration gives must be equal. One it leaves out must
+    be the default, unless a deploy fills it in (``FILLED_AT_DEPLOY``; empty
+    labels count as left out): whatever the deploy found there stands.
+    Replacing a model that is already right would stop its batcher and
+    unload its copies for nothing at every start of the stack.
+    """
+    given = json.loads(configured.model_dump_json(exclude_unset=True))
+    return _differs(json.loads(configured.model_dump_json()), given, registered, ())
+
+
+def _differs(wanted: dict[str, Any], given: dict[str, Any], registered: dict[str, Any], path: tuple[str, ...]) -> bool:
+    for key in wanted.keys() | registered.keys():
+        want, have, where = wanted.get(key), registered.get(key), (*path, key)
+        if isinstance(want, dict) and isinstance(have, dict):
+            inner = given.get(key)
+            if _differs(want, inner if isinstance(inner, dict) else {}, have, where):
+                return True
+        elif where in FILLED_AT_DEPLOY and (key not in given or want in (None, [], "")):
+            continue
+        elif want != have:
+            return True
+    return False
 
 
 def default_storage_uri(settings: FlotillaSettings, name: str) -> str:
@@ -246,7 +271,9 @@ class LocalStack:
             raise
 
     def stop(self) -> None:
-        self.supervisor.stop()  # first: nothing is restarted while the stack stops
+        if self.state is not None:  # first: clients now hear "not running", not a dead address
+            mark_stopped(self.state_file, self.state)
+        self.supervisor.stop()  # nothing is restarted while the stack stops
         if self.batcher_manager is not None:
             self.batcher_manager.halt()
         for proc in reversed(self.processes()):
@@ -314,6 +341,12 @@ class LocalStack:
         triton_addresses = [p.address for p in self.tritons]
 
         s3_settings = self._wait_for_s3(s3_settings)
+        forgotten = forget_previous_stack(
+            s3_settings, self.base.controller.artifact_bucket, self.base.controller.registry_prefix
+        )
+        if forgotten:
+            log.info("registry kept from an earlier stack: %s (their old batchers and replicas forgotten)",
+                     ", ".join(forgotten))
         for proc in self.tritons:
             wait_until(lambda a=proc.address: triton_ready(a),  # type: ignore[misc]
                        self.base.triton.startup_timeout_s, f"Triton {proc.address}", procs=[proc])
@@ -390,9 +423,17 @@ class LocalStack:
             preprocess=endpoints.preprocess,
             config=str(config_path),
             metrics=self.metrics_targets(),
+            pid=os.getpid(),
+            pid_start_ticks=process_start_ticks(os.getpid()) or 0,
+            started_at=now_iso(),
         )
-        self.state.write(self.run_dir / "stack.json")
+        self.state.write(self.state_file)
         return self.state
+
+    @property
+    def state_file(self) -> Path:
+        """``stack.json``: written once the stack is up, marked stopped when it stops."""
+        return self.run_dir / "stack.json"
 
     def metrics_targets(self) -> dict[str, str]:
         """Every process's metrics endpoint now (Triton's own included)."""
@@ -423,13 +464,18 @@ class LocalStack:
         if not spec.storage_uri:
             spec = spec.model_copy(update={"storage_uri": default_storage_uri(self.settings, name)})
         if spec.artifact is not None:
-            upload_artifact(self.settings.s3, Path(spec.artifact), spec.storage_uri)
+            files = upload_artifact(self.settings.s3, Path(spec.artifact), spec.storage_uri)
+            warning = missing_labels(Path(spec.artifact), files) if not spec.labels and not spec.labels_file else None
+            if warning:
+                log.warning("%s: %s", name, warning)
             spec = spec.model_copy(update={"artifact": None})
         with self.models_client() as client:
             try:
                 client.deploy(name, spec, replace=replace)
             except AlreadyExists:  # registered by an earlier run in this directory
-                if json.loads(client.status(name).spec_json) != json.loads(spec.model_dump_json()):
+                registered = json.loads(client.status(name).spec_json)
+                if spec_differs(spec, registered):
+                    log.info("%s is registered with another spec; deploying the configuration's (--replace)", name)
                     client.deploy(name, spec, replace=True)
         if wait:
             self.wait_model(name)

@@ -1,4 +1,5 @@
-"""`flotilla up` starts every part, and SIGTERM leaves no process behind."""
+"""`flotilla up` starts every part, SIGTERM leaves no process behind, stack.json says whether the
+stack still runs, and S3 restarted by the supervisor still stops on its stop signal."""
 
 from __future__ import annotations
 
@@ -7,12 +8,21 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from flotilla.clients.client import FlotillaClient
+from flotilla.common.object_store import ObjectStore
 from flotilla.common.server import is_serving
-from flotilla.stack.local import LocalStack
+from flotilla.config import S3Settings
+from flotilla.stack.components import seaweed_s3
+from flotilla.stack.local import LocalStack, s3_ready
+from flotilla.stack.processes import ManagedProcess, free_port, wait_until
+from flotilla.stack.state import StackNotRunning, read_running
+from flotilla.stack.supervisor import Supervisor
 from tests.integration.conftest import API_KEY, MODEL, REPO, sample, stack_settings
 
 
@@ -92,6 +102,11 @@ def test_up_serves_then_stops_everything_on_sigterm(tmp_path: Path) -> None:
     assert up.returncode == 0, output
     assert "API key" in output and "router" in output
     assert wait_gone(children) == [], "orphaned processes after SIGTERM"
+    # stack.json stays, marked: a client hears "not running", not "object store unreachable".
+    stopped_at = json.loads((tmp_path / "stack.json").read_text())["stopped_at"]
+    with pytest.raises(StackNotRunning) as info:
+        read_running(tmp_path / "stack.json")
+    assert f"the stack in {tmp_path} is not running (stopped at {stopped_at})" in str(info.value)
 
 
 def test_children_die_when_up_is_killed_outright(tmp_path: Path) -> None:
@@ -99,25 +114,73 @@ def test_children_die_when_up_is_killed_outright(tmp_path: Path) -> None:
     up.kill()  # SIGKILL: no handler runs, only the parent-death signal
     up.communicate(timeout=30)
     assert wait_gone(children) == [], "orphaned processes after SIGKILL of flotilla up"
+    # Nothing marked stack.json stopped; its pid says the stack is gone.
+    assert json.loads((tmp_path / "stack.json").read_text())["stopped_at"] == ""
+    with pytest.raises(StackNotRunning) as info:
+        read_running(tmp_path / "stack.json")
+    assert f"its process {up.pid} is gone: killed or crashed" in str(info.value)
 
 
 async def test_a_stack_restarts_at_once_in_the_same_directory(tmp_path: Path) -> None:
     """Stop, then start again in the same run directory right away: S3 stops
-    promptly, the registry it kept brings the model back, and it serves."""
+    promptly, the registry it kept brings the model back as it was (not
+    replaced: its batcher starts once), and it serves."""
     settings = stack_settings(tmp_path, triton={"replicas": 1})
     with LocalStack(settings) as first:
         assert first.s3 is not None and first.state is not None
     stopped_s = time.monotonic()
+    assert json.loads((tmp_path / "stack.json").read_text())["stopped_at"] == first.state.stopped_at != ""
     with LocalStack(settings) as second:
         assert second.state is not None and second.settings is not None
         restarted_s = time.monotonic() - stopped_s
         async with FlotillaClient(second.state.router, API_KEY, second.settings.s3) as client:
             result = await client.classify_jpeg(sample("chelsea.jpg"), MODEL)
         with second.models_client() as models:
-            events = [e.kind for e in models.status(MODEL).events]
+            status = models.status(MODEL)
+            events = [e.kind for e in status.events]
+        # Only this stack's batcher is listed: the first stack's address went with it.
+        assert list(status.batchers) == [second.batchers[MODEL].address]
     assert result.classes[0].label == "Egyptian cat"
     assert "deployed" in events and "lost" not in events
     assert restarted_s < 120
     s3_log = (tmp_path / "logs" / "seaweedfs.log").read_text()
     assert s3_log.count("==== seaweedfs started pid") == 2
     assert "resource temporarily unavailable" not in s3_log, "the first S3 still held its store"
+    # The second stack found the model registered as configured: its batcher started once, not
+    # stopped ("model undeployed") and started again by a needless --replace.
+    batcher_log = (tmp_path / "logs" / f"batcher-{MODEL}.log").read_text()
+    assert batcher_log.count(f"==== batcher-{MODEL} started pid") == 2
+
+
+def test_s3_restarted_by_the_supervisor_stops_on_sigterm_even_with_sigint_ignored(tmp_path: Path) -> None:
+    """A stack started in the background by a script has SIGINT ignored, and so do its children
+    until they install a handler. A weed the supervisor had just restarted lost the SIGINT it was
+    stopped with and was killed after the whole grace; it is sent SIGTERM, which it honours."""
+    port = free_port()
+    settings = S3Settings(endpoint=f"127.0.0.1:{port}")
+    weed = seaweed_s3(settings, "127.0.0.1", port, tmp_path / "s3-data", tmp_path / "seaweedfs.log")
+    supervisor = Supervisor(poll_interval_s=0.05, initial_backoff_s=0.05)
+    stopped = threading.Event()
+
+    def stop_the_stack(proc: ManagedProcess) -> None:
+        """As the stack stops: the supervisor first, then the process - here just as it came back."""
+        supervisor.stop()
+        proc.stop()
+        stopped.set()
+
+    supervisor.on_restart = stop_the_stack
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as `flotilla up &` in a script has it
+    try:
+        weed.start()
+        wait_until(lambda: s3_ready(ObjectStore(settings, timeout_s=2.0, retries=0)), 60, "SeaweedFS", procs=[weed])
+        supervisor.add(weed)
+        supervisor.start()
+        weed.kill()
+        assert stopped.wait(timeout=60), "the supervisor did not restart weed"
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        supervisor.stop()
+        weed.stop()
+    assert supervisor.restarts("seaweedfs") == 1
+    assert weed.describe_exit() in ("exit 0", "exit -15, killed by SIGTERM")  # not SIGKILL after the grace
+    assert supervisor.join(timeout_s=10)

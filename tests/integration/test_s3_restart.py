@@ -69,7 +69,7 @@ def flag_value(proc: ManagedProcess, flag: str) -> str:
 
 def test_weed_stops_promptly_and_restarts_on_the_same_directory(weeds: Weeds) -> None:
     first, store = weeds.start()
-    assert first.stop_signal == signal.SIGINT
+    assert first.stop_signal == signal.SIGTERM  # a SIGINT can be lost: see seaweed_s3
     store.put(KEY, BODY)
     # A client connection left idle on the volume server held the old stop until SIGKILL.
     idle = socket.create_connection((HOST, int(flag_value(first, "volume.port"))))

@@ -21,9 +21,12 @@ def test_valid_uuid4_is_returned_unchanged() -> None:
     assert check_image_uuid(value) == value
 
 
-def test_upper_case_uuid_is_accepted() -> None:
-    value = str(uuid.uuid4()).upper()
-    assert check_image_uuid(value) == value
+def test_an_upper_case_uuid_is_canonicalised_to_lower_case_and_so_is_its_key() -> None:
+    """Upper- and lower-case hex name one UUID, and the image was stored under lower case."""
+    value = str(uuid.uuid4())
+    assert check_image_uuid(value.upper()) == value
+    assert check_image_uuid(value[:9] + value[9:].upper()) == value
+    assert object_key(value.upper()) == object_key(value) == f"{value}.jpg"
 
 
 def test_new_image_uuid_passes_the_check() -> None:
@@ -212,3 +215,46 @@ def test_dump_then_load_round_trips_secrets(tmp_path: Path) -> None:
     assert again.s3.secret_key.get_secret_value() == "flotilla-dev-secret"
     assert [k.get_secret_value() for k in again.router.api_keys] == ["abc"]
     assert isinstance(again, FlotillaSettings)
+
+
+# --- memory sizes (flotilla models deploy --memory) --------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "mib"),
+    [
+        ("300", 300.0),
+        ("300Mi", 300.0),
+        ("300MiB", 300.0),
+        ("1.5Gi", 1536.0),
+        ("1GiB", 1024.0),
+        ("512Ki", 0.5),
+        ("512KiB", 0.5),
+        ("300M", 300e6 / 2**20),
+        ("300MB", 300e6 / 2**20),
+        ("1G", 1e9 / 2**20),
+        ("1GB", 1e9 / 2**20),
+        ("2000kB", 2e6 / 2**20),
+        (" 300 Mi ", 300.0),
+    ],
+)
+def test_memory_sizes_take_binary_and_decimal_units(text: str, mib: float) -> None:
+    from flotilla.cli import parse_memory_mb
+
+    assert parse_memory_mb(text) == pytest.approx(mib)
+
+
+@pytest.mark.parametrize("text", ["300XB", "300mb", "300 megabytes", "-1Mi", "Mi", ""])
+def test_a_memory_size_in_an_unknown_unit_fails_naming_the_accepted_units(
+    text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flotilla.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["models", "--controller", "127.0.0.1:1", "deploy", "m", f"--memory={text}"])
+    assert exited.value.code == 2  # argparse's usage error, before anything is called
+    message = capsys.readouterr().err
+    assert f"argument --memory: {text!r} is not a memory size" in message
+    for unit in ("Mi", "MiB", "Gi", "GiB", "M", "MB", "G", "GB", "bare number of MiB"):
+        assert unit in message
+

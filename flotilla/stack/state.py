@@ -1,0 +1,145 @@
+"""``stack.json``: how clients reach a local stack, and whether it still runs.
+
+``flotilla up`` writes it into its run directory once every part is up and
+marks it stopped (``stopped_at``) when it stops. A stack whose process was
+killed outright leaves it unmarked; ``pid`` (and the process's start time,
+so a recycled pid does not pass for it) tells that case apart. The CLI's
+``infer``, ``models``, ``top`` and ``loadtest`` read it through
+``read_running``, which says which of the two happened instead of letting a
+dead address time out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from flotilla.config import S3Settings
+
+
+class StackNotRunning(Exception):
+    """stack.json is missing, marked stopped, or its process is gone; the message says which."""
+
+
+def now_iso() -> str:
+    """Local time with its offset, to the second (what stack.json's times look like)."""
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (/proc/PID/stat field 22); None if it is
+    gone, a zombie, or /proc cannot say."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+def process_alive(pid: int, start_ticks: int) -> bool:
+    """Whether ``pid`` is still the process that started at ``start_ticks`` (0: not recorded)."""
+    ticks = process_start_ticks(pid)
+    if ticks is not None:
+        return not start_ticks or ticks == start_ticks
+    if Path("/proc/self/stat").exists():
+        return False  # /proc works here and has no live process of that pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class StackState:
+    """What a client needs to reach a running stack (written as stack.json)."""
+
+    router: str
+    api_key: str
+    s3_endpoint: str
+    s3_access_key: str
+    s3_secret_key: str
+    s3_bucket: str
+    models: list[str]
+    controller: str = ""
+    artifact_bucket: str = ""
+    triton: list[str] = field(default_factory=list)
+    triton_http: list[str] = field(default_factory=list)
+    """The same replicas' HTTP endpoints, in the same order."""
+    preprocess: list[str] = field(default_factory=list)
+    config: str = ""
+    metrics: dict[str, str] = field(default_factory=dict)
+    """Process name -> host:port of its Prometheus metrics (batchers come and go: see metrics_targets)."""
+    pid: int = 0
+    """The process running the stack (``flotilla up``); its children die with it. 0: not recorded."""
+    pid_start_ticks: int = 0
+    """That process's start time (clock ticks since boot), so a recycled pid is not taken for it."""
+    started_at: str = ""
+    """When the stack was up (ISO 8601, local time)."""
+    stopped_at: str = ""
+    """When it began to stop; empty while it runs."""
+
+    def s3_settings(self) -> S3Settings:
+        """How to reach the stack's image bucket."""
+        return S3Settings(
+            endpoint=self.s3_endpoint, access_key=self.s3_access_key,
+            secret_key=SecretStr(self.s3_secret_key), bucket=self.s3_bucket,
+        )
+
+    def write(self, path: Path) -> None:
+        """Replace ``path`` at once (a reader never sees half a file); mode 0600."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=2) + "\n", encoding="utf-8")
+        tmp.chmod(0o600)  # holds the dev API key and S3 secret
+        tmp.replace(path)
+
+    @classmethod
+    def read(cls, path: Path) -> StackState:
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+    def not_running(self, where: Path) -> str | None:
+        """Why the stack of this state is not running (a sentence naming ``where``); None if it is."""
+        if self.stopped_at:
+            return f"the stack in {where} is not running (stopped at {self.stopped_at}); start it with `flotilla up`"
+        if self.pid and not process_alive(self.pid, self.pid_start_ticks):
+            since = f", started at {self.started_at}" if self.started_at else ""
+            return (
+                f"the stack in {where} is not running (its process {self.pid} is gone: killed or crashed{since}); "
+                "start it with `flotilla up`"
+            )
+        return None
+
+
+def read_running(path: Path) -> StackState:
+    """The state of the stack that wrote ``path``; StackNotRunning saying why when there is none."""
+    if not path.exists():
+        raise StackNotRunning(f"no running stack found ({path} is missing); start one with `flotilla up`")
+    state = StackState.read(path)
+    reason = state.not_running(path.parent)
+    if reason is not None:
+        raise StackNotRunning(reason)
+    return state
+
+
+def mark_stopped(path: Path, state: StackState) -> bool:
+    """Mark ``path`` stopped if it is still ``state``'s (another stack may have written it since)."""
+    try:
+        on_disk = StackState.read(path)
+    except (OSError, ValueError, TypeError):
+        return False
+    if (on_disk.pid, on_disk.started_at) != (state.pid, state.started_at) or on_disk.stopped_at:
+        return False
+    on_disk.stopped_at = now_iso()
+    on_disk.write(path)
+    state.stopped_at = on_disk.stopped_at
+    return True
