@@ -21,7 +21,7 @@ import grpc
 from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.status import error_from_rpc
-from flotilla.config import ModelSettings, S3Settings
+from flotilla.config import ModelSettings, S3Settings, deploy_json
 from flotilla.services.controller.artifacts import LABELS_FILE, ArtifactStore
 
 DEPLOY_TIMEOUT_S = 300.0
@@ -75,9 +75,9 @@ class ModelsClient:
     def deploy(
         self, name: str, spec: ModelSettings | dict[str, object], *, replace: bool = False
     ) -> controller_pb2.ModelStatus:
-        """``spec`` as settings, or as plain data the controller validates. Only the settings the spec
-        sets are sent: the controller reads the input/output settings left out from the model's graph."""
-        spec_json = spec.model_dump_json(exclude_unset=True) if isinstance(spec, ModelSettings) else json.dumps(spec)
+        """``spec`` as settings, or as plain data the controller validates. The input/output settings
+        the spec leaves unset are not sent: the controller reads them from the model's graph."""
+        spec_json = deploy_json(spec) if isinstance(spec, ModelSettings) else json.dumps(spec)
         request = controller_pb2.DeployRequest(name=name, spec_json=spec_json, replace=replace)
         return self._call(self._stub.Deploy, request, DEPLOY_TIMEOUT_S)
 

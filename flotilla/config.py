@@ -8,6 +8,7 @@ Every duration and size carries its unit in its name.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -254,6 +255,37 @@ class ModelSettings(_Section):
     def served_version(self) -> int:
         """The version requests get by default."""
         return self.default_version or max(self.versions)
+
+
+GRAPH_FILLED_SETTINGS: tuple[tuple[str, ...], ...] = (
+    ("input", "name"), ("input", "dtype"), ("input", "layout"), ("input", "height_px"), ("input", "width_px"),
+    ("output_name",), ("batching", "max_batch_size"),
+)
+"""Spec settings a deploy reads from the model's ONNX graph when the spec leaves them unset."""
+
+
+def spec_sets(spec: ModelSettings, path: tuple[str, ...]) -> bool:
+    """Whether ``spec`` sets the setting at ``path`` (given, or assigned: pydantic's fields_set)."""
+    section: BaseModel = spec
+    for key in path[:-1]:
+        section = getattr(section, key)
+    return path[-1] in section.model_fields_set
+
+
+def deploy_json(spec: ModelSettings) -> str:
+    """The spec as a deploy sends it: every setting, except those of ``GRAPH_FILLED_SETTINGS`` it leaves
+    unset, which the controller then reads from the model's graph.
+
+    Not ``exclude_unset``: a nested setting changed by assignment (``spec.backend.instance_groups = 2``)
+    is set in its own section but the section is not set in its parent, so it would be dropped."""
+    data = spec.model_dump(mode="json")
+    for path in GRAPH_FILLED_SETTINGS:
+        if not spec_sets(spec, path):
+            section = data
+            for key in path[:-1]:
+                section = section[key]
+            section.pop(path[-1], None)
+    return json.dumps(data)
 
 
 class RouterSettings(_Section):

@@ -42,7 +42,15 @@ from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
 from flotilla.clients.models import ModelsClient, missing_labels, upload_artifact
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.server import is_serving
-from flotilla.config import Endpoints, FlotillaSettings, ModelSettings, S3Settings, dump_settings
+from flotilla.config import (
+    GRAPH_FILLED_SETTINGS,
+    Endpoints,
+    FlotillaSettings,
+    ModelSettings,
+    S3Settings,
+    deploy_json,
+    dump_settings,
+)
 from flotilla.errors import AlreadyExists, StoreUnavailable
 from flotilla.services.backend_pool.shm import SHM_DIR, remove_stale
 from flotilla.services.controller.registry import ModelRecord, ObjectStoreRecords
@@ -102,10 +110,7 @@ def triton_ready(address: str) -> bool:
         return False
 
 
-FILLED_AT_DEPLOY = frozenset({
-    ("labels",), ("output_name",), ("batching", "max_batch_size"),
-    ("input", "name"), ("input", "dtype"), ("input", "layout"), ("input", "height_px"), ("input", "width_px"),
-})
+FILLED_AT_DEPLOY = frozenset({("labels",), *GRAPH_FILLED_SETTINGS})
 """Spec settings a deploy fills in when the spec leaves them out: labels from the artifact's
 labels.txt, the rest from the model's ONNX graph."""
 
@@ -119,7 +124,7 @@ def spec_differs(configured: ModelSettings, registered: dict[str, Any]) -> bool:
     Replacing a model that is already right would stop its batcher and
     unload its copies for nothing at every start of the stack.
     """
-    given = json.loads(configured.model_dump_json(exclude_unset=True))
+    given = json.loads(deploy_json(configured))
     return _differs(json.loads(configured.model_dump_json()), given, registered, ())
 
 

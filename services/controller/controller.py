@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -46,7 +47,7 @@ from typing import Protocol
 from flotilla.common import metrics
 from flotilla.common.clock import Clock, MonotonicClock
 from flotilla.common.ids import shorten
-from flotilla.config import ControllerSettings, ModelSettings
+from flotilla.config import ControllerSettings, ModelSettings, deploy_json
 from flotilla.errors import (
     AlreadyExists,
     FlotillaError,
@@ -190,8 +191,7 @@ class Controller:
         last = ""
         while name not in self.records:
             try:
-                # Only what the configuration sets: the rest is read from the graph and the artifact.
-                await self.deploy(name, spec.model_dump_json(exclude_unset=True))
+                await self.deploy(name, deploy_json(spec))
             except AlreadyExists:
                 return  # deployed through the API meanwhile
             except FlotillaError as exc:
@@ -207,9 +207,11 @@ class Controller:
             await self.clock.sleep(CONFIGURED_RETRY_S)
 
     def _warn_if_configured_differently(self, name: str, spec: ModelSettings) -> None:
-        registered = self.records[name].spec.model_dump()
-        # Only what the configuration sets: labels, input and output a deploy filled in are no difference.
-        configured = spec.model_dump(exclude_unset=True)
+        registered = self.records[name].spec.model_dump(mode="json")
+        # What a deploy fills in (labels from the artifact, input and output from the graph) is no difference.
+        configured = json.loads(deploy_json(spec))
+        if not configured["labels"]:
+            configured.pop("labels")
         differing = sorted(k for k in configured if _differs(configured[k], registered.get(k)))
         if differing:
             log.warning("controller: model %r is registered with a spec that differs from the configuration's (%s); "

@@ -28,7 +28,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from pydantic import ValidationError
 
-from flotilla.config import BatchingSettings, InputSpec, ModelSettings
+from flotilla.config import GRAPH_FILLED_SETTINGS, BatchingSettings, InputSpec, ModelSettings
 from flotilla.errors import ArtifactUnavailable, FailedPrecondition
 
 CHANNELS = 3
@@ -41,7 +41,7 @@ _DTYPES = {
 }
 INPUT_DTYPES = ("UINT8", "FP32")
 """What the preprocess workers make (InputSpec.dtype)."""
-INFERRED_INPUT_FIELDS = ("name", "dtype", "layout", "height_px", "width_px")
+INFERRED_INPUT_FIELDS = tuple(path[1] for path in GRAPH_FILLED_SETTINGS if path[0] == "input")
 """The input settings a graph can say; the rest (channel order, resize, normalisation) only a spec can."""
 
 Dim = int | str | None

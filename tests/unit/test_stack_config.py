@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flotilla.config import ModelSettings, load_settings
+from flotilla.config import ModelSettings, deploy_json, load_settings
 from flotilla.modelbuild.catalog import CATALOG
 from flotilla.stack.local import spec_differs
 
@@ -77,3 +77,17 @@ def test_a_configuration_that_changed_replaces_the_registered_model(
 ) -> None:
     before = configured() if not filled else spec
     assert spec_differs(spec, registered(before, **filled))
+
+
+def test_a_deploy_sends_settings_changed_by_assignment_and_leaves_graph_settings_unset() -> None:
+    # exclude_unset dropped a section changed by assignment (its parent never marks it set): the
+    # fault stack's instance_groups = 2 reached Triton as 1.
+    spec = ModelSettings()
+    spec.backend.instance_groups = 2
+    spec.batching.max_batch_size = 8
+    sent = json.loads(deploy_json(spec))
+    assert sent["backend"]["instance_groups"] == 2 and sent["batching"]["max_batch_size"] == 8
+    assert "name" not in sent["input"] and "output_name" not in sent, "the controller reads them from the graph"
+    given = ModelSettings.model_validate({"input": {"name": "x", "dtype": "FP32"}})
+    sent = json.loads(deploy_json(given))
+    assert sent["input"]["name"] == "x" and sent["input"]["dtype"] == "FP32" and "layout" not in sent["input"]
