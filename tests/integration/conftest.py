@@ -93,3 +93,22 @@ def triton_counts(address: str, model: str = MODEL) -> tuple[int, int]:
         client.close()
     entry = stats["model_stats"][0]
     return int(entry.get("inference_count", 0)), int(entry.get("execution_count", 0))
+
+
+def write_unloadable(directory: Path) -> Path:
+    """``directory/1/model.onnx``: a graph that declares what the EfficientNet spec says (``images`` UINT8
+    NHWC 224x224 in, ``probabilities`` out) but uses an operator ONNX Runtime does not have, so
+    Triton refuses to load it."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["images"], ["pixels"], to=TensorProto.FLOAT),
+         helper.make_node("NoSuchOperator", ["pixels"], ["probabilities"])],
+        "unloadable",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", 224, 224, 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 1000])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    (directory / "1").mkdir(parents=True)
+    (directory / "1" / "model.onnx").write_bytes(model.SerializeToString())
+    return directory

@@ -29,7 +29,7 @@ from flotilla.errors import Code, FlotillaError
 from flotilla.services.batcher.server import CLASSIFIER_SERVICE, WAIT_FOR_MODEL_POLL_S
 from flotilla.stack.local import LocalStack
 from flotilla.stack.processes import free_port, wait_until
-from tests.integration.conftest import API_KEY, MODELS_DIR, sample, stack_settings
+from tests.integration.conftest import API_KEY, MODELS_DIR, sample, stack_settings, write_unloadable
 
 EFFNET, NSFW, ORIENT = "efficientnet-lite0", "open-nsfw", "document-orientation"
 BUDGET_MB = 500.0
@@ -151,25 +151,6 @@ def write_classifier(directory: Path, *, reshape_batch: int = -1) -> Path:
     (directory / "1").mkdir(parents=True)
     (directory / "1" / "model.onnx").write_bytes(model.SerializeToString())
     (directory / "labels.txt").write_text("".join(f"colour-{i}\n" for i in range(10)))
-    return directory
-
-
-def write_unloadable(directory: Path) -> Path:
-    """``directory/1/model.onnx``: a graph that declares what the EfficientNet spec says (``images`` UINT8
-    NHWC 224x224 in, ``probabilities`` out) but uses an operator ONNX Runtime does not have, so
-    Triton refuses to load it."""
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Cast", ["images"], ["pixels"], to=TensorProto.FLOAT),
-         helper.make_node("NoSuchOperator", ["pixels"], ["probabilities"])],
-        "unloadable",
-        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", 224, 224, 3])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 1000])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    (directory / "1").mkdir(parents=True)
-    (directory / "1" / "model.onnx").write_bytes(model.SerializeToString())
     return directory
 
 

@@ -16,7 +16,7 @@ from flotilla.clients.models import ModelsClient, upload_artifact
 from flotilla.config import ModelSettings
 from flotilla.errors import Code, FlotillaError
 from flotilla.stack.local import LocalStack
-from tests.integration.conftest import MODEL, MODEL_ONNX, sample
+from tests.integration.conftest import MODEL, MODEL_ONNX, sample, write_unloadable
 
 LABELS = "".join(f"class-{i}\n" for i in range(1000))
 
@@ -85,25 +85,6 @@ async def test_an_upper_case_uuid_finds_the_image_uploaded_in_lower_case(client:
     assert result.classes[0].label == "Egyptian cat"
     # An upload under an upper-case uuid is stored under the canonical one.
     assert await client.upload(sample("chelsea.jpg"), image_uuid.upper()) == image_uuid
-
-
-def write_unloadable(directory: Path) -> Path:
-    """``directory/1/model.onnx``: a graph that declares what the EfficientNet spec says (``images``
-    UINT8 NHWC 224x224 in, ``probabilities`` out) but uses an operator ONNX Runtime does not have,
-    so Triton refuses to load it."""
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Cast", ["images"], ["pixels"], to=TensorProto.FLOAT),
-         helper.make_node("NoSuchOperator", ["pixels"], ["probabilities"])],
-        "unloadable",
-        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", 224, 224, 3])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 1000])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    (directory / "1").mkdir(parents=True)
-    (directory / "1" / "model.onnx").write_bytes(model.SerializeToString())
-    return directory
 
 
 def repository_index(address: str) -> dict[str, dict[str, str]]:
