@@ -23,6 +23,7 @@ from flotilla.api.v1 import inference_pb2, inference_pb2_grpc
 from flotilla.common.ids import check_image_uuid, new_image_uuid, object_key
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.status import error_from_rpc
+from flotilla.common.wire import AUTH_HEADER, BEARER_PREFIX, MODEL_HEADER
 from flotilla.config import S3Settings
 from flotilla.errors import InvalidArgument
 
@@ -137,7 +138,7 @@ class FlotillaClient:
         )
         if not model or not (model.isascii() and model.isprintable()):
             raise InvalidArgument(f"model name {model[:40]!r} must be non-empty printable ASCII (it travels as a header)")
-        metadata = (("x-model-name", model), ("authorization", f"Bearer {self.api_key}"))
+        metadata = ((MODEL_HEADER, model), (AUTH_HEADER, f"{BEARER_PREFIX}{self.api_key}"))
         try:
             reply = await self._stub.Classify(
                 request,

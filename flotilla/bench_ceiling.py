@@ -52,6 +52,7 @@ from flotilla.api.v1 import (
 from flotilla.bench_cpu import LOAD_GENERATOR, Tier, metered_load
 from flotilla.common.relay import RelayServicer
 from flotilla.common.server import GrpcPeer, ServiceServer, is_serving, run_service
+from flotilla.common.wire import AUTH_HEADER, BEARER_PREFIX, MODEL_HEADER
 from flotilla.config import FlotillaSettings, ModelSettings, dump_settings
 from flotilla.stack.processes import ManagedProcess, free_port, wait_until
 
@@ -187,7 +188,7 @@ async def batcher_point(settings: FlotillaSettings, run_dir: Path, *, max_batch_
         batcher = await _start(settings, run_dir, name, ["batcher", "--config", str(config), "--model", MODEL])
         peer = GrpcPeer(batcher.address)
         ring = itertools.cycle(classify_bodies())
-        headers = [("x-model-name", MODEL)]
+        headers = [(MODEL_HEADER, MODEL)]
         assert batcher.pid is not None
         point = await _measure(
             "batcher", batcher.pid, lambda: peer.relay.call(CLASSIFY, next(ring), headers, 30.0),  # type: ignore[union-attr]
@@ -214,7 +215,7 @@ class _RouterLoad:
         ]
         self._sends = itertools.cycle([c.unary_unary(CLASSIFY) for c in self.channels])
         self._bodies = itertools.cycle(classify_bodies())
-        self._metadata = (("x-model-name", MODEL), ("authorization", f"Bearer {API_KEY}"))
+        self._metadata = ((MODEL_HEADER, MODEL), (AUTH_HEADER, f"{BEARER_PREFIX}{API_KEY}"))
 
     def __call__(self) -> Awaitable[object]:
         return next(self._sends)(next(self._bodies), metadata=self._metadata, timeout=30.0)

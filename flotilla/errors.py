@@ -38,7 +38,7 @@ status codes by number (google.rpc.Code).
 **Origin.** An error may name the part of the mesh that failed
 (``origin``, e.g. ``"preprocess worker 127.0.0.1:5001"``, ``"object store
 127.0.0.1:8333"``) when it arose below the service that answers with it. It
-travels with the status between tiers (``ORIGIN_HEADER`` in the trailing
+travels with the status between tiers (``flotilla.common.wire.ORIGIN_HEADER`` in the trailing
 metadata of a unary call, ``AnswerFrame.origin`` on the relay,
 ``ItemError.origin`` in a worker's batch reply). An endpoint pool tells by
 it an endpoint's own failure (no origin: connection refused or reset, a
@@ -73,10 +73,6 @@ class Code(enum.IntEnum):
     UNAVAILABLE = 14
     DATA_LOSS = 15
     UNAUTHENTICATED = 16
-
-
-ORIGIN_HEADER = "x-flotilla-origin"
-"""Trailing metadata key carrying an error's ``origin`` on a unary call between tiers."""
 
 
 class FlotillaError(Exception):

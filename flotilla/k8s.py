@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
+from flotilla.common.wire import CLASSIFIER_SERVICE
 from flotilla.config import FlotillaSettings, ModelSettings
 
 NAMESPACE = "flotilla"
@@ -51,7 +52,6 @@ METRICS_PORT = 9100
 PORTS = {"router": 50051, "batcher": BATCHER_PORT, "preprocess": 50053, "controller": 50060}
 TRITON_GRPC_PORT = 8001
 TRITON_HTTP_PORT = 8000
-CLASSIFIER_SERVICE = "flotilla.api.v1.ImageClassifier"
 QUEUE_WAIT_METRIC = "flotilla_batcher_queue_wait_seconds_mean"
 """Per-pod mean queue wait, served by the Prometheus adapter (components/monitoring/prometheus-adapter-values.yaml)."""
 TRACING_CONFIG_MAP = "flotilla-tracing"

@@ -25,11 +25,11 @@ import grpc
 from opentelemetry.trace import Span, Status, StatusCode
 
 from flotilla.common import metrics, tracing
-from flotilla.errors import ORIGIN_HEADER, FlotillaError
+from flotilla.common.wire import HEALTH_SERVICE_PREFIX, MODEL_HEADER, ORIGIN_HEADER, method_name
+from flotilla.errors import FlotillaError
 
 log = logging.getLogger(__name__)
 
-MODEL_HEADER = "x-model-name"
 UNKNOWN_MODEL = "(unknown)"
 
 # model name as the caller gave it -> the label to record (bounded), or None for "no model"
@@ -137,9 +137,9 @@ class Observe(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, handler, full_method: str):  # type: ignore[no-untyped-def]
-        if handler is None or full_method.startswith("/grpc.health"):
+        if handler is None or full_method.startswith(HEALTH_SERVICE_PREFIX):
             return handler
-        method = full_method.rsplit("/", 1)[-1]
+        method = method_name(full_method)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, method),

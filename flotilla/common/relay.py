@@ -30,13 +30,12 @@ import grpc
 
 from flotilla.api.v1 import relay_pb2
 from flotilla.common import tracing
-from flotilla.common.interceptors import MODEL_HEADER, AdmissionLimit, ModelLabel, origin_of, record_call, status_of
+from flotilla.common.interceptors import AdmissionLimit, ModelLabel, origin_of, record_call, status_of
+from flotilla.common.wire import MODEL_HEADER, RELAY_CALLS_METHOD, RELAY_SERVICE
 from flotilla.errors import FlotillaError, Unavailable, error_from_code
 
 log = logging.getLogger(__name__)
 
-RELAY_SERVICE = relay_pb2.DESCRIPTOR.services_by_name["Relay"].full_name
-CALLS_METHOD = f"/{RELAY_SERVICE}/Calls"
 OK = grpc.StatusCode.OK.value[0]
 # Write coalescing on a busy stream: with at least COALESCE_OPEN_CALLS calls open on
 # it and fewer than COALESCE_MAX_FRAMES queued, a write waits so that the calls that
@@ -66,7 +65,7 @@ class RelayClient:
     def __init__(self, channel: grpc.aio.Channel, peer: str) -> None:
         self.peer = peer
         self._open_stream = channel.stream_stream(
-            CALLS_METHOD,
+            RELAY_CALLS_METHOD,
             request_serializer=relay_pb2.CallFrames.SerializeToString,
             response_deserializer=relay_pb2.AnswerFrames.FromString,
         )

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import grpc
 
-from flotilla.errors import ORIGIN_HEADER, Code, DeadlineExceeded, FlotillaError, Unavailable, error_from_code
+from flotilla.common.wire import ORIGIN_HEADER
+from flotilla.errors import Code, DeadlineExceeded, FlotillaError, Unavailable, error_from_code
 
 
 def from_grpc_code(code: grpc.StatusCode) -> Code:

@@ -12,8 +12,6 @@ from flotilla.services.backend_pool.pool import EndpointPool
 from flotilla.services.backend_pool.status import pools_to_pb
 from flotilla.services.batcher.queue import BatchQueue
 
-ADMIN_SERVICE = batcher_pb2.DESCRIPTOR.services_by_name["BatcherAdmin"].full_name
-
 
 def policy_to_pb(policy: BatchingSettings) -> batcher_pb2.BatchingPolicy:
     return batcher_pb2.BatchingPolicy(

@@ -38,22 +38,26 @@ from flotilla.common import metrics, tracing
 from flotilla.common.clock import Clock, MonotonicClock
 from flotilla.common.ids import check_image_uuid
 from flotilla.common.interceptors import AdmissionLimit
-from flotilla.common.relay import RELAY_SERVICE, RelayServicer
+from flotilla.common.relay import RelayServicer
 from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
 from flotilla.common.status import error_from_rpc
+from flotilla.common.wire import (
+    BATCHER_ADMIN_SERVICE,
+    CLASSIFIER_SERVICE,
+    CLASSIFY_METHOD,
+    MODEL_HEADER,
+    PREPROCESSOR_SERVICE,
+    RELAY_SERVICE,
+)
 from flotilla.config import FlotillaSettings, ModelSettings
 from flotilla.errors import FlotillaError, InvalidArgument, MalformedRequest, Unimplemented, error_from_code
 from flotilla.services.backend_pool.discovery import pool_following
 from flotilla.services.backend_pool.pool import Endpoint, EndpointPool, pool_from_settings
-from flotilla.services.batcher.admin import ADMIN_SERVICE, BatcherAdminServicer
+from flotilla.services.batcher.admin import BatcherAdminServicer
 from flotilla.services.batcher.queue import BatchQueue, Ticket
 
 log = logging.getLogger(__name__)
 
-CLASSIFIER_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["ImageClassifier"].full_name
-CLASSIFY_METHOD = f"/{CLASSIFIER_SERVICE}/Classify"
-PREPROCESS_SERVICE = preprocess_pb2.DESCRIPTOR.services_by_name["Preprocessor"].full_name
-MODEL_HEADER = "x-model-name"
 REGISTER_INTERVAL_S = 1.0
 REGISTER_TIMEOUT_S = 60.0
 WAIT_FOR_MODEL_POLL_S = 2.0
@@ -315,7 +319,7 @@ async def serve(settings: FlotillaSettings, model: str, port: int) -> None:
     dns_interval_s = settings.pools.dns_refresh_interval_s
     pool, health_check = pool_from_settings(
         "preprocess worker", {} if dns_interval_s else {a: peer(a) for a in settings.endpoints.preprocess},
-        settings.pools, probe=lambda e: e.client.serving(PREPROCESS_SERVICE),
+        settings.pools, probe=lambda e: e.client.serving(PREPROCESSOR_SERVICE),
     )
     # Workers behind a headless Service: one endpoint per pod, re-resolved as pods come and go.
     discovery = await pool_following(
@@ -335,7 +339,7 @@ async def serve(settings: FlotillaSettings, model: str, port: int) -> None:
         tier="batcher",
     )
     server = ServiceServer(
-        f"batcher[{model}]", [CLASSIFIER_SERVICE, ADMIN_SERVICE, RELAY_SERVICE], grace_s=settings.shutdown_grace_s,
+        f"batcher[{model}]", [CLASSIFIER_SERVICE, BATCHER_ADMIN_SERVICE, RELAY_SERVICE], grace_s=settings.shutdown_grace_s,
         tier="batcher", admission=admission,
         model_label=lambda _: model,  # every call here is for this batcher's model
     )

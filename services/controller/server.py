@@ -13,6 +13,7 @@ from flotilla.api.v1 import batcher_pb2, batcher_pb2_grpc, controller_pb2, contr
 from flotilla.common.interceptors import UNKNOWN_MODEL
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
+from flotilla.common.wire import CONTROLLER_SERVICE
 from flotilla.config import FlotillaSettings
 from flotilla.services.backend_pool.discovery import join_address, resolve_host, split_target
 from flotilla.services.controller.artifacts import ArtifactCache, ArtifactStore
@@ -22,7 +23,6 @@ from flotilla.services.controller.replicas import TritonReplica
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = controller_pb2.DESCRIPTOR.services_by_name["Controller"].full_name
 USAGE_TIMEOUT_S = 1.0
 
 
@@ -222,7 +222,7 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     controller = build_controller(settings, usage)
     await controller.start()
     server = ServiceServer(
-        "controller", [SERVICE_NAME], grace_s=settings.shutdown_grace_s, tier="controller",
+        "controller", [CONTROLLER_SERVICE], grace_s=settings.shutdown_grace_s, tier="controller",
         # Deploy names new models: registered ones are labels, the rest one value.
         model_label=lambda name: name if name in controller.records else UNKNOWN_MODEL,
     )

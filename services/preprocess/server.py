@@ -28,6 +28,7 @@ from flotilla.common.interceptors import UNKNOWN_MODEL
 from flotilla.common.object_store import AsyncObjectReader
 from flotilla.common.server import ServiceServer, serve_until_signal
 from flotilla.common.status import error_from_rpc
+from flotilla.common.wire import PREPROCESSOR_SERVICE
 from flotilla.config import FlotillaSettings, PreprocessSettings
 from flotilla.services.backend_pool.shm import SHM_DIR, SharedMemoryRegions, remove_stale
 from flotilla.services.backend_pool.status import pools_to_pb
@@ -41,7 +42,6 @@ from flotilla.services.preprocess.processor import (
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = preprocess_pb2.DESCRIPTOR.services_by_name["Preprocessor"].full_name
 SHM_PREFIX = "flotilla-worker-"
 """Batch regions are /dev/shm/flotilla-worker-<pid>-<n>."""
 
@@ -172,7 +172,7 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     watcher.start()
     await watcher.wait_first(10.0)
     server = ServiceServer(
-        "preprocess", [SERVICE_NAME], grace_s=settings.shutdown_grace_s, tier="preprocess",
+        "preprocess", [PREPROCESSOR_SERVICE], grace_s=settings.shutdown_grace_s, tier="preprocess",
         model_label=lambda name: name if name in processor.models else UNKNOWN_MODEL,
     )
     preprocess_pb2_grpc.add_PreprocessorServicer_to_server(

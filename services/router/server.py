@@ -24,6 +24,7 @@ from flotilla.common import tracing
 from flotilla.common.fleet import FleetWatcher
 from flotilla.common.interceptors import MAX_CACHED_METHODS, UNKNOWN_MODEL, AdmissionLimit
 from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
+from flotilla.common.wire import AUTH_HEADER, CLASSIFIER_SERVICE, MODEL_HEADER
 from flotilla.config import FlotillaSettings, PoolSettings
 from flotilla.errors import DeadlineExceeded
 from flotilla.services.backend_pool.discovery import DnsEndpoints, pool_following, replace_endpoints
@@ -33,9 +34,6 @@ from flotilla.services.router.routing import ApiKeys, RouteTable
 log = logging.getLogger(__name__)
 
 # The router does not import the API's protobuf modules: it never parses bodies.
-CLASSIFIER_SERVICE = "flotilla.api.v1.ImageClassifier"
-MODEL_HEADER = "x-model-name"
-AUTH_HEADER = "authorization"
 # Headers not passed downstream: credentials stop at the router; the caller's
 # user agent and encodings describe its connection, not the call.
 _DROPPED_HEADERS = {AUTH_HEADER, "user-agent", "grpc-accept-encoding"}

@@ -24,9 +24,10 @@ import tritonclient.grpc as triton_grpc
 from flotilla.clients.client import FlotillaClient
 from flotilla.clients.models import ModelsClient, upload_artifact
 from flotilla.common.server import is_serving
+from flotilla.common.wire import CLASSIFIER_SERVICE
 from flotilla.config import ModelSettings
 from flotilla.errors import Code, FlotillaError
-from flotilla.services.batcher.server import CLASSIFIER_SERVICE, WAIT_FOR_MODEL_POLL_S
+from flotilla.services.batcher.server import WAIT_FOR_MODEL_POLL_S
 from flotilla.stack.local import LocalStack
 from flotilla.stack.processes import free_port, wait_until
 from tests.integration.conftest import API_KEY, MODELS_DIR, sample, stack_settings, write_unloadable

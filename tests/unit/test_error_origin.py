@@ -11,7 +11,8 @@ import pytest
 
 from flotilla.common.interceptors import Observe
 from flotilla.common.status import error_from_rpc
-from flotilla.errors import ORIGIN_HEADER, Unavailable
+from flotilla.common.wire import ORIGIN_HEADER
+from flotilla.errors import Unavailable
 
 SERVICE = "test.Tier"
 

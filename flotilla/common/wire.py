@@ -1,0 +1,32 @@
+"""The wire contract: the header names, services and methods Flotilla's tiers and callers speak.
+
+Plain strings, no protobuf import: the router, which never parses a body,
+uses them as much as the tiers that do. ``tests/unit/test_wire.py`` checks
+every service and method name here against the compiled protos, so a
+renamed RPC fails a test instead of a deployment.
+"""
+
+from __future__ import annotations
+
+MODEL_HEADER = "x-model-name"
+"""The model a call is for; the router routes by it without reading the body."""
+AUTH_HEADER = "authorization"
+"""``Bearer <api key>``; checked at the router and never passed on."""
+BEARER_PREFIX = "Bearer "
+ORIGIN_HEADER = "x-flotilla-origin"
+"""Trailing metadata: the part of the mesh an error arose in, when below the tier answering (``FlotillaError.origin``)."""
+
+API_PACKAGE = "flotilla.api.v1"
+CLASSIFIER_SERVICE = f"{API_PACKAGE}.ImageClassifier"
+CLASSIFY_METHOD = f"/{CLASSIFIER_SERVICE}/Classify"
+RELAY_SERVICE = f"{API_PACKAGE}.Relay"
+RELAY_CALLS_METHOD = f"/{RELAY_SERVICE}/Calls"
+PREPROCESSOR_SERVICE = f"{API_PACKAGE}.Preprocessor"
+BATCHER_ADMIN_SERVICE = f"{API_PACKAGE}.BatcherAdmin"
+CONTROLLER_SERVICE = f"{API_PACKAGE}.Controller"
+HEALTH_SERVICE_PREFIX = "/grpc.health.v1.Health/"
+
+
+def method_name(full_method: str) -> str:
+    """``/pkg.Service/Method`` -> ``Method``."""
+    return full_method.rsplit("/", 1)[-1]
