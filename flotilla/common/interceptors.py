@@ -1,4 +1,6 @@
-"""The server interceptor every Flotilla gRPC server runs: ``Observe``.
+"""The server interceptor every Flotilla gRPC server runs (``Observe``), and the one path every
+call takes through a tier however it came in (``CallObserver``: a unary call, or a frame on a
+relay stream, ``flotilla.common.relay``).
 
 For each call, in order: admission (router, batchers: an ``AdmissionLimit``),
 the trace span (only when tracing is on, and for polling only inside a
@@ -17,16 +19,18 @@ per method: on the router and batchers this runs for every request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import grpc
 from opentelemetry.trace import Span, Status, StatusCode
 
 from flotilla.common import metrics, tracing
 from flotilla.common.wire import HEALTH_SERVICE_PREFIX, MODEL_HEADER, ORIGIN_HEADER, method_name
-from flotilla.errors import FlotillaError
+from flotilla.errors import FlotillaError, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,67 @@ class AdmissionLimit:
         )
 
 
+@dataclass
+class ObservedCall:
+    """One call on its way through a tier: what ``CallObserver.end`` needs."""
+
+    method: str
+    model: str
+    """The model's metric label ("" for none)."""
+    started_s: float
+    span: Span | None
+    admitted: bool
+    """It holds a place in the tier's admission limit until it ends."""
+    refusal: FlotillaError | None = None
+    """Why it was refused at once (the admission limit); the caller answers with it."""
+
+
+class CallObserver:
+    """Admission, the trace span and the request metrics of each call a tier serves, for unary calls
+    (``Observe``) and relayed frames (``relay.RelayServicer``) alike: ``begin``, run the call inside
+    ``active``, answer a failure with ``status_of``/``origin_of``, then ``end`` with the status."""
+
+    def __init__(
+        self, tier: str, admission: AdmissionLimit | None = None, model_label: ModelLabel | None = None
+    ) -> None:
+        self.tier = tier
+        self.admission = admission
+        self.model_label = model_label or (lambda name: name)
+
+    def begin(
+        self, method: str, named_model: str, metadata: Iterable[tuple[str, str | bytes]], *, admit: bool = True,
+        trace: bool = True,
+    ) -> ObservedCall:
+        """Admit the call (or refuse it: ``refusal``) and open its span when tracing takes it."""
+        started_s = time.perf_counter()
+        model = self.model_label(named_model) if named_model else ""
+        admission = self.admission if admit else None
+        if admission is not None and not admission.enter():
+            return ObservedCall(method, model, started_s, None, False, ResourceExhausted(admission.rejection()))
+        span = None
+        if trace and tracing.enabled() and tracing.traces_call(method, metadata):
+            span = tracing.start_server_span(
+                f"{self.tier} {method}", metadata,
+                {"rpc.system": "grpc", "rpc.method": method, "flotilla.tier": self.tier, "flotilla.model": model},
+            )
+        return ObservedCall(method, model, started_s, span, admission is not None)
+
+    @contextlib.contextmanager
+    def active(self, call: ObservedCall) -> Iterator[None]:
+        """The call's span is the current one inside (nothing with tracing off)."""
+        if call.span is None:
+            yield
+            return
+        with tracing.use_span(call.span, end_on_exit=False):
+            yield
+
+    def end(self, call: ObservedCall, code: grpc.StatusCode) -> None:
+        """The call is over with ``code``: free its place, count it, end its span."""
+        if call.admitted and self.admission is not None:
+            self.admission.leave()
+        record_call(self.tier, call.method, call.model, code, call.started_s, call.span)
+
+
 class Observe(grpc.aio.ServerInterceptor):
     """Errors to statuses, and request metrics, for every method of a server."""
 
@@ -112,18 +177,18 @@ class Observe(grpc.aio.ServerInterceptor):
         self, tier: str, model_label: ModelLabel | None = None, admission: AdmissionLimit | None = None
     ) -> None:
         self.tier = tier
-        self.model_label = model_label or (lambda name: name)
-        self.admission = admission
+        self.observer = CallObserver(tier, admission, model_label)
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         """method -> (the handler as served, its wrapped handler): built once per method."""
 
-    def _model(self, request: object, context: grpc.aio.ServicerContext) -> str:
+    @staticmethod
+    def _named_model(request: object, metadata: Iterable[tuple[str, str | bytes]]) -> str:
+        """The model the call names: its header, else the request's model_name or name field."""
         named = ""
-        for key, value in context.invocation_metadata() or ():
+        for key, value in metadata:
             if key == MODEL_HEADER:
                 named = str(value)
-        named = named or str(getattr(request, "model_name", "") or getattr(request, "name", "") or "")
-        return self.model_label(named) if named else ""
+        return named or str(getattr(request, "model_name", "") or getattr(request, "name", "") or "")
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         handler = await continuation(handler_call_details)
@@ -154,9 +219,6 @@ class Observe(grpc.aio.ServerInterceptor):
             )
         return handler
 
-    def _record(self, method: str, model: str, code: grpc.StatusCode, started_s: float) -> None:
-        record_call(self.tier, method, model, code, started_s)
-
     async def _fail(self, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
         """End the call with ``exc``'s status (``context.code`` then says which); always raises."""
         if _is_abort(exc):
@@ -171,45 +233,37 @@ class Observe(grpc.aio.ServerInterceptor):
         await context.abort(code, details)
 
     def _unary(self, inner, method: str):  # type: ignore[no-untyped-def]
-        admission = self.admission
+        observer = self.observer
 
         async def observed(request, context):  # type: ignore[no-untyped-def]
-            started_s = time.perf_counter()
-            model = self._model(request, context)
-            if admission is not None and not admission.enter():
-                self._record(method, model, grpc.StatusCode.RESOURCE_EXHAUSTED, started_s)
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, admission.rejection())
-            span = None
-            if tracing.enabled() and tracing.traces_call(method, context.invocation_metadata() or ()):
-                span = tracing.start_server_span(
-                    f"{self.tier} {method}", context.invocation_metadata() or (),
-                    {"rpc.system": "grpc", "rpc.method": method, "flotilla.tier": self.tier, "flotilla.model": model},
-                )
+            metadata = context.invocation_metadata() or ()
+            call = observer.begin(method, self._named_model(request, metadata), metadata)
             try:
-                if span is None:
-                    return await inner(request, context)
-                with tracing.use_span(span, end_on_exit=False):
+                if call.refusal is not None:
+                    raise call.refusal
+                with observer.active(call):
                     return await inner(request, context)
             except Exception as exc:
                 await self._fail(exc, context)
             finally:
-                if admission is not None:
-                    admission.leave()
-                record_call(self.tier, method, model, _final_code(context), started_s, span)
+                observer.end(call, _final_code(context))
 
         return observed
 
     def _stream(self, inner, method: str):  # type: ignore[no-untyped-def]
+        observer = self.observer
+
         async def observed(request, context):  # type: ignore[no-untyped-def]
-            started_s = time.perf_counter()
-            model = self._model(request, context)
+            metadata = context.invocation_metadata() or ()
+            # Streams (the fleet watch) are long-lived and internal: counted, not admitted or traced.
+            call = observer.begin(method, self._named_model(request, metadata), metadata, admit=False, trace=False)
             try:
                 async for reply in inner(request, context):
                     yield reply
             except Exception as exc:
                 await self._fail(exc, context)
             finally:
-                self._record(method, model, _final_code(context), started_s)
+                observer.end(call, _final_code(context))
 
         return observed
 

@@ -10,10 +10,10 @@ UNAVAILABLE (the pools retry those on another replica, as for a unary call).
 
 The servicer side is generic: a ``start`` callable turns a frame into a
 future (a call in progress; cancelling the future withdraws it), the
-servicer turns futures into answers. Errors become statuses in the same
-place as for unary calls (``interceptors.status_of``), admission uses the
-same ``AdmissionLimit`` and every call is counted in the same request
-metrics.
+servicer turns futures into answers. Each call takes the same path as a
+unary call through the interceptor (``interceptors.CallObserver``):
+admission, its span, its status (``status_of``, ``origin_of``) and the
+request metrics.
 """
 
 from __future__ import annotations
@@ -22,16 +22,14 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 import grpc
 
 from flotilla.api.v1 import relay_pb2
-from flotilla.common import tracing
-from flotilla.common.interceptors import AdmissionLimit, ModelLabel, origin_of, record_call, status_of
-from flotilla.common.wire import MODEL_HEADER, RELAY_CALLS_METHOD, RELAY_SERVICE
+from flotilla.common.interceptors import AdmissionLimit, CallObserver, ModelLabel, ObservedCall, origin_of, status_of
+from flotilla.common.wire import MODEL_HEADER, RELAY_CALLS_METHOD, RELAY_SERVICE, method_name
 from flotilla.errors import FlotillaError, Unavailable, error_from_code
 
 log = logging.getLogger(__name__)
@@ -240,8 +238,7 @@ class RelayServicer:
     ) -> None:
         self.start = start
         self.tier = tier
-        self.admission = admission
-        self.model_label = model_label or (lambda name: name)
+        self.observer = CallObserver(tier, admission, model_label)
         self.draining = False
         self.messages = 0
         """CallFrames messages received (calls / messages = how many calls shared one)."""
@@ -320,69 +317,44 @@ class _ServerStream:
 
     def _begin(self, frame: relay_pb2.CallFrame) -> None:
         servicer = self.servicer
-        started_s = time.perf_counter()
-        method = frame.method.rsplit("/", 1)[-1]
-        model = ""
-        for header in frame.headers:
-            if header.key == MODEL_HEADER:
-                model = servicer.model_label(header.value)
-        if servicer.draining:
-            self._answer_error(frame.id, method, model, started_s, grpc.StatusCode.UNAVAILABLE,
-                               f"the {servicer.tier} is shutting down; retry on another replica")
-            return
-        admission = servicer.admission
-        if admission is not None and not admission.enter():
-            self._answer_error(frame.id, method, model, started_s, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               admission.rejection())
-            return
-        span = None
-        if tracing.enabled():
-            span = tracing.start_server_span(
-                f"{servicer.tier} {method}", [(h.key, h.value) for h in frame.headers],
-                {"rpc.system": "grpc", "rpc.method": method, "flotilla.tier": servicer.tier, "flotilla.model": model},
-            )
+        observer = servicer.observer
+        headers = [(h.key, h.value) for h in frame.headers]
+        named = next((value for key, value in reversed(headers) if key == MODEL_HEADER), "")
+        call = observer.begin(method_name(frame.method), named, headers)
         try:
-            if span is not None:
-                with tracing.use_span(span):
-                    future = servicer.start(frame)
-            else:
+            if servicer.draining:
+                raise Unavailable(f"the {servicer.tier} is shutting down; retry on another replica")
+            if call.refusal is not None:
+                raise call.refusal
+            with observer.active(call):
                 future = servicer.start(frame)
         except Exception as exc:
-            if admission is not None:
-                admission.leave()
-            code, message = status_of(exc, servicer.tier)
-            self._answer_error(frame.id, method, model, started_s, code, message, span, origin_of(exc))
+            self._answer_error(frame.id, call, exc)
             return
         self.open[frame.id] = future
-        future.add_done_callback(lambda f: self._finish(frame.id, f, method, model, started_s, span))
+        future.add_done_callback(lambda f: self._finish(frame.id, f, call))
 
-    def _finish(
-        self, call_id: int, future: asyncio.Future[Answerable], method: str, model: str, started_s: float,
-        span: tracing.Span | None,
-    ) -> None:
-        servicer = self.servicer
-        if servicer.admission is not None:
-            servicer.admission.leave()
+    def _finish(self, call_id: int, future: asyncio.Future[Answerable], call: ObservedCall) -> None:
+        observer = self.servicer.observer
         self.open.pop(call_id, None)
         if future.cancelled():  # the caller went away: nobody to answer
-            record_call(servicer.tier, method, model, grpc.StatusCode.CANCELLED, started_s, span)
+            observer.end(call, grpc.StatusCode.CANCELLED)
             self.wake.set()
             return
         exc = future.exception()
-        if exc is None:
-            self.outbox.append(relay_pb2.AnswerFrame(id=call_id, response=future.result().SerializeToString()))
-            record_call(servicer.tier, method, model, grpc.StatusCode.OK, started_s, span)
-            self.wake.set()
+        if exc is not None:
+            self._answer_error(call_id, call, exc)
             return
-        code, message = status_of(exc, servicer.tier)
-        self._answer_error(call_id, method, model, started_s, code, message, span, origin_of(exc))
+        self.outbox.append(relay_pb2.AnswerFrame(id=call_id, response=future.result().SerializeToString()))
+        observer.end(call, grpc.StatusCode.OK)
+        self.wake.set()
 
-    def _answer_error(
-        self, call_id: int, method: str, model: str, started_s: float, code: grpc.StatusCode, message: str,
-        span: tracing.Span | None = None, origin: str = "",
-    ) -> None:
-        self.outbox.append(relay_pb2.AnswerFrame(id=call_id, code=code.value[0], message=message, origin=origin))
-        record_call(self.servicer.tier, method, model, code, started_s, span)
+    def _answer_error(self, call_id: int, call: ObservedCall, exc: BaseException) -> None:
+        code, message = status_of(exc, self.servicer.tier)
+        self.outbox.append(
+            relay_pb2.AnswerFrame(id=call_id, code=code.value[0], message=message, origin=origin_of(exc))
+        )
+        self.servicer.observer.end(call, code)
         self.wake.set()
 
     def withdraw_all(self) -> None:
