@@ -20,6 +20,7 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 import tritonclient.grpc.aio as triton_aio
@@ -37,8 +38,8 @@ from flotilla.clients.client import FlotillaClient
 from flotilla.clients.loadgen import LoadResult, closed_loop, open_loop
 from flotilla.clients.models import ModelsClient
 from flotilla.common.status import error_from_rpc
+from flotilla.config import S3Settings
 from flotilla.errors import error_from_code
-from flotilla.stack.local import StackState
 
 BASELINE_SUFFIX = "-tritonbatch"
 
@@ -85,10 +86,22 @@ async def triton_totals(addresses: Sequence[str], model: str) -> tuple[int, int]
     return inferences, executions
 
 
+class RunningStack(Protocol):
+    """Where a running stack's parts answer (``flotilla.stack.state.StackState``, read from stack.json)."""
+
+    router: str
+    api_key: str
+    controller: str
+    preprocess: list[str]
+    triton: list[str]
+
+    def s3_settings(self) -> S3Settings: ...
+
+
 class StackTarget:
     """Handles on a running stack for driving and observing load."""
 
-    def __init__(self, state: StackState) -> None:
+    def __init__(self, state: RunningStack) -> None:
         self.state = state
         self.s3 = state.s3_settings()
         self.client = FlotillaClient(state.router, state.api_key, self.s3, default_timeout_s=60.0)

@@ -329,14 +329,15 @@ async def _loadtest(args, state, images, batch_sizes, points):  # type: ignore[n
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    # The bench is imported here only: nothing else the CLI runs loads it.
     if args.against:
-        from flotilla import bench_ab
+        from flotilla.bench import ab
 
-        bench_ab.run(args.against, args.only, rounds=args.rounds, duration_s=args.duration_s)
+        ab.run(args.against, args.only, rounds=args.rounds, duration_s=args.duration_s)
         return
-    from flotilla import bench
+    from flotilla.bench import run
 
-    bench.main(duration_s=args.duration_s, only=args.only)
+    run.main(duration_s=args.duration_s, only=args.only)
 
 
 def cmd_top(args: argparse.Namespace) -> None:

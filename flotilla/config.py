@@ -118,7 +118,9 @@ class InputSpec(_Section):
     name: str = "images"
     """Input tensor name in the backend model."""
     height_px: int = Field(224, ge=1)
+    """Height of the tensor's images in pixels."""
     width_px: int = Field(224, ge=1)
+    """Width of the tensor's images in pixels."""
     layout: Literal["NHWC", "NCHW"] = "NHWC"
     """Tensor layout of the batch."""
     dtype: Literal["UINT8", "FP32"] = "UINT8"
@@ -289,6 +291,8 @@ def deploy_json(spec: ModelSettings) -> str:
 
 
 class RouterSettings(_Section):
+    """The router: the client API's one way in."""
+
     api_keys: list[SecretStr] = []
     """Accepted API keys (``authorization: Bearer <key>``). Empty rejects every request."""
     max_concurrent_calls: int = Field(8192, ge=1)
@@ -308,6 +312,8 @@ class BatcherSettings(_Section):
 
 
 class PreprocessSettings(_Section):
+    """The preprocess workers: fetch, decode and resize a batch's images, then call Triton."""
+
     workers: int = Field(1, ge=1)
     """Preprocess worker processes the local stack starts."""
     decode_threads: int = Field(0, ge=0)
@@ -432,6 +438,8 @@ class ObservabilitySettings(_Section):
 
 
 class TritonSettings(_Section):
+    """The Triton Inference Server replicas of the local stack."""
+
     replicas: int = Field(2, ge=1)
     """Triton server processes the local stack starts (empty; the controller places models)."""
     startup_timeout_s: float = Field(180.0, gt=0)
@@ -442,11 +450,13 @@ class Endpoints(_Section):
     """Where each tier listens (host:port). The local stack fills these in."""
 
     router: str = ""
+    """The router (the client API)."""
     controller: str = ""
     """The controller (model registry and placement) every service follows."""
     batchers: dict[str, list[str]] = {}
     """Model name -> that model's batcher replicas."""
     preprocess: list[str] = []
+    """The preprocess workers."""
     triton: list[str] = []
     """Triton gRPC endpoints: the replicas' names in placement (the controller loads models over gRPC)."""
     triton_http: list[str] = []

@@ -89,6 +89,16 @@ class RelayClient:
     def open_calls(self) -> int:
         return 0 if self._stream is None else len(self._stream.pending)
 
+    @property
+    def stream_open(self) -> bool:
+        """Whether a stream to the peer is open now (for observing state: it ends on drain or failure)."""
+        return self._stream is not None and not self._stream.closed
+
+    @property
+    def round_trip_s(self) -> float:
+        """The latest stream's moving mean round trip, 0 before one is answered (for observing state)."""
+        return 0.0 if self._stream is None else self._stream.round_trip_s
+
     async def close(self) -> None:
         if self._stream is not None:
             await self._stream.close(Unavailable(f"relay to {self.peer} closed"))

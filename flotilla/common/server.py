@@ -1,5 +1,9 @@
 """Running a Flotilla gRPC service: bind, health, graceful stop on SIGTERM.
 
+The server's side only: a channel to a peer is ``peer.GrpcPeer``, a blocking
+health check from outside the event loop ``probe.is_serving``, the ping
+intervals both ends agree on ``keepalive``.
+
 Every service gets the standard ``grpc.health.v1.Health`` service. The
 overall status ("") and each named service go SERVING once the server is up
 and NOT_SERVING as soon as shutdown begins, before in-flight calls are given
@@ -14,13 +18,13 @@ import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Literal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from flotilla.common.interceptors import AdmissionLimit, ModelLabel, Observe
-from flotilla.common.relay import RelayClient
+from flotilla.common.keepalive import MIN_PING_INTERVAL_MS
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +37,6 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # Flotilla's job instead (interceptors.AdmissionLimit: RESOURCE_EXHAUSTED
 # naming the limit), so core's limits are set far above any admission limit.
 MAX_PENDING_REQUESTS = 1_000_000
-PEER_KEEPALIVE_S = 10.0
-"""A peer's channel pings its server this often (HTTP/2 PING), with calls open or not."""
-PEER_KEEPALIVE_TIMEOUT_S = 5.0
-"""A ping unanswered this long closes the connection: open calls on it (a relay stream's
-included) fail UNAVAILABLE and are retried on another replica, instead of waiting for their
-deadlines on a peer that vanished without a reset (a partition, a host that lost power)."""
-MIN_PING_INTERVAL_MS = 1_000
-"""Servers accept pings this often (gRPC's default, 5 minutes, would answer PEER_KEEPALIVE_S with GOAWAY)."""
 
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -49,27 +45,9 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
 ]
+"""Every Flotilla server's options; pings from peers (``keepalive``) are accepted with or without calls."""
 
 
-TRITON_PING_ARGS = [
-    "--grpc-keepalive-permit-without-calls=1",
-    f"--grpc-http2-min-recv-ping-interval-without-data={MIN_PING_INTERVAL_MS}",
-]
-"""tritonserver flags that let workers keep their channels to it alive the same way (its default
-minimum ping interval, 5 minutes, would answer PEER_KEEPALIVE_S pings with GOAWAY)."""
-
-
-def keepalive_options(every_s: float, timeout_s: float) -> list[tuple[str, int]]:
-    """Channel options: ping every ``every_s`` (at least MIN_PING_INTERVAL_MS apart), give up after ``timeout_s``."""
-    return [
-        ("grpc.keepalive_time_ms", max(MIN_PING_INTERVAL_MS, int(every_s * 1000))),
-        ("grpc.keepalive_timeout_ms", int(timeout_s * 1000)),
-        # This gRPC waits for a keepalive ping's ack by the ping timeout (default one minute):
-        # with the keepalive timeout alone, an unanswered ping closed nothing (tested).
-        ("grpc.http2.ping_timeout_ms", int(timeout_s * 1000)),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),  # keep pinging while a stream is open but quiet
-    ]
 class ServiceServer:
     """A grpc.aio server with health checking and a graceful stop."""
 
@@ -168,53 +146,3 @@ def settle_heap() -> None:
     longer pauses (p99 queue wait below saturation rose from ~3 to 8.5 ms in a bench run)."""
     gc.collect()
     gc.freeze()
-
-
-def is_serving(address: str, *, service: str = "", timeout_s: float = 1.0) -> bool:
-    """True when the gRPC server at ``address`` reports ``service`` as SERVING."""
-    try:
-        with grpc.insecure_channel(address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
-    except grpc.RpcError:
-        return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
-S = TypeVar("S")
-
-
-class GrpcPeer(Generic[S]):
-    """A channel to one replica of another Flotilla tier: its stub, its relay
-    (unary calls as stream frames) and a gRPC health probe (what an EndpointPool holds).
-    The channel keeps its connection alive with pings (``PEER_KEEPALIVE_S``)."""
-
-    def __init__(
-        self,
-        address: str,
-        stub_factory: Callable[[grpc.aio.Channel], S] | None = None,
-        *,
-        keepalive_s: float = PEER_KEEPALIVE_S,
-        keepalive_timeout_s: float = PEER_KEEPALIVE_TIMEOUT_S,
-    ) -> None:
-        self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=keepalive_options(keepalive_s, keepalive_timeout_s))
-        self.stub: S | None = stub_factory(self.channel) if stub_factory else None
-        self._health = health_pb2_grpc.HealthStub(self.channel)
-        self._relay: RelayClient | None = None
-
-    @property
-    def relay(self) -> RelayClient:
-        """Unary calls to this peer as frames on one stream (the peer serves ``Relay``)."""
-        if self._relay is None:
-            self._relay = RelayClient(self.channel, self.address)
-        return self._relay
-
-    async def serving(self, service: str = "") -> bool:
-        reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service))
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-    async def close(self) -> None:
-        if self._relay is not None:
-            await self._relay.close()
-        await self.channel.close()

@@ -18,12 +18,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flotilla.common.server import TRITON_PING_ARGS
+from flotilla.common.keepalive import TRITON_PING_ARGS
 from flotilla.config import S3Settings
 from flotilla.stack.processes import ManagedProcess, free_port, free_port_pair, wait_for_previous_holder
 
-# weed mini's listeners; each gets its own free port.
-_WEED_PORT_FLAGS = (
+WEED_PORT_FLAGS = (
     "s3.port.grpc",
     "master.port",
     "master.port.grpc",
@@ -35,6 +34,8 @@ _WEED_PORT_FLAGS = (
     "s3.port.iceberg",
     "s3.port.lance",
 )
+"""weed mini's listeners, in the order each is given its own free port."""
+
 # Its maintenance worker dials the admin server's gRPC at the admin HTTP port
 # + 10000, whatever -admin.port.grpc says, so those two ports are that far apart.
 _WEED_GRPC_PORT_OFFSET = 10_000
@@ -99,7 +100,7 @@ def seaweed_s3(
         f"-admin.port={admin_port}",
         f"-admin.port.grpc={admin_port + _WEED_GRPC_PORT_OFFSET}",
     ]
-    argv += [f"-{flag}={free_port(host)}" for flag in _WEED_PORT_FLAGS]
+    argv += [f"-{flag}={free_port(host)}" for flag in WEED_PORT_FLAGS]
     env = dict(os.environ)
     env["AWS_ACCESS_KEY_ID"] = settings.access_key
     env["AWS_SECRET_ACCESS_KEY"] = settings.secret_key.get_secret_value()

@@ -41,7 +41,7 @@ from pydantic import SecretStr
 from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
 from flotilla.clients.models import ModelsClient, missing_labels, upload_artifact
 from flotilla.common.object_store import ObjectStore
-from flotilla.common.server import is_serving
+from flotilla.common.probe import is_serving
 from flotilla.config import (
     GRAPH_FILLED_SETTINGS,
     Endpoints,
@@ -52,8 +52,8 @@ from flotilla.config import (
     dump_settings,
 )
 from flotilla.errors import AlreadyExists, StoreUnavailable
-from flotilla.services.backend_pool.shm import SHM_DIR, remove_stale
 from flotilla.services.controller.registry import ModelRecord, ObjectStoreRecords
+from flotilla.services.preprocess.triton.shm import SHM_DIR, remove_stale
 from flotilla.stack.components import TritonInstallation, TritonPorts, seaweed_s3
 from flotilla.stack.processes import ManagedProcess, free_port, wait_until
 from flotilla.stack.state import StackState, mark_stopped, now_iso, process_start_ticks
@@ -289,6 +289,11 @@ class LocalStack:
             leftover.unlink(missing_ok=True)
 
     # -- start-up ------------------------------------------------------------
+
+    def start_object_store(self) -> S3Settings:
+        """Start SeaweedFS alone and wait until S3 answers; its S3 settings. ``start`` does this as its
+        first step, overlapped with the replicas' start; this one is for a test of that step alone."""
+        return self._wait_for_s3(self._launch_s3())
 
     def _launch_s3(self) -> S3Settings:
         """Start SeaweedFS on free ports; its S3 settings (not yet ready: ``_wait_for_s3``)."""

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+import psutil
+
 log = logging.getLogger(__name__)
 
 _SETPRIV = shutil.which("setpriv")
@@ -241,21 +243,18 @@ def processes_referencing(path: Path) -> list[tuple[int, str]]:
     """(pid, command line) of the live processes, other than this one, with ``path`` as an argument.
 
     An argument counts when it is the path itself or an option's value
-    (``-dir=<path>``); /proc is read, so this works on Linux only. A process
-    in the middle of an exec shows an empty command line for that moment.
+    (``-dir=<path>``). A process in the middle of an exec shows an empty
+    command line for that moment; one that is not ours to read shows none.
     """
     wanted = {os.path.normpath(os.path.abspath(path)), os.path.normpath(path.resolve())}
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:  # gone meanwhile, or not ours to read
+    for process in psutil.process_iter(["cmdline"]):  # a process gone meanwhile is skipped
+        args: list[str] = process.info["cmdline"] or []  # None: not ours to read, or a zombie
+        if process.pid == os.getpid():
             continue
         values = [a.split("=", 1)[1] if a.startswith("-") and "=" in a else a for a in args if a]
         if any(os.path.normpath(v) in wanted for v in values if v.startswith("/")):
-            found.append((int(entry.name), " ".join(a for a in args if a)))
+            found.append((process.pid, " ".join(a for a in args if a)))
     return found
 
 

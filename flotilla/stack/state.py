@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import psutil
 from pydantic import SecretStr
 
 from flotilla.config import S3Settings
@@ -31,33 +32,38 @@ def now_iso() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def _start_ticks(process: psutil.Process) -> int | None:
+    """When ``process`` started, in clock ticks since boot (/proc/PID/stat's starttime); None for a
+    zombie. Raises psutil.Error when it is gone or not ours to read."""
+    with process.oneshot():
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        started_s = process.create_time()
+    # psutil adds the boot time to the ticks since boot; taken off again, what is left does not move
+    # when the clock is set (and is what stack.json has always recorded).
+    return round((started_s - psutil.boot_time()) * CLOCK_TICKS_PER_S)
+
+
 def process_start_ticks(pid: int) -> int | None:
-    """When ``pid`` started, in clock ticks since boot (/proc/PID/stat field 22); None if it is
-    gone, a zombie, or /proc cannot say."""
+    """When ``pid`` started, in clock ticks since boot; None if it is gone, a zombie, or not ours to read."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return _start_ticks(psutil.Process(pid))
+    except psutil.Error:
         return None
-    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-    if fields[0] == "Z":
-        return None
-    return int(fields[19])
 
 
 def process_alive(pid: int, start_ticks: int) -> bool:
     """Whether ``pid`` is still the process that started at ``start_ticks`` (0: not recorded)."""
-    ticks = process_start_ticks(pid)
-    if ticks is not None:
-        return not start_ticks or ticks == start_ticks
-    if Path("/proc/self/stat").exists():
-        return False  # /proc works here and has no live process of that pid
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        ticks = _start_ticks(psutil.Process(pid))
+    except psutil.AccessDenied:
+        return psutil.pid_exists(pid)  # there, but when it started is not ours to read
+    except psutil.Error:
+        return False  # gone
+    return ticks is not None and (not start_ticks or ticks == start_ticks)
 
 
 @dataclass

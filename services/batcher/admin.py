@@ -8,8 +8,8 @@ from pydantic import ValidationError
 from flotilla.api.v1 import batcher_pb2, batcher_pb2_grpc, pools_pb2
 from flotilla.config import BatchingSettings
 from flotilla.errors import InvalidArgument
-from flotilla.services.backend_pool.pool import EndpointPool
-from flotilla.services.backend_pool.status import pools_to_pb
+from flotilla.pool.pool import EndpointPool
+from flotilla.pool.status import pools_to_pb
 from flotilla.services.batcher.queue import BatchQueue
 
 

@@ -227,6 +227,12 @@ class Controller:
         for agent in self.agents.values():
             await agent.close()
 
+    @property
+    def running_tasks(self) -> list[str]:
+        """The names of the background tasks still running (for observing state: ``configured:m``
+        while the configured model ``m`` is still being deployed)."""
+        return [t.get_name() for t in self._tasks if not t.done()]
+
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
         """A background task the controller cancels when it stops."""
         self._tasks = [t for t in self._tasks if not t.done()]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
@@ -195,29 +196,19 @@ class TritonReplica:
         marker = f"{self.repository / backend_name(name, spec)}/"
         total_kb = 0
         found = False
-        for pid_dir in Path("/proc").iterdir():
-            if not pid_dir.name.isdigit():
+        for process in psutil.process_iter(["cmdline"]):  # a process gone meanwhile is skipped
+            argv: list[str] = process.info["cmdline"] or []  # None: not ours to read, or a zombie
+            if not argv or not argv[0].endswith("triton_python_backend_stub"):
+                continue
+            if not any(a.startswith(marker) for a in argv[1:2]):
                 continue
             try:
-                argv = (pid_dir / "cmdline").read_bytes().split(b"\0")
-                if not argv or not argv[0].endswith(b"triton_python_backend_stub"):
-                    continue
-                if not any(a.decode(errors="replace").startswith(marker) for a in argv[1:2]):
-                    continue
-                total_kb += _uss_kb(pid_dir)
-                total_kb += _shm_kb([a.decode(errors="replace") for a in argv])
-                found = True
-            except OSError:
+                uss_bytes = process.memory_full_info().uss  # its private pages (Private_Clean + Private_Dirty)
+            except psutil.Error:
                 continue  # the process went away while being read
+            total_kb += uss_bytes // 1024 + _shm_kb(argv)
+            found = True
         return total_kb / 1024 if found else None
-
-
-def _uss_kb(pid_dir: Path) -> int:
-    kb = 0
-    for line in (pid_dir / "smaps_rollup").read_text().splitlines():
-        if line.startswith(("Private_Clean:", "Private_Dirty:")):
-            kb += int(line.split()[1])
-    return kb
 
 
 def _shm_kb(argv: list[str]) -> int:

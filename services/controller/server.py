@@ -10,12 +10,14 @@ from pathlib import Path
 import grpc
 
 from flotilla.api.v1 import batcher_pb2, batcher_pb2_grpc, controller_pb2, controller_pb2_grpc
+from flotilla.common.addresses import join_address, split_target
 from flotilla.common.interceptors import UNKNOWN_MODEL
 from flotilla.common.object_store import ObjectStore
-from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
+from flotilla.common.peer import GrpcPeer
+from flotilla.common.server import ServiceServer, serve_until_signal
 from flotilla.common.wire import CONTROLLER_SERVICE
 from flotilla.config import FlotillaSettings
-from flotilla.services.backend_pool.discovery import join_address, resolve_host, split_target
+from flotilla.pool.discovery import resolve_host
 from flotilla.services.controller.artifacts import ArtifactCache, ArtifactStore
 from flotilla.services.controller.controller import BatcherCounters, Controller
 from flotilla.services.controller.registry import ModelRecord, ObjectStoreRecords

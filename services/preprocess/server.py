@@ -25,20 +25,20 @@ from flotilla.api.v1 import (
 from flotilla.common import metrics
 from flotilla.common.fleet import FleetWatcher, ready_replicas, spec_of
 from flotilla.common.interceptors import UNKNOWN_MODEL
-from flotilla.common.object_store import AsyncObjectReader
 from flotilla.common.server import ServiceServer, serve_until_signal
 from flotilla.common.status import error_from_rpc
 from flotilla.common.wire import PREPROCESSOR_SERVICE
 from flotilla.config import FlotillaSettings, PreprocessSettings
-from flotilla.services.backend_pool.shm import SHM_DIR, SharedMemoryRegions, remove_stale
-from flotilla.services.backend_pool.status import pools_to_pb
-from flotilla.services.backend_pool.triton import TritonBackend
+from flotilla.pool.status import pools_to_pb
+from flotilla.services.preprocess.object_reader import AsyncObjectReader
 from flotilla.services.preprocess.processor import (
     BatchOutcome,
     BatchProcessor,
     ItemRequest,
     ServedModel,
 )
+from flotilla.services.preprocess.triton.backend import TritonBackend
+from flotilla.services.preprocess.triton.shm import SHM_DIR, SharedMemoryRegions, remove_stale
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Generic, TypeVar
 from flotilla.common import metrics
 from flotilla.common.ids import shorten
 from flotilla.errors import InvalidArgument, ModelNotFound, Unauthenticated
-from flotilla.services.backend_pool.pool import EndpointPool
+from flotilla.pool.pool import EndpointPool
 
 C = TypeVar("C")
 

@@ -23,12 +23,13 @@ from flotilla.api.v1 import controller_pb2
 from flotilla.common import tracing
 from flotilla.common.fleet import FleetWatcher
 from flotilla.common.interceptors import MAX_CACHED_METHODS, UNKNOWN_MODEL, AdmissionLimit
-from flotilla.common.server import GrpcPeer, ServiceServer, serve_until_signal
+from flotilla.common.peer import GrpcPeer
+from flotilla.common.server import ServiceServer, serve_until_signal
 from flotilla.common.wire import AUTH_HEADER, CLASSIFIER_SERVICE, MODEL_HEADER
 from flotilla.config import FlotillaSettings, PoolSettings
 from flotilla.errors import DeadlineExceeded
-from flotilla.services.backend_pool.discovery import DnsEndpoints, pool_following, replace_endpoints
-from flotilla.services.backend_pool.pool import ActiveHealthCheck, Endpoint, pool_from_settings
+from flotilla.pool.discovery import DnsEndpoints, pool_following, replace_endpoints
+from flotilla.pool.pool import ActiveHealthCheck, Endpoint, pool_from_settings
 from flotilla.services.router.routing import ApiKeys, RouteTable
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from PIL import Image
 
 from flotilla.api.v1 import batcher_pb2, batcher_pb2_grpc, inference_pb2
 from flotilla.clients.client import Classification, FlotillaClient
-from flotilla.common.server import is_serving
+from flotilla.common.probe import is_serving
 from flotilla.errors import Code, FlotillaError
 from flotilla.stack.local import LocalStack
 from tests.integration.conftest import (

@@ -21,6 +21,7 @@ from flotilla.clients.client import FlotillaClient
 from flotilla.errors import Code, FlotillaError
 from flotilla.stack.local import LocalStack
 from tests.integration.conftest import MODEL, sample
+from tests.waiting import until
 
 HOLD_DELAY_US = 30_000_000  # 30 s: nothing leaves the queue unless the test lets it
 
@@ -54,11 +55,10 @@ async def queue_depth(admin: batcher_pb2_grpc.BatcherAdminStub) -> int:
 
 
 async def wait_for_depth(admin: batcher_pb2_grpc.BatcherAdminStub, depth: int) -> None:
-    for _ in range(200):
-        if await queue_depth(admin) == depth:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"queue depth never reached {depth} (now {await queue_depth(admin)})")
+    async def reached() -> bool:
+        return await queue_depth(admin) == depth
+
+    await until(reached, 10, f"queue depth {depth}")
 
 
 async def release(admin: batcher_pb2_grpc.BatcherAdminStub) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flotilla import bench_ceiling
+from flotilla.bench import ceiling
 from flotilla.config import load_settings
 from tests.integration.conftest import REPO
 
@@ -18,25 +18,25 @@ def settings(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 async def test_a_batcher_alone_forms_full_batches_and_is_metered(settings, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(bench_ceiling, "WARMUP_S", 0.5)
-    point = await bench_ceiling.batcher_point(settings, tmp_path, max_batch_size=8, window_s=1.0)
+    monkeypatch.setattr(ceiling, "WARMUP_S", 0.5)
+    point = await ceiling.batcher_point(settings, tmp_path, max_batch_size=8, window_s=1.0)
     assert point["errors"] == 0 and point["requests"] > 100, point
     assert point["cpu_us_per_request"] > 0 and point["ceiling_requests_per_s_one_core"] > 0
     assert 1 <= point["mean_batch"] <= 8
 
 
 async def test_a_router_alone_relays_every_call_and_is_metered(settings, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(bench_ceiling, "WARMUP_S", 0.5)
-    point = await bench_ceiling.router_point(settings, tmp_path, window_s=1.0)
+    monkeypatch.setattr(ceiling, "WARMUP_S", 0.5)
+    point = await ceiling.router_point(settings, tmp_path, window_s=1.0)
     assert point["errors"] == 0 and point["requests"] > 100, point
     assert point["cpu_us_per_request"] > 0 and point["calls_per_relay_message"] >= 1
-    lines = bench_ceiling.readme_lines({"measured_at": "now", "points": [point]})
+    lines = ceiling.readme_lines({"measured_at": "now", "points": [point]})
     assert any("| router |" in line for line in lines)
 
 
 async def test_an_empty_grpc_server_answers_every_call_and_is_metered(settings, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(bench_ceiling, "WARMUP_S", 0.5)
-    point = await bench_ceiling.empty_server_point(settings, tmp_path, window_s=1.0)
+    monkeypatch.setattr(ceiling, "WARMUP_S", 0.5)
+    point = await ceiling.empty_server_point(settings, tmp_path, window_s=1.0)
     assert point["errors"] == 0 and point["requests"] > 100, point
-    assert point["tier"] == bench_ceiling.EMPTY_SERVER and point["cpu_us_per_request"] > 0
-    assert bench_ceiling.summary({"points": [point]})["empty_grpc_server_alone_cpu_us_per_request"] > 0
+    assert point["tier"] == ceiling.EMPTY_SERVER and point["cpu_us_per_request"] > 0
+    assert ceiling.summary({"points": [point]})["empty_grpc_server_alone_cpu_us_per_request"] > 0

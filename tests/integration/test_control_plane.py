@@ -23,14 +23,15 @@ import tritonclient.grpc as triton_grpc
 
 from flotilla.clients.client import FlotillaClient
 from flotilla.clients.models import ModelsClient, upload_artifact
-from flotilla.common.server import is_serving
+from flotilla.common.probe import is_serving
 from flotilla.common.wire import CLASSIFIER_SERVICE
 from flotilla.config import ModelSettings
 from flotilla.errors import Code, FlotillaError
-from flotilla.services.batcher.server import WAIT_FOR_MODEL_POLL_S
+from flotilla.services.batcher.registration import WAIT_FOR_MODEL_POLL_S
 from flotilla.stack.local import LocalStack
 from flotilla.stack.processes import free_port, wait_until
 from tests.integration.conftest import API_KEY, MODELS_DIR, sample, stack_settings, write_unloadable
+from tests.waiting import until
 
 EFFNET, NSFW, ORIENT = "efficientnet-lite0", "open-nsfw", "document-orientation"
 BUDGET_MB = 500.0
@@ -115,17 +116,6 @@ def events(models: ModelsClient, name: str, kind: str | None = None) -> list[str
     return [f"{e.kind}: {e.message}" for e in models.status(name).events if kind is None or e.kind == kind]
 
 
-async def eventually(check, timeout_s: float, what: str, interval_s: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        await asyncio.sleep(interval_s)
-
-
 def write_classifier(directory: Path, *, reshape_batch: int = -1) -> Path:
     """``directory/1/model.onnx`` and ``labels.txt``: a small real classifier whose input is ``x`` FP32
     NCHW 320x320 (the mean colour times a 3x10 matrix, softmax: 10 scores in ``probs``).
@@ -198,7 +188,7 @@ async def test_each_model_classifies_through_the_mesh(client: FlotillaClient) ->
 async def test_scale_to_zero_then_one_shared_cold_start_answers_20_requests(
     fleet: LocalStack, models: ModelsClient, client: FlotillaClient
 ) -> None:
-    await eventually(lambda: not placement(models, ORIENT), 15, "the idle model scales to zero")
+    await until(lambda: not placement(models, ORIENT), 15, "the idle model scales to zero")
     assert any("scale to zero" in e or "idle" in e for e in events(models, ORIENT, "scale_zero"))
     loads_before = len(events(models, ORIENT, "loading"))
     page = await client.upload((DOCUMENTS / "page-rot90.jpg").read_bytes())
@@ -226,14 +216,14 @@ async def test_a_hot_model_gains_a_copy_and_loses_it_when_idle(
 
     workers = [asyncio.create_task(loop(i)) for i in range(48)]
     try:
-        await eventually(lambda: len(placement(models, EFFNET)) == 2, 40, "a second copy under load")
+        await until(lambda: len(placement(models, EFFNET)) == 2, 40, "a second copy under load")
     finally:
         stop.set()
         await asyncio.gather(*workers)
     [added] = events(models, EFFNET, "scale_add")[-1:]
     assert "30 ms" in added and "window 1.0 s" in added or "for 1." in added, added
     assert [e for e in events(models, EFFNET, "loaded") if "autoscaler" in e]
-    await eventually(lambda: len(placement(models, EFFNET)) == 1, 30, f"back to one copy when idle: {events(models, EFFNET)[-8:]}")
+    await until(lambda: len(placement(models, EFFNET)) == 1, 30, f"back to one copy when idle: {events(models, EFFNET)[-8:]}")
     assert "idle" in events(models, EFFNET, "scale_remove")[-1], events(models, EFFNET)
 
 
@@ -243,14 +233,14 @@ async def test_full_replicas_evict_the_least_recently_used_idle_copy(
     def settled() -> bool:  # no copy loading or draining anywhere (earlier tests scaled things)
         return all(c.state == "ready" for m in models.list() for c in m.copies)
 
-    await eventually(settled, 30, "no copy in transition")
+    await until(settled, 30, "no copy in transition")
     # An earlier test may have left a copy that is about to scale to zero: start from zero.
-    await eventually(lambda: not placement(models, ORIENT), 30, f"{ORIENT} scaled to zero")
+    await until(lambda: not placement(models, ORIENT), 30, f"{ORIENT} scaled to zero")
     # Load the min_copies-0 model (cold start), then let it go idle (not long enough to scale to zero).
     page = await client.upload((DOCUMENTS / "page-upright.jpg").read_bytes())
     await client.classify(page, ORIENT, timeout_s=60)
     [holder] = placement(models, ORIENT)
-    await asyncio.sleep(1.2)  # idle past evict_idle_after_s, not yet scaled to zero
+    await asyncio.sleep(1.2)  # duration: idle past evict_idle_after_s, not yet scaled to zero
     assert placement(models, ORIENT) == [holder]
     free = {r.address: r.budget_mb - r.used_mb for r in models.fleet().replicas}
     # Needs more than any replica has free: only evicting the idle copy makes room.
@@ -341,7 +331,7 @@ async def test_a_model_deployed_at_run_time_serves_without_restarts(
         assert caught.value.code == Code.INVALID_ARGUMENT and "live versions: [1, 2]" in caught.value.message
     finally:
         models.undeploy("runtime-effnet")
-    await eventually(lambda: "runtime-effnet" not in fleet.batchers, 10, "its batcher goes with it")
+    await until(lambda: "runtime-effnet" not in fleet.batchers, 10, "its batcher goes with it")
     with pytest.raises(FlotillaError) as caught:
         await client.classify(cat, "runtime-effnet", timeout_s=10)
     assert caught.value.code == Code.NOT_FOUND
@@ -358,7 +348,7 @@ async def test_controller_restart_keeps_the_registry_and_the_placements(
 
     fleet.controller.kill()  # SIGKILL; the supervisor starts it again
 
-    await eventually(lambda: fleet.controller.pid != old_pid and fleet.controller.alive(), 20, "controller restarted")
+    await until(lambda: fleet.controller.pid != old_pid and fleet.controller.alive(), 20, "controller restarted")
 
     def registry_back() -> bool:
         try:
@@ -366,7 +356,7 @@ async def test_controller_restart_keeps_the_registry_and_the_placements(
         except FlotillaError:
             return False
 
-    await eventually(registry_back, 30, "the same models on the same replicas")
+    await until(registry_back, 30, "the same models on the same replicas")
     assert len(events(models, EFFNET, "loading")) == loads_before, "adopted, not loaded again"
     assert any("Adopted" == c.reason for c in models.status(EFFNET).conditions)
     cat = await client.upload(sample("chelsea.jpg"))
@@ -396,10 +386,7 @@ async def test_a_killed_batcher_or_router_fails_fast_and_comes_back_by_itself(
             return False
         return True
 
-    deadline = time.monotonic() + 30
-    while not await serving():
-        assert time.monotonic() < deadline, f"the {tier} did not come back"
-        await asyncio.sleep(0.2)
+    await until(serving, 30, f"the {tier} back", interval_s=0.2)
     assert victim.pid != old_pid and fleet.supervisor.restarts(victim.name) >= 1
     log = victim.log_path.read_text()
     assert log.count(f"==== {victim.name} started pid") >= 2
@@ -465,7 +452,7 @@ def test_a_batcher_started_before_its_model_waits_unready_then_serves_it(
     try:
         wait_until(lambda: is_serving(address), 30, "the waiting batcher's health", procs=[batcher])
         assert not is_serving(address, service=CLASSIFIER_SERVICE)
-        time.sleep(2 * WAIT_FOR_MODEL_POLL_S)  # a few "not registered" answers later: still up, still unready
+        time.sleep(2 * WAIT_FOR_MODEL_POLL_S)  # duration: a few "not registered" answers later: still up, unready
         assert batcher.alive() and not is_serving(address, service=CLASSIFIER_SERVICE)
         log = (fleet.logs / f"batcher-{name}-early.log").read_text()
         assert f"waiting until it is deployed (`flotilla models deploy {name}`)" in log, log[-2000:]

@@ -19,7 +19,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -27,11 +27,12 @@ import pytest
 
 from flotilla.api.v1 import batcher_pb2_grpc, pools_pb2, preprocess_pb2_grpc
 from flotilla.clients.client import FlotillaClient
-from flotilla.common.server import is_serving
+from flotilla.common.probe import is_serving
 from flotilla.errors import Code, FlotillaError
-from flotilla.services.backend_pool.shm import SHM_DIR
+from flotilla.services.preprocess.triton.shm import SHM_DIR
 from flotilla.stack.local import LocalStack, triton_ready
 from tests.integration.conftest import API_KEY, MODEL, REPO, sample, stack_settings
+from tests.waiting import until
 
 pytestmark = pytest.mark.faults
 
@@ -73,6 +74,8 @@ class SteadyLoad:
     stalls: list[tuple[float, float]] = field(default_factory=list)
     """(start, end) windows of time.monotonic() in which any request may end DEADLINE_EXCEEDED: a stopped
     replica held its batch, and an answer (even a bad item's) can only come at the deadline."""
+    in_flight: dict[int, float] = field(default_factory=dict)
+    """Request number -> time.monotonic() when it was sent, for the requests not answered yet."""
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -83,7 +86,8 @@ class SteadyLoad:
             while not self._stop.is_set():
                 kind, uuid = next(cycle)
                 self.sent += 1
-                start = time.monotonic()
+                number, start = self.sent, time.monotonic()
+                self.in_flight[number] = start
                 try:
                     result = await self.client.classify(uuid, MODEL, timeout_s=REQUEST_TIMEOUT_S, request_id=f"r{self.sent}")
                     assert result.image_uuid == uuid, "answer for another request"
@@ -92,6 +96,8 @@ class SteadyLoad:
                 except FlotillaError as exc:
                     now = time.monotonic()
                     self.outcomes.append(Outcome(kind, exc.code, exc.message, now - start, now))
+                finally:
+                    del self.in_flight[number]
 
         self._tasks = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
 
@@ -101,6 +107,10 @@ class SteadyLoad:
 
     def since(self, mark: int) -> list[Outcome]:
         return self.outcomes[mark:]
+
+    def all_sent_after(self, moment_s: float) -> bool:
+        """Whether every request still open was sent after ``moment_s`` (the ones before it are answered)."""
+        return all(sent_s > moment_s for sent_s in list(self.in_flight.values()))
 
 
 @pytest.fixture
@@ -158,16 +168,6 @@ async def admitted_everywhere(stack: LocalStack, address: str, stub_factory: Cal
     return verdicts
 
 
-async def wait_for(predicate: Callable, timeout_s: float) -> float:  # type: ignore[type-arg]
-    """Seconds until the async ``predicate()`` held; fails after ``timeout_s``."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        if await predicate():
-            return time.monotonic() - start
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout_s}s")
-
-
 def record(name: str, figures: dict[str, object]) -> None:
     FIGURES.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
@@ -189,26 +189,19 @@ def tally(outcomes: list[Outcome]) -> dict[str, int]:
 async def test_sigkill_a_triton_replica(fault_stack: LocalStack, load: SteadyLoad) -> None:
     workers = [p.address for p in fault_stack.preprocess]
     victim = fault_stack.tritons[0]
-    await asyncio.sleep(1.5)
+    await until(lambda: _recent_good_ok(load), 30, "the load served before the fault")
     mark = len(load.outcomes)
 
     victim.kill()  # the supervisor starts it again, empty; the controller loads the model again
-    ejected_s = await wait_for(
-        lambda: _all_false(admitted_everywhere(fault_stack, victim.address, preprocess_pb2_grpc.PreprocessorStub, workers)), 5
-    )
-    readmitted_s = await wait_for(
-        lambda: _all_true(admitted_everywhere(fault_stack, victim.address, preprocess_pb2_grpc.PreprocessorStub, workers)), 120
-    )
-    calls_before = await _calls(victim.address, workers)
-    await asyncio.sleep(1.5)
-    calls_after = await _calls(victim.address, workers)
+    ejected_s = await until(lambda: _all_false(admitted_everywhere(fault_stack, victim.address, preprocess_pb2_grpc.PreprocessorStub, workers)), 5, "the killed replica ejected")
+    readmitted_s = await until(lambda: _all_true(admitted_everywhere(fault_stack, victim.address, preprocess_pb2_grpc.PreprocessorStub, workers)), 120, "the restarted replica admitted")
+    traffic_s = await until(_traffic_to(victim.address, workers), 10, "the restarted replica gets traffic again")
 
     figures = {**tally(load.since(mark)), "ejected_after_s": round(ejected_s, 3),
-               "readmitted_after_restart_s": round(readmitted_s, 3), "calls_after_readmission": calls_after - calls_before}
+               "readmitted_after_restart_s": round(readmitted_s, 3), "traffic_again_after_s": round(traffic_s, 3)}
     record("sigkill_triton", figures)
     assert figures["good_failed"] == 0, [o for o in load.since(mark) if o.kind == "good" and o.code != Code.OK][:3]
     assert ejected_s < 1.5
-    assert calls_after > calls_before, "the restarted replica gets traffic again"
     assert fault_stack.supervisor.restarts(victim.name) >= 1
 
 
@@ -222,39 +215,33 @@ async def test_a_hung_triton_replica_leaves_the_pools_until_it_answers_again(
     victim = fault_stack.tritons[0]
     assert victim.pid is not None
     restarts = fault_stack.supervisor.restarts(victim.name)
-    await asyncio.sleep(1.5)
+    await until(lambda: _recent_good_ok(load), 30, "the load served before the fault")
 
     stopped_s = time.monotonic()
     os.kill(victim.pid, signal.SIGSTOP)
     try:
-        left_s = await wait_for(
-            lambda: _all_false(admitted_everywhere(fault_stack, victim.address, preprocess_pb2_grpc.PreprocessorStub, workers)), 10
-        )
+        left_s = await until(lambda: _all_false(admitted_everywhere(fault_stack, victim.address, preprocess_pb2_grpc.PreprocessorStub, workers)), 10, "the stopped replica left the pools")
         # Batches the replica took before it left can only end at their deadlines: wait those out, then
         # every request must succeed on the other copy.
-        await asyncio.sleep(REQUEST_TIMEOUT_S + 1.5)
+        left_at_s = time.monotonic()
+        await until(lambda: load.all_sent_after(left_at_s), REQUEST_TIMEOUT_S + 10, "the requests it held ended")
         mark = len(load.outcomes)
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(2.0)  # duration: a 2 s window of load with the replica stopped, counted
         after = load.since(mark)
     finally:
         os.kill(victim.pid, signal.SIGCONT)
     # Batches it held end at their deadlines: at most one request timeout after it stopped.
     load.stalls.append((stopped_s, stopped_s + REQUEST_TIMEOUT_S + 1.0))
     stalled = [o for o in load.outcomes if o.code == Code.DEADLINE_EXCEEDED]
-    back_s = await wait_for(
-        lambda: _all_true(admitted_everywhere(fault_stack, victim.address, preprocess_pb2_grpc.PreprocessorStub, workers)), 30
-    )
-    calls_before = await _calls(victim.address, workers)
-    await asyncio.sleep(1.5)
-    calls_after = await _calls(victim.address, workers)
+    back_s = await until(lambda: _all_true(admitted_everywhere(fault_stack, victim.address, preprocess_pb2_grpc.PreprocessorStub, workers)), 30, "the resumed replica admitted")
+    traffic_s = await until(_traffic_to(victim.address, workers), 10, "the resumed replica gets traffic again")
 
     figures = {"while_stopped": tally(after), "left_the_pools_after_s": round(left_s, 3),
                "held_to_their_deadline": len(stalled),
-               "back_after_resume_s": round(back_s, 3), "calls_after_resume": calls_after - calls_before}
+               "back_after_resume_s": round(back_s, 3), "traffic_again_after_s": round(traffic_s, 3)}
     record("sigstop_triton", figures)
     assert left_s < 5
     assert tally(after)["good_succeeded"] > 0 and tally(after)["good_failed"] == 0, figures
-    assert calls_after > calls_before, "the resumed replica gets traffic again"
     assert fault_stack.supervisor.restarts(victim.name) == restarts, "a stopped process is not a dead one"
 
 
@@ -262,18 +249,14 @@ async def test_sigkill_a_preprocess_worker(fault_stack: LocalStack, load: Steady
     assert fault_stack.state is not None
     batcher = fault_stack.batchers[MODEL].address
     victim = fault_stack.preprocess[0]
-    await asyncio.sleep(1.5)
+    await until(lambda: _recent_good_ok(load), 30, "the load served before the fault")
     mark = len(load.outcomes)
     killed_regions = list(SHM_DIR.glob(f"flotilla-worker-{victim.pid}-*"))  # its batches' shared memory
 
     victim.kill()  # the supervisor starts it again
-    ejected_s = await wait_for(
-        lambda: _all_false(admitted_everywhere(fault_stack, victim.address, batcher_pb2_grpc.BatcherAdminStub, [batcher])), 5
-    )
-    readmitted_s = await wait_for(
-        lambda: _all_true(admitted_everywhere(fault_stack, victim.address, batcher_pb2_grpc.BatcherAdminStub, [batcher])), 60
-    )
-    await asyncio.sleep(1.0)
+    ejected_s = await until(lambda: _all_false(admitted_everywhere(fault_stack, victim.address, batcher_pb2_grpc.BatcherAdminStub, [batcher])), 5, "the killed worker ejected")
+    readmitted_s = await until(lambda: _all_true(admitted_everywhere(fault_stack, victim.address, batcher_pb2_grpc.BatcherAdminStub, [batcher])), 60, "the restarted worker admitted")
+    await asyncio.sleep(1.0)  # duration: the window goes on a second past the readmission
 
     figures = {**tally(load.since(mark)), "ejected_after_s": round(ejected_s, 3), "readmitted_after_restart_s": round(readmitted_s, 3)}
     record("sigkill_preprocess_worker", figures)
@@ -284,19 +267,20 @@ async def test_sigkill_a_preprocess_worker(fault_stack: LocalStack, load: Steady
 
 async def test_object_store_outage_fails_fast_then_recovers(fault_stack: LocalStack, load: SteadyLoad) -> None:
     assert fault_stack.s3 is not None
-    await asyncio.sleep(1.0)
+    await until(lambda: _recent_good_ok(load), 30, "the load served before the fault")
     fault_stack.supervisor.remove(fault_stack.s3.name)  # an outage the supervisor leaves alone
     fault_stack.s3.stop()
-    await asyncio.sleep(0.5)
+    stopped_s = time.monotonic()
+    await until(lambda: load.all_sent_after(stopped_s), REQUEST_TIMEOUT_S + 5, "the requests sent before it ended")
     mark = len(load.outcomes)
-    await asyncio.sleep(2.0)
+    await asyncio.sleep(2.0)  # duration: a 2 s window of load with the object store down, counted
     during = load.since(mark)
 
     fault_stack.s3.start()
     fault_stack.supervisor.add(fault_stack.s3)
-    recovered_s = await wait_for(lambda: _recent_good_ok(load), 60)
+    recovered_s = await until(lambda: _recent_good_ok(load), 60, "good requests served again")
     mark_after = len(load.outcomes)
-    await asyncio.sleep(1.5)
+    await asyncio.sleep(1.5)  # duration: a 1.5 s window of load after the recovery, counted
     after = load.since(mark_after)
 
     good_during = [o for o in during if o.kind == "good"]
@@ -350,6 +334,18 @@ async def _calls(address: str, workers: list[str]) -> int:
     return total
 
 
+def _traffic_to(address: str, workers: list[str]) -> Callable[[], Awaitable[bool]]:
+    """A condition: the workers sent ``address`` a call since this was made."""
+    before: list[int] = []
+
+    async def more_calls() -> bool:
+        calls = await _calls(address, workers)
+        before[:] = before or [calls]
+        return calls > before[0]
+
+    return more_calls
+
+
 async def _recent_good_ok(load: SteadyLoad) -> bool:
     recent = [o for o in load.outcomes[-10:] if o.kind == "good"]
     return bool(recent) and all(o.code == Code.OK for o in recent)
@@ -365,11 +361,11 @@ async def test_a_dead_tier_under_load_leaves_a_short_log(fault_stack: LocalStack
     mark = len(load.outcomes)
 
     victim.kill()
-    await asyncio.sleep(5.0)
+    await asyncio.sleep(5.0)  # duration: the batcher stays dead 5 s under load
     failed = [o for o in load.since(mark) if o.code != Code.OK]
     victim.start()
     fault_stack.supervisor.add(victim)
-    await wait_for(lambda: _recent_good_ok(load), 60)
+    await until(lambda: _recent_good_ok(load), 60, "good requests served again")
 
     added = router_log.read_text().splitlines()[lines_before:]
     record("dead_batcher_log", {"failed_calls": len(failed), "router_log_lines": len(added)})

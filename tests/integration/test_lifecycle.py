@@ -3,6 +3,7 @@ stack still runs, and S3 restarted by the supervisor still stops on its stop sig
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import pytest
 
 from flotilla.clients.client import FlotillaClient
 from flotilla.common.object_store import ObjectStore
-from flotilla.common.server import is_serving
+from flotilla.common.probe import is_serving
 from flotilla.config import S3Settings
 from flotilla.stack.components import seaweed_s3
 from flotilla.stack.local import LocalStack, s3_ready
@@ -24,6 +25,7 @@ from flotilla.stack.processes import ManagedProcess, free_port, wait_until
 from flotilla.stack.state import StackNotRunning, read_running
 from flotilla.stack.supervisor import Supervisor
 from tests.integration.conftest import API_KEY, MODEL, REPO, sample, stack_settings
+from tests.waiting import until_sync
 
 
 def descendants(pid: int) -> set[int]:
@@ -68,25 +70,25 @@ def start_up(tmp_path: Path) -> tuple[subprocess.Popen[str], dict[str, object], 
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
     )
     state_file = tmp_path / "stack.json"
-    deadline = time.monotonic() + 180
-    while not state_file.exists():
+
+    def up_or_exited() -> bool:
         if up.poll() is not None:
             raise AssertionError(up.stdout.read())  # type: ignore[union-attr]
-        if time.monotonic() > deadline:
-            up.kill()
-            raise AssertionError("stack did not come up")
-        time.sleep(0.2)
+        return state_file.exists()
+
+    try:
+        until_sync(up_or_exited, 180, "the stack up (its stack.json written)", interval_s=0.2)
+    except AssertionError:
+        up.kill()
+        raise
     state = json.loads(state_file.read_text())
     return up, state, descendants(up.pid)
 
 
 def wait_gone(pids: set[int], timeout_s: float = 15.0) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        left = [pid for pid in pids if alive(pid)]
-        if not left:
-            return []
-        time.sleep(0.2)
+    """The pids still alive once every one is gone or ``timeout_s`` has passed."""
+    with contextlib.suppress(AssertionError):
+        until_sync(lambda: not any(alive(pid) for pid in pids), timeout_s, "every process gone", interval_s=0.2)
     return [pid for pid in pids if alive(pid)]
 
 

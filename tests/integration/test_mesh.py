@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from flotilla.clients.client import FlotillaClient
-from flotilla.common.server import is_serving
+from flotilla.common.probe import is_serving
 from flotilla.errors import Code, FlotillaError
 from flotilla.services.preprocess.imaging import decode_for_model, to_batch_tensor
 from flotilla.stack.local import LocalStack

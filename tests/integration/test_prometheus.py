@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -43,6 +42,7 @@ from tests.test_observability_rules import (
     variable_queries,
     watched_signal,
 )
+from tests.waiting import until
 
 COLD = DOCUMENT_ORIENTATION  # min_copies 0: its first request is a cold start
 SCRAPE_INTERVAL_S = 0.5
@@ -136,13 +136,18 @@ def by_labels(stack: LocalStack, promql: str, *labels: str) -> dict[tuple[str, .
 async def settled(read: Callable[[], T], want: Callable[[], Awaitable[object]] | object) -> T:
     """``read()`` once it equals ``want`` (a value, or an async function read each time), or the
     last reading after SCRAPED_TIMEOUT_S: Prometheus sees a change only at its next scrape."""
-    deadline = time.monotonic() + SCRAPED_TIMEOUT_S
-    while True:
+    readings: list[T] = []
+
+    async def equal() -> bool:
         expected = await want() if callable(want) else want  # type: ignore[operator]
-        got = await asyncio.to_thread(read)
-        if got == expected or time.monotonic() > deadline:
-            return got
-        await asyncio.sleep(SCRAPE_INTERVAL_S)
+        readings.append(await asyncio.to_thread(read))
+        return readings[-1] == expected
+
+    try:
+        await until(equal, SCRAPED_TIMEOUT_S, "the scraped value", interval_s=SCRAPE_INTERVAL_S)
+    except AssertionError:
+        pass  # the caller compares the last reading, with its own message
+    return readings[-1]
 
 
 def classify_codes(stack: LocalStack, over: str = "") -> dict[tuple[str, str], float]:

@@ -9,9 +9,10 @@ import grpc
 import pytest
 
 from flotilla.api.v1 import relay_pb2
+from flotilla.common.peer import GrpcPeer
 from flotilla.common.relay import RelayServicer
-from flotilla.common.server import GrpcPeer, ServiceServer
-from flotilla.services.backend_pool.pool import EndpointPool
+from flotilla.common.server import ServiceServer
+from flotilla.pool.pool import EndpointPool
 from flotilla.services.router.routing import ApiKeys, RouteTable
 from flotilla.services.router.server import ForwardingHandler
 from flotilla.stack.local import LocalStack

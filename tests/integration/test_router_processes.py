@@ -16,6 +16,7 @@ from flotilla.clients.client import FlotillaClient
 from flotilla.clients.top import REQUESTS, scrape
 from flotilla.stack.local import LocalStack
 from tests.integration.conftest import API_KEY, MODEL, sample, stack_settings
+from tests.waiting import until
 
 CLIENTS = 16
 
@@ -92,7 +93,6 @@ async def test_the_port_stays_served_when_one_router_process_dies(two_routers: L
     os.kill(pid, signal.SIGKILL)
     # Once its listening socket is closed (the last of its threads gone, after it shows as a zombie) it
     # leaves the port's group; connections it had accepted but not taken are reset with it.
-    while listeners(port) > 1:
-        await asyncio.sleep(0.01)
+    await until(lambda: listeners(port) == 1, 10, "the killed router out of the port's group")
 
     await classify_from_many_connections(two_routers, uuid)  # new connections: all to the survivor

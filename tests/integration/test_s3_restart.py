@@ -116,7 +116,7 @@ def test_a_port_taken_before_weed_binds_it_starts_weed_again_on_other_ports(tmp_
     taken.listen()
     # The Iceberg port given to the first weed is already in use (weed finds another for some of its
     # ports by itself, not for this one: it exits).
-    iceberg = components._WEED_PORT_FLAGS.index("s3.port.iceberg")
+    iceberg = components.WEED_PORT_FLAGS.index("s3.port.iceberg")
     calls = iter(range(10**6))
     monkeypatch.setattr(
         components, "free_port", lambda host: taken.getsockname()[1] if next(calls) == iceberg else free_port(host)
@@ -124,7 +124,7 @@ def test_a_port_taken_before_weed_binds_it_starts_weed_again_on_other_ports(tmp_
     stack = LocalStack(FlotillaSettings(run_dir=tmp_path))
     stack.logs.mkdir(parents=True)
     try:
-        settings = stack._wait_for_s3(stack._launch_s3())
+        settings = stack.start_object_store()
         ObjectStore(settings, timeout_s=2.0, retries=0).put(KEY, BODY)
         assert "a port chosen for it was taken before it bound it" in caplog.text
         assert stack.s3 is not None and stack.s3.alive()

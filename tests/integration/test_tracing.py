@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from flotilla.clients.client import FlotillaClient
 from flotilla.common.tracing import POLLING_METHODS
 from flotilla.stack.local import LocalStack
 from tests.integration.conftest import API_KEY, MODEL, sample, stack_settings
+from tests.waiting import until
 
 REQUESTS = 4
 
@@ -49,14 +49,15 @@ async def test_a_batched_request_is_one_trace_and_its_batch_links_to_it(traced: 
         await asyncio.gather(*(client.classify(uuid, MODEL, timeout_s=30) for _ in range(REQUESTS)))
 
     directory = traced.run_dir / "traces"
-    deadline = time.monotonic() + 10
-    while True:  # spans are written as they end; the batcher's may trail its reply by a moment
-        found = spans(directory)
-        routers = [s for s in found if s["name"] == "router Classify"]
-        if len(routers) >= REQUESTS and sum(s["name"] == "batcher Classify" for s in found) >= REQUESTS:
-            break
-        assert time.monotonic() < deadline, [s["name"] for s in found]
-        await asyncio.sleep(0.2)
+
+    def written(name: str) -> int:
+        return sum(s["name"] == name for s in spans(directory))
+
+    # Spans are written as they end; the batcher's may trail its reply by a moment.
+    await until(lambda: written("router Classify") >= REQUESTS and written("batcher Classify") >= REQUESTS, 10,
+                "every router and batcher span written", interval_s=0.2)
+    found = spans(directory)
+    routers = [s for s in found if s["name"] == "router Classify"]
     by_id = {s["context"]["span_id"]: s for s in found}
 
     for router in routers:

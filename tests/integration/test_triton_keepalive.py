@@ -8,7 +8,7 @@ import asyncio
 import grpc
 from tritonclient.grpc import service_pb2
 
-from flotilla.common.server import keepalive_options
+from flotilla.common.keepalive import keepalive_options
 from flotilla.stack.local import LocalStack
 
 SERVER_LIVE = "/inference.GRPCInferenceService/ServerLive"

@@ -19,9 +19,9 @@ import tritonclient.grpc as triton_grpc
 from prometheus_client import REGISTRY
 
 from flotilla.config import BackendSettings, PoolSettings
-from flotilla.services.backend_pool.shm import SHM_DIR, SharedMemoryRegions
-from flotilla.services.backend_pool.triton import TritonBackend
 from flotilla.services.preprocess.imaging import decode_for_model
+from flotilla.services.preprocess.triton.backend import TritonBackend
+from flotilla.services.preprocess.triton.shm import SHM_DIR, SharedMemoryRegions
 from flotilla.stack.local import LocalStack
 from tests.integration.conftest import MODEL, SAMPLES
 

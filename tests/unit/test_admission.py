@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flotilla.common.interceptors import AdmissionLimit
 from flotilla.common.server import ServiceServer
+from tests.waiting import until
 
 
 async def test_calls_beyond_the_limit_are_rejected_and_the_rest_answered() -> None:
@@ -30,7 +31,7 @@ async def test_calls_beyond_the_limit_are_rejected_and_the_rest_answered() -> No
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             call = channel.unary_unary("/t.S/M")
             admitted = [asyncio.ensure_future(call(b"a", timeout=10)) for _ in range(3)]
-            await asyncio.sleep(0.2)
+            await until(lambda: admission.active == 3, 5, "three calls admitted")
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await call(b"b", timeout=10)
             health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from flotilla import bench_ab
-from flotilla.bench_ab import Comparison, Side, compare, table
+from flotilla.bench import ab
+from flotilla.bench.ab import Comparison, Side, compare, table
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_a_worktree_imports_its_own_services_not_this_checkouts() -> None:
     # The editable install maps flotilla.services onto this checkout's services/: without the
     # worktree's links a base revision would silently run the head's services.
-    rev = bench_ab.git("rev-parse", "HEAD", cwd=REPO)
-    path = bench_ab.worktree(REPO, rev, "test-worktree")
+    rev = ab.git("rev-parse", "HEAD", cwd=REPO)
+    path = ab.worktree(REPO, rev, "test-worktree")
     try:
         found = subprocess.run(
             [sys.executable, "-c", "import flotilla, flotilla.services.preprocess.processor as p, "
@@ -28,7 +28,7 @@ def test_a_worktree_imports_its_own_services_not_this_checkouts() -> None:
         assert all(Path(f).resolve().is_relative_to(path) for f in found), found
         assert (path / "build").resolve() == (REPO / "build").resolve()
     finally:
-        bench_ab.remove_worktree(REPO, path)
+        ab.remove_worktree(REPO, path)
     assert not path.exists()
 
 
@@ -41,9 +41,9 @@ def test_the_head_is_the_checkouts_state_uncommitted_changes_included(tmp_path: 
     (tmp_path / "f.txt").write_text("one\n")
     git("add", "f.txt")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "second")
-    assert bench_ab.head_rev(tmp_path) == git("rev-parse", "HEAD"), "a clean checkout is its HEAD"
+    assert ab.head_rev(tmp_path) == git("rev-parse", "HEAD"), "a clean checkout is its HEAD"
     (tmp_path / "f.txt").write_text("two\n")
-    snapshot = bench_ab.head_rev(tmp_path)
+    snapshot = ab.head_rev(tmp_path)
     assert snapshot != git("rev-parse", "HEAD")
     assert git("show", f"{snapshot}:f.txt") == "two"
     assert (tmp_path / "f.txt").read_text() == "two\n", "the checkout itself is left as it was"
@@ -65,4 +65,4 @@ def test_figures_both_sides_have_are_compared_by_their_medians() -> None:
 
 def test_only_one_part_at_a_time() -> None:
     with pytest.raises(SystemExit, match="one of cpu, overhead, ceiling"):
-        bench_ab.run("HEAD", "all", repo=REPO)
+        ab.run("HEAD", "all", repo=REPO)

@@ -1,4 +1,4 @@
-"""The bench's CPU accounting: /proc on this process and a busy-looping child, services' own
+"""The bench's CPU accounting: this process and a busy-looping child, services' own
 counters read at the same window edges, and the worker-overhead figures made from them."""
 
 from __future__ import annotations
@@ -13,22 +13,12 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from flotilla.bench import NEAR_FREE_BEFORE_REQUESTS_PER_S, near_free_budget
-from flotilla.bench_ceiling import EMPTY_SERVER
-from flotilla.bench_cpu import (
-    LOAD_GENERATOR,
-    WORKER_DECODE,
-    CpuMeter,
-    ProcStat,
-    Tier,
-    counter_total,
-    descendants,
-    mesh_vs_limit_ceiling,
-    metered_load,
-    read_stat,
-    summary,
-)
-from flotilla.bench_overhead import large_photos_lines, large_photos_summary
+from flotilla.bench.ceiling import EMPTY_SERVER
+from flotilla.bench.cpu import WORKER_DECODE, counter_total, mesh_vs_limit_ceiling, summary
+from flotilla.bench.meter import LOAD_GENERATOR, CpuMeter, Tier, descendants, metered_load, read_process
+from flotilla.bench.overhead import large_photos_lines, large_photos_summary
+from flotilla.bench.report import NEAR_FREE_BEFORE_REQUESTS_PER_S, near_free_budget
+from tests.waiting import until_sync
 
 BUSY_S = 0.3
 
@@ -40,17 +30,16 @@ def busy(seconds: float) -> None:
 
 
 def until_child_spent(child: subprocess.Popen[bytes], cpu_s: float, timeout_s: float = 30.0) -> None:
-    """Sleep until ``child`` has spent ``cpu_s`` of CPU: however loaded the machine is."""
-    first = read_stat(child.pid)
+    """Until ``child`` has spent ``cpu_s`` of CPU: however loaded the machine is."""
+    first = read_process(child.pid)
     assert first is not None
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        now = read_stat(child.pid)
+
+    def spent() -> bool:
+        now = read_process(child.pid)
         assert now is not None
-        if (now.cpu_ticks - first.cpu_ticks) / os.sysconf("SC_CLK_TCK") >= cpu_s:
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"the child did not spend {cpu_s} s of CPU in {timeout_s} s")
+        return now.cpu_s - first.cpu_s >= cpu_s
+
+    until_sync(spent, timeout_s, f"the child spends {cpu_s} s of CPU")
 
 
 @pytest.fixture
@@ -64,22 +53,29 @@ def spinning_child() -> Iterator[subprocess.Popen[bytes]]:
         child.wait()
 
 
-def test_read_stat_of_this_process() -> None:
-    stat = read_stat(os.getpid())
-    assert stat is not None
-    assert stat.pid == os.getpid() and stat.ppid == os.getppid()
-    assert stat.cpu_ticks > 0
+def test_read_process_of_this_process() -> None:
+    reading = read_process(os.getpid())
+    assert reading is not None
+    assert reading.pid == os.getpid() and reading.ppid == os.getppid()
+    assert reading.cpu_s > 0
 
 
-def test_read_stat_of_a_missing_process() -> None:
-    assert read_stat(2**22 + 1) is None  # above the kernel's pid_max limit
+def test_read_process_of_a_missing_process() -> None:
+    assert read_process(2**22 + 1) is None  # above the kernel's pid_max limit
+
+
+def test_two_readings_of_one_process_are_keyed_alike() -> None:
+    # The meter matches a window's two readings by process (pid and start time).
+    first, second = read_process(os.getpid()), read_process(os.getpid())
+    assert first is not None and second is not None
+    assert first.process == second.process and {first.process: 1.0}.get(second.process) == 1.0
 
 
 def test_descendants_follow_the_tree() -> None:
-    stats = {pid: ProcStat(pid, ppid, 0, 0) for pid, ppid in [(1, 0), (2, 1), (3, 2), (4, 1), (5, 9)]}
-    assert descendants(1, stats) == {2, 3, 4}
-    assert descendants(2, stats) == {3}
-    assert descendants(5, stats) == set()
+    parents = {1: 0, 2: 1, 3: 2, 4: 1, 5: 9}
+    assert descendants(1, parents) == {2, 3, 4}
+    assert descendants(2, parents) == {3}
+    assert descendants(5, parents) == set()
 
 
 def test_meter_counts_this_process_busy_time() -> None:
@@ -132,7 +128,7 @@ async def test_metered_load_reports_a_counter_per_item_over_the_same_windows() -
 
     async def call() -> None:
         spent[0] += 250e-6
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(0.001)  # duration: each call takes a millisecond, as a request would
 
     point = await metered_load(
         {}, call, concurrency=4, window_s=0.2, windows=2, warmup_s=0.05, counters={"decode": lambda: spent[0]}

@@ -12,17 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flotilla.bench_peer import (
-    CONCURRENCY,
-    MESH_QUEUE_DELAY_S,
-    PeerConfig,
-    PeerModel,
-    mean_batch,
-    model_input,
-    peer_lines,
-    ray_available,
-    ray_tiers,
-)
+from flotilla.bench.peer_app import PeerConfig, PeerModel, model_input, ray_available
+from flotilla.bench.peer_run import CONCURRENCY, MESH_QUEUE_DELAY_S, mean_batch, peer_lines, ray_tiers
 from flotilla.common.ids import new_image_uuid, object_key
 from flotilla.config import S3Settings
 from flotilla.errors import ImageNotFound

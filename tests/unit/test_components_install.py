@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from flotilla.config import load_settings
-from flotilla.services.backend_pool.shm import SHM_DIR
+from flotilla.services.preprocess.triton.shm import SHM_DIR
 from flotilla.stack.components import _install_file
 from flotilla.stack.local import LocalStack
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from flotilla.services.controller.graph import ModelGraph, SpecMismatch, TensorI
 from flotilla.services.controller.placement import NoCapacity
 from flotilla.services.controller.registry import LOADED, SPEC_MATCHES_GRAPH, MemoryRecords
 from flotilla.services.controller.server import build_controller
+from tests.waiting import until
 
 URI = "s3://flotilla-models/m"
 DEFAULT_GRAPH = ModelGraph(
@@ -64,7 +64,8 @@ class FakeReplica:
         self.loads: list[str] = []
         self.unloads: list[str] = []
         self.fail_loads: set[str] = set()
-        self.load_delay_s = 0.0
+        self.load_gate: asyncio.Event | None = None
+        """When set, a load waits for it (a test sees what happens meanwhile)."""
         self.live = True
         self.loaded_specs: dict[str, ModelSettings] = {}
         self.fail_warm_ups: set[str] = set()
@@ -81,7 +82,8 @@ class FakeReplica:
 
     async def load(self, name: str, spec: ModelSettings, uri: str, manifest: dict[str, dict[str, object]]) -> None:
         self.loads.append(name)
-        await asyncio.sleep(self.load_delay_s)
+        if self.load_gate is not None:
+            await self.load_gate.wait()
         if name in self.fail_loads:
             raise ModelLoadFailed(f"Triton at {self.address} could not load {name!r}: bad graph")
         self.models[spec.backend_model or name] = list(spec.versions)
@@ -233,7 +235,7 @@ async def test_a_deploy_warms_up_and_measures_its_copies_before_it_commits(repli
         replica.warm_up_gate, replica.memory_mb = gate, 120.0
 
     deploy = asyncio.create_task(ctl.deploy("m", spec(memory_mb=100)))
-    await until(lambda: any(r.warm_ups for r in replicas), "the warm-up")
+    await until(lambda: any(r.warm_ups for r in replicas), 5, "the warm-up")
     assert not deploy.done() and ctl.committed() == [], "not registered while its copy warms up"
     gate.set()
     record = await deploy
@@ -257,7 +259,7 @@ async def test_a_later_copy_that_fails_its_warm_up_leaves_the_fleet(replicas: li
 
     await ctl.ensure_loaded("m")
     [holder] = ctl.copies("m")
-    await until(lambda: not ctl.copies("m"), "the copy taken out")
+    await until(lambda: not ctl.copies("m"), 5, "the copy taken out")
 
     condition = ctl.records["m"].conditions[(LOADED, holder)]
     assert condition.status == "False" and condition.reason == "WarmUpFailed"
@@ -271,10 +273,14 @@ async def test_concurrent_cold_starts_share_one_load(replicas: list[FakeReplica]
     ctl = controller(replicas)
     await ctl.deploy("m", spec(min_copies=0))
     assert ctl.copies("m") == []
+    gate = asyncio.Event()
     for replica in replicas:
-        replica.load_delay_s = 0.05
+        replica.load_gate = gate
 
-    await asyncio.gather(*(ctl.ensure_loaded("m") for _ in range(20)))
+    waiters = asyncio.gather(*(ctl.ensure_loaded("m") for _ in range(20)))
+    await until(lambda: any(r.loads for r in replicas), 5, "the load")
+    gate.set()
+    await waiters
 
     assert sum(r.loads.count("m") for r in replicas) == 1
     assert len(ctl.ready_copies("m")) == 1
@@ -399,15 +405,6 @@ LOOPS = 3
 """The controller's own loops (replicas, usage, autoscale), each parked on the clock between rounds."""
 
 
-async def until(condition: Callable[[], bool], what: str) -> None:
-    """Until ``condition()`` holds (a deploy reads the artifact in a thread: real time passes)."""
-    for _ in range(400):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def test_a_configured_model_is_deployed_once_its_artifact_is_uploaded(
     replicas: list[FakeReplica], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -415,15 +412,15 @@ async def test_a_configured_model_is_deployed_once_its_artifact_is_uploaded(
     artifacts.missing.add(URI)
     await ctl.start()
     try:
-        await until(lambda: clock.sleepers == LOOPS + 1, "the first attempt")
+        await until(lambda: clock.sleepers == LOOPS + 1, 5, "the first attempt")
         assert "m" not in ctl.records
         assert "configured model 'm' not deployed yet (no artifact at s3://flotilla-models/m)" in caplog.text
         await clock.advance(CONFIGURED_RETRY_S)
-        await until(lambda: artifacts.checks == 2 and clock.sleepers == LOOPS + 1, "the second attempt")
+        await until(lambda: artifacts.checks == 2 and clock.sleepers == LOOPS + 1, 5, "the second attempt")
         assert "m" not in ctl.records and caplog.text.count("not deployed yet") == 1, "each reason is logged once"
         artifacts.missing.clear()  # the operator uploads it
         await clock.advance(CONFIGURED_RETRY_S)
-        await until(lambda: "m" in ctl.records and ctl.records["m"].committed, "the deploy")
+        await until(lambda: "m" in ctl.records and ctl.records["m"].committed, 5, "the deploy")
         assert ctl.ready_copies("m")
     finally:
         await ctl.stop()
@@ -454,11 +451,11 @@ async def test_a_configured_model_deployed_by_hand_meanwhile_is_left_to_the_regi
     artifacts.missing.add(URI)
     await ctl.start()
     try:
-        await until(lambda: clock.sleepers == LOOPS + 1, "the first attempt")
+        await until(lambda: clock.sleepers == LOOPS + 1, 5, "the first attempt")
         artifacts.missing.clear()
         await ctl.deploy("m", spec(memory_mb=120))  # an operator's own deploy
         await clock.advance(CONFIGURED_RETRY_S)
-        await until(lambda: all(t.done() for t in ctl._tasks if t.get_name() == "configured:m"), "the retry")
+        await until(lambda: "configured:m" not in ctl.running_tasks, 5, "the retry")
         assert ctl.records["m"].spec.memory_mb == 120
         assert artifacts.checks == 2, "the one deploy by hand; the retry found the model registered"
     finally:

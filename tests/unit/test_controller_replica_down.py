@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from fakes import FakeClock
+from prometheus_client import REGISTRY
 from test_controller import FakeArtifacts, FakeReplica, spec
 
 from flotilla.common import metrics
@@ -60,7 +61,9 @@ async def test_a_model_whose_only_copy_is_on_a_down_replica_is_not_ready() -> No
 
 
 def copies_gauge(name: str, state: str) -> float:
-    return metrics.MODEL_COPIES.labels(name, state)._value.get()  # type: ignore[attr-defined]
+    """The exported ``flotilla_model_copies`` sample; a label set the controller removed counts as 0."""
+    sample = REGISTRY.get_sample_value(metrics.MODEL_COPIES.describe()[0].name, {"model": name, "state": state})
+    return sample or 0.0
 
 
 async def test_a_cold_start_whose_copy_vanishes_loads_another_instead_of_failing() -> None:

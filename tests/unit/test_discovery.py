@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 from fakes import FakeClock, settle
 
-from flotilla.services.backend_pool.discovery import DnsEndpoints, DnsEndpointSource, join_address, split_target
+from flotilla.pool.discovery import DnsEndpoints, DnsEndpointSource
 
 
 class FakeResolver:
@@ -30,16 +30,6 @@ def recorder() -> tuple[list[list[str]], object]:
     return seen, seen.append
 
 
-def test_targets_split_and_join() -> None:
-    assert split_target("preprocess.flotilla.svc:50053") == ("preprocess.flotilla.svc", 50053)
-    assert split_target("[fd00::1]:80") == ("fd00::1", 80)
-    assert join_address("10.0.0.1", 80) == "10.0.0.1:80"
-    assert join_address("fd00::1", 80) == "[fd00::1]:80"
-    for bad in ("preprocess", "host:", ":80", "host:http"):
-        with pytest.raises(ValueError, match="host:port"):
-            split_target(bad)
-
-
 async def test_reports_sorted_unique_addresses_only_when_they_change() -> None:
     resolver = FakeResolver(["10.0.0.2", "10.0.0.1", "10.0.0.2"])
     seen, on_change = recorder()
@@ -56,7 +46,7 @@ async def test_reports_sorted_unique_addresses_only_when_they_change() -> None:
 
 
 async def test_a_failed_resolution_keeps_the_last_list_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="flotilla.services.backend_pool.discovery")
+    caplog.set_level(logging.INFO, logger="flotilla.pool.discovery")
     resolver = FakeResolver(["10.0.0.1"])
     seen, on_change = recorder()
     source = DnsEndpointSource("batcher-m.flotilla.svc:50052", on_change, resolver=resolver)  # type: ignore[arg-type]
@@ -157,8 +147,8 @@ async def test_several_names_report_the_union_of_their_addresses() -> None:
 
 
 async def test_a_pool_following_dns_holds_one_endpoint_per_pod_and_closes_the_ones_that_leave() -> None:
-    from flotilla.services.backend_pool.discovery import pool_following
-    from flotilla.services.backend_pool.pool import EndpointPool
+    from flotilla.pool.discovery import pool_following
+    from flotilla.pool.pool import EndpointPool
 
     answers = {"workers.ns.svc": ["10.0.0.2", "10.0.0.1"]}
 

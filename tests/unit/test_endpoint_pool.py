@@ -12,7 +12,7 @@ from flotilla.errors import (
     StoreUnavailable,
     Unavailable,
 )
-from flotilla.services.backend_pool.pool import Endpoint, EndpointPool, RoundRobin
+from flotilla.pool.pool import Endpoint, EndpointPool, RoundRobin
 
 
 class ManualTime:

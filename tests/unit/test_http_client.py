@@ -1,4 +1,4 @@
-"""The preprocess worker's HTTP/1.1 client (flotilla.common.http_client) against small real servers on
+"""The preprocess worker's HTTP/1.1 client (flotilla.services.preprocess.http_client) against small real servers on
 127.0.0.1: each framing of a body, limits, errors, keep-alive and its failures, the connection cap,
 timeouts, cancellation and close, POST bodies, the answer's header block, the connections' liveness
 options; and the answer parser fed a byte at a time."""
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from flotilla.common.http_client import (
+from flotilla.services.preprocess.http_client import (
     HEAD_MAX_BYTES,
     BodyTooLarge,
     ConnectionDropped,
@@ -26,7 +26,6 @@ from flotilla.common.http_client import (
     IncompleteBody,
     _Connection,
     header_value,
-    split_endpoint,
 )
 
 HEADERS = {"Host": "store", "x-test": "1"}
@@ -249,7 +248,7 @@ async def test_liveness_sets_keepalive_and_a_user_timeout_on_every_connection(se
     connections = HttpConnectionPool("127.0.0.1", server.port, timeout_s=5.0, liveness_s=6.0)
     try:
         await connections.get("/", HEADERS, max_bytes=1 << 10)
-        sock = connections._idle[0].transport.get_extra_info("socket")  # type: ignore[union-attr]
+        [sock] = connections.idle_sockets()
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 3
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 6000
@@ -473,14 +472,6 @@ async def test_a_get_over_tls(tmp_path: Path) -> None:
         for task in running.tasks:
             task.cancel()
         await asyncio.gather(*running.tasks, return_exceptions=True)
-
-
-def test_an_endpoint_splits_into_host_and_port() -> None:
-    assert split_endpoint("127.0.0.1:8333") == ("127.0.0.1", 8333)
-    assert split_endpoint("seaweedfs") == ("seaweedfs", 80)
-    assert split_endpoint("s3.example.com", secure=True) == ("s3.example.com", 443)
-    assert split_endpoint("[::1]:9000") == ("::1", 9000)
-    assert split_endpoint("[::1]") == ("::1", 80)
 
 
 # -- the parser, fed a byte (or a few) at a time ------------------------------------------------------------

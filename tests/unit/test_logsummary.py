@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from flotilla.common.logsummary import FailureSummary
+from flotilla.pool.logsummary import FailureSummary
 
 
 class Clock:

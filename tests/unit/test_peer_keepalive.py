@@ -12,16 +12,19 @@ import grpc
 import pytest
 from test_relay import METHOD, Core  # echoes each request reversed, holds b"hold"
 
+from flotilla.common.peer import GrpcPeer
 from flotilla.common.relay import RelayServicer
-from flotilla.common.server import SERVER_OPTIONS, GrpcPeer
+from flotilla.common.server import SERVER_OPTIONS
 from flotilla.errors import Unavailable
+from tests.waiting import until
 
 
 class SilentLink:
     """A TCP relay to ``target``; once silenced it forwards nothing either way and closes nothing."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(self, target: tuple[str, int], core: Core) -> None:
         self.target = target
+        self.core = core  # the server's: it holds the calls that got through
         self.silenced = asyncio.Event()
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
@@ -55,11 +58,12 @@ class SilentLink:
 
 @pytest.fixture
 async def link() -> AsyncIterator[SilentLink]:
+    core = Core()
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers([RelayServicer(Core().start, tier="batcher").generic_handler()])
+    server.add_generic_rpc_handlers([RelayServicer(core.start, tier="batcher").generic_handler()])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    relay = SilentLink(("127.0.0.1", port))
+    relay = SilentLink(("127.0.0.1", port), core)
     yield relay
     await relay.stop()
     await server.stop(None)
@@ -69,7 +73,7 @@ async def held_call_after_silence(link: SilentLink, **keepalive: float) -> async
     peer: GrpcPeer[None] = GrpcPeer(f"127.0.0.1:{await link.start()}", **keepalive)
     assert await peer.relay.call(METHOD, b"echo", [], 30.0) == b"ohce"  # the stream is up
     held = asyncio.ensure_future(peer.relay.call(METHOD, b"hold", [], 30.0))
-    await asyncio.sleep(0.2)
+    await until(lambda: link.core.held, 5, "the call held by the server")
     link.silenced.set()
     held.add_done_callback(lambda _: asyncio.ensure_future(peer.close()))
     return held

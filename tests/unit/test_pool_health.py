@@ -2,7 +2,8 @@
 
 Complements test_endpoint_pool.py (round-robin, retries, passive ejection).
 No test waits on real time except the background-loop tests of
-ActiveHealthCheck.start(), which need a few real milliseconds.
+ActiveHealthCheck.start(), which probe every few real milliseconds and wait
+for the probes' effect with a deadline.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from test_endpoint_pool import ManualTime, Script, make_pool
 
 from flotilla.config import BackendSettings, PoolSettings
 from flotilla.errors import DeadlineExceeded, NoHealthyEndpoint, Unavailable
-from flotilla.services.backend_pool.pool import (
+from flotilla.pool.pool import (
     STRATEGIES,
     ActiveHealthCheck,
     Endpoint,
@@ -29,7 +30,8 @@ from flotilla.services.backend_pool.pool import (
     pool_from_settings,
     strategy_name,
 )
-from flotilla.services.backend_pool.status import pools_to_pb
+from flotilla.pool.status import pools_to_pb
+from tests.waiting import until
 
 
 async def settle(rounds: int = 20) -> None:
@@ -80,8 +82,8 @@ class Gate:
 class Probe:
     """An active probe whose verdict per address the test sets.
 
-    A verdict is True/False, an exception to raise, or "hang" (sleeps far
-    longer than any probe timeout used here).
+    A verdict is True/False, an exception to raise, or "hang" (never
+    answers: only the probe timeout ends it).
     """
 
     def __init__(self, verdicts: dict[str, object] | None = None) -> None:
@@ -92,8 +94,7 @@ class Probe:
         self.probed.append(endpoint.address)
         verdict = self.verdicts.get(endpoint.address, True)
         if verdict == "hang":
-            await asyncio.sleep(1)
-            return True
+            await asyncio.Event().wait()
         if isinstance(verdict, BaseException):
             raise verdict
         return bool(verdict)
@@ -491,7 +492,7 @@ async def test_check_once_probes_every_endpoint_concurrently() -> None:
     probe = Probe({"a:1": "hang", "b:2": "hang", "c:3": "hang"})
     check = health_check(pool, probe, timeout_s=0.01, unhealthy_after=1)
 
-    await check.check_once()  # three 10 ms timeouts side by side, not 3 x 1 s
+    await check.check_once()  # three 10 ms timeouts side by side
 
     assert sorted(probe.probed) == ["a:1", "b:2", "c:3"]
     assert not any(e.healthy for e in pool.endpoints)
@@ -613,16 +614,14 @@ async def test_start_probes_in_the_background_and_stop_ends_it() -> None:
 
     check.start()
     try:
-        await asyncio.sleep(0.05)
-        assert probe.probed, "the background loop probed"
+        await until(lambda: not pool.endpoints[1].healthy, 5, "repeated background probes eject b")
         assert set(probe.probed) == {"a:1", "b:2", "c:3"}
-        assert not pool.endpoints[1].healthy, "repeated background probes ejected b"
     finally:
         await check.stop()
 
     assert health_tasks(pool) == []
     probed = len(probe.probed)
-    await asyncio.sleep(0.03)
+    await asyncio.sleep(0.03)  # duration: three probe intervals pass, and no probe with them
     assert len(probe.probed) == probed, "no probes after stop()"
 
 

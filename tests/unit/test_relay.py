@@ -21,6 +21,7 @@ from flotilla.common.relay import (
     coalesce_wait_s,
 )
 from flotilla.errors import InvalidArgument, ResourceExhausted, Unavailable
+from tests.waiting import until
 
 METHOD = "/flotilla.api.v1.ImageClassifier/Classify"
 
@@ -105,18 +106,15 @@ def test_only_a_busy_stream_waits_to_share_a_message_and_never_long_against_its_
 async def test_calls_trickling_onto_a_busy_stream_share_messages(relay: Relay) -> None:
     """As in front of a saturated model: many calls open, new ones arriving one by one."""
     held = [asyncio.ensure_future(relay.call(b"hold")) for _ in range(COALESCE_OPEN_CALLS)]
-    while len(relay.core.held) < COALESCE_OPEN_CALLS:
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.2)
+    await until(lambda: len(relay.core.held) == COALESCE_OPEN_CALLS, 5, "every call held")
+    await asyncio.sleep(0.2)  # duration: the calls stay open 0.2 s, the round trip to be measured
     for future in relay.core.held:
         future.set_result(Raw(b"done"))
     await asyncio.gather(*held)
-    stream = relay.client._stream
-    assert stream is not None and stream.round_trip_s >= 0.2, "the round trip of the answered calls is measured"
+    assert relay.client.round_trip_s >= 0.2, "the round trip of the answered calls is measured"
 
     held = [asyncio.ensure_future(relay.call(b"hold")) for _ in range(COALESCE_OPEN_CALLS)]
-    while len(relay.core.held) < 2 * COALESCE_OPEN_CALLS:
-        await asyncio.sleep(0.01)
+    await until(lambda: len(relay.core.held) == 2 * COALESCE_OPEN_CALLS, 5, "every call held")
     before = relay.servicer.messages
     trickle = []
     for i in range(20):  # one call per event-loop turn
@@ -148,15 +146,10 @@ async def test_a_failure_relayed_from_below_keeps_its_origin(relay: Relay) -> No
 
 async def test_a_caller_that_goes_away_withdraws_its_call_downstream(relay: Relay) -> None:
     call = asyncio.ensure_future(relay.call(b"hold"))
-    while not relay.core.held:
-        await asyncio.sleep(0.01)
+    await until(lambda: relay.core.held, 5, "the call held")
     call.cancel()
     held = relay.core.held[0]
-    for _ in range(100):
-        if held.cancelled():
-            break
-        await asyncio.sleep(0.01)
-    assert held.cancelled(), "the server-side call was not withdrawn"
+    await until(held.cancelled, 5, "the server-side call withdrawn")
     assert await relay.call(b"still works") == b"skrow llits"
 
 
@@ -164,11 +157,7 @@ async def test_a_caller_whose_own_deadline_passes_withdraws_its_call(relay: Rela
     with pytest.raises(asyncio.TimeoutError):  # as gRPC cancels a server handler at its deadline
         await asyncio.wait_for(relay.call(b"hold", timeout_s=0.2), 0.2)
     held = relay.core.held[0]
-    for _ in range(100):
-        if held.cancelled():
-            break
-        await asyncio.sleep(0.01)
-    assert held.cancelled()
+    await until(held.cancelled, 5, "the server-side call withdrawn")
 
 
 async def test_a_broken_stream_fails_open_calls_unavailable_and_the_next_call_reopens_it() -> None:
@@ -176,8 +165,7 @@ async def test_a_broken_stream_fails_open_calls_unavailable_and_the_next_call_re
     await first.server.start()
     try:
         call = asyncio.ensure_future(first.call(b"hold"))
-        while not first.core.held:
-            await asyncio.sleep(0.01)
+        await until(lambda: first.core.held, 5, "the call held")
         await first.server.stop(None)  # the batcher dies with a call open
         with pytest.raises(Unavailable, match="unavailable"):
             await call
@@ -188,14 +176,13 @@ async def test_a_broken_stream_fails_open_calls_unavailable_and_the_next_call_re
         assert second.add_insecure_port(f"127.0.0.1:{first.port}") == first.port
         await second.start()
         try:
-            for _ in range(50):  # the channel reconnects with backoff
+            async def answered() -> bool:
                 try:
-                    assert await first.call(b"again") == b"niaga"
-                    break
+                    return await first.call(b"again") == b"niaga"
                 except Unavailable:
-                    await asyncio.sleep(0.1)
-            else:
-                raise AssertionError("the relay never reconnected")
+                    return False
+
+            await until(answered, 10, "the relay reconnected", interval_s=0.1)  # the channel reconnects with backoff
         finally:
             await second.stop(None)
     finally:
@@ -205,18 +192,14 @@ async def test_a_broken_stream_fails_open_calls_unavailable_and_the_next_call_re
 
 async def test_draining_refuses_new_calls_finishes_open_ones_then_ends_the_stream(relay: Relay) -> None:
     held_call = asyncio.ensure_future(relay.call(b"hold"))
-    while not relay.core.held:
-        await asyncio.sleep(0.01)
+    await until(lambda: relay.core.held, 5, "the call held")
     relay.servicer.drain()
     with pytest.raises(Unavailable, match="shutting down; retry on another replica"):
         await relay.call(b"new")
     relay.core.held[0].set_result(Raw(b"done"))
     assert await held_call == b"done"
-    for _ in range(100):  # the stream ends once nothing is open
-        if relay.client.open_calls == 0 and (relay.client._stream is None or relay.client._stream.closed):
-            break
-        await asyncio.sleep(0.01)
-    assert relay.client._stream is not None and relay.client._stream.closed
+    await until(lambda: not relay.client.stream_open, 5, "the stream ended once nothing was open")
+    assert relay.client.open_calls == 0
 
 
 async def test_admission_limits_relayed_calls_like_unary_ones() -> None:
@@ -224,8 +207,7 @@ async def test_admission_limits_relayed_calls_like_unary_ones() -> None:
     await r.server.start()
     try:
         held = asyncio.ensure_future(r.call(b"hold"))
-        while not r.core.held:
-            await asyncio.sleep(0.01)
+        await until(lambda: r.core.held, 5, "the call held")
         with pytest.raises(ResourceExhausted, match=r"limit of 1 concurrent calls \(batcher.max_concurrent_calls\)"):
             await r.call(b"second")
         r.core.held[0].set_result(Raw(b"x"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flotilla.errors import Code, InvalidArgument, ModelNotFound, Unauthenticated
-from flotilla.services.backend_pool.pool import EndpointPool
+from flotilla.pool.pool import EndpointPool
 from flotilla.services.router.routing import ApiKeys, RouteTable
 
 KEYS = ApiKeys(["key-one", "key-two"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flotilla.services.backend_pool.shm import MIN_REGION_BYTES, SharedMemoryRegions, remove_stale
+from flotilla.services.preprocess.triton.shm import MIN_REGION_BYTES, SharedMemoryRegions, remove_stale
 
 
 def regions(directory: Path, max_bytes: int = 64 * MIN_REGION_BYTES) -> SharedMemoryRegions:

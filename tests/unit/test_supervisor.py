@@ -20,6 +20,7 @@ import pytest
 
 from flotilla.stack.processes import ManagedProcess, wait_for_previous_holder
 from flotilla.stack.supervisor import Supervisor
+from tests.waiting import until_sync
 
 SLEEPER = "import time; time.sleep(60)"
 MARKER = re.compile(r"^==== (\S+) started pid (\d+) at (\S+) \(start #(\d+)\) ====$", re.MULTILINE)
@@ -35,19 +36,23 @@ time.sleep(1.5 if runs == 5 else 60)
 """
 
 
-def wait_for(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 def gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     return False
+
+
+def handles(pid: int | None, field: str, signum: int) -> bool:
+    """Whether the process's ``/proc`` status lists ``signum`` under ``field`` (``SigIgn``: ignored,
+    ``SigCgt``: caught by a handler)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith(f"{field}:"))
+    return bool(mask >> (signum - 1) & 1)
 
 
 def cmdline(pid: int | None) -> list[str]:
@@ -115,11 +120,11 @@ def test_a_killed_child_comes_back_with_the_same_command_line(
 
     with caplog.at_level(logging.WARNING, logger="flotilla.stack.supervisor"):
         os.kill(first_pid, signal.SIGKILL)
-        wait_for(lambda: supervisor.restarts("sleeper") == 1 and proc.alive())
+        until_sync(lambda: supervisor.restarts("sleeper") == 1 and proc.alive(), 10, "the sleeper restarted")
 
     assert proc.pid != first_pid and restarted == [proc.pid]
     assert proc.argv == argv
-    wait_for(lambda: cmdline(proc.pid) == argv)  # setpriv execs the command itself
+    until_sync(lambda: cmdline(proc.pid) == argv, 10, "its exec")  # setpriv execs the command itself
     warnings = [r.getMessage() for r in caplog.records if r.name == "flotilla.stack.supervisor"]
     assert warnings == ["restarting sleeper (exit -9, killed by SIGKILL), restart 1, after 0.1 s"]
     # Both runs are marked in the one appended log.
@@ -136,7 +141,7 @@ def test_a_restarted_child_outlives_stop_until_the_caller_stops_it(
     supervisor.add(proc)
     supervisor.start()
     proc.kill()
-    wait_for(lambda: supervisor.restarts("sleeper") == 1 and proc.alive())
+    until_sync(lambda: supervisor.restarts("sleeper") == 1 and proc.alive(), 10, "the sleeper restarted")
 
     supervisor.stop()
     assert not supervisor.join(timeout_s=0.5)  # still holding its child
@@ -158,7 +163,7 @@ def test_backoff_doubles_in_a_crash_loop_up_to_the_cap_and_resets_after_stable_u
         supervisor.add(proc)
         supervisor.start()
         # 4 quick crashes, one exit after a stable run, then up for good: 5 restarts.
-        wait_for(lambda: supervisor.restarts("crasher") == 5 and proc.alive(), timeout_s=20)
+        until_sync(lambda: supervisor.restarts("crasher") == 5 and proc.alive(), 20, "five restarts, then up")
 
     assert backoffs_logged(caplog, "crasher") == [0.05, 0.1, 0.2, 0.2, 0.05]
     assert [start for _, _, start in markers(proc.log_path)] == [1, 2, 3, 4, 5, 6]
@@ -176,12 +181,11 @@ def test_stop_prevents_restarts_even_when_one_is_pending(
     supervisor.start()
     with caplog.at_level(logging.WARNING, logger="flotilla.stack.supervisor"):
         proc.kill()
-        wait_for(lambda: backoffs_logged(caplog, "sleeper") == [0.3])  # seen dead, restart pending
+        until_sync(lambda: backoffs_logged(caplog, "sleeper") == [0.3], 10, "the restart pending")  # seen dead
     supervisor.stop()
     supervisor.stop()  # idempotent
-    time.sleep(0.5)
+    assert supervisor.join(timeout_s=2)  # it started no child, so it ends at once: no restart can follow
     assert not proc.alive() and supervisor.restarts("sleeper") == 0
-    assert supervisor.join(timeout_s=2)  # it started no child, so it ends at once
     with pytest.raises(RuntimeError):
         supervisor.start()
 
@@ -199,7 +203,7 @@ def test_remove_stops_watching(
     assert supervisor.remove("removed") is None
     removed.kill()
     kept.kill()
-    wait_for(lambda: supervisor.restarts("kept") == 1 and kept.alive())
+    until_sync(lambda: supervisor.restarts("kept") == 1 and kept.alive(), 10, "kept restarted")
     assert not removed.alive() and supervisor.restarts("removed") == 0
     assert [s.name for s in supervisor.status()] == ["kept"]
 
@@ -212,8 +216,7 @@ def test_a_process_without_restart_is_reported_and_left_down(
     supervisor.add(proc, restart=False)
     with caplog.at_level(logging.WARNING, logger="flotilla.stack.supervisor"):
         supervisor.start()
-        wait_for(lambda: supervisor.status()[0].last_exit == "exit 7")
-        time.sleep(0.2)
+        until_sync(lambda: "not restarting it" in caplog.text, 10, "its exit seen and reported")
     assert supervisor.restarts("oneshot") == 0 and not proc.alive()
     messages = [r.getMessage() for r in caplog.records if r.name == "flotilla.stack.supervisor"]
     assert messages == ["oneshot exited (exit 7); not restarting it"]
@@ -227,14 +230,14 @@ def test_stop_uses_the_process_stop_signal(spawn: Callable[..., ManagedProcess])
     # with SIGINT ignored (and Python then installs no KeyboardInterrupt handler).
     honours_int = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); " + ignores_term
     proc = spawn("int-stopper", honours_int, stop_signal=signal.SIGINT)
-    time.sleep(0.3)  # its handler is installed
+    until_sync(lambda: handles(proc.pid, "SigIgn", signal.SIGTERM), 10, "its handlers installed")  # SIGINT's first
     began_s = time.monotonic()
     proc.stop(timeout_s=5)
     assert time.monotonic() - began_s < 2
     assert proc.describe_exit() != "exit -9, killed by SIGKILL"
 
     stubborn = spawn("term-ignorer", ignores_term)
-    time.sleep(0.3)
+    until_sync(lambda: handles(stubborn.pid, "SigIgn", signal.SIGTERM), 10, "SIGTERM ignored")
     stubborn.stop(timeout_s=0.5)
     assert stubborn.describe_exit() == "exit -9, killed by SIGKILL"
 
@@ -245,7 +248,7 @@ def test_waiting_for_a_previous_holder_of_a_directory(spawn: Callable[..., Manag
     wait_for_previous_holder(data, timeout_s=0.1)  # nobody holds it
 
     holder = spawn("holder", SLEEPER, f"-dir={data}")
-    wait_for(lambda: cmdline(holder.pid) == holder.argv)  # past its exec
+    until_sync(lambda: cmdline(holder.pid) == holder.argv, 10, "the holder's exec")
     with pytest.raises(RuntimeError) as failure:
         wait_for_previous_holder(data, timeout_s=0.3)
     message = str(failure.value)
@@ -254,7 +257,7 @@ def test_waiting_for_a_previous_holder_of_a_directory(spawn: Callable[..., Manag
     # A holder that exits within the timeout is waited for.
     began_s = time.monotonic()
     leaving = spawn("leaving", "import time; time.sleep(1.0)", str(data))
-    wait_for(lambda: cmdline(leaving.pid) == leaving.argv)
+    until_sync(lambda: cmdline(leaving.pid) == leaving.argv, 10, "the leaver's exec")
     holder.stop(timeout_s=2)
     wait_for_previous_holder(data, timeout_s=10)
     assert not leaving.alive() and time.monotonic() - began_s < 5

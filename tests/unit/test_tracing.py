@@ -24,10 +24,11 @@ from test_processor import GOOD, GOOD_2, MISSING, FakeBackend, FakeStore, jpeg, 
 from flotilla.api.v1 import inference_pb2, pools_pb2, preprocess_pb2, preprocess_pb2_grpc
 from flotilla.common import tracing
 from flotilla.common.clock import MonotonicClock
-from flotilla.common.server import GrpcPeer, ServiceServer
+from flotilla.common.peer import GrpcPeer
+from flotilla.common.server import ServiceServer
 from flotilla.config import ObservabilitySettings
-from flotilla.services.backend_pool.pool import EndpointPool
-from flotilla.services.batcher.server import PreprocessDispatcher
+from flotilla.pool.pool import EndpointPool
+from flotilla.services.batcher.dispatch import PreprocessDispatcher
 from flotilla.services.preprocess.processor import ItemRequest
 
 EXPORTER = InMemorySpanExporter()

@@ -19,9 +19,11 @@ from minio.signer import sign_v4_s3
 from minio.time import to_amz_date
 from pydantic import SecretStr
 
-from flotilla.common.object_store import AsyncObjectReader, GetSigner, ObjectStore
+from flotilla.common.object_get import GetSigner
+from flotilla.common.object_store import ObjectStore
 from flotilla.config import S3Settings
 from flotilla.errors import ImageNotFound, ImageTooLarge, StoreUnavailable
+from flotilla.services.preprocess.object_reader import AsyncObjectReader
 
 SETTINGS = S3Settings(endpoint="127.0.0.1:9", access_key="AKIDEXAMPLE", secret_key=SecretStr("s3cr3t"), bucket="images")
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"

@@ -17,8 +17,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from flotilla.config import BackendSettings, PoolSettings
 from flotilla.errors import BackendError, BackendUnavailable, Code, DeadlineExceeded, ReplicaInTransition
-from flotilla.services.backend_pool.triton import TritonBackend, translate_triton_error
-from flotilla.services.backend_pool.triton_grpc import decode_infer_response, encode_infer_request
+from flotilla.services.preprocess.triton.backend import TritonBackend, translate_triton_error
+from flotilla.services.preprocess.triton.grpc_replica import decode_infer_response, encode_infer_request
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The worker's KServe v2 HTTP codec and replica (services.backend_pool.triton_http): requests as
+"""The worker's KServe v2 HTTP codec and replica (services.preprocess.triton.http_replica): requests as
 Triton reads them, answers split into the named output, error answers and transport failures as
 the gRPC status codes the rest of the backend acts on. Against real Triton: the integration tests."""
 
@@ -12,11 +12,11 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
-from flotilla.common.http_client import HttpAnswer, HttpProtocolError
 from flotilla.config import BackendSettings, PoolSettings
 from flotilla.errors import Code, ReplicaInTransition
-from flotilla.services.backend_pool.triton import TritonBackend, translate_triton_error
-from flotilla.services.backend_pool.triton_http import (
+from flotilla.services.preprocess.http_client import HttpAnswer, HttpProtocolError
+from flotilla.services.preprocess.triton.backend import TritonBackend, translate_triton_error
+from flotilla.services.preprocess.triton.http_replica import (
     HttpReplica,
     code_of,
     decode_answer,
@@ -25,7 +25,7 @@ from flotilla.services.backend_pool.triton_http import (
     error_of,
     infer_target,
 )
-from flotilla.services.backend_pool.triton_replica import InferCall, ReplicaCallError, lost_region
+from flotilla.services.preprocess.triton.replica import InferCall, ReplicaCallError, lost_region
 
 
 def a_call(batch: np.ndarray | None = None) -> InferCall:

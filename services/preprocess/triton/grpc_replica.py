@@ -8,7 +8,7 @@ serialisation make three), and the output is read with ``np.frombuffer`` on
 ``raw_output_contents``. A batch in a shared-memory region is a request
 naming the region. Failed calls raise ``ReplicaCallError`` with the call's
 status code. Used for replicas whose HTTP endpoint the worker does not know
-(``triton_http`` is cheaper per batch) and for ``preprocess.triton_protocol: grpc``.
+(``http_replica`` is cheaper per batch) and for ``preprocess.triton_protocol: grpc``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from flotilla.common import tracing
-from flotilla.common.server import PEER_KEEPALIVE_S, PEER_KEEPALIVE_TIMEOUT_S, keepalive_options
+from flotilla.common.keepalive import PEER_KEEPALIVE_S, PEER_KEEPALIVE_TIMEOUT_S, keepalive_options
 from flotilla.errors import Code
-from flotilla.services.backend_pool.shm import Region, is_loopback
-from flotilla.services.backend_pool.triton_replica import InferCall, ReplicaCallError, SharedMemoryRegistrations
+from flotilla.services.preprocess.triton.replica import InferCall, ReplicaCallError, SharedMemoryRegistrations
+from flotilla.services.preprocess.triton.shm import Region, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class GrpcReplica(SharedMemoryRegistrations):
         )
 
     async def infer(self, call: InferCall, in_region: bool, timeout_s: float | None) -> np.ndarray | None:
-        """See ``triton_replica.Replica.infer``."""
+        """See ``replica.Replica.infer``."""
         if in_region:
             assert call.region is not None
             region = call.region.name

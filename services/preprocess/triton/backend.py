@@ -1,9 +1,9 @@
 """Triton replicas behind EndpointPools, one pool per model.
 
-Each replica is reached over KServe v2 HTTP (``triton_http``) when the
+Each replica is reached over KServe v2 HTTP (``http_replica``) when the
 controller reports its HTTP endpoint and ``preprocess.triton_protocol`` is
 "http" (the default: about a quarter of the client CPU per batch), over
-KServe v2 gRPC (``triton_grpc``) otherwise; ``triton_replica`` is what both
+KServe v2 gRPC (``grpc_replica``) otherwise; ``replica`` is what both
 offer. A failed call is turned into a Flotilla error here, at the boundary,
 from its gRPC status code whichever protocol carried it.
 
@@ -44,12 +44,12 @@ from flotilla.errors import (
     NoHealthyEndpoint,
     ReplicaInTransition,
 )
-from flotilla.services.backend_pool.pool import Endpoint, EndpointPool, make_strategy
-from flotilla.services.backend_pool.shm import Region, SharedMemoryRegions
-from flotilla.services.backend_pool.triton_grpc import GrpcReplica
-from flotilla.services.backend_pool.triton_http import HttpReplica
-from flotilla.services.backend_pool.triton_replica import InferCall, Replica, ReplicaCallError, lost_region
+from flotilla.pool.pool import Endpoint, EndpointPool, make_strategy
 from flotilla.services.preprocess.backend import InferResult
+from flotilla.services.preprocess.triton.grpc_replica import GrpcReplica
+from flotilla.services.preprocess.triton.http_replica import HttpReplica
+from flotilla.services.preprocess.triton.replica import InferCall, Replica, ReplicaCallError, lost_region
+from flotilla.services.preprocess.triton.shm import Region, SharedMemoryRegions
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from flotilla.common import metrics
 
 log = logging.getLogger(__name__)
@@ -148,17 +150,7 @@ def remove_stale(prefix_base: str, directory: Path = SHM_DIR) -> list[str]:
 def is_stale(name: str, prefix_base: str) -> bool:
     """``name`` is ``<prefix_base><pid>-<anything>`` and that pid is no longer running."""
     found = re.fullmatch(re.escape(prefix_base) + r"(\d+)-.+", name)
-    return found is not None and not _running(int(found.group(1)))
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return found is not None and not psutil.pid_exists(int(found.group(1)))
 
 
 def is_loopback(address: str) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from flotilla.api.v1 import pools_pb2
-from flotilla.services.backend_pool.pool import EndpointPool, strategy_name
+from flotilla.pool.pool import EndpointPool, strategy_name
 
 
 def pools_to_pb(pools: Iterable[EndpointPool]) -> pools_pb2.Pools:  # type: ignore[type-arg]

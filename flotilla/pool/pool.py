@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from flotilla.common import metrics
-from flotilla.common.logsummary import FailureSummary
 from flotilla.config import PoolSettings
 from flotilla.errors import DeadlineExceeded, FlotillaError, NoHealthyEndpoint, Unavailable
+from flotilla.pool.logsummary import FailureSummary
 
 log = logging.getLogger(__name__)
 

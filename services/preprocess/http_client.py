@@ -90,14 +90,6 @@ class ConnectionDropped(ConnectionError):
         self.before_answer = before_answer
 
 
-def split_endpoint(endpoint: str, secure: bool = False) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port``; the scheme's port when none) as (host, port)."""
-    host, _, port = endpoint.rpartition(":")
-    if not (host and port.isdigit()) or (host.startswith("[") and not host.endswith("]")):
-        host, port = endpoint, "443" if secure else "80"
-    return host.removeprefix("[").removesuffix("]"), int(port)
-
-
 class _Connection(asyncio.BufferedProtocol):
     """One connection; at most one request outstanding on it."""
 
@@ -464,6 +456,11 @@ class HttpConnectionPool:
                 return answer
         finally:
             self._slots.release()
+
+    def idle_sockets(self) -> list[socket.socket]:
+        """The sockets of the kept-alive connections now idle (for observing state: their options)."""
+        transports = [c.transport for c in self._idle if c.transport is not None]
+        return [t.get_extra_info("socket") for t in transports if t.get_extra_info("socket") is not None]
 
     def _take_idle(self) -> _Connection | None:
         while self._idle:

@@ -25,8 +25,9 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+from flotilla.common.addresses import join_address, split_target
 from flotilla.common.clock import Clock, MonotonicClock
-from flotilla.services.backend_pool.pool import EndpointPool
+from flotilla.pool.pool import EndpointPool
 
 C = TypeVar("C")
 
@@ -42,19 +43,6 @@ async def resolve_host(host: str, port: int) -> list[str]:
     """Every IPv4/IPv6 address of ``host`` (``socket.getaddrinfo`` in a thread: it blocks)."""
     infos = await asyncio.to_thread(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
     return [str(info[4][0]) for info in infos]
-
-
-def split_target(target: str) -> tuple[str, int]:
-    """``host:port`` (or ``[v6]:port``) -> (host, port); ValueError naming the target otherwise."""
-    host, sep, port = target.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"endpoint {target!r} is not host:port")
-    return host.strip("[]"), int(port)
-
-
-def join_address(ip: str, port: int) -> str:
-    """``ip:port``, with IPv6 addresses in brackets (the form gRPC targets take)."""
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 class DnsEndpointSource:

@@ -1,8 +1,8 @@
 """What ``TritonBackend`` asks of one Triton replica, whichever protocol reaches it.
 
-A replica is reached over KServe v2 HTTP (``triton_http``: the worker's own
+A replica is reached over KServe v2 HTTP (``http_replica``: the worker's own
 HTTP/1.1 client, ~4x less client CPU per batch than a grpc.aio call) when the
-controller knows its HTTP endpoint, over KServe v2 gRPC (``triton_grpc``)
+controller knows its HTTP endpoint, over KServe v2 gRPC (``grpc_replica``)
 otherwise. Both take the same ``InferCall``, answer the output tensor, and
 fail with ``ReplicaCallError`` in gRPC's status codes, so retries, ejection
 and the error a caller sees do not depend on the protocol.
@@ -18,7 +18,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from flotilla.errors import Code
-from flotilla.services.backend_pool.shm import Region, is_stale
+from flotilla.services.preprocess.triton.shm import Region, is_stale
 
 log = logging.getLogger(__name__)
 

@@ -1,22 +1,10 @@
-"""CPU accounting for the bench: what each tier of the mesh spent, from /proc.
+"""The bench's CPU part (``flotilla bench --only cpu``, part of `make bench`): CPU per image by tier.
 
-Each process's own counters (``utime + stime`` in ``/proc/PID/stat``, every
-thread included) are read at the edges of a measured window::
-
-    with CpuMeter({"router": Tier([router_pid]), "triton": Tier(triton_pids, children_to="model stubs")}) as meter:
-        ...  # the load runs
-    meter.cpu_s  # {"router": 1.9, "triton": 0.3, "model stubs": 4.1}
-
-A tier is a set of root pids; their live descendants count too, unless the
-tier sends them to another tier (Triton's Python-backend stubs are children
-of tritonserver and are counted as "model stubs"), or ``descendants`` is off
-(the bench process itself: the whole stack is its descendants).
-
-A process that starts inside the window counts all its CPU (all of it was
-spent inside the window); one that exits inside it loses what it spent
-since the first read (its parent's ``cutime`` would hold it, but only after
-a wait and mixed with every other child). Processes are keyed by pid and
-start time, so a reused pid is a new process.
+The saturated mesh (R = 2, max_batch_size 8, concurrency 64) on the 1-2 MP
+photos and on the small samples, every tier's CPU from its processes' own
+counters (:mod:`flotilla.bench.meter`), and the physical limit on the same
+large photos: ONNX Runtime plus decode CPU per image, in this process, before
+the stack starts (``mesh_vs_limit``).
 """
 
 from __future__ import annotations
@@ -26,176 +14,21 @@ import io
 import os
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from flotilla.clients.loadgen import closed_loop
+from flotilla.bench.inputs import LARGE_PHOTOS, large_photos, small_photos
+from flotilla.bench.meter import LOAD_GENERATOR, MODEL_STUBS, TIER_ORDER, Tier, metered_load
 from flotilla.clients.loadtest import StackTarget
 from flotilla.config import FlotillaSettings, InputSpec
 from flotilla.services.preprocess.imaging import decode_for_model, to_batch_tensor
 from flotilla.stack.local import LocalStack
 from flotilla.stack.processes import ManagedProcess
-
-PROC = Path("/proc")
-CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
-
-
-@dataclass(frozen=True)
-class ProcStat:
-    """The fields of ``/proc/PID/stat`` the meter reads."""
-
-    pid: int
-    ppid: int
-    start_ticks: int
-    """Start time after boot, in clock ticks: with the pid, names one process."""
-    cpu_ticks: int
-    """utime + stime of every thread, in clock ticks."""
-    state: str = "R"
-    """The state letter (R, S, D, Z, ...)."""
-
-
-def read_stat(pid: int, proc: Path = PROC) -> ProcStat | None:
-    """The process's counters, or None when it is gone."""
-    try:
-        text = (proc / str(pid) / "stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    # The command name (field 2) is in parentheses and may hold spaces or ')'.
-    fields = text[text.rindex(")") + 2 :].split()
-    # fields[0] is field 3 (state): ppid is field 4, utime 14, stime 15, starttime 22.
-    return ProcStat(
-        pid=pid, ppid=int(fields[1]), start_ticks=int(fields[19]), cpu_ticks=int(fields[11]) + int(fields[12]),
-        state=fields[0],
-    )
-
-
-def machine_busy_ticks(proc: Path = PROC) -> int:
-    """Clock ticks every core of the machine spent busy (not idle or waiting on I/O)
-    since boot, from the first line of ``/proc/stat``."""
-    with (proc / "stat").open() as stat:
-        fields = [int(v) for v in stat.readline().split()[1:]]
-    # user nice system idle iowait irq softirq steal (guest time is inside user)
-    return sum(fields[:8]) - fields[3] - fields[4]
-
-
-def all_stats(proc: Path = PROC) -> dict[int, ProcStat]:
-    """Every live process's counters, by pid."""
-    stats = {}
-    for entry in proc.iterdir():
-        if entry.name.isdigit():
-            stat = read_stat(int(entry.name), proc)
-            if stat is not None:
-                stats[stat.pid] = stat
-    return stats
-
-
-def descendants(pid: int, stats: Mapping[int, ProcStat]) -> set[int]:
-    """The live descendants of ``pid`` (not ``pid`` itself)."""
-    children: dict[int, list[int]] = {}
-    for stat in stats.values():
-        children.setdefault(stat.ppid, []).append(stat.pid)
-    found: set[int] = set()
-    todo = list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        if child not in found:
-            found.add(child)
-            todo += children.get(child, [])
-    return found
-
-
-@dataclass
-class Tier:
-    """The processes one tier's CPU is read from."""
-
-    pids: Iterable[int]
-    """Root processes of the tier."""
-    descendants: bool = True
-    """Count the roots' live descendants too."""
-    children_to: str | None = None
-    """Count the descendants in this other tier instead (e.g. Triton's model stubs)."""
-
-
-@dataclass
-class CpuMeter:
-    """Per-tier CPU seconds spent between ``__enter__`` and ``__exit__``."""
-
-    tiers: Mapping[str, Tier]
-    proc: Path = PROC
-    cpu_s: dict[str, float] = field(default_factory=dict)
-    """Filled on exit: CPU seconds per tier inside the window."""
-    processes: dict[str, int] = field(default_factory=dict)
-    """Filled on exit: how many processes each tier counted."""
-    machine_busy_s: float = 0.0
-    """Filled on exit: busy CPU seconds of the whole machine (every process, counted or not)."""
-    wall_s: float = 0.0
-    """Filled on exit: the window's length."""
-    _start: dict[tuple[int, int], int] = field(default_factory=dict)
-    _machine_start: tuple[int, float] = (0, 0.0)
-
-    def members(self, stats: Mapping[int, ProcStat]) -> dict[str, set[int]]:
-        """The pids of each tier in ``stats``; a pid counts in the first tier that claims it."""
-        members: dict[str, set[int]] = {name: set() for name in self.tiers}
-        for name, tier in self.tiers.items():
-            for root in tier.pids:
-                if root not in stats:
-                    continue
-                members[name].add(root)
-                if tier.descendants:
-                    into = tier.children_to or name
-                    members.setdefault(into, set()).update(descendants(root, stats))
-        seen: set[int] = set()
-        for name in members:
-            members[name] -= seen
-            seen |= members[name]
-        return members
-
-    def snapshot(self) -> dict[tuple[int, int], int]:
-        """CPU ticks by (pid, start time) of every live process."""
-        return {(s.pid, s.start_ticks): s.cpu_ticks for s in all_stats(self.proc).values()}
-
-    def __enter__(self) -> CpuMeter:
-        self._start = self.snapshot()
-        self._machine_start = (machine_busy_ticks(self.proc), time.perf_counter())
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        stats = all_stats(self.proc)
-        busy_ticks, started = self._machine_start
-        self.machine_busy_s = (machine_busy_ticks(self.proc) - busy_ticks) / CLOCK_TICKS_PER_S
-        self.wall_s = time.perf_counter() - started
-        self.cpu_s, self.processes = {}, {}
-        for name, pids in self.members(stats).items():
-            ticks = 0
-            for pid in pids:
-                stat = stats[pid]
-                ticks += stat.cpu_ticks - self._start.get((pid, stat.start_ticks), 0)
-            self.cpu_s[name] = ticks / CLOCK_TICKS_PER_S
-            self.processes[name] = len(pids)
-
-    def per_item_us(self, items: int) -> dict[str, float]:
-        """CPU microseconds per item (image, request) by tier, and their total."""
-        if items <= 0:
-            return {}
-        per = {name: round(cpu * 1e6 / items, 1) for name, cpu in self.cpu_s.items()}
-        per["total"] = round(sum(self.cpu_s.values()) * 1e6 / items, 1)
-        return per
-
-
-# -- the bench's CPU part (`flotilla bench --only cpu`, part of `make bench`) ------------
-
-LOAD_GENERATOR = "load generator"
-MODEL_STUBS = "model stubs"
-TIER_ORDER = ("router", "batcher", "worker", "triton server", MODEL_STUBS, "s3", "controller", LOAD_GENERATOR)
 
 
 def stack_tiers(stack: LocalStack) -> dict[str, Tier]:
@@ -262,74 +95,6 @@ def physical_limit(settings: FlotillaSettings, model: str, photos: list[bytes], 
     }
 
 
-async def metered_load(
-    tiers: Mapping[str, Tier],
-    call: Callable[[], Awaitable[object]],
-    *,
-    concurrency: int,
-    window_s: float,
-    windows: int = 3,
-    warmup_s: float = 2.0,
-    items_per_call: int = 1,
-    counters: Mapping[str, Callable[[], float]] | None = None,
-) -> dict[str, object]:
-    """A closed loop with ``windows`` back-to-back measured windows after the
-    warm-up; each window's completions and each tier's CPU are read at its
-    edges. Figures are medians over the windows (per tier, and items/s).
-    ``counters`` (name -> a reading in CPU seconds, e.g. a service's own
-    counter) are read at the same edges and reported per item too."""
-    counters = counters or {}
-    done = 0
-
-    async def counted() -> object:
-        nonlocal done
-        reply = await call()
-        done += 1
-        return reply
-
-    total_s = windows * window_s
-    load = asyncio.create_task(closed_loop(counted, concurrency=concurrency, duration_s=total_s, warmup_s=warmup_s))
-    await asyncio.sleep(warmup_s)
-    rates: list[float] = []
-    cores: list[tuple[float, float]] = []  # (machine busy, counted in the tiers), cores
-    per_item: list[dict[str, float]] = []
-    counted_per_item: list[dict[str, float]] = []
-    for _ in range(windows):
-        first, start = done, time.perf_counter()
-        before = {name: read() for name, read in counters.items()}
-        with CpuMeter(tiers) as meter:
-            await asyncio.sleep(window_s)
-        after = {name: read() for name, read in counters.items()}
-        items = (done - first) * items_per_call
-        rates.append(items / (time.perf_counter() - start))
-        per_item.append(meter.per_item_us(items))
-        counted_per_item.append({name: (after[name] - before[name]) * 1e6 / max(items, 1) for name in counters})
-        cores.append((meter.machine_busy_s / meter.wall_s, sum(meter.cpu_s.values()) / meter.wall_s))
-    result = await load
-    # The usual tiers in their order, then any other the caller metered (the ceiling part's own).
-    names = [k for k in (*TIER_ORDER, *(t for t in tiers if t not in TIER_ORDER), "total") if all(k in w for w in per_item)]
-    return {
-        "concurrency": concurrency,
-        "windows": windows,
-        "window_s": window_s,
-        "images_per_s": round(float(np.median(rates)), 1),
-        "images_per_s_windows": [round(r, 1) for r in rates],
-        "p50_ms": round(result.latency_ms(50), 1),
-        "p99_ms": round(result.latency_ms(99), 1),
-        "succeeded": result.succeeded,
-        "errors": result.failed,
-        "cpu_us_per_image": {k: round(float(np.median([w[k] for w in per_item])), 1) for k in names},
-        **({"counted_cpu_us_per_image": {
-            k: round(float(np.median([w[k] for w in counted_per_item])), 1) for k in counters
-        }} if counters else {}),
-        "processes": meter.processes,
-        # Cores busy on the whole machine and in the counted tiers (medians over the windows):
-        # the difference is what other processes took from the mesh.
-        "cores_busy_machine": round(float(np.median([c[0] for c in cores])), 2),
-        "cores_counted_tiers": round(float(np.median([c[1] for c in cores])), 2),
-    }
-
-
 WORKER_DECODE = "worker: decode threads"
 DECODE_CPU_METRIC = "flotilla_preprocess_decode_cpu_seconds_total"
 
@@ -359,14 +124,6 @@ async def cpu_point(
     )
 
 
-LARGE_PHOTOS = "build/samples/large/*.jpg (1-2 MP)"
-
-
-def large_photos() -> list[bytes]:
-    """The bench's 1-2 MP photos (``LARGE_PHOTOS``)."""
-    return [p.read_bytes() for p in sorted(Path("build/samples/large").glob("*.jpg"))]
-
-
 def run(
     base: FlotillaSettings, model: str, *, duration_s: float = 10.0, replicas: int = 2, batch_size: int = 8
 ) -> dict[str, object]:
@@ -374,7 +131,7 @@ def run(
     batch) on the 1-2 MP photos and on the small samples, every tier's CPU per
     image, and the physical limit on the same large photos in the same run."""
     large = large_photos()
-    small = [p.read_bytes() for p in sorted(Path("build/samples").glob("*.jpg"))]
+    small = small_photos()
     settings = base.model_copy(deep=True)
     # A run directory of its own: the registry there holds only this part's models.
     settings.run_dir = base.run_dir.parent / "bench-cpu"

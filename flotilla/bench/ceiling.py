@@ -21,7 +21,7 @@ each pays its fixed costs alone. This part gives each tier the machine:
 The fakes (the controller, which answers only RegisterBatcher / WatchFleet,
 the worker, the batcher) and the load generator run in the bench process.
 For each point: requests/s over the window, the tier's CPU-µs per request
-and cores busy from its /proc counters, and its ceiling on one core:
+and cores busy from its own CPU counters, and its ceiling on one core:
 requests/s divided by its cores busy.
 """
 
@@ -49,9 +49,11 @@ from flotilla.api.v1 import (
     preprocess_pb2_grpc,
     relay_pb2,
 )
-from flotilla.bench_cpu import LOAD_GENERATOR, Tier, metered_load
+from flotilla.bench.meter import LOAD_GENERATOR, Tier, metered_load
+from flotilla.common.peer import GrpcPeer
+from flotilla.common.probe import is_serving
 from flotilla.common.relay import RelayServicer
-from flotilla.common.server import GrpcPeer, ServiceServer, is_serving, run_service
+from flotilla.common.server import ServiceServer, run_service
 from flotilla.common.wire import AUTH_HEADER, BEARER_PREFIX, MODEL_HEADER
 from flotilla.config import FlotillaSettings, ModelSettings, dump_settings
 from flotilla.stack.processes import ManagedProcess, free_port, wait_until
@@ -279,7 +281,7 @@ async def empty_server_point(settings: FlotillaSettings, run_dir: Path, *, windo
     port = free_port(settings.host)
     server = ManagedProcess(
         "empty-grpc-server",
-        [sys.executable, "-m", "flotilla.bench_ceiling", settings.host, str(port), settings.event_loop],
+        [sys.executable, "-m", "flotilla.bench.ceiling", settings.host, str(port), settings.event_loop],
         log_path=run_dir / "empty-grpc-server.log", address=f"{settings.host}:{port}",
     )
     load: _RouterLoad | None = None
@@ -345,6 +347,6 @@ def readme_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-if __name__ == "__main__":  # the empty-server point's process: python -m flotilla.bench_ceiling HOST PORT LOOP
+if __name__ == "__main__":  # the empty-server point's process: python -m flotilla.bench.ceiling HOST PORT LOOP
     # On the services' event loop (settings.event_loop), so it stays the floor of the router as it runs.
     run_service(serve_empty(sys.argv[1], int(sys.argv[2])), sys.argv[3])  # type: ignore[arg-type]

@@ -1,36 +1,21 @@
-"""A peer for the bench: the same job on Ray Serve (issue 9, item 5).
-
-The job is the mesh's: a JPEG's uuid in, the JPEG fetched from the same S3
-store (``ObjectStore``, ``object_key``), decoded with the worker's own
-``decode_for_model`` and ``to_batch_tensor`` (EfficientNet-Lite0's
-``InputSpec`` from the catalog), the same ``model.onnx`` run with ONNX
-Runtime (one session per replica, intra-op threads as the local stack gives
-each Triton replica: cores / replicas, spinning off, as the Python-backend
-wrapper ``flotilla/modelbuild/triton_onnx_model.py`` runs it), top-5 out.
-
-Ray Serve serves it with ``num_replicas`` = the mesh's Triton replicas and
-``@serve.batch(max_batch_size, batch_wait_timeout_s)`` = the batcher's
-``max_batch_size`` and ``max_queue_delay_us``. Like the mesh (two batches in
-flight per replica: one preprocessed while the other runs), each replica
-forms up to two batches at once (``max_concurrent_batches=2``) and runs one
-ONNX Runtime call at a time; it fetches (a keep-alive connection per thread,
-the same signed GET as ``ObjectStore.get``) and decodes on ``fetch_threads``
-threads per replica. Access logs are off.
+"""The bench's peer, run: the mesh's job on Ray Serve (:mod:`flotilla.bench.peer_app`), measured.
 
 The load is the CPU bench's: a closed loop at the same concurrency (64 for
 R = 2, max_batch_size 8) after a warm-up, through Ray Serve's HTTP proxy on
 127.0.0.1 (aiohttp; ``front_door="handle"`` drives a ``DeploymentHandle``
 from this process instead). The mean batch is images per batch, from the
 batch size each answer carries (n / sum(1 / b) over the measured answers).
+Every process's CPU is metered as the mesh's is (:mod:`flotilla.bench.meter`),
+Ray's by role.
 
 Ray runs locally (``ray.init`` with this machine's cores, no dashboard, no
 usage stats, loopback only) and is torn down at the end (``serve.shutdown``,
 ``ray.shutdown``); the result says whether any process it started was left.
 
-Needs the ``peer`` extra (``pip install -e '.[peer]'``); ``ray_available()``
-says whether it is installed. ``python -m flotilla.bench_peer`` runs it alone
-against a SeaweedFS it starts and prints JSON (``--with-mesh``: the mesh's
-CPU-bench point first, in the same run, and the ratio).
+Needs the ``peer`` extra (``pip install -e '.[peer]'``).
+``python -m flotilla.bench.peer_run`` runs it alone against a SeaweedFS it
+starts and prints JSON (``--with-mesh``: the mesh's CPU-bench point first, in
+the same run, and the ratio).
 """
 
 from __future__ import annotations
@@ -38,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import itertools
 import json
 import logging
@@ -48,26 +32,29 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
+import psutil
 
+from flotilla.bench.cpu import cpu_point
+from flotilla.bench.inputs import BENCH_CONFIG, LARGE_PHOTOS, MODEL, large_photos
+from flotilla.bench.meter import LOAD_GENERATOR, CpuMeter, Tier
+from flotilla.bench.peer_app import (
+    BATCHES_IN_FLIGHT_PER_REPLICA,
+    TOP_K,
+    PeerConfig,
+    application,
+    ray_available,
+)
+from flotilla.clients.loadgen import closed_loop
 from flotilla.common.ids import new_image_uuid, object_key
-from flotilla.config import BatchingSettings, InputSpec, PreprocessSettings, S3Settings
+from flotilla.config import BatchingSettings, S3Settings
 from flotilla.errors import FlotillaError
-from flotilla.modelbuild.catalog import CATALOG, EFFICIENTNET_LITE0
-from flotilla.services.preprocess.imaging import decode_for_model, scores_to_probabilities, to_batch_tensor, top_k
 
-MODEL = EFFICIENTNET_LITE0
 MODEL_DIR = Path("build/models") / MODEL
-TOP_K = 5
 CONCURRENCY = 64
 """The CPU bench's closed loop: 2 x (2 batches in flight per replica) x R=2 x max_batch_size 8."""
-BATCHES_IN_FLIGHT_PER_REPLICA = 2
-"""The bench's ``max_inflight_batches = 2 x replicas``."""
 MESH_QUEUE_DELAY_S = BatchingSettings().max_queue_delay_us / 1e6
 """The batcher's default ``max_queue_delay_us`` (2 ms; the CPU bench keeps it)."""
 WARMUP_S = 2.0
@@ -82,118 +69,6 @@ THROUGHPUT_OPTIMIZED_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_EN
 replica's own loop, gRPC between proxy and replicas, GC frozen after start-up;
 direct ingress (fixed ports 8000/9000, no proxy) stays off: the HTTP proxy
 serves on 127.0.0.1 at a free port as in the default mode."""
-
-
-def ray_available() -> bool:
-    """Whether Ray Serve (``ray[serve]``: ray plus its HTTP proxy's packages) is
-    installed; found without importing ray."""
-    specs = {m: importlib.util.find_spec(m) for m in ("ray", "starlette", "uvicorn", "fastapi", "aiohttp")}
-    if any(spec is None for spec in specs.values()):
-        return False
-    locations = specs["ray"].submodule_search_locations or []  # type: ignore[union-attr]
-    return any((Path(location) / "serve" / "__init__.py").exists() for location in locations)
-
-
-def model_input() -> InputSpec:
-    """The model's input, as the stack serves it (the catalog the build checks the artifact against)."""
-    return InputSpec.model_validate(CATALOG[MODEL]["input"])
-
-
-# -- the work of one replica (no Ray here: unit-tested with fakes) -------------------
-
-
-class ImageSource(Protocol):
-    def get(self, key: str, max_bytes: int) -> bytes: ...
-
-
-class Session(Protocol):
-    def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
-
-
-def ort_session(onnx_file: Path | str, intra_op_threads: int) -> Session:
-    """An ONNX Runtime CPU session set up as the Triton Python-backend wrapper sets it up."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
-
-
-@dataclass
-class PeerConfig:
-    """What a replica needs; picklable (it travels to Ray's worker processes)."""
-
-    onnx_file: str
-    s3: S3Settings
-    spec: InputSpec = field(default_factory=model_input)
-    output_name: str = str(CATALOG[MODEL]["output_name"])
-    output_kind: str = str(CATALOG[MODEL]["output_kind"])
-    labels_file: str | None = None
-    intra_op_threads: int = 1
-    fetch_threads: int = 8
-    max_object_bytes: int = PreprocessSettings().max_object_bytes
-    max_image_pixels: int = PreprocessSettings().max_image_pixels
-    top_k: int = TOP_K
-
-
-class PeerModel:
-    """One replica's work for a batch of uuids: fetch and decode concurrently
-    (threads), one tensor, one ONNX Runtime call at a time, top-k per item.
-    A bad image fails only its own item (``{"error": ...}``)."""
-
-    def __init__(self, config: PeerConfig, *, store: ImageSource | None = None, session: Session | None = None) -> None:
-        from flotilla.common.object_store import ObjectStore
-
-        self.config = config
-        self.store: ImageSource = store if store is not None else ObjectStore(
-            config.s3, pool_size=max(16, config.fetch_threads)
-        )
-        self.session: Session = session if session is not None else ort_session(
-            config.onnx_file, config.intra_op_threads
-        )
-        self.labels: list[str] = []
-        if config.labels_file and Path(config.labels_file).exists():
-            self.labels = Path(config.labels_file).read_text(encoding="utf-8").splitlines()
-        self.loaders = ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="fetch")
-        self.runner = ThreadPoolExecutor(1, thread_name_prefix="ort")  # one model call at a time, as one Triton stub
-
-    def label(self, index: int) -> str:
-        return self.labels[index] if index < len(self.labels) else str(index)
-
-    def load(self, image_uuid: str) -> np.ndarray:
-        data = self.store.get(object_key(image_uuid), self.config.max_object_bytes)
-        return decode_for_model(
-            data, self.config.spec, what=f"image {image_uuid}", max_pixels=self.config.max_image_pixels
-        )
-
-    def infer(self, tensor: np.ndarray) -> np.ndarray:
-        return self.session.run([self.config.output_name], {self.config.spec.name: tensor})[0]
-
-    async def run_batch(self, uuids: Sequence[str]) -> list[dict[str, Any]]:
-        loop = asyncio.get_running_loop()
-        loaded = await asyncio.gather(
-            *(loop.run_in_executor(self.loaders, self.load, u) for u in uuids), return_exceptions=True
-        )
-        answers: list[dict[str, Any]] = [{} for _ in uuids]
-        good = []
-        for i, result in enumerate(loaded):
-            if isinstance(result, BaseException):
-                message = result.message if isinstance(result, FlotillaError) else f"{type(result).__name__}: {result}"
-                answers[i] = {"error": message}
-            else:
-                good.append(i)
-        if good:
-            tensor = to_batch_tensor([loaded[i] for i in good], self.config.spec)  # type: ignore[misc]
-            outputs = await loop.run_in_executor(self.runner, self.infer, tensor)
-            scores = scores_to_probabilities(outputs, self.config.output_kind)
-            for row, i in enumerate(good):
-                answers[i] = {
-                    "classes": [[idx, self.label(idx), score] for idx, score in top_k(scores[row], self.config.top_k)],
-                }
-        for answer in answers:
-            answer["batch"] = len(uuids)
-        return answers
 
 
 # -- figures (pure) -----------------------------------------------------------------
@@ -232,7 +107,7 @@ def peer_lines(
         ]
     return [
         f"The same job on Ray Serve {result.get('ray_version', '')} ({result.get('ray_mode', 'defaults')}, access "
-        "log off; `flotilla.bench_peer`): S3 fetch, "
+        "log off; `flotilla.bench.peer_run`): S3 fetch, "
         f"`decode_for_model`, the same `model.onnx` on ONNX Runtime ({result.get('intra_op_threads', 1)} intra-op "
         f"thread), top-{TOP_K}; {result['replicas']} replicas, `@serve.batch(max_batch_size={result['max_batch_size']}, "
         f"batch_wait_timeout_s={result['batch_wait_timeout_s']})`, closed loop at concurrency "
@@ -250,69 +125,37 @@ def peer_lines(
     ]
 
 
-# -- Ray Serve ------------------------------------------------------------------------
-
-
-def _application(config: PeerConfig, *, replicas: int, max_batch_size: int, batch_wait_timeout_s: float,
-                 cpus_per_replica: float) -> Any:
-    from ray import serve
-    from starlette.requests import Request
-
-    @serve.deployment(
-        name="efficientnet-lite0",
-        num_replicas=replicas,
-        # Room for the batches each replica forms at once, as the mesh's dispatch slots allow.
-        max_ongoing_requests=BATCHES_IN_FLIGHT_PER_REPLICA * max_batch_size,
-        ray_actor_options={"num_cpus": cpus_per_replica},
-        logging_config={"log_level": "WARNING", "enable_access_log": False},
-    )
-    class RayServePeer:
-        def __init__(self, config: PeerConfig) -> None:
-            self.model = PeerModel(config)
-
-        @serve.batch(
-            max_batch_size=max_batch_size,
-            batch_wait_timeout_s=batch_wait_timeout_s,
-            max_concurrent_batches=BATCHES_IN_FLIGHT_PER_REPLICA,
-        )
-        async def classify(self, uuids: list[str]) -> list[dict[str, Any]]:
-            return await self.model.run_batch(uuids)
-
-        async def __call__(self, request: Request) -> dict[str, Any]:
-            body = await request.json()
-            return await self.classify(body["image_uuid"])
-
-    return RayServePeer.bind(config)  # type: ignore[attr-defined]
+# -- Ray's processes and the load ----------------------------------------------------
 
 
 def _descendant_pids() -> set[int]:
-    from flotilla.bench_cpu import all_stats, descendants
-
-    return descendants(os.getpid(), all_stats())
+    """This process's live descendants (Ray's processes, once it has started them)."""
+    return {child.pid for child in psutil.Process().children(recursive=True)}
 
 
 def _wait_gone(pids: set[int], timeout_s: float) -> set[int]:
     """Those of ``pids`` still running (zombies count as gone) after up to ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
-        alive = {p for p in pids if _state(p) not in ("X", "Z")}
+        alive = {p for p in pids if _running(p)}
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.2)
 
 
-def _state(pid: int) -> str:
-    """The process's state letter (``X`` when it is gone)."""
-    from flotilla.bench_cpu import read_stat
-
-    stat = read_stat(pid)
-    return "X" if stat is None else stat.state
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has: it only waits to be reaped)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _cmdline(pid: int) -> str:
+    """The process's command line, its arguments joined by spaces ("" when it is gone)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
         return ""
 
 
@@ -323,8 +166,6 @@ def ray_tiers(pids: set[int]) -> dict[str, Any]:
     """This process (the load generator) and Ray's processes, by role from
     their titles (``ray::ServeReplica...``, ``ray::ProxyActor``, ...); the rest
     (gcs_server, raylet, agents, idle workers) is "ray system"."""
-    from flotilla.bench_cpu import LOAD_GENERATOR, Tier
-
     groups: dict[str, list[int]] = {name: [] for _, name in RAY_TIERS}
     groups["ray system"] = []
     for pid in pids:
@@ -352,9 +193,6 @@ def upload(s3: S3Settings, photos: Sequence[bytes], copies: int = 8) -> list[str
 
 async def _drive(call: Callable[[], Awaitable[dict[str, Any]]], tiers: dict[str, Any], *, concurrency: int,
                  duration_s: float, warmup_s: float) -> dict[str, Any]:
-    from flotilla.bench_cpu import CpuMeter
-    from flotilla.clients.loadgen import closed_loop
-
     batches: list[int] = []
     measuring = False
 
@@ -448,7 +286,7 @@ def run_peer(
             http_options={"host": HOST, "port": port},
             logging_config={"log_level": "WARNING", "enable_access_log": False},
         )
-        app = _application(config, replicas=replicas, max_batch_size=max_batch_size,
+        app = application(config, replicas=replicas, max_batch_size=max_batch_size,
                            batch_wait_timeout_s=batch_wait_timeout_s, cpus_per_replica=cores / replicas)
         handle = serve.run(app, name=APP_NAME, route_prefix=ROUTE)
         ready_s = time.perf_counter() - started
@@ -521,15 +359,9 @@ async def _load(front_door: str, handle: Any, port: int, uuids: list[str], tiers
         return await _drive(by_http, tiers, concurrency=concurrency, duration_s=duration_s, warmup_s=warmup_s)
 
 
-# -- standalone: `python -m flotilla.bench_peer` ----------------------------------------
+# -- standalone: `python -m flotilla.bench.peer_run` ----------------------------------
 
-
-def large_photos() -> list[bytes]:
-    """The CPU bench's 1-2 MP photos."""
-    return [p.read_bytes() for p in sorted(Path("build/samples/large").glob("*.jpg"))]
-
-
-LARGE_NOTE = "build/samples/large/*.jpg (1-2 MP), 8 copies each"
+LARGE_NOTE = f"{LARGE_PHOTOS}, 8 copies each"
 
 
 def run_local(
@@ -564,8 +396,6 @@ def mesh_point(*, replicas: int, max_batch_size: int, concurrency: int, duration
                photos: Sequence[bytes]) -> dict[str, Any]:
     """The mesh as the CPU bench runs it (its stack settings and ``cpu_point``:
     the median of 3 windows of ``duration_s / 3``, every tier's CPU)."""
-    from flotilla.bench import BENCH_CONFIG
-    from flotilla.bench_cpu import cpu_point
     from flotilla.clients.loadtest import StackTarget
     from flotilla.config import load_settings
     from flotilla.stack.local import LocalStack
@@ -594,7 +424,7 @@ def mesh_point(*, replicas: int, max_batch_size: int, concurrency: int, duration
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flotilla.bench_peer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m flotilla.bench.peer_run", description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY)

@@ -1,4 +1,4 @@
-"""Triton replicas over KServe v2 HTTP/1.1, on the worker's own client (``flotilla.common.http_client``).
+"""Triton replicas over KServe v2 HTTP/1.1, on the worker's own client (``preprocess.http_client``).
 
 Why not gRPC: measured against one real replica on this project's 2-core
 machine, a batch of 8 images in shared memory cost 40 client CPU-µs per call
@@ -32,18 +32,18 @@ import numpy as np
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from flotilla.common import tracing
-from flotilla.common.http_client import (
+from flotilla.common.addresses import split_endpoint
+from flotilla.common.keepalive import PEER_KEEPALIVE_S, PEER_KEEPALIVE_TIMEOUT_S
+from flotilla.errors import Code
+from flotilla.services.preprocess.http_client import (
     HttpAnswer,
     HttpConnectionPool,
     HttpProtocolError,
     IncompleteBody,
     header_value,
-    split_endpoint,
 )
-from flotilla.common.server import PEER_KEEPALIVE_S, PEER_KEEPALIVE_TIMEOUT_S
-from flotilla.errors import Code
-from flotilla.services.backend_pool.shm import Region, is_loopback
-from flotilla.services.backend_pool.triton_replica import InferCall, ReplicaCallError, SharedMemoryRegistrations
+from flotilla.services.preprocess.triton.replica import InferCall, ReplicaCallError, SharedMemoryRegistrations
+from flotilla.services.preprocess.triton.shm import Region, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class HttpReplica(SharedMemoryRegistrations):
             raise ReplicaCallError(Code.INTERNAL, f"{self.http_address} answered {target} with no JSON: {exc}") from exc
 
     async def infer(self, call: InferCall, in_region: bool, timeout_s: float | None) -> np.ndarray | None:
-        """See ``triton_replica.Replica.infer``."""
+        """See ``replica.Replica.infer``."""
         headers = dict(tracing.inject())
         if in_region:
             assert call.region is not None

@@ -40,21 +40,12 @@ import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from PIL import Image
 
-from flotilla.bench_cpu import (
-    LARGE_PHOTOS,
-    LOAD_GENERATOR,
-    MODEL_STUBS,
-    TIER_ORDER,
-    beyond_decode_ms,
-    cpu_point,
-    decode_cpu_ms_per_image,
-    large_photos,
-    metered_load,
-    stack_tiers,
-)
+from flotilla.bench.cpu import beyond_decode_ms, cpu_point, decode_cpu_ms_per_image, stack_tiers
+from flotilla.bench.inputs import LARGE_PHOTOS, SAMPLES, large_photos
+from flotilla.bench.meter import LOAD_GENERATOR, MODEL_STUBS, TIER_ORDER, metered_load
 from flotilla.clients.loadtest import StackTarget
 from flotilla.config import FlotillaSettings, ModelSettings
-from flotilla.services.backend_pool.shm import SharedMemoryRegions
+from flotilla.services.preprocess.triton.shm import SharedMemoryRegions
 from flotilla.stack.local import LocalStack
 
 NEAR_FREE = "near-free"
@@ -78,7 +69,7 @@ def ensure_model(artifact: Path = ARTIFACT) -> Path:
 def small_jpegs(side_px: int = SMALL_SIDE_PX) -> list[bytes]:
     """The sample photos re-encoded at ``side_px`` x ``side_px``."""
     out = []
-    for path in sorted(Path("build/samples").glob("*.jpg")):
+    for path in sorted(SAMPLES.glob("*.jpg")):
         with Image.open(path) as im:
             buffer = io.BytesIO()
             im.convert("RGB").resize((side_px, side_px), Image.Resampling.BILINEAR).save(buffer, "JPEG", quality=90)
