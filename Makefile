@@ -10,7 +10,7 @@ MODEL_ONNX := $(MODEL_ARTIFACTS)/.done
 SAMPLES := build/samples
 PROTOS := $(wildcard protos/flotilla/api/v1/*.proto)
 
-.PHONY: install prometheus models samples generate run up test bench lint clean
+.PHONY: install prometheus models samples generate docs run up test bench lint clean
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,10 @@ $(SAMPLES)/.done: flotilla/modelbuild/samples.py | $(BUILD_VENV)/.installed
 generate: install
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 
+# The configuration reference, docs/configuration.md, from the settings classes (a test fails when it is stale).
+docs: install
+	$(BIN)/python -m flotilla.docs
+
 run: install models
 	$(BIN)/flotilla run --config flotilla.yaml
 
@@ -66,8 +70,15 @@ $(VENV)/.peer-installed: $(VENV)/.installed
 bench: install models $(VENV)/.peer-installed
 	$(BIN)/flotilla bench
 
+# mypy reads the package as it imports (see [tool.mypy] in pyproject.toml): flotilla/ with
+# services/ and clients/ linked in.
+TYPECHECK := build/typecheck
+
 lint: install
 	$(BIN)/ruff check flotilla services clients tests
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/flotilla
+	ln -s $(CURDIR)/flotilla/* $(CURDIR)/services $(CURDIR)/clients $(TYPECHECK)/flotilla/
+	$(BIN)/mypy
 
 clean:
 	rm -rf build .flotilla
