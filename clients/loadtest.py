@@ -20,7 +20,7 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import grpc
 import tritonclient.grpc.aio as triton_aio
@@ -42,6 +42,7 @@ from flotilla.config import S3Settings
 from flotilla.errors import error_from_code
 
 BASELINE_SUFFIX = "-tritonbatch"
+N = TypeVar("N", int, float)  # what parse_list parses
 
 
 @dataclass
@@ -136,7 +137,8 @@ class StackTarget:
         return [await self.client.upload(jpeg) for jpeg in images for _ in range(copies)]
 
     async def max_batch_size(self, model: str) -> int:
-        return (await self.admin(model).GetBatching(batcher_pb2.GetBatchingRequest())).max_batch_size
+        policy: batcher_pb2.BatchingPolicy = await self.admin(model).GetBatching(batcher_pb2.GetBatchingRequest())
+        return policy.max_batch_size
 
     async def set_max_batch_size(self, model: str, max_batch_size: int, max_queue_delay_us: int | None = None) -> None:
         admin = self.admin(model)
@@ -293,7 +295,7 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def parse_list(text: str, kind: type = int) -> list:  # type: ignore[type-arg]
+def parse_list(text: str, kind: Callable[[str], N] = int) -> list[N]:
     values = [kind(v) for v in text.split(",") if v.strip()]
     if not values or any(not math.isfinite(v) or v <= 0 for v in values):
         raise ValueError(f"expected a comma-separated list of positive numbers, got {text!r}")

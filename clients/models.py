@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import datetime
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.status import error_from_rpc
 from flotilla.config import ModelSettings, S3Settings, deploy_json
+from flotilla.errors import FlotillaError
 from flotilla.services.controller.artifacts import LABELS_FILE, ArtifactStore
 
 DEPLOY_TIMEOUT_S = 300.0
@@ -66,11 +69,16 @@ class ModelsClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method, request, timeout_s: float = CALL_TIMEOUT_S):  # type: ignore[no-untyped-def]
+    def _call(self, method: Callable[..., Any], request: Message, timeout_s: float = CALL_TIMEOUT_S) -> Any:
+        """``method``'s answer to ``request`` (the generated stubs are untyped: callers name its type)."""
         try:
             return method(request, timeout=timeout_s)
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc, f"controller {self.controller}") from exc  # type: ignore[arg-type]
+            raise self._error(exc) from exc
+
+    def _error(self, exc: grpc.RpcError) -> FlotillaError:
+        assert isinstance(exc, grpc.Call)  # a blocking call's RpcError is also its Call (code, details)
+        return error_from_rpc(exc, f"controller {self.controller}")
 
     def deploy(
         self, name: str, spec: ModelSettings | dict[str, object], *, replace: bool = False
@@ -79,29 +87,36 @@ class ModelsClient:
         the spec leaves unset are not sent: the controller reads them from the model's graph."""
         spec_json = deploy_json(spec) if isinstance(spec, ModelSettings) else json.dumps(spec)
         request = controller_pb2.DeployRequest(name=name, spec_json=spec_json, replace=replace)
-        return self._call(self._stub.Deploy, request, DEPLOY_TIMEOUT_S)
+        status: controller_pb2.ModelStatus = self._call(self._stub.Deploy, request, DEPLOY_TIMEOUT_S)
+        return status
 
     def undeploy(self, name: str) -> None:
         self._call(self._stub.Undeploy, controller_pb2.UndeployRequest(name=name), DEPLOY_TIMEOUT_S)
 
     def list(self) -> list[controller_pb2.ModelStatus]:
-        return list(self._call(self._stub.ListModels, controller_pb2.ListModelsRequest()).models)
+        request = controller_pb2.ListModelsRequest()
+        models: controller_pb2.ListModelsResponse = self._call(self._stub.ListModels, request)
+        return list(models.models)
 
     def status(self, name: str) -> controller_pb2.ModelStatus:
-        return self._call(self._stub.GetModel, controller_pb2.GetModelRequest(name=name))
+        status: controller_pb2.ModelStatus = self._call(self._stub.GetModel, controller_pb2.GetModelRequest(name=name))
+        return status
 
     def ensure_loaded(self, name: str, timeout_s: float = DEPLOY_TIMEOUT_S) -> controller_pb2.ModelStatus:
-        return self._call(self._stub.EnsureLoaded, controller_pb2.EnsureLoadedRequest(name=name), timeout_s)
+        request = controller_pb2.EnsureLoadedRequest(name=name)
+        status: controller_pb2.ModelStatus = self._call(self._stub.EnsureLoaded, request, timeout_s)
+        return status
 
     def fleet(self) -> controller_pb2.Fleet:
         """The current fleet (the first snapshot of the watch stream)."""
         stream = self._stub.WatchFleet(controller_pb2.WatchFleetRequest(), timeout=CALL_TIMEOUT_S)
         try:
-            return next(iter(stream))
+            fleet: controller_pb2.Fleet = next(iter(stream))
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc, f"controller {self.controller}") from exc  # type: ignore[arg-type]
+            raise self._error(exc) from exc
         finally:
             stream.cancel()
+        return fleet
 
 
 def _when(unix_s: float) -> str:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from flotilla.common import metrics
@@ -47,9 +48,9 @@ CLEAR_HOME = "\x1b[H\x1b[2J"
 ROUTER_TIER = "router"
 
 
-def _name(metric: object, suffix: str = "") -> str:
+def _name(metric: MetricWrapperBase, suffix: str = "") -> str:
     """The exposed sample name of a metric from the contract (``flotilla.common.metrics``)."""
-    return metric.describe()[0].name + suffix  # type: ignore[attr-defined]
+    return next(iter(metric.describe())).name + suffix
 
 
 REQUESTS = _name(metrics.REQUESTS, "_total")

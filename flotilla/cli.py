@@ -25,6 +25,11 @@ from flotilla.config import FlotillaSettings, S3Settings, load_settings
 from flotilla.errors import FlotillaError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from flotilla.clients.client import ClassScore
+    from flotilla.clients.loadtest import Row
+    from flotilla.clients.models import ModelsClient
     from flotilla.stack.state import StackState
 
 DEFAULT_CONFIG = Path("flotilla.yaml")
@@ -51,7 +56,7 @@ def _running_state(path: Path) -> StackState:
         raise SystemExit(str(exc)) from exc
 
 
-def format_classification(title: str, classes: list) -> str:  # type: ignore[type-arg]
+def format_classification(title: str, classes: Sequence[ClassScore]) -> str:
     lines = [title]
     for rank, c in enumerate(classes, 1):
         lines.append(f"  {rank}. {c.label:<28} {c.score:7.4f}  (class {c.index})")
@@ -193,7 +198,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
-def _models_client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _models_client(args: argparse.Namespace) -> tuple[ModelsClient, StackState | None]:
     from flotilla.clients.models import ModelsClient
 
     if args.controller:
@@ -296,7 +301,9 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
     print(f"\nwrote {args.out / 'results.csv'} and {args.out / 'loadtest.png'}")
 
 
-async def _loadtest(args, state, images, batch_sizes, points):  # type: ignore[no-untyped-def]
+async def _loadtest(
+    args: argparse.Namespace, state: StackState, images: list[bytes], batch_sizes: list[int], points: Sequence[float]
+) -> list[Row]:
     from tqdm import tqdm
 
     from flotilla.clients import loadtest
@@ -315,10 +322,11 @@ async def _loadtest(args, state, images, batch_sizes, points):  # type: ignore[n
                 else:
                     call = target.direct_call(args.model + loadtest.BASELINE_SUFFIX, uuids)
                 for value in points:
-                    load = {"concurrency": value} if args.mode == "closed" else {"rate_per_s": value}
+                    closed = args.mode == "closed"  # points are concurrencies, else request rates
                     rows.append(await loadtest.measure(
                         target, mode=mode, model=args.model, max_batch_size=bs, call=call,
-                        duration_s=args.duration_s, **load,
+                        duration_s=args.duration_s,
+                        concurrency=int(value) if closed else 0, rate_per_s=0.0 if closed else value,
                     ))
                     bar.set_postfix(img_s=rows[-1].throughput_per_s, p99_ms=rows[-1].p99_ms)
                     bar.update(1)

@@ -22,8 +22,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any, NoReturn, TypeAlias, cast
 
 import grpc
 from opentelemetry.trace import Span, Status, StatusCode
@@ -39,8 +40,17 @@ UNKNOWN_MODEL = "(unknown)"
 # model name as the caller gave it -> the label to record (bounded), or None for "no model"
 ModelLabel = Callable[[str], str]
 
+# A method handler of an aio server, as the server calls it. Requests and replies are the protobuf
+# messages of whichever method it serves. The stubs type RpcMethodHandler's behaviours for the
+# sync server (plain functions taking grpc.ServicerContext); on an aio server they are these.
+# (grpc's classes are generic only in the stubs: hence the strings.)
+AioContext: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+AioUnary: TypeAlias = Callable[[Any, AioContext], Awaitable[Any]]
+AioUnaryStream: TypeAlias = Callable[[Any, AioContext], AsyncIterator[Any]]
+MethodHandler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
-def call_is_over(context: grpc.aio.ServicerContext) -> bool:
+
+def call_is_over(context: AioContext) -> bool:
     """True when the caller or the deadline has ended the call (nobody to send a status to).
 
     At the instant the deadline passes, done() can still be False while gRPC
@@ -178,7 +188,7 @@ class Observe(grpc.aio.ServerInterceptor):
     ) -> None:
         self.tier = tier
         self.observer = CallObserver(tier, admission, model_label)
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped: dict[str, tuple[MethodHandler, MethodHandler]] = {}
         """method -> (the handler as served, its wrapped handler): built once per method."""
 
     @staticmethod
@@ -190,36 +200,42 @@ class Observe(grpc.aio.ServerInterceptor):
                 named = str(value)
         return named or str(getattr(request, "model_name", "") or getattr(request, "name", "") or "")
 
-    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[MethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> MethodHandler | None:
         handler = await continuation(handler_call_details)
+        if handler is None:  # no such method
+            return None
         full_method = handler_call_details.method
         cached = self._wrapped.get(full_method)
         if cached is not None and cached[0] is handler:
             return cached[1]
         wrapped = self._wrap(handler, full_method)
-        if handler is not None and len(self._wrapped) < MAX_CACHED_METHODS:
+        if len(self._wrapped) < MAX_CACHED_METHODS:
             self._wrapped[full_method] = (handler, wrapped)
         return wrapped
 
-    def _wrap(self, handler, full_method: str):  # type: ignore[no-untyped-def]
-        if handler is None or full_method.startswith(HEALTH_SERVICE_PREFIX):
+    def _wrap(self, handler: MethodHandler, full_method: str) -> MethodHandler:
+        if full_method.startswith(HEALTH_SERVICE_PREFIX):
             return handler
         method = method_name(full_method)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method),
+                self._unary(cast(AioUnary, handler.unary_unary), method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, method),
+                self._stream(cast(AioUnaryStream, handler.unary_stream), method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
 
-    async def _fail(self, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+    async def _fail(self, exc: BaseException, context: AioContext) -> NoReturn:
         """End the call with ``exc``'s status (``context.code`` then says which); always raises."""
         if _is_abort(exc):
             raise exc  # the handler set its own status
@@ -232,10 +248,10 @@ class Observe(grpc.aio.ServerInterceptor):
             raise asyncio.CancelledError() from exc
         await context.abort(code, details)
 
-    def _unary(self, inner, method: str):  # type: ignore[no-untyped-def]
+    def _unary(self, inner: AioUnary, method: str) -> AioUnary:
         observer = self.observer
 
-        async def observed(request, context):  # type: ignore[no-untyped-def]
+        async def observed(request: Any, context: AioContext) -> Any:
             metadata = context.invocation_metadata() or ()
             call = observer.begin(method, self._named_model(request, metadata), metadata)
             try:
@@ -250,10 +266,10 @@ class Observe(grpc.aio.ServerInterceptor):
 
         return observed
 
-    def _stream(self, inner, method: str):  # type: ignore[no-untyped-def]
+    def _stream(self, inner: AioUnaryStream, method: str) -> AioUnaryStream:
         observer = self.observer
 
-        async def observed(request, context):  # type: ignore[no-untyped-def]
+        async def observed(request: Any, context: AioContext) -> AsyncIterator[Any]:
             metadata = context.invocation_metadata() or ()
             # Streams (the fleet watch) are long-lived and internal: counted, not admitted or traced.
             call = observer.begin(method, self._named_model(request, metadata), metadata, admit=False, trace=False)
@@ -281,7 +297,7 @@ def record_call(
         span.end()
 
 
-def _final_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+def _final_code(context: AioContext) -> grpc.StatusCode:
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code
@@ -292,7 +308,7 @@ def _final_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
 
 
-def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+def _deadline_passed(context: AioContext) -> bool:
     remaining_s = context.time_remaining()
     return remaining_s is not None and remaining_s <= 0
 

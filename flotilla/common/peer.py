@@ -41,7 +41,8 @@ class GrpcPeer(Generic[S]):
         return self._relay
 
     async def serving(self, service: str = "") -> bool:
-        reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service))
+        request = health_pb2.HealthCheckRequest(service=service)
+        reply: health_pb2.HealthCheckResponse = await self._health.Check(request)  # type: ignore[attr-defined]  # types-grpcio-health-checking's HealthStub declares no methods
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     async def close(self) -> None:

@@ -11,7 +11,8 @@ def is_serving(address: str, *, service: str = "", timeout_s: float = 1.0) -> bo
     try:
         with grpc.insecure_channel(address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+            request = health_pb2.HealthCheckRequest(service=service)
+            reply: health_pb2.HealthCheckResponse = stub.Check(request, timeout=timeout_s)  # type: ignore[attr-defined]  # types-grpcio-health-checking's HealthStub declares no methods
     except grpc.RpcError:
         return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -23,7 +23,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import grpc
 
@@ -62,6 +62,7 @@ class RelayClient:
 
     def __init__(self, channel: grpc.aio.Channel, peer: str) -> None:
         self.peer = peer
+        self._open_stream: grpc.aio.StreamStreamMultiCallable[relay_pb2.CallFrames, relay_pb2.AnswerFrames]
         self._open_stream = channel.stream_stream(
             RELAY_CALLS_METHOD,
             request_serializer=relay_pb2.CallFrames.SerializeToString,
@@ -117,7 +118,9 @@ def coalesce_wait_s(open_calls: int, queued_frames: int, round_trip_s: float) ->
 
 
 class _ClientStream:
-    def __init__(self, call: grpc.aio.StreamStreamCall, peer: str) -> None:
+    def __init__(
+        self, call: grpc.aio.StreamStreamCall[relay_pb2.CallFrames, relay_pb2.AnswerFrames], peer: str
+    ) -> None:
         self.rpc = call
         self.peer = peer
         self.closed = False
@@ -231,16 +234,18 @@ class Answerable(Protocol):
     def SerializeToString(self) -> bytes: ...  # noqa: N802 (protobuf's name)
 
 
+A = TypeVar("A", bound=Answerable)  # the answer a servicer's calls end with (a protobuf message)
+
 # frame -> the call in progress (its deadline: frame.timeout_s from now, 0 for none); raises to refuse it
-Start = Callable[[relay_pb2.CallFrame], "asyncio.Future[Answerable]"]
+Start = Callable[[relay_pb2.CallFrame], asyncio.Future[A]]
 
 
-class RelayServicer:
+class RelayServicer(Generic[A]):
     """Answers the frames of every ``Relay.Calls`` stream through ``start``."""
 
     def __init__(
         self,
-        start: Start,
+        start: Start[A],
         *,
         tier: str,
         admission: AdmissionLimit | None = None,
@@ -253,7 +258,7 @@ class RelayServicer:
         self.messages = 0
         """CallFrames messages received (calls / messages = how many calls shared one)."""
         self.calls_received = 0
-        self._streams: set[_ServerStream] = set()
+        self._streams: set[_ServerStream[A]] = set()
 
     def drain(self) -> None:
         """Shutting down: new calls get UNAVAILABLE (callers retry elsewhere); open ones finish, then streams end."""
@@ -274,7 +279,9 @@ class RelayServicer:
         )
 
     async def calls(
-        self, requests: AsyncIterator[relay_pb2.CallFrames], context: grpc.aio.ServicerContext
+        self,
+        requests: AsyncIterator[relay_pb2.CallFrames],
+        context: grpc.aio.ServicerContext[relay_pb2.CallFrames, relay_pb2.AnswerFrames],
     ) -> AsyncIterator[relay_pb2.AnswerFrames]:
         stream = _ServerStream(self)
         self._streams.add(stream)
@@ -291,10 +298,10 @@ class RelayServicer:
             stream.withdraw_all()
 
 
-class _ServerStream:
-    def __init__(self, servicer: RelayServicer) -> None:
+class _ServerStream(Generic[A]):
+    def __init__(self, servicer: RelayServicer[A]) -> None:
         self.servicer = servicer
-        self.open: dict[int, asyncio.Future[Answerable]] = {}
+        self.open: dict[int, asyncio.Future[A]] = {}
         self.outbox: list[relay_pb2.AnswerFrame] = []
         self.wake = asyncio.Event()
         self.read_done = False
@@ -344,7 +351,7 @@ class _ServerStream:
         self.open[frame.id] = future
         future.add_done_callback(lambda f: self._finish(frame.id, f, call))
 
-    def _finish(self, call_id: int, future: asyncio.Future[Answerable], call: ObservedCall) -> None:
+    def _finish(self, call_id: int, future: asyncio.Future[A], call: ObservedCall) -> None:
         observer = self.servicer.observer
         self.open.pop(call_id, None)
         if future.cancelled():  # the caller went away: nobody to answer

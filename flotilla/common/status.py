@@ -18,8 +18,9 @@ def from_grpc_code(code: grpc.StatusCode) -> Code:
     return Code[code.name]
 
 
-def error_from_rpc(exc: grpc.aio.AioRpcError, upstream: str) -> FlotillaError:
-    """Translate a failed call to another tier into a Flotilla error.
+def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.Call, upstream: str) -> FlotillaError:
+    """Translate a failed call to another tier into a Flotilla error (an aio call's AioRpcError, or
+    a blocking call's RpcError, which is also its ``grpc.Call``).
 
     A status the upstream relays from below it (its trailing metadata names
     the ``origin``) passes through as it came, origin kept. Otherwise

@@ -43,8 +43,14 @@ from opentelemetry.trace import Link, Span, SpanKind
 from flotilla.config import ObservabilitySettings
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+    from typing import TextIO
+
     import grpc
-    from opentelemetry.sdk.trace.sampling import Sampler
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.trace.sampling import Sampler, SamplingResult
+    from opentelemetry.trace import TraceState
+    from opentelemetry.util.types import Attributes
 
 TRACER_NAME = "flotilla"
 TRACE_HEADERS = ("traceparent", "tracestate")
@@ -80,7 +86,7 @@ def setup(settings: ObservabilitySettings, service: str, *, file_dir: Path | Non
         if settings.trace_exporter == "file":
             directory = file_dir or Path(".")
             directory.mkdir(parents=True, exist_ok=True)
-            out = open(directory / f"{service}.jsonl", "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            out: TextIO = open(directory / f"{service}.jsonl", "a", encoding="utf-8", buffering=1)  # noqa: SIM115
         else:
             import sys
 
@@ -100,9 +106,16 @@ def sampler(ratio: float) -> Sampler:
         def __init__(self) -> None:
             self.ratio = TraceIdRatioBased(ratio)
 
-        def should_sample(  # type: ignore[no-untyped-def]
-            self, parent_context, trace_id, name, kind=None, attributes=None, links=None, trace_state=None
-        ):
+        def should_sample(
+            self,
+            parent_context: Context | None,
+            trace_id: int,
+            name: str,
+            kind: SpanKind | None = None,
+            attributes: Attributes = None,
+            links: Sequence[Link] | None = None,
+            trace_state: TraceState | None = None,
+        ) -> SamplingResult:
             if links:
                 sampled = any(link.context.trace_flags.sampled for link in links)
                 return SamplingResult(Decision.RECORD_AND_SAMPLE if sampled else Decision.DROP,
@@ -224,7 +237,9 @@ def links_from(traceparents: Iterable[str]) -> list[Link]:
     return links
 
 
-def server_span(name: str, metadata: Iterable[tuple[str, str | bytes]], attributes: Mapping[str, str]):  # type: ignore[no-untyped-def]
+def server_span(
+    name: str, metadata: Iterable[tuple[str, str | bytes]], attributes: Mapping[str, str]
+) -> AbstractContextManager[Span]:
     """The span of a call this server handles, child of the caller's."""
     return tracer.start_as_current_span(
         name, context=extract(metadata), kind=SpanKind.SERVER, attributes=dict(attributes)

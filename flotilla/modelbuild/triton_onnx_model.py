@@ -43,7 +43,7 @@ class TritonPythonModel:
         options.add_session_config_entry(
             "session.intra_op.allow_spinning", params.get("allow_spinning", "0")
         )
-        providers = ["CPUExecutionProvider"]
+        providers: list[str | tuple[str, dict[str, int]]] = ["CPUExecutionProvider"]
         if args.get("model_instance_kind") == "GPU":
             device_id = int(args.get("model_instance_device_id", 0))
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))

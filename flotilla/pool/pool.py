@@ -122,7 +122,7 @@ class PowerOfTwoChoices:
         return a if a.outstanding <= b.outstanding else b
 
 
-STRATEGIES: dict[str, Callable[[], Strategy]] = {
+STRATEGIES: dict[str, type[Strategy]] = {
     "round_robin": RoundRobin,
     "least_outstanding": LeastOutstanding,
     "power_of_two": PowerOfTwoChoices,
@@ -449,4 +449,4 @@ def pool_from_settings(
 
 
 def strategy_name(strategy: Strategy) -> str:
-    return next((name for name, cls in STRATEGIES.items() if isinstance(strategy, cls)), type(strategy).__name__)  # type: ignore[arg-type]
+    return next((name for name, cls in STRATEGIES.items() if isinstance(strategy, cls)), type(strategy).__name__)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from flotilla.api.v1 import pools_pb2
 from flotilla.pool.pool import EndpointPool, strategy_name
 
 
-def pools_to_pb(pools: Iterable[EndpointPool]) -> pools_pb2.Pools:  # type: ignore[type-arg]
+def pools_to_pb(pools: Iterable[EndpointPool[Any]]) -> pools_pb2.Pools:
     reply = pools_pb2.Pools()
     for pool in pools:
         admitted = {id(e) for e in pool.admitted()}

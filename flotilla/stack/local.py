@@ -22,6 +22,7 @@ processes (batcher addresses, per-replica conditions) is forgotten first.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -161,7 +162,7 @@ class BatcherManager:
         self.config = config
         self._stopping = threading.Event()
         self._released = threading.Event()
-        self._call: grpc.Future | None = None  # type: ignore[type-arg]
+        self._call: grpc.RpcContext | None = None  # the fleet watch (cancel ends it)
         self._thread = threading.Thread(target=self._run, name="batchers", daemon=True)
         self._lock = threading.Lock()
         self.generation = 0
@@ -191,9 +192,9 @@ class BatcherManager:
         while not self._stopping.is_set():
             with grpc.insecure_channel(self.controller) as channel:
                 stub = controller_pb2_grpc.ControllerStub(channel)
-                self._call = stub.WatchFleet(controller_pb2.WatchFleetRequest())
+                self._call = call = stub.WatchFleet(controller_pb2.WatchFleetRequest())
                 try:
-                    for fleet in self._call:
+                    for fleet in call:
                         self._apply(fleet)
                 except grpc.RpcError:
                     pass  # controller restarting, or the stack stopping
@@ -309,10 +310,11 @@ class LocalStack:
         """Wait until S3 answers. A port chosen free can be taken before weed binds it (any
         process's outgoing connection may get it): weed then exits at once, and is started
         again on other ports."""
+        assert self.s3 is not None  # started by _launch_s3
         for attempt in range(1, S3_PORT_ATTEMPTS + 1):
             store = ObjectStore(s3_settings, timeout_s=2.0, retries=0)
             try:
-                wait_until(lambda s=store: s3_ready(s), S3_START_TIMEOUT_S, "SeaweedFS S3", procs=[self.s3])  # type: ignore[misc, list-item]
+                wait_until(functools.partial(s3_ready, store), S3_START_TIMEOUT_S, "SeaweedFS S3", procs=[self.s3])
                 return s3_settings
             except RuntimeError as exc:
                 if WEED_PORT_TAKEN not in str(exc) or attempt == S3_PORT_ATTEMPTS:
@@ -358,7 +360,7 @@ class LocalStack:
             log.info("registry kept from an earlier stack: %s (their old batchers and replicas forgotten)",
                      ", ".join(forgotten))
         for proc in self.tritons:
-            wait_until(lambda a=proc.address: triton_ready(a),  # type: ignore[misc]
+            wait_until(functools.partial(triton_ready, proc.address),
                        self.base.triton.startup_timeout_s, f"Triton {proc.address}", procs=[proc])
 
         endpoints = Endpoints(
@@ -412,9 +414,9 @@ class LocalStack:
             self.prometheus.start()
         self.batcher_manager = BatcherManager(self, endpoints.controller, config_path)
         self.batcher_manager.start()
-        for proc in [self.s3, *self.tritons, self.controller, *self.preprocess, *self.routers, self.prometheus]:
-            if proc is not None:
-                self.supervisor.add(proc)
+        for child in [self.s3, *self.tritons, self.controller, *self.preprocess, *self.routers, self.prometheus]:
+            if child is not None:
+                self.supervisor.add(child)
         self.supervisor.start()
 
         self.deploy_configured_models()
@@ -523,7 +525,7 @@ class LocalStack:
     @staticmethod
     def _wait_serving(procs: list[ManagedProcess]) -> None:
         for proc in procs:
-            wait_until(lambda a=proc.address: is_serving(a), SERVICE_START_TIMEOUT_S, proc.name, procs=[proc])  # type: ignore[misc]
+            wait_until(functools.partial(is_serving, proc.address), SERVICE_START_TIMEOUT_S, proc.name, procs=[proc])
 
     @property
     def router(self) -> ManagedProcess | None:

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -282,7 +282,10 @@ def wait_for_previous_holder(path: Path, timeout_s: float, *, interval_s: float 
         holders = processes_referencing(path)
 
 
-def wait_until(check, timeout_s: float, what: str, *, procs: Sequence[ManagedProcess] = (), interval_s: float = 0.2) -> None:  # type: ignore[no-untyped-def]
+def wait_until(
+    check: Callable[[], bool], timeout_s: float, what: str, *, procs: Sequence[ManagedProcess] = (),
+    interval_s: float = 0.2,
+) -> None:
     """Poll ``check()`` until true; fail early if one of ``procs`` died."""
     deadline = time.monotonic() + timeout_s
     while True:

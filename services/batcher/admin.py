@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from pydantic import ValidationError
 
@@ -54,27 +56,29 @@ def policy_from_pb(message: batcher_pb2.BatchingPolicy, current: BatchingSetting
 
 
 class BatcherAdminServicer(batcher_pb2_grpc.BatcherAdminServicer):
-    def __init__(self, model: str, queue: BatchQueue, pools: list[EndpointPool]) -> None:  # type: ignore[type-arg]
+    def __init__(self, model: str, queue: BatchQueue[Any, Any], pools: list[EndpointPool[Any]]) -> None:
         self.model = model
         self.queue = queue
         self.pools = pools
 
-    async def GetPools(self, request: pools_pb2.GetPoolsRequest, context: grpc.aio.ServicerContext) -> pools_pb2.Pools:
+    async def GetPools(
+        self, request: pools_pb2.GetPoolsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pools_pb2.Pools:
         return pools_to_pb(self.pools)
 
     async def GetBatching(
-        self, request: batcher_pb2.GetBatchingRequest, context: grpc.aio.ServicerContext
+        self, request: batcher_pb2.GetBatchingRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> batcher_pb2.BatchingPolicy:
         return policy_to_pb(self.queue.policy)
 
     async def SetBatching(
-        self, request: batcher_pb2.BatchingPolicy, context: grpc.aio.ServicerContext
+        self, request: batcher_pb2.BatchingPolicy, context: grpc.aio.ServicerContext[Any, Any]
     ) -> batcher_pb2.BatchingPolicy:
         self.queue.set_policy(policy_from_pb(request, self.queue.policy))
         return policy_to_pb(self.queue.policy)
 
     async def GetStats(
-        self, request: batcher_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+        self, request: batcher_pb2.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> batcher_pb2.BatcherStats:
         stats = self.queue.stats
         p50, p90, p99 = stats.queue_wait_ms((50, 90, 99))

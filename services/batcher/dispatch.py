@@ -51,7 +51,7 @@ class PreprocessDispatcher:
             by_version.setdefault(item.model_version, []).append(i)
         if len(by_version) == 1:
             return await self._send(items, next(iter(by_version)), deadline_s)
-        results: list[inference_pb2.ClassifyResponse | FlotillaError | None] = [None] * len(items)
+        results: dict[int, inference_pb2.ClassifyResponse | FlotillaError] = {}  # item index -> its answer
         parts = await asyncio.gather(
             *(self._send([items[i] for i in idx], version, deadline_s) for version, idx in by_version.items()),
             return_exceptions=True,
@@ -64,7 +64,7 @@ class PreprocessDispatcher:
                     raise part
                 else:
                     results[i] = part[row]
-        return results  # type: ignore[return-value]
+        return [results[i] for i in range(len(items))]
 
     async def _send(
         self, items: list[preprocess_pb2.BatchItem], version: int, deadline_s: float | None
@@ -81,7 +81,10 @@ class PreprocessDispatcher:
             answered_by = endpoint.address
             batch_span.set_attribute("flotilla.worker", endpoint.address)
             try:
-                return await endpoint.client.stub.ProcessBatch(request, timeout=timeout_s, metadata=tracing.inject())
+                response: preprocess_pb2.ProcessBatchResponse = await endpoint.client.stub.ProcessBatch(
+                    request, timeout=timeout_s, metadata=tracing.inject()
+                )
+                return response
             except grpc.aio.AioRpcError as exc:
                 raise error_from_rpc(exc, f"preprocess worker {endpoint.address}") from exc
 

@@ -52,10 +52,10 @@ class ClassifierHandler:
     def __init__(self, requests: ClassifyRequests) -> None:
         self.requests = requests
 
-    async def classify(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def classify(self, raw: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         """A unary Classify call (clients that call the batcher directly)."""
-        header_model = dict(context.invocation_metadata() or ()).get(MODEL_HEADER)
-        response = await self.requests.classify(raw, header_model, context.time_remaining())  # type: ignore[arg-type]
+        text_headers = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}  # not -bin ones
+        response = await self.requests.classify(raw, text_headers.get(MODEL_HEADER), context.time_remaining())
         return response.SerializeToString()
 
     def start(self, frame: relay_pb2.CallFrame) -> asyncio.Future[inference_pb2.ClassifyResponse]:

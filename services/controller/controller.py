@@ -40,9 +40,11 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from prometheus_client import Gauge
 
 from flotilla.common import metrics
 from flotilla.common.clock import Clock, MonotonicClock
@@ -133,7 +135,7 @@ class Controller:
     def __init__(
         self,
         settings: ControllerSettings,
-        agents: list[ReplicaAgent],
+        agents: Sequence[ReplicaAgent],
         artifacts: ArtifactStore,
         records: RecordStore,
         *,
@@ -161,7 +163,7 @@ class Controller:
         self._standins: dict[str, int] = {}
         """Model -> copies placed in for copies on replicas that are down (removed when those return)."""
         self._tasks: list[asyncio.Task[None]] = []
-        self._exported: dict[object, set[tuple[str, ...]]] = {}
+        self._exported: dict[Gauge, set[tuple[str, ...]]] = {}
         """Label sets each gauge was last given (the rest are removed)."""
 
     # -- lifecycle -------------------------------------------------------------
@@ -284,7 +286,7 @@ class Controller:
 
     def _export_gauges(self) -> None:
         """Copies, placement, unplaceable models and replica memory as Prometheus gauges."""
-        values: dict[object, dict[tuple[str, ...], float]] = {
+        values: dict[Gauge, dict[tuple[str, ...], float]] = {
             metrics.MODEL_COPIES: {}, metrics.MODEL_PLACED: {}, metrics.MODEL_UNPLACEABLE: {},
             metrics.MODEL_QUEUE_WAIT_MS: {}, metrics.REPLICA_MEMORY_USED: {}, metrics.REPLICA_MEMORY_BUDGET: {},
             metrics.REPLICA_HEALTHY: {},
@@ -313,9 +315,9 @@ class Controller:
         for gauge, current in values.items():
             previous = self._exported.get(gauge, set())
             for labels, value in current.items():
-                gauge.labels(*labels).set(value)  # type: ignore[attr-defined]
+                gauge.labels(*labels).set(value)
             for labels in previous - set(current):
-                gauge.remove(*labels)  # type: ignore[attr-defined]
+                gauge.remove(*labels)
             self._exported[gauge] = set(current)
 
     async def watch(self) -> AsyncIterator[int]:

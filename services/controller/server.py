@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -90,43 +91,43 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
         self._snapshot: controller_pb2.Fleet | None = None
 
     async def Deploy(
-        self, request: controller_pb2.DeployRequest, context: grpc.aio.ServicerContext
+        self, request: controller_pb2.DeployRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> controller_pb2.ModelStatus:
         record = await self.controller.deploy(request.name, request.spec_json, replace=request.replace)
         return status_to_pb(self.controller, record)
 
     async def Undeploy(
-        self, request: controller_pb2.UndeployRequest, context: grpc.aio.ServicerContext
+        self, request: controller_pb2.UndeployRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> controller_pb2.UndeployResponse:
         await self.controller.undeploy(request.name)
         return controller_pb2.UndeployResponse()
 
     async def ListModels(
-        self, request: controller_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+        self, request: controller_pb2.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> controller_pb2.ListModelsResponse:
         return controller_pb2.ListModelsResponse(
             models=[status_to_pb(self.controller, r) for r in sorted(self.controller.committed(), key=lambda r: r.name)]
         )
 
     async def GetModel(
-        self, request: controller_pb2.GetModelRequest, context: grpc.aio.ServicerContext
+        self, request: controller_pb2.GetModelRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> controller_pb2.ModelStatus:
         return status_to_pb(self.controller, self.controller.record(request.name))
 
     async def EnsureLoaded(
-        self, request: controller_pb2.EnsureLoadedRequest, context: grpc.aio.ServicerContext
+        self, request: controller_pb2.EnsureLoadedRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> controller_pb2.ModelStatus:
         record = await self.controller.ensure_loaded(request.name)
         return status_to_pb(self.controller, record)
 
     async def RegisterBatcher(
-        self, request: controller_pb2.RegisterBatcherRequest, context: grpc.aio.ServicerContext
+        self, request: controller_pb2.RegisterBatcherRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> controller_pb2.RegisterBatcherResponse:
         record = self.controller.register_batcher(request.model_name, request.address)
         return controller_pb2.RegisterBatcherResponse(spec_json=record.spec.model_dump_json())
 
     async def WatchFleet(
-        self, request: controller_pb2.WatchFleetRequest, context: grpc.aio.ServicerContext
+        self, request: controller_pb2.WatchFleetRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[controller_pb2.Fleet]:
         async for generation in self.controller.watch():
             yield self._fleet(generation)
@@ -181,9 +182,11 @@ class BatcherUsage:
             peer = self._peers[address] = GrpcPeer(address, batcher_pb2_grpc.BatcherAdminStub)
         assert peer.stub is not None
         try:
-            return await peer.stub.GetStats(batcher_pb2.GetStatsRequest(), timeout=USAGE_TIMEOUT_S)
+            request = batcher_pb2.GetStatsRequest()
+            stats: batcher_pb2.BatcherStats = await peer.stub.GetStats(request, timeout=USAGE_TIMEOUT_S)
         except grpc.aio.AioRpcError:
             return None  # a batcher restarting; the next poll reads it
+        return stats
 
     async def close(self) -> None:
         for peer in self._peers.values():
@@ -213,7 +216,7 @@ def build_controller(settings: FlotillaSettings, usage: BatcherUsage | None = No
     ]
     records = ObjectStoreRecords(store_for(ctl.artifact_bucket), ctl.registry_prefix)
     configured = settings.models if ctl.deploy_configured_models else None
-    return Controller(ctl, agents, artifacts, records, usage=usage, configured=configured)  # type: ignore[arg-type]
+    return Controller(ctl, agents, artifacts, records, usage=usage, configured=configured)
 
 
 async def serve(settings: FlotillaSettings, port: int) -> None:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-import numpy as np
+from numpy.typing import NDArray
 
 
 @dataclass(frozen=True)
 class InferResult:
-    outputs: np.ndarray
+    outputs: NDArray[Any]
     backend: str
     """host:port of the replica that ran the batch."""
 
@@ -20,7 +20,7 @@ class InferenceBackend(Protocol):
         self,
         model: str,
         input_name: str,
-        batch: np.ndarray,
+        batch: NDArray[Any],
         output_name: str,
         *,
         version: int = 0,

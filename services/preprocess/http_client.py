@@ -37,7 +37,7 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 HEAD_MAX_BYTES = 64 << 10
 """The largest header block accepted (also the receive buffer of chunked and close-delimited bodies)."""
@@ -148,11 +148,12 @@ class _Connection(asyncio.BufferedProtocol):
     # -- asyncio.BufferedProtocol ------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream connection's (asyncio's or uvloop's)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._mode == _FIXED:
-            return self._body_view[self._blen:]  # type: ignore[index]
+            assert self._body_view is not None  # set with the mode
+            return self._body_view[self._blen:]
         return self._view[self._hlen:]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -335,7 +336,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._body_view.release()  # the caller may resize its body
             self._body_view = None
         if extra or not self._keep:
-            self.transport.close()  # type: ignore[union-attr]
+            assert self.transport is not None  # an answer came on it
+            self.transport.close()
         if waiter is not None and not waiter.done():
             waiter.set_result(HttpAnswer(self._status, body, self._cut, self._answer_head))
 
@@ -440,7 +442,8 @@ class HttpConnectionPool:
                             connection = await self._connect()
                     answer = await connection.request(request, max_bytes, max_error_bytes, deadline)
                 except ConnectionDropped as exc:
-                    connection.abort()  # type: ignore[union-attr]
+                    assert connection is not None  # only its request raises this
+                    connection.abort()
                     if reused and exc.before_answer:  # it was closed while idle: once more on a fresh one
                         fresh = True
                         continue

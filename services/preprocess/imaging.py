@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import math
 import struct
+from typing import Any
 
 import numpy as np
 import simplejpeg
+from numpy.typing import NDArray
 from PIL import Image
 
 from flotilla.config import InputSpec
@@ -157,23 +159,24 @@ def _resize_box(height: int, width: int, decoded: tuple[int, int], spec: InputSp
     the reference pipelines slice them.
     """
     dec_h, dec_w = decoded
-    if spec.resize == "stretch" and spec.resize_px is None:
-        return 0.0, 0.0, float(dec_w), float(dec_h)
-    if spec.resize == "center_crop" and spec.resize_px is None:
+    resize_px = spec.resize_px
+    if resize_px is None:
+        if spec.resize == "stretch":
+            return 0.0, 0.0, float(dec_w), float(dec_h)
         return _crop_fraction_box(dec_h, dec_w, spec)
     if spec.resize == "stretch":
-        mid_h = mid_w = spec.resize_px
+        mid_h = mid_w = resize_px
     else:
         short = min(height, width)
-        mid_h, mid_w = round(height * spec.resize_px / short), round(width * spec.resize_px / short)
+        mid_h, mid_w = round(height * resize_px / short), round(width * resize_px / short)
     top, left = (mid_h - spec.height_px) // 2, (mid_w - spec.width_px) // 2
     sy, sx = dec_h / mid_h, dec_w / mid_w
     return left * sx, top * sy, (left + spec.width_px) * sx, (top + spec.height_px) * sy
 
 
 def decode_for_model(
-    data: bytes, spec: InputSpec, *, what: str, max_pixels: int, out: np.ndarray | None = None
-) -> np.ndarray:
+    data: bytes, spec: InputSpec, *, what: str, max_pixels: int, out: NDArray[np.uint8] | None = None
+) -> NDArray[np.uint8]:
     """Decode a JPEG into an upright RGB uint8 array of shape (height_px, width_px, 3).
 
     With ``out`` (such an array, e.g. one row of a batch) the pixels are
@@ -203,12 +206,12 @@ def decode_for_model(
     return out
 
 
-def to_batch_tensor(images: list[np.ndarray], spec: InputSpec) -> np.ndarray:
+def to_batch_tensor(images: list[NDArray[np.uint8]], spec: InputSpec) -> NDArray[Any]:
     """Stack (H, W, 3) RGB uint8 images into the model's batch tensor (see ``batch_to_tensor``)."""
     return batch_to_tensor(np.stack(images), spec)
 
 
-def batch_to_tensor(batch: np.ndarray, spec: InputSpec) -> np.ndarray:
+def batch_to_tensor(batch: NDArray[Any], spec: InputSpec) -> NDArray[Any]:
     """A (N, H, W, 3) RGB uint8 batch as the model's batch tensor.
 
     Channels go into ``spec.channel_order``. UINT8 keeps the raw pixels (4x
@@ -231,7 +234,7 @@ def batch_to_tensor(batch: np.ndarray, spec: InputSpec) -> np.ndarray:
     return np.ascontiguousarray(batch)
 
 
-def scores_to_probabilities(scores: np.ndarray, kind: str) -> np.ndarray:
+def scores_to_probabilities(scores: NDArray[Any], kind: str) -> NDArray[Any]:
     """Per-class probabilities from a model's output rows (the last axis is the classes).
 
     ``kind`` is ``ModelSettings.output_kind``: "probabilities" are returned
@@ -243,10 +246,11 @@ def scores_to_probabilities(scores: np.ndarray, kind: str) -> np.ndarray:
         raise ValueError(f"unknown output kind {kind!r} (expected 'probabilities' or 'logits')")
     scores = np.asarray(scores, dtype=np.result_type(scores, np.float32))
     exp = np.exp(scores - scores.max(axis=-1, keepdims=True))  # the largest exponent is 0: no overflow
-    return exp / exp.sum(axis=-1, keepdims=True)
+    probabilities: NDArray[Any] = exp / exp.sum(axis=-1, keepdims=True)
+    return probabilities
 
 
-def top_k_rows(probabilities: np.ndarray, ks: list[int]) -> list[list[tuple[int, float]]]:
+def top_k_rows(probabilities: NDArray[Any], ks: list[int]) -> list[list[tuple[int, float]]]:
     """``top_k`` of every row at once: row i's ``ks[i]`` best (class index, score) pairs, best first."""
     classes = probabilities.shape[-1]
     widest = min(max(ks), classes)
@@ -258,7 +262,7 @@ def top_k_rows(probabilities: np.ndarray, ks: list[int]) -> list[list[tuple[int,
     return [list(zip(i[:k], v[:k], strict=True)) for i, v, k in zip(indices, values, ks, strict=True)]
 
 
-def top_k(probabilities: np.ndarray, k: int) -> list[tuple[int, float]]:
+def top_k(probabilities: NDArray[Any], k: int) -> list[tuple[int, float]]:
     """The k best (class index, score) pairs of one row, best first."""
     k = min(k, probabilities.shape[-1])
     best = np.argpartition(-probabilities, k - 1)[:k]

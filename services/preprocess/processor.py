@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from numpy.typing import NDArray
 from opentelemetry.trace import SpanKind
 from prometheus_client import Counter, Histogram
 
@@ -120,7 +121,9 @@ class BatchProcessor:
         """At most this many executor jobs decode one batch (its images split evenly between them)."""
         self.max_object_bytes = max_object_bytes
         self.max_image_pixels = max_image_pixels
-        self._children: dict[tuple[object, ...], Histogram | Counter] = {}
+        # Metric children looked up once each (``labels`` takes a lock on every call).
+        self._stage_timers: dict[tuple[str, str], Histogram] = {}
+        self._decode_cpu_counters: dict[str, Counter] = {}
 
     def model(self, name: str) -> ServedModel:
         try:
@@ -130,17 +133,16 @@ class BatchProcessor:
             raise ModelNotFound(f"model {name!r} is not served here (served: {served})") from None
 
     def _stage_timer(self, model: str, stage: str) -> Histogram:
-        return self._child(metrics.PREPROCESS_SECONDS, model, stage)  # type: ignore[return-value]
+        timer = self._stage_timers.get((model, stage))
+        if timer is None:
+            timer = self._stage_timers[(model, stage)] = metrics.PREPROCESS_SECONDS.labels(model, stage)
+        return timer
 
     def _decode_cpu_counter(self, model: str) -> Counter:
-        return self._child(metrics.PREPROCESS_DECODE_CPU_SECONDS, model)  # type: ignore[return-value]
-
-    def _child(self, metric: Histogram | Counter, *labels: str) -> Histogram | Counter:
-        """The metric's child for ``labels``, looked up once (``labels`` takes a lock on every call)."""
-        child = self._children.get((metric, *labels))
-        if child is None:
-            child = self._children[(metric, *labels)] = metric.labels(*labels)
-        return child
+        counter = self._decode_cpu_counters.get(model)
+        if counter is None:
+            counter = self._decode_cpu_counters[model] = metrics.PREPROCESS_DECODE_CPU_SECONDS.labels(model)
+        return counter
 
     async def _fetch(self, item: ItemRequest, model: ServedModel) -> bytes:
         key = object_key(item.image_uuid)
@@ -152,13 +154,14 @@ class BatchProcessor:
 
     async def _load_batch(
         self, items: Sequence[ItemRequest], model: ServedModel
-    ) -> tuple[np.ndarray, list[BaseException | None]]:
+    ) -> tuple[NDArray[np.uint8], list[BaseException | None]]:
         """Every item's pixels in its row of one (N, H, W, 3) array, and each item's failure (None: loaded)."""
         fetched = await asyncio.gather(*(self._fetch(item, model) for item in items), return_exceptions=True)
         failures: list[BaseException | None] = [f if isinstance(f, BaseException) else None for f in fetched]
+        jpegs = {i: f for i, f in enumerate(fetched) if not isinstance(f, BaseException)}  # item index -> its JPEG
         spec = model.settings.input
         pixels = np.empty((len(items), spec.height_px, spec.width_px, 3), dtype=np.uint8)
-        todo = [i for i, failure in enumerate(failures) if failure is None]
+        todo = list(jpegs)
         if not todo:
             return pixels, failures
         timer = self._stage_timer(model.name, "decode")
@@ -172,7 +175,7 @@ class BatchProcessor:
                     started_s = time.perf_counter()
                     try:
                         decode_for_model(
-                            fetched[i],  # type: ignore[arg-type]
+                            jpegs[i],
                             spec, what=f"image {items[i].image_uuid}", max_pixels=self.max_image_pixels,
                             out=pixels[i],
                         )
@@ -233,4 +236,4 @@ class BatchProcessor:
         missing = [items[i].image_uuid for i, o in enumerate(outcomes) if o is None]
         if missing:  # every item gets exactly one outcome; anything else is a bug
             raise FlotillaError(f"internal error: no outcome for {missing}")
-        return BatchOutcome(outcomes, backend)  # type: ignore[arg-type]
+        return BatchOutcome([o for o in outcomes if o is not None], backend)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 
@@ -73,11 +74,13 @@ class PreprocessorServicer(preprocess_pb2_grpc.PreprocessorServicer):
         self.processor = processor
         self.backend = backend
 
-    async def GetPools(self, request: pools_pb2.GetPoolsRequest, context: grpc.aio.ServicerContext) -> pools_pb2.Pools:
+    async def GetPools(
+        self, request: pools_pb2.GetPoolsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pools_pb2.Pools:
         return pools_to_pb(self.backend.pools.values())
 
     async def ProcessBatch(
-        self, request: preprocess_pb2.ProcessBatchRequest, context: grpc.aio.ServicerContext
+        self, request: preprocess_pb2.ProcessBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> preprocess_pb2.ProcessBatchResponse:
         items = [ItemRequest(i.image_uuid, i.top_k, i.request_id) for i in request.items]
         outcome = await self.processor.process(

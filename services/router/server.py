@@ -16,6 +16,7 @@ is routed without a restart and an undeployed one answers NOT_FOUND.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import grpc
 
@@ -47,9 +48,9 @@ class ForwardingHandler(grpc.GenericRpcHandler):
     def __init__(self, keys: ApiKeys, routes: RouteTable[GrpcPeer[None]]) -> None:
         self.keys = keys
         self.routes = routes
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {}
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = handler_call_details.method
         handler = self._handlers.get(method)
         if handler is not None:
@@ -57,7 +58,7 @@ class ForwardingHandler(grpc.GenericRpcHandler):
         if not method.startswith(f"/{CLASSIFIER_SERVICE}/"):
             return None  # UNIMPLEMENTED
 
-        async def forward(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        async def forward(raw: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
             return await self._forward(method, raw, context)
 
         handler = grpc.unary_unary_rpc_method_handler(forward)
@@ -65,11 +66,13 @@ class ForwardingHandler(grpc.GenericRpcHandler):
             self._handlers[method] = handler
         return handler
 
-    async def _forward(self, method: str, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        headers = context.invocation_metadata() or ()
+    async def _forward(self, method: str, raw: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        # Text headers only: a binary one (a -bin key) has no reader below and no place in a relay
+        # frame, whose headers are strings.
+        headers = [(k, v) for k, v in context.invocation_metadata() or () if isinstance(v, str)]
         by_key = dict(headers)
-        self.keys.check(by_key.get(AUTH_HEADER))  # type: ignore[arg-type]
-        pool = self.routes.pool_for(by_key.get(MODEL_HEADER))  # type: ignore[arg-type]
+        self.keys.check(by_key.get(AUTH_HEADER))
+        pool = self.routes.pool_for(by_key.get(MODEL_HEADER))
         # Credentials and transport headers stop here; the trace context becomes this router span's.
         passed = [(k, v) for k, v in headers if k not in _DROPPED_HEADERS]
         if tracing.enabled():

@@ -29,8 +29,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from opentelemetry.trace import SpanKind
 
 from flotilla.common import metrics, tracing
@@ -167,7 +169,7 @@ class TritonBackend:
         self,
         model: str,
         input_name: str,
-        batch: np.ndarray,
+        batch: NDArray[Any],
         output_name: str,
         *,
         version: int = 0,
@@ -190,7 +192,7 @@ class TritonBackend:
         async def on(endpoint: Endpoint[Replica]) -> InferResult:
             replica = endpoint.client
             started_s = time.perf_counter()
-            attributes = {"flotilla.model": model, "flotilla.replica": endpoint.address,
+            attributes: dict[str, str | int] = {"flotilla.model": model, "flotilla.replica": endpoint.address,
                           "flotilla.model_version": version, "flotilla.batch_size": batch_size,
                           "flotilla.protocol": replica.protocol}
             with tracing.span(f"triton {model}", kind=SpanKind.CLIENT, attributes=attributes):
@@ -218,18 +220,18 @@ class TritonBackend:
             if region is not None and self.shm is not None:
                 self.shm.release(region)  # its call has ended: the next batch may overwrite it
 
-    def _region_for(self, pool: EndpointPool[Replica], batch: np.ndarray) -> Region | None:
+    def _region_for(self, pool: EndpointPool[Replica], batch: NDArray[Any]) -> Region | None:
         """A region holding ``batch`` if any of the model's replicas may take it from one."""
         if self.shm is None or not any(e.client.shared_memory for e in pool.endpoints):
             return None
         region = self.shm.acquire(batch.nbytes)
         if region is not None:
-            region.write(memoryview(batch))
+            region.write(batch.data)
         return region
 
     async def _send(
         self, replica: Replica, call: InferCall, deadline_s: float | None
-    ) -> tuple[np.ndarray | None, str]:
+    ) -> tuple[NDArray[Any] | None, str]:
         """One inference on ``replica`` and how the batch went (``shm`` or ``inline``): through
         ``call.region`` where the replica holds it (or can register it now), inline otherwise. A
         replica that lost the region's registration (it restarted) is given it again and the batch

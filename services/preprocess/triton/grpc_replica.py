@@ -14,9 +14,11 @@ status code. Used for replicas whose HTTP endpoint the worker does not know
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import grpc
 import numpy as np
+from numpy.typing import NDArray
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
@@ -49,7 +51,7 @@ def _varint(value: int) -> bytes:
 
 
 def encode_infer_request(
-    model: str, version: str, input_name: str, batch: np.ndarray, output_name: str
+    model: str, version: str, input_name: str, batch: NDArray[Any], output_name: str
 ) -> bytes:
     """A serialised ModelInferRequest for one input tensor, its contents raw.
 
@@ -68,12 +70,12 @@ def encode_infer_request(
         ],
         outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=output_name)],
     )
-    data = memoryview(batch).cast("B")
+    data = batch.data.cast("B")
     return b"".join((header.SerializeToString(), _RAW_INPUT_TAG, _varint(data.nbytes), data))
 
 
 def encode_shm_infer_request(
-    model: str, version: str, input_name: str, batch: np.ndarray, output_name: str, region: str
+    model: str, version: str, input_name: str, batch: NDArray[Any], output_name: str, region: str
 ) -> bytes:
     """A serialised ModelInferRequest whose one input is ``batch``'s bytes at the start of the
     shared-memory ``region`` (Triton's system shared memory parameters), not in the message."""
@@ -85,10 +87,11 @@ def encode_shm_infer_request(
     tensor = request.inputs.add(name=input_name, datatype=np_to_triton_dtype(batch.dtype), shape=batch.shape)
     tensor.parameters["shared_memory_region"].string_param = region
     tensor.parameters["shared_memory_byte_size"].int64_param = batch.nbytes
-    return request.SerializeToString()
+    serialized: bytes = request.SerializeToString()
+    return serialized
 
 
-def decode_infer_response(response: service_pb2.ModelInferResponse, output_name: str) -> np.ndarray | None:
+def decode_infer_response(response: service_pb2.ModelInferResponse, output_name: str) -> NDArray[Any] | None:
     """The named output of a ModelInferResponse as an array (a view of the message's bytes); None if absent."""
     for index, output in enumerate(response.outputs):
         if output.name != output_name:
@@ -121,6 +124,7 @@ class GrpcReplica(SharedMemoryRegistrations):
             ],
         )
         # No request serialiser: the request arrives as bytes from encode_infer_request.
+        self.model_infer: grpc.aio.UnaryUnaryMultiCallable[bytes, service_pb2.ModelInferResponse]
         self.model_infer = self.channel.unary_unary(
             MODEL_INFER, request_serializer=None, response_deserializer=service_pb2.ModelInferResponse.FromString
         )
@@ -140,7 +144,7 @@ class GrpcReplica(SharedMemoryRegistrations):
             response_deserializer=service_pb2.SystemSharedMemoryStatusResponse.FromString,
         )
 
-    async def infer(self, call: InferCall, in_region: bool, timeout_s: float | None) -> np.ndarray | None:
+    async def infer(self, call: InferCall, in_region: bool, timeout_s: float | None) -> NDArray[Any] | None:
         """See ``replica.Replica.infer``."""
         if in_region:
             assert call.region is not None

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
 import numpy as np
+from numpy.typing import NDArray
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from flotilla.common import tracing
@@ -71,7 +72,7 @@ def infer_target(model: str, version: str) -> str:
     return path + "/infer"
 
 
-def _input(batch: np.ndarray, name: str, parameters: dict[str, object]) -> dict[str, object]:
+def _input(batch: NDArray[Any], name: str, parameters: dict[str, object]) -> dict[str, object]:
     return {"name": name, "shape": list(batch.shape), "datatype": np_to_triton_dtype(batch.dtype),
             "parameters": parameters}
 
@@ -93,7 +94,7 @@ def encode_inline_header(call: InferCall) -> bytes:
     return json.dumps({"inputs": [tensor], "outputs": _outputs(call.output_name)}).encode()
 
 
-def decode_answer(answer: HttpAnswer, output_name: str) -> np.ndarray | None:
+def decode_answer(answer: HttpAnswer, output_name: str) -> NDArray[Any] | None:
     """The named output of a 200 answer as an array (a view of its body); None if absent.
     Raises HttpProtocolError when the body is not what its header says."""
     try:
@@ -102,7 +103,7 @@ def decode_answer(answer: HttpAnswer, output_name: str) -> np.ndarray | None:
         raise HttpProtocolError(f"the inference answer does not parse: {type(exc).__name__}: {exc}") from exc
 
 
-def _decode_answer(answer: HttpAnswer, output_name: str) -> np.ndarray | None:
+def _decode_answer(answer: HttpAnswer, output_name: str) -> NDArray[Any] | None:
     body = memoryview(answer.body)
     declared = header_value(answer.head, b"inference-header-content-length")
     json_bytes = len(body) if declared is None else int(declared)
@@ -155,7 +156,7 @@ class HttpReplica(SharedMemoryRegistrations):
         )
 
     async def _call(
-        self, method: str, target: str, body: list[bytes | memoryview], headers: Mapping[str, str],
+        self, method: str, target: str, body: Sequence[bytes | memoryview], headers: Mapping[str, str],
         timeout_s: float | None,
     ) -> HttpAnswer:
         """One request's 200 answer; an error answer or a transport failure (UNAVAILABLE,
@@ -182,7 +183,7 @@ class HttpReplica(SharedMemoryRegistrations):
         except ValueError as exc:
             raise ReplicaCallError(Code.INTERNAL, f"{self.http_address} answered {target} with no JSON: {exc}") from exc
 
-    async def infer(self, call: InferCall, in_region: bool, timeout_s: float | None) -> np.ndarray | None:
+    async def infer(self, call: InferCall, in_region: bool, timeout_s: float | None) -> NDArray[Any] | None:
         """See ``replica.Replica.infer``."""
         headers = dict(tracing.inject())
         if in_region:
@@ -192,7 +193,7 @@ class HttpReplica(SharedMemoryRegistrations):
             headers["Content-Type"] = "application/json"
         else:
             header = call.encoded("http", False, lambda: encode_inline_header(call))
-            body = [header, memoryview(call.batch).cast("B")]
+            body = [header, call.batch.data.cast("B")]
             headers["Content-Type"] = "application/octet-stream"
             headers["Inference-Header-Content-Length"] = str(len(header))
         answer = await self._call("POST", infer_target(call.model, call.version), body, headers, timeout_s)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
-import numpy as np
+from numpy.typing import NDArray
 
 from flotilla.errors import Code
 from flotilla.services.preprocess.triton.shm import Region, is_stale
@@ -46,7 +46,7 @@ class InferCall:
     version: str
     """"" runs the replica's default version."""
     input_name: str
-    batch: np.ndarray
+    batch: NDArray[Any]
     """C-contiguous."""
     output_name: str
     region: Region | None = None
@@ -58,7 +58,8 @@ class InferCall:
         key = (protocol, in_region)
         if key not in self._encoded:
             self._encoded[key] = build()
-        return self._encoded[key]  # type: ignore[return-value]
+        # One key is only ever built by one protocol's encoder: its value is of that build's type.
+        return cast(T, self._encoded[key])
 
 
 class Replica(Protocol):
@@ -66,10 +67,13 @@ class Replica(Protocol):
     """The replica's gRPC host:port: its name in placement, pools and metrics."""
     protocol: str
     """"http" or "grpc": how batches reach it."""
-    http_address: str | None
-    """The HTTP endpoint batches go to; None over gRPC."""
     shared_memory: bool
     """Batches go to it through the worker's shared-memory regions (it is on this host and can map them)."""
+
+    @property
+    def http_address(self) -> str | None:
+        """The HTTP endpoint batches go to; None over gRPC."""
+        ...
 
     async def holds(self, region: Region, timeout_s: float | None) -> bool:
         """Whether the replica has ``region`` registered, registering it now if not. A replica that
@@ -77,7 +81,7 @@ class Replica(Protocol):
         answer raises ReplicaCallError, as an inference call would."""
         ...
 
-    async def infer(self, call: InferCall, in_region: bool, timeout_s: float | None) -> np.ndarray | None:
+    async def infer(self, call: InferCall, in_region: bool, timeout_s: float | None) -> NDArray[Any] | None:
         """``call.output_name`` of the batch run on this replica (None when the answer lacks it), the
         tensor in ``call.region`` when ``in_region``, inline otherwise. Raises ReplicaCallError."""
         ...
