@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--against", metavar="REV",
                        help="measure the --only part (cpu, overhead or ceiling) on git revision REV and on this "
                             "checkout alternately, in worktrees under .flotilla/ab/, and report head / base; "
-                            "writes nothing in this checkout's README or bench/")
+                            "writes nothing in this checkout's docs/benchmarks.md or bench/")
     bench.add_argument("--rounds", type=int, default=2, help="with --against: runs of each side, alternating")
     bench.set_defaults(func=cmd_bench)
 

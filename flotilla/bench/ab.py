@@ -14,7 +14,7 @@ dependencies differ needs them installed here. Each round runs the part once
 per side, base first, each from an empty ``bench/results.json`` in its
 worktree (so its summary holds only that part's figures); the report gives
 every summary figure both sides produced, per round, and head / base of
-their medians. Nothing in this checkout's README or bench/ is written.
+their medians. Nothing in this checkout's docs/benchmarks.md or bench/ is written.
 """
 
 from __future__ import annotations
@@ -104,14 +104,19 @@ def run_side(side: Side, part: str, duration_s: float, log: Path) -> dict[str, o
     return summary if isinstance(summary, dict) else {}
 
 
+def numbers(summary: dict[str, object]) -> dict[str, float]:
+    """A summary's numeric figures (not its flags) as floats."""
+    return {k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
 def compare(base: list[dict[str, object]], head: list[dict[str, object]]) -> list[Comparison]:
     """Every numeric figure present in every round of both sides, in the head's order."""
-    rounds = base + head
+    base_numbers, head_numbers = [numbers(s) for s in base], [numbers(s) for s in head]
     figures = [k for k, v in (head[0] if head else {}).items() if isinstance(v, int | float)]
     return [
-        Comparison(k, [float(s[k]) for s in base], [float(s[k]) for s in head])  # type: ignore[arg-type]
+        Comparison(k, [s[k] for s in base_numbers], [s[k] for s in head_numbers])
         for k in figures
-        if all(isinstance(s.get(k), int | float) and not isinstance(s.get(k), bool) for s in rounds)
+        if all(k in s for s in base_numbers + head_numbers)
     ]
 
 

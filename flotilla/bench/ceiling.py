@@ -33,9 +33,9 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
@@ -89,10 +89,14 @@ class _Controller(controller_pb2_grpc.ControllerServicer):
         self.spec = spec
         self.batchers = batchers
 
-    async def RegisterBatcher(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def RegisterBatcher(  # noqa: N802
+        self, request: controller_pb2.RegisterBatcherRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> controller_pb2.RegisterBatcherResponse:
         return controller_pb2.RegisterBatcherResponse(spec_json=self.spec.model_dump_json())
 
-    async def WatchFleet(self, request, context) -> AsyncIterator[controller_pb2.Fleet]:  # type: ignore[no-untyped-def]  # noqa: N802
+    async def WatchFleet(  # noqa: N802
+        self, request: controller_pb2.WatchFleetRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[controller_pb2.Fleet]:
         yield controller_pb2.Fleet(
             generation=1, models=[controller_pb2.ModelStatus(name=MODEL, batchers=self.batchers)]
         )
@@ -106,7 +110,9 @@ class _InstantWorker(preprocess_pb2_grpc.PreprocessorServicer):
         self.batches = 0
         self.items = 0
 
-    async def ProcessBatch(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def ProcessBatch(  # noqa: N802
+        self, request: preprocess_pb2.ProcessBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> preprocess_pb2.ProcessBatchResponse:
         self.batches += 1
         self.items += len(request.items)
         return preprocess_pb2.ProcessBatchResponse(
@@ -130,19 +136,19 @@ async def _measure(
         {tier: Tier([pid]), LOAD_GENERATOR: Tier([os.getpid()], descendants=False)}, call,
         concurrency=concurrency, window_s=window_s, windows=1, warmup_s=WARMUP_S,
     )
-    rate = float(point["images_per_s"])  # type: ignore[arg-type]
-    per_request: dict[str, float] = point["cpu_us_per_image"]  # type: ignore[assignment]
+    rate = float(point["images_per_s"])
+    per_request = point["cpu_us_per_image"]
     us = per_request[tier]
     return {
         "concurrency": concurrency,
         "window_s": window_s,
-        "requests": point["succeeded"],  # type: ignore[dict-item]
+        "requests": point["succeeded"],
         "requests_per_s": rate,
         "cpu_us_per_request": us,
         "cores_busy": round(us * rate / 1e6, 2),
         "load_generator_cores_busy": round(per_request[LOAD_GENERATOR] * rate / 1e6, 2),
         "ceiling_requests_per_s_one_core": round(1e6 / us) if us > 0 else 0,
-        "errors": point["errors"],  # type: ignore[dict-item]
+        "errors": point["errors"],
     }
 
 
@@ -155,7 +161,7 @@ async def _start(settings: FlotillaSettings, run_dir: Path, name: str, argv: lis
     )
     process.start()
     await asyncio.to_thread(
-        wait_until, lambda: is_serving(address), 30.0, name, procs=[process]  # type: ignore[arg-type]
+        wait_until, lambda: is_serving(address), 30.0, name, procs=[process]
     )
     return process
 
@@ -193,7 +199,7 @@ async def batcher_point(settings: FlotillaSettings, run_dir: Path, *, max_batch_
         headers = [(MODEL_HEADER, MODEL)]
         assert batcher.pid is not None
         point = await _measure(
-            "batcher", batcher.pid, lambda: peer.relay.call(CLASSIFY, next(ring), headers, 30.0),  # type: ignore[union-attr]
+            "batcher", batcher.pid, lambda: peer.relay.call(CLASSIFY, next(ring), headers, 30.0),
             concurrency=BATCHER_CONCURRENCY, window_s=window_s,
         )
         return {"tier": "batcher", "max_batch_size": max_batch_size, **point,
@@ -215,7 +221,9 @@ class _RouterLoad:
             grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
             for _ in range(ROUTER_CONNECTIONS)
         ]
-        self._sends = itertools.cycle([c.unary_unary(CLASSIFY) for c in self.channels])
+        self._sends: Iterator[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = itertools.cycle(
+            [c.unary_unary(CLASSIFY) for c in self.channels]
+        )
         self._bodies = itertools.cycle(classify_bodies())
         self._metadata = ((MODEL_HEADER, MODEL), (AUTH_HEADER, f"{BEARER_PREFIX}{API_KEY}"))
 
@@ -258,12 +266,12 @@ class _FixedAnswer(grpc.GenericRpcHandler):
 
     def __init__(self) -> None:
         self._answer = answer("empty").SerializeToString()
-        self._handler = grpc.unary_unary_rpc_method_handler(self._call)
+        self._handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(self._call)
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
         return self._handler
 
-    async def _call(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def _call(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         return self._answer
 
 
@@ -288,7 +296,7 @@ async def empty_server_point(settings: FlotillaSettings, run_dir: Path, *, windo
     try:
         server.start()
         await asyncio.to_thread(
-            wait_until, lambda: is_serving(server.address), 30.0, server.name, procs=[server]  # type: ignore[arg-type]
+            wait_until, lambda: is_serving(server.address), 30.0, server.name, procs=[server]
         )
         load = _RouterLoad(server.address)
         assert server.pid is not None
@@ -348,5 +356,7 @@ def readme_lines(result: dict[str, Any]) -> list[str]:
 
 
 if __name__ == "__main__":  # the empty-server point's process: python -m flotilla.bench.ceiling HOST PORT LOOP
-    # On the services' event loop (settings.event_loop), so it stays the floor of the router as it runs.
-    run_service(serve_empty(sys.argv[1], int(sys.argv[2])), sys.argv[3])  # type: ignore[arg-type]
+    # On the services' event loop (settings.event_loop), so it stays the floor of the router as it runs;
+    # as run_service reads it, any name but uvloop is asyncio.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop" if sys.argv[3] == "uvloop" else "asyncio"
+    run_service(serve_empty(sys.argv[1], int(sys.argv[2])), event_loop)

@@ -18,12 +18,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from numpy.typing import NDArray
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from flotilla.bench.inputs import LARGE_PHOTOS, large_photos, small_photos
-from flotilla.bench.meter import LOAD_GENERATOR, MODEL_STUBS, TIER_ORDER, Tier, metered_load
+from flotilla.bench.meter import LOAD_GENERATOR, MODEL_STUBS, TIER_ORDER, MeteredPoint, Tier, metered_load
 from flotilla.clients.loadtest import StackTarget
 from flotilla.config import FlotillaSettings, InputSpec
 from flotilla.services.preprocess.imaging import decode_for_model, to_batch_tensor
@@ -48,7 +48,7 @@ def stack_tiers(stack: LocalStack) -> dict[str, Tier]:
     }
 
 
-def ort_cpu_ms_per_image(onnx_file: Path, batch: np.ndarray, *, min_cpu_s: float = 3.0) -> float:
+def ort_cpu_ms_per_image(onnx_file: Path, batch: NDArray[Any], *, min_cpu_s: float = 3.0) -> float:
     """ONNX Runtime's CPU-ms per image on ``batch``, one intra-op thread (as each
     of the bench's replicas on 2 cores runs), in this process."""
     import onnxruntime as ort
@@ -115,13 +115,20 @@ def worker_decode_cpu(stack: LocalStack) -> Callable[[], float]:
 async def cpu_point(
     stack: LocalStack, call: Callable[[], Awaitable[object]], *, concurrency: int, window_s: float,
     items_per_call: int = 1,
-) -> dict[str, object]:
+) -> MeteredPoint:
     """The mesh under a closed loop, every tier's CPU per image (median of 3 windows), and how
     much of the worker's CPU its decode threads spent decoding."""
     return await metered_load(
         stack_tiers(stack), call, concurrency=concurrency, window_s=window_s,
         counters={WORKER_DECODE: worker_decode_cpu(stack)}, items_per_call=items_per_call,
     )
+
+
+class PhotoSetPoint(MeteredPoint):
+    """A point of :func:`run`: the metered load, and the photos it ran on."""
+
+    photos: str
+    photo_megapixels: list[float]
 
 
 def run(
@@ -142,13 +149,14 @@ def run(
     concurrency = 2 * 2 * replicas * batch_size
     # Before the stack starts: nothing else on the cores.
     limit = physical_limit(settings, model, large, batch_size)
-    points: dict[str, dict[str, object]] = {}
+    points: dict[str, PhotoSetPoint] = {}
     print(f"cpu: starting a stack with {replicas} Triton replicas ...", flush=True)
     with LocalStack(settings) as stack:
         assert stack.state is not None
+        state = stack.state
 
         async def drive() -> None:
-            target = StackTarget(stack.state)  # type: ignore[arg-type]
+            target = StackTarget(state)
             try:
                 await target.set_max_batch_size(model, batch_size)
                 for name, photos in (("large", large), ("small", small)):
@@ -156,14 +164,16 @@ def run(
                     point = await cpu_point(
                         stack, target.mesh_call(model, uuids), concurrency=concurrency, window_s=duration_s
                     )
-                    point["photos"] = LARGE_PHOTOS if name == "large" else "build/samples/*.jpg (small)"
-                    point["photo_megapixels"] = [round(w * h / 1e6, 2) for w, h in (_size(p) for p in photos)]
-                    points[name] = point
+                    points[name] = {
+                        **point,
+                        "photos": LARGE_PHOTOS if name == "large" else "build/samples/*.jpg (small)",
+                        "photo_megapixels": [round(w * h / 1e6, 2) for w, h in (_size(p) for p in photos)],
+                    }
             finally:
                 await target.close()
 
         asyncio.run(drive())
-    mesh = float(points["large"]["images_per_s"])  # type: ignore[arg-type]
+    mesh = float(points["large"]["images_per_s"])
     return {
         "model": model,
         "replicas": replicas,
@@ -181,7 +191,7 @@ def _size(photo: bytes) -> tuple[int, int]:
         return im.size
 
 
-# -- its figures in bench/results.json's summary and the README --------------------
+# -- its figures in bench/results.json's summary and the results page (docs/benchmarks.md) --
 
 
 def beyond_decode_ms(point: object) -> tuple[float, float] | None:
@@ -220,14 +230,14 @@ def mesh_vs_limit_ceiling(cpu: dict[str, Any]) -> float:
     Flotilla tier, Triton's server and the model's stub overhead at zero, so the cores carry only
     the model and decode at their in-process cost plus what S3 and the load generator measured
     per image in the same run (they share the cores; the limit assumes the cores carry nothing else)."""
-    limit_us = (cpu["limit"]["model_cpu_ms_per_image"] + cpu["limit"]["decode_cpu_ms_per_image"]) * 1000.0
+    limit_us: float = (cpu["limit"]["model_cpu_ms_per_image"] + cpu["limit"]["decode_cpu_ms_per_image"]) * 1000.0
     per_image = cpu["points"]["large"]["cpu_us_per_image"]
-    outside_us = per_image.get("s3", 0.0) + per_image.get(LOAD_GENERATOR, 0.0)
+    outside_us: float = per_image.get("s3", 0.0) + per_image.get(LOAD_GENERATOR, 0.0)
     return round(limit_us / (limit_us + outside_us), 3)
 
 
 def mesh_vs_limit_row(cpu: dict[str, Any]) -> list[str]:
-    """The README figure that replaced the old "mesh efficiency"."""
+    """The results page's figure that replaced the old "mesh efficiency"."""
     limit, large = cpu["limit"], cpu["points"]["large"]
     return [
         f"| mesh_vs_limit (1-2 MP photos `build/samples/large/*.jpg`, R={cpu['replicas']}, max_batch_size "
@@ -240,7 +250,7 @@ def mesh_vs_limit_row(cpu: dict[str, Any]) -> list[str]:
 
 
 def readme_lines(cpu: dict[str, Any]) -> list[str]:
-    """The README's CPU-per-tier table."""
+    """The results page's CPU-per-tier table."""
     limit, large, small = cpu["limit"], cpu["points"]["large"], cpu["points"]["small"]
     rows = [
         f"| {tier} | {large['cpu_us_per_image'].get(tier, '-')} | {small['cpu_us_per_image'].get(tier, '-')} |"

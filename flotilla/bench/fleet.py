@@ -20,12 +20,13 @@ import asyncio
 import json
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
 import tritonclient.grpc as triton_grpc
 
-from flotilla.api.v1 import batcher_pb2, batcher_pb2_grpc
+from flotilla.api.v1 import batcher_pb2, batcher_pb2_grpc, controller_pb2
 from flotilla.clients.client import FlotillaClient
 from flotilla.clients.loadgen import closed_loop
 from flotilla.config import FlotillaSettings, load_settings
@@ -57,7 +58,7 @@ def fleet_settings(run_dir: Path) -> FlotillaSettings:
     return settings
 
 
-def _wait(check, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
+def _wait(check: Callable[[], object], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
         if time.monotonic() > deadline:
@@ -67,15 +68,19 @@ def _wait(check, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
 
 def cold_start(stack: LocalStack, photo: bytes) -> dict[str, object]:
     assert stack.state is not None and stack.settings is not None
+    state, settings = stack.state, stack.settings
     spec = stack.base.models[MODEL].model_copy(update={"min_copies": 0, "max_copies": 1})
     stack.deploy("cold", spec, wait=False)
     client_models = stack.models_client()
-    copies = lambda: [c for c in client_models.status("cold").copies if c.state == "ready"]  # noqa: E731
+
+    def copies() -> list[controller_pb2.Copy]:
+        return [c for c in client_models.status("cold").copies if c.state == "ready"]
+
     _wait(lambda: bool(client_models.status("cold").batchers), 60)
     time.sleep(0.5)
 
     async def one_request() -> float:
-        async with FlotillaClient(stack.state.router, stack.state.api_key, stack.settings.s3) as client:  # type: ignore[union-attr]
+        async with FlotillaClient(state.router, state.api_key, settings.s3) as client:
             uuid = await client.upload(photo)
             start = time.perf_counter()
             await client.classify(uuid, "cold", timeout_s=60)
@@ -147,6 +152,7 @@ def placement(stack: LocalStack) -> dict[str, object]:
 
 def autoscaling(stack: LocalStack, photos: list[bytes], duration_s: float) -> dict[str, object]:
     assert stack.state is not None and stack.settings is not None
+    state, settings = stack.state, stack.settings
     spec = stack.base.models[MODEL].model_copy(update={"min_copies": 1, "max_copies": 2, "memory_mb": 200.0})
     stack.deploy("hot", spec)
     models = stack.models_client()
@@ -154,11 +160,11 @@ def autoscaling(stack: LocalStack, photos: list[bytes], duration_s: float) -> di
     batcher = models.status("hot").batchers[0]
 
     async def drive() -> tuple[float, float]:
-        async with FlotillaClient(stack.state.router, stack.state.api_key, stack.settings.s3, default_timeout_s=60) as client:  # type: ignore[union-attr]
+        async with FlotillaClient(state.router, state.api_key, settings.s3, default_timeout_s=60) as client:
             uuids = [await client.upload(p) for p in photos]
             n = 0
 
-            def call():  # type: ignore[no-untyped-def]
+            def call() -> Awaitable[object]:
                 nonlocal n
                 n += 1
                 return client.classify(uuids[n % len(uuids)], "hot")
@@ -208,7 +214,7 @@ def autoscaling(stack: LocalStack, photos: list[bytes], duration_s: float) -> di
     }
 
 
-def run(duration_s: float = 20.0) -> dict[str, object]:
+def run(duration_s: float = 20.0) -> dict[str, dict[str, object]]:
     photo = Path("build/samples/chelsea.jpg").read_bytes()
     photos = [p.read_bytes() for p in sorted(Path("build/samples").glob("*.jpg"))]
     settings = fleet_settings(Path(".flotilla/bench-fleet"))

@@ -30,6 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import NotRequired, TypedDict
 
 import numpy as np
 import psutil
@@ -40,6 +41,31 @@ LOAD_GENERATOR = "load generator"
 MODEL_STUBS = "model stubs"
 TIER_ORDER = ("router", "batcher", "worker", "triton server", MODEL_STUBS, "s3", "controller", LOAD_GENERATOR)
 """The mesh's tiers in the order the results list them."""
+
+
+class MeteredPoint(TypedDict):
+    """What :func:`metered_load` measured: medians over its windows, as bench/results.json holds them."""
+
+    concurrency: int
+    windows: int
+    window_s: float
+    images_per_s: float
+    images_per_s_windows: list[float]
+    p50_ms: float
+    p99_ms: float
+    succeeded: int
+    errors: int
+    cpu_us_per_image: dict[str, float]
+    """CPU-µs per item by tier (and their ``total``)."""
+    counted_cpu_us_per_image: NotRequired[dict[str, float]]
+    """The caller's ``counters``, per item (only when it gave some)."""
+    processes: dict[str, int]
+    cores_busy_machine: float
+    cores_counted_tiers: float
+
+
+class _Counted(TypedDict, total=False):
+    counted_cpu_us_per_image: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -187,7 +213,7 @@ async def metered_load(
     warmup_s: float = 2.0,
     items_per_call: int = 1,
     counters: Mapping[str, Callable[[], float]] | None = None,
-) -> dict[str, object]:
+) -> MeteredPoint:
     """A closed loop with ``windows`` back-to-back measured windows after the
     warm-up; each window's completions and each tier's CPU are read at its
     edges. Figures are medians over the windows (per tier, and items/s).
@@ -223,6 +249,9 @@ async def metered_load(
     result = await load
     # The usual tiers in their order, then any other the caller metered (the ceiling part's own).
     names = [k for k in (*TIER_ORDER, *(t for t in tiers if t not in TIER_ORDER), "total") if all(k in w for w in per_item)]
+    counted_us: _Counted = {"counted_cpu_us_per_image": {
+        k: round(float(np.median([w[k] for w in counted_per_item])), 1) for k in counters
+    }} if counters else {}
     return {
         "concurrency": concurrency,
         "windows": windows,
@@ -234,9 +263,7 @@ async def metered_load(
         "succeeded": result.succeeded,
         "errors": result.failed,
         "cpu_us_per_image": {k: round(float(np.median([w[k] for w in per_item])), 1) for k in names},
-        **({"counted_cpu_us_per_image": {
-            k: round(float(np.median([w[k] for w in counted_per_item])), 1) for k in counters
-        }} if counters else {}),
+        **counted_us,
         "processes": meter.processes,
         # Cores busy on the whole machine and in the counted tiers (medians over the windows):
         # the difference is what other processes took from the mesh.

@@ -42,7 +42,7 @@ from PIL import Image
 
 from flotilla.bench.cpu import beyond_decode_ms, cpu_point, decode_cpu_ms_per_image, stack_tiers
 from flotilla.bench.inputs import LARGE_PHOTOS, SAMPLES, large_photos
-from flotilla.bench.meter import LOAD_GENERATOR, MODEL_STUBS, TIER_ORDER, metered_load
+from flotilla.bench.meter import LOAD_GENERATOR, MODEL_STUBS, TIER_ORDER, MeteredPoint, metered_load
 from flotilla.clients.loadtest import StackTarget
 from flotilla.config import FlotillaSettings, ModelSettings
 from flotilla.services.preprocess.triton.shm import SharedMemoryRegions
@@ -92,7 +92,15 @@ def near_free_spec(base: ModelSettings, replicas: int) -> ModelSettings:
     return spec
 
 
-async def triton_alone(stack: LocalStack, *, batch_size: int, concurrency: int, window_s: float) -> dict[str, object]:
+class TritonAlonePoint(MeteredPoint):
+    """:func:`triton_alone`'s point: the metered load, in requests of ``batch_size`` images."""
+
+    batch_size: int
+    concurrency_requests: int
+    requests_per_s: float
+
+
+async def triton_alone(stack: LocalStack, *, batch_size: int, concurrency: int, window_s: float) -> TritonAlonePoint:
     """Batches of ``batch_size`` straight to Triton, ``concurrency`` in flight, with
     Triton's and the load generator's CPU (medians of 3 windows). The batch is in one
     system-shared-memory region registered with every replica, as the mesh's worker
@@ -104,7 +112,7 @@ async def triton_alone(stack: LocalStack, *, batch_size: int, concurrency: int, 
     regions = SharedMemoryRegions("flotilla-bench-", max_bytes=tensor.nbytes + (64 << 20))
     region = regions.acquire(tensor.nbytes)
     assert region is not None
-    region.write(memoryview(tensor))
+    region.write(tensor.data)
     inputs = triton_aio.InferInput("images", list(tensor.shape), "UINT8")
     inputs.set_shared_memory(region.name, tensor.nbytes)
     outputs = [triton_aio.InferRequestedOutput("probabilities")]
@@ -126,7 +134,7 @@ async def triton_alone(stack: LocalStack, *, batch_size: int, concurrency: int, 
     return {
         "batch_size": batch_size,
         "concurrency_requests": concurrency,
-        "requests_per_s": round(float(point["images_per_s"]) / batch_size, 1),  # type: ignore[arg-type]
+        "requests_per_s": round(float(point["images_per_s"]) / batch_size, 1),
         **point,
     }
 
@@ -142,14 +150,16 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0, replicas: int = 2) 
     settings.models = {}  # deployed below through the registry, as an operator would
     spec = near_free_spec(template, replicas)
     decode_us = 1000.0 * decode_cpu_ms_per_image(photos, spec.input, settings.preprocess.max_image_pixels)
-    out: dict[str, object] = {}
+    out: dict[str, MeteredPoint] = {}
     print(f"overhead: starting a stack with {replicas} Triton replicas ...", flush=True)
     with LocalStack(settings) as stack:
         stack.deploy(NEAR_FREE, spec)
-        stack.state.models = [NEAR_FREE]  # type: ignore[union-attr]
+        assert stack.state is not None
+        state = stack.state
+        state.models = [NEAR_FREE]
 
         async def drive() -> None:
-            target = StackTarget(stack.state)  # type: ignore[arg-type]
+            target = StackTarget(state)
             try:
                 await target.set_max_batch_size(NEAR_FREE, BATCH_SIZE)
                 uuids = await target.upload_images(photos, copies=8)
@@ -177,10 +187,10 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0, replicas: int = 2) 
 
         asyncio.run(drive())
     mesh = out["mesh"]
-    per_request: dict[str, float] = mesh["cpu_us_per_image"]  # type: ignore[index, assignment]
+    per_request = mesh["cpu_us_per_image"]
     mesh_us = sum(v for k, v in per_request.items() if k in TIER_ORDER and k != LOAD_GENERATOR)
     without_model_us = mesh_us - per_request.get(MODEL_STUBS, 0.0)
-    alone: dict[str, object] = out["triton_alone"]  # type: ignore[assignment]
+    alone = out["triton_alone"]
     return {
         "model": f"{NEAR_FREE} (EfficientNet-Lite0's signature, ~1 µs/image in ONNX Runtime)",
         "photos": f"build/samples/*.jpg re-encoded at {SMALL_SIDE_PX}x{SMALL_SIDE_PX}",
@@ -191,13 +201,13 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0, replicas: int = 2) 
         "windows": 3,
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "mesh": {**mesh, "cpu_us_per_request": per_request},
-        "mesh_large_photos": {**out["mesh_large_photos"], "photos": LARGE_PHOTOS},  # type: ignore[dict-item]
+        "mesh_large_photos": {**out["mesh_large_photos"], "photos": LARGE_PHOTOS},
         "worker_alone_large_photos": {
-            **out["worker_alone_large_photos"], "photos": LARGE_PHOTOS,  # type: ignore[dict-item]
+            **out["worker_alone_large_photos"], "photos": LARGE_PHOTOS,
             "batch_size": BATCH_SIZE, "batches_in_flight": spec.batching.max_inflight_batches,
         },
         "triton_alone": alone,
-        "mesh_vs_triton_alone": round(float(mesh["images_per_s"]) / float(alone["images_per_s"]), 3),  # type: ignore[arg-type, index]
+        "mesh_vs_triton_alone": round(float(mesh["images_per_s"]) / float(alone["images_per_s"]), 3),
         "decode_cpu_us_per_image_idle_core": round(decode_us, 1),
         "mesh_cpu_us_per_request": round(mesh_us, 1),
         "projected_cores_per_10k_images_per_s": round(mesh_us * PROJECTED_IMAGES_PER_S / 1e6, 1),
@@ -207,7 +217,7 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0, replicas: int = 2) 
     }
 
 
-# -- its figures in bench/results.json's summary and the README --------------------
+# -- its figures in bench/results.json's summary and the results page (docs/benchmarks.md) --
 
 
 def summary(overhead: dict[str, Any]) -> dict[str, object]:
@@ -244,7 +254,7 @@ def large_photos_summary(overhead: dict[str, Any]) -> dict[str, object]:
 
 
 def readme_lines(overhead: dict[str, Any]) -> list[str]:
-    """The README's near-free-model table."""
+    """The results page's near-free-model table."""
     mesh, alone = overhead["mesh"], overhead["triton_alone"]
     per_request = " / ".join(str(mesh["cpu_us_per_request"].get(t, "-")) for t in TIER_ORDER)
     alone_us = alone["cpu_us_per_image"]

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from numpy.typing import NDArray
 
 from flotilla.bench.inputs import MODEL
 from flotilla.common.ids import object_key
@@ -51,9 +52,10 @@ def ray_available() -> bool:
     """Whether Ray Serve (``ray[serve]``: ray plus its HTTP proxy's packages) is
     installed; found without importing ray."""
     specs = {m: importlib.util.find_spec(m) for m in ("ray", "starlette", "uvicorn", "fastapi", "aiohttp")}
-    if any(spec is None for spec in specs.values()):
+    ray_spec = specs["ray"]
+    if ray_spec is None or any(spec is None for spec in specs.values()):
         return False
-    locations = specs["ray"].submodule_search_locations or []  # type: ignore[union-attr]
+    locations = ray_spec.submodule_search_locations or []
     return any((Path(location) / "serve" / "__init__.py").exists() for location in locations)
 
 
@@ -70,7 +72,7 @@ class ImageSource(Protocol):
 
 
 class Session(Protocol):
-    def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+    def run(self, output_names: list[str], feeds: dict[str, NDArray[Any]]) -> list[NDArray[Any]]: ...
 
 
 def ort_session(onnx_file: Path | str, intra_op_threads: int) -> Session:
@@ -80,7 +82,8 @@ def ort_session(onnx_file: Path | str, intra_op_threads: int) -> Session:
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+    session: Session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+    return session
 
 
 @dataclass
@@ -124,13 +127,13 @@ class PeerModel:
     def label(self, index: int) -> str:
         return self.labels[index] if index < len(self.labels) else str(index)
 
-    def load(self, image_uuid: str) -> np.ndarray:
+    def load(self, image_uuid: str) -> NDArray[np.uint8]:
         data = self.store.get(object_key(image_uuid), self.config.max_object_bytes)
         return decode_for_model(
             data, self.config.spec, what=f"image {image_uuid}", max_pixels=self.config.max_image_pixels
         )
 
-    def infer(self, tensor: np.ndarray) -> np.ndarray:
+    def infer(self, tensor: NDArray[Any]) -> NDArray[Any]:
         return self.session.run([self.config.output_name], {self.config.spec.name: tensor})[0]
 
     async def run_batch(self, uuids: Sequence[str]) -> list[dict[str, Any]]:
@@ -139,15 +142,17 @@ class PeerModel:
             *(loop.run_in_executor(self.loaders, self.load, u) for u in uuids), return_exceptions=True
         )
         answers: list[dict[str, Any]] = [{} for _ in uuids]
-        good = []
+        good: list[int] = []
+        images: list[NDArray[np.uint8]] = []
         for i, result in enumerate(loaded):
             if isinstance(result, BaseException):
                 message = result.message if isinstance(result, FlotillaError) else f"{type(result).__name__}: {result}"
                 answers[i] = {"error": message}
             else:
                 good.append(i)
+                images.append(result)
         if good:
-            tensor = to_batch_tensor([loaded[i] for i in good], self.config.spec)  # type: ignore[misc]
+            tensor = to_batch_tensor(images, self.config.spec)
             outputs = await loop.run_in_executor(self.runner, self.infer, tensor)
             scores = scores_to_probabilities(outputs, self.config.output_kind)
             for row, i in enumerate(good):
@@ -168,14 +173,6 @@ def application(config: PeerConfig, *, replicas: int, max_batch_size: int, batch
     from ray import serve
     from starlette.requests import Request
 
-    @serve.deployment(
-        name="efficientnet-lite0",
-        num_replicas=replicas,
-        # Room for the batches each replica forms at once, as the mesh's dispatch slots allow.
-        max_ongoing_requests=BATCHES_IN_FLIGHT_PER_REPLICA * max_batch_size,
-        ray_actor_options={"num_cpus": cpus_per_replica},
-        logging_config={"log_level": "WARNING", "enable_access_log": False},
-    )
     class RayServePeer:
         def __init__(self, config: PeerConfig) -> None:
             self.model = PeerModel(config)
@@ -190,6 +187,17 @@ def application(config: PeerConfig, *, replicas: int, max_batch_size: int, batch
 
         async def __call__(self, request: Request) -> dict[str, Any]:
             body = await request.json()
-            return await self.classify(body["image_uuid"])
+            answer: dict[str, Any] = await self.classify(body["image_uuid"])
+            return answer
 
-    return RayServePeer.bind(config)  # type: ignore[attr-defined]
+    # serve.deployment called rather than written as the class's decorator (the same thing): mypy
+    # types a decorated class as the class, not as what the decorator returns (a Deployment, with bind).
+    deployment = serve.deployment(
+        name="efficientnet-lite0",
+        num_replicas=replicas,
+        # Room for the batches each replica forms at once, as the mesh's dispatch slots allow.
+        max_ongoing_requests=BATCHES_IN_FLIGHT_PER_REPLICA * max_batch_size,
+        ray_actor_options={"num_cpus": cpus_per_replica},
+        logging_config={"log_level": "WARNING", "enable_access_log": False},
+    )(RayServePeer)
+    return deployment.bind(config)

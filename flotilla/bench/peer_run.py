@@ -39,7 +39,7 @@ import psutil
 
 from flotilla.bench.cpu import cpu_point
 from flotilla.bench.inputs import BENCH_CONFIG, LARGE_PHOTOS, MODEL, large_photos
-from flotilla.bench.meter import LOAD_GENERATOR, CpuMeter, Tier
+from flotilla.bench.meter import LOAD_GENERATOR, CpuMeter, MeteredPoint, Tier
 from flotilla.bench.peer_app import (
     BATCHES_IN_FLIGHT_PER_REPLICA,
     TOP_K,
@@ -89,7 +89,7 @@ def ratio(a: float, b: float) -> float:
 def peer_lines(
     result: dict[str, Any], flotilla_img_s: float, flotilla_p99_ms: float, flotilla_cpu_us_per_image: float | None = None
 ) -> list[str]:
-    """The README's Flotilla-vs-Ray-Serve table, from :func:`run_peer`'s result
+    """The results page's Flotilla-vs-Ray-Serve table, from :func:`run_peer`'s result
     and the mesh's images/s and p99 at the same concurrency (and, if given, the
     mesh's CPU-µs per image over every tier, the CPU bench's ``total``: the
     figure other load on the machine disturbs least)."""
@@ -162,7 +162,7 @@ def _cmdline(pid: int) -> str:
 RAY_TIERS = (("ServeReplica", "replicas"), ("ProxyActor", "http proxy"), ("ServeController", "serve controller"))
 
 
-def ray_tiers(pids: set[int]) -> dict[str, Any]:
+def ray_tiers(pids: set[int]) -> dict[str, Tier]:
     """This process (the load generator) and Ray's processes, by role from
     their titles (``ray::ServeReplica...``, ``ray::ProxyActor``, ...); the rest
     (gcs_server, raylet, agents, idle workers) is "ray system"."""
@@ -191,7 +191,7 @@ def upload(s3: S3Settings, photos: Sequence[bytes], copies: int = 8) -> list[str
     return uuids
 
 
-async def _drive(call: Callable[[], Awaitable[dict[str, Any]]], tiers: dict[str, Any], *, concurrency: int,
+async def _drive(call: Callable[[], Awaitable[dict[str, Any]]], tiers: dict[str, Tier], *, concurrency: int,
                  duration_s: float, warmup_s: float) -> dict[str, Any]:
     batches: list[int] = []
     measuring = False
@@ -255,7 +255,10 @@ def run_peer(
     onnx_file = (model_dir / "1" / "model.onnx").resolve()
     if not onnx_file.exists():
         raise FileNotFoundError(f"{onnx_file} is missing; run `make models`")
-    uuids = list(photos) if photos and isinstance(photos[0], str) else upload(s3, photos, copies)  # type: ignore[arg-type]
+    if photos and isinstance(photos[0], str):  # uuids of objects already in s3
+        uuids = [p for p in photos if isinstance(p, str)]
+    else:
+        uuids = upload(s3, [p for p in photos if isinstance(p, bytes)], copies)
     cores = os.cpu_count() or 1
     labels = model_dir / "labels.txt"
     config = PeerConfig(
@@ -334,13 +337,14 @@ def run_peer(
     return result
 
 
-async def _load(front_door: str, handle: Any, port: int, uuids: list[str], tiers: dict[str, Any], *,
+async def _load(front_door: str, handle: Any, port: int, uuids: list[str], tiers: dict[str, Tier], *,
                 concurrency: int, duration_s: float, warmup_s: float) -> dict[str, Any]:
     cycle = itertools.cycle(uuids)
     if front_door == "handle":
 
         async def by_handle() -> dict[str, Any]:
-            return await handle.classify.remote(next(cycle))
+            answer: dict[str, Any] = await handle.classify.remote(next(cycle))
+            return answer
 
         return await _drive(by_handle, tiers, concurrency=concurrency, duration_s=duration_s, warmup_s=warmup_s)
 
@@ -354,7 +358,8 @@ async def _load(front_door: str, handle: Any, port: int, uuids: list[str], tiers
             async with http.post(url, json={"image_uuid": next(cycle)}) as response:
                 if response.status != 200:
                     raise FlotillaError(f"HTTP {response.status}: {(await response.text())[:200]}")
-                return await response.json()
+                answer: dict[str, Any] = await response.json()
+                return answer
 
         return await _drive(by_http, tiers, concurrency=concurrency, duration_s=duration_s, warmup_s=warmup_s)
 
@@ -393,7 +398,7 @@ def run_local(
 
 
 def mesh_point(*, replicas: int, max_batch_size: int, concurrency: int, duration_s: float,
-               photos: Sequence[bytes]) -> dict[str, Any]:
+               photos: Sequence[bytes]) -> MeteredPoint:
     """The mesh as the CPU bench runs it (its stack settings and ``cpu_point``:
     the median of 3 windows of ``duration_s / 3``, every tier's CPU)."""
     from flotilla.clients.loadtest import StackTarget
@@ -409,9 +414,10 @@ def mesh_point(*, replicas: int, max_batch_size: int, concurrency: int, duration
     settings.models[MODEL].min_copies = settings.models[MODEL].max_copies = replicas
     with LocalStack(settings) as stack:
         assert stack.state is not None
+        state = stack.state
 
-        async def drive() -> dict[str, Any]:
-            target = StackTarget(stack.state)  # type: ignore[arg-type]
+        async def drive() -> MeteredPoint:
+            target = StackTarget(state)
             try:
                 await target.set_max_batch_size(MODEL, max_batch_size)
                 uuids = await target.upload_images(photos, copies=8)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from flotilla.bench import ceiling as ceiling_part
 from flotilla.bench import cpu as cpu_part
@@ -23,13 +23,37 @@ from flotilla.clients.loadtest import Row, format_table
 from flotilla.modelbuild.catalog import TRITON_MAX_QUEUE_DELAY_US
 
 RESULTS_PAGE = Path("docs/benchmarks.md")
-"""The page that holds the bench's tables (the README's, before the README was split into docs/)."""
+"""The page that holds the bench's tables (the README held them before it was split into docs/)."""
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 NEAR_FREE_BEFORE_REQUESTS_PER_S = 482.1
 """Near-free mesh requests/s before issue 9's cuts: `make bench` at f0d52b1 (2026-11-23 12:05 UTC), this machine."""
 
 
-def summarise(rows: list[Row], results: dict[str, object], named: dict[str, Row]) -> dict[str, object]:
+class Results(TypedDict, total=False):
+    """bench/results.json: each part's result under its name, and the summary of them all.
+
+    A part run alone (``--only``) is merged into the file an earlier run left, so any key may be
+    missing. The CPU parts' and the control plane's results are read as JSON documents (their
+    readers index them as their ``run`` functions build them)."""
+
+    machine: dict[str, object]
+    preprocessing: dict[str, object]
+    latency: dict[str, float]
+    rows: list[dict[str, Any]]
+    """The load points, each a :class:`Row` as a dict."""
+    summary: dict[str, object]
+    cpu: dict[str, Any]
+    overhead: dict[str, Any]
+    ceiling: dict[str, Any]
+    peer: dict[str, Any]
+    fleet: dict[str, dict[str, Any]]
+    parts_run_separately: list[str]
+    """The parts last run alone (``--only``), not in the run the load points come from."""
+    in_process_images_per_s: object
+    """The old mesh-efficiency reference (before issue 9): dropped when a part is run alone."""
+
+
+def summarise(rows: list[Row], results: Results, named: dict[str, Row]) -> dict[str, object]:
     """The figures the issue's targets are stated in."""
     summary: dict[str, object] = {}
     for name, row in named.items():
@@ -41,12 +65,12 @@ def summarise(rows: list[Row], results: dict[str, object], named: dict[str, Row]
             summary[f"{name}_p99_queue_wait_ms"] = row.p99_queue_wait_ms
     best_mesh = max((r.throughput_per_s for r in rows if r.mode == "mesh" and r.replicas == 2), default=0.0)
     summary["mesh_images_per_s_R2"] = best_mesh
-    summary["preprocessing_speedup"] = results["preprocessing"]["speedup"]  # type: ignore[index]
-    summary["batching_tier_adds_p50_ms"] = results.get("latency", {}).get("batching_tier_adds_p50_ms")  # type: ignore[union-attr]
+    summary["preprocessing_speedup"] = results["preprocessing"]["speedup"]
+    summary["batching_tier_adds_p50_ms"] = results.get("latency", {}).get("batching_tier_adds_p50_ms")
     return summary
 
 
-def cpu_summary(results: dict[str, object]) -> dict[str, object]:
+def cpu_summary(results: Results) -> dict[str, object]:
     """The CPU part's and the overhead part's figures the issue's targets are stated in."""
     cpu, overhead, ceiling = results.get("cpu"), results.get("overhead"), results.get("ceiling")
     return {
@@ -59,7 +83,7 @@ def cpu_summary(results: dict[str, object]) -> dict[str, object]:
     }
 
 
-def near_free_budget(overhead: dict[str, dict], ceiling: dict[str, Any] | None = None) -> dict[str, object]:
+def near_free_budget(overhead: dict[str, Any], ceiling: dict[str, Any] | None = None) -> dict[str, object]:
     """What the near-free 3x target leaves the router, batcher and worker: the CPU per request the
     machine's cores allow at 3x the before figure, less what the other processes on them (S3, the
     load generator, Triton's server and stubs, the controller) measured per request in this run.
@@ -86,7 +110,7 @@ def near_free_budget(overhead: dict[str, dict], ceiling: dict[str, Any] | None =
     return out
 
 
-def peer_summary(results: dict[str, object]) -> dict[str, object]:
+def peer_summary(results: Results) -> dict[str, object]:
     peer, cpu = results.get("peer"), results.get("cpu")
     if not isinstance(peer, dict) or "skipped" in peer or not isinstance(cpu, dict):
         return {}
@@ -98,8 +122,8 @@ def peer_summary(results: dict[str, object]) -> dict[str, object]:
     }
 
 
-def cpu_lines(results: dict[str, object]) -> list[str]:
-    """The README's CPU-per-tier and overhead tables (empty for a part not run)."""
+def cpu_lines(results: Results) -> list[str]:
+    """The results page's CPU-per-tier, overhead, ceiling and peer tables (empty for a part not run)."""
     cpu, overhead = results.get("cpu"), results.get("overhead")
     return [
         *(cpu_part.readme_lines(cpu) if isinstance(cpu, dict) else []),
@@ -109,27 +133,28 @@ def cpu_lines(results: dict[str, object]) -> list[str]:
     ]
 
 
-def readme_table(results: dict[str, object]) -> str:
-    rows = [Row(**r) for r in results["rows"]]  # type: ignore[union-attr, arg-type]
+def readme_table(results: Results) -> str:
+    """The results page's block between ``MARK_START`` and ``MARK_END``."""
+    rows = [Row(**r) for r in results["rows"]]
     pre = results["preprocessing"]
     latency = results.get("latency", {})
     summary = results["summary"]
     lines = [
         MARK_START,
-        f"Measured by `make bench` on {results['machine']['cpus']} CPU cores, no GPU "  # type: ignore[index]
+        f"Measured by `make bench` on {results['machine']['cpus']} CPU cores, no GPU "
         f"({time.strftime('%Y-%m-%d')}). " + same_run_note(results),
         "",
         "| figure | value |",
         "|---|---|",
         f"| preprocessing, images/s per core (1-2 MP photos): Flotilla / naive Pillow | "
-        f"{pre['flotilla_images_per_s_per_core']} / {pre['naive_images_per_s_per_core']} = **{pre['speedup']}x** |",  # type: ignore[index]
-        *([f"| a worker's decode on {pre['threads']} threads (its decode threads), images/s: cores used | "  # type: ignore[index]
-           f"{pre['flotilla_images_per_s_threads']}: **{pre['cores_used_by_threads']}** |"]  # type: ignore[index]
-          if "threads" in pre else []),  # type: ignore[operator]
-        *(cpu_part.mesh_vs_limit_row(results["cpu"]) if isinstance(results.get("cpu"), dict) else []),  # type: ignore[arg-type]
+        f"{pre['flotilla_images_per_s_per_core']} / {pre['naive_images_per_s_per_core']} = **{pre['speedup']}x** |",
+        *([f"| a worker's decode on {pre['threads']} threads (its decode threads), images/s: cores used | "
+           f"{pre['flotilla_images_per_s_threads']}: **{pre['cores_used_by_threads']}** |"]
+          if "threads" in pre else []),
+        *(cpu_part.mesh_vs_limit_row(results["cpu"]) if isinstance(results.get("cpu"), dict) else []),
         f"| p50 at concurrency 1, max_batch_size=1: direct to worker / via batcher / via router+batcher (ms) | "
-        f"{latency.get('p50_ms_direct_to_worker')} / {latency.get('p50_ms_via_batcher')} / {latency.get('p50_ms_via_router_and_batcher')} "  # type: ignore[union-attr]
-        f"(batcher adds **{latency.get('batching_tier_adds_p50_ms')} ms**) |",  # type: ignore[union-attr]
+        f"{latency.get('p50_ms_direct_to_worker')} / {latency.get('p50_ms_via_batcher')} / {latency.get('p50_ms_via_router_and_batcher')} "
+        f"(batcher adds **{latency.get('batching_tier_adds_p50_ms')} ms**) |",
         "",
         *cpu_lines(results),
         "Load points, on the five small sample photos (`build/samples/*.jpg`):",
@@ -144,17 +169,17 @@ def readme_table(results: dict[str, object]) -> str:
         "dispatch slots hold); `N/s` rows are open-loop: a quarter of capacity with a 2 ms delay, and "
         f"{int(ARRIVAL_LIMITED_LOAD * 100)}% of capacity with a {TRITON_MAX_QUEUE_DELAY_US // 1000} ms delay in both tiers.",
         "",
-        *targets_table(summary),  # type: ignore[arg-type]
+        *targets_table(summary),
         MARK_END,
     ]
     return "\n".join(lines)
 
 
-def same_run_note(results: dict[str, object]) -> str:
+def same_run_note(results: Results) -> str:
     separate = results.get("parts_run_separately")
     if not separate:
         return "Every figure comes from the same run."
-    return (f"The {' and '.join(separate)} tables come from `flotilla bench --only` runs at the time they state "  # type: ignore[arg-type]
+    return (f"The {' and '.join(separate)} tables come from `flotilla bench --only` runs at the time they state "
             "(each part's figures, limit included, from one run); the load points and the latency figures from "
             "an earlier `make bench` run.")
 
@@ -242,7 +267,8 @@ def refresh_readme(table: str, start: str = MARK_START, end: str = MARK_END) -> 
 FLEET_START, FLEET_END = "<!-- bench-fleet:start -->", "<!-- bench-fleet:end -->"
 
 
-def fleet_table(fleet: dict[str, dict[str, object]]) -> str:
+def fleet_table(fleet: dict[str, dict[str, Any]]) -> str:
+    """The results page's block between ``FLEET_START`` and ``FLEET_END``, from :func:`flotilla.bench.fleet.run`."""
     cold, scale, place = fleet["cold_start"], fleet["autoscaling"], fleet["placement"]
     lines = [
         FLEET_START,
@@ -252,13 +278,13 @@ def fleet_table(fleet: dict[str, dict[str, object]]) -> str:
         "",
         "| figure | this run | target |",
         "|---|---|---|",
-        f"| cold start: first request with no copy loaded -> answer (median of {len(cold['cold_start_ms_all'])}) | "  # type: ignore[arg-type]
+        f"| cold start: first request with no copy loaded -> answer (median of {len(cold['cold_start_ms_all'])}) | "
         f"{cold['cold_start_ms_median']} ms | <= bare load + 250 ms |",
         f"| bare Triton load of the same model (cached artifact, median) | {cold['bare_triton_load_ms_median']} ms | |",
         f"| cold start minus bare load | **{cold['cold_start_minus_load_ms']} ms** | "
         f"{'met' if cold['met'] else '**not met**'} |",
         f"| the same request warm | {cold['warm_request_ms_median']} ms | |",
-        f"| models served under {place['budget_mib_per_replica']:.0f} MiB x {place['replicas']} replicas "  # type: ignore[str-format]
+        f"| models served under {place['budget_mib_per_replica']:.0f} MiB x {place['replicas']} replicas "
         f"({place['model_memory_mib_measured']} MiB each, measured): heterogeneous / everywhere | "
         f"**{place['heterogeneous_models_served']} / {place['everywhere_models_served']}** | |",
         f"| queue wait at concurrency {scale['concurrency']}, 1 copy -> 2 copies (median of 0.25 s samples) | "
@@ -271,8 +297,8 @@ def fleet_table(fleet: dict[str, dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def peer_lines(results: dict[str, object]) -> list[str]:
-    """The README's Flotilla-vs-Ray Serve table (empty without a peer result)."""
+def peer_lines(results: Results) -> list[str]:
+    """The results page's Flotilla-vs-Ray Serve table (empty without a peer result)."""
     peer, cpu = results.get("peer"), results.get("cpu")
     if not isinstance(peer, dict) or "skipped" in peer or not isinstance(cpu, dict):
         return []

@@ -40,8 +40,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from PIL import Image
 from tqdm import tqdm
 
@@ -62,6 +64,7 @@ from flotilla.bench.inputs import (
 from flotilla.bench.report import (
     FLEET_END,
     FLEET_START,
+    Results,
     cpu_summary,
     fleet_table,
     readme_table,
@@ -74,6 +77,7 @@ from flotilla.config import FlotillaSettings, load_settings
 from flotilla.modelbuild.catalog import TRITON_MAX_QUEUE_DELAY_US
 from flotilla.services.preprocess.imaging import decode_for_model
 from flotilla.stack.local import LocalStack
+from flotilla.stack.state import StackState
 
 OUT = Path("bench")
 CPU_PARTS = ("cpu", "overhead", "ceiling", "peer")
@@ -83,14 +87,14 @@ CPU_PARTS = ("cpu", "overhead", "ceiling", "peer")
 # -- 1. preprocessing per core ---------------------------------------------------
 
 
-def preprocessing_per_core(photos: list[bytes], settings: FlotillaSettings, rounds: int = 5) -> dict[str, float]:
+def preprocessing_per_core(photos: list[bytes], settings: FlotillaSettings, rounds: int = 5) -> dict[str, object]:
     spec = settings.models[MODEL].input
 
-    def naive(data: bytes) -> np.ndarray:
+    def naive(data: bytes) -> NDArray[Any]:
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB").resize((spec.width_px, spec.height_px), Image.Resampling.BILINEAR))
 
-    def scaled(data: bytes) -> np.ndarray:
+    def scaled(data: bytes) -> NDArray[np.uint8]:
         return decode_for_model(data, spec, what="bench", max_pixels=10**9)
 
     rates = {}
@@ -142,8 +146,11 @@ async def bench_stack(
 
     replicas = len(target.state.triton)
 
-    async def point(name: str, **kw) -> Row:  # type: ignore[no-untyped-def]
-        row = await measure(target, model=MODEL, duration_s=duration_s, on_done=lambda: bar.update(1), **kw)
+    def tick() -> None:
+        bar.update(1)
+
+    async def point(name: str, **kw: Any) -> Row:
+        row = await measure(target, model=MODEL, duration_s=duration_s, on_done=tick, **kw)
         rows.append(row)
         named[f"R{replicas}_{name}"] = row
         return row
@@ -215,13 +222,13 @@ def with_replicas(base: FlotillaSettings, replicas: int) -> FlotillaSettings:
     return settings
 
 
-def run_bench(*, duration_s: float = 5.0, replica_counts: tuple[int, ...] = (2, 4)) -> dict[str, object]:
+def run_bench(*, duration_s: float = 5.0, replica_counts: tuple[int, ...] = (2, 4)) -> Results:
     base = load_settings(BENCH_CONFIG)
     photos = large_photos()
     small = small_photos()
     if not photos or not small:
         raise SystemExit("sample photos missing; run `make models`")
-    results: dict[str, object] = {
+    results: Results = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "gpu": None},
         "preprocessing": preprocessing_per_core(photos, base),
     }
@@ -233,17 +240,19 @@ def run_bench(*, duration_s: float = 5.0, replica_counts: tuple[int, ...] = (2, 
         with LocalStack(settings) as stack:
             assert stack.state is not None and stack.settings is not None
 
-            async def drive(replicas: int = replicas) -> tuple[list[Row], dict[str, float]]:
-                target = StackTarget(stack.state)  # type: ignore[arg-type]
+            async def drive(
+                state: StackState, resolved: FlotillaSettings, replicas: int = replicas
+            ) -> tuple[list[Row], dict[str, float]]:
+                target = StackTarget(state)
                 try:
                     return await bench_stack(
-                        target, stack.settings, small, duration_s=duration_s,  # type: ignore[arg-type]
+                        target, resolved, small, duration_s=duration_s,
                         first=replicas == replica_counts[0], named=named,
                     )
                 finally:
                     await target.close()
 
-            stack_rows, extra = asyncio.run(drive())
+            stack_rows, extra = asyncio.run(drive(stack.state, stack.settings))
         rows += stack_rows
         if extra:
             results["latency"] = extra
@@ -264,16 +273,16 @@ def main(duration_s: float = 5.0, only: str = "all") -> None:
     results["fleet"] = fleet_part.run()
     OUT.mkdir(exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    rows = [Row(**r) for r in results["rows"]]  # type: ignore[union-attr, arg-type]
+    rows = [Row(**r) for r in results["rows"]]
     write_csv(rows, OUT / "results.csv")
     plot([r for r in rows if r.mode in ("mesh", "baseline")], OUT / "loadtest.png", "Flotilla: throughput vs p99 latency")
     refresh_readme(readme_table(results))
-    refresh_readme(fleet_table(results["fleet"]), FLEET_START, FLEET_END)  # type: ignore[arg-type]
+    refresh_readme(fleet_table(results["fleet"]), FLEET_START, FLEET_END)
     print(format_table(rows))
     print(json.dumps(results["summary"], indent=2))
 
 
-def run_cpu_parts(results: dict[str, object], parts: tuple[str, ...], *, duration_s: float) -> None:
+def run_cpu_parts(results: Results, parts: tuple[str, ...], *, duration_s: float) -> None:
     """Run the CPU part and/or the overhead part into ``results`` (windows twice
     the load points', for the 10 ms resolution of the /proc counters)."""
     base = load_settings(BENCH_CONFIG)
@@ -292,7 +301,7 @@ def run_cpu_parts(results: dict[str, object], parts: tuple[str, ...], *, duratio
     summary.update(cpu_summary(results))
 
 
-def peer_part(results: dict[str, object], *, duration_s: float) -> dict[str, object]:
+def peer_part(results: Results, *, duration_s: float) -> dict[str, object]:
     """Ray Serve doing the CPU part's job at its point (replicas, batch size, concurrency, photos)."""
     if not peer_app.ray_available():
         print("peer: skipped: Ray Serve is not installed (pip install -e '.[peer]'; make bench does)", flush=True)
@@ -310,9 +319,9 @@ def peer_part(results: dict[str, object], *, duration_s: float) -> dict[str, obj
 
 def part_only(part: str, *, duration_s: float) -> None:
     """One CPU part alone (``--only cpu`` / ``--only overhead``), merged into
-    bench/results.json and the README block; each part's table says when it ran."""
+    bench/results.json and the results page's block; each part's table says when it ran."""
     path = OUT / "results.json"
-    results = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    results: Results = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     results.pop("in_process_images_per_s", None)  # the old mesh-efficiency reference
     separate = results.setdefault("parts_run_separately", [])
     if part not in separate:
@@ -322,14 +331,14 @@ def part_only(part: str, *, duration_s: float) -> None:
     path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     if "rows" in results and "preprocessing" in results:
         refresh_readme(readme_table(results))
-    print(json.dumps(results[part], indent=2))
+    print(json.dumps(results.get(part), indent=2))
     print(json.dumps(results["summary"], indent=2))
 
 
 def fleet_only() -> None:
-    """The control-plane part alone; merged into bench/results.json and the README."""
+    """The control-plane part alone; merged into bench/results.json and the results page."""
     path = OUT / "results.json"
-    results = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    results: Results = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     results["fleet"] = fleet_part.run()
     path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     refresh_readme(fleet_table(results["fleet"]), FLEET_START, FLEET_END)
