@@ -19,10 +19,9 @@ per method: on the router and batchers this runs for every request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeAlias, cast
 
@@ -119,7 +118,7 @@ class AdmissionLimit:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class ObservedCall:
     """One call on its way through a tier: what ``CallObserver.end`` needs."""
 
@@ -137,7 +136,9 @@ class ObservedCall:
 class CallObserver:
     """Admission, the trace span and the request metrics of each call a tier serves, for unary calls
     (``Observe``) and relayed frames (``relay.RelayServicer``) alike: ``begin``, run the call inside
-    ``active``, answer a failure with ``status_of``/``origin_of``, then ``end`` with the status."""
+    its span (``span``, when there is one), answer a failure with ``status_of``/``origin_of``, then
+    ``end`` with the status. On the router and batchers this runs for every request: it stays lean
+    (no context manager, no span work with tracing off)."""
 
     def __init__(
         self, tier: str, admission: AdmissionLimit | None = None, model_label: ModelLabel | None = None
@@ -163,15 +164,6 @@ class CallObserver:
                 {"rpc.system": "grpc", "rpc.method": method, "flotilla.tier": self.tier, "flotilla.model": model},
             )
         return ObservedCall(method, model, started_s, span, admission is not None)
-
-    @contextlib.contextmanager
-    def active(self, call: ObservedCall) -> Iterator[None]:
-        """The call's span is the current one inside (nothing with tracing off)."""
-        if call.span is None:
-            yield
-            return
-        with tracing.use_span(call.span, end_on_exit=False):
-            yield
 
     def end(self, call: ObservedCall, code: grpc.StatusCode) -> None:
         """The call is over with ``code``: free its place, count it, end its span."""
@@ -257,7 +249,9 @@ class Observe(grpc.aio.ServerInterceptor):
             try:
                 if call.refusal is not None:
                     raise call.refusal
-                with observer.active(call):
+                if call.span is None:
+                    return await inner(request, context)
+                with tracing.use_span(call.span, end_on_exit=False):
                     return await inner(request, context)
             except Exception as exc:
                 await self._fail(exc, context)

@@ -28,6 +28,7 @@ from typing import Generic, Protocol, TypeVar
 import grpc
 
 from flotilla.api.v1 import relay_pb2
+from flotilla.common import tracing
 from flotilla.common.interceptors import AdmissionLimit, CallObserver, ModelLabel, ObservedCall, origin_of, status_of
 from flotilla.common.wire import MODEL_HEADER, RELAY_CALLS_METHOD, RELAY_SERVICE, method_name
 from flotilla.errors import FlotillaError, Unavailable, error_from_code
@@ -343,8 +344,11 @@ class _ServerStream(Generic[A]):
                 raise Unavailable(f"the {servicer.tier} is shutting down; retry on another replica")
             if call.refusal is not None:
                 raise call.refusal
-            with observer.active(call):
+            if call.span is None:
                 future = servicer.start(frame)
+            else:
+                with tracing.use_span(call.span, end_on_exit=False):
+                    future = servicer.start(frame)
         except Exception as exc:
             self._answer_error(frame.id, call, exc)
             return
