@@ -141,6 +141,9 @@ def cmd_up(args: argparse.Namespace) -> None:
             print(f"\nclassify: flotilla infer IMAGE.jpg --model {next(iter(settings.models))}")
         print("Ctrl-C stops the stack.", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        # Ctrl-C (SIGINT) stops it even when it started with SIGINT ignored, as `flotilla up &` in a
+        # script has it: Python then installs no handler of its own and the SIGINT would be lost.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             signal.pause()
         except KeyboardInterrupt:

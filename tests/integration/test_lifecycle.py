@@ -58,8 +58,11 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def start_up(tmp_path: Path) -> tuple[subprocess.Popen[str], dict[str, object], set[int]]:
-    """`flotilla up` with one Triton replica; returns it, its stack.json and its descendants."""
+def start_up(
+    tmp_path: Path, *, sigint_ignored: bool = False
+) -> tuple[subprocess.Popen[str], dict[str, object], set[int]]:
+    """`flotilla up` with one Triton replica (with SIGINT ignored, as a script's `flotilla up &` starts
+    it); returns it, its stack.json and its descendants."""
     env = dict(os.environ)
     env.update({
         "FLOTILLA_RUN_DIR": str(tmp_path),
@@ -68,6 +71,7 @@ def start_up(tmp_path: Path) -> tuple[subprocess.Popen[str], dict[str, object], 
     up = subprocess.Popen(
         [sys.executable, "-m", "flotilla", "up", "--config", str(REPO / "flotilla.yaml")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
     )
     state_file = tmp_path / "stack.json"
 
@@ -109,6 +113,22 @@ def test_up_serves_then_stops_everything_on_sigterm(tmp_path: Path) -> None:
     with pytest.raises(StackNotRunning) as info:
         read_running(tmp_path / "stack.json")
     assert f"the stack in {tmp_path} is not running (stopped at {stopped_at})" in str(info.value)
+
+
+def test_ctrl_c_stops_a_stack_started_with_sigint_ignored(tmp_path: Path) -> None:
+    # `flotilla up &` from a script starts with SIGINT ignored; "Ctrl-C stops the stack" must hold
+    # for it too (a `kill -INT` did nothing before).
+    up, _, children = start_up(tmp_path, sigint_ignored=True)
+    try:
+        up.send_signal(signal.SIGINT)
+        output, _ = up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate(timeout=30)
+    assert up.returncode == 0, output
+    assert "stopping" in output
+    assert wait_gone(children) == [], "orphaned processes after SIGINT"
 
 
 def test_children_die_when_up_is_killed_outright(tmp_path: Path) -> None:
