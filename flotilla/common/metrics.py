@@ -127,6 +127,9 @@ MODEL_COPIES = Gauge(
     ["model", "state"],
 )
 MODEL_PLACED = Gauge("flotilla_model_placed", "1 where a replica holds a ready copy of the model.", ["model", "replica"])
+MODEL_MIN_COPIES = Gauge(
+    "flotilla_model_min_copies", "The ready copies the model's spec asks for at least (min_copies).", ["model"]
+)
 MODEL_UNPLACEABLE = Gauge(
     "flotilla_model_unplaceable", "1 while the model's last placement found no replica with room.", ["model"]
 )

@@ -287,7 +287,7 @@ class Controller:
     def _export_gauges(self) -> None:
         """Copies, placement, unplaceable models and replica memory as Prometheus gauges."""
         values: dict[Gauge, dict[tuple[str, ...], float]] = {
-            metrics.MODEL_COPIES: {}, metrics.MODEL_PLACED: {}, metrics.MODEL_UNPLACEABLE: {},
+            metrics.MODEL_COPIES: {}, metrics.MODEL_PLACED: {}, metrics.MODEL_UNPLACEABLE: {}, metrics.MODEL_MIN_COPIES: {},
             metrics.MODEL_QUEUE_WAIT_MS: {}, metrics.REPLICA_MEMORY_USED: {}, metrics.REPLICA_MEMORY_BUDGET: {},
             metrics.REPLICA_HEALTHY: {},
         }
@@ -305,6 +305,7 @@ class Controller:
                 values[metrics.MODEL_PLACED][(name, address)] = float(address in ready)
             memory = record.conditions.get((MEMORY_AVAILABLE, ""))
             values[metrics.MODEL_UNPLACEABLE][(name,)] = float(memory is not None and memory.status == "False")
+            values[metrics.MODEL_MIN_COPIES][(name,)] = float(record.spec.min_copies)
             # No dispatch in the last interval (idle) reads as no wait.
             values[metrics.MODEL_QUEUE_WAIT_MS][(name,)] = self.autoscaler.queue_wait_ms(name) or 0.0
         for address, replica in self.replicas.items():
@@ -581,6 +582,8 @@ class Controller:
             message = exc.message if isinstance(exc, FlotillaError) else f"{type(exc).__name__}: {exc}"
             if isinstance(exc, asyncio.TimeoutError):
                 message = f"load did not finish within {self.settings.load_timeout_s:.0f} s"
+                # Triton may still finish it: ask it to unload, so no copy we do not count stays there.
+                self._spawn(self.agents[address].unload(name, record.spec), f"unload-timed-out:{name}")
             # A replica that died or hung during the load says nothing about the model: that failure is
             # transient (UNAVAILABLE), and the next placement picks another replica.
             went_down = not isinstance(exc, asyncio.CancelledError) and not await self._is_live(address)

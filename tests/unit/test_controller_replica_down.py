@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from fakes import FakeClock
 from prometheus_client import REGISTRY
 from test_controller import FakeArtifacts, FakeReplica, spec
 
 from flotilla.common import metrics
 from flotilla.config import AutoscaleSettings, ControllerSettings, ModelSettings
+from flotilla.errors import ModelLoadFailed
 from flotilla.services.controller.controller import Controller
 from flotilla.services.controller.registry import READY, MemoryRecords
+from tests.waiting import until
 
 
 class DyingReplica(FakeReplica):
@@ -147,5 +150,19 @@ async def test_a_stand_in_stays_when_the_replica_comes_back_empty() -> None:
         for _ in range(4):
             await clock.advance(1.0)
         assert ctl.copies("m") == ["b:2"] and b.unloads == []
+    finally:
+        await ctl.stop()
+
+
+async def test_a_load_that_times_out_is_unloaded_from_its_replica() -> None:
+    # Triton may still finish a load the controller gave up on: the copy must not stay there uncounted.
+    a = FakeReplica("a:1", 300)
+    a.load_gate = asyncio.Event()  # the load never finishes
+    settings = ControllerSettings(drain_s=0.0, measure_memory=False, load_timeout_s=0.05)
+    ctl = Controller(settings, [a], FakeArtifacts(), MemoryRecords())  # type: ignore[arg-type]
+    try:
+        with pytest.raises(ModelLoadFailed, match="did not finish within"):
+            await ctl.deploy("slow", spec(min_copies=1))
+        await until(lambda: a.unloads == ["slow"], 5, "the timed-out load unloaded")
     finally:
         await ctl.stop()
