@@ -259,8 +259,8 @@ def readme_lines(cpu: dict[str, Any]) -> list[str]:
     return [
         f"CPU per image by tier ({cpu.get('measured_at', 'this run')}): the saturated mesh, R={cpu['replicas']}, "
         f"max_batch_size={cpu['max_batch_size']}, concurrency {large['concurrency']}; medians of "
-        f"{cpu.get('windows', 1)} windows of {cpu['window_s']:.0f} s per photo set; each process's own utime+stime "
-        "from /proc/PID/stat, its children included (Triton's Python-backend stubs counted apart, as model stubs). "
+        f"{cpu.get('windows', 1)} windows of {cpu['window_s']:.0f} s per photo set; each process's own user+system "
+        "CPU time (psutil, which reads /proc/PID/stat), its children included (Triton's Python-backend stubs counted apart, as model stubs). "
         f"Limit: ONNX Runtime (1 intra-op thread, as each replica runs; batch {limit['batch_size']}) and "
         "decode_for_model, CPU per image, in-process in the same run, on the large photos.",
         "",
