@@ -290,6 +290,40 @@ def deploy_json(spec: ModelSettings) -> str:
     return json.dumps(data)
 
 
+FILLED_AT_DEPLOY = frozenset({("labels",), *GRAPH_FILLED_SETTINGS})
+"""Spec settings a deploy fills in when the spec leaves them out: labels from the artifact's
+labels.txt, the rest from the model's ONNX graph."""
+
+_LEFT_OUT = object()
+
+
+def spec_differences(configured: ModelSettings, registered: dict[str, Any]) -> list[str]:
+    """The top-level settings in which a registered spec (as JSON data) is not what deploying
+    ``configured`` would register.
+
+    A setting the configuration gives must be equal. One it leaves out must be the default, unless a
+    deploy fills it in (``FILLED_AT_DEPLOY``; empty labels count as left out): whatever the deploy
+    found there stands."""
+    wanted = json.loads(configured.model_dump_json())
+    given = json.loads(deploy_json(configured))
+    return sorted(
+        key for key in wanted.keys() | registered.keys()
+        if _differs(wanted.get(key), given.get(key, _LEFT_OUT), registered.get(key), (key,))
+    )
+
+
+def _differs(want: Any, given: Any, have: Any, path: tuple[str, ...]) -> bool:
+    if isinstance(want, dict) and isinstance(have, dict):
+        inner = given if isinstance(given, dict) else {}
+        return any(
+            _differs(want.get(key), inner.get(key, _LEFT_OUT), have.get(key), (*path, key))
+            for key in want.keys() | have.keys()
+        )
+    if path in FILLED_AT_DEPLOY and (given is _LEFT_OUT or want in (None, [], "")):
+        return False
+    return bool(want != have)
+
+
 class RouterSettings(_Section):
     """The router: the client API's one way in."""
 

@@ -29,6 +29,7 @@ import grpc
 from opentelemetry.trace import Span, Status, StatusCode
 
 from flotilla.common import metrics, tracing
+from flotilla.common.status import origin_in
 from flotilla.common.wire import HEALTH_SERVICE_PREFIX, MODEL_HEADER, ORIGIN_HEADER, method_name
 from flotilla.errors import FlotillaError, ResourceExhausted
 
@@ -75,7 +76,7 @@ def origin_of(exc: BaseException) -> str:
     if isinstance(exc, FlotillaError):
         return exc.origin
     if isinstance(exc, grpc.aio.AioRpcError):
-        return next((str(v) for k, v in exc.trailing_metadata() or () if k == ORIGIN_HEADER), "")
+        return origin_in(exc)
     return ""
 
 

@@ -18,6 +18,11 @@ def from_grpc_code(code: grpc.StatusCode) -> Code:
     return Code[code.name]
 
 
+def origin_in(exc: grpc.aio.AioRpcError | grpc.Call) -> str:
+    """The origin a failed call's trailing metadata names ("" when the called tier failed itself)."""
+    return next((str(v) for k, v in exc.trailing_metadata() or () if k == ORIGIN_HEADER), "")
+
+
 def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.Call, upstream: str) -> FlotillaError:
     """Translate a failed call to another tier into a Flotilla error (an aio call's AioRpcError, or
     a blocking call's RpcError, which is also its ``grpc.Call``).
@@ -30,7 +35,7 @@ def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.Call, upstream: str) -> Flot
     """
     code = exc.code()
     details = exc.details() or code.name
-    origin = next((str(v) for k, v in exc.trailing_metadata() or () if k == ORIGIN_HEADER), "")
+    origin = origin_in(exc)
     if origin:
         return error_from_code(from_grpc_code(code).value, details, origin)
     if code == grpc.StatusCode.UNAVAILABLE:

@@ -44,13 +44,12 @@ from flotilla.clients.models import ModelsClient, missing_labels, upload_artifac
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.probe import is_serving
 from flotilla.config import (
-    GRAPH_FILLED_SETTINGS,
     Endpoints,
     FlotillaSettings,
     ModelSettings,
     S3Settings,
-    deploy_json,
     dump_settings,
+    spec_differences,
 )
 from flotilla.errors import AlreadyExists, StoreUnavailable
 from flotilla.services.controller.registry import ModelRecord, ObjectStoreRecords
@@ -111,36 +110,11 @@ def triton_ready(address: str) -> bool:
         return False
 
 
-FILLED_AT_DEPLOY = frozenset({("labels",), *GRAPH_FILLED_SETTINGS})
-"""Spec settings a deploy fills in when the spec leaves them out: labels from the artifact's
-labels.txt, the rest from the model's ONNX graph."""
-
-
 def spec_differs(configured: ModelSettings, registered: dict[str, Any]) -> bool:
-    """Whether a registered spec is not what deploying ``configured`` would register.
-
-    A setting the configuration gives must be equal. One it leaves out must
-    be the default, unless a deploy fills it in (``FILLED_AT_DEPLOY``; empty
-    labels count as left out): whatever the deploy found there stands.
-    Replacing a model that is already right would stop its batcher and
-    unload its copies for nothing at every start of the stack.
-    """
-    given = json.loads(deploy_json(configured))
-    return _differs(json.loads(configured.model_dump_json()), given, registered, ())
-
-
-def _differs(wanted: dict[str, Any], given: dict[str, Any], registered: dict[str, Any], path: tuple[str, ...]) -> bool:
-    for key in wanted.keys() | registered.keys():
-        want, have, where = wanted.get(key), registered.get(key), (*path, key)
-        if isinstance(want, dict) and isinstance(have, dict):
-            inner = given.get(key)
-            if _differs(want, inner if isinstance(inner, dict) else {}, have, where):
-                return True
-        elif where in FILLED_AT_DEPLOY and (key not in given or want in (None, [], "")):
-            continue
-        elif want != have:
-            return True
-    return False
+    """Whether a registered spec is not what deploying ``configured`` would register
+    (``config.spec_differences``): replacing a model that is already right would stop its batcher and
+    unload its copies for nothing at every start of the stack."""
+    return bool(spec_differences(configured, registered))
 
 
 def default_storage_uri(settings: FlotillaSettings, name: str) -> str:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -49,7 +48,7 @@ from prometheus_client import Gauge
 from flotilla.common import metrics
 from flotilla.common.clock import Clock, MonotonicClock
 from flotilla.common.ids import shorten
-from flotilla.config import ControllerSettings, ModelSettings, deploy_json
+from flotilla.config import ControllerSettings, ModelSettings, deploy_json, spec_differences
 from flotilla.errors import (
     AlreadyExists,
     FlotillaError,
@@ -209,12 +208,8 @@ class Controller:
             await self.clock.sleep(CONFIGURED_RETRY_S)
 
     def _warn_if_configured_differently(self, name: str, spec: ModelSettings) -> None:
-        registered = self.records[name].spec.model_dump(mode="json")
         # What a deploy fills in (labels from the artifact, input and output from the graph) is no difference.
-        configured = json.loads(deploy_json(spec))
-        if not configured["labels"]:
-            configured.pop("labels")
-        differing = sorted(k for k in configured if _differs(configured[k], registered.get(k)))
+        differing = spec_differences(spec, self.records[name].spec.model_dump(mode="json"))
         if differing:
             log.warning("controller: model %r is registered with a spec that differs from the configuration's (%s); "
                         "the registered one is served: deploy it with --replace to change it", name,
@@ -868,11 +863,3 @@ class Controller:
             record = self.records.get(name)
             if record is not None:
                 await self._save(record)
-
-
-def _differs(configured: object, registered: object) -> bool:
-    """Whether a configured value differs from the registered one; in nested settings only the keys
-    the configuration sets are compared."""
-    if isinstance(configured, dict) and isinstance(registered, dict):
-        return any(_differs(value, registered.get(key)) for key, value in configured.items())
-    return configured != registered
