@@ -115,11 +115,10 @@ def _serve_role(args: argparse.Namespace, settings: FlotillaSettings) -> None:
 
         run_service(serve_router(settings, args.port), settings.event_loop)
     elif args.role == "batcher":
-        if not args.model:
-            raise SystemExit("flotilla serve batcher needs --model NAME")
         from flotilla.services.batcher.server import serve as serve_batcher
 
-        run_service(serve_batcher(settings, args.model, args.port), settings.event_loop)
+        # A shard hosts the queues of the models the controller gives it; --model: a dedicated batcher.
+        run_service(serve_batcher(settings, args.port, dedicated_model=args.model or ""), settings.event_loop)
     else:
         from flotilla.services.preprocess.server import serve as serve_preprocess
 
@@ -393,7 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("role", choices=["controller", "router", "batcher", "preprocess"])
     serve.add_argument("--config", type=Path, help="YAML configuration")
     serve.add_argument("--port", type=int, required=True, help="port to bind on settings.host")
-    serve.add_argument("--model", help="the model a batcher serves")
+    serve.add_argument("--model", help="batcher: serve this model alone (a dedicated batcher, for a model whose spec "
+                                       "sets dedicated_batcher); without it the batcher is a shard the controller "
+                                       "gives models to")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on settings.host:PORT/metrics")
     serve.set_defaults(func=cmd_serve)
 

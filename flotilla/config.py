@@ -234,6 +234,10 @@ class ModelSettings(_Section):
     """One class name per line; index = line number."""
     batching: BatchingSettings = BatchingSettings()
     backend: BackendSettings = BackendSettings()
+    dedicated_batcher: bool = False
+    """Queue this model only on batchers started for it alone (``flotilla serve batcher --model``;
+    the local stack starts one, ``k8s render`` writes its Deployment), never on a shared shard: its
+    traffic shares no process with other models'. While none is up it waits on a shared shard."""
 
     @model_validator(mode="after")
     def _check_copies(self) -> ModelSettings:
@@ -338,11 +342,18 @@ class RouterSettings(_Section):
 
 
 class BatcherSettings(_Section):
-    """Every model's batcher process (its queue is configured per model under batching)."""
+    """The batching tier: shards, each a process holding one queue per model the controller
+    assigns it (each queue configured per model under ``batching``)."""
 
+    shards: int = Field(1, ge=1)
+    """Shared batcher processes (shards) the local stack starts; the controller spreads the models
+    over them. In Kubernetes the batcher Deployment's HPA sets how many run."""
     max_concurrent_calls: int = Field(4096, ge=1)
-    """Classify calls a batcher holds at once (queued or in a batch); beyond it,
-    RESOURCE_EXHAUSTED at once. The model's max_queue_size applies as well."""
+    """Classify calls a batcher process holds at once, all its models together (queued or in a
+    batch); beyond it, RESOURCE_EXHAUSTED at once. Each model's max_queue_size applies as well."""
+    advertise_address: str = ""
+    """host:port routers and the controller reach this batcher at; empty: the address it binds
+    (``host``:port). In Kubernetes, the pod's IP and port."""
 
 
 class PreprocessSettings(_Section):
@@ -387,6 +398,28 @@ class AutoscaleSettings(_Section):
     """Least time between two scaling decisions for one model."""
 
 
+class ShardSettings(_Section):
+    """How the controller spreads models over the batching shards."""
+
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    """How often each shard reports to the controller (and learns its models)."""
+    heartbeat_timeout_s: float = Field(3.0, gt=0)
+    """A shard silent this long is dead: its models move to the shards still reporting."""
+    hot_model_rps: float = Field(400.0, gt=0)
+    """A model taking more requests/s than this per shard that holds it gets one more shard
+    (up to max_shards_per_model); one below half of it on several gives one back."""
+    max_shards_per_model: int = Field(4, ge=1)
+    """The most shards one model's queues spread over."""
+    busy_cpu_cores: float = Field(0.7, gt=0)
+    """A shard using more cores than this moves models to the least busy shard, busiest model
+    that fits first, at most one per rebalance."""
+    rebalance_interval_s: float = Field(5.0, gt=0)
+    """Least time between two moves of models for load (a dead shard's models move at once)."""
+    move_grace_s: float = Field(5.0, ge=0)
+    """How long a shard keeps a queue the controller took from it, so calls routed before the
+    routers followed the move still land."""
+
+
 class ControllerSettings(_Section):
     """The control plane: registry, placement and load/unload of models."""
 
@@ -419,7 +452,13 @@ class ControllerSettings(_Section):
     """Deploy the ``models:`` of this configuration that the registry lacks when the controller starts
     (each from its ``storage_uri``, retried until its artifact is there). The local stack deploys them
     itself, uploading their artifacts first; Kubernetes sets this."""
+    memory_kind: Literal["host", "gpu"] = "host"
+    """What replica budgets count: host (RAM of each copy's backend processes, measured after its
+    warm-up) or gpu (device memory, read from each replica's Triton metrics: the growth of
+    ``nv_gpu_memory_used_bytes`` a copy's load and warm-up cause, and a budget of at most
+    ``nv_gpu_memory_total_bytes``; needs ``endpoints.triton_metrics``)."""
     autoscale: AutoscaleSettings = AutoscaleSettings()
+    shards: ShardSettings = ShardSettings()
 
     def budget_mb(self, index: int) -> float:
         budgets = self.replica_memory_mb or [2048.0]
@@ -487,8 +526,6 @@ class Endpoints(_Section):
     """The router (the client API)."""
     controller: str = ""
     """The controller (model registry and placement) every service follows."""
-    batchers: dict[str, list[str]] = {}
-    """Model name -> that model's batcher replicas."""
     preprocess: list[str] = []
     """The preprocess workers."""
     triton: list[str] = []
@@ -496,14 +533,18 @@ class Endpoints(_Section):
     triton_http: list[str] = []
     """The same replicas' HTTP endpoints, in the same order (empty: none known). Workers send batches
     there (``preprocess.triton_protocol``)."""
+    triton_metrics: list[str] = []
+    """The same replicas' Prometheus metrics endpoints (host:port), in the same order; the controller
+    reads GPU memory there with ``controller.memory_kind: gpu``."""
 
     @model_validator(mode="after")
     def _triton_http_matches(self) -> Endpoints:
-        if self.triton_http and len(self.triton_http) != len(self.triton):
-            raise ValueError(
-                f"endpoints.triton_http lists {len(self.triton_http)} endpoints for {len(self.triton)} Triton "
-                "replicas; give one per replica, in the order of endpoints.triton, or none"
-            )
+        for field, listed in (("triton_http", self.triton_http), ("triton_metrics", self.triton_metrics)):
+            if listed and len(listed) != len(self.triton):
+                raise ValueError(
+                    f"endpoints.{field} lists {len(listed)} endpoints for {len(self.triton)} Triton "
+                    "replicas; give one per replica, in the order of endpoints.triton, or none"
+                )
         return self
 
 

@@ -1,10 +1,14 @@
 """Following the controller: every data-plane service learns the fleet here.
 
-``FleetWatcher`` holds the controller's WatchFleet stream open and hands
-each snapshot (every registered model: spec, ready copies, batchers) to a
-callback. When the controller is away (restarting) the last snapshot stays
+``FleetWatcher`` holds the controller's WatchFleet stream open. The stream's
+first message is the whole fleet (every registered model: spec, ready
+copies, batching shards; replicas; shards), each later one only what
+changed; ``FleetState`` applies them in order and says what changed
+(``FleetChange``), so a watcher's work per change is the change's size, not
+the fleet's. When the controller is away (restarting) the last state stays
 in force and the watcher reconnects with backoff, so the data plane keeps
-serving what it knew.
+serving what it knew; the reconnected stream starts with a whole fleet
+again, and models the watcher held that it lacks are reported removed.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -25,7 +30,52 @@ log = logging.getLogger(__name__)
 RETRY_INITIAL_S = 0.2
 RETRY_MAX_S = 2.0
 
-OnFleet = Callable[[controller_pb2.Fleet], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class FleetChange:
+    """What one WatchFleet message changed."""
+
+    generation: int
+    full: bool
+    """The message was a whole fleet (a watch's first)."""
+    changed: list[str]
+    """Models added or changed (on a whole fleet: every model in it)."""
+    removed: list[str]
+    """Models gone (on a whole fleet: those held before that it lacks)."""
+
+
+class FleetState:
+    """The whole fleet, kept by applying WatchFleet messages in order."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.models: dict[str, controller_pb2.ModelStatus] = {}
+        self.replicas: dict[str, controller_pb2.Replica] = {}
+        self.shards: dict[str, controller_pb2.Shard] = {}
+
+    def apply(self, message: controller_pb2.Fleet) -> FleetChange:
+        changed = [m.name for m in message.models]
+        if message.delta:
+            removed = [name for name in message.removed_models if name in self.models]
+            for name in message.removed_models:
+                self.models.pop(name, None)
+            for address in message.removed_shards:
+                self.shards.pop(address, None)
+        else:
+            removed = [name for name in self.models if name not in set(changed)]
+            self.models, self.replicas, self.shards = {}, {}, {}
+        for status in message.models:
+            self.models[status.name] = status
+        for replica in message.replicas:
+            self.replicas[replica.address] = replica
+        for shard in message.shards:
+            self.shards[shard.address] = shard
+        self.generation = message.generation
+        return FleetChange(message.generation, not message.delta, changed, removed)
+
+
+OnFleet = Callable[[FleetState, FleetChange], Awaitable[None]]
 
 
 def spec_of(status: controller_pb2.ModelStatus) -> ModelSettings:
@@ -42,7 +92,7 @@ class FleetWatcher:
         self.address = address
         self.on_fleet = on_fleet
         self.name = name
-        self.latest: controller_pb2.Fleet | None = None
+        self.state = FleetState()
         self._first = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.channel = grpc.aio.insecure_channel(address)
@@ -74,9 +124,9 @@ class FleetWatcher:
                         log.info("%s: following the controller at %s (generation %d)",
                                  self.name, self.address, fleet.generation)
                     connected_before, delay_s = True, RETRY_INITIAL_S
-                    self.latest = fleet
+                    change = self.state.apply(fleet)
                     try:
-                        await self.on_fleet(fleet)
+                        await self.on_fleet(self.state, change)
                     except Exception:
                         log.exception("%s: applying fleet generation %d failed", self.name, fleet.generation)
                     self._first.set()

@@ -48,19 +48,57 @@ class EnsureLoadedRequest(_message.Message):
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
-class RegisterBatcherRequest(_message.Message):
-    __slots__ = ("model_name", "address")
-    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
-    ADDRESS_FIELD_NUMBER: _ClassVar[int]
-    model_name: str
-    address: str
-    def __init__(self, model_name: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+class QueueCounters(_message.Message):
+    __slots__ = ("model", "arrivals_total", "dispatched_total", "queue_wait_s_total", "queue_depth", "inflight_batches")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ARRIVALS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DISPATCHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_WAIT_S_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    arrivals_total: int
+    dispatched_total: int
+    queue_wait_s_total: float
+    queue_depth: int
+    inflight_batches: int
+    def __init__(self, model: _Optional[str] = ..., arrivals_total: _Optional[int] = ..., dispatched_total: _Optional[int] = ..., queue_wait_s_total: _Optional[float] = ..., queue_depth: _Optional[int] = ..., inflight_batches: _Optional[int] = ...) -> None: ...
 
-class RegisterBatcherResponse(_message.Message):
-    __slots__ = ("spec_json",)
+class ShardHeartbeatRequest(_message.Message):
+    __slots__ = ("address", "dedicated_model", "counters", "cpu_seconds_total", "assignment", "started")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DEDICATED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    CPU_SECONDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    dedicated_model: str
+    counters: _containers.RepeatedCompositeFieldContainer[QueueCounters]
+    cpu_seconds_total: float
+    assignment: int
+    started: bool
+    def __init__(self, address: _Optional[str] = ..., dedicated_model: _Optional[str] = ..., counters: _Optional[_Iterable[_Union[QueueCounters, _Mapping]]] = ..., cpu_seconds_total: _Optional[float] = ..., assignment: _Optional[int] = ..., started: _Optional[bool] = ...) -> None: ...
+
+class ShardModel(_message.Message):
+    __slots__ = ("name", "spec_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
     spec_json: str
-    def __init__(self, spec_json: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., spec_json: _Optional[str] = ...) -> None: ...
+
+class ShardHeartbeatResponse(_message.Message):
+    __slots__ = ("assignment", "changed", "models", "interval_s")
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    assignment: int
+    changed: bool
+    models: _containers.RepeatedCompositeFieldContainer[ShardModel]
+    interval_s: float
+    def __init__(self, assignment: _Optional[int] = ..., changed: _Optional[bool] = ..., models: _Optional[_Iterable[_Union[ShardModel, _Mapping]]] = ..., interval_s: _Optional[float] = ...) -> None: ...
 
 class WatchFleetRequest(_message.Message):
     __slots__ = ()
@@ -131,14 +169,36 @@ class ModelStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., spec_json: _Optional[str] = ..., conditions: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., copies: _Optional[_Iterable[_Union[Copy, _Mapping]]] = ..., batchers: _Optional[_Iterable[str]] = ..., memory_mb: _Optional[float] = ..., memory_measured: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., queue_wait_ms: _Optional[float] = ..., last_used_unix_s: _Optional[float] = ..., default_version: _Optional[int] = ...) -> None: ...
 
 class Fleet(_message.Message):
-    __slots__ = ("generation", "models", "replicas")
+    __slots__ = ("generation", "models", "replicas", "delta", "removed_models", "shards", "removed_shards")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_MODELS_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_SHARDS_FIELD_NUMBER: _ClassVar[int]
     generation: int
     models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
     replicas: _containers.RepeatedCompositeFieldContainer[Replica]
-    def __init__(self, generation: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
+    delta: bool
+    removed_models: _containers.RepeatedScalarFieldContainer[str]
+    shards: _containers.RepeatedCompositeFieldContainer[Shard]
+    removed_shards: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, generation: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., delta: _Optional[bool] = ..., removed_models: _Optional[_Iterable[str]] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., removed_shards: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Shard(_message.Message):
+    __slots__ = ("address", "dedicated_model", "models", "cpu_cores", "requests_per_s")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DEDICATED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    CPU_CORES_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    dedicated_model: str
+    models: int
+    cpu_cores: float
+    requests_per_s: float
+    def __init__(self, address: _Optional[str] = ..., dedicated_model: _Optional[str] = ..., models: _Optional[int] = ..., cpu_cores: _Optional[float] = ..., requests_per_s: _Optional[float] = ...) -> None: ...
 
 class Replica(_message.Message):
     __slots__ = ("address", "budget_mb", "used_mb", "healthy", "http_address")

@@ -59,10 +59,10 @@ class ControllerStub:
                 request_serializer=flotilla_dot_api_dot_v1_dot_controller__pb2.EnsureLoadedRequest.SerializeToString,
                 response_deserializer=flotilla_dot_api_dot_v1_dot_controller__pb2.ModelStatus.FromString,
                 _registered_method=True)
-        self.RegisterBatcher = channel.unary_unary(
-                '/flotilla.api.v1.Controller/RegisterBatcher',
-                request_serializer=flotilla_dot_api_dot_v1_dot_controller__pb2.RegisterBatcherRequest.SerializeToString,
-                response_deserializer=flotilla_dot_api_dot_v1_dot_controller__pb2.RegisterBatcherResponse.FromString,
+        self.ShardHeartbeat = channel.unary_unary(
+                '/flotilla.api.v1.Controller/ShardHeartbeat',
+                request_serializer=flotilla_dot_api_dot_v1_dot_controller__pb2.ShardHeartbeatRequest.SerializeToString,
+                response_deserializer=flotilla_dot_api_dot_v1_dot_controller__pb2.ShardHeartbeatResponse.FromString,
                 _registered_method=True)
         self.WatchFleet = channel.unary_stream(
                 '/flotilla.api.v1.Controller/WatchFleet',
@@ -110,15 +110,18 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def RegisterBatcher(self, request, context):
-        """A model's batcher announces where it listens (it calls this at start).
+    def ShardHeartbeat(self, request, context):
+        """A batching shard (a batcher process hosting the queues of many models)
+        says it is alive, reports its queues' counters and learns which models it
+        hosts. Every shard calls it every interval_s; one silent for
+        controller.shards.heartbeat_timeout_s is dead and its models move.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchFleet(self, request, context):
-        """The whole fleet now, then again after every change.
+        """The whole fleet now, then only what changed, after every change.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -152,10 +155,10 @@ def add_ControllerServicer_to_server(servicer, server):
                     request_deserializer=flotilla_dot_api_dot_v1_dot_controller__pb2.EnsureLoadedRequest.FromString,
                     response_serializer=flotilla_dot_api_dot_v1_dot_controller__pb2.ModelStatus.SerializeToString,
             ),
-            'RegisterBatcher': grpc.unary_unary_rpc_method_handler(
-                    servicer.RegisterBatcher,
-                    request_deserializer=flotilla_dot_api_dot_v1_dot_controller__pb2.RegisterBatcherRequest.FromString,
-                    response_serializer=flotilla_dot_api_dot_v1_dot_controller__pb2.RegisterBatcherResponse.SerializeToString,
+            'ShardHeartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShardHeartbeat,
+                    request_deserializer=flotilla_dot_api_dot_v1_dot_controller__pb2.ShardHeartbeatRequest.FromString,
+                    response_serializer=flotilla_dot_api_dot_v1_dot_controller__pb2.ShardHeartbeatResponse.SerializeToString,
             ),
             'WatchFleet': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchFleet,
@@ -309,7 +312,7 @@ class Controller:
             _registered_method=True)
 
     @staticmethod
-    def RegisterBatcher(request,
+    def ShardHeartbeat(request,
             target,
             options=(),
             channel_credentials=None,
@@ -322,9 +325,9 @@ class Controller:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/flotilla.api.v1.Controller/RegisterBatcher',
-            flotilla_dot_api_dot_v1_dot_controller__pb2.RegisterBatcherRequest.SerializeToString,
-            flotilla_dot_api_dot_v1_dot_controller__pb2.RegisterBatcherResponse.FromString,
+            '/flotilla.api.v1.Controller/ShardHeartbeat',
+            flotilla_dot_api_dot_v1_dot_controller__pb2.ShardHeartbeatRequest.SerializeToString,
+            flotilla_dot_api_dot_v1_dot_controller__pb2.ShardHeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
