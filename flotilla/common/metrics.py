@@ -126,7 +126,10 @@ MODEL_COPIES = Gauge(
     "Copies of a model by state: loading, ready, draining on live replicas; unreachable on replicas that are down.",
     ["model", "state"],
 )
-MODEL_PLACED = Gauge("flotilla_model_placed", "1 where a replica holds a ready copy of the model.", ["model", "replica"])
+MODEL_PLACED = Gauge(
+    "flotilla_model_placed", "1 where a replica holds a ready copy of the model (no series where it does not).",
+    ["model", "replica"],
+)
 MODEL_MIN_COPIES = Gauge(
     "flotilla_model_min_copies", "The ready copies the model's spec asks for at least (min_copies).", ["model"]
 )

@@ -1,8 +1,10 @@
 """The controller's core: registry, placement, load/unload, cold starts, autoscaling.
 
 No grpc here: replicas are ``ReplicaAgent``s (Triton through tritonclient in
-production), the batchers' counters come from a ``UsageReader`` callable,
-and the gRPC layer (``server.py``) maps errors to statuses.
+production), the batching shards report through ``shard_heartbeat`` (their
+queues' counters in, their models out; ``shards.ShardBook`` decides which
+shard holds which model's queue), and the gRPC layer (``server.py``) maps
+errors to statuses.
 
 - Deploy validates the spec, the framework, the artifact (manifest and
   every version's file), the spec against every version's ONNX graph
@@ -20,9 +22,14 @@ and the gRPC layer (``server.py``) maps errors to statuses.
   workers stop sending it batches; Triton finishes what it already queued.
 - Cold start: ``ensure_loaded`` of a model with no ready copy starts one
   load and every concurrent caller awaits that same task.
-- Every ``usage_poll_interval_s`` the batchers' cumulative counters feed the
-  autoscaler; every ``autoscale.interval_s`` it decides per model; every
+- Every ``usage_poll_interval_s`` the counters the shards last reported feed
+  the autoscaler; every ``autoscale.interval_s`` it decides per model; every
   decision is logged and kept as an event in the model's status.
+- Every change is published as a new fleet generation naming what changed
+  (``changes_since``), so watchers get deltas and the controller's own work
+  per change (Ready conditions, gauges) is the change's size. Copies are
+  indexed by model (``_holders``): reading a model's copies costs its copies,
+  not the replicas.
 - A replica that restarts comes back empty: copies it lost are dropped and
   the autoscaler's min-copies rule places them again.
 - With ``deploy_configured_models`` the models of the configuration that
@@ -39,7 +46,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -82,6 +90,7 @@ from flotilla.services.controller.registry import (
     check_model_name,
     parse_spec,
 )
+from flotilla.services.controller.shards import QueueCounts, ShardBook
 
 log = logging.getLogger(__name__)
 
@@ -117,17 +126,28 @@ class ReplicaAgent(Protocol):
     async def close(self) -> None: ...
 
 
+CHANGE_LOG = 4096
+"""Fleet generations whose changes are kept for watchers' deltas; a watcher further behind gets the whole fleet."""
+
+
 @dataclass(frozen=True)
-class BatcherCounters:
-    arrivals_total: int
-    dispatched_total: int
-    queue_wait_s_total: float
-    queue_depth: int
-    inflight_batches: int
+class ShardReply:
+    """The answer to a shard's heartbeat: its assignment, and the models with their specs when it changed."""
+
+    assignment: int
+    changed: bool
+    models: list[tuple[str, ModelSettings]]
+    interval_s: float
 
 
-# (model, batcher addresses) -> summed counters, or None when no batcher answered
-UsageReader = Callable[[str, list[str]], Awaitable[BatcherCounters | None]]
+@dataclass(frozen=True)
+class Change:
+    """What one fleet generation changed: model names (None: everything), shard and replica addresses."""
+
+    generation: int
+    models: frozenset[str] | None
+    shards: frozenset[str]
+    replicas: frozenset[str]
 
 
 class Controller:
@@ -138,7 +158,6 @@ class Controller:
         artifacts: ArtifactStore,
         records: RecordStore,
         *,
-        usage: UsageReader | None = None,
         clock: Clock | None = None,
         configured: dict[str, ModelSettings] | None = None,
     ) -> None:
@@ -149,8 +168,8 @@ class Controller:
         self.replicas = {a.address: ReplicaInfo(a.address, a.budget_mb) for a in agents}
         self.artifacts = artifacts
         self.store = records
-        self.usage = usage
         self.clock = clock or MonotonicClock()
+        self.shards = ShardBook(settings.shards)
         self.autoscaler = Autoscaler(settings.autoscale)
         self.records: dict[str, ModelRecord] = {}
         self.generation = 0
@@ -162,22 +181,37 @@ class Controller:
         self._standins: dict[str, int] = {}
         """Model -> copies placed in for copies on replicas that are down (removed when those return)."""
         self._tasks: list[asyncio.Task[None]] = []
-        self._exported: dict[Gauge, set[tuple[str, ...]]] = {}
-        """Label sets each gauge was last given (the rest are removed)."""
+        self._exported: dict[tuple[Gauge, str], set[tuple[str, ...]]] = {}
+        """(gauge, model or replica) -> the label sets it was last given (the rest are removed)."""
+        self._holders: dict[str, set[str]] = {}
+        """Model -> replicas holding a copy of it in any state (the index of ``replica.copies``)."""
+        self._changes: deque[Change] = deque(maxlen=CHANGE_LOG)
+        self._dirty_models: set[str] = set()
+        self._dirty_replicas: set[str] = set()
+        self._dirty_shards: set[str] = set()
+        self._all_dirty = True
+        self._observed_last: set[str] = set()
+        """Models observed in the last usage round."""
+        self._arrivals_seen: dict[str, tuple[int, float]] = {}
+        """Model -> (arrivals counter, when) at its last observation: its request rate for the shard book."""
 
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
         """Read the registry back, adopt what the replicas already hold, start the loops."""
+        now = self.clock.now()
         for data in await asyncio.to_thread(self.store.load_all):
             record = ModelRecord.from_json(data)
             self.records[record.name] = record
+            # The shards that held its queue before the restart keep it while they report in again.
+            self.shards.presume(record.name, record.batchers, now, dedicated=record.spec.dedicated_batcher)
         await self._adopt_loaded_copies()
         self._publish()
         self._tasks = [
-            asyncio.create_task(self._loop(self._watch_replicas, HEALTH_INTERVAL_S), name="replicas"),
-            asyncio.create_task(self._loop(self._poll_usage, self.settings.usage_poll_interval_s), name="usage"),
-            asyncio.create_task(self._loop(self._autoscale, self.settings.autoscale.interval_s), name="autoscale"),
+            asyncio.create_task(self._loop(self.check_replicas_once, HEALTH_INTERVAL_S), name="replicas"),
+            asyncio.create_task(self._loop(self.observe_usage_once, self.settings.usage_poll_interval_s), name="usage"),
+            asyncio.create_task(self._loop(self.autoscale_once, self.settings.autoscale.interval_s), name="autoscale"),
+            asyncio.create_task(self._loop(self.shards_once, self.settings.shards.heartbeat_interval_s), name="shards"),
         ]
         for name, spec in self.configured.items():
             if name in self.records:
@@ -259,18 +293,36 @@ class Controller:
                 record = by_backend.get(backend_name)
                 if record is None:
                     continue  # not ours (e.g. loaded by hand); left alone
-                replica.copies[record.name] = CopyInfo(record.name, record.memory_mb, "ready")
+                self._put_copy(address, CopyInfo(record.name, record.memory_mb, "ready"))
                 record.set_condition(LOADED, True, "Adopted", f"versions {sorted(versions)} found loaded", address)
                 log.info("controller: adopted %s on %s (versions %s)", record.name, address, sorted(versions))
 
     # -- the fleet -------------------------------------------------------------
 
-    def _publish(self) -> None:
-        """A new fleet generation: the Ready conditions and the gauges follow, watchers wake up."""
-        for record in self.records.values():
-            self._update_ready(record)
-        self._export_gauges()
+    def _publish(self, *models: str) -> None:
+        """A new fleet generation. With ``models``: what changed is those models (and the replicas and
+        shards marked dirty since the last one); without: everything. Their Ready conditions and
+        gauges follow, and watchers wake up."""
+        if models:
+            self._dirty_models.update(models)
+        else:
+            self._all_dirty = True
+        names = list(self.records) if self._all_dirty else [m for m in self._dirty_models if m in self.records]
+        replicas = set(self.replicas) if self._all_dirty else set(self._dirty_replicas)
+        for name in names:
+            self._update_ready(self.records[name])
+        self._export_gauges(names, replicas, every_model=self._all_dirty)
         self.generation += 1
+        self._changes.append(Change(
+            self.generation,
+            None if self._all_dirty else frozenset(self._dirty_models),
+            frozenset(self._dirty_shards),
+            frozenset(replicas),
+        ))
+        self._all_dirty = False
+        self._dirty_models.clear()
+        self._dirty_replicas.clear()
+        self._dirty_shards.clear()
 
         async def notify() -> None:
             async with self._changed:
@@ -279,42 +331,72 @@ class Controller:
         task = asyncio.get_running_loop().create_task(notify())
         task.add_done_callback(lambda t: None)
 
-    def _export_gauges(self) -> None:
-        """Copies, placement, unplaceable models and replica memory as Prometheus gauges."""
-        values: dict[Gauge, dict[tuple[str, ...], float]] = {
-            metrics.MODEL_COPIES: {}, metrics.MODEL_PLACED: {}, metrics.MODEL_UNPLACEABLE: {}, metrics.MODEL_MIN_COPIES: {},
-            metrics.MODEL_QUEUE_WAIT_MS: {}, metrics.REPLICA_MEMORY_USED: {}, metrics.REPLICA_MEMORY_BUDGET: {},
-            metrics.REPLICA_HEALTHY: {},
-        }
-        for record in self.committed():
-            name = record.name
-            # A copy on a replica that is down is "unreachable", not "loading" or "ready": it serves nothing.
-            down = set(self.unreachable_copies(name))
-            for state in ("loading", "ready", "draining"):
-                values[metrics.MODEL_COPIES][(name, state)] = float(
-                    len([a for a in self.copies(name, (state,)) if a not in down])
-                )
-            values[metrics.MODEL_COPIES][(name, "unreachable")] = float(len(down))
-            ready = set(self.ready_copies(name))
-            for address in self.replicas:
-                values[metrics.MODEL_PLACED][(name, address)] = float(address in ready)
-            memory = record.conditions.get((MEMORY_AVAILABLE, ""))
-            values[metrics.MODEL_UNPLACEABLE][(name,)] = float(memory is not None and memory.status == "False")
-            values[metrics.MODEL_MIN_COPIES][(name,)] = float(record.spec.min_copies)
-            # No dispatch in the last interval (idle) reads as no wait.
-            values[metrics.MODEL_QUEUE_WAIT_MS][(name,)] = self.autoscaler.queue_wait_ms(name) or 0.0
-        for address, replica in self.replicas.items():
-            values[metrics.REPLICA_MEMORY_USED][(address,)] = replica.used_mb * metrics.MIB
-            values[metrics.REPLICA_MEMORY_BUDGET][(address,)] = replica.budget_mb * metrics.MIB
-            values[metrics.REPLICA_HEALTHY][(address,)] = float(replica.healthy)
-        metrics.models_served("controller", [record.name for record in self.committed()])
-        for gauge, current in values.items():
-            previous = self._exported.get(gauge, set())
-            for labels, value in current.items():
-                gauge.labels(*labels).set(value)
-            for labels in previous - set(current):
-                gauge.remove(*labels)
-            self._exported[gauge] = set(current)
+    def changes_since(self, generation: int) -> Change | None:
+        """What changed after ``generation`` up to now (merged); None when that is everything or it is
+        too old to say (the watcher needs the whole fleet)."""
+        if generation >= self.generation:
+            return Change(self.generation, frozenset(), frozenset(), frozenset())
+        if not self._changes or self._changes[0].generation > generation + 1:
+            return None
+        models: set[str] = set()
+        shards: set[str] = set()
+        replicas: set[str] = set()
+        for change in reversed(self._changes):
+            if change.generation <= generation:
+                break
+            if change.models is None:
+                return None
+            models |= change.models
+            shards |= change.shards
+            replicas |= change.replicas
+        return Change(self.generation, frozenset(models), frozenset(shards), frozenset(replicas))
+
+    def _export(self, gauge: Gauge, owner: str, current: dict[tuple[str, ...], float]) -> None:
+        """Set ``owner``'s series of ``gauge`` to ``current``, removing those it no longer has."""
+        for labels, value in current.items():
+            gauge.labels(*labels).set(value)
+        for labels in self._exported.get((gauge, owner), set()) - set(current):
+            gauge.remove(*labels)
+        if current:
+            self._exported[(gauge, owner)] = set(current)
+        else:
+            self._exported.pop((gauge, owner), None)
+
+    def _export_gauges(self, models: Iterable[str], replicas: Iterable[str], *, every_model: bool = False) -> None:
+        """Copies, placement, unplaceable models and replica memory as Prometheus gauges, for the models
+        and replicas given (a model not committed loses its series)."""
+        for name in models:
+            record = self.records.get(name)
+            live = record is not None and record.committed
+            copies: dict[tuple[str, ...], float] = {}
+            placed: dict[tuple[str, ...], float] = {}
+            one: dict[Gauge, dict[tuple[str, ...], float]] = {
+                metrics.MODEL_UNPLACEABLE: {}, metrics.MODEL_MIN_COPIES: {}, metrics.MODEL_QUEUE_WAIT_MS: {},
+            }
+            if record is not None and live:
+                # A copy on a replica that is down is "unreachable", not "loading" or "ready": it serves nothing.
+                down = set(self.unreachable_copies(name))
+                for state in ("loading", "ready", "draining"):
+                    copies[(name, state)] = float(len([a for a in self.copies(name, (state,)) if a not in down]))
+                copies[(name, "unreachable")] = float(len(down))
+                # Only where a ready copy is: a series per model and replica would be models x replicas.
+                placed = {(name, address): 1.0 for address in self.ready_copies(name)}
+                memory = record.conditions.get((MEMORY_AVAILABLE, ""))
+                one[metrics.MODEL_UNPLACEABLE][(name,)] = float(memory is not None and memory.status == "False")
+                one[metrics.MODEL_MIN_COPIES][(name,)] = float(record.spec.min_copies)
+                # No dispatch in the last interval (idle) reads as no wait.
+                one[metrics.MODEL_QUEUE_WAIT_MS][(name,)] = self.autoscaler.queue_wait_ms(name) or 0.0
+            self._export(metrics.MODEL_COPIES, name, copies)
+            self._export(metrics.MODEL_PLACED, name, placed)
+            for gauge, values in one.items():
+                self._export(gauge, name, values)
+        for address in replicas:
+            replica = self.replicas[address]
+            self._export(metrics.REPLICA_MEMORY_USED, address, {(address,): replica.used_mb * metrics.MIB})
+            self._export(metrics.REPLICA_MEMORY_BUDGET, address, {(address,): replica.budget_mb * metrics.MIB})
+            self._export(metrics.REPLICA_HEALTHY, address, {(address,): float(replica.healthy)})
+        if every_model:
+            metrics.models_served("controller", [record.name for record in self.committed()])
 
     async def watch(self) -> AsyncIterator[int]:
         """Yields the generation now and after every change (callers read the state)."""
@@ -326,9 +408,28 @@ class Controller:
             seen = self.generation
             yield seen
 
+    # -- copies ------------------------------------------------------------------
+
+    def _put_copy(self, address: str, copy: CopyInfo) -> None:
+        self.replicas[address].copies[copy.model] = copy
+        self._holders.setdefault(copy.model, set()).add(address)
+        self._dirty_replicas.add(address)
+        self._dirty_models.add(copy.model)
+
+    def _drop_copy(self, address: str, name: str) -> None:
+        if self.replicas[address].copies.pop(name, None) is None:
+            return
+        holders = self._holders.get(name)
+        if holders is not None:
+            holders.discard(address)
+            if not holders:
+                del self._holders[name]
+        self._dirty_replicas.add(address)
+        self._dirty_models.add(name)
+
     def copies(self, name: str, states: tuple[str, ...] = ("loading", "ready")) -> list[str]:
         """Replicas holding a copy of ``name`` in one of ``states``, whether they are up or down."""
-        return [a for a, r in self.replicas.items() if name in r.copies and r.copies[name].state in states]
+        return sorted(a for a in self._holders.get(name, ()) if self.replicas[a].copies[name].state in states)
 
     def ready_copies(self, name: str) -> list[str]:
         """Replicas that serve ``name`` now: a ready copy on a replica that is up."""
@@ -422,7 +523,7 @@ class Controller:
         except BaseException:
             self.records.pop(name, None)
             for address in self.copies(name, ("loading", "ready", "draining")):
-                self.replicas[address].copies.pop(name, None)
+                self._drop_copy(address, name)
                 await self.agents[address].unload(name, spec)
             raise
         record.set_condition(
@@ -433,16 +534,23 @@ class Controller:
             "deployed",
             f"registered with {len(self.copies(name))} copy(ies); min {spec.min_copies}, max {spec.max_copies}",
         )
+        self.shards.add(name, self.clock.now(), dedicated=spec.dedicated_batcher)
+        # Idle from now until a shard reports its queue (shards report only counters that change).
+        self.autoscaler.observe(name, self.clock.now(), arrivals_total=0, dispatched_total=0, queue_wait_s_total=0.0,
+                                queue_depth=0)
+        self._follow_shards(name, "deployed")
         self._update_ready(record)
         await self._save(record)
-        self._publish()
+        metrics.models_served("controller", [r.name for r in self.committed()])
+        self._publish(name)
         log.info("controller: deployed %s (%s)", name, spec.storage_uri)
         return record
 
     async def undeploy(self, name: str) -> None:
         record = self.records.get(name) or self.record(name)  # record() raises NOT_FOUND
         record.committed = False  # routes and batchers go first
-        self._publish()
+        self.shards.remove(name)
+        self._publish(name)
         for task in (self._cold.pop(name, None), self._scaling.pop(name, None)):
             if task is not None:
                 task.cancel()
@@ -450,18 +558,77 @@ class Controller:
         self.records.pop(name, None)
         self._standins.pop(name, None)
         self.autoscaler.forget(name)
+        self._arrivals_seen.pop(name, None)
         await asyncio.to_thread(self.store.delete, name)
-        self._publish()
+        metrics.models_served("controller", [r.name for r in self.committed()])
+        self._publish(name)
         log.info("controller: undeployed %s", name)
 
-    def register_batcher(self, name: str, address: str) -> ModelRecord:
-        record = self.record(name)
-        if address and address not in record.batchers:
-            record.batchers.append(address)
-            record.event("batcher", f"batcher at {address} registered")
-            self._publish()
-            self._spawn(self._save(record), f"save:{name}")
-        return record
+    # -- batching shards ---------------------------------------------------------
+
+    def shard_heartbeat(
+        self,
+        address: str,
+        *,
+        dedicated_model: str = "",
+        counters: dict[str, QueueCounts] | None = None,
+        cpu_seconds_total: float | None = None,
+        assignment: int = 0,
+        started: bool = False,
+    ) -> ShardReply:
+        """A shard reports (``ShardBook.heartbeat``); the reply lists its models and their specs when its
+        assignment differs from the one it holds."""
+        known = address in self.shards.shards
+        moved = self.shards.heartbeat(
+            address, self.clock.now(), dedicated_model=dedicated_model, counters=counters,
+            cpu_seconds_total=cpu_seconds_total, started=started,
+        )
+        if not known:
+            log.info("controller: batching shard %s reports%s", address,
+                     f" (dedicated to {dedicated_model})" if dedicated_model else "")
+            self._dirty_shards.add(address)
+        for name in moved:
+            self._follow_shards(name, f"its own batcher at {address} reports")
+        if moved or not known:
+            self._publish(*moved)
+        # A shard that was never given models hears nothing until it changes (the whole list when it does).
+        shard = self.shards.shards[address]
+        changed = shard.assignment != assignment
+        models = [(m, self.records[m].spec) for m in sorted(shard.models) if m in self.records] if changed else []
+        return ShardReply(shard.assignment, changed, models, self.settings.shards.heartbeat_interval_s)
+
+    def _follow_shards(self, name: str, why: str) -> None:
+        """The record's batchers become the shards holding its queue now (routes follow the publish)."""
+        record = self.records.get(name)
+        holders = self.shards.holders.get(name, [])
+        if record is None or record.batchers == holders:
+            return
+        record.batchers = list(holders)
+        self._dirty_models.add(name)
+        self._dirty_shards.update(holders)
+        record.event("batchers", f"queued on {', '.join(holders) or 'no batcher yet'} ({why})")
+        self._spawn(self._save(record), f"save:{name}")
+
+    async def shards_once(self) -> None:
+        """Dead shards' models move; at most one move for load per rebalance interval."""
+        now = self.clock.now()
+        gone = [a for a in self.shards.shards if now - self.shards.shards[a].last_seen_s >= self.settings.shards.heartbeat_timeout_s]
+        moved = self.shards.expire(now)
+        for address in gone:
+            self._dirty_shards.add(address)
+            if address not in self.shards.shards:
+                log.warning("controller: batching shard %s is silent; its models move to the shards still reporting",
+                            address)
+        for name in moved:
+            self._follow_shards(name, "a shard stopped reporting" if gone else "a shard reports")
+        for name in self.shards.rates.keys() - self.records.keys():
+            self.shards.rates.pop(name, None)
+        balanced, why = self.shards.rebalance(now)
+        for name in balanced:
+            log.info("controller: %s", why)
+            self._follow_shards(name, why)
+        if moved or balanced or gone:
+            self._publish(*moved, *balanced)
 
     async def ensure_loaded(self, name: str) -> ModelRecord:
         """Return once ``name`` has a ready copy; concurrent callers share one load."""
@@ -511,18 +678,8 @@ class Controller:
 
     # -- copies ----------------------------------------------------------------
 
-    def _usage(self) -> dict[str, ModelUsage]:
-        return {
-            name: ModelUsage(
-                name,
-                r.memory_mb,
-                r.spec.min_copies,
-                r.spec.max_copies,
-                self.autoscaler.last_used_s(name),
-                self._busy.get(name, False),
-            )
-            for name, r in self.records.items()
-        }
+    def _usage(self) -> _UsageView:
+        return _UsageView(self)
 
     async def _is_live(self, address: str) -> bool:
         """Ask the replica now (the health loop may not have looked since it went down)."""
@@ -552,7 +709,8 @@ class Controller:
                 raise
             for eviction in placement.evictions:
                 self.replicas[eviction.replica].copies[eviction.model].state = "draining"
-            self.replicas[placement.replica].copies[name] = CopyInfo(name, record.memory_mb, "loading")
+                self._dirty_models.add(eviction.model)
+            self._put_copy(placement.replica, CopyInfo(name, record.memory_mb, "loading"))
         address = placement.replica
         for eviction in placement.evictions:
             victim = self.records.get(eviction.model)
@@ -562,7 +720,7 @@ class Controller:
                 "controller: evicting %s from %s for %s: %s", eviction.model, eviction.replica, name, eviction.reason
             )
         if placement.evictions:
-            self._publish()
+            self._publish(name)
             await asyncio.gather(*(self._unload(e.model, e.replica) for e in placement.evictions))
         record.event("loading", f"{reason}: loading on {address} ({placement.reason})")
         log.info("controller: loading %s on %s (%s; %s)", name, address, reason, placement.reason)
@@ -573,7 +731,7 @@ class Controller:
                 self.settings.load_timeout_s,
             )
         except BaseException as exc:
-            self.replicas[address].copies.pop(name, None)
+            self._drop_copy(address, name)
             message = exc.message if isinstance(exc, FlotillaError) else f"{type(exc).__name__}: {exc}"
             if isinstance(exc, asyncio.TimeoutError):
                 message = f"load did not finish within {self.settings.load_timeout_s:.0f} s"
@@ -585,11 +743,11 @@ class Controller:
             if went_down:
                 message = f"Triton replica {address} went down during the load ({message})"
                 if self.replicas[address].healthy:  # placements avoid it until the health loop sees it back
-                    self.replicas[address].healthy = False
+                    self._set_health(address, False)
                     log.warning("controller: replica %s is down (its copies leave the pools)", address)
             record.set_condition(LOADED, False, "ReplicaDown" if went_down else "LoadFailed", message, address)
             record.event("load_failed", f"on {address}: {message}")
-            self._publish()
+            self._publish(name)
             log.warning("controller: loading %s on %s failed: %s", name, address, message)
             if went_down:
                 raise ReplicaWentDown(f"model {name!r} could not be loaded: {message}; retry shortly") from exc
@@ -607,7 +765,7 @@ class Controller:
             LOADED, True, "Loaded", f"versions {record.spec.versions} loaded in {load_s:.2f} s", address
         )
         record.event("loaded", f"on {address} in {load_s:.2f} s ({reason})")
-        self._publish()
+        self._publish(name)
         # Warmed up (and measured, with measure_memory) in the background: a cold start does not wait.
         self._spawn(self._measure(name, address), f"warm-up:{name}")
         return address
@@ -649,7 +807,7 @@ class Controller:
             if self.records.get(name) is record and copy is not None and copy.state == "ready":
                 await self._remove_copy(name, address, f"warm-up failed: {reason}")
                 record.set_condition(LOADED, False, "WarmUpFailed", message, address)
-                self._publish()
+                self._publish(name)
             return
         record.event("warmed_up", f"on {address}: a batch of {batch} per version ran in {self.clock.now() - started:.2f} s")
         if not self.settings.measure_memory:
@@ -658,16 +816,16 @@ class Controller:
         if measured is None or name not in self.records:
             return
         record.measured_memory_mb = max(measured, record.measured_memory_mb or 0.0)
-        for replica in self.replicas.values():
-            if name in replica.copies:
-                replica.copies[name].memory_mb = record.memory_mb
+        for holder in self._holders.get(name, ()):
+            self.replicas[holder].copies[name].memory_mb = record.memory_mb
+            self._dirty_replicas.add(holder)
         record.event(
             "measured",
             f"{measured:.0f} MiB on {address} after a warm-up at batch "
             f"{record.spec.batching.max_batch_size} (declared {record.spec.memory_mb:.0f} MiB)",
         )
         await self._save(record)
-        self._publish()
+        self._publish(name)
 
     async def _remove_copy(self, name: str, address: str, reason: str) -> None:
         replica = self.replicas[address]
@@ -675,7 +833,7 @@ class Controller:
         if copy is None:
             return
         copy.state = "draining"
-        self._publish()
+        self._publish(name)
         record = self.records.get(name)
         if record is not None:
             record.event("unloading", f"from {address}: {reason}")
@@ -683,7 +841,7 @@ class Controller:
         await self._unload(name, address)
         if record is not None:
             record.drop_condition(LOADED, address)
-            self._publish()
+            self._publish(name)
 
     async def _unload(self, name: str, address: str) -> None:
         """Drain (the copy is already out of the fleet), then unload and free its memory."""
@@ -692,10 +850,10 @@ class Controller:
         spec = record.spec if record is not None else None
         if spec is not None:
             await self.agents[address].unload(name, spec)
-        self.replicas[address].copies.pop(name, None)
+        self._drop_copy(address, name)
         if record is not None:
             record.drop_condition(LOADED, address)
-        self._publish()
+        self._publish(name)
 
     def _update_ready(self, record: ModelRecord) -> None:
         name = record.name
@@ -723,28 +881,36 @@ class Controller:
 
     # -- background loops ------------------------------------------------------
 
-    async def _watch_replicas(self) -> None:
-        """Health of each replica; copies a restarted replica lost leave the fleet."""
-        changed = False
-        for address, agent in self.agents.items():
-            replica = self.replicas[address]
-            healthy = await agent.is_live()
-            if healthy != replica.healthy:
+    def _set_health(self, address: str, healthy: bool) -> None:
+        """A replica's health flips: it and every model with a copy there change."""
+        replica = self.replicas[address]
+        replica.healthy = healthy
+        self._dirty_replicas.add(address)
+        self._dirty_models.update(replica.copies)
+
+    async def check_replicas_once(self) -> None:
+        """Health of each replica (asked all at once); copies a restarted replica lost leave the fleet."""
+        changed: set[str] = set()
+        flipped = False
+        addresses = list(self.agents)
+        lives = await asyncio.gather(*(self._is_live(a) for a in addresses))
+        up = [a for a, healthy in zip(addresses, lives, strict=True) if healthy]
+        for address, healthy in zip(addresses, lives, strict=True):
+            if healthy != self.replicas[address].healthy:
                 log.warning("controller: replica %s is %s", address, "back" if healthy else "down (its copies leave the pools)")
-                replica.healthy = healthy
-                changed = True
-            if not healthy:
+                self._set_health(address, healthy)
+                flipped = True
+        held = await asyncio.gather(*(self.agents[a].loaded() for a in up), return_exceptions=True)
+        for address, loaded in zip(up, held, strict=True):
+            if isinstance(loaded, BaseException):
                 continue
-            try:
-                loaded = await agent.loaded()
-            except Exception:
-                continue
+            replica = self.replicas[address]
             for name, copy in list(replica.copies.items()):
                 record = self.records.get(name)
                 backend = (record.spec.backend_model or name) if record else name
                 if copy.state == "ready" and backend not in loaded:
-                    replica.copies.pop(name, None)
-                    changed = True
+                    self._drop_copy(address, name)
+                    changed.add(name)
                     if self._standins.get(name):  # the copy stood in for is gone: the stand-in stays
                         self._standins[name] -= 1
                     if record is not None:
@@ -753,32 +919,45 @@ class Controller:
                         )
                         record.event("lost", f"{address} no longer holds it (restarted?)")
                     log.warning("controller: %s lost its copy of %s", address, name)
-        if changed:
-            self._publish()
+        if changed or flipped:
+            self._publish(*changed)
 
-    async def _poll_usage(self) -> None:
-        if self.usage is None:
-            return
-        for record in self.committed():
-            await self._observe(record)
-        self._export_gauges()
+    async def observe_usage_once(self) -> None:
+        """Feed the autoscaler the counters the shards reported since the last round (and, once more,
+        those of the round before: an interval with nothing new reads as quiet)."""
+        reported = self.shards.take_reported()
+        for name in reported | self._observed_last:
+            record = self.records.get(name)
+            if record is not None and record.committed:
+                await self._observe(record)
+        self._observed_last = reported
+        self._export_gauges([n for n in reported if n in self.records], ())
 
     async def _observe(self, record: ModelRecord) -> None:
-        """Feed the autoscaler ``record``'s batcher counters as of now."""
-        if self.usage is None or not record.batchers:
-            return
-        counters = await self.usage(record.name, list(record.batchers))
+        """Feed the autoscaler ``record``'s queue counters (summed over its shards) as of now, and the
+        shard book its request rate."""
+        name = record.name
+        counters = self.shards.counters(name)
         if counters is None:
             return
-        self._busy[record.name] = counters.queue_depth > 0 or counters.inflight_batches > 0
+        now = self.clock.now()
+        self._busy[name] = counters.queue_depth > 0 or counters.inflight_batches > 0
         self.autoscaler.observe(
-            record.name,
-            self.clock.now(),
+            name,
+            now,
             arrivals_total=counters.arrivals_total,
             dispatched_total=counters.dispatched_total,
             queue_wait_s_total=counters.queue_wait_s_total,
             queue_depth=counters.queue_depth,
         )
+        before = self._arrivals_seen.get(name)
+        self._arrivals_seen[name] = (counters.arrivals_total, now)
+        if before is not None and now > before[1]:
+            rate = max(counters.arrivals_total - before[0], 0) / (now - before[1])
+            if rate > 0:
+                self.shards.rates[name] = rate
+            else:
+                self.shards.rates.pop(name, None)
 
     def _decide(self, record: ModelRecord) -> Decision:
         # Copies on replicas that are down are not capacity: below min_copies without them, the
@@ -812,11 +991,13 @@ class Controller:
         return Decision("remove", f"the replica a stand-in copy replaced is back with its copy: {len(ready)} copies, "
                                   f"removing the extra one")
 
-    async def _autoscale(self) -> None:
+    async def autoscale_once(self) -> None:
         for record in self.committed():
             name = record.name
             if name in self._scaling or name in self._cold:
                 continue
+            if record.spec.min_copies == 0 and name not in self._holders:
+                continue  # scaled to zero: nothing to decide until a request's cold start loads a copy
             surplus = self._standin_surplus(record)
             if surplus is not None:
                 log.info("controller: %s %s: %s", surplus.action, name, surplus.reason)
@@ -863,3 +1044,28 @@ class Controller:
             record = self.records.get(name)
             if record is not None:
                 await self._save(record)
+
+
+class _UsageView(Mapping[str, ModelUsage]):
+    """What placement reads of each model, built when read: a placement looks at the models on the
+    replicas it considers, not at the whole registry."""
+
+    def __init__(self, controller: Controller) -> None:
+        self._controller = controller
+
+    def __getitem__(self, name: str) -> ModelUsage:
+        record = self._controller.records[name]
+        return ModelUsage(
+            name,
+            record.memory_mb,
+            record.spec.min_copies,
+            record.spec.max_copies,
+            self._controller.autoscaler.last_used_s(name),
+            self._controller._busy.get(name, False),
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._controller.records)
+
+    def __len__(self) -> int:
+        return len(self._controller.records)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,26 +9,26 @@ from typing import Any
 
 import grpc
 
-from flotilla.api.v1 import batcher_pb2, batcher_pb2_grpc, controller_pb2, controller_pb2_grpc
-from flotilla.common.addresses import join_address, split_target
+from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
 from flotilla.common.interceptors import UNKNOWN_MODEL
 from flotilla.common.object_store import ObjectStore
-from flotilla.common.peer import GrpcPeer
 from flotilla.common.server import ServiceServer, serve_until_signal
 from flotilla.common.wire import CONTROLLER_SERVICE
 from flotilla.config import FlotillaSettings
-from flotilla.pool.discovery import resolve_host
+from flotilla.errors import InvalidArgument
 from flotilla.services.controller.artifacts import ArtifactCache, ArtifactStore
-from flotilla.services.controller.controller import BatcherCounters, Controller
+from flotilla.services.controller.controller import Controller
 from flotilla.services.controller.registry import ModelRecord, ObjectStoreRecords
 from flotilla.services.controller.replicas import TritonReplica
+from flotilla.services.controller.shards import QueueCounts
 
 log = logging.getLogger(__name__)
 
 USAGE_TIMEOUT_S = 1.0
 
 
-def status_to_pb(controller: Controller, record: ModelRecord) -> controller_pb2.ModelStatus:
+def status_to_pb(controller: Controller, record: ModelRecord, *, events: bool = True) -> controller_pb2.ModelStatus:
+    """A model's status; the fleet's leave ``events`` out (an operator's GetModel has them)."""
     copies = []
     for address, replica in controller.replicas.items():
         copy = replica.copies.get(record.name)
@@ -64,31 +63,88 @@ def status_to_pb(controller: Controller, record: ModelRecord) -> controller_pb2.
         batchers=record.batchers,
         memory_mb=record.memory_mb,
         memory_measured=record.measured_memory_mb is not None,
-        events=[controller_pb2.Event(unix_s=e.unix_s, kind=e.kind, message=e.message) for e in record.events],
+        events=[controller_pb2.Event(unix_s=e.unix_s, kind=e.kind, message=e.message) for e in record.events]
+        if events else [],
         queue_wait_ms=wait_ms or 0.0,
         last_used_unix_s=0.0 if last_used is None else controller.to_unix_s(last_used),
         default_version=record.spec.served_version,
     )
 
 
+def replica_to_pb(controller: Controller, address: str) -> controller_pb2.Replica:
+    r = controller.replicas[address]
+    return controller_pb2.Replica(
+        address=r.address, budget_mb=r.budget_mb, used_mb=r.used_mb, healthy=r.healthy,
+        http_address=getattr(controller.agents[r.address], "http_address", ""),
+    )
+
+
+def shard_to_pb(controller: Controller, address: str) -> controller_pb2.Shard:
+    shard = controller.shards.shards[address]
+    return controller_pb2.Shard(
+        address=address, dedicated_model=shard.dedicated_model, models=len(shard.models),
+        cpu_cores=shard.cpu_cores, requests_per_s=shard.requests_per_s,
+    )
+
+
 def fleet_to_pb(controller: Controller) -> controller_pb2.Fleet:
+    """The whole fleet (a watch's first message)."""
     return controller_pb2.Fleet(
         generation=controller.generation,
-        models=[status_to_pb(controller, r) for r in controller.committed()],
-        replicas=[
-            controller_pb2.Replica(
-                address=r.address, budget_mb=r.budget_mb, used_mb=r.used_mb, healthy=r.healthy,
-                http_address=getattr(controller.agents[r.address], "http_address", ""),
-            )
-            for r in controller.replicas.values()
-        ],
+        models=[status_to_pb(controller, r, events=False) for r in controller.committed()],
+        replicas=[replica_to_pb(controller, a) for a in controller.replicas],
+        shards=[shard_to_pb(controller, a) for a in controller.shards.shards],
     )
+
+
+def fleet_since(controller: Controller, generation: int) -> controller_pb2.Fleet:
+    """What a watcher that holds ``generation`` needs to hold the fleet now: the changes (their size,
+    not the fleet's), or the whole fleet when the controller no longer knows them."""
+    change = controller.changes_since(generation)
+    if change is None or change.models is None:
+        return fleet_to_pb(controller)
+    models, removed = [], []
+    for name in sorted(change.models):
+        record = controller.records.get(name)
+        if record is not None and record.committed:
+            models.append(status_to_pb(controller, record, events=False))
+        else:
+            removed.append(name)
+    known = controller.shards.shards
+    return controller_pb2.Fleet(
+        generation=controller.generation,
+        delta=True,
+        models=models,
+        removed_models=removed,
+        replicas=[replica_to_pb(controller, a) for a in sorted(change.replicas) if a in controller.replicas],
+        shards=[shard_to_pb(controller, a) for a in sorted(change.shards) if a in known],
+        removed_shards=[a for a in sorted(change.shards) if a not in known],
+    )
+
+
+class FleetFeed:
+    """Builds WatchFleet messages once per (from, to) generation, however many services watch."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+        self._cached: dict[tuple[int, int], controller_pb2.Fleet] = {}
+
+    def message(self, since: int | None) -> controller_pb2.Fleet:
+        """The whole fleet when ``since`` is None (a new watcher), else the changes after ``since``."""
+        key = (-1 if since is None else since, self.controller.generation)
+        message = self._cached.get(key)
+        if message is None:
+            if any(k[1] != self.controller.generation for k in self._cached):
+                self._cached.clear()  # only the newest generation's messages are asked for again
+            message = fleet_to_pb(self.controller) if since is None else fleet_since(self.controller, since)
+            self._cached[key] = message
+        return message
 
 
 class ControllerServicer(controller_pb2_grpc.ControllerServicer):
     def __init__(self, controller: Controller) -> None:
         self.controller = controller
-        self._snapshot: controller_pb2.Fleet | None = None
+        self.feed = FleetFeed(controller)
 
     async def Deploy(
         self, request: controller_pb2.DeployRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -120,80 +176,37 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
         record = await self.controller.ensure_loaded(request.name)
         return status_to_pb(self.controller, record)
 
-    async def RegisterBatcher(
-        self, request: controller_pb2.RegisterBatcherRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> controller_pb2.RegisterBatcherResponse:
-        record = self.controller.register_batcher(request.model_name, request.address)
-        return controller_pb2.RegisterBatcherResponse(spec_json=record.spec.model_dump_json())
+    async def ShardHeartbeat(
+        self, request: controller_pb2.ShardHeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> controller_pb2.ShardHeartbeatResponse:
+        if not request.address:
+            raise InvalidArgument("ShardHeartbeat needs the shard's address (host:port routers reach it at)")
+        counters = {
+            c.model: QueueCounts(c.arrivals_total, c.dispatched_total, c.queue_wait_s_total, c.queue_depth,
+                                 c.inflight_batches)
+            for c in request.counters
+        }
+        reply = self.controller.shard_heartbeat(
+            request.address, dedicated_model=request.dedicated_model, counters=counters,
+            cpu_seconds_total=request.cpu_seconds_total, assignment=request.assignment, started=request.started,
+        )
+        return controller_pb2.ShardHeartbeatResponse(
+            assignment=reply.assignment, changed=reply.changed, interval_s=reply.interval_s,
+            models=[controller_pb2.ShardModel(name=name, spec_json=spec.model_dump_json()) for name, spec in reply.models],
+        )
 
     async def WatchFleet(
         self, request: controller_pb2.WatchFleetRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[controller_pb2.Fleet]:
-        async for generation in self.controller.watch():
-            yield self._fleet(generation)
-
-    def _fleet(self, generation: int) -> controller_pb2.Fleet:
-        """One snapshot per generation, however many services watch (router, workers, the stack)."""
-        if self._snapshot is None or self._snapshot.generation != generation:
-            self._snapshot = fleet_to_pb(self.controller)
-        return self._snapshot
+        """The whole fleet, then after every change what changed since the last message this watcher got."""
+        sent: int | None = None
+        async for _ in self.controller.watch():
+            message = self.feed.message(sent)
+            sent = message.generation
+            yield message
 
 
-class BatcherUsage:
-    """Reads and sums the cumulative counters of a model's batchers.
-
-    With ``resolve`` (Kubernetes: a registered address is a headless Service
-    name) every pod behind each address is read, not whichever one a
-    connection lands on.
-    """
-
-    def __init__(self, *, resolve: bool = False) -> None:
-        self.resolve = resolve
-        self._peers: dict[str, GrpcPeer[batcher_pb2_grpc.BatcherAdminStub]] = {}
-
-    async def _expand(self, addresses: list[str]) -> list[str]:
-        if not self.resolve:
-            return addresses
-        expanded: list[str] = []
-        for address in addresses:
-            host, port = split_target(address)
-            try:
-                expanded += [join_address(ip, port) for ip in sorted(set(await resolve_host(host, port)))]
-            except OSError:
-                expanded.append(address)  # unresolvable now: read it as named
-        return expanded
-
-    async def __call__(self, model: str, addresses: list[str]) -> BatcherCounters | None:
-        replies = await asyncio.gather(*(self._read(a) for a in await self._expand(addresses)))
-        stats = [r for r in replies if r is not None]
-        if not stats:
-            return None
-        return BatcherCounters(
-            arrivals_total=sum(s.total_arrivals for s in stats),
-            dispatched_total=sum(s.total_dispatched for s in stats),
-            queue_wait_s_total=sum(s.total_queue_wait_s for s in stats),
-            queue_depth=sum(s.queue_depth for s in stats),
-            inflight_batches=sum(s.inflight_batches for s in stats),
-        )
-
-    async def _read(self, address: str) -> batcher_pb2.BatcherStats | None:
-        peer = self._peers.get(address)
-        if peer is None:
-            peer = self._peers[address] = GrpcPeer(address, batcher_pb2_grpc.BatcherAdminStub)
-        assert peer.stub is not None
-        try:
-            request = batcher_pb2.GetStatsRequest()
-            stats: batcher_pb2.BatcherStats = await peer.stub.GetStats(request, timeout=USAGE_TIMEOUT_S)
-        except grpc.aio.AioRpcError:
-            return None  # a batcher restarting; the next poll reads it
-        return stats
-
-    async def close(self) -> None:
-        for peer in self._peers.values():
-            await peer.close()
-
-
-def build_controller(settings: FlotillaSettings, usage: BatcherUsage | None = None) -> Controller:
+def build_controller(settings: FlotillaSettings) -> Controller:
     s3 = settings.s3
     ctl = settings.controller
 
@@ -216,15 +229,14 @@ def build_controller(settings: FlotillaSettings, usage: BatcherUsage | None = No
     ]
     records = ObjectStoreRecords(store_for(ctl.artifact_bucket), ctl.registry_prefix)
     configured = settings.models if ctl.deploy_configured_models else None
-    return Controller(ctl, agents, artifacts, records, usage=usage, configured=configured)
+    return Controller(ctl, agents, artifacts, records, configured=configured)
 
 
 async def serve(settings: FlotillaSettings, port: int) -> None:
     """Run the controller until SIGTERM."""
     if not settings.endpoints.triton:
         raise SystemExit("controller: endpoints.triton is empty; configure at least one Triton replica")
-    usage = BatcherUsage(resolve=settings.pools.dns_refresh_interval_s > 0)
-    controller = build_controller(settings, usage)
+    controller = build_controller(settings)
     await controller.start()
     server = ServiceServer(
         "controller", [CONTROLLER_SERVICE], grace_s=settings.shutdown_grace_s, tier="controller",
@@ -235,6 +247,5 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
 
     async def cleanup() -> None:
         await controller.stop()
-        await usage.close()
 
     await serve_until_signal(server, settings.host, port, on_stop=cleanup)

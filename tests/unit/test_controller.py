@@ -20,11 +20,12 @@ from flotilla.errors import (
     ModelNotFound,
     UnsupportedFramework,
 )
-from flotilla.services.controller.controller import CONFIGURED_RETRY_S, BatcherCounters, Controller
+from flotilla.services.controller.controller import CONFIGURED_RETRY_S, Controller
 from flotilla.services.controller.graph import ModelGraph, SpecMismatch, TensorInfo
 from flotilla.services.controller.placement import NoCapacity
 from flotilla.services.controller.registry import LOADED, SPEC_MATCHES_GRAPH, MemoryRecords
 from flotilla.services.controller.server import build_controller
+from flotilla.services.controller.shards import QueueCounts
 from tests.waiting import until
 
 URI = "s3://flotilla-models/m"
@@ -308,27 +309,28 @@ async def test_room_is_made_by_evicting_the_idle_copy_of_a_scale_to_zero_model(r
 
 
 async def test_scale_to_zero_is_confirmed_on_counters_read_at_the_decision(replicas: list[FakeReplica]) -> None:
-    # Counters polled every 3 s, decisions every 1 s: a request that reaches the batcher between a
-    # poll and a decision must keep the copy it is about to use.
+    # Counters observed every 3 s, decisions every 1 s, heartbeats every 0.5 s: a request that reaches
+    # the shard between an observation and a decision must keep the copy it is about to use.
     arrivals = 1
-
-    async def usage(model: str, batchers: list[str]) -> BatcherCounters:
-        return BatcherCounters(arrivals, arrivals, 0.0, 0, 0)
-
     clock = FakeClock()
     settings = ControllerSettings(
         drain_s=0.0, measure_memory=False, usage_poll_interval_s=3.0,
         autoscale=AutoscaleSettings(interval_s=1.0, scale_to_zero_idle_s=4.0, cooldown_s=0.0),
     )
-    ctl = Controller(settings, replicas, FakeArtifacts(), MemoryRecords(), usage=usage, clock=clock)  # type: ignore[arg-type]
+    ctl = Controller(settings, replicas, FakeArtifacts(), MemoryRecords(), clock=clock)  # type: ignore[arg-type]
     await ctl.start()
     try:
         await ctl.deploy("m", spec(min_copies=0))
         await ctl.ensure_loaded("m")
-        ctl.register_batcher("m", "batcher:1")
+        reported = 0
 
         async def run_until(t_s: float) -> None:
+            nonlocal reported
             while clock.now() < t_s:
+                # The shard reports its counters only when they changed.
+                counts = {"m": QueueCounts(arrivals, arrivals)} if arrivals != reported else {}
+                ctl.shard_heartbeat("batcher:1", counters=counts)
+                reported = arrivals
                 await clock.advance(0.5)
 
         await run_until(6.5)  # first observed at 3 s (its poll); last poll at 6 s
@@ -401,8 +403,8 @@ def configured_controller(
     return ctl, artifacts, clock
 
 
-LOOPS = 3
-"""The controller's own loops (replicas, usage, autoscale), each parked on the clock between rounds."""
+LOOPS = 4
+"""The controller's own loops (replicas, usage, autoscale, shards), each parked on the clock between rounds."""
 
 
 async def test_a_configured_model_is_deployed_once_its_artifact_is_uploaded(
