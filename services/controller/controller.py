@@ -307,6 +307,7 @@ class Controller:
             self._dirty_models.update(models)
         else:
             self._all_dirty = True
+        self._dirty_shards |= self.shards.take_touched()
         names = list(self.records) if self._all_dirty else [m for m in self._dirty_models if m in self.records]
         replicas = set(self.replicas) if self._all_dirty else set(self._dirty_replicas)
         for name in names:
@@ -586,7 +587,6 @@ class Controller:
         if not known:
             log.info("controller: batching shard %s reports%s", address,
                      f" (dedicated to {dedicated_model})" if dedicated_model else "")
-            self._dirty_shards.add(address)
         for name in moved:
             self._follow_shards(name, f"its own batcher at {address} reports")
         if moved or not known:
@@ -605,7 +605,6 @@ class Controller:
             return
         record.batchers = list(holders)
         self._dirty_models.add(name)
-        self._dirty_shards.update(holders)
         record.event("batchers", f"queued on {', '.join(holders) or 'no batcher yet'} ({why})")
         self._spawn(self._save(record), f"save:{name}")
 
@@ -615,7 +614,6 @@ class Controller:
         gone = [a for a in self.shards.shards if now - self.shards.shards[a].last_seen_s >= self.settings.shards.heartbeat_timeout_s]
         moved = self.shards.expire(now)
         for address in gone:
-            self._dirty_shards.add(address)
             if address not in self.shards.shards:
                 log.warning("controller: batching shard %s is silent; its models move to the shards still reporting",
                             address)

@@ -93,6 +93,8 @@ class ShardBook:
         """Models whose spec asks for batchers of their own."""
         self.rates: dict[str, float] = {}
         """Model -> requests/s over all its shards (set by the controller from its autoscaler)."""
+        self.touched: set[str] = set()
+        """Shards whose models changed, or that came or went, since ``take_touched`` (the fleet shows them)."""
         self.reported: set[str] = set()
         """Models whose counters shards reported since ``take_reported``."""
         self._numbers = itertools.count(1)
@@ -116,6 +118,10 @@ class ShardBook:
             inflight_batches=sum(c.inflight_batches for c in found),
         )
 
+    def take_touched(self) -> set[str]:
+        touched, self.touched = self.touched, set()
+        return touched
+
     def take_reported(self) -> set[str]:
         """The models reported since the last call (the controller observes those)."""
         reported, self.reported = self.reported, set()
@@ -129,6 +135,7 @@ class ShardBook:
     # -- changes --------------------------------------------------------------
 
     def _give(self, model: str, shard: ShardInfo) -> None:
+        self.touched.add(shard.address)
         shard.models.add(model)
         shard.assignment = next(self._numbers)
         holders = self.holders.setdefault(model, [])
@@ -136,6 +143,7 @@ class ShardBook:
             holders.append(shard.address)
 
     def _take(self, model: str, shard: ShardInfo) -> None:
+        self.touched.add(shard.address)
         shard.models.discard(model)
         shard.counters.pop(model, None)
         shard.assignment = next(self._numbers)
@@ -209,6 +217,7 @@ class ShardBook:
         if shard is None:
             shard = self.shards[address] = ShardInfo(address, dedicated_model=dedicated_model)
             shard.assignment = next(self._numbers)
+            self.touched.add(address)
         if shard.dedicated_model != dedicated_model:  # a presumed shard turns out dedicated (or not)
             shard.dedicated_model = dedicated_model
             for model in [m for m in shard.models if dedicated_model and m != dedicated_model]:
@@ -262,6 +271,7 @@ class ShardBook:
                 changed.add(model)
             if not shard.models:
                 del self.shards[shard.address]
+                self.touched.add(shard.address)
         # A model added while no shard was live gets one as soon as one is.
         for model in [m for m, h in self.holders.items() if not h]:
             if self.add(model, now_s, dedicated=model in self.dedicated):

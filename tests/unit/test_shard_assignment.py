@@ -1,0 +1,192 @@
+"""Which shard holds which model's queue: the controller's ShardBook, and the controller around it,
+on a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+from fakes import FakeClock
+
+from flotilla.config import ControllerSettings, ShardSettings
+from flotilla.services.controller.controller import Controller
+from flotilla.services.controller.registry import MemoryRecords
+from flotilla.services.controller.shards import QueueCounts, ShardBook
+from tests.unit.test_controller import FakeArtifacts, FakeReplica, spec
+
+SETTINGS = ShardSettings(heartbeat_timeout_s=3.0, hot_model_rps=100.0, max_shards_per_model=3,
+                         busy_cpu_cores=0.7, rebalance_interval_s=5.0)
+
+
+def book_with(*addresses: str, now_s: float = 0.0) -> ShardBook:
+    book = ShardBook(SETTINGS)
+    for address in addresses:
+        book.heartbeat(address, now_s, cpu_seconds_total=0.0, started=True)
+    return book
+
+
+def test_new_models_spread_over_the_shared_shards_by_models_held() -> None:
+    book = book_with("s1:1", "s2:1")
+    for i in range(10):
+        book.add(f"m{i}", 0.0)
+    held = sorted(len(s.models) for s in book.shards.values())
+    assert held == [5, 5]
+    assert all(len(book.holders[f"m{i}"]) == 1 for i in range(10))
+
+
+def test_the_least_busy_shard_by_reported_rate_gets_the_next_model() -> None:
+    book = book_with("s1:1", "s2:1")
+    book.add("hot", 0.0)
+    hot_shard = book.holders["hot"][0]
+    # The hot model's shard reports 500 requests/s over a second; the other none.
+    book.heartbeat(hot_shard, 1.0, counters={"hot": QueueCounts(500, 500)}, cpu_seconds_total=0.5)
+    other = next(a for a in book.shards if a != hot_shard)
+    book.heartbeat(other, 1.0, cpu_seconds_total=0.0)
+    for i in range(3):
+        book.add(f"cold{i}", 1.0)
+    assert all(book.holders[f"cold{i}"] == [other] for i in range(3))
+
+
+def test_a_silent_shard_loses_its_models_to_the_live_one_after_the_timeout() -> None:
+    clock = FakeClock()
+    book = book_with("s1:1", "s2:1")
+    for i in range(6):
+        book.add(f"m{i}", clock.now())
+    on_s2 = {m for m, h in book.holders.items() if h == ["s2:1"]}
+    assert on_s2
+
+    clock.set(2.9)
+    book.heartbeat("s1:1", clock.now())
+    assert book.expire(clock.now()) == set(), "not silent long enough"
+    clock.set(3.0)
+    moved = book.expire(clock.now())
+    assert moved == on_s2
+    assert all(book.holders[m] == ["s1:1"] for m in moved)
+    assert "s2:1" not in book.shards
+
+
+def test_with_no_live_shard_models_stay_where_they_were() -> None:
+    book = book_with("s1:1")
+    book.add("m", 0.0)
+    assert book.expire(10.0) == set()
+    assert book.holders["m"] == ["s1:1"], "a route to a dead batcher (UNAVAILABLE) beats no route (NOT_FOUND)"
+    # A shard reports again (a restart on another port): the stranded model goes there.
+    book.heartbeat("s9:1", 10.0, started=True)
+    assert book.expire(10.0) == {"m"}
+    assert book.holders["m"] == ["s9:1"]
+
+
+def test_a_model_added_while_no_shard_reports_gets_one_when_one_does() -> None:
+    book = ShardBook(SETTINGS)
+    assert book.add("m", 0.0) is False
+    book.heartbeat("s1:1", 1.0, started=True)
+    assert book.expire(1.0) == {"m"}
+    assert book.holders["m"] == ["s1:1"]
+
+
+def test_a_dedicated_model_moves_to_its_own_batcher_and_no_other_model_goes_there() -> None:
+    book = book_with("s1:1")
+    book.add("iso", 0.0, dedicated=True)
+    assert book.holders["iso"] == ["s1:1"], "waits on a shared shard while no batcher of its own reports"
+    moved = book.heartbeat("own:1", 1.0, dedicated_model="iso", started=True)
+    assert moved == {"iso"}
+    assert book.holders["iso"] == ["own:1"] and "iso" not in book.shards["s1:1"].models
+    for i in range(5):
+        book.add(f"m{i}", 1.0)
+    assert book.shards["own:1"].models == {"iso"}
+
+
+def test_a_hot_model_gets_another_shard_and_gives_it_back_when_it_cools() -> None:
+    book = book_with("s1:1", "s2:1", "s3:1")
+
+    def rebalance(now_s: float) -> tuple[set[str], str]:
+        for address in list(book.shards):
+            book.heartbeat(address, now_s)
+        return book.rebalance(now_s)
+
+    book.add("hot", 0.0)
+    book.rates["hot"] = 250.0  # 250 on one shard, above 100 each
+    moved, why = rebalance(0.0)
+    assert moved == {"hot"} and len(book.holders["hot"]) == 2 and "hot_model_rps" in why
+    assert rebalance(1.0) == (set(), ""), "one look per rebalance interval"
+    moved, _ = rebalance(5.0)
+    assert moved == {"hot"} and len(book.holders["hot"]) == 3
+    moved, _ = rebalance(10.0)
+    assert moved == set(), "max_shards_per_model"
+
+    book.rates["hot"] = 20.0
+    moved, why = rebalance(15.0)
+    assert moved == {"hot"} and len(book.holders["hot"]) == 2 and "leaves" in why
+
+
+def test_a_busy_shard_hands_its_busiest_model_to_an_idle_one() -> None:
+    book = book_with("s1:1", "s2:1")
+    book.add("a", 0.0)
+    book.add("b", 0.0)
+    book.add("c", 0.0)
+    busy = max(book.shards.values(), key=lambda s: len(s.models))
+    idle = next(s for s in book.shards.values() if s is not busy)
+    top = sorted(busy.models)[0]
+    book.rates.update({m: 10.0 for m in busy.models})
+    book.rates[top] = 50.0  # below hot_model_rps: moving, not spreading, helps
+    book.heartbeat(busy.address, 1.0, cpu_seconds_total=0.9)
+    book.heartbeat(idle.address, 1.0, cpu_seconds_total=0.0)
+    busy.cpu_cores, idle.cpu_cores = 0.9, 0.1
+    moved, why = book.rebalance(1.0)
+    assert moved == {top} and book.holders[top] == [idle.address] and "busy_cpu_cores" in why
+
+
+def test_counters_are_summed_over_shards_and_reset_by_a_restart() -> None:
+    book = book_with("s1:1", "s2:1")
+    book.heartbeat("s1:1", 1.0, counters={"m": QueueCounts(10, 9, 0.5, 1, 1)})
+    book.heartbeat("s2:1", 1.0, counters={"m": QueueCounts(5, 5, 0.25, 0, 0)})
+    assert book.counters("m") == QueueCounts(15, 14, 0.75, 1, 1)
+    assert book.take_reported() == {"m"} and book.take_reported() == set()
+    book.heartbeat("s2:1", 2.0, started=True)  # restarted: its counters start again
+    assert book.counters("m") == QueueCounts(10, 9, 0.5, 1, 1)
+
+
+def test_presumed_shards_keep_their_models_until_the_timeout() -> None:
+    book = ShardBook(SETTINGS)
+    book.presume("m", ["old:1"], 0.0)
+    book.heartbeat("new:1", 1.0, started=True)
+    assert book.expire(2.0) == set(), "the record's shard gets heartbeat_timeout_s to report in"
+    assert book.expire(3.0) == {"m"} and book.holders["m"] == ["new:1"]
+
+
+# -- the controller around the book -----------------------------------------------------------------
+
+
+@pytest.fixture
+def ctl() -> Controller:
+    settings = ControllerSettings(drain_s=0.0, measure_memory=False, shards=SETTINGS)
+    return Controller(settings, [FakeReplica("a:1", 1000.0)], FakeArtifacts(), MemoryRecords(),  # type: ignore[arg-type]
+                      clock=FakeClock())
+
+
+async def test_a_heartbeat_lists_the_shards_models_only_when_its_assignment_changed(ctl: Controller) -> None:
+    first = ctl.shard_heartbeat("s1:1", started=True)
+    await ctl.deploy("m", spec(min_copies=0))
+    reply = ctl.shard_heartbeat("s1:1", assignment=first.assignment)
+    assert reply.changed and [name for name, _ in reply.models] == ["m"]
+    assert reply.models[0][1].batching.max_batch_size == ctl.records["m"].spec.batching.max_batch_size
+    again = ctl.shard_heartbeat("s1:1", assignment=reply.assignment)
+    assert not again.changed and again.models == []
+    assert ctl.records["m"].batchers == ["s1:1"]
+
+
+async def test_a_dead_shards_models_move_and_the_fleet_says_only_what_changed(ctl: Controller) -> None:
+    clock = ctl.clock
+    assert isinstance(clock, FakeClock)
+    ctl.shard_heartbeat("s1:1", started=True)
+    ctl.shard_heartbeat("s2:1", started=True)
+    for i in range(4):
+        await ctl.deploy(f"m{i}", spec(min_copies=0))
+    on_s2 = {r.name for r in ctl.committed() if r.batchers == ["s2:1"]}
+    before = ctl.generation
+
+    clock.set(3.5)
+    ctl.shard_heartbeat("s1:1")
+    await ctl.shards_once()
+    assert all(r.batchers == ["s1:1"] for r in ctl.committed())
+    change = ctl.changes_since(before)
+    assert change is not None and change.models == frozenset(on_s2)
+    assert "s2:1" in change.shards and "s2:1" not in ctl.shards.shards
