@@ -894,6 +894,11 @@ class Controller:
         lives = await asyncio.gather(*(self._is_live(a) for a in addresses))
         up = [a for a, healthy in zip(addresses, lives, strict=True) if healthy]
         for address, healthy in zip(addresses, lives, strict=True):
+            budget_mb = self.agents[address].budget_mb  # memory_kind gpu: at most the GPUs' total once read
+            if healthy and budget_mb != self.replicas[address].budget_mb:
+                self.replicas[address].budget_mb = budget_mb
+                self._dirty_replicas.add(address)
+                flipped = True
             if healthy != self.replicas[address].healthy:
                 log.warning("controller: replica %s is %s", address, "back" if healthy else "down (its copies leave the pools)")
                 self._set_health(address, healthy)

@@ -7,10 +7,16 @@ with the generic Python-backend ONNX wrapper (``model.py``) and the artifact's
 load API with a config built from the registry record (auto-complete would
 start a throwaway stub and cost ~1.3 s per load).
 
-Memory: Triton reports none per model on CPU, so a copy's memory is the USS
-(private resident memory) of that model's ``triton_python_backend_stub``
-processes - found by the model's path in their command line - plus their
-shared-memory regions, measured after a warm-up at the model's batch size.
+Memory (``controller.memory_kind``), measured after a warm-up at the model's batch size:
+
+- host: Triton reports none per model on CPU, so a copy's memory is the USS
+  (private resident memory) of that model's ``triton_python_backend_stub``
+  processes - found by the model's path in their command line - plus their
+  shared-memory regions.
+- gpu: the growth of the replica's ``nv_gpu_memory_used_bytes`` from just before
+  the copy's load to after its warm-up (``gpu_memory.GpuMemoryMeter``, which says
+  how loads overlapping on one replica share it), and a budget of at most the
+  GPUs' ``nv_gpu_memory_total_bytes`` less a reserve per GPU.
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import psutil
@@ -33,8 +40,10 @@ from tritonclient.utils import InferenceServerException
 from flotilla.config import ModelSettings
 from flotilla.errors import ModelLoadFailed
 from flotilla.services.controller.artifacts import ArtifactCache
+from flotilla.services.controller.gpu_memory import GpuMemoryError, GpuMemoryMeter, GpuMemorySource
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _TRITON_DTYPES = {"UINT8": "TYPE_UINT8", "FP32": "TYPE_FP32"}
 _NUMPY_DTYPES = {"UINT8": np.uint8, "FP32": np.float32}
@@ -109,11 +118,26 @@ class TritonReplica:
         backend: str = "python",
         instance_kind: str = "KIND_CPU",
         http_address: str = "",
+        memory_kind: Literal["host", "gpu"] = "host",
+        gpu_memory: GpuMemorySource | GpuMemoryMeter | None = None,
     ) -> None:
+        """``memory_kind`` gpu needs ``gpu_memory``: the replica's metrics (``gpu_memory.TritonGpuMetrics``)
+        or a meter over them; the budget then shrinks to what its GPUs hold once a reading gives that."""
         self.address = address
         self.http_address = http_address
         """Its HTTP endpoint, for the workers (the fleet carries it); the controller itself speaks gRPC."""
+        self.configured_budget_mb = budget_mb
         self.budget_mb = budget_mb
+        """What placement may put here: the configured budget, with memory_kind gpu at most the GPUs'
+        total less the reserve (from the first reading on)."""
+        self.memory_kind = memory_kind
+        self.gpu: GpuMemoryMeter | None = None
+        if memory_kind == "gpu":
+            if gpu_memory is None:
+                raise ValueError(f"replica {address}: memory_kind gpu needs its Triton metrics (endpoints.triton_metrics)")
+            self.gpu = gpu_memory if isinstance(gpu_memory, GpuMemoryMeter) else GpuMemoryMeter(gpu_memory)
+        self._gpu_problem = ""
+        """The last GPU reading's error, logged once until it changes or clears."""
         self.repository = repository
         self.cache = cache
         self.backend = backend
@@ -124,11 +148,33 @@ class TritonReplica:
         await self.client.close()
 
     async def is_live(self) -> bool:
-        """Live, not "ready": with strict readiness a server reports not ready while it loads a model."""
+        """Live, not "ready": with strict readiness a server reports not ready while it loads a model.
+
+        With memory_kind gpu, the first time it answers live the GPUs are read for the budget
+        (``budget_mb``); a failed reading is logged and the configured budget stays until one succeeds.
+        """
         try:
-            return bool(await self.client.is_server_live(client_timeout=WATCH_TIMEOUT_S))
+            live = bool(await self.client.is_server_live(client_timeout=WATCH_TIMEOUT_S))
         except Exception:  # tritonclient raises several types for a server that is down or too slow
             return False
+        if live and self.gpu is not None and self.gpu.last is None:
+            await self._gpu_step(self.gpu.read)
+        return live
+
+    async def _gpu_step(self, step: Callable[..., _T], *args: object) -> _T | None:
+        """Run a blocking meter call in a thread; a reading that fails is logged (once per distinct
+        reason) and gives None: the copy keeps its declared memory, the replica its last budget."""
+        assert self.gpu is not None
+        try:
+            result = await asyncio.to_thread(step, *args)
+        except GpuMemoryError as exc:
+            if exc.message != self._gpu_problem:
+                log.warning("replica %s: GPU memory not read: %s", self.address, exc.message)
+                self._gpu_problem = exc.message
+            return None
+        self._gpu_problem = ""
+        self.budget_mb = self.gpu.budget_mb(self.configured_budget_mb)
+        return result
 
     async def loaded(self) -> dict[str, list[int]]:
         """Model name -> versions READY on this replica (from Triton's repository index)."""
@@ -163,6 +209,8 @@ class TritonReplica:
         except Exception:  # e.g. a download that fails its checksum
             await asyncio.to_thread(shutil.rmtree, self.repository / backend_name(name, spec), True)
             raise
+        if self.gpu is not None:  # the "before" reading of this copy's growth
+            await self._gpu_step(self.gpu.begin, name, spec.memory_mb)
         try:
             config = triton_config(name, spec, backend=self.backend, instance_kind=self.instance_kind)
             await self.client.load_model(backend_name(name, spec), config=json.dumps(config))
@@ -176,6 +224,8 @@ class TritonReplica:
         await asyncio.to_thread(shutil.rmtree, self.repository / backend_name(name, spec), True)
 
     async def unload(self, name: str, spec: ModelSettings) -> None:
+        if self.gpu is not None:
+            self.gpu.unloaded(name, spec.memory_mb)
         try:
             await self.client.unload_model(backend_name(name, spec))
         except InferenceServerException as exc:
@@ -192,7 +242,13 @@ class TritonReplica:
             await self.client.infer(backend_name(name, spec), [tensor], model_version=str(version))
 
     def measure_memory_mb(self, name: str, spec: ModelSettings) -> float | None:
-        """USS of the model's backend stubs on this replica plus their shm regions; None if none found."""
+        """What the copy of ``name`` holds here after its warm-up (blocking); None when not measured.
+
+        host: the USS of its backend stubs plus their shm regions (None: none found). gpu: the growth
+        since its load started (None: no "before" reading, or the reading now failed).
+        """
+        if self.gpu is not None:
+            return self._measure_gpu_mb(name)
         marker = f"{self.repository / backend_name(name, spec)}/"
         total_kb = 0
         found = False
@@ -209,6 +265,16 @@ class TritonReplica:
             total_kb += uss_bytes // 1024 + _shm_kb(argv)
             found = True
         return total_kb / 1024 if found else None
+
+    def _measure_gpu_mb(self, name: str) -> float | None:
+        assert self.gpu is not None
+        try:
+            grown = self.gpu.end(name)
+        except GpuMemoryError as exc:
+            log.warning("replica %s: GPU memory of %s not measured: %s", self.address, name, exc.message)
+            return None
+        self.budget_mb = self.gpu.budget_mb(self.configured_budget_mb)
+        return grown
 
 
 def _shm_kb(argv: list[str]) -> int:

@@ -18,6 +18,7 @@ from flotilla.config import FlotillaSettings
 from flotilla.errors import InvalidArgument
 from flotilla.services.controller.artifacts import ArtifactCache, ArtifactStore
 from flotilla.services.controller.controller import Controller
+from flotilla.services.controller.gpu_memory import TritonGpuMetrics
 from flotilla.services.controller.registry import ModelRecord, ObjectStoreRecords
 from flotilla.services.controller.replicas import TritonReplica
 from flotilla.services.controller.shards import QueueCounts
@@ -220,10 +221,16 @@ def build_controller(settings: FlotillaSettings) -> Controller:
             f"controller: {len(settings.endpoints.triton)} Triton endpoints but {len(dirs)} controller.replica_dirs"
         )
     http = settings.endpoints.triton_http or [""] * len(settings.endpoints.triton)
+    if ctl.memory_kind == "gpu" and not settings.endpoints.triton_metrics:
+        raise SystemExit("controller: controller.memory_kind gpu needs endpoints.triton_metrics (each Triton "
+                         "replica's metrics host:port, in the order of endpoints.triton)")
+    metrics_at = settings.endpoints.triton_metrics or [""] * len(settings.endpoints.triton)
     agents = [
         TritonReplica(
             address, ctl.budget_mb(i), Path(d) / "models", ArtifactCache(Path(d) / "cache", artifacts),
             backend=ctl.triton_backend, instance_kind=ctl.instance_kind, http_address=http[i],
+            memory_kind=ctl.memory_kind,
+            gpu_memory=TritonGpuMetrics(metrics_at[i]) if ctl.memory_kind == "gpu" else None,
         )
         for i, (address, d) in enumerate(zip(settings.endpoints.triton, dirs, strict=True))
     ]
