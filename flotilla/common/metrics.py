@@ -126,6 +126,9 @@ MODEL_COPIES = Gauge(
     "Copies of a model by state: loading, ready, draining on live replicas; unreachable on replicas that are down.",
     ["model", "state"],
 )
+SHARD_MODELS = Gauge(
+    "flotilla_shard_models", "Models whose queue a batching shard holds, as the controller assigned them.", ["shard"]
+)
 MODEL_PLACED = Gauge(
     "flotilla_model_placed", "1 where a replica holds a ready copy of the model (no series where it does not).",
     ["model", "replica"],

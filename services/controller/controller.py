@@ -313,6 +313,9 @@ class Controller:
         for name in names:
             self._update_ready(self.records[name])
         self._export_gauges(names, replicas, every_model=self._all_dirty)
+        for address in self._dirty_shards:
+            shard = self.shards.shards.get(address)
+            self._export(metrics.SHARD_MODELS, address, {(address,): float(len(shard.models))} if shard else {})
         self.generation += 1
         self._changes.append(Change(
             self.generation,
