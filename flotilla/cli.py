@@ -4,7 +4,7 @@
     flotilla run     [--config FILE] [--images DIR] start, deploy the models, classify the samples, stop
     flotilla infer   IMAGE... --model NAME          classify JPEG files on a running stack
     flotilla models  deploy|list|status|undeploy|upload ...   the model registry of a running stack
-    flotilla k8s     render [--models FILE] [--out DIR] [--check]   the generated Kubernetes manifests
+    flotilla k8s     render [--models FILE] [--out DIR] [--check]   the cluster's generated manifests (not per model)
     flotilla serve   ROLE --config FILE --port N    run one service (the stack does this)
     flotilla top     [--interval-s S] [--once]      a live view of a running stack, from its metrics
 """
@@ -368,6 +368,8 @@ def cmd_k8s(args: argparse.Namespace) -> None:
     from flotilla import k8s
 
     scaling = k8s.BatcherScaling(min_replicas=args.batcher_min_replicas, max_replicas=args.batcher_max_replicas)
+    if not 1 <= scaling.min_replicas <= scaling.max_replicas:
+        raise SystemExit("flotilla k8s render: need 1 <= --batcher-min-replicas <= --batcher-max-replicas")
     try:
         rendered = k8s.render(args.out, args.observability, models=args.models, scaling=scaling)
     except (OSError, ValueError) as exc:
@@ -384,6 +386,8 @@ def cmd_k8s(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flotilla.k8s import BatcherScaling  # the render's defaults (yaml and the settings, no grpc)
+
     parser = argparse.ArgumentParser(prog="flotilla", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -483,13 +487,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     kube = sub.add_parser("k8s", help="the generated Kubernetes manifests")
     ksub = kube.add_subparsers(dest="action", required=True)
-    render = ksub.add_parser("render", help="per-model batchers, the ConfigMap's endpoints, alerts and dashboard")
-    render.add_argument("--models", type=Path, help="flotilla YAML whose models: to render (default: OUT/base/flotilla.yaml)")
+    render = ksub.add_parser(
+        "render", help="the cluster's configuration (ConfigMap with its endpoints), Triton's memory limit, the "
+                       "batcher shards and dedicated batchers, alerts and dashboard; models deploy at run time "
+                       "(flotilla models deploy), with no render")
+    render.add_argument("--models", type=Path,
+                        help="take only the models: of this flotilla YAML (default: those of OUT/base/flotilla.yaml); "
+                             "the cluster's host, s3 and the rest stay")
     render.add_argument("--out", type=Path, default=Path("k8s"), help="the kustomize tree to write into")
     render.add_argument("--observability", type=Path, default=Path("observability"),
                         help="holds prometheus/alerts.yml and grafana/flotilla.json")
-    render.add_argument("--batcher-min-replicas", type=int, default=1)
-    render.add_argument("--batcher-max-replicas", type=int, default=3)
+    shards = BatcherScaling()  # the shards' HPA bounds; a dedicated batcher's stay BatcherScaling's
+    render.add_argument("--batcher-min-replicas", type=int, default=shards.min_replicas,
+                        help="the batcher shards' HPA: fewest shards (default: %(default)s)")
+    render.add_argument("--batcher-max-replicas", type=int, default=shards.max_replicas,
+                        help="the batcher shards' HPA: most shards (default: %(default)s)")
     render.add_argument("--check", action="store_true", help="write nothing; fail when a generated file is stale")
     render.set_defaults(func=cmd_k8s)
     return parser

@@ -1,5 +1,6 @@
-"""`flotilla k8s render`: the committed generated manifests are fresh, adding a model is one entry, another
-file's models join the cluster's configuration (nothing else of that file), and Triton's memory follows the budget."""
+"""`flotilla k8s render`: the committed generated manifests are fresh, a model has objects of its own only
+when its spec asks for a dedicated batcher, another file's models join the cluster's configuration (nothing
+else of that file), and Triton's memory follows the budget."""
 
 from __future__ import annotations
 
@@ -40,25 +41,59 @@ def copy_tree(tmp_path: Path) -> Path:
     return out
 
 
-def test_adding_a_model_is_one_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def batcher_objects(text: str) -> set[tuple[str, str]]:
+    return {(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(text)}
+
+
+SHARD_OBJECTS = {("Deployment", "batcher"), ("PodDisruptionBudget", "batcher"), ("HorizontalPodAutoscaler", "batcher"),
+                 ("Service", "batcher")}
+"""The batching tier whatever the models: the shards, and the headless Service Prometheus scrapes batchers through."""
+DEDICATED_KINDS = ("Deployment", "PodDisruptionBudget", "HorizontalPodAutoscaler")
+
+
+def test_a_model_has_no_objects_of_its_own_unless_it_asks_for_a_dedicated_batcher(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = copy_tree(tmp_path)
     source = out / k8s.SOURCE
     data = yaml.safe_load(source.read_text())
     data["models"]["open-nsfw"] = {"storage_uri": "s3://flotilla-models/open-nsfw", "memory_mb": 300}
+    data["models"]["isolated"] = {"storage_uri": "s3://flotilla-models/isolated", "dedicated_batcher": True}
     source.write_text(yaml.safe_dump(data))
 
     main(["k8s", "render", "--out", str(out), "--observability", str(OBSERVABILITY)])
 
-    docs = list(yaml.safe_load_all((out / k8s.OUTPUTS["batchers"]).read_text()))
-    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs if d["metadata"]["name"] == "batcher-open-nsfw"}
-    assert kinds == {(kind, "batcher-open-nsfw") for kind in
-                     ("Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler")}
+    text = (out / k8s.OUTPUTS["batchers"]).read_text()
+    assert batcher_objects(text) == SHARD_OBJECTS | {(kind, "batcher-isolated") for kind in DEDICATED_KINDS}
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(text)}
+    (container,) = docs[("Deployment", "batcher-isolated")]["spec"]["template"]["spec"]["containers"]
+    assert container["args"][:4] == ["serve", "batcher", "--model", "isolated"]
+    (container,) = docs[("Deployment", "batcher")]["spec"]["template"]["spec"]["containers"]
+    assert "--model" not in container["args"]
     config = yaml.safe_load((out / k8s.OUTPUTS["config"]).read_text())
-    assert config["endpoints"]["batchers"]["open-nsfw"] == ["batcher-open-nsfw.flotilla.svc:50052"]
+    assert "batchers" not in config["endpoints"]  # routers learn the shards from the controller's fleet
     assert config["models"] == data["models"]
+    FlotillaSettings(**config)
 
     main(["k8s", "render", "--check", "--out", str(out), "--observability", str(OBSERVABILITY)])
     assert "up to date" in capsys.readouterr().out
+
+
+def test_the_committed_batchers_are_the_shards_and_the_dedicated_ones() -> None:
+    settings = k8s.load_source((K8S / k8s.SOURCE).read_text(), "base")
+    dedicated = {(kind, k8s.batcher_name(m)) for m in k8s.dedicated_models(settings) for kind in DEDICATED_KINDS}
+    assert batcher_objects((K8S / k8s.OUTPUTS["batchers"]).read_text()) == SHARD_OBJECTS | dedicated
+
+
+def test_the_shard_bounds_come_from_the_flags(tmp_path: Path) -> None:
+    out = copy_tree(tmp_path)
+    main(["k8s", "render", "--out", str(out), "--observability", str(OBSERVABILITY),
+          "--batcher-min-replicas", "3", "--batcher-max-replicas", "12"])
+    hpa = next(d for d in yaml.safe_load_all((out / k8s.OUTPUTS["batchers"]).read_text())
+               if d["kind"] == "HorizontalPodAutoscaler" and d["metadata"]["name"] == "batcher")
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 12)
+    with pytest.raises(SystemExit, match="batcher-min-replicas"):
+        main(["k8s", "render", "--out", str(out), "--observability", str(OBSERVABILITY), "--batcher-min-replicas", "9"])
 
 
 def test_check_fails_on_a_stale_file_and_render_rejects_handwritten_endpoints(tmp_path: Path) -> None:
@@ -76,16 +111,34 @@ def test_check_fails_on_a_stale_file_and_render_rejects_handwritten_endpoints(tm
 def test_a_model_list_from_another_file(tmp_path: Path) -> None:
     models = tmp_path / "fleet.yaml"
     models.write_text("host: 127.0.0.1\ns3: {endpoint: '127.0.0.1:8333'}\ntriton: {replicas: 3}\n"
-                      "models:\n  a: {artifact: build/models/a}\n  b: {storage_uri: 's3://elsewhere/b'}\n")
+                      "models:\n  a: {artifact: build/models/a}\n  b: {storage_uri: 's3://elsewhere/b'}\n"
+                      "  c: {dedicated_batcher: true}\n")
     rendered = k8s.render(K8S, OBSERVABILITY, models=models, scaling=k8s.BatcherScaling(max_replicas=5))
     hpas = [d for d in yaml.safe_load_all(rendered[k8s.OUTPUTS["batchers"]]) if d["kind"] == "HorizontalPodAutoscaler"]
-    assert [(h["metadata"]["name"], h["spec"]["maxReplicas"]) for h in hpas] == [("batcher-a", 5), ("batcher-b", 5)]
+    assert [(h["metadata"]["name"], h["spec"]["maxReplicas"]) for h in hpas] == \
+        [("batcher", 5), ("batcher-c", k8s.BatcherScaling().dedicated_max_replicas)]
     config = yaml.safe_load(rendered[k8s.OUTPUTS["config"]])
     # Only the models: are the file's; the Triton StatefulSet has the base's replicas, so do the endpoints.
     assert len(config["endpoints"]["triton"]) == 2 and config["triton"] == {"replicas": 2}
     assert (config["host"], config["s3"]["endpoint"]) == ("0.0.0.0", "minio.flotilla.svc:9000")
     # A local artifact directory means nothing in the cluster: the model is where `models upload` puts it.
-    assert config["models"] == {"a": {"storage_uri": "s3://flotilla-models/a"}, "b": {"storage_uri": "s3://elsewhere/b"}}
+    assert config["models"] == {"a": {"storage_uri": "s3://flotilla-models/a"}, "b": {"storage_uri": "s3://elsewhere/b"},
+                                "c": {"dedicated_batcher": True, "storage_uri": "s3://flotilla-models/c"}}
+
+
+def test_render_models_through_the_command_keeps_the_clusters_configuration(tmp_path: Path) -> None:
+    """`flotilla k8s render --models flotilla.yaml` as an operator runs it: the ConfigMaps it writes (the base's
+    and the overlay's) keep the cluster's host, S3 endpoint and everything else; only models: changes."""
+    out = copy_tree(tmp_path)
+    before = {rel: yaml.safe_load((out / rel).read_text()) for rel in (k8s.OUTPUTS["config"], CPU_CONFIG)}
+    main(["k8s", "render", "--models", str(LOCAL_CONFIG), "--out", str(out), "--observability", str(OBSERVABILITY)])
+    local = yaml.safe_load(LOCAL_CONFIG.read_text())
+    assert local["host"] == "127.0.0.1"  # the local stack binds loopback: what must not reach the pods
+    for rel, cluster in before.items():
+        config = yaml.safe_load((out / rel).read_text())
+        assert (config["host"], config["s3"]["endpoint"]) == ("0.0.0.0", "minio.flotilla.svc:9000"), rel
+        assert {k: v for k, v in config.items() if k != "models"} == {k: v for k, v in cluster.items() if k != "models"}
+        assert list(config["models"]) == list(local["models"]), rel
 
 
 @pytest.mark.parametrize("generated", [k8s.OUTPUTS["config"], CPU_CONFIG])
@@ -95,17 +148,16 @@ def test_the_local_stack_file_gives_its_models_not_its_addresses(generated: Path
     cluster = yaml.safe_load((K8S / generated).read_text())
     config = yaml.safe_load(rendered[generated])
     assert config["host"] == "0.0.0.0" and config["s3"]["endpoint"] == "minio.flotilla.svc:9000"
-    mine = ("models", "endpoints")  # the endpoints name the file's batchers
-    assert {k: v for k, v in config.items() if k not in mine} == {k: v for k, v in cluster.items() if k not in mine}
+    assert {k: v for k, v in config.items() if k != "models"} == {k: v for k, v in cluster.items() if k != "models"}
     local = yaml.safe_load(LOCAL_CONFIG.read_text())["models"]
     assert list(config["models"]) == list(local)
     for name, spec in config["models"].items():
         assert "artifact" not in spec and spec["storage_uri"] == f"s3://flotilla-models/{name}"
         assert spec["input"] == local[name]["input"] and spec["batching"] == local[name]["batching"]
-    assert set(config["endpoints"]["batchers"]) == set(local)
     FlotillaSettings(**config)
+    dedicated = {k8s.batcher_name(m) for m, spec in local.items() if spec.get("dedicated_batcher")}
     batchers = {d["metadata"]["name"] for d in yaml.safe_load_all(rendered[k8s.OUTPUTS["batchers"]])}
-    assert batchers == {k8s.batcher_name(m) for m in local}
+    assert batchers == {k8s.batcher_name()} | dedicated
     if generated == k8s.OUTPUTS["config"]:  # the base's text is kept, comments included
         assert "Secrets are not here" in rendered[generated]
 

