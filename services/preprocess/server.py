@@ -1,8 +1,9 @@
 """gRPC layer of the preprocess role: protobuf in, BatchProcessor, protobuf out.
 
-The worker follows the controller: each fleet snapshot gives it the models'
-specs (preprocessing, labels, output kind) and the replicas holding a ready
-copy of each, which become that model's Triton pool. A model with no copy
+The worker follows the controller's fleet watch: it gives the models' specs
+(preprocessing, labels, output kind) and the replicas holding a ready copy
+of each, which become that model's Triton pool; each change touches only the
+models it names. A model with no copy
 is loaded on demand through the controller's EnsureLoaded (cold start).
 """
 
@@ -24,7 +25,7 @@ from flotilla.api.v1 import (
     preprocess_pb2_grpc,
 )
 from flotilla.common import metrics
-from flotilla.common.fleet import FleetWatcher, ready_replicas, spec_of
+from flotilla.common.fleet import FleetChange, FleetState, FleetWatcher, ready_replicas, spec_of
 from flotilla.common.interceptors import UNKNOWN_MODEL
 from flotilla.common.server import ServiceServer, serve_until_signal
 from flotilla.common.status import error_from_rpc
@@ -90,26 +91,55 @@ class PreprocessorServicer(preprocess_pb2_grpc.PreprocessorServicer):
 
 
 class FleetFollower:
-    """Applies fleet snapshots to the processor's models and the backend's pools."""
+    """Applies fleet changes to the processor's models and the backend's pools.
 
-    def __init__(self, processor: BatchProcessor, backend: TritonBackend) -> None:
+    Only the models a message changed or removed are touched (a whole fleet:
+    every model, and those it lacks are removed); ``backend_to_model`` (the
+    cold start's map from a backend model to its Flotilla name) is kept with them.
+    """
+
+    def __init__(self, processor: BatchProcessor, backend: TritonBackend, backend_to_model: dict[str, str]) -> None:
         self.processor = processor
         self.backend = backend
+        self.backend_to_model = backend_to_model
+        self._http: dict[str, str] = {}
 
-    async def apply(self, fleet: controller_pb2.Fleet) -> None:
-        self.backend.set_http_endpoints({r.address: r.http_address for r in fleet.replicas if r.http_address})
-        models: dict[str, ServedModel] = {}
-        for status in fleet.models:
+    async def apply(self, state: FleetState, change: FleetChange) -> None:
+        # Replicas are few (one per Triton server) and a message does not say which changed.
+        http = {r.address: r.http_address for r in state.replicas.values() if r.http_address}
+        if http != self._http:
+            self._http = http
+            self.backend.set_http_endpoints(http)
+        models = self.processor.models
+        served = len(models)
+        gone = list(change.removed)
+        if change.full:
+            gone += [name for name in models if name not in state.models]
+        forgotten = sum(self._forget(name) for name in gone)
+        for name in change.changed:
+            status = state.models.get(name)
+            if status is None:
+                continue
             spec = spec_of(status)
-            known = self.processor.models.get(status.name)
-            models[status.name] = known if known is not None and known.settings == spec else ServedModel.from_spec(
-                status.name, spec
-            )
-            self.backend.set_copies(spec.backend_model or status.name, ready_replicas(status), spec.backend)
-        for gone in set(self.processor.models) - set(models):
-            self.backend.remove(self.processor.models[gone].backend_model)
-        self.processor.models = models
-        metrics.models_served("preprocess", models)
+            known = models.get(name)
+            if known is None or known.settings != spec:
+                if known is not None and known.backend_model != (spec.backend_model or name):
+                    self._forget(name)  # renamed in the backend: the old name's copies are not its copies
+                models[name] = known = ServedModel.from_spec(name, spec)
+                self.backend_to_model[known.backend_model] = name
+            self.backend.set_copies(known.backend_model, ready_replicas(status), spec.backend)
+        if forgotten or len(models) != served:  # the served set changed (its metric series follow it)
+            metrics.models_served("preprocess", models)
+
+    def _forget(self, name: str) -> bool:
+        """The model is gone: its backend pool (its copies) and its names with it. False: not known."""
+        known = self.processor.models.pop(name, None)
+        if known is None:
+            return False
+        self.backend.remove(known.backend_model)
+        if self.backend_to_model.get(known.backend_model) == name:
+            del self.backend_to_model[known.backend_model]
+        return True
 
 
 class ControllerColdStart:
@@ -164,14 +194,8 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
         max_image_pixels=settings.preprocess.max_image_pixels,
         decode_jobs=decode_threads,
     )
-    follower = FleetFollower(processor, backend)
-
-    async def on_fleet(fleet: controller_pb2.Fleet) -> None:
-        await follower.apply(fleet)
-        backend_to_model.clear()
-        backend_to_model.update({m.backend_model: name for name, m in processor.models.items()})
-
-    watcher = FleetWatcher(settings.endpoints.controller, on_fleet, name="preprocess")
+    follower = FleetFollower(processor, backend, backend_to_model)
+    watcher = FleetWatcher(settings.endpoints.controller, follower.apply, name="preprocess")
     watcher.start()
     await watcher.wait_first(10.0)
     server = ServiceServer(

@@ -5,8 +5,9 @@ Decisions use request headers only; the body is never looked at.
 
 from __future__ import annotations
 
+import heapq
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Generic, TypeVar
 
 from flotilla.common import metrics
@@ -18,6 +19,7 @@ C = TypeVar("C")
 
 BEARER = "bearer "
 _SHOWN_CHARS = 40  # how much of an unknown model name an error message repeats
+_SHOWN_MODELS = 20  # how many served models it lists
 
 
 class ApiKeys:
@@ -41,25 +43,47 @@ class ApiKeys:
 
 
 class RouteTable(Generic[C]):
-    """Model name → the pool of that model's batcher replicas; changes at run time."""
+    """Model name → the pool of that model's batching shards; changes at run time.
 
-    def __init__(self, pools: dict[str, EndpointPool[C]] | None = None) -> None:
+    Several models may share one pool (those on the same shards). ``update``
+    applies a batch of changes at the batch's cost, except the per-model
+    metric series: ``metrics.models_served`` reconciles them against every
+    served model, so it runs only when a model was added or removed, not
+    moved.
+    """
+
+    def __init__(self, pools: Mapping[str, EndpointPool[C]] | None = None) -> None:
         self._pools: dict[str, EndpointPool[C]] = dict(pools or {})
+        if self._pools:
+            metrics.models_served("router", self._pools)
 
     @property
     def models(self) -> list[str]:
         return sorted(self._pools)
 
+    def __len__(self) -> int:
+        return len(self._pools)
+
+    def __contains__(self, model: object) -> bool:
+        return model in self._pools
+
     def get(self, model: str) -> EndpointPool[C] | None:
         return self._pools.get(model)
 
+    def update(self, routes: Mapping[str, EndpointPool[C]], removed: Iterable[str] = ()) -> None:
+        """Route each model of ``routes`` to its pool and drop the routes of ``removed``."""
+        added = [model for model in routes if model not in self._pools]
+        self._pools.update(routes)
+        gone = [model for model in removed if self._pools.pop(model, None) is not None]
+        if added or gone:
+            metrics.models_served("router", self._pools)
+
     def put(self, model: str, pool: EndpointPool[C]) -> None:
-        self._pools[model] = pool
-        metrics.models_served("router", self._pools)
+        self.update({model: pool})
 
     def remove(self, model: str) -> EndpointPool[C] | None:
-        pool = self._pools.pop(model, None)
-        metrics.models_served("router", self._pools)
+        pool = self._pools.get(model)
+        self.update({}, [model])
         return pool
 
     def pool_for(self, model: str | None) -> EndpointPool[C]:
@@ -69,6 +93,10 @@ class RouteTable(Generic[C]):
             return self._pools[model]
         except KeyError:
             shown = shorten(model, _SHOWN_CHARS)
-            raise ModelNotFound(
-                f"model {shown!r} is not served; served models: {', '.join(self.models) or 'none'}"
-            ) from None
+            raise ModelNotFound(f"model {shown!r} is not served; served models: {self._served_names()}") from None
+
+    def _served_names(self) -> str:
+        """The first served names in order, and how many in all when that is more (fleets run thousands)."""
+        first = heapq.nsmallest(_SHOWN_MODELS, self._pools)
+        more = len(self._pools) - len(first)
+        return ", ".join(first) + (f", ... ({len(self._pools)} in all)" if more else "") if first else "none"

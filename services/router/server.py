@@ -8,30 +8,35 @@ frame on this router's one ``Relay`` stream to that batcher (calls ready in
 the same event-loop turn share a message; ``flotilla.common.relay``). The
 answer (or the batcher's status) comes back the same way.
 
-Routes follow the controller: each fleet snapshot's models and their
-registered batchers become the route table, so a model deployed at run time
-is routed without a restart and an undeployed one answers NOT_FOUND.
+Routes follow the controller's fleet watch: each model is routed to the
+batching shards that hold its queue (``ModelStatus.batchers``), so a model
+deployed at run time is routed without a restart and an undeployed one
+answers NOT_FOUND. Models on the same shards share one pool, and every pool
+shares one peer (one relay stream) per shard (``services.router.shards``).
+A shard that answers NOT_FOUND for a model it no longer holds (the model
+moved) answered: the pool passes that on and does not count it against the
+shard.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
-from flotilla.api.v1 import controller_pb2
 from flotilla.common import tracing
-from flotilla.common.fleet import FleetWatcher
+from flotilla.common.fleet import FleetChange, FleetState, FleetWatcher
 from flotilla.common.interceptors import MAX_CACHED_METHODS, UNKNOWN_MODEL, AdmissionLimit
 from flotilla.common.peer import GrpcPeer
 from flotilla.common.server import ServiceServer, serve_until_signal
 from flotilla.common.wire import AUTH_HEADER, CLASSIFIER_SERVICE, MODEL_HEADER
 from flotilla.config import FlotillaSettings, PoolSettings
 from flotilla.errors import DeadlineExceeded
-from flotilla.pool.discovery import DnsEndpoints, pool_following, replace_endpoints
-from flotilla.pool.pool import ActiveHealthCheck, Endpoint, pool_from_settings
+from flotilla.pool.pool import Endpoint
 from flotilla.services.router.routing import ApiKeys, RouteTable
+from flotilla.services.router.shards import LINGER_S, ShardRoutes
 
 log = logging.getLogger(__name__)
 
@@ -92,58 +97,33 @@ class ForwardingHandler(grpc.GenericRpcHandler):
         return await pool.call(on)
 
 
-class BatcherRoutes:
-    """Keeps the route table equal to the fleet: one pool per model over its batchers."""
+class BatcherRoutes(ShardRoutes[GrpcPeer[None]]):
+    """Keeps the route table equal to the fleet: each model to the pool of its batching shards.
 
-    def __init__(self, settings: PoolSettings) -> None:
-        self.settings = settings
-        self.table: RouteTable[GrpcPeer[None]] = RouteTable()
-        self._checks: dict[str, ActiveHealthCheck[GrpcPeer[None]]] = {}
-        self._discovery: dict[str, DnsEndpoints] = {}
+    Only the models a fleet message changed or removed are touched (a whole
+    fleet: all of them); ``services.router.shards`` has the mechanism.
+    """
 
-    async def apply(self, fleet: controller_pb2.Fleet) -> None:
-        wanted = {m.name: list(m.batchers) for m in fleet.models if m.batchers}
-        for model in [m for m in self.table.models if m not in wanted]:
-            await self._drop(model)
-            log.info("router: route for %s removed", model)
-        for model, addresses in wanted.items():
-            pool = self.table.get(model)
-            if pool is None:
-                pool, check = pool_from_settings(
-                    f"batcher of {model}", {}, self.settings,
-                    probe=lambda e: e.client.serving(CLASSIFIER_SERVICE),
-                )
-                self.table.put(model, pool)
-                self._checks[model] = check
-                check.start()
-                log.info("router: route for %s -> %s", model, ", ".join(addresses))
-            if self.settings.dns_refresh_interval_s:
-                # Batchers behind headless Services: one endpoint per pod, re-resolved.
-                following = self._discovery.get(model)
-                if following is None or following.targets != addresses:
-                    if following is not None:
-                        await following.stop()
-                    self._discovery[model] = await pool_following(
-                        pool, addresses, GrpcPeer, lambda p: p.close(),
-                        interval_s=self.settings.dns_refresh_interval_s,
-                    )
-                continue
-            await replace_endpoints(pool, addresses, GrpcPeer, lambda p: p.close())
+    def __init__(
+        self,
+        settings: PoolSettings,
+        *,
+        make_peer: Callable[[str], GrpcPeer[None]] = GrpcPeer,
+        linger_s: float = LINGER_S,
+    ) -> None:
+        super().__init__(settings, make_peer, _close_peer, _probe, linger_s=linger_s)
 
-    async def _drop(self, model: str) -> None:
-        pool = self.table.remove(model)
-        following = self._discovery.pop(model, None)
-        if following is not None:
-            await following.stop()
-        check = self._checks.pop(model, None)
-        if check is not None:
-            await check.stop()
-        for peer in pool.set_endpoints({}) if pool else []:
-            await peer.close()
+    async def apply(self, state: FleetState, change: FleetChange) -> None:
+        routes = {name: state.models[name].batchers for name in change.changed if name in state.models}
+        await self.follow(routes, change.removed, full=change.full)
 
-    async def close(self) -> None:
-        for model in self.table.models:
-            await self._drop(model)
+
+async def _close_peer(peer: GrpcPeer[None]) -> None:
+    await peer.close()
+
+
+async def _probe(endpoint: Endpoint[GrpcPeer[None]]) -> bool:
+    return await endpoint.client.serving(CLASSIFIER_SERVICE)
 
 
 async def serve(settings: FlotillaSettings, port: int) -> None:

@@ -80,3 +80,22 @@ def test_unknown_model_is_not_found_and_lists_served_models() -> None:
 def test_unknown_model_with_no_routes_says_none() -> None:
     with pytest.raises(ModelNotFound, match="served models: none"):
         RouteTable({}).pool_for("vgg16")
+
+
+def test_a_not_found_lists_a_bounded_number_of_served_models() -> None:
+    pool: EndpointPool[str] = EndpointPool("shared", {"s:1": "s1"})
+    routes = RouteTable({f"model-{i:05d}": pool for i in range(5000)})
+    with pytest.raises(ModelNotFound) as info:
+        routes.pool_for("vgg16")
+    assert "model-00000, model-00001" in info.value.message
+    assert "model-00020" not in info.value.message
+    assert "(5000 in all)" in info.value.message
+
+
+def test_update_routes_and_removes_in_one_step() -> None:
+    routes = make_routes()
+    shared: EndpointPool[str] = EndpointPool("shared", {"s:1": "s1"})
+    routes.update({"vgg16": shared, "resnet50": shared}, ["efficientnet-lite0", "never-routed"])
+    assert routes.models == ["resnet50", "vgg16"]
+    assert routes.pool_for("resnet50") is routes.pool_for("vgg16") is shared
+    assert "efficientnet-lite0" not in routes and len(routes) == 2
