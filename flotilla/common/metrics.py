@@ -194,6 +194,25 @@ def models_served(tier: str, models: Iterable[str]) -> None:
     _served[tier] = wanted
 
 
+def models_changed(tier: str, *, added: Iterable[str] = (), removed: Iterable[str] = ()) -> None:
+    """``models_served`` by difference: this tier now also serves ``added`` and no longer ``removed``
+    (a fleet delta's cost is its size, not the fleet's)."""
+    served = _served.setdefault(tier, set())
+    first = not served
+    for model in removed:
+        if model in served:
+            served.discard(model)
+            _forget(tier, model)
+    for model in added:
+        if model not in served:
+            served.add(model)
+            for metric, labels in _model_series(tier, model):
+                metric.labels(*labels)
+    if first and served:
+        for metric, labels in _tier_series(tier):
+            metric.labels(*labels)
+
+
 def _model_series(tier: str, model: str) -> Iterator[tuple[Counter | Histogram, tuple[str, ...]]]:
     if tier in REQUEST_PATH:
         method, codes = REQUEST_PATH[tier]

@@ -545,7 +545,7 @@ class Controller:
         self._follow_shards(name, "deployed")
         self._update_ready(record)
         await self._save(record)
-        metrics.models_served("controller", [r.name for r in self.committed()])
+        metrics.models_changed("controller", added=[name])
         self._publish(name)
         log.info("controller: deployed %s (%s)", name, spec.storage_uri)
         return record
@@ -564,7 +564,7 @@ class Controller:
         self.autoscaler.forget(name)
         self._arrivals_seen.pop(name, None)
         await asyncio.to_thread(self.store.delete, name)
-        metrics.models_served("controller", [r.name for r in self.committed()])
+        metrics.models_changed("controller", removed=[name])
         self._publish(name)
         log.info("controller: undeployed %s", name)
 

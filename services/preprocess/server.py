@@ -111,7 +111,7 @@ class FleetFollower:
             self._http = http
             self.backend.set_http_endpoints(http)
         models = self.processor.models
-        served = len(models)
+        before = set(models) if change.full else None
         gone = list(change.removed)
         if change.full:
             gone += [name for name in models if name not in state.models]
@@ -128,8 +128,11 @@ class FleetFollower:
                 models[name] = known = ServedModel.from_spec(name, spec)
                 self.backend_to_model[known.backend_model] = name
             self.backend.set_copies(known.backend_model, ready_replicas(status), spec.backend)
-        if forgotten or len(models) != served:  # the served set changed (its metric series follow it)
+        # The served set's metric series follow it, at the change's cost.
+        if before is not None:
             metrics.models_served("preprocess", models)
+        elif forgotten or change.changed:
+            metrics.models_changed("preprocess", added=[n for n in change.changed if n in models], removed=gone)
 
     def _forget(self, name: str) -> bool:
         """The model is gone: its backend pool (its copies) and its names with it. False: not known."""

@@ -46,10 +46,8 @@ class RouteTable(Generic[C]):
     """Model name → the pool of that model's batching shards; changes at run time.
 
     Several models may share one pool (those on the same shards). ``update``
-    applies a batch of changes at the batch's cost, except the per-model
-    metric series: ``metrics.models_served`` reconciles them against every
-    served model, so it runs only when a model was added or removed, not
-    moved.
+    applies a batch of changes at the batch's cost, the per-model metric
+    series included (``metrics.models_changed``).
     """
 
     def __init__(self, pools: Mapping[str, EndpointPool[C]] | None = None) -> None:
@@ -76,7 +74,7 @@ class RouteTable(Generic[C]):
         self._pools.update(routes)
         gone = [model for model in removed if self._pools.pop(model, None) is not None]
         if added or gone:
-            metrics.models_served("router", self._pools)
+            metrics.models_changed("router", added=added, removed=gone)
 
     def put(self, model: str, pool: EndpointPool[C]) -> None:
         self.update({model: pool})
