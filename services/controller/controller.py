@@ -174,6 +174,8 @@ class Controller:
         self.records: dict[str, ModelRecord] = {}
         self.generation = 0
         self._changed = asyncio.Condition()
+        self._assigned = asyncio.Condition()
+        """Notified when shards' assignments may have changed (their held heartbeats look again)."""
         self._placing = asyncio.Lock()
         self._cold: dict[str, asyncio.Task[None]] = {}
         self._scaling: dict[str, asyncio.Task[None]] = {}
@@ -520,12 +522,18 @@ class Controller:
         if fit.inferred:
             record.event("spec_from_graph", f"{', '.join(fit.inferred)} read from model.onnx: {describe_spec(spec)}")
         self.records[name] = record
+        # Its shard first: while the copies load the shard learns the model and says so, so the routes
+        # name it as soon as the record commits.
+        self.shards.add(name, self.clock.now(), dedicated=spec.dedicated_batcher)
+        self._wake_shards()
         try:
             for _ in range(spec.min_copies):
                 address = await self._add_copy(name, "deploy: min_copies")
                 await self._measure(name, address, deploying=True)  # a copy that cannot run a batch fails the deploy
         except BaseException:
             self.records.pop(name, None)
+            self.shards.remove(name)
+            self._wake_shards()
             for address in self.copies(name, ("loading", "ready", "draining")):
                 self._drop_copy(address, name)
                 await self.agents[address].unload(name, spec)
@@ -538,7 +546,6 @@ class Controller:
             "deployed",
             f"registered with {len(self.copies(name))} copy(ies); min {spec.min_copies}, max {spec.max_copies}",
         )
-        self.shards.add(name, self.clock.now(), dedicated=spec.dedicated_batcher)
         # Idle from now until a shard reports its queue (shards report only counters that change).
         self.autoscaler.observe(name, self.clock.now(), arrivals_total=0, dispatched_total=0, queue_wait_s_total=0.0,
                                 queue_depth=0)
@@ -555,6 +562,7 @@ class Controller:
         record.committed = False  # routes and batchers go first
         self.shards.remove(name)
         self._publish(name)
+        self._wake_shards()
         for task in (self._cold.pop(name, None), self._scaling.pop(name, None)):
             if task is not None:
                 task.cancel()
@@ -585,7 +593,7 @@ class Controller:
         known = address in self.shards.shards
         moved = self.shards.heartbeat(
             address, self.clock.now(), dedicated_model=dedicated_model, counters=counters,
-            cpu_seconds_total=cpu_seconds_total, started=started,
+            cpu_seconds_total=cpu_seconds_total, started=started, assignment=assignment,
         )
         if not known:
             log.info("controller: batching shard %s reports%s", address,
@@ -594,11 +602,43 @@ class Controller:
             self._follow_shards(name, f"its own batcher at {address} reports")
         if moved or not known:
             self._publish(*moved)
-        # A shard that was never given models hears nothing until it changes (the whole list when it does).
-        shard = self.shards.shards[address]
-        changed = shard.assignment != assignment
+            self._wake_shards()
+        return self._shard_reply(address, assignment)
+
+    def _shard_reply(self, address: str, held: int) -> ShardReply:
+        shard = self.shards.shards.get(address)
+        if shard is None:  # dropped while its call waited: it reports again and is known anew
+            return ShardReply(held, False, [], 0.0)
+        changed = shard.assignment != held
         models = [(m, self.records[m].spec) for m in sorted(shard.models) if m in self.records] if changed else []
         return ShardReply(shard.assignment, changed, models, self.settings.shards.heartbeat_interval_s)
+
+    async def shard_wait(self, address: str, held: int) -> ShardReply:
+        """The heartbeat's answer, held until the shard's assignment differs from ``held`` or for one
+        heartbeat interval (then the shard calls again at once): a model given to a shard reaches it in
+        milliseconds, and its next call acknowledges it (only then do routes name the shard)."""
+        deadline = self.clock.now() + self.settings.shards.heartbeat_interval_s
+
+        def differs() -> bool:
+            shard = self.shards.shards.get(address)
+            return shard is None or shard.assignment != held
+
+        async with self._assigned:
+            while not differs() and self.clock.now() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._assigned.wait(), max(deadline - self.clock.now(), 0.0))
+        reply = self._shard_reply(address, held)
+        return ShardReply(reply.assignment, reply.changed, reply.models, 0.0)
+
+    def _wake_shards(self) -> None:
+        """Assignments may have changed: the shards' held heartbeats look again."""
+
+        async def notify() -> None:
+            async with self._assigned:
+                self._assigned.notify_all()
+
+        task = asyncio.get_running_loop().create_task(notify())
+        task.add_done_callback(lambda t: None)
 
     def _follow_shards(self, name: str, why: str) -> None:
         """The record's batchers become the shards holding its queue now (routes follow the publish)."""
@@ -630,6 +670,7 @@ class Controller:
             self._follow_shards(name, why)
         if moved or balanced or gone:
             self._publish(*moved, *balanced)
+            self._wake_shards()
 
     async def ensure_loaded(self, name: str) -> ModelRecord:
         """Return once ``name`` has a ready copy; concurrent callers share one load."""

@@ -61,7 +61,7 @@ def status_to_pb(controller: Controller, record: ModelRecord, *, events: bool = 
             for c in sorted(record.conditions.values(), key=lambda c: (c.type, c.replica))
         ],
         copies=copies,
-        batchers=record.batchers,
+        batchers=controller.shards.serving(record.name),
         memory_mb=record.memory_mb,
         memory_measured=record.measured_memory_mb is not None,
         events=[controller_pb2.Event(unix_s=e.unix_s, kind=e.kind, message=e.message) for e in record.events]
@@ -191,6 +191,9 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
             request.address, dedicated_model=request.dedicated_model, counters=counters,
             cpu_seconds_total=request.cpu_seconds_total, assignment=request.assignment, started=request.started,
         )
+        if not reply.changed:
+            # Held until the shard's models change or one interval passes; then it calls again at once.
+            reply = await self.controller.shard_wait(request.address, request.assignment)
         return controller_pb2.ShardHeartbeatResponse(
             assignment=reply.assignment, changed=reply.changed, interval_s=reply.interval_s,
             models=[controller_pb2.ShardModel(name=name, spec_json=spec.model_dump_json()) for name, spec in reply.models],

@@ -39,6 +39,7 @@ publishes those (routes follow) and saves their records.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -72,6 +73,10 @@ class ShardInfo:
     requests_per_s: float = 0.0
     heard: bool = False
     """Reported at least once to this controller (a presumed shard has not yet)."""
+    acked: int = 0
+    """The assignment the shard last said it holds: it has a queue for every model given at or before it."""
+    given: dict[str, int] = field(default_factory=dict)
+    """Model -> the assignment that gave it here (0: known from a record, held already)."""
     _cpu_total_s: float | None = None
     _arrivals: int | None = None
     _at_s: float = 0.0
@@ -97,13 +102,25 @@ class ShardBook:
         """Shards whose models changed, or that came or went, since ``take_touched`` (the fleet shows them)."""
         self.reported: set[str] = set()
         """Models whose counters shards reported since ``take_reported``."""
-        self._numbers = itertools.count(1)
+        self._numbers = itertools.count(int(time.time() * 1000))
+        """Assignment numbers: from the wall clock in ms, so a restarted controller's are above any a shard
+        holds from its predecessor, and a shard's old number never acknowledges a new model."""
         self._last_rebalance_s: float | None = None
 
     # -- reading --------------------------------------------------------------
 
     def live(self, now_s: float) -> list[ShardInfo]:
         return [s for s in self.shards.values() if now_s - s.last_seen_s < self.settings.heartbeat_timeout_s]
+
+    def serving(self, model: str) -> list[str]:
+        """The shards that hold ``model``'s queue and have said so (acknowledged the assignment that gave
+        it): the ones routes may name. A shard given a model has no queue for it until its next heartbeat."""
+        out = []
+        for address in self.holders.get(model, []):
+            shard = self.shards.get(address)
+            if shard is not None and shard.acked >= shard.given.get(model, 0):
+                out.append(address)
+        return out
 
     def counters(self, model: str) -> QueueCounts | None:
         """``model``'s counters summed over the shards that report a queue of it; None when none does."""
@@ -134,10 +151,11 @@ class ShardBook:
 
     # -- changes --------------------------------------------------------------
 
-    def _give(self, model: str, shard: ShardInfo) -> None:
+    def _give(self, model: str, shard: ShardInfo, *, held: bool = False) -> None:
         self.touched.add(shard.address)
         shard.models.add(model)
         shard.assignment = next(self._numbers)
+        shard.given[model] = 0 if held else shard.assignment
         holders = self.holders.setdefault(model, [])
         if shard.address not in holders:
             holders.append(shard.address)
@@ -145,6 +163,7 @@ class ShardBook:
     def _take(self, model: str, shard: ShardInfo) -> None:
         self.touched.add(shard.address)
         shard.models.discard(model)
+        shard.given.pop(model, None)
         shard.counters.pop(model, None)
         shard.assignment = next(self._numbers)
         holders = self.holders.get(model)
@@ -198,7 +217,7 @@ class ShardBook:
             shard = self.shards.get(address)
             if shard is None:
                 shard = self.shards[address] = ShardInfo(address, last_seen_s=now_s)
-            self._give(model, shard)
+            self._give(model, shard, held=True)
 
     def heartbeat(
         self,
@@ -209,9 +228,11 @@ class ShardBook:
         counters: dict[str, QueueCounts] | None = None,
         cpu_seconds_total: float | None = None,
         started: bool = False,
+        assignment: int = 0,
     ) -> set[str]:
-        """A shard reported; returns the models whose holders changed (a new dedicated batcher takes
-        its model; a shard that comes back after it was declared dead holds nothing until given)."""
+        """A shard reported; returns the models whose holders or serving shards changed (a new dedicated
+        batcher takes its model; the shard acknowledged models given to it; a shard that comes back
+        after it was declared dead holds nothing until given)."""
         changed: set[str] = set()
         shard = self.shards.get(address)
         if shard is None:
@@ -231,6 +252,12 @@ class ShardBook:
         self._measure(shard, now_s, cpu_seconds_total)
         shard.last_seen_s = now_s
         shard.heard = True
+        if assignment != shard.acked:
+            # Models given between what it held before and what it holds now start (or, after a restart,
+            # stop) being served there.
+            low, high = sorted((shard.acked, assignment))
+            changed |= {m for m, at in shard.given.items() if low < at <= high}
+            shard.acked = assignment
         if dedicated_model and dedicated_model in self.holders and dedicated_model not in shard.models:
             # A batcher of the model's own: it moves there from the shared shards.
             for other in [self.shards[a] for a in list(self.holders[dedicated_model]) if a in self.shards]:

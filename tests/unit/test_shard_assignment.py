@@ -190,3 +190,35 @@ async def test_a_dead_shards_models_move_and_the_fleet_says_only_what_changed(ct
     change = ctl.changes_since(before)
     assert change is not None and change.models == frozenset(on_s2)
     assert "s2:1" in change.shards and "s2:1" not in ctl.shards.shards
+
+
+async def test_routes_name_a_shard_only_once_it_says_it_holds_the_model(ctl: Controller) -> None:
+    from flotilla.services.controller.server import status_to_pb
+
+    first = ctl.shard_heartbeat("s1:1", started=True)
+    await ctl.deploy("m", spec(min_copies=0))
+    assert ctl.records["m"].batchers == ["s1:1"], "assigned (and recorded) at once"
+    assert list(status_to_pb(ctl, ctl.records["m"]).batchers) == [], "but not routed before the shard has a queue"
+    reply = ctl.shard_heartbeat("s1:1", assignment=first.assignment)
+    assert reply.changed
+    before = ctl.generation
+    ctl.shard_heartbeat("s1:1", assignment=reply.assignment)  # the shard applied the list: it says so
+    assert list(status_to_pb(ctl, ctl.records["m"]).batchers) == ["s1:1"]
+    change = ctl.changes_since(before)
+    assert change is not None and change.models == frozenset({"m"})
+    # Restarted, it holds nothing: the route goes until it has the queue again.
+    ctl.shard_heartbeat("s1:1", started=True)
+    assert list(status_to_pb(ctl, ctl.records["m"]).batchers) == []
+
+
+async def test_a_held_heartbeat_answers_as_soon_as_the_shard_is_given_a_model(ctl: Controller) -> None:
+    import asyncio
+
+    first = ctl.shard_heartbeat("s1:1", started=True)
+    ctl.shard_heartbeat("s1:1", assignment=first.assignment)
+    waiting = asyncio.create_task(ctl.shard_wait("s1:1", first.assignment))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    await ctl.deploy("m", spec(min_copies=0))
+    reply = await asyncio.wait_for(waiting, 0.5)
+    assert reply.changed and [n for n, _ in reply.models] == ["m"] and reply.interval_s == 0.0
