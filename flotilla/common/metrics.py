@@ -76,6 +76,12 @@ PREPROCESS_SECONDS = Histogram(
     "Per image: fetch (S3 GET), decode (JPEG to pixels at size), and per batch: tensor (stacking, normalising).",
     ["model", "stage"], buckets=LATENCY_BUCKETS_S,
 )
+PREPROCESS_DECODE_BUSY_SECONDS = Counter(
+    "flotilla_preprocess_decode_busy_seconds",
+    "Wall time the worker's decode threads spent decoding, summed over threads: its rate over"
+    " flotilla_preprocess_decode_threads is the worker's busy fraction (what to scale workers on).",
+)
+PREPROCESS_DECODE_THREADS = Gauge("flotilla_preprocess_decode_threads", "Threads the worker decodes images on.")
 PREPROCESS_DECODE_CPU_SECONDS = Counter(
     "flotilla_preprocess_decode_cpu_seconds",
     "CPU time of the worker's decode threads decoding and resizing images (their thread CPU time):"

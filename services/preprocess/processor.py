@@ -170,7 +170,7 @@ class BatchProcessor:
 
         def decode(indices: list[int]) -> None:
             with tracing.span("decode", context=parent, attributes={"flotilla.images": len(indices)}):
-                cpu_started_s = time.thread_time()
+                cpu_started_s, wall_started_s = time.thread_time(), time.perf_counter()
                 for i in indices:
                     started_s = time.perf_counter()
                     try:
@@ -183,6 +183,7 @@ class BatchProcessor:
                         failures[i] = exc
                     timer.observe(time.perf_counter() - started_s)
                 cpu.inc(time.thread_time() - cpu_started_s)
+                metrics.PREPROCESS_DECODE_BUSY_SECONDS.inc(time.perf_counter() - wall_started_s)
 
         jobs = max(1, min(self.decode_jobs, len(todo)))
         loop = asyncio.get_running_loop()

@@ -179,6 +179,7 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
         raise SystemExit("preprocess: endpoints.controller is empty; workers take their models from the controller")
     decode_threads = settings.preprocess.decode_threads or len(os.sched_getaffinity(0))
     executor = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
+    metrics.PREPROCESS_DECODE_THREADS.set(decode_threads)
     store = AsyncObjectReader(settings.s3, max_connections=settings.preprocess.max_fetches)
     channel = grpc.aio.insecure_channel(settings.endpoints.controller)
     backend_to_model: dict[str, str] = {}
