@@ -11,7 +11,8 @@ security context, pinned images, roles that exist, a configuration that
 loads and names only Services that exist, batcher shards that advertise
 their pod's address and no per-model objects but a dedicated batcher's,
 PodDisruptionBudgets that cover every tier and MinIO yet never block a drain,
-HPAs on the resource metrics k8s/README.md documents, NetworkPolicies that
+HPAs on the metrics k8s/README.md documents (the workers' busy fraction as
+the prometheus-adapter rule computes it, run by promtool), NetworkPolicies that
 leave only the router open yet let each hop through, scaled tiers spread over
 zones and nodes, Triton's memory sized from its budget, and one tracing
 configuration every Flotilla pod takes.
@@ -20,6 +21,7 @@ configuration every Flotilla pod takes.
 from __future__ import annotations
 
 import functools
+import re
 import shutil
 import subprocess
 import sys
@@ -32,8 +34,10 @@ import yaml
 
 from flotilla import k8s
 from flotilla.cli import build_parser
+from flotilla.common import metrics
 from flotilla.common.keepalive import TRITON_PING_ARGS
 from flotilla.config import FlotillaSettings, ObservabilitySettings
+from tests.test_observability_rules import exported_names, metric_names, promtool
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -291,9 +295,12 @@ def test_no_disruption_budget_blocks_a_node_drain(overlay: str) -> None:
         assert isinstance(allowed, int) and allowed >= 1, f"{label(budget)} blocks a drain at {fewest} replica(s)"
 
 
+BUSY_FRACTION = "flotilla_preprocess_busy_fraction"
+"""The workers' busy fraction, a Pods metric prometheus-adapter serves (ADAPTER_VALUES)."""
+ADAPTER_VALUES = K8S / "components" / "monitoring" / "prometheus-adapter-values.yaml"
 HPA_METRICS = {
     "router": {"Resource/cpu/Utilization"},
-    "preprocess": {"Resource/cpu/Utilization"},
+    "preprocess": {f"Pods/{BUSY_FRACTION}"},
     "batcher": {"Resource/cpu/AverageValue"},
 }
 """Workload -> what its HPA reads (k8s/README.md, "Scale", says why). None reads queue wait or queue
@@ -306,7 +313,7 @@ def hpa_metrics(hpa: Obj) -> set[str]:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_autoscalers_scale_on_the_documented_resource_metrics(overlay: str) -> None:
+def test_autoscalers_scale_on_the_documented_metrics(overlay: str) -> None:
     config = settings(overlay)
     workloads = {(d["kind"], d["metadata"]["name"]) for d in rendered(overlay)}
     hpas = {h["metadata"]["name"]: h for h in objects(overlay, "HorizontalPodAutoscaler")}
@@ -321,7 +328,16 @@ def test_autoscalers_scale_on_the_documented_resource_metrics(overlay: str) -> N
     # its models: the tier grows before its shards are busy on average.
     (shard_cpu,) = hpas[k8s.batcher_name()]["spec"]["metrics"]
     assert quantity(shard_cpu["resource"]["target"]["averageValue"]) < config.controller.shards.busy_cpu_cores
-    # The guide's "Scale" table names each tier's HPA with the target it holds (a dedicated batcher's: the shards').
+    # The workers' HPA holds their mean busy fraction below 1 (all decode threads busy), with room
+    # for a burst while a new worker starts.
+    (busy,) = hpas["preprocess"]["spec"]["metrics"]
+    assert busy["pods"]["target"]["type"] == "AverageValue"
+    assert 0.5 <= quantity(busy["pods"]["target"]["averageValue"]) <= 0.9
+    # Every HPA waits before it removes pods: a lull between bursts does not cost a pod's start.
+    for name, hpa in hpas.items():
+        assert hpa["spec"].get("behavior", {}).get("scaleDown", {}).get("stabilizationWindowSeconds", 0) >= 60, name
+    # The guide's "Scale" table names each tier's HPA with the metric and target it holds (a dedicated
+    # batcher's: the shards').
     guide = (K8S / "README.md").read_text(encoding="utf-8")
     scale = guide[guide.index("\n## Scale\n"):].split("\n## ", 2)[1]
     for name in HPA_METRICS:
@@ -329,12 +345,69 @@ def test_autoscalers_scale_on_the_documented_resource_metrics(overlay: str) -> N
         row = next((line for line in scale.splitlines() if line.startswith(f"| `{name}`")), None)
         assert row is not None, f"k8s/README.md, Scale: no row for the HPA {name}"
         (metric,) = hpa["spec"]["metrics"]
-        target = metric["resource"]["target"]
+        if metric["type"] == "Resource":
+            target, what = metric["resource"]["target"], "CPU"
+        else:
+            target, what = metric["pods"]["target"], metric["pods"]["metric"]["name"]
         shown = f"{target['averageUtilization']}%" if "averageUtilization" in target else target["averageValue"]
-        assert "CPU" in row and shown in row, f"k8s/README.md, Scale: {name} holds CPU at {shown}: {row}"
+        assert what in row and shown in row, f"k8s/README.md, Scale: {name} holds {what} at {shown}: {row}"
     for workload, _ in pod_specs(overlay):  # an HPA owns these counts: an apply must not reset them
         if workload["metadata"]["name"] in hpas:
             assert "replicas" not in workload["spec"], label(workload)
+
+
+def adapter_query(template: str, group_by: str, matchers: str) -> str:
+    """The PromQL prometheus-adapter sends for one read: its rule's template with the labels filled in."""
+    return " ".join(template.replace("<<.GroupBy>>", group_by).replace("<<.LabelMatchers>>", matchers).split())
+
+
+def test_the_workers_busy_fraction_is_served_by_the_adapter_from_their_own_series(tmp_path: Path) -> None:
+    rules = yaml.safe_load(ADAPTER_VALUES.read_text(encoding="utf-8"))["rules"]
+    # Only what an HPA reads: no default rules, no external metrics and no resource metrics
+    # (metrics-server serves those to the CPU HPAs; two servers of metrics.k8s.io would clash).
+    assert rules["default"] is False and set(rules) == {"default", "custom"}
+    served = {rule["name"]["as"]: rule for rule in rules["custom"]}
+    read = {m["pods"]["metric"]["name"] for overlay in OVERLAYS for hpa in objects(overlay, "HorizontalPodAutoscaler")
+            for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
+    assert set(served) == read == {BUSY_FRACTION}
+    rule = served[BUSY_FRACTION]
+    # Per pod: the labels the ServiceMonitor's targets carry.
+    assert rule["resources"] == {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}}
+    # From the workers' own series, as flotilla/common/metrics.py exports them.
+    busy = metrics.PREPROCESS_DECODE_BUSY_SECONDS.describe()[0].name + "_total"
+    threads = metrics.PREPROCESS_DECODE_THREADS.describe()[0].name
+    assert {busy, threads} <= exported_names()
+    assert metric_names(rule["seriesQuery"]) == {busy} and re.fullmatch(rule["name"]["matches"], busy)
+    query = adapter_query(rule["metricsQuery"], "pod", 'namespace="flotilla",pod=~"preprocess-.*"')
+    assert metric_names(query) == {busy, threads}
+    # What it reads, run by promtool on 15 s scrapes: decode wall time per second over the threads.
+    # preprocess-a: 1.5 s/s on 2 threads; -b: 0.5 s/s on 2; -c: started, no thread count set yet
+    # (0, not NaN); a pod of another namespace is not the HPA's.
+    labels = 'namespace="{}",pod="{}",tier="preprocess"'
+    series = [
+        (busy, labels.format("flotilla", "preprocess-a"), "0+22.5x20"), (threads, labels.format("flotilla", "preprocess-a"), "2x20"),
+        (busy, labels.format("flotilla", "preprocess-b"), "0+7.5x20"), (threads, labels.format("flotilla", "preprocess-b"), "2x20"),
+        (busy, labels.format("flotilla", "preprocess-c"), "0x20"), (threads, labels.format("flotilla", "preprocess-c"), "0x20"),
+        (busy, labels.format("other", "preprocess-a"), "0+15x20"), (threads, labels.format("other", "preprocess-a"), "1x20"),
+    ]
+    expected = {"preprocess-a": 0.75, "preprocess-b": 0.25, "preprocess-c": 0}
+    case = {
+        "rule_files": [],
+        "evaluation_interval": "15s",
+        "tests": [{
+            "interval": "15s",
+            "input_series": [{"series": f"{name}{{{where}}}", "values": values} for name, where, values in series],
+            "promql_expr_test": [{
+                "expr": query,
+                "eval_time": "5m",
+                "exp_samples": [{"labels": f'{{pod="{pod}"}}', "value": value} for pod, value in expected.items()],
+            }],
+        }],
+    }
+    path = tmp_path / "adapter_test.yml"
+    path.write_text(yaml.safe_dump(case, sort_keys=False), encoding="utf-8")
+    result = promtool("test", "rules", str(path))
+    assert result.returncode == 0, f"{query}\n{result.stdout}{result.stderr}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
