@@ -38,6 +38,7 @@ from flotilla.clients.client import FlotillaClient
 from flotilla.clients.loadgen import LoadResult, closed_loop, open_loop
 from flotilla.clients.models import ModelsClient
 from flotilla.common.status import error_from_rpc
+from flotilla.common.wire import MODEL_HEADER
 from flotilla.config import S3Settings
 from flotilla.errors import error_from_code
 
@@ -137,17 +138,19 @@ class StackTarget:
         return [await self.client.upload(jpeg) for jpeg in images for _ in range(copies)]
 
     async def max_batch_size(self, model: str) -> int:
-        policy: batcher_pb2.BatchingPolicy = await self.admin(model).GetBatching(batcher_pb2.GetBatchingRequest())
+        policy: batcher_pb2.BatchingPolicy = await self.admin(model).GetBatching(
+            batcher_pb2.GetBatchingRequest(model_name=model)
+        )
         return policy.max_batch_size
 
     async def set_max_batch_size(self, model: str, max_batch_size: int, max_queue_delay_us: int | None = None) -> None:
         admin = self.admin(model)
-        policy = await admin.GetBatching(batcher_pb2.GetBatchingRequest())
+        policy = await admin.GetBatching(batcher_pb2.GetBatchingRequest(model_name=model))
         policy.max_batch_size = max_batch_size
         if max_queue_delay_us is not None:
             policy.max_queue_delay_us = max_queue_delay_us
         del policy.preferred_batch_sizes[:]
-        await admin.SetBatching(policy)
+        await admin.SetBatching(batcher_pb2.SetBatchingRequest(model_name=model, policy=policy))
 
     def mesh_call(self, model: str, uuids: Sequence[str]) -> Callable[[], Awaitable[object]]:
         cycle = itertools.cycle(uuids)
@@ -160,7 +163,11 @@ class StackTarget:
 
         async def call() -> object:
             try:
-                return await stub.Classify(inference_pb2.ClassifyRequest(image_uuid=next(cycle)), timeout=60)
+                # A batcher process hosts many models' queues: the header names this one's.
+                return await stub.Classify(
+                    inference_pb2.ClassifyRequest(image_uuid=next(cycle), model_name=model),
+                    timeout=60, metadata=((MODEL_HEADER, model),),
+                )
             except grpc.aio.AioRpcError as exc:
                 raise error_from_rpc(exc, "batcher") from exc
 
@@ -218,10 +225,10 @@ async def measure(
         await asyncio.sleep(warmup_s)
     else:
         load = asyncio.create_task(open_loop(call, rate_per_s=rate_per_s, duration_s=duration_s, on_done=on_done))
-    await admin.GetStats(batcher_pb2.GetStatsRequest(reset=True))
+    await admin.GetStats(batcher_pb2.GetStatsRequest(reset=True, model_name=model))
     before = await triton_totals(target.state.triton, backend_model)
     await asyncio.sleep(duration_s)
-    stats = await admin.GetStats(batcher_pb2.GetStatsRequest(reset=True))
+    stats = await admin.GetStats(batcher_pb2.GetStatsRequest(reset=True, model_name=model))
     after = await triton_totals(target.state.triton, backend_model)
     result: LoadResult = await load
     inferences, executions = after[0] - before[0], after[1] - before[1]

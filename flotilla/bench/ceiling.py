@@ -18,7 +18,7 @@ each pays its fixed costs alone. This part gives each tier the machine:
   any Python gRPC tier that accepts one unary call per request (the router
   must: that is the public API), measured on the same machine in the same run.
 
-The fakes (the controller, which answers only RegisterBatcher / WatchFleet,
+The fakes (the controller, which answers only ShardHeartbeat / WatchFleet,
 the worker, the batcher) and the load generator run in the bench process.
 For each point: requests/s over the window, the tier's CPU-µs per request
 and cores busy from its own CPU counters, and its ceiling on one core:
@@ -56,6 +56,7 @@ from flotilla.common.relay import RelayServicer
 from flotilla.common.server import ServiceServer, run_service
 from flotilla.common.wire import AUTH_HEADER, BEARER_PREFIX, MODEL_HEADER
 from flotilla.config import FlotillaSettings, ModelSettings, dump_settings
+from flotilla.errors import NotFound
 from flotilla.stack.processes import ManagedProcess, free_port, wait_until
 
 MODEL = "ceiling"
@@ -83,16 +84,18 @@ def answer(image_uuid: str) -> inference_pb2.ClassifyResponse:
 
 
 class _Controller(controller_pb2_grpc.ControllerServicer):
-    """Answers a batcher's registration with the model's spec, and a router's WatchFleet with one fleet."""
+    """Gives a batcher the one model in its heartbeats' answers, and a router's WatchFleet one fleet."""
 
     def __init__(self, spec: ModelSettings, batchers: list[str]) -> None:
         self.spec = spec
         self.batchers = batchers
 
-    async def RegisterBatcher(  # noqa: N802
-        self, request: controller_pb2.RegisterBatcherRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> controller_pb2.RegisterBatcherResponse:
-        return controller_pb2.RegisterBatcherResponse(spec_json=self.spec.model_dump_json())
+    async def ShardHeartbeat(  # noqa: N802
+        self, request: controller_pb2.ShardHeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> controller_pb2.ShardHeartbeatResponse:
+        changed = request.assignment != 1
+        models = [controller_pb2.ShardModel(name=MODEL, spec_json=self.spec.model_dump_json())] if changed else []
+        return controller_pb2.ShardHeartbeatResponse(assignment=1, changed=changed, models=models, interval_s=1.0)
 
     async def WatchFleet(  # noqa: N802
         self, request: controller_pb2.WatchFleetRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -178,6 +181,20 @@ def _config(settings: FlotillaSettings, run_dir: Path, name: str, controller: st
     return path
 
 
+async def _hosted(peer: GrpcPeer[None], body: bytes, headers: list[tuple[str, str]], timeout_s: float = 30.0) -> None:
+    """Until the batcher hosts the model: it serves at once, and takes the model from its first
+    answered heartbeat."""
+    deadline_s = time.monotonic() + timeout_s
+    while True:
+        try:
+            await peer.relay.call(CLASSIFY, body, headers, 5.0)
+            return
+        except NotFound:
+            if time.monotonic() > deadline_s:
+                raise
+            await asyncio.sleep(0.05)
+
+
 async def batcher_point(settings: FlotillaSettings, run_dir: Path, *, max_batch_size: int, window_s: float) -> dict[str, Any]:
     spec = ModelSettings(storage_uri="s3://unused/ceiling", memory_mb=1)
     spec.batching.max_batch_size = max_batch_size
@@ -197,6 +214,7 @@ async def batcher_point(settings: FlotillaSettings, run_dir: Path, *, max_batch_
         peer = GrpcPeer(batcher.address)
         ring = itertools.cycle(classify_bodies())
         headers = [(MODEL_HEADER, MODEL)]
+        await _hosted(peer, next(ring), headers)
         assert batcher.pid is not None
         point = await _measure(
             "batcher", batcher.pid, lambda: peer.relay.call(CLASSIFY, next(ring), headers, 30.0),

@@ -39,7 +39,7 @@ def stack_tiers(stack: LocalStack) -> dict[str, Tier]:
 
     return {
         "router": Tier(pids(*stack.routers)),
-        "batcher": Tier(pids(*stack.batchers.values())),
+        "batcher": Tier(pids(*stack.batcher_processes())),
         "worker": Tier(pids(*stack.preprocess)),
         "triton server": Tier(pids(*stack.tritons), children_to=MODEL_STUBS),
         "s3": Tier(pids(stack.s3)),

@@ -174,7 +174,7 @@ def autoscaling(stack: LocalStack, photos: list[bytes], duration_s: float) -> di
                     admin = batcher_pb2_grpc.BatcherAdminStub(channel)
                     while True:
                         status = await asyncio.to_thread(models.status, "hot")
-                        stats = await admin.GetStats(batcher_pb2.GetStatsRequest())
+                        stats = await admin.GetStats(batcher_pb2.GetStatsRequest(model_name="hot"))
                         ready = sum(c.state == "ready" for c in status.copies)
                         samples.append((time.monotonic(), status.queue_wait_ms, ready, stats.total_dispatched))
                         await asyncio.sleep(0.25)

@@ -1,23 +1,27 @@
 """The embedded local stack: every part of the mesh as processes on 127.0.0.1.
 
     SeaweedFS S3 ─ Triton × R (empty) ─ controller ─ preprocess × W ─ router
-                                             └─ batcher per registered model
+                                             └─ batcher shards × S (+ a dedicated batcher per model that asks)
 
 ``LocalStack.start`` brings the parts up in dependency order and waits
 until each is healthy. Triton replicas start empty; the controller places
 models on them. The models configured under ``models:`` are deployed
 through the registry like any operator would (artifact uploaded to S3, then
-``Deploy``). A model's batcher comes and goes with its registry record: a
-thread follows the controller's fleet and starts or stops batcher
-processes. A supervisor restarts any process that dies, with backoff. The
-resolved configuration and ``stack.json`` (what ``flotilla infer`` and
-``flotilla models`` read; ``flotilla.stack.state``) are written to the run
-directory. ``stop`` marks ``stack.json`` stopped, then takes everything down
-in reverse order; children also die with this process. A stack started
-again in the same run directory finds the registry S3 kept: the models
-registered as configured stay (their batchers start once), those whose
-configuration changed are replaced, and what named the earlier stack's
-processes (batcher addresses, per-replica conditions) is forgotten first.
+``Deploy``). The ``batcher.shards`` shared batcher processes (batcher-0,
+batcher-1, ...) start with the stack, with no models: the controller
+assigns each registered model to shards as they heartbeat. A model whose
+spec sets ``dedicated_batcher`` gets a batcher process of its own
+(batcher-<model>) that comes and goes with its registry record: a thread
+follows the controller's fleet and starts or stops them. A supervisor
+restarts any process that dies, with backoff. The resolved configuration
+and ``stack.json`` (what ``flotilla infer`` and ``flotilla models`` read;
+``flotilla.stack.state``) are written to the run directory. ``stop`` marks
+``stack.json`` stopped, then takes everything down in reverse order;
+children also die with this process. A stack started again in the same run
+directory finds the registry S3 kept: the models registered as configured
+stay, those whose configuration changed are replaced, and what named the
+earlier stack's processes (batcher addresses, per-replica conditions) is
+forgotten first.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -41,6 +46,7 @@ from pydantic import SecretStr
 
 from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
 from flotilla.clients.models import ModelsClient, missing_labels, upload_artifact
+from flotilla.common.fleet import FleetState, spec_of
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.probe import is_serving
 from flotilla.config import (
@@ -51,7 +57,7 @@ from flotilla.config import (
     dump_settings,
     spec_differences,
 )
-from flotilla.errors import AlreadyExists, StoreUnavailable
+from flotilla.errors import AlreadyExists, FlotillaError, StoreUnavailable
 from flotilla.services.controller.registry import ModelRecord, ObjectStoreRecords
 from flotilla.services.preprocess.triton.shm import SHM_DIR, remove_stale
 from flotilla.stack.components import TritonInstallation, TritonPorts, seaweed_s3
@@ -122,12 +128,15 @@ def default_storage_uri(settings: FlotillaSettings, name: str) -> str:
 
 
 class BatcherManager:
-    """Follows the controller's fleet: one batcher process per registered model.
+    """Follows the controller's fleet: one dedicated batcher process per model whose spec asks for
+    one (``dedicated_batcher``); the shared shards are started with the stack.
 
     Runs in its own thread for the stack's lifetime. The batchers it starts
     get the parent-death signal when that thread ends, so the thread outlives
     them: ``halt`` stops following the fleet, and the thread ends only at
-    ``join``, after the stack has stopped the batchers gracefully.
+    ``join``, after the stack has stopped the batchers gracefully. The fleet
+    it holds (``models``) also tells the stack which batcher hosts which
+    model (``LocalStack.batchers``).
     """
 
     def __init__(self, stack: LocalStack, controller: str, config: Path) -> None:
@@ -139,6 +148,8 @@ class BatcherManager:
         self._call: grpc.RpcContext | None = None  # the fleet watch (cancel ends it)
         self._thread = threading.Thread(target=self._run, name="batchers", daemon=True)
         self._lock = threading.Lock()
+        self.fleet = FleetState()
+        """The fleet as the latest WatchFleet message left it (read under the lock: ``models``)."""
         self.generation = 0
 
     def start(self) -> None:
@@ -156,6 +167,11 @@ class BatcherManager:
         self._released.set()
         self._thread.join(timeout=10)
 
+    def models(self) -> dict[str, controller_pb2.ModelStatus]:
+        """Every registered model's status, as the fleet last said."""
+        with self._lock:
+            return dict(self.fleet.models)
+
     def _run(self) -> None:
         try:
             self._follow()
@@ -168,29 +184,80 @@ class BatcherManager:
                 stub = controller_pb2_grpc.ControllerStub(channel)
                 self._call = call = stub.WatchFleet(controller_pb2.WatchFleetRequest())
                 try:
-                    for fleet in call:
-                        self._apply(fleet)
+                    for message in call:  # the whole fleet first, then deltas
+                        self._apply(message)
                 except grpc.RpcError:
                     pass  # controller restarting, or the stack stopping
             self._stopping.wait(0.5)
 
-    def _apply(self, fleet: controller_pb2.Fleet) -> None:
-        wanted = [m.name for m in fleet.models]
+    def _apply(self, message: controller_pb2.Fleet) -> None:
         with self._lock:
-            for model in [m for m in self.stack.batchers if m not in wanted]:
-                proc = self.stack.batchers.pop(model)
-                self.stack.supervisor.remove(proc.name)
-                proc.stop()
-                log.info("stopped the batcher of %s (model undeployed)", model)
-            for model in wanted:
-                if model not in self.stack.batchers and not self._stopping.is_set():
-                    address = f"{self.stack.host}:{free_port(self.stack.host)}"
-                    proc = self.stack.service(f"batcher-{model}", "batcher", address, self.config, model)
-                    self.stack.batchers[model] = proc
-                    self.stack.supervisor.add(proc)
-                    log.info("started the batcher of %s on %s", model, address)
-            self.generation = fleet.generation
+            change = self.fleet.apply(message)
+            wanted = {name for name in change.changed if spec_of(self.fleet.models[name]).dedicated_batcher}
+        dedicated = self.stack.dedicated
+        unwanted = [m for m in [*change.removed, *change.changed] if m in dedicated and m not in wanted]
+        for model in unwanted:
+            proc = dedicated.pop(model)
+            self.stack.supervisor.remove(proc.name)
+            proc.stop()
+            log.info("stopped the dedicated batcher of %s (model undeployed or no longer dedicated)", model)
+        started = [m for m in sorted(wanted) if m not in dedicated and not self._stopping.is_set()]
+        for model in started:
+            address = f"{self.stack.host}:{free_port(self.stack.host)}"
+            proc = self.stack.service(f"batcher-{model}", "batcher", address, self.config, model)
+            dedicated[model] = proc
+            self.stack.supervisor.add(proc)
+            log.info("started the dedicated batcher of %s on %s", model, address)
+        self.generation = change.generation
+        if started or unwanted:
             self.stack.write_targets()
+
+
+class BatcherView(Mapping[str, ManagedProcess]):
+    """Model -> a batcher process hosting it now: its dedicated batcher if it has one, else the first
+    shard the fleet lists for it. Read from the fleet the stack follows; a model not (yet) there is
+    looked up at the controller."""
+
+    def __init__(self, stack: LocalStack) -> None:
+        self.stack = stack
+
+    def _processes(self) -> dict[str, ManagedProcess]:
+        return {p.address: p for p in self.stack.batcher_processes()}
+
+    def _host(self, status: controller_pb2.ModelStatus, by_address: dict[str, ManagedProcess]) -> ManagedProcess | None:
+        dedicated = self.stack.dedicated.get(status.name)
+        if dedicated is not None and dedicated.address in status.batchers:
+            return dedicated
+        return next((by_address[a] for a in status.batchers if a in by_address), None)
+
+    def _hosted(self) -> dict[str, ManagedProcess]:
+        manager = self.stack.batcher_manager
+        by_address = self._processes()
+        models = manager.models() if manager is not None else {}
+        hosts = {name: self._host(status, by_address) for name, status in models.items()}
+        return {name: proc for name, proc in hosts.items() if proc is not None}
+
+    def __getitem__(self, model: str) -> ManagedProcess:
+        found = self._hosted().get(model)
+        if found is not None:
+            return found
+        if self.stack.settings is None:
+            raise KeyError(model)
+        with self.stack.models_client() as client:  # the fleet this stack follows may be a moment behind
+            try:
+                status = client.status(model)
+            except FlotillaError:
+                raise KeyError(model) from None
+        found = self._host(status, self._processes())
+        if found is None:
+            raise KeyError(model)
+        return found
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._hosted()))
+
+    def __len__(self) -> int:
+        return len(self._hosted())
 
 
 def _tier_of(process: str) -> str:
@@ -218,7 +285,12 @@ class LocalStack:
         """The replicas' Python-backend shared memory files start with this (one stack's own)."""
         self.controller: ManagedProcess | None = None
         self.preprocess: list[ManagedProcess] = []
-        self.batchers: dict[str, ManagedProcess] = {}
+        self.shards: list[ManagedProcess] = []
+        """The shared batcher processes (``batcher.shards``): batcher-0, batcher-1, ..."""
+        self.dedicated: dict[str, ManagedProcess] = {}
+        """Model -> its dedicated batcher (batcher-<model>), for models whose spec sets dedicated_batcher."""
+        self.batchers = BatcherView(self)
+        """Model -> a batcher process hosting it now."""
         self.routers: list[ManagedProcess] = []
         """``router.processes`` router processes sharing the router's port (SO_REUSEPORT)."""
         self.prometheus: ManagedProcess | None = None
@@ -239,8 +311,8 @@ class LocalStack:
 
     def processes(self) -> list[ManagedProcess]:
         """Every child, in start order."""
-        procs = [self.s3, *self.tritons, self.controller, *self.preprocess, *self.batchers.values(), *self.routers,
-                 self.prometheus]
+        procs = [self.s3, *self.tritons, self.controller, *self.preprocess, *self.batcher_processes(),
+                 *self.routers, self.prometheus]
         return [p for p in procs if p is not None]
 
     def start(self) -> StackState:
@@ -371,6 +443,12 @@ class LocalStack:
         for i, address in enumerate(endpoints.preprocess):
             self.preprocess.append(self.service(f"preprocess-{i}", "preprocess", address, config_path))
         self._wait_serving(self.preprocess)
+        # The shards serve at once, with no models; the controller gives them models as they heartbeat.
+        self.shards = [
+            self.service(f"batcher-{i}", "batcher", f"{self.host}:{free_port(self.host)}", config_path)
+            for i in range(self.base.batcher.shards)
+        ]
+        self._wait_serving(self.shards)
         self.routers = [
             self.service("router" if i == 0 else f"router-{i}", "router", endpoints.router, config_path)
             for i in range(self.base.router.processes)
@@ -388,7 +466,8 @@ class LocalStack:
             self.prometheus.start()
         self.batcher_manager = BatcherManager(self, endpoints.controller, config_path)
         self.batcher_manager.start()
-        for child in [self.s3, *self.tritons, self.controller, *self.preprocess, *self.routers, self.prometheus]:
+        for child in [self.s3, *self.tritons, self.controller, *self.preprocess, *self.shards, *self.routers,
+                      self.prometheus]:
             if child is not None:
                 self.supervisor.add(child)
         self.supervisor.start()
@@ -407,6 +486,7 @@ class LocalStack:
             triton=triton_addresses,
             triton_http=triton_http,
             preprocess=endpoints.preprocess,
+            batcher_shards=[p.address for p in self.shards],
             config=str(config_path),
             metrics=self.metrics_targets(),
             pid=os.getpid(),
@@ -508,8 +588,13 @@ class LocalStack:
 
     def flotilla_services(self) -> list[ManagedProcess]:
         """The Flotilla gRPC services (each answers gRPC health)."""
-        procs = [self.controller, *self.preprocess, *self.batchers.values(), *self.routers]
+        procs = [self.controller, *self.preprocess, *self.batcher_processes(), *self.routers]
         return [p for p in procs if p is not None]
+
+    def batcher_processes(self) -> list[ManagedProcess]:
+        """The shards, then the dedicated batchers."""
+        dedicated = self.dedicated.copy()  # the fleet's thread changes it
+        return [*self.shards, *(dedicated[m] for m in sorted(dedicated))]
 
     def describe(self) -> str:
         """Human-readable endpoints, for `flotilla up`."""
@@ -525,7 +610,8 @@ class LocalStack:
             + " MiB)",
             f"preprocess workers:  {', '.join(self.settings.endpoints.preprocess)}",
         ]
-        lines += [f"batcher {m}: {p.address}" for m, p in sorted(self.batchers.items())]
+        lines += [f"batcher shards:      {', '.join(p.address for p in self.shards)}"]
+        lines += [f"batcher {m}: {p.address} (dedicated)" for m, p in sorted(self.dedicated.copy().items())]
         lines += ["metrics (Prometheus, /metrics):"]
         lines += [f"  {name:<32} http://{address}/metrics" for name, address in self.metrics_targets().items()]
         lines += [f"models:              {', '.join(self.state.models) or 'none'}", f"logs:                {self.logs}"]

@@ -83,9 +83,12 @@ class StackState:
     triton_http: list[str] = field(default_factory=list)
     """The same replicas' HTTP endpoints, in the same order."""
     preprocess: list[str] = field(default_factory=list)
+    batcher_shards: list[str] = field(default_factory=list)
+    """The shared batcher processes (host:port); which models each hosts is the controller's to say
+    (``flotilla models status``)."""
     config: str = ""
     metrics: dict[str, str] = field(default_factory=dict)
-    """Process name -> host:port of its Prometheus metrics (batchers come and go: see metrics_targets)."""
+    """Process name -> host:port of its Prometheus metrics (dedicated batchers come and go: see metrics_targets)."""
     pid: int = 0
     """The process running the stack (``flotilla up``); its children die with it. 0: not recorded."""
     pid_start_ticks: int = 0

@@ -1,4 +1,4 @@
-"""gRPC layer of the batcher's operator API: policy and statistics."""
+"""gRPC layer of the batcher's operator API: each hosted model's policy and statistics."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from flotilla.config import BatchingSettings
 from flotilla.errors import InvalidArgument
 from flotilla.pool.pool import EndpointPool
 from flotilla.pool.status import pools_to_pb
-from flotilla.services.batcher.queue import BatchQueue
+from flotilla.services.batcher.lanes import Lane, Lanes, LaneState
 
 
 def policy_to_pb(policy: BatchingSettings) -> batcher_pb2.BatchingPolicy:
@@ -55,10 +55,43 @@ def policy_from_pb(message: batcher_pb2.BatchingPolicy, current: BatchingSetting
         raise InvalidArgument(f"invalid batching policy: {problems}") from exc
 
 
+def stats_to_pb(lane: Lane, *, reset: bool = False) -> batcher_pb2.BatcherStats:
+    """A lane's statistics (zeroed after reading with ``reset``; the cumulative totals stay)."""
+    queue = lane.queue
+    stats = queue.stats
+    p50, p90, p99 = stats.queue_wait_ms((50, 90, 99))
+    reply = batcher_pb2.BatcherStats(
+        model_name=lane.model,
+        requests=stats.items,
+        batches=stats.batches,
+        expired=stats.expired,
+        rejected_full=stats.rejected_full,
+        mean_batch_size=stats.items / stats.batches if stats.batches else 0.0,
+        batch_sizes=[
+            batcher_pb2.BatchSizeCount(batch_size=size, batches=count)
+            for size, count in sorted(stats.batch_sizes.items())
+        ],
+        queue_wait_p50_ms=p50,
+        queue_wait_p90_ms=p90,
+        queue_wait_p99_ms=p99,
+        queue_depth=queue.depth,
+        inflight_batches=queue.inflight,
+        total_arrivals=queue.totals.arrivals,
+        total_dispatched=queue.totals.dispatched,
+        total_queue_wait_s=queue.totals.queue_wait_s,
+        leaving=lane.state is not LaneState.SERVING,
+    )
+    if reset:
+        queue.reset_stats()
+    return reply
+
+
 class BatcherAdminServicer(batcher_pb2_grpc.BatcherAdminServicer):
-    def __init__(self, model: str, queue: BatchQueue[Any, Any], pools: list[EndpointPool[Any]]) -> None:
-        self.model = model
-        self.queue = queue
+    """Each call about one model finds its lane by ``model_name`` (``Lanes.find``: empty on a batcher
+    hosting one model names that one)."""
+
+    def __init__(self, lanes: Lanes, pools: list[EndpointPool[Any]]) -> None:
+        self.lanes = lanes
         self.pools = pools
 
     async def GetPools(
@@ -69,39 +102,24 @@ class BatcherAdminServicer(batcher_pb2_grpc.BatcherAdminServicer):
     async def GetBatching(
         self, request: batcher_pb2.GetBatchingRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> batcher_pb2.BatchingPolicy:
-        return policy_to_pb(self.queue.policy)
+        return policy_to_pb(self.lanes.find(request.model_name).queue.policy)
 
     async def SetBatching(
-        self, request: batcher_pb2.BatchingPolicy, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: batcher_pb2.SetBatchingRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> batcher_pb2.BatchingPolicy:
-        self.queue.set_policy(policy_from_pb(request, self.queue.policy))
-        return policy_to_pb(self.queue.policy)
+        queue = self.lanes.find(request.model_name).queue
+        queue.set_policy(policy_from_pb(request.policy, queue.policy))
+        return policy_to_pb(queue.policy)
 
     async def GetStats(
         self, request: batcher_pb2.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> batcher_pb2.BatcherStats:
-        stats = self.queue.stats
-        p50, p90, p99 = stats.queue_wait_ms((50, 90, 99))
-        reply = batcher_pb2.BatcherStats(
-            model_name=self.model,
-            requests=stats.items,
-            batches=stats.batches,
-            expired=stats.expired,
-            rejected_full=stats.rejected_full,
-            mean_batch_size=stats.items / stats.batches if stats.batches else 0.0,
-            batch_sizes=[
-                batcher_pb2.BatchSizeCount(batch_size=size, batches=count)
-                for size, count in sorted(stats.batch_sizes.items())
-            ],
-            queue_wait_p50_ms=p50,
-            queue_wait_p90_ms=p90,
-            queue_wait_p99_ms=p99,
-            queue_depth=self.queue.depth,
-            inflight_batches=self.queue.inflight,
-            total_arrivals=self.queue.totals.arrivals,
-            total_dispatched=self.queue.totals.dispatched,
-            total_queue_wait_s=self.queue.totals.queue_wait_s,
+        return stats_to_pb(self.lanes.find(request.model_name), reset=request.reset)
+
+    async def ListStats(
+        self, request: batcher_pb2.ListStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> batcher_pb2.ListStatsResponse:
+        return batcher_pb2.ListStatsResponse(
+            models=[stats_to_pb(lane, reset=request.reset) for lane in self.lanes],
+            dedicated_model=self.lanes.dedicated_model,
         )
-        if request.reset:
-            self.queue.reset_stats()
-        return reply

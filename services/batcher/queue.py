@@ -41,6 +41,7 @@ when the whole batch failed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections import Counter, deque
@@ -202,6 +203,13 @@ class BatchQueue(Generic[T, R]):
             self._disarm(pending)
             if not pending.future.done():
                 pending.future.set_exception(Unavailable(f"batcher for {self.name} is shutting down"))
+
+    def forget_metrics(self) -> None:
+        """Remove this queue's labelled series (its model left the process; ``stop`` it first)."""
+        for metric in (metrics.QUEUE_DEPTH, metrics.INFLIGHT_BATCHES, metrics.QUEUE_WAIT_SECONDS,
+                       metrics.BATCH_SIZE, metrics.BATCHES, metrics.BATCH_ITEMS):
+            with contextlib.suppress(KeyError):  # never created, or removed already
+                metric.remove(self.name)
 
     # -- submitting ------------------------------------------------------------
 

@@ -49,7 +49,7 @@ class ClassifyRequests:
             ) from exc
         for source, named in (("header " + MODEL_HEADER, header_model), ("model_name", request.model_name)):
             if named and named != self.model:
-                raise InvalidArgument(f"{source} says {named!r} but this is the batcher of {self.model!r}")
+                raise InvalidArgument(f"{source} says {named!r} but the call is in the queue of {self.model!r}")
         check_image_uuid(request.image_uuid)
         if request.model_version and self.versions and request.model_version not in self.versions:
             raise InvalidArgument(

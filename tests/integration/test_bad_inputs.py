@@ -182,11 +182,11 @@ async def admin(stack: LocalStack) -> AsyncIterator[batcher_pb2_grpc.BatcherAdmi
     assert stack.state is not None
     async with grpc.aio.insecure_channel(stack.batchers[MODEL].address) as channel:
         stub = batcher_pb2_grpc.BatcherAdminStub(channel)
-        original = await stub.GetBatching(batcher_pb2.GetBatchingRequest())
+        original = await stub.GetBatching(batcher_pb2.GetBatchingRequest(model_name=MODEL))
         try:
             yield stub
         finally:
-            await stub.SetBatching(original)
+            await stub.SetBatching(batcher_pb2.SetBatchingRequest(model_name=MODEL, policy=original))
 
 
 def valid_body(image_uuid: str | None = None) -> bytes:
@@ -255,15 +255,15 @@ async def test_bad_object_fails_alone_in_a_shared_batch(
     uuids = [*good[:middle], bad, *good[middle:]]
 
     # The batch leaves when it is full, not at the delay: all of these share it.
-    policy = await admin.GetBatching(batcher_pb2.GetBatchingRequest())
+    policy = await admin.GetBatching(batcher_pb2.GetBatchingRequest(model_name=MODEL))
     policy.max_batch_size = len(uuids)
     policy.max_queue_delay_us = HOLD_DELAY_US
-    await admin.SetBatching(policy)
-    before = await admin.GetStats(batcher_pb2.GetStatsRequest())
+    await admin.SetBatching(batcher_pb2.SetBatchingRequest(model_name=MODEL, policy=policy))
+    before = await admin.GetStats(batcher_pb2.GetStatsRequest(model_name=MODEL))
     results = await asyncio.gather(
         *(client.classify(u, MODEL, timeout_s=30) for u in uuids), return_exceptions=True
     )
-    after = await admin.GetStats(batcher_pb2.GetStatsRequest())
+    after = await admin.GetStats(batcher_pb2.GetStatsRequest(model_name=MODEL))
 
     assert_rejected(results[middle], obj, bad)
     for photo, image_uuid, result in zip(photos, good, [*results[:middle], *results[middle + 1 :]], strict=True):
@@ -416,10 +416,10 @@ async def test_deadline_passing_in_flight_logs_no_error(
     """
     offsets = {p.name: p.log_path.stat().st_size for p in stack.flotilla_services()}
     image_uuid = await client.upload(sample("coffee.jpg"))
-    policy = await admin.GetBatching(batcher_pb2.GetBatchingRequest())
+    policy = await admin.GetBatching(batcher_pb2.GetBatchingRequest(model_name=MODEL))
     policy.max_batch_size = 64
     policy.max_queue_delay_us = HOLD_DELAY_US  # every request expires while queued
-    await admin.SetBatching(policy)
+    await admin.SetBatching(batcher_pb2.SetBatchingRequest(model_name=MODEL, policy=policy))
     metadata = [("x-model-name", MODEL), ("authorization", f"Bearer {API_KEY}")]
 
     async def expire(timeout_s: float) -> grpc.StatusCode | None:

@@ -32,26 +32,26 @@ async def admin(stack: LocalStack) -> AsyncIterator[batcher_pb2_grpc.BatcherAdmi
     assert stack.state is not None
     async with grpc.aio.insecure_channel(stack.batchers[MODEL].address) as channel:
         stub = batcher_pb2_grpc.BatcherAdminStub(channel)
-        original = await stub.GetBatching(batcher_pb2.GetBatchingRequest())
-        await stub.GetStats(batcher_pb2.GetStatsRequest(reset=True))
+        original = await stub.GetBatching(batcher_pb2.GetBatchingRequest(model_name=MODEL))
+        await stub.GetStats(batcher_pb2.GetStatsRequest(reset=True, model_name=MODEL))
         try:
             yield stub
         finally:
-            await stub.SetBatching(original)
-            await stub.GetStats(batcher_pb2.GetStatsRequest(reset=True))
+            await stub.SetBatching(batcher_pb2.SetBatchingRequest(model_name=MODEL, policy=original))
+            await stub.GetStats(batcher_pb2.GetStatsRequest(reset=True, model_name=MODEL))
 
 
 async def hold_queue(admin: batcher_pb2_grpc.BatcherAdminStub, **changes: object) -> None:
-    policy = await admin.GetBatching(batcher_pb2.GetBatchingRequest())
+    policy = await admin.GetBatching(batcher_pb2.GetBatchingRequest(model_name=MODEL))
     policy.max_batch_size = 64
     policy.max_queue_delay_us = HOLD_DELAY_US
     for name, value in changes.items():
         setattr(policy, name, value)
-    await admin.SetBatching(policy)
+    await admin.SetBatching(batcher_pb2.SetBatchingRequest(model_name=MODEL, policy=policy))
 
 
 async def queue_depth(admin: batcher_pb2_grpc.BatcherAdminStub) -> int:
-    return (await admin.GetStats(batcher_pb2.GetStatsRequest())).queue_depth
+    return (await admin.GetStats(batcher_pb2.GetStatsRequest(model_name=MODEL))).queue_depth
 
 
 async def wait_for_depth(admin: batcher_pb2_grpc.BatcherAdminStub, depth: int) -> None:
@@ -62,9 +62,9 @@ async def wait_for_depth(admin: batcher_pb2_grpc.BatcherAdminStub, depth: int) -
 
 
 async def release(admin: batcher_pb2_grpc.BatcherAdminStub) -> None:
-    policy = await admin.GetBatching(batcher_pb2.GetBatchingRequest())
+    policy = await admin.GetBatching(batcher_pb2.GetBatchingRequest(model_name=MODEL))
     policy.max_queue_delay_us = 0
-    await admin.SetBatching(policy)
+    await admin.SetBatching(batcher_pb2.SetBatchingRequest(model_name=MODEL, policy=policy))
 
 
 async def test_queue_timeout_rejects_with_deadline_exceeded(client: FlotillaClient, admin) -> None:  # type: ignore[no-untyped-def]
@@ -74,7 +74,7 @@ async def test_queue_timeout_rejects_with_deadline_exceeded(client: FlotillaClie
         await client.classify(uuid, MODEL, queue_timeout_us=200_000, timeout_s=20)
     assert caught.value.code == Code.DEADLINE_EXCEEDED
     assert "queue timeout" in caught.value.message
-    stats = await admin.GetStats(batcher_pb2.GetStatsRequest())
+    stats = await admin.GetStats(batcher_pb2.GetStatsRequest(model_name=MODEL))
     assert stats.expired == 1 and stats.queue_depth == 0 and stats.batches == 0
 
 
@@ -85,7 +85,7 @@ async def test_client_deadline_ends_a_queued_request(client: FlotillaClient, adm
         await client.classify(uuid, MODEL, timeout_s=0.5)
     assert caught.value.code == Code.DEADLINE_EXCEEDED
     await wait_for_depth(admin, 0)  # it left the queue; it was never dispatched
-    assert (await admin.GetStats(batcher_pb2.GetStatsRequest())).batches == 0
+    assert (await admin.GetStats(batcher_pb2.GetStatsRequest(model_name=MODEL))).batches == 0
 
 
 async def test_cancelled_call_frees_its_place(client: FlotillaClient, admin) -> None:  # type: ignore[no-untyped-def]
@@ -138,37 +138,37 @@ async def test_priorities_order_dispatch_and_bad_priority_is_invalid(client: Flo
     high = asyncio.create_task(tracked("high", 1))
     await wait_for_depth(admin, 4)
     # Release one request per batch, one batch at a time: completion order is dispatch order.
-    policy = await admin.GetBatching(batcher_pb2.GetBatchingRequest())
+    policy = await admin.GetBatching(batcher_pb2.GetBatchingRequest(model_name=MODEL))
     policy.max_batch_size = 1
     policy.max_queue_delay_us = 0
-    await admin.SetBatching(policy)
+    await admin.SetBatching(batcher_pb2.SetBatchingRequest(model_name=MODEL, policy=policy))
     await asyncio.gather(*low, high)
     assert order == ["high", "low0", "low1", "low2"]
 
 
 async def test_invalid_policy_is_rejected_naming_the_field(admin) -> None:  # type: ignore[no-untyped-def]
-    policy = await admin.GetBatching(batcher_pb2.GetBatchingRequest())
+    policy = await admin.GetBatching(batcher_pb2.GetBatchingRequest(model_name=MODEL))
     policy.preferred_batch_sizes[:] = [policy.max_batch_size + 1]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await admin.SetBatching(policy)
+        await admin.SetBatching(batcher_pb2.SetBatchingRequest(model_name=MODEL, policy=policy))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "preferred_batch_sizes" in (caught.value.details() or "")
     policy.preferred_batch_sizes[:] = []
     policy.timeout_action = "DROP"
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await admin.SetBatching(policy)
+        await admin.SetBatching(batcher_pb2.SetBatchingRequest(model_name=MODEL, policy=policy))
     assert "timeout_action" in (caught.value.details() or "")
 
 
 async def test_stats_count_formed_batches(client: FlotillaClient, admin) -> None:  # type: ignore[no-untyped-def]
-    policy = await admin.GetBatching(batcher_pb2.GetBatchingRequest())
+    policy = await admin.GetBatching(batcher_pb2.GetBatchingRequest(model_name=MODEL))
     policy.max_batch_size = 4
     policy.max_queue_delay_us = 200_000
-    await admin.SetBatching(policy)
-    await admin.GetStats(batcher_pb2.GetStatsRequest(reset=True))
+    await admin.SetBatching(batcher_pb2.SetBatchingRequest(model_name=MODEL, policy=policy))
+    await admin.GetStats(batcher_pb2.GetStatsRequest(reset=True, model_name=MODEL))
     uuid = await client.upload(sample("coffee.jpg"))
     await asyncio.gather(*(client.classify(uuid, MODEL) for _ in range(8)))
-    stats = await admin.GetStats(batcher_pb2.GetStatsRequest())
+    stats = await admin.GetStats(batcher_pb2.GetStatsRequest(model_name=MODEL))
     assert stats.requests == 8
     assert stats.batches == 2 and stats.mean_batch_size == 4.0
     assert {(c.batch_size, c.batches) for c in stats.batch_sizes} == {(4, 2)}

@@ -15,19 +15,21 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 import tritonclient.grpc as triton_grpc
 
+from flotilla.api.v1 import batcher_pb2, batcher_pb2_grpc, inference_pb2, inference_pb2_grpc
 from flotilla.clients.client import FlotillaClient
 from flotilla.clients.models import ModelsClient, upload_artifact
 from flotilla.common.probe import is_serving
-from flotilla.common.wire import CLASSIFIER_SERVICE
+from flotilla.common.wire import CLASSIFIER_SERVICE, MODEL_HEADER
 from flotilla.config import ModelSettings
 from flotilla.errors import Code, FlotillaError
-from flotilla.services.batcher.registration import WAIT_FOR_MODEL_POLL_S
 from flotilla.stack.local import LocalStack
 from flotilla.stack.processes import free_port, wait_until
 from tests.integration.conftest import API_KEY, MODELS_DIR, sample, stack_settings, write_unloadable
@@ -439,33 +441,42 @@ def test_the_models_cli_uploads_deploys_shows_and_undeploys(fleet: LocalStack, t
     assert missing.returncode != 0 and "NOT_FOUND" in missing.stderr and "is not registered" in missing.stderr
 
 
-def test_a_batcher_started_before_its_model_waits_unready_then_serves_it(
+def test_a_dedicated_batcher_started_before_its_model_serves_nothing_then_hosts_it(
     fleet: LocalStack, models: ModelsClient, tmp_path: Path
 ) -> None:
-    """As in Kubernetes, where a model's batcher Deployment may start before the operator deploys the
-    model: it stays up (health answers) but unready (its classifier is not served) instead of exiting,
-    and serves once the model is registered."""
+    """As in Kubernetes, where a model's dedicated batcher Deployment may start before the operator
+    deploys the model: it serves at once (health and its classifier answer) with no model, a call for
+    the model is NOT_FOUND saying it hosts none, and once the model is registered the controller's
+    heartbeat answers give it the model."""
     assert fleet.settings is not None
     name = "early-effnet"
     address = f"{fleet.host}:{free_port(fleet.host)}"
     batcher = fleet.service(f"batcher-{name}-early", "batcher", address, fleet.run_dir / "flotilla.resolved.yaml", name)
     try:
-        wait_until(lambda: is_serving(address), 30, "the waiting batcher's health", procs=[batcher])
-        assert not is_serving(address, service=CLASSIFIER_SERVICE)
-        time.sleep(2 * WAIT_FOR_MODEL_POLL_S)  # duration: a few "not registered" answers later: still up, unready
-        assert batcher.alive() and not is_serving(address, service=CLASSIFIER_SERVICE)
-        log = (fleet.logs / f"batcher-{name}-early.log").read_text()
-        assert f"waiting until it is deployed (`flotilla models deploy {name}`)" in log, log[-2000:]
-
-        upload_artifact(fleet.settings.s3, MODELS_DIR / EFFNET, f"s3://flotilla-models/{name}")
-        spec = fleet.base.models[EFFNET].model_copy(update={
-            "artifact": None, "storage_uri": f"s3://flotilla-models/{name}", "memory_mb": 50.0,
-            "min_copies": 0, "max_copies": 1,
-        })
-        fleet.deploy(name, spec, wait=False)
-        wait_until(lambda: is_serving(address, service=CLASSIFIER_SERVICE), 30, "the batcher serving its model",
+        wait_until(lambda: is_serving(address, service=CLASSIFIER_SERVICE), 30, "the early batcher serving",
                    procs=[batcher])
-        assert "was deployed after" in (fleet.logs / f"batcher-{name}-early.log").read_text()
+        with grpc.insecure_channel(address) as channel:
+            classify = inference_pb2_grpc.ImageClassifierStub(channel).Classify
+            request = inference_pb2.ClassifyRequest(image_uuid=str(uuid.uuid4()), model_name=name)
+            with pytest.raises(grpc.RpcError) as caught:
+                classify(request, metadata=((MODEL_HEADER, name),), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+            assert f"the dedicated batcher of {name!r} hosts 0 models" in (caught.value.details() or "")
+
+            upload_artifact(fleet.settings.s3, MODELS_DIR / EFFNET, f"s3://flotilla-models/{name}")
+            spec = fleet.base.models[EFFNET].model_copy(update={
+                "artifact": None, "storage_uri": f"s3://flotilla-models/{name}", "memory_mb": 50.0,
+                "min_copies": 0, "max_copies": 1, "dedicated_batcher": True,
+            })
+            fleet.deploy(name, spec, wait=False)
+            admin = batcher_pb2_grpc.BatcherAdminStub(channel)
+
+            def hosted() -> bool:
+                listed = admin.ListStats(batcher_pb2.ListStatsRequest(), timeout=5)
+                return [m.model_name for m in listed.models] == [name] and listed.dedicated_model == name
+
+            wait_until(hosted, 30, "the early dedicated batcher hosting its model", procs=[batcher])
+            wait_until(lambda: address in models.status(name).batchers, 30, "the fleet listing it")
     finally:
         batcher.stop()
         if name in {m.name for m in models.list()}:

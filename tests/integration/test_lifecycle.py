@@ -146,7 +146,7 @@ def test_children_die_when_up_is_killed_outright(tmp_path: Path) -> None:
 async def test_a_stack_restarts_at_once_in_the_same_directory(tmp_path: Path) -> None:
     """Stop, then start again in the same run directory right away: S3 stops
     promptly, the registry it kept brings the model back as it was (not
-    replaced: its batcher starts once), and it serves."""
+    replaced: its shard is given it once), and it serves."""
     settings = stack_settings(tmp_path, triton={"replicas": 1})
     with LocalStack(settings) as first:
         assert first.s3 is not None and first.state is not None
@@ -168,10 +168,12 @@ async def test_a_stack_restarts_at_once_in_the_same_directory(tmp_path: Path) ->
     s3_log = (tmp_path / "logs" / "seaweedfs.log").read_text()
     assert s3_log.count("==== seaweedfs started pid") == 2
     assert "resource temporarily unavailable" not in s3_log, "the first S3 still held its store"
-    # The second stack found the model registered as configured: its batcher started once, not
-    # stopped ("model undeployed") and started again by a needless --replace.
-    batcher_log = (tmp_path / "logs" / f"batcher-{MODEL}.log").read_text()
-    assert batcher_log.count(f"==== batcher-{MODEL} started pid") == 2
+    # The second stack found the model registered as configured: its shard started once, and was
+    # given the model once (not taken away as "undeployed" and given again by a needless --replace).
+    batcher_log = (tmp_path / "logs" / "batcher-0.log").read_text()
+    assert batcher_log.count("==== batcher-0 started pid") == 2
+    second_run = batcher_log.rsplit("==== batcher-0 started pid", 1)[1]
+    assert second_run.count(f"now hosting {MODEL}") == 1 and "moved away" not in second_run
 
 
 def test_s3_restarted_by_the_supervisor_stops_on_sigterm_even_with_sigint_ignored(tmp_path: Path) -> None:

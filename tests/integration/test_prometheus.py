@@ -236,7 +236,7 @@ async def test_batches_agree_with_the_batchers_own_stats(observed: LocalStack, t
         admin = batcher_pb2_grpc.BatcherAdminStub(channel)
 
         async def stats() -> dict[str, float]:
-            reply = await admin.GetStats(batcher_pb2.GetStatsRequest())
+            reply = await admin.GetStats(batcher_pb2.GetStatsRequest(model_name=MODEL))
             return {"batches": float(reply.batches), "requests": float(reply.requests)}
 
         def scraped() -> dict[str, float]:

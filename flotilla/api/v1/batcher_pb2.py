@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from flotilla.api.v1 import pools_pb2 as flotilla_dot_api_dot_v1_dot_pools__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66lotilla/api/v1/batcher.proto\x12\x0f\x66lotilla.api.v1\x1a\x1b\x66lotilla/api/v1/pools.proto\"\x14\n\x12GetBatchingRequest\"\xa1\x02\n\x0e\x42\x61tchingPolicy\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1d\n\x15preferred_batch_sizes\x18\x02 \x03(\r\x12\x1a\n\x12max_queue_delay_us\x18\x03 \x01(\x04\x12\x16\n\x0emax_queue_size\x18\x04 \x01(\r\x12\x1c\n\x14max_inflight_batches\x18\x05 \x01(\r\x12\x17\n\x0fpriority_levels\x18\x06 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_priority_level\x18\x07 \x01(\r\x12\x19\n\x11priority_aging_us\x18\x08 \x01(\x04\x12\x1a\n\x12\x64\x65\x66\x61ult_timeout_us\x18\t \x01(\x04\x12\x16\n\x0etimeout_action\x18\n \x01(\t\" \n\x0fGetStatsRequest\x12\r\n\x05reset\x18\x01 \x01(\x08\"5\n\x0e\x42\x61tchSizeCount\x12\x12\n\nbatch_size\x18\x01 \x01(\r\x12\x0f\n\x07\x62\x61tches\x18\x02 \x01(\x04\"\x8a\x03\n\x0c\x42\x61tcherStats\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x04\x12\x0f\n\x07\x65xpired\x18\x04 \x01(\x04\x12\x15\n\rrejected_full\x18\x05 \x01(\x04\x12\x17\n\x0fmean_batch_size\x18\x06 \x01(\x01\x12\x34\n\x0b\x62\x61tch_sizes\x18\x07 \x03(\x0b\x32\x1f.flotilla.api.v1.BatchSizeCount\x12\x19\n\x11queue_wait_p50_ms\x18\x08 \x01(\x01\x12\x19\n\x11queue_wait_p90_ms\x18\t \x01(\x01\x12\x19\n\x11queue_wait_p99_ms\x18\n \x01(\x01\x12\x13\n\x0bqueue_depth\x18\x0b \x01(\r\x12\x18\n\x10inflight_batches\x18\x0c \x01(\r\x12\x16\n\x0etotal_arrivals\x18\r \x01(\x04\x12\x18\n\x10total_dispatched\x18\x0e \x01(\x04\x12\x1a\n\x12total_queue_wait_s\x18\x0f \x01(\x01\x32\xc7\x02\n\x0c\x42\x61tcherAdmin\x12S\n\x0bGetBatching\x12#.flotilla.api.v1.GetBatchingRequest\x1a\x1f.flotilla.api.v1.BatchingPolicy\x12O\n\x0bSetBatching\x12\x1f.flotilla.api.v1.BatchingPolicy\x1a\x1f.flotilla.api.v1.BatchingPolicy\x12K\n\x08GetStats\x12 .flotilla.api.v1.GetStatsRequest\x1a\x1d.flotilla.api.v1.BatcherStats\x12\x44\n\x08GetPools\x12 .flotilla.api.v1.GetPoolsRequest\x1a\x16.flotilla.api.v1.Poolsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66lotilla/api/v1/batcher.proto\x12\x0f\x66lotilla.api.v1\x1a\x1b\x66lotilla/api/v1/pools.proto\"(\n\x12GetBatchingRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"Y\n\x12SetBatchingRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12/\n\x06policy\x18\x02 \x01(\x0b\x32\x1f.flotilla.api.v1.BatchingPolicy\"\xa1\x02\n\x0e\x42\x61tchingPolicy\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1d\n\x15preferred_batch_sizes\x18\x02 \x03(\r\x12\x1a\n\x12max_queue_delay_us\x18\x03 \x01(\x04\x12\x16\n\x0emax_queue_size\x18\x04 \x01(\r\x12\x1c\n\x14max_inflight_batches\x18\x05 \x01(\r\x12\x17\n\x0fpriority_levels\x18\x06 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_priority_level\x18\x07 \x01(\r\x12\x19\n\x11priority_aging_us\x18\x08 \x01(\x04\x12\x1a\n\x12\x64\x65\x66\x61ult_timeout_us\x18\t \x01(\x04\x12\x16\n\x0etimeout_action\x18\n \x01(\t\"4\n\x0fGetStatsRequest\x12\r\n\x05reset\x18\x01 \x01(\x08\x12\x12\n\nmodel_name\x18\x02 \x01(\t\"!\n\x10ListStatsRequest\x12\r\n\x05reset\x18\x01 \x01(\x08\"[\n\x11ListStatsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.flotilla.api.v1.BatcherStats\x12\x17\n\x0f\x64\x65\x64icated_model\x18\x02 \x01(\t\"5\n\x0e\x42\x61tchSizeCount\x12\x12\n\nbatch_size\x18\x01 \x01(\r\x12\x0f\n\x07\x62\x61tches\x18\x02 \x01(\x04\"\x9b\x03\n\x0c\x42\x61tcherStats\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x04\x12\x0f\n\x07\x65xpired\x18\x04 \x01(\x04\x12\x15\n\rrejected_full\x18\x05 \x01(\x04\x12\x17\n\x0fmean_batch_size\x18\x06 \x01(\x01\x12\x34\n\x0b\x62\x61tch_sizes\x18\x07 \x03(\x0b\x32\x1f.flotilla.api.v1.BatchSizeCount\x12\x19\n\x11queue_wait_p50_ms\x18\x08 \x01(\x01\x12\x19\n\x11queue_wait_p90_ms\x18\t \x01(\x01\x12\x19\n\x11queue_wait_p99_ms\x18\n \x01(\x01\x12\x13\n\x0bqueue_depth\x18\x0b \x01(\r\x12\x18\n\x10inflight_batches\x18\x0c \x01(\r\x12\x16\n\x0etotal_arrivals\x18\r \x01(\x04\x12\x18\n\x10total_dispatched\x18\x0e \x01(\x04\x12\x1a\n\x12total_queue_wait_s\x18\x0f \x01(\x01\x12\x0f\n\x07leaving\x18\x10 \x01(\x08\x32\x9f\x03\n\x0c\x42\x61tcherAdmin\x12S\n\x0bGetBatching\x12#.flotilla.api.v1.GetBatchingRequest\x1a\x1f.flotilla.api.v1.BatchingPolicy\x12S\n\x0bSetBatching\x12#.flotilla.api.v1.SetBatchingRequest\x1a\x1f.flotilla.api.v1.BatchingPolicy\x12K\n\x08GetStats\x12 .flotilla.api.v1.GetStatsRequest\x1a\x1d.flotilla.api.v1.BatcherStats\x12R\n\tListStats\x12!.flotilla.api.v1.ListStatsRequest\x1a\".flotilla.api.v1.ListStatsResponse\x12\x44\n\x08GetPools\x12 .flotilla.api.v1.GetPoolsRequest\x1a\x16.flotilla.api.v1.Poolsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flotilla.api.v1.batcher_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETBATCHINGREQUEST']._serialized_start=79
-  _globals['_GETBATCHINGREQUEST']._serialized_end=99
-  _globals['_BATCHINGPOLICY']._serialized_start=102
-  _globals['_BATCHINGPOLICY']._serialized_end=391
-  _globals['_GETSTATSREQUEST']._serialized_start=393
-  _globals['_GETSTATSREQUEST']._serialized_end=425
-  _globals['_BATCHSIZECOUNT']._serialized_start=427
-  _globals['_BATCHSIZECOUNT']._serialized_end=480
-  _globals['_BATCHERSTATS']._serialized_start=483
-  _globals['_BATCHERSTATS']._serialized_end=877
-  _globals['_BATCHERADMIN']._serialized_start=880
-  _globals['_BATCHERADMIN']._serialized_end=1207
+  _globals['_GETBATCHINGREQUEST']._serialized_end=119
+  _globals['_SETBATCHINGREQUEST']._serialized_start=121
+  _globals['_SETBATCHINGREQUEST']._serialized_end=210
+  _globals['_BATCHINGPOLICY']._serialized_start=213
+  _globals['_BATCHINGPOLICY']._serialized_end=502
+  _globals['_GETSTATSREQUEST']._serialized_start=504
+  _globals['_GETSTATSREQUEST']._serialized_end=556
+  _globals['_LISTSTATSREQUEST']._serialized_start=558
+  _globals['_LISTSTATSREQUEST']._serialized_end=591
+  _globals['_LISTSTATSRESPONSE']._serialized_start=593
+  _globals['_LISTSTATSRESPONSE']._serialized_end=684
+  _globals['_BATCHSIZECOUNT']._serialized_start=686
+  _globals['_BATCHSIZECOUNT']._serialized_end=739
+  _globals['_BATCHERSTATS']._serialized_start=742
+  _globals['_BATCHERSTATS']._serialized_end=1153
+  _globals['_BATCHERADMIN']._serialized_start=1156
+  _globals['_BATCHERADMIN']._serialized_end=1571
 # @@protoc_insertion_point(module_scope)

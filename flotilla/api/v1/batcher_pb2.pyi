@@ -8,8 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GetBatchingRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model_name",)
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    def __init__(self, model_name: _Optional[str] = ...) -> None: ...
+
+class SetBatchingRequest(_message.Message):
+    __slots__ = ("model_name", "policy")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    policy: BatchingPolicy
+    def __init__(self, model_name: _Optional[str] = ..., policy: _Optional[_Union[BatchingPolicy, _Mapping]] = ...) -> None: ...
 
 class BatchingPolicy(_message.Message):
     __slots__ = ("max_batch_size", "preferred_batch_sizes", "max_queue_delay_us", "max_queue_size", "max_inflight_batches", "priority_levels", "default_priority_level", "priority_aging_us", "default_timeout_us", "timeout_action")
@@ -36,10 +46,26 @@ class BatchingPolicy(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., max_inflight_batches: _Optional[int] = ..., priority_levels: _Optional[int] = ..., default_priority_level: _Optional[int] = ..., priority_aging_us: _Optional[int] = ..., default_timeout_us: _Optional[int] = ..., timeout_action: _Optional[str] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
+    __slots__ = ("reset", "model_name")
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    reset: bool
+    model_name: str
+    def __init__(self, reset: _Optional[bool] = ..., model_name: _Optional[str] = ...) -> None: ...
+
+class ListStatsRequest(_message.Message):
     __slots__ = ("reset",)
     RESET_FIELD_NUMBER: _ClassVar[int]
     reset: bool
     def __init__(self, reset: _Optional[bool] = ...) -> None: ...
+
+class ListStatsResponse(_message.Message):
+    __slots__ = ("models", "dedicated_model")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    DEDICATED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[BatcherStats]
+    dedicated_model: str
+    def __init__(self, models: _Optional[_Iterable[_Union[BatcherStats, _Mapping]]] = ..., dedicated_model: _Optional[str] = ...) -> None: ...
 
 class BatchSizeCount(_message.Message):
     __slots__ = ("batch_size", "batches")
@@ -50,7 +76,7 @@ class BatchSizeCount(_message.Message):
     def __init__(self, batch_size: _Optional[int] = ..., batches: _Optional[int] = ...) -> None: ...
 
 class BatcherStats(_message.Message):
-    __slots__ = ("model_name", "requests", "batches", "expired", "rejected_full", "mean_batch_size", "batch_sizes", "queue_wait_p50_ms", "queue_wait_p90_ms", "queue_wait_p99_ms", "queue_depth", "inflight_batches", "total_arrivals", "total_dispatched", "total_queue_wait_s")
+    __slots__ = ("model_name", "requests", "batches", "expired", "rejected_full", "mean_batch_size", "batch_sizes", "queue_wait_p50_ms", "queue_wait_p90_ms", "queue_wait_p99_ms", "queue_depth", "inflight_batches", "total_arrivals", "total_dispatched", "total_queue_wait_s", "leaving")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +92,7 @@ class BatcherStats(_message.Message):
     TOTAL_ARRIVALS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_DISPATCHED_FIELD_NUMBER: _ClassVar[int]
     TOTAL_QUEUE_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    LEAVING_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     requests: int
     batches: int
@@ -81,4 +108,5 @@ class BatcherStats(_message.Message):
     total_arrivals: int
     total_dispatched: int
     total_queue_wait_s: float
-    def __init__(self, model_name: _Optional[str] = ..., requests: _Optional[int] = ..., batches: _Optional[int] = ..., expired: _Optional[int] = ..., rejected_full: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., batch_sizes: _Optional[_Iterable[_Union[BatchSizeCount, _Mapping]]] = ..., queue_wait_p50_ms: _Optional[float] = ..., queue_wait_p90_ms: _Optional[float] = ..., queue_wait_p99_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., inflight_batches: _Optional[int] = ..., total_arrivals: _Optional[int] = ..., total_dispatched: _Optional[int] = ..., total_queue_wait_s: _Optional[float] = ...) -> None: ...
+    leaving: bool
+    def __init__(self, model_name: _Optional[str] = ..., requests: _Optional[int] = ..., batches: _Optional[int] = ..., expired: _Optional[int] = ..., rejected_full: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., batch_sizes: _Optional[_Iterable[_Union[BatchSizeCount, _Mapping]]] = ..., queue_wait_p50_ms: _Optional[float] = ..., queue_wait_p90_ms: _Optional[float] = ..., queue_wait_p99_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., inflight_batches: _Optional[int] = ..., total_arrivals: _Optional[int] = ..., total_dispatched: _Optional[int] = ..., total_queue_wait_s: _Optional[float] = ..., leaving: _Optional[bool] = ...) -> None: ...

@@ -42,13 +42,18 @@ class BatcherAdminStub:
                 _registered_method=True)
         self.SetBatching = channel.unary_unary(
                 '/flotilla.api.v1.BatcherAdmin/SetBatching',
-                request_serializer=flotilla_dot_api_dot_v1_dot_batcher__pb2.BatchingPolicy.SerializeToString,
+                request_serializer=flotilla_dot_api_dot_v1_dot_batcher__pb2.SetBatchingRequest.SerializeToString,
                 response_deserializer=flotilla_dot_api_dot_v1_dot_batcher__pb2.BatchingPolicy.FromString,
                 _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/flotilla.api.v1.BatcherAdmin/GetStats',
                 request_serializer=flotilla_dot_api_dot_v1_dot_batcher__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=flotilla_dot_api_dot_v1_dot_batcher__pb2.BatcherStats.FromString,
+                _registered_method=True)
+        self.ListStats = channel.unary_unary(
+                '/flotilla.api.v1.BatcherAdmin/ListStats',
+                request_serializer=flotilla_dot_api_dot_v1_dot_batcher__pb2.ListStatsRequest.SerializeToString,
+                response_deserializer=flotilla_dot_api_dot_v1_dot_batcher__pb2.ListStatsResponse.FromString,
                 _registered_method=True)
         self.GetPools = channel.unary_unary(
                 '/flotilla.api.v1.BatcherAdmin/GetPools',
@@ -61,29 +66,39 @@ class BatcherAdminServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetBatching(self, request, context):
-        """The policy in force.
+        """The policy in force for a model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SetBatching(self, request, context):
-        """Replace the policy; validated like the configuration file (INVALID_ARGUMENT
-        naming the field otherwise). Queued requests stay queued.
+        """Replace a model's policy; validated like the configuration file
+        (INVALID_ARGUMENT naming the field otherwise). Queued requests stay queued.
+        It holds until the model's spec changes in the registry or the model leaves
+        this batcher.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetStats(self, request, context):
-        """Counters and queue-wait percentiles since start or the last reset.
+        """A model's counters and queue-wait percentiles since its queue started or
+        the last reset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListStats(self, request, context):
+        """Every model this batcher hosts, each with its GetStats, by name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetPools(self, request, context):
-        """The state of this batcher's preprocess-worker pool.
+        """The state of this batcher's preprocess-worker pool (one for all its models).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -99,13 +114,18 @@ def add_BatcherAdminServicer_to_server(servicer, server):
             ),
             'SetBatching': grpc.unary_unary_rpc_method_handler(
                     servicer.SetBatching,
-                    request_deserializer=flotilla_dot_api_dot_v1_dot_batcher__pb2.BatchingPolicy.FromString,
+                    request_deserializer=flotilla_dot_api_dot_v1_dot_batcher__pb2.SetBatchingRequest.FromString,
                     response_serializer=flotilla_dot_api_dot_v1_dot_batcher__pb2.BatchingPolicy.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
                     request_deserializer=flotilla_dot_api_dot_v1_dot_batcher__pb2.GetStatsRequest.FromString,
                     response_serializer=flotilla_dot_api_dot_v1_dot_batcher__pb2.BatcherStats.SerializeToString,
+            ),
+            'ListStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStats,
+                    request_deserializer=flotilla_dot_api_dot_v1_dot_batcher__pb2.ListStatsRequest.FromString,
+                    response_serializer=flotilla_dot_api_dot_v1_dot_batcher__pb2.ListStatsResponse.SerializeToString,
             ),
             'GetPools': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPools,
@@ -165,7 +185,7 @@ class BatcherAdmin:
             request,
             target,
             '/flotilla.api.v1.BatcherAdmin/SetBatching',
-            flotilla_dot_api_dot_v1_dot_batcher__pb2.BatchingPolicy.SerializeToString,
+            flotilla_dot_api_dot_v1_dot_batcher__pb2.SetBatchingRequest.SerializeToString,
             flotilla_dot_api_dot_v1_dot_batcher__pb2.BatchingPolicy.FromString,
             options,
             channel_credentials,
@@ -194,6 +214,33 @@ class BatcherAdmin:
             '/flotilla.api.v1.BatcherAdmin/GetStats',
             flotilla_dot_api_dot_v1_dot_batcher__pb2.GetStatsRequest.SerializeToString,
             flotilla_dot_api_dot_v1_dot_batcher__pb2.BatcherStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flotilla.api.v1.BatcherAdmin/ListStats',
+            flotilla_dot_api_dot_v1_dot_batcher__pb2.ListStatsRequest.SerializeToString,
+            flotilla_dot_api_dot_v1_dot_batcher__pb2.ListStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

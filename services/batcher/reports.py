@@ -1,0 +1,111 @@
+"""What a batcher tells the controller in each heartbeat, and what it learns from the answer (no grpc).
+
+Each heartbeat (``ShardHeartbeatRequest``) carries the counters of the
+queues that changed since the last heartbeat the controller ANSWERED: every
+queue on the first one, and after a heartbeat that failed the queues it
+carried stay pending (the next one carries their counters as they are
+then), so the controller misses no change however many heartbeats are lost.
+It also carries the assignment the shard holds; the answer lists the models
+only when the controller's assignment differs, and ``HeartbeatBook.answered``
+turns that list into specs for ``Lanes.assign``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from flotilla.api.v1 import controller_pb2
+from flotilla.config import ModelSettings
+from flotilla.services.batcher.lanes import Lane, Lanes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Counters:
+    """One queue's counters as a heartbeat reports them (``QueueCounters``)."""
+
+    arrivals_total: int
+    dispatched_total: int
+    queue_wait_s_total: float
+    queue_depth: int
+    inflight_batches: int
+
+    @classmethod
+    def of(cls, lane: Lane) -> Counters:
+        totals = lane.queue.totals
+        return cls(totals.arrivals, totals.dispatched, totals.queue_wait_s, lane.queue.depth, lane.queue.inflight)
+
+    def to_pb(self, model: str) -> controller_pb2.QueueCounters:
+        return controller_pb2.QueueCounters(
+            model=model, arrivals_total=self.arrivals_total, dispatched_total=self.dispatched_total,
+            queue_wait_s_total=self.queue_wait_s_total, queue_depth=self.queue_depth,
+            inflight_batches=self.inflight_batches,
+        )
+
+
+class HeartbeatBook:
+    """Builds each heartbeat and keeps what the controller has acknowledged."""
+
+    def __init__(
+        self, address: str, lanes: Lanes, *, dedicated_model: str = "",
+        cpu_seconds: Callable[[], float] = time.process_time,
+    ) -> None:
+        self.address = address
+        self.lanes = lanes
+        self.dedicated_model = dedicated_model
+        self.cpu_seconds = cpu_seconds
+        """CPU time (user + system) of this process since it started."""
+        self.assignment = 0
+        """The controller's assignment number the lanes follow (0 before the first answer)."""
+        self.started = True
+        """No heartbeat answered yet."""
+        self._answered: dict[str, Counters] = {}
+        """Model -> the counters the controller has from the last answered heartbeat that carried them."""
+        self._sent: dict[str, Counters] = {}
+        """What the heartbeat in flight carries."""
+
+    def request(self) -> controller_pb2.ShardHeartbeatRequest:
+        """The next heartbeat: the counters changed since the last answered one, the assignment held."""
+        self._sent = {}
+        for lane in self.lanes:
+            counters = Counters.of(lane)
+            if self._answered.get(lane.model) != counters:
+                self._sent[lane.model] = counters
+        return controller_pb2.ShardHeartbeatRequest(
+            address=self.address, dedicated_model=self.dedicated_model,
+            counters=[c.to_pb(model) for model, c in self._sent.items()],
+            cpu_seconds_total=self.cpu_seconds(), assignment=self.assignment, started=self.started,
+        )
+
+    def answered(self, reply: controller_pb2.ShardHeartbeatResponse) -> dict[str, ModelSettings] | None:
+        """The controller answered the latest ``request``: what it carried is acknowledged. Returns the
+        whole new assignment (model -> spec) when it changed, else None. A spec that does not validate
+        is logged and left out (its lane, if any, goes as if unassigned: the controller's registry
+        holds only validated specs, so this is a version skew)."""
+        self._answered.update(self._sent)
+        self._sent = {}
+        hosted = {lane.model for lane in self.lanes}
+        for model in [m for m in self._answered if m not in hosted]:  # its lane is gone
+            del self._answered[model]
+        self.started = False
+        if not reply.changed:
+            return None
+        models: dict[str, ModelSettings] = {}
+        for entry in reply.models:
+            try:
+                models[entry.name] = ModelSettings.model_validate_json(entry.spec_json)
+            except ValidationError as exc:
+                log.error("batcher: the controller's spec of %s does not validate here; not hosting it: %s",
+                          entry.name, exc)
+        self.assignment = reply.assignment
+        return models
+
+    def failed(self) -> None:
+        """The latest heartbeat got no answer: what it carried stays pending."""
+        self._sent = {}
