@@ -126,6 +126,13 @@ class Autoscaler:
         seen.queue_wait_s_total = queue_wait_s_total
         seen.queue_depth = queue_depth
 
+    def touch(self, model: str, now_s: float) -> None:
+        """A request for ``model`` is known to be waiting now (a cold start): it counts as used now."""
+        seen = self._models.get(model)
+        if seen is None:
+            self._models[model] = seen = _ModelSignals(now_s, 0, 0, 0.0, 0)
+        seen.last_used_s = now_s
+
     def last_used_s(self, model: str) -> float | None:
         """When arrivals last increased or the queue was seen non-empty; None if never (or never observed)."""
         seen = self._models.get(model)

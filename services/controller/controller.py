@@ -160,6 +160,7 @@ class Controller:
         *,
         clock: Clock | None = None,
         configured: dict[str, ModelSettings] | None = None,
+        change_log: int = CHANGE_LOG,
     ) -> None:
         self.settings = settings
         self.configured = dict(configured or {})
@@ -187,7 +188,7 @@ class Controller:
         """(gauge, model or replica) -> the label sets it was last given (the rest are removed)."""
         self._holders: dict[str, set[str]] = {}
         """Model -> replicas holding a copy of it in any state (the index of ``replica.copies``)."""
-        self._changes: deque[Change] = deque(maxlen=CHANGE_LOG)
+        self._changes: deque[Change] = deque(maxlen=change_log)
         self._dirty_models: set[str] = set()
         self._dirty_replicas: set[str] = set()
         self._dirty_shards: set[str] = set()
@@ -205,8 +206,12 @@ class Controller:
         for data in await asyncio.to_thread(self.store.load_all):
             record = ModelRecord.from_json(data)
             self.records[record.name] = record
-            # The shards that held its queue before the restart keep it while they report in again.
-            self.shards.presume(record.name, record.batchers, now, dedicated=record.spec.dedicated_batcher)
+            # The shards that held its queue before the restart keep it while they report in again; a
+            # record naming none gets a shard as soon as one reports.
+            if record.batchers:
+                self.shards.presume(record.name, record.batchers, now, dedicated=record.spec.dedicated_batcher)
+            else:
+                self.shards.add(record.name, now, dedicated=record.spec.dedicated_batcher)
         await self._adopt_loaded_copies()
         self._publish()
         self._tasks = [
@@ -677,6 +682,9 @@ class Controller:
         record = self.record(name)
         if self.ready_copies(name):
             return record
+        # A request waits for this model: it is in use, whatever the shards' counters say yet (they arrive
+        # with the next heartbeat), so the autoscaler does not take away the copy being loaded for it.
+        self.autoscaler.touch(name, self.clock.now())
         task = self._cold.get(name)
         if task is None:
             down = self.unreachable_copies(name)

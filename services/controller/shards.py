@@ -94,6 +94,10 @@ class ShardBook:
         self.shards: dict[str, ShardInfo] = {}
         self.holders: dict[str, list[str]] = {}
         """Model -> the shards holding its queue, in the order they got it."""
+        self.leaving: dict[str, set[str]] = {}
+        """Model -> shards that served it and were taken off it while no other holder serves it yet:
+        routes keep naming them until one does (a call then gets UNAVAILABLE, retryable, or lands in
+        the queue the shard keeps for move_grace_s, never NOT_FOUND)."""
         self.dedicated: set[str] = set()
         """Models whose spec asks for batchers of their own."""
         self.rates: dict[str, float] = {}
@@ -120,7 +124,10 @@ class ShardBook:
             shard = self.shards.get(address)
             if shard is not None and shard.acked >= shard.given.get(model, 0):
                 out.append(address)
-        return out
+        if out:
+            self.leaving.pop(model, None)
+            return out
+        return sorted(self.leaving.get(model, ()))
 
     def counters(self, model: str) -> QueueCounts | None:
         """``model``'s counters summed over the shards that report a queue of it; None when none does."""
@@ -162,6 +169,8 @@ class ShardBook:
 
     def _take(self, model: str, shard: ShardInfo) -> None:
         self.touched.add(shard.address)
+        if shard.acked >= shard.given.get(model, shard.acked + 1):
+            self.leaving.setdefault(model, set()).add(shard.address)
         shard.models.discard(model)
         shard.given.pop(model, None)
         shard.counters.pop(model, None)
@@ -200,6 +209,7 @@ class ShardBook:
             shard = self.shards.get(address)
             if shard is not None:
                 self._take(model, shard)
+        self.leaving.pop(model, None)
         self.dedicated.discard(model)
         self.rates.pop(model, None)
 

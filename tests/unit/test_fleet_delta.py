@@ -13,15 +13,18 @@ from flotilla.services.controller.server import FleetFeed, fleet_to_pb
 from tests.unit.test_controller import FakeArtifacts, FakeReplica, spec
 
 
-def controller() -> Controller:
+def controller(change_log: int = 4096) -> Controller:
     settings = ControllerSettings(drain_s=0.0, measure_memory=False)
     replicas = [FakeReplica("a:1", 1000.0), FakeReplica("b:1", 1000.0)]
-    return Controller(settings, replicas, FakeArtifacts(), MemoryRecords(), clock=FakeClock())  # type: ignore[arg-type]
+    return Controller(settings, replicas, FakeArtifacts(), MemoryRecords(), clock=FakeClock(),  # type: ignore[arg-type]
+                      change_log=change_log)
 
 
 def same(state: FleetState, ctl: Controller) -> None:
     whole = FleetState()
     whole.apply(fleet_to_pb(ctl))
+    for status in [*state.models.values(), *whole.models.values()]:
+        status.ClearField("last_used_unix_s")  # wall-clock seconds, computed when the message is built
     assert state.models == whole.models
     assert state.replicas == whole.replicas
     assert state.shards == whole.shards
@@ -57,14 +60,14 @@ async def test_deltas_rebuild_the_whole_fleet_and_carry_only_the_change() -> Non
 
 
 async def test_a_watcher_too_far_behind_gets_the_whole_fleet_and_learns_what_went() -> None:
-    ctl = controller()
+    ctl = controller(change_log=2)
     feed = FleetFeed(ctl)
     state = FleetState()
     await ctl.deploy("keep", spec(min_copies=0))
     await ctl.deploy("gone", spec(min_copies=0))
     state.apply(feed.message(None))
     await ctl.undeploy("gone")
-    ctl._changes.clear()  # the change log no longer reaches back to this watcher's generation
+    await ctl.ensure_loaded("keep")  # more changes than the log of 2 keeps: it no longer reaches back
     message = feed.message(state.generation)
     assert not message.delta
     change = state.apply(message)

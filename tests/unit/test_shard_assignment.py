@@ -222,3 +222,46 @@ async def test_a_held_heartbeat_answers_as_soon_as_the_shard_is_given_a_model(ct
     await ctl.deploy("m", spec(min_copies=0))
     reply = await asyncio.wait_for(waiting, 0.5)
     assert reply.changed and [n for n, _ in reply.models] == ["m"] and reply.interval_s == 0.0
+
+
+async def test_a_moved_model_stays_routed_to_its_old_shard_until_the_new_one_has_it(ctl: Controller) -> None:
+    from flotilla.services.controller.server import status_to_pb
+
+    clock = ctl.clock
+    assert isinstance(clock, FakeClock)
+    a = ctl.shard_heartbeat("s1:1", started=True)
+    a = ctl.shard_heartbeat("s1:1", assignment=a.assignment)
+    await ctl.deploy("m", spec(min_copies=0))
+    a = ctl.shard_heartbeat("s1:1", assignment=a.assignment)
+    ctl.shard_heartbeat("s1:1", assignment=a.assignment)
+    assert list(status_to_pb(ctl, ctl.records["m"]).batchers) == ["s1:1"]
+
+    b = ctl.shard_heartbeat("s2:1", started=True)
+    clock.set(3.5)  # s1 falls silent; s2 keeps reporting
+    b = ctl.shard_heartbeat("s2:1", assignment=b.assignment)
+    await ctl.shards_once()
+    assert ctl.records["m"].batchers == ["s2:1"]
+    assert list(status_to_pb(ctl, ctl.records["m"]).batchers) == ["s1:1"], (
+        "until s2 has the queue, calls go where it was (UNAVAILABLE, retryable), not NOT_FOUND"
+    )
+    reply = ctl.shard_heartbeat("s2:1", assignment=b.assignment)
+    ctl.shard_heartbeat("s2:1", assignment=reply.assignment)
+    assert list(status_to_pb(ctl, ctl.records["m"]).batchers) == ["s2:1"]
+
+
+async def test_a_registered_model_with_no_shard_recorded_gets_one_when_a_shard_reports() -> None:
+    records = MemoryRecords()
+    first = Controller(ControllerSettings(drain_s=0.0, measure_memory=False, shards=SETTINGS),
+                       [FakeReplica("a:1", 1000.0)], FakeArtifacts(), records, clock=FakeClock())  # type: ignore[arg-type]
+    await first.deploy("m", spec(min_copies=0))
+    assert first.records["m"].batchers == []
+
+    second = Controller(ControllerSettings(drain_s=0.0, measure_memory=False, shards=SETTINGS),
+                        [FakeReplica("a:1", 1000.0)], FakeArtifacts(), records, clock=FakeClock())  # type: ignore[arg-type]
+    await second.start()
+    try:
+        second.shard_heartbeat("s1:1", started=True)
+        await second.shards_once()
+        assert second.records["m"].batchers == ["s1:1"]
+    finally:
+        await second.stop()
