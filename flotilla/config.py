@@ -478,7 +478,7 @@ class ObservabilitySettings(_Section):
     """Fraction of traces kept, decided where a trace starts (a request's first tier, by its trace id)
     and followed by every tier after it; a batch is kept when any request riding in it is."""
     trace_polling: bool = False
-    """Also trace the mesh's own polling (GetStats, GetPools, GetBatching, RegisterBatcher, WatchFleet,
+    """Also trace the mesh's own polling (GetStats, ListStats, GetPools, GetBatching, ShardHeartbeat, WatchFleet,
     ListModels, GetModel) when no traced call made it: off, it starts no trace of its own."""
     trace_exporter: Literal["otlp", "console", "file"] = "otlp"
     """otlp: to otlp_endpoint (a collector, Jaeger, Tempo); console: into each service's log;

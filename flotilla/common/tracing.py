@@ -55,9 +55,9 @@ if TYPE_CHECKING:
 TRACER_NAME = "flotilla"
 TRACE_HEADERS = ("traceparent", "tracestate")
 POLLING_METHODS = frozenset(
-    {"GetStats", "GetPools", "GetBatching", "RegisterBatcher", "WatchFleet", "ListModels", "GetModel"}
+    {"GetStats", "ListStats", "GetPools", "GetBatching", "ShardHeartbeat", "WatchFleet", "ListModels", "GetModel"}
 )
-"""Reads the mesh and its operators repeat (the controller's GetStats, batchers' RegisterBatcher every
+"""Reads the mesh and its operators repeat (shards' ShardHeartbeat every
 second, fleet watches, ``flotilla top``): no trace of their own unless ``trace_polling``."""
 
 tracer = trace.get_tracer(TRACER_NAME)
