@@ -17,7 +17,7 @@ from typing import Any, TypedDict
 from flotilla.bench import ceiling as ceiling_part
 from flotilla.bench import cpu as cpu_part
 from flotilla.bench import overhead as overhead_part
-from flotilla.bench import peer_run
+from flotilla.bench import peer_run, sim_run
 from flotilla.bench.inputs import ARRIVAL_LIMITED_LOAD, SATURATION_BATCH_SIZES
 from flotilla.clients.loadtest import Row, format_table
 from flotilla.modelbuild.catalog import TRITON_MAX_QUEUE_DELAY_US
@@ -47,6 +47,8 @@ class Results(TypedDict, total=False):
     ceiling: dict[str, Any]
     peer: dict[str, Any]
     fleet: dict[str, dict[str, Any]]
+    fleet_sim: dict[str, Any]
+    """The control plane at scale on simulated time (:func:`flotilla.bench.sim_run.run`)."""
     parts_run_separately: list[str]
     """The parts last run alone (``--only``), not in the run the load points come from."""
     in_process_images_per_s: object
@@ -254,14 +256,19 @@ def targets_table(summary: dict[str, object]) -> list[str]:
 
 def refresh_readme(table: str, start: str = MARK_START, end: str = MARK_END) -> None:
     """Replace the results page's block between ``start`` and ``end`` (``table`` includes both)."""
-    text = RESULTS_PAGE.read_text(encoding="utf-8")
+    refresh_block(RESULTS_PAGE, table, start, end)
+
+
+def refresh_block(page: Path, table: str, start: str, end: str) -> None:
+    """Replace ``page``'s block between ``start`` and ``end`` (``table`` includes both); appended when absent."""
+    text = page.read_text(encoding="utf-8")
     if start in text and end in text:
         head, rest = text.split(start, 1)
         _, tail = rest.split(end, 1)
         text = head + table + tail
     else:
         text = text.rstrip() + "\n\n" + table + "\n"
-    RESULTS_PAGE.write_text(text, encoding="utf-8")
+    page.write_text(text, encoding="utf-8")
 
 
 FLEET_START, FLEET_END = "<!-- bench-fleet:start -->", "<!-- bench-fleet:end -->"
@@ -305,3 +312,26 @@ def peer_lines(results: Results) -> list[str]:
     large = cpu["points"]["large"]
     total_us = (large.get("cpu_us_per_image") or {}).get("total")
     return peer_run.peer_lines(peer, large["images_per_s"], large["p99_ms"], total_us)
+
+
+FLEET_SIM_START, FLEET_SIM_END = "<!-- bench-fleet-sim:start -->", "<!-- bench-fleet-sim:end -->"
+
+
+def fleet_sim_table(fleet_sim: dict[str, Any], page: Path = RESULTS_PAGE) -> str:
+    """The block between ``FLEET_SIM_START`` and ``FLEET_SIM_END`` on ``page`` (the results page), from
+    :func:`flotilla.bench.sim_run.run`; the plot, when one was written, under the table (linked
+    relative to ``page``)."""
+    lines = [FLEET_SIM_START, *sim_run.table_lines(fleet_sim)]
+    if fleet_sim.get("plot"):
+        image = os.path.relpath(fleet_sim["plot"], page.parent)
+        lines += ["", f"![Copies against demand over the simulated day]({image})"]
+    return "\n".join([*lines, FLEET_SIM_END])
+
+
+def fleet_sim_summary(fleet_sim: dict[str, Any]) -> dict[str, Any]:
+    """Each size's headline figures (the series left out)."""
+    return {
+        key: {policy: {k: v for k, v in run.items() if k != "series"} if isinstance(run, dict) else run
+              for policy, run in entry.items()}
+        for key, entry in fleet_sim["sizes"].items()
+    }

@@ -51,7 +51,7 @@ from flotilla.bench import ceiling as ceiling_part
 from flotilla.bench import cpu as cpu_part
 from flotilla.bench import fleet as fleet_part
 from flotilla.bench import overhead as overhead_part
-from flotilla.bench import peer_app, peer_run
+from flotilla.bench import peer_app, peer_run, sim_run
 from flotilla.bench.inputs import (
     ARRIVAL_LIMITED_LOAD,
     BELOW_SATURATION_LOAD,
@@ -63,9 +63,13 @@ from flotilla.bench.inputs import (
 )
 from flotilla.bench.report import (
     FLEET_END,
+    FLEET_SIM_END,
+    FLEET_SIM_START,
     FLEET_START,
     Results,
     cpu_summary,
+    fleet_sim_summary,
+    fleet_sim_table,
     fleet_table,
     readme_table,
     refresh_readme,
@@ -265,6 +269,9 @@ def main(duration_s: float = 5.0, only: str = "all") -> None:
     if only == "fleet":
         fleet_only()
         return
+    if only == "fleet-sim":
+        fleet_sim_only()
+        return
     if only in CPU_PARTS:
         part_only(only, duration_s=duration_s)
         return
@@ -343,3 +350,15 @@ def fleet_only() -> None:
     path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     refresh_readme(fleet_table(results["fleet"]), FLEET_START, FLEET_END)
     print(json.dumps(results["fleet"], indent=2))
+
+
+def fleet_sim_only() -> None:
+    """The control plane at scale on simulated time (:mod:`flotilla.bench.sim_run`); merged into
+    bench/results.json (``fleet_sim``) and the results page's block, with the plot of copies against demand."""
+    path = OUT / "results.json"
+    results: Results = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    results["fleet_sim"] = sim_run.run()
+    OUT.mkdir(exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    refresh_readme(fleet_sim_table(results["fleet_sim"]), FLEET_SIM_START, FLEET_SIM_END)
+    print(json.dumps(fleet_sim_summary(results["fleet_sim"]), indent=2))

@@ -66,7 +66,7 @@ class ReplicaInfo:
     @property
     def used_mb(self) -> float:
         """Memory held by every copy here, whatever its state (a draining copy still holds memory)."""
-        return sum(copy.memory_mb for copy in self.copies.values())
+        return sum([copy.memory_mb for copy in self.copies.values()])
 
     @property
     def free_mb(self) -> float:
@@ -145,16 +145,18 @@ def choose_replica(
     if not candidates:
         raise NoCapacity(_no_candidate_message(model, replicas))
 
-    fitting = [r for r in candidates if r.free_mb >= need]
+    # Each candidate's free memory once (it sums its copies): one pass over the copies, not one per comparison.
+    free = {r.address: r.free_mb for r in candidates}
+    fitting = [r for r in candidates if free[r.address] >= need]
     if fitting:
-        best = min(fitting, key=lambda r: (-r.free_mb, len(r.copies), r.address))
+        best = min(fitting, key=lambda r: (-free[r.address], len(r.copies), r.address))
         return Placement(
             best.address,
             (),
-            f"{best.address} has {best.free_mb:.0f} MiB free of {best.budget_mb:.0f}, needs {need:.0f}",
+            f"{best.address} has {free[best.address]:.0f} MiB free of {best.budget_mb:.0f}, needs {need:.0f}",
         )
 
-    live_copies = {name: len(copies_of(name, replicas)) for name in usage}
+    live_copies = _live_copies(replicas)
     plans: list[tuple[tuple[int, tuple[float, ...], str], ReplicaInfo, list[CopyInfo]]] = []
     blocked: list[str] = []
     for replica in candidates:
@@ -262,6 +264,17 @@ def _why_not_evictable(
     if live_copies.get(copy.model, 0) - 1 < model.min_copies:
         return f"{copy.model} is at min_copies {model.min_copies}"
     return None
+
+
+def _live_copies(replicas: Sequence[ReplicaInfo]) -> dict[str, int]:
+    """Model -> replicas (healthy or not) holding a loading or ready copy of it: ``copies_of`` for
+    every model at once, in one pass over the copies (not one pass over the replicas per model)."""
+    counts: dict[str, int] = {}
+    for replica in replicas:
+        for name, copy in replica.copies.items():
+            if copy.state in (LOADING, READY):
+                counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def _no_candidate_message(model: ModelUsage, replicas: Sequence[ReplicaInfo]) -> str:
