@@ -116,6 +116,8 @@ class QueueTotals:
     """Requests that left the queue in a batch."""
     queue_wait_s: float = 0.0
     """Sum of the dispatched requests' arrival-to-dispatch times."""
+    last_arrival_s: float | None = None
+    """When the latest request was accepted (the queue's clock); None before the first."""
 
 
 class BatchQueue(Generic[T, R]):
@@ -264,6 +266,7 @@ class BatchQueue(Generic[T, R]):
         self._levels[level - 1].append(pending)
         self._size += 1
         self.totals.arrivals += 1
+        self.totals.last_arrival_s = now
         self._arm(pending, now)
         # Wake the former only when it has something new to decide.
         if self._size == 1 or self._size >= self._ready_size():

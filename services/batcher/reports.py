@@ -35,17 +35,22 @@ class Counters:
     queue_wait_s_total: float
     queue_depth: int
     inflight_batches: int
+    last_arrival_s: float | None = None
+    """The latest arrival, on the queue's clock (changes only with arrivals_total)."""
 
     @classmethod
     def of(cls, lane: Lane) -> Counters:
         totals = lane.queue.totals
-        return cls(totals.arrivals, totals.dispatched, totals.queue_wait_s, lane.queue.depth, lane.queue.inflight)
+        return cls(totals.arrivals, totals.dispatched, totals.queue_wait_s, lane.queue.depth, lane.queue.inflight,
+                   totals.last_arrival_s)
 
-    def to_pb(self, model: str) -> controller_pb2.QueueCounters:
+    def to_pb(self, model: str, now_s: float) -> controller_pb2.QueueCounters:
+        """The message, with the latest arrival as seconds before ``now_s`` (the queue's clock now)."""
         return controller_pb2.QueueCounters(
             model=model, arrivals_total=self.arrivals_total, dispatched_total=self.dispatched_total,
             queue_wait_s_total=self.queue_wait_s_total, queue_depth=self.queue_depth,
             inflight_batches=self.inflight_batches,
+            idle_s=0.0 if self.last_arrival_s is None else max(now_s - self.last_arrival_s, 0.0),
         )
 
 
@@ -73,13 +78,14 @@ class HeartbeatBook:
     def request(self) -> controller_pb2.ShardHeartbeatRequest:
         """The next heartbeat: the counters changed since the last answered one, the assignment held."""
         self._sent = {}
+        now_s = self.lanes.clock.now()
         for lane in self.lanes:
             counters = Counters.of(lane)
             if self._answered.get(lane.model) != counters:
                 self._sent[lane.model] = counters
         return controller_pb2.ShardHeartbeatRequest(
             address=self.address, dedicated_model=self.dedicated_model,
-            counters=[c.to_pb(model) for model, c in self._sent.items()],
+            counters=[c.to_pb(model, now_s) for model, c in self._sent.items()],
             cpu_seconds_total=self.cpu_seconds(), assignment=self.assignment, started=self.started,
         )
 

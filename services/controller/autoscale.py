@@ -88,8 +88,11 @@ class Autoscaler:
         dispatched_total: int,
         queue_wait_s_total: float,
         queue_depth: int,
+        last_arrival_s: float | None = None,
     ) -> None:
-        """Record the batcher's cumulative counters for ``model`` as of ``now_s``."""
+        """Record the batcher's cumulative counters for ``model`` as of ``now_s``; ``last_arrival_s``,
+        when known, is when its latest request arrived (counters may reach the controller late: the
+        model was last used then, not when they arrived)."""
         seen = self._models.get(model)
         if seen is None:
             seen = _ModelSignals(now_s, arrivals_total, dispatched_total, queue_wait_s_total, queue_depth)
@@ -106,7 +109,8 @@ class Autoscaler:
         )
         dispatched = 0 if restarted else dispatched_total - seen.dispatched_total
         if not restarted and arrivals_total > seen.arrivals_total:
-            seen.last_used_s = now_s
+            used_s = now_s if last_arrival_s is None else min(last_arrival_s, now_s)
+            seen.last_used_s = max(seen.last_used_s or used_s, used_s)
         if queue_depth > 0:
             seen.last_used_s = now_s
 

@@ -1004,6 +1004,7 @@ class Controller:
             dispatched_total=counters.dispatched_total,
             queue_wait_s_total=counters.queue_wait_s_total,
             queue_depth=counters.queue_depth,
+            last_arrival_s=counters.last_arrival_s,
         )
         before = self._arrivals_seen.get(name)
         self._arrivals_seen[name] = (counters.arrivals_total, now)

@@ -182,9 +182,10 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
     ) -> controller_pb2.ShardHeartbeatResponse:
         if not request.address:
             raise InvalidArgument("ShardHeartbeat needs the shard's address (host:port routers reach it at)")
+        now = self.controller.clock.now()
         counters = {
             c.model: QueueCounts(c.arrivals_total, c.dispatched_total, c.queue_wait_s_total, c.queue_depth,
-                                 c.inflight_batches)
+                                 c.inflight_batches, now - c.idle_s if c.arrivals_total else None)
             for c in request.counters
         }
         reply = self.controller.shard_heartbeat(

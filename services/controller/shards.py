@@ -58,6 +58,8 @@ class QueueCounts:
     queue_wait_s_total: float = 0.0
     queue_depth: int = 0
     inflight_batches: int = 0
+    last_arrival_s: float | None = None
+    """The latest arrival, on the controller's clock (None: none yet, or not reported)."""
 
 
 @dataclass
@@ -140,6 +142,7 @@ class ShardBook:
             queue_wait_s_total=sum(c.queue_wait_s_total for c in found),
             queue_depth=sum(c.queue_depth for c in found),
             inflight_batches=sum(c.inflight_batches for c in found),
+            last_arrival_s=max((c.last_arrival_s for c in found if c.last_arrival_s is not None), default=None),
         )
 
     def take_touched(self) -> set[str]:

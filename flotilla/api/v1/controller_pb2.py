@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n flotilla/api/v1/controller.proto\x12\x0f\x66lotilla.api.v1\"A\n\rDeployRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\"\x1f\n\x0fUndeployRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x12\n\x10UndeployResponse\"\x13\n\x11ListModelsRequest\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.flotilla.api.v1.ModelStatus\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\x13\x45nsureLoadedRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x9b\x01\n\rQueueCounters\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x61rrivals_total\x18\x02 \x01(\x04\x12\x18\n\x10\x64ispatched_total\x18\x03 \x01(\x04\x12\x1a\n\x12queue_wait_s_total\x18\x04 \x01(\x01\x12\x13\n\x0bqueue_depth\x18\x05 \x01(\r\x12\x18\n\x10inflight_batches\x18\x06 \x01(\r\"\xb3\x01\n\x15ShardHeartbeatRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x65\x64icated_model\x18\x02 \x01(\t\x12\x30\n\x08\x63ounters\x18\x03 \x03(\x0b\x32\x1e.flotilla.api.v1.QueueCounters\x12\x19\n\x11\x63pu_seconds_total\x18\x04 \x01(\x01\x12\x12\n\nassignment\x18\x05 \x01(\x04\x12\x0f\n\x07started\x18\x06 \x01(\x08\"-\n\nShardModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\t\"~\n\x16ShardHeartbeatResponse\x12\x12\n\nassignment\x18\x01 \x01(\x04\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x12+\n\x06models\x18\x03 \x03(\x0b\x32\x1b.flotilla.api.v1.ShardModel\x12\x12\n\ninterval_s\x18\x04 \x01(\x01\"\x13\n\x11WatchFleetRequest\"{\n\tCondition\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x1e\n\x16last_transition_unix_s\x18\x05 \x01(\x01\x12\x0f\n\x07replica\x18\x06 \x01(\t\"K\n\x04\x43opy\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\r\x12\x11\n\tmemory_mb\x18\x04 \x01(\x01\"6\n\x05\x45vent\x12\x0e\n\x06unix_s\x18\x01 \x01(\x01\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xb5\x02\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\t\x12.\n\nconditions\x18\x03 \x03(\x0b\x32\x1a.flotilla.api.v1.Condition\x12%\n\x06\x63opies\x18\x04 \x03(\x0b\x32\x15.flotilla.api.v1.Copy\x12\x10\n\x08\x62\x61tchers\x18\x05 \x03(\t\x12\x11\n\tmemory_mb\x18\x06 \x01(\x01\x12\x17\n\x0fmemory_measured\x18\x07 \x01(\x08\x12&\n\x06\x65vents\x18\x08 \x03(\x0b\x32\x16.flotilla.api.v1.Event\x12\x15\n\rqueue_wait_ms\x18\t \x01(\x01\x12\x18\n\x10last_used_unix_s\x18\n \x01(\x01\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x0b \x01(\r\"\xdc\x01\n\x05\x46leet\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12,\n\x06models\x18\x02 \x03(\x0b\x32\x1c.flotilla.api.v1.ModelStatus\x12*\n\x08replicas\x18\x03 \x03(\x0b\x32\x18.flotilla.api.v1.Replica\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x08\x12\x16\n\x0eremoved_models\x18\x05 \x03(\t\x12&\n\x06shards\x18\x06 \x03(\x0b\x32\x16.flotilla.api.v1.Shard\x12\x16\n\x0eremoved_shards\x18\x07 \x03(\t\"l\n\x05Shard\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x65\x64icated_model\x18\x02 \x01(\t\x12\x0e\n\x06models\x18\x03 \x01(\r\x12\x11\n\tcpu_cores\x18\x04 \x01(\x01\x12\x16\n\x0erequests_per_s\x18\x05 \x01(\x01\"e\n\x07Replica\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x11\n\tbudget_mb\x18\x02 \x01(\x01\x12\x0f\n\x07used_mb\x18\x03 \x01(\x01\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x14\n\x0chttp_address\x18\x05 \x01(\t2\xcb\x04\n\nController\x12\x46\n\x06\x44\x65ploy\x12\x1e.flotilla.api.v1.DeployRequest\x1a\x1c.flotilla.api.v1.ModelStatus\x12O\n\x08Undeploy\x12 .flotilla.api.v1.UndeployRequest\x1a!.flotilla.api.v1.UndeployResponse\x12U\n\nListModels\x12\".flotilla.api.v1.ListModelsRequest\x1a#.flotilla.api.v1.ListModelsResponse\x12J\n\x08GetModel\x12 .flotilla.api.v1.GetModelRequest\x1a\x1c.flotilla.api.v1.ModelStatus\x12R\n\x0c\x45nsureLoaded\x12$.flotilla.api.v1.EnsureLoadedRequest\x1a\x1c.flotilla.api.v1.ModelStatus\x12\x61\n\x0eShardHeartbeat\x12&.flotilla.api.v1.ShardHeartbeatRequest\x1a\'.flotilla.api.v1.ShardHeartbeatResponse\x12J\n\nWatchFleet\x12\".flotilla.api.v1.WatchFleetRequest\x1a\x16.flotilla.api.v1.Fleet0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n flotilla/api/v1/controller.proto\x12\x0f\x66lotilla.api.v1\"A\n\rDeployRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\"\x1f\n\x0fUndeployRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x12\n\x10UndeployResponse\"\x13\n\x11ListModelsRequest\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.flotilla.api.v1.ModelStatus\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\x13\x45nsureLoadedRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xab\x01\n\rQueueCounters\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x61rrivals_total\x18\x02 \x01(\x04\x12\x18\n\x10\x64ispatched_total\x18\x03 \x01(\x04\x12\x1a\n\x12queue_wait_s_total\x18\x04 \x01(\x01\x12\x13\n\x0bqueue_depth\x18\x05 \x01(\r\x12\x18\n\x10inflight_batches\x18\x06 \x01(\r\x12\x0e\n\x06idle_s\x18\x07 \x01(\x01\"\xb3\x01\n\x15ShardHeartbeatRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x65\x64icated_model\x18\x02 \x01(\t\x12\x30\n\x08\x63ounters\x18\x03 \x03(\x0b\x32\x1e.flotilla.api.v1.QueueCounters\x12\x19\n\x11\x63pu_seconds_total\x18\x04 \x01(\x01\x12\x12\n\nassignment\x18\x05 \x01(\x04\x12\x0f\n\x07started\x18\x06 \x01(\x08\"-\n\nShardModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\t\"~\n\x16ShardHeartbeatResponse\x12\x12\n\nassignment\x18\x01 \x01(\x04\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x12+\n\x06models\x18\x03 \x03(\x0b\x32\x1b.flotilla.api.v1.ShardModel\x12\x12\n\ninterval_s\x18\x04 \x01(\x01\"\x13\n\x11WatchFleetRequest\"{\n\tCondition\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x1e\n\x16last_transition_unix_s\x18\x05 \x01(\x01\x12\x0f\n\x07replica\x18\x06 \x01(\t\"K\n\x04\x43opy\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\r\x12\x11\n\tmemory_mb\x18\x04 \x01(\x01\"6\n\x05\x45vent\x12\x0e\n\x06unix_s\x18\x01 \x01(\x01\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xb5\x02\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\t\x12.\n\nconditions\x18\x03 \x03(\x0b\x32\x1a.flotilla.api.v1.Condition\x12%\n\x06\x63opies\x18\x04 \x03(\x0b\x32\x15.flotilla.api.v1.Copy\x12\x10\n\x08\x62\x61tchers\x18\x05 \x03(\t\x12\x11\n\tmemory_mb\x18\x06 \x01(\x01\x12\x17\n\x0fmemory_measured\x18\x07 \x01(\x08\x12&\n\x06\x65vents\x18\x08 \x03(\x0b\x32\x16.flotilla.api.v1.Event\x12\x15\n\rqueue_wait_ms\x18\t \x01(\x01\x12\x18\n\x10last_used_unix_s\x18\n \x01(\x01\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x0b \x01(\r\"\xdc\x01\n\x05\x46leet\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12,\n\x06models\x18\x02 \x03(\x0b\x32\x1c.flotilla.api.v1.ModelStatus\x12*\n\x08replicas\x18\x03 \x03(\x0b\x32\x18.flotilla.api.v1.Replica\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x08\x12\x16\n\x0eremoved_models\x18\x05 \x03(\t\x12&\n\x06shards\x18\x06 \x03(\x0b\x32\x16.flotilla.api.v1.Shard\x12\x16\n\x0eremoved_shards\x18\x07 \x03(\t\"l\n\x05Shard\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x65\x64icated_model\x18\x02 \x01(\t\x12\x0e\n\x06models\x18\x03 \x01(\r\x12\x11\n\tcpu_cores\x18\x04 \x01(\x01\x12\x16\n\x0erequests_per_s\x18\x05 \x01(\x01\"e\n\x07Replica\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x11\n\tbudget_mb\x18\x02 \x01(\x01\x12\x0f\n\x07used_mb\x18\x03 \x01(\x01\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x14\n\x0chttp_address\x18\x05 \x01(\t2\xcb\x04\n\nController\x12\x46\n\x06\x44\x65ploy\x12\x1e.flotilla.api.v1.DeployRequest\x1a\x1c.flotilla.api.v1.ModelStatus\x12O\n\x08Undeploy\x12 .flotilla.api.v1.UndeployRequest\x1a!.flotilla.api.v1.UndeployResponse\x12U\n\nListModels\x12\".flotilla.api.v1.ListModelsRequest\x1a#.flotilla.api.v1.ListModelsResponse\x12J\n\x08GetModel\x12 .flotilla.api.v1.GetModelRequest\x1a\x1c.flotilla.api.v1.ModelStatus\x12R\n\x0c\x45nsureLoaded\x12$.flotilla.api.v1.EnsureLoadedRequest\x1a\x1c.flotilla.api.v1.ModelStatus\x12\x61\n\x0eShardHeartbeat\x12&.flotilla.api.v1.ShardHeartbeatRequest\x1a\'.flotilla.api.v1.ShardHeartbeatResponse\x12J\n\nWatchFleet\x12\".flotilla.api.v1.WatchFleetRequest\x1a\x16.flotilla.api.v1.Fleet0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,29 +46,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENSURELOADEDREQUEST']._serialized_start=295
   _globals['_ENSURELOADEDREQUEST']._serialized_end=330
   _globals['_QUEUECOUNTERS']._serialized_start=333
-  _globals['_QUEUECOUNTERS']._serialized_end=488
-  _globals['_SHARDHEARTBEATREQUEST']._serialized_start=491
-  _globals['_SHARDHEARTBEATREQUEST']._serialized_end=670
-  _globals['_SHARDMODEL']._serialized_start=672
-  _globals['_SHARDMODEL']._serialized_end=717
-  _globals['_SHARDHEARTBEATRESPONSE']._serialized_start=719
-  _globals['_SHARDHEARTBEATRESPONSE']._serialized_end=845
-  _globals['_WATCHFLEETREQUEST']._serialized_start=847
-  _globals['_WATCHFLEETREQUEST']._serialized_end=866
-  _globals['_CONDITION']._serialized_start=868
-  _globals['_CONDITION']._serialized_end=991
-  _globals['_COPY']._serialized_start=993
-  _globals['_COPY']._serialized_end=1068
-  _globals['_EVENT']._serialized_start=1070
-  _globals['_EVENT']._serialized_end=1124
-  _globals['_MODELSTATUS']._serialized_start=1127
-  _globals['_MODELSTATUS']._serialized_end=1436
-  _globals['_FLEET']._serialized_start=1439
-  _globals['_FLEET']._serialized_end=1659
-  _globals['_SHARD']._serialized_start=1661
-  _globals['_SHARD']._serialized_end=1769
-  _globals['_REPLICA']._serialized_start=1771
-  _globals['_REPLICA']._serialized_end=1872
-  _globals['_CONTROLLER']._serialized_start=1875
-  _globals['_CONTROLLER']._serialized_end=2462
+  _globals['_QUEUECOUNTERS']._serialized_end=504
+  _globals['_SHARDHEARTBEATREQUEST']._serialized_start=507
+  _globals['_SHARDHEARTBEATREQUEST']._serialized_end=686
+  _globals['_SHARDMODEL']._serialized_start=688
+  _globals['_SHARDMODEL']._serialized_end=733
+  _globals['_SHARDHEARTBEATRESPONSE']._serialized_start=735
+  _globals['_SHARDHEARTBEATRESPONSE']._serialized_end=861
+  _globals['_WATCHFLEETREQUEST']._serialized_start=863
+  _globals['_WATCHFLEETREQUEST']._serialized_end=882
+  _globals['_CONDITION']._serialized_start=884
+  _globals['_CONDITION']._serialized_end=1007
+  _globals['_COPY']._serialized_start=1009
+  _globals['_COPY']._serialized_end=1084
+  _globals['_EVENT']._serialized_start=1086
+  _globals['_EVENT']._serialized_end=1140
+  _globals['_MODELSTATUS']._serialized_start=1143
+  _globals['_MODELSTATUS']._serialized_end=1452
+  _globals['_FLEET']._serialized_start=1455
+  _globals['_FLEET']._serialized_end=1675
+  _globals['_SHARD']._serialized_start=1677
+  _globals['_SHARD']._serialized_end=1785
+  _globals['_REPLICA']._serialized_start=1787
+  _globals['_REPLICA']._serialized_end=1888
+  _globals['_CONTROLLER']._serialized_start=1891
+  _globals['_CONTROLLER']._serialized_end=2478
 # @@protoc_insertion_point(module_scope)

@@ -49,20 +49,22 @@ class EnsureLoadedRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class QueueCounters(_message.Message):
-    __slots__ = ("model", "arrivals_total", "dispatched_total", "queue_wait_s_total", "queue_depth", "inflight_batches")
+    __slots__ = ("model", "arrivals_total", "dispatched_total", "queue_wait_s_total", "queue_depth", "inflight_batches", "idle_s")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARRIVALS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DISPATCHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     QUEUE_WAIT_S_TOTAL_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     arrivals_total: int
     dispatched_total: int
     queue_wait_s_total: float
     queue_depth: int
     inflight_batches: int
-    def __init__(self, model: _Optional[str] = ..., arrivals_total: _Optional[int] = ..., dispatched_total: _Optional[int] = ..., queue_wait_s_total: _Optional[float] = ..., queue_depth: _Optional[int] = ..., inflight_batches: _Optional[int] = ...) -> None: ...
+    idle_s: float
+    def __init__(self, model: _Optional[str] = ..., arrivals_total: _Optional[int] = ..., dispatched_total: _Optional[int] = ..., queue_wait_s_total: _Optional[float] = ..., queue_depth: _Optional[int] = ..., inflight_batches: _Optional[int] = ..., idle_s: _Optional[float] = ...) -> None: ...
 
 class ShardHeartbeatRequest(_message.Message):
     __slots__ = ("address", "dedicated_model", "counters", "cpu_seconds_total", "assignment", "started")
