@@ -42,7 +42,7 @@ from flotilla.common import metrics
 from flotilla.common.fleet import FleetState
 from flotilla.config import AutoscaleSettings
 from flotilla.errors import FlotillaError
-from flotilla.services.controller.controller import Controller
+from flotilla.services.controller.controller import Controller, settle_heap
 from flotilla.services.controller.registry import MemoryRecords
 from flotilla.services.controller.server import fleet_since, fleet_to_pb
 
@@ -51,6 +51,7 @@ from .sim_loop import SimClock, run_simulated, settle
 from .sim_policy import Policy, ffd_bins, policy
 from .sim_shards import SimShards
 
+DEFAULT_GC_THRESHOLDS = gc.get_threshold()
 GIB = 1024.0
 BUDGET_MB = 80 * GIB
 """A replica's memory budget: one 80 GB GPU."""
@@ -205,6 +206,8 @@ async def _run(config: SimConfig, models: list[SimModel], rates: Callable[[float
         return await _day(config, models, rates, on_tick, gc_meter)
     finally:
         gc.callbacks.remove(gc_meter)
+        gc.unfreeze()  # _day froze its fleet: the next run's collector sees this one's garbage again
+        gc.set_threshold(*DEFAULT_GC_THRESHOLDS)
 
 
 async def _day(config: SimConfig, models: list[SimModel], rates: Callable[[float], NDArray[np.float64]] | None,
@@ -224,6 +227,7 @@ async def _day(config: SimConfig, models: list[SimModel], rates: Callable[[float
     _watch_cost(ctl, None, watcher)
     t0 = clock.now()
     await _deploy_all(ctl, models, chosen, book, watcher)
+    settle_heap()  # as the controller process does once it has started (services/controller/server.py)
     deployed_s = clock.now() - t0
     shards.heartbeat(ctl)
     shards.take_cpu()

@@ -167,8 +167,8 @@ class Autoscaler:
             return Decision(ADD, f"{copies} copies is below min_copies {min_copies}")
 
         idle_s = self._idle_s(seen, now_s)
-        idle_text = self._idle_text(seen, idle_s)
         if min_copies == 0 and copies > 0 and idle_s is not None and idle_s >= s.scale_to_zero_idle_s:
+            idle_text = self._idle_text(seen, idle_s)
             return Decision(ZERO, f"{idle_text}; unloading every copy after {s.scale_to_zero_idle_s:.1f} s idle")
 
         if model in self._last_action:
@@ -189,6 +189,7 @@ class Autoscaler:
 
         floor = max(min_copies, 1)
         if idle_s is not None and idle_s >= s.scale_down_idle_s and copies > floor:
+            idle_text = self._idle_text(seen, idle_s)
             return Decision(REMOVE, f"{idle_text}; {copies} copies, scaling down after {s.scale_down_idle_s:.1f} s idle")
 
         if seen is None:
@@ -198,7 +199,7 @@ class Autoscaler:
                 NONE,
                 f"queue wait {seen.queue_wait_ms:.0f} ms is within {s.queue_wait_high_ms:.0f} ms; {copies} copies",
             )
-        return Decision(NONE, f"{idle_text}; {copies} copies")
+        return Decision(NONE, f"{self._idle_text(seen, idle_s)}; {copies} copies")
 
     def acted(self, model: str, now_s: float, action: str) -> None:
         """The controller carried out ``action`` (add, remove or zero) for ``model`` at ``now_s``: start its cooldown."""

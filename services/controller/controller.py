@@ -44,7 +44,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -99,8 +101,24 @@ HEALTH_INTERVAL_S = 1.0
 COLD_START_ATTEMPTS = 3
 """Loads one cold start tries when copies vanish under it (replicas dying) before answering UNAVAILABLE."""
 COLD_START_POLL_S = 0.01
+LOADED_READS_PER_ROUND = 200
+"""Replicas whose loaded models one health round reads (all of them in a fleet this size or smaller)."""
 CONFIGURED_RETRY_S = 10.0
 """How often a configured model that could not be deployed is tried again."""
+
+
+GC_THRESHOLDS = (50_000, 20, 100)
+"""The collector's thresholds in the controller process (CPython's are 700, 10, 10). A fleet of
+thousands of models is millions of long-lived objects: at the defaults, a cold-start storm at 10 000
+models x 1 000 replicas ran a full collection every few rounds and the decision round's p99 was
+276 ms of CPU; with these, 71 ms (`flotilla bench --only fleet-sim`)."""
+
+
+def settle_heap() -> None:
+    """Tune the collector for a large, long-lived heap and move what exists now (the registry just
+    read) out of its way (``gc.freeze``): call once the controller has started."""
+    gc.set_threshold(*GC_THRESHOLDS)
+    gc.freeze()
 
 
 class ReplicaWentDown(Unavailable):
@@ -195,6 +213,10 @@ class Controller:
         self._all_dirty = True
         self._observed_last: set[str] = set()
         """Models observed in the last usage round."""
+        self._wants_copies: set[str] = set()
+        """Models whose min_copies is above 0 (decided every round, copies or not)."""
+        self._rounds = 0
+        """Replica checks so far (each reads ``loaded()`` of a slice of the replicas)."""
         self._arrivals_seen: dict[str, tuple[int, float]] = {}
         """Model -> (arrivals counter, when) at its last observation: its request rate for the shard book."""
 
@@ -206,6 +228,8 @@ class Controller:
         for data in await asyncio.to_thread(self.store.load_all):
             record = ModelRecord.from_json(data)
             self.records[record.name] = record
+            if record.spec.min_copies > 0:
+                self._wants_copies.add(record.name)
             # The shards that held its queue before the restart keep it while they report in again; a
             # record naming none gets a shard as soon as one reports.
             if record.batchers:
@@ -547,6 +571,8 @@ class Controller:
             MEMORY_AVAILABLE, True, "Placed", f"{len(self.copies(name))} copy(ies) placed within replica budgets"
         )
         record.committed = True
+        if spec.min_copies > 0:
+            self._wants_copies.add(name)
         record.event(
             "deployed",
             f"registered with {len(self.copies(name))} copy(ies); min {spec.min_copies}, max {spec.max_copies}",
@@ -573,6 +599,7 @@ class Controller:
                 task.cancel()
         await asyncio.gather(*(self._remove_copy(name, a, "undeployed") for a in self.copies(name)))
         self.records.pop(name, None)
+        self._wants_copies.discard(name)
         self._standins.pop(name, None)
         self.autoscaler.forget(name)
         self._arrivals_seen.pop(name, None)
@@ -939,12 +966,19 @@ class Controller:
         self._dirty_models.update(replica.copies)
 
     async def check_replicas_once(self) -> None:
-        """Health of each replica (asked all at once); copies a restarted replica lost leave the fleet."""
+        """Health of each replica (asked all at once); copies a restarted replica lost leave the fleet.
+        What each replica holds is read from at most ``LOADED_READS_PER_ROUND`` replicas a round (each
+        in turn), and at once from one whose health changed: a large fleet is not asked its whole
+        repository every second."""
         changed: set[str] = set()
         flipped = False
         addresses = list(self.agents)
         lives = await asyncio.gather(*(self._is_live(a) for a in addresses))
-        up = [a for a, healthy in zip(addresses, lives, strict=True) if healthy]
+        slices = max(1, math.ceil(len(addresses) / LOADED_READS_PER_ROUND))
+        turn = self._rounds % slices
+        self._rounds += 1
+        up = [a for i, (a, healthy) in enumerate(zip(addresses, lives, strict=True))
+              if healthy and (i % slices == turn or not self.replicas[a].healthy)]
         for address, healthy in zip(addresses, lives, strict=True):
             budget_mb = self.agents[address].budget_mb  # memory_kind gpu: at most the GPUs' total once read
             if healthy and budget_mb != self.replicas[address].budget_mb:
@@ -986,7 +1020,9 @@ class Controller:
             if record is not None and record.committed:
                 await self._observe(record)
         self._observed_last = reported
-        self._export_gauges([n for n in reported if n in self.records], ())
+        for name in reported:  # of a model's gauges, only its queue wait follows its counters
+            if name in self.records and self.records[name].committed:
+                metrics.MODEL_QUEUE_WAIT_MS.labels(name).set(self.autoscaler.queue_wait_ms(name) or 0.0)
 
     async def _observe(self, record: ModelRecord) -> None:
         """Feed the autoscaler ``record``'s queue counters (summed over its shards) as of now, and the
@@ -1017,18 +1053,32 @@ class Controller:
 
     def _decide(self, record: ModelRecord) -> Decision:
         # Copies on replicas that are down are not capacity: below min_copies without them, the
-        # min-copies rule places a stand-in on a replica that is up at once.
-        copies = self.live_copies(record.name)
+        # min-copies rule places a stand-in on a replica that is up at once. One pass over its copies
+        # (this runs for every model with copies, every round).
+        name = record.name
+        live = 0
+        loading = False
+        down: list[str] = []
+        for address in self._holders.get(name, ()):
+            replica = self.replicas[address]
+            state = replica.copies[name].state
+            if state == "draining":
+                continue
+            if not replica.healthy:
+                down.append(address)
+                continue
+            live += 1
+            loading = loading or state == "loading"
         decision = self.autoscaler.decide(
-            record.name,
+            name,
             self.clock.now(),
-            copies=len(copies),
+            copies=live,
             min_copies=record.spec.min_copies,
             max_copies=record.spec.max_copies,
-            loading=any(self.replicas[a].copies[record.name].state == "loading" for a in copies),
+            loading=loading,
         )
-        down = self.unreachable_copies(record.name)
         if decision.action == "add" and down:
+            down.sort()
             return Decision(decision.action, f"{decision.reason} (copies on replicas that are down: {', '.join(down)})")
         return decision
 
@@ -1047,13 +1097,18 @@ class Controller:
         return Decision("remove", f"the replica a stand-in copy replaced is back with its copy: {len(ready)} copies, "
                                   f"removing the extra one")
 
+    def _deciding(self) -> list[ModelRecord]:
+        """The models a decision round looks at: those with copies, and those whose min_copies wants
+        some. A model scaled to zero has nothing to decide until a request's cold start loads a copy,
+        so a fleet of mostly idle models costs its active part, not its size."""
+        names = self._holders.keys() | self._wants_copies
+        return [r for r in (self.records.get(n) for n in sorted(names)) if r is not None and r.committed]
+
     async def autoscale_once(self) -> None:
-        for record in self.committed():
+        for record in self._deciding():
             name = record.name
             if name in self._scaling or name in self._cold:
                 continue
-            if record.spec.min_copies == 0 and name not in self._holders:
-                continue  # scaled to zero: nothing to decide until a request's cold start loads a copy
             surplus = self._standin_surplus(record)
             if surplus is not None:
                 log.info("controller: %s %s: %s", surplus.action, name, surplus.reason)

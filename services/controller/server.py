@@ -17,7 +17,7 @@ from flotilla.common.wire import CONTROLLER_SERVICE
 from flotilla.config import FlotillaSettings
 from flotilla.errors import InvalidArgument
 from flotilla.services.controller.artifacts import ArtifactCache, ArtifactStore
-from flotilla.services.controller.controller import Controller
+from flotilla.services.controller.controller import Controller, settle_heap
 from flotilla.services.controller.gpu_memory import TritonGpuMetrics
 from flotilla.services.controller.registry import ModelRecord, ObjectStoreRecords
 from flotilla.services.controller.replicas import TritonReplica
@@ -249,6 +249,7 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
         raise SystemExit("controller: endpoints.triton is empty; configure at least one Triton replica")
     controller = build_controller(settings)
     await controller.start()
+    settle_heap()
     server = ServiceServer(
         "controller", [CONTROLLER_SERVICE], grace_s=settings.shutdown_grace_s, tier="controller",
         # Deploy names new models: registered ones are labels, the rest one value.

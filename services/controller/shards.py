@@ -265,11 +265,11 @@ class ShardBook:
         self._measure(shard, now_s, cpu_seconds_total)
         shard.last_seen_s = now_s
         shard.heard = True
-        if assignment != shard.acked:
-            # Models given between what it held before and what it holds now start (or, after a restart,
-            # stop) being served there.
-            low, high = sorted((shard.acked, assignment))
-            changed |= {m for m, at in shard.given.items() if low < at <= high}
+        if assignment > shard.acked:
+            # Models given after what it held before, up to what it holds now, are served there now. A
+            # restarted shard (assignment 0) stays named for what it had: its calls for a model it has not
+            # got back yet wait for its next heartbeat's answer, which brings it in milliseconds.
+            changed |= {m for m, at in shard.given.items() if shard.acked < at <= assignment}
             shard.acked = assignment
         if dedicated_model and dedicated_model in self.holders and dedicated_model not in shard.models:
             # A batcher of the model's own: it moves there from the shared shards.

@@ -206,9 +206,10 @@ async def test_routes_name_a_shard_only_once_it_says_it_holds_the_model(ctl: Con
     assert list(status_to_pb(ctl, ctl.records["m"]).batchers) == ["s1:1"]
     change = ctl.changes_since(before)
     assert change is not None and change.models == frozenset({"m"})
-    # Restarted, it holds nothing: the route goes until it has the queue again.
-    ctl.shard_heartbeat("s1:1", started=True)
-    assert list(status_to_pb(ctl, ctl.records["m"]).batchers) == []
+    # Restarted, it stays named: its calls wait for its next heartbeat's answer, which gives the model back.
+    reply = ctl.shard_heartbeat("s1:1", started=True)
+    assert list(status_to_pb(ctl, ctl.records["m"]).batchers) == ["s1:1"]
+    assert reply.changed and [n for n, _ in reply.models] == ["m"]
 
 
 async def test_a_held_heartbeat_answers_as_soon_as_the_shard_is_given_a_model(ctl: Controller) -> None:
