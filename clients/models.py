@@ -23,6 +23,7 @@ from google.protobuf.message import Message
 from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.status import error_from_rpc
+from flotilla.common.wire import CONTROL_CHANNEL_OPTIONS
 from flotilla.config import ModelSettings, S3Settings, deploy_json
 from flotilla.errors import FlotillaError
 from flotilla.services.controller.artifacts import LABELS_FILE, ArtifactStore
@@ -55,7 +56,7 @@ def missing_labels(local_dir: Path, files: dict[str, dict[str, object]]) -> str 
 class ModelsClient:
     def __init__(self, controller: str) -> None:
         self.controller = controller
-        self._channel = grpc.insecure_channel(controller)
+        self._channel = grpc.insecure_channel(controller, options=CONTROL_CHANNEL_OPTIONS)
         self._stub = controller_pb2_grpc.ControllerStub(self._channel)
 
     def __enter__(self) -> ModelsClient:

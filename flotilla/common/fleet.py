@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import grpc
 
 from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
+from flotilla.common.wire import CONTROL_CHANNEL_OPTIONS
 from flotilla.config import ModelSettings
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class FleetWatcher:
         self.state = FleetState()
         self._first = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.channel = grpc.aio.insecure_channel(address)
+        self.channel = grpc.aio.insecure_channel(address, options=CONTROL_CHANNEL_OPTIONS)
         self.stub = controller_pb2_grpc.ControllerStub(self.channel)
 
     def start(self) -> None:

@@ -24,6 +24,12 @@ RELAY_CALLS_METHOD = f"/{RELAY_SERVICE}/Calls"
 PREPROCESSOR_SERVICE = f"{API_PACKAGE}.Preprocessor"
 BATCHER_ADMIN_SERVICE = f"{API_PACKAGE}.BatcherAdmin"
 CONTROLLER_SERVICE = f"{API_PACKAGE}.Controller"
+CONTROL_MESSAGE_BYTES = 256 * 1024 * 1024
+"""What a reader of the controller accepts in one message: the whole fleet, a shard's whole assignment
+or ListModels grow with the fleet (each model's spec, labels included: about 17 MB at 10 000 models),
+past gRPC's 4 MiB default. Deltas after the first are the change's size."""
+CONTROL_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", CONTROL_MESSAGE_BYTES)]
+"""Options of every channel to the controller."""
 HEALTH_SERVICE_PREFIX = "/grpc.health.v1.Health/"
 
 

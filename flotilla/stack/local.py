@@ -49,6 +49,7 @@ from flotilla.clients.models import ModelsClient, missing_labels, upload_artifac
 from flotilla.common.fleet import FleetState, spec_of
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.probe import is_serving
+from flotilla.common.wire import CONTROL_CHANNEL_OPTIONS
 from flotilla.config import (
     Endpoints,
     FlotillaSettings,
@@ -180,7 +181,7 @@ class BatcherManager:
 
     def _follow(self) -> None:
         while not self._stopping.is_set():
-            with grpc.insecure_channel(self.controller) as channel:
+            with grpc.insecure_channel(self.controller, options=CONTROL_CHANNEL_OPTIONS) as channel:
                 stub = controller_pb2_grpc.ControllerStub(channel)
                 self._call = call = stub.WatchFleet(controller_pb2.WatchFleetRequest())
                 try:

@@ -25,6 +25,7 @@ import logging
 import grpc
 
 from flotilla.api.v1 import controller_pb2_grpc
+from flotilla.common.wire import CONTROL_CHANNEL_OPTIONS
 from flotilla.services.batcher.lanes import Lanes
 from flotilla.services.batcher.reports import HeartbeatBook
 
@@ -49,7 +50,7 @@ class Heartbeat:
         """The interval the controller gives (0: call again at once), else the configured one."""
         self.hold_s = interval_s
         """The longest the controller may hold a heartbeat."""
-        self.channel = grpc.aio.insecure_channel(controller)
+        self.channel = grpc.aio.insecure_channel(controller, options=CONTROL_CHANNEL_OPTIONS)
         self.stub = controller_pb2_grpc.ControllerStub(self.channel)
         self._failing = False
         self._task: asyncio.Task[None] | None = None

@@ -74,6 +74,8 @@ class HeartbeatBook:
         """Model -> the counters the controller has from the last answered heartbeat that carried them."""
         self._sent: dict[str, Counters] = {}
         """What the heartbeat in flight carries."""
+        self._assigned: dict[str, ModelSettings] = {}
+        """The models the controller assigns this batcher (answers bring the whole list, or its changes)."""
 
     def request(self) -> controller_pb2.ShardHeartbeatRequest:
         """The next heartbeat: the counters changed since the last answered one, the assignment held."""
@@ -102,15 +104,19 @@ class HeartbeatBook:
         self.started = False
         if not reply.changed:
             return None
-        models: dict[str, ModelSettings] = {}
+        if reply.full:
+            self._assigned = {}
         for entry in reply.models:
             try:
-                models[entry.name] = ModelSettings.model_validate_json(entry.spec_json)
+                self._assigned[entry.name] = ModelSettings.model_validate_json(entry.spec_json)
             except ValidationError as exc:
+                self._assigned.pop(entry.name, None)
                 log.error("batcher: the controller's spec of %s does not validate here; not hosting it: %s",
                           entry.name, exc)
+        for name in reply.removed_models:
+            self._assigned.pop(name, None)
         self.assignment = reply.assignment
-        return models
+        return dict(self._assigned)
 
     def failed(self) -> None:
         """The latest heartbeat got no answer: what it carried stays pending."""

@@ -44,13 +44,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client import Gauge
@@ -150,12 +151,15 @@ CHANGE_LOG = 4096
 
 @dataclass(frozen=True)
 class ShardReply:
-    """The answer to a shard's heartbeat: its assignment, and the models with their specs when it changed."""
+    """The answer to a shard's heartbeat: its assignment and, when that changed, what to apply: the models
+    given or changed (with their specs) and those taken away, or with ``full`` every model it hosts."""
 
     assignment: int
     changed: bool
     models: list[tuple[str, ModelSettings]]
     interval_s: float
+    removed: list[str] = field(default_factory=list)
+    full: bool = False
 
 
 @dataclass(frozen=True)
@@ -641,9 +645,12 @@ class Controller:
         shard = self.shards.shards.get(address)
         if shard is None:  # dropped while its call waited: it reports again and is known anew
             return ShardReply(held, False, [], 0.0)
-        changed = shard.assignment != held
-        models = [(m, self.records[m].spec) for m in sorted(shard.models) if m in self.records] if changed else []
-        return ShardReply(shard.assignment, changed, models, self.settings.shards.heartbeat_interval_s)
+        interval_s = self.settings.shards.heartbeat_interval_s
+        if shard.assignment == held:
+            return ShardReply(held, False, [], interval_s)
+        full, given, removed = self.shards.changes(address, held)
+        models = [(m, self.records[m].spec) for m in given if m in self.records]
+        return ShardReply(shard.assignment, True, models, interval_s, removed, full)
 
     async def shard_wait(self, address: str, held: int) -> ShardReply:
         """The heartbeat's answer, held until the shard's assignment differs from ``held`` or for one
@@ -659,8 +666,7 @@ class Controller:
             while not differs() and self.clock.now() < deadline:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._assigned.wait(), max(deadline - self.clock.now(), 0.0))
-        reply = self._shard_reply(address, held)
-        return ShardReply(reply.assignment, reply.changed, reply.models, 0.0)
+        return dataclasses.replace(self._shard_reply(address, held), interval_s=0.0)
 
     def _wake_shards(self) -> None:
         """Assignments may have changed: the shards' held heartbeats look again."""

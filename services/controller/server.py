@@ -197,6 +197,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
             reply = await self.controller.shard_wait(request.address, request.assignment)
         return controller_pb2.ShardHeartbeatResponse(
             assignment=reply.assignment, changed=reply.changed, interval_s=reply.interval_s,
+            removed_models=reply.removed, full=reply.full,
             models=[controller_pb2.ShardModel(name=name, spec_json=spec.model_dump_json()) for name, spec in reply.models],
         )
 

@@ -79,6 +79,12 @@ class ShardInfo:
     """The assignment the shard last said it holds: it has a queue for every model given at or before it."""
     given: dict[str, int] = field(default_factory=dict)
     """Model -> the assignment that gave it here (0: known from a record, held already)."""
+    updated: dict[str, int] = field(default_factory=dict)
+    """Model -> the assignment that last gave or changed it here (what a delta answer sends)."""
+    taken: dict[str, int] = field(default_factory=dict)
+    """Model -> the assignment that took it away, until the shard acknowledges one at least as new."""
+    first: int = 0
+    """The assignment this controller first gave the shard: changes since an older one are not known."""
     _cpu_total_s: float | None = None
     _arrivals: int | None = None
     _at_s: float = 0.0
@@ -145,6 +151,17 @@ class ShardBook:
             last_arrival_s=max((c.last_arrival_s for c in found if c.last_arrival_s is not None), default=None),
         )
 
+    def changes(self, address: str, held: int) -> tuple[bool, list[str], list[str]]:
+        """What a shard holding assignment ``held`` must apply: (full, models to give or update, models
+        to take away). Full (every model it hosts) when it holds none yet or one older than this
+        controller's first for it; else the changes since ``held``: the change's size, not the shard's."""
+        shard = self.shards[address]
+        if held == 0 or held < shard.first:
+            return True, sorted(shard.models), []
+        models = sorted(m for m, at in shard.updated.items() if at > held)
+        removed = sorted(m for m, at in shard.taken.items() if at > held)
+        return False, models, removed
+
     def take_touched(self) -> set[str]:
         touched, self.touched = self.touched, set()
         return touched
@@ -166,6 +183,8 @@ class ShardBook:
         shard.models.add(model)
         shard.assignment = next(self._numbers)
         shard.given[model] = 0 if held else shard.assignment
+        shard.updated[model] = shard.assignment
+        shard.taken.pop(model, None)
         holders = self.holders.setdefault(model, [])
         if shard.address not in holders:
             holders.append(shard.address)
@@ -176,8 +195,10 @@ class ShardBook:
             self.leaving.setdefault(model, set()).add(shard.address)
         shard.models.discard(model)
         shard.given.pop(model, None)
-        shard.counters.pop(model, None)
+        shard.updated.pop(model, None)
         shard.assignment = next(self._numbers)
+        shard.taken[model] = shard.assignment
+        shard.counters.pop(model, None)
         holders = self.holders.get(model)
         if holders and shard.address in holders:
             holders.remove(shard.address)
@@ -220,7 +241,8 @@ class ShardBook:
         """``model``'s spec changed: its shards re-read their assignment."""
         for address in self.holders.get(model, []):
             if address in self.shards:
-                self.shards[address].assignment = next(self._numbers)
+                shard = self.shards[address]
+                shard.assignment = shard.updated[model] = next(self._numbers)
 
     def presume(self, model: str, addresses: Iterable[str], now_s: float, *, dedicated: bool = False) -> None:
         """After a restart: ``model``'s queue is on ``addresses`` as the record says, until they report."""
@@ -230,6 +252,7 @@ class ShardBook:
             shard = self.shards.get(address)
             if shard is None:
                 shard = self.shards[address] = ShardInfo(address, last_seen_s=now_s)
+                shard.first = next(self._numbers)
             self._give(model, shard, held=True)
 
     def heartbeat(
@@ -250,7 +273,7 @@ class ShardBook:
         shard = self.shards.get(address)
         if shard is None:
             shard = self.shards[address] = ShardInfo(address, dedicated_model=dedicated_model)
-            shard.assignment = next(self._numbers)
+            shard.assignment = shard.first = next(self._numbers)
             self.touched.add(address)
         if shard.dedicated_model != dedicated_model:  # a presumed shard turns out dedicated (or not)
             shard.dedicated_model = dedicated_model
@@ -265,6 +288,8 @@ class ShardBook:
         self._measure(shard, now_s, cpu_seconds_total)
         shard.last_seen_s = now_s
         shard.heard = True
+        for model in [m for m, at in shard.taken.items() if at <= assignment]:
+            del shard.taken[model]  # it knows
         if assignment > shard.acked:
             # Models given after what it held before, up to what it holds now, are served there now. A
             # restarted shard (assignment 0) stays named for what it had: its calls for a model it has not

@@ -266,3 +266,22 @@ async def test_a_registered_model_with_no_shard_recorded_gets_one_when_a_shard_r
         assert second.records["m"].batchers == ["s1:1"]
     finally:
         await second.stop()
+
+
+async def test_a_shard_hears_the_change_to_its_models_not_its_whole_list(ctl: Controller) -> None:
+    held = ctl.shard_heartbeat("s1:1", started=True).assignment
+    for i in range(3):
+        await ctl.deploy(f"m{i}", spec(min_copies=0))
+    first = ctl.shard_heartbeat("s1:1", assignment=held)
+    assert [n for n, _ in first.models] == ["m0", "m1", "m2"] and not first.full, "given since it held nothing"
+
+    await ctl.deploy("m3", spec(min_copies=0))
+    added = ctl.shard_heartbeat("s1:1", assignment=first.assignment)
+    assert not added.full and [n for n, _ in added.models] == ["m3"] and added.removed == []
+
+    await ctl.undeploy("m1")
+    removed = ctl.shard_heartbeat("s1:1", assignment=added.assignment)
+    assert not removed.full and removed.models == [] and removed.removed == ["m1"]
+
+    restarted = ctl.shard_heartbeat("s1:1", started=True)
+    assert restarted.full and [n for n, _ in restarted.models] == ["m0", "m2", "m3"]

@@ -91,16 +91,20 @@ class ShardModel(_message.Message):
     def __init__(self, name: _Optional[str] = ..., spec_json: _Optional[str] = ...) -> None: ...
 
 class ShardHeartbeatResponse(_message.Message):
-    __slots__ = ("assignment", "changed", "models", "interval_s")
+    __slots__ = ("assignment", "changed", "models", "interval_s", "removed_models", "full")
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     CHANGED_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_MODELS_FIELD_NUMBER: _ClassVar[int]
+    FULL_FIELD_NUMBER: _ClassVar[int]
     assignment: int
     changed: bool
     models: _containers.RepeatedCompositeFieldContainer[ShardModel]
     interval_s: float
-    def __init__(self, assignment: _Optional[int] = ..., changed: _Optional[bool] = ..., models: _Optional[_Iterable[_Union[ShardModel, _Mapping]]] = ..., interval_s: _Optional[float] = ...) -> None: ...
+    removed_models: _containers.RepeatedScalarFieldContainer[str]
+    full: bool
+    def __init__(self, assignment: _Optional[int] = ..., changed: _Optional[bool] = ..., models: _Optional[_Iterable[_Union[ShardModel, _Mapping]]] = ..., interval_s: _Optional[float] = ..., removed_models: _Optional[_Iterable[str]] = ..., full: _Optional[bool] = ...) -> None: ...
 
 class WatchFleetRequest(_message.Message):
     __slots__ = ()
