@@ -467,11 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="the benchmark `make bench` runs")
     bench.add_argument("--duration-s", type=float, default=5.0, help="measured seconds per load point")
-    bench.add_argument("--only", choices=["all", "fleet", "fleet-sim", "cpu", "overhead", "ceiling", "peer"],
+    bench.add_argument("--only", choices=["all", "fleet", "fleet-sim", "idle-fleet", "cpu", "overhead", "ceiling",
+                                          "peer"],
                        default="all",
                        help="fleet: only the control-plane part (cold start, placement, autoscaling); "
                             "fleet-sim: the real controller core at 1 000 and 10 000 models on simulated time "
-                            "(not part of all); "
+                            "(not part of all); idle-fleet: what 1 000 idle models cost the local stack's "
+                            "controller, router and shard (not part of all); "
                             "cpu: CPU per image by tier and mesh_vs_limit; overhead: the near-free-model mesh "
                             "against Triton alone; ceiling: the router and a batcher alone at their limits; "
                             "peer: the CPU part's job on Ray Serve (the peer extra)")

@@ -49,6 +49,8 @@ class Results(TypedDict, total=False):
     fleet: dict[str, dict[str, Any]]
     fleet_sim: dict[str, Any]
     """The control plane at scale on simulated time (:func:`flotilla.bench.sim_run.run`)."""
+    idle_fleet: dict[str, Any]
+    """What an idle model costs the mesh (:func:`flotilla.bench.idle.run`)."""
     parts_run_separately: list[str]
     """The parts last run alone (``--only``), not in the run the load points come from."""
     in_process_images_per_s: object
@@ -335,3 +337,23 @@ def fleet_sim_summary(fleet_sim: dict[str, Any]) -> dict[str, Any]:
               for policy, run in entry.items()}
         for key, entry in fleet_sim["sizes"].items()
     }
+
+
+IDLE_START, IDLE_END = "<!-- bench-idle-fleet:start -->", "<!-- bench-idle-fleet:end -->"
+
+
+def idle_fleet_table(idle: dict[str, Any]) -> str:
+    """The block between ``IDLE_START`` and ``IDLE_END`` on the results page (:mod:`flotilla.bench.idle`)."""
+    head = (f"Measured {idle['measured_at']}: {idle['idle_models']} idle models (min_copies 0, never called) on the "
+            f"local stack with {idle['shards']} shard(s), quiet windows of {idle['quiet_window_s']:.0f} s "
+            f"(`flotilla bench --only idle-fleet`). Deploying them took {idle['deploy_s']} s "
+            f"({idle['deploys_per_s']} per second); then one deploy at a time reached the router in "
+            f"{idle['deploy_visible_on_router_s']['median'] * 1000:.0f} ms (median; max "
+            f"{idle['deploy_visible_on_router_s']['max'] * 1000:.0f} ms).")
+    return "\n".join([IDLE_START, head, "", *idle_lines(idle), IDLE_END])
+
+
+def idle_lines(idle: dict[str, Any]) -> list[str]:
+    from flotilla.bench import idle as idle_part
+
+    return idle_part.table(idle)

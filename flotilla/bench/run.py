@@ -50,6 +50,7 @@ from tqdm import tqdm
 from flotilla.bench import ceiling as ceiling_part
 from flotilla.bench import cpu as cpu_part
 from flotilla.bench import fleet as fleet_part
+from flotilla.bench import idle as idle_part
 from flotilla.bench import overhead as overhead_part
 from flotilla.bench import peer_app, peer_run, sim_run
 from flotilla.bench.inputs import (
@@ -66,11 +67,14 @@ from flotilla.bench.report import (
     FLEET_SIM_END,
     FLEET_SIM_START,
     FLEET_START,
+    IDLE_END,
+    IDLE_START,
     Results,
     cpu_summary,
     fleet_sim_summary,
     fleet_sim_table,
     fleet_table,
+    idle_fleet_table,
     readme_table,
     refresh_readme,
     summarise,
@@ -272,6 +276,9 @@ def main(duration_s: float = 5.0, only: str = "all") -> None:
     if only == "fleet-sim":
         fleet_sim_only()
         return
+    if only == "idle-fleet":
+        idle_fleet_only()
+        return
     if only in CPU_PARTS:
         part_only(only, duration_s=duration_s)
         return
@@ -362,3 +369,15 @@ def fleet_sim_only() -> None:
     path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     refresh_readme(fleet_sim_table(results["fleet_sim"]), FLEET_SIM_START, FLEET_SIM_END)
     print(json.dumps(fleet_sim_summary(results["fleet_sim"]), indent=2))
+
+
+def idle_fleet_only() -> None:
+    """What an idle model costs the mesh (:mod:`flotilla.bench.idle`): merged into bench/results.json
+    (``idle_fleet``) and the results page's block."""
+    path = OUT / "results.json"
+    results: Results = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    results["idle_fleet"] = idle_part.run()
+    OUT.mkdir(exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    refresh_readme(idle_fleet_table(results["idle_fleet"]), IDLE_START, IDLE_END)
+    print(json.dumps(results["idle_fleet"], indent=2))

@@ -83,8 +83,7 @@ def plot(result: dict[str, Any], path: Path) -> str | None:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     first = entry["flotilla"]["series"]
     hours = [s["hour"] for s in first]
-    ax.plot(hours, [s["needed_copies"] for s in first], color="black", lw=2, label="copies the load needs")
-    ax.plot(hours, [s["demand_copies"] for s in first], color="grey", lw=1, ls=":", label="load / copy capacity")
+    ax.plot(hours, [s["needed_copies"] for s in first], color="black", lw=2, label="copies the load needs (each model with traffic needs one)")
     for name, colour in (("flotilla", "tab:blue"), ("lru", "tab:orange")):
         if name in entry and "series" in entry[name]:
             series = entry[name]["series"]
