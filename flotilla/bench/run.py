@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -349,35 +350,31 @@ def part_only(part: str, *, duration_s: float) -> None:
     print(json.dumps(results["summary"], indent=2))
 
 
+def _section_alone(key: str, measure: Callable[[], Any], block: Callable[[Any], str], start: str, end: str,
+                   shown: Callable[[Any], Any] = lambda section: section) -> None:
+    """One part run alone: its section ``key`` of bench/results.json replaced by ``measure()``, its block
+    (between ``start`` and ``end``) on the results page rewritten, and what it measured printed."""
+    path = OUT / "results.json"
+    results: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    results[key] = measure()
+    OUT.mkdir(exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    refresh_readme(block(results[key]), start, end)
+    print(json.dumps(shown(results[key]), indent=2))
+
+
 def fleet_only() -> None:
     """The control-plane part alone; merged into bench/results.json and the results page."""
-    path = OUT / "results.json"
-    results: Results = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    results["fleet"] = fleet_part.run()
-    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    refresh_readme(fleet_table(results["fleet"]), FLEET_START, FLEET_END)
-    print(json.dumps(results["fleet"], indent=2))
+    _section_alone("fleet", fleet_part.run, fleet_table, FLEET_START, FLEET_END)
 
 
 def fleet_sim_only() -> None:
     """The control plane at scale on simulated time (:mod:`flotilla.bench.sim_run`); merged into
     bench/results.json (``fleet_sim``) and the results page's block, with the plot of copies against demand."""
-    path = OUT / "results.json"
-    results: Results = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    results["fleet_sim"] = sim_run.run()
-    OUT.mkdir(exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    refresh_readme(fleet_sim_table(results["fleet_sim"]), FLEET_SIM_START, FLEET_SIM_END)
-    print(json.dumps(fleet_sim_summary(results["fleet_sim"]), indent=2))
+    _section_alone("fleet_sim", sim_run.run, fleet_sim_table, FLEET_SIM_START, FLEET_SIM_END, fleet_sim_summary)
 
 
 def idle_fleet_only() -> None:
     """What an idle model costs the mesh (:mod:`flotilla.bench.idle`): merged into bench/results.json
     (``idle_fleet``) and the results page's block."""
-    path = OUT / "results.json"
-    results: Results = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    results["idle_fleet"] = idle_part.run()
-    OUT.mkdir(exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    refresh_readme(idle_fleet_table(results["idle_fleet"]), IDLE_START, IDLE_END)
-    print(json.dumps(results["idle_fleet"], indent=2))
+    _section_alone("idle_fleet", idle_part.run, idle_fleet_table, IDLE_START, IDLE_END)
