@@ -4,8 +4,9 @@ Each shard heartbeats once per tick through the controller's own
 ``shard_heartbeat`` (what the gRPC layer calls for a ``ShardHeartbeat``),
 as the batcher does (``services/batcher/reports.py``): the cumulative
 counters of the queues that changed since its last heartbeat, and the
-assignment it holds; it takes the models the answer lists when the
-assignment changed. A model queued on several shards has its traffic split
+assignment it holds; it applies the answer's change to its models when the
+assignment changed (the models given, those taken away; the whole list when
+the answer is full). A model queued on several shards has its traffic split
 evenly between them (the routers spread its requests). A shard's CPU counter
 grows by the batcher's measured CPU per request (``BATCHER_CPU_S_PER_REQUEST``,
 the ceiling part: 89.8 CPU-us per request at batch 8), which the shard book's
@@ -71,8 +72,12 @@ class SimShards:
             self.heartbeat_cpu_s += time.process_time() - started
             shard.changed.clear()
             if reply.changed:
+                # The whole list (full) or its change: the models given, those taken away.
                 shard.assignment = reply.assignment
-                shard.models = {name for name, _ in reply.models}
+                if reply.full:
+                    shard.models = set()
+                shard.models |= {name for name, _ in reply.models}
+                shard.models -= set(reply.removed)
                 for name in list(shard.queues):
                     if name not in shard.models:
                         del shard.queues[name]

@@ -116,3 +116,34 @@ def test_the_bench_block_has_the_table_and_the_plot(tmp_path: Path) -> None:
     assert "decision round" in block and "50/50" in block and "does not fit" in block
     if result.get("plot"):
         assert plot.exists() and "(img/copies.png)" in block
+
+
+def test_simulated_shards_hold_what_the_controller_assigns_them() -> None:
+    """The simulated shards apply each heartbeat answer (a change, or the whole list) as the batcher does:
+    their models stay the controller's assignment through deploys and undeploys."""
+    from flotilla.bench.sim_fleet import SimArtifacts, SimReplica, make_models, model_spec
+    from flotilla.bench.sim_loop import SimClock
+    from flotilla.bench.sim_shards import SimShards
+    from flotilla.config import ControllerSettings
+    from flotilla.services.controller.registry import MemoryRecords
+
+    async def main() -> None:
+        models = make_models(6, np.random.default_rng(1))
+        clock = SimClock()
+        replica = SimReplica("r:1", 80_000.0, {m.name: 1.0 for m in models}, clock)
+        ctl = Controller(ControllerSettings(measure_memory=False, drain_s=0.0), [replica], SimArtifacts(),  # type: ignore[arg-type]
+                         MemoryRecords(), clock=clock)
+        shards = SimShards(2)
+        shards.heartbeat(ctl)
+        for model in models[:4]:
+            await ctl.deploy(model.name, model_spec(model, min_copies=0, max_copies=1))
+        shards.heartbeat(ctl)
+        for model in models[4:]:
+            await ctl.deploy(model.name, model_spec(model, min_copies=0, max_copies=1))
+        await ctl.undeploy(models[0].name)
+        shards.heartbeat(ctl)
+        for shard in shards.shards:
+            assert shard.models == ctl.shards.shards[shard.address].models
+        assert set().union(*(s.models for s in shards.shards)) == {m.name for m in models[1:]}
+
+    run_simulated(main)
