@@ -200,6 +200,25 @@ def models_served(tier: str, models: Iterable[str]) -> None:
     _served[tier] = wanted
 
 
+class OwnedSeries:
+    """Gauges whose series belong to owners (a model, a replica, a shard): ``set`` gives an owner's
+    series of a gauge their values now and removes those it no longer has, at the owner's cost, not
+    the gauge's."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[Gauge, str], set[tuple[str, ...]]] = {}
+
+    def set(self, gauge: Gauge, owner: str, current: dict[tuple[str, ...], float]) -> None:
+        for labels, value in current.items():
+            gauge.labels(*labels).set(value)
+        for labels in self._held.get((gauge, owner), set()) - set(current):
+            gauge.remove(*labels)
+        if current:
+            self._held[(gauge, owner)] = set(current)
+        else:
+            self._held.pop((gauge, owner), None)
+
+
 def models_changed(tier: str, *, added: Iterable[str] = (), removed: Iterable[str] = ()) -> None:
     """``models_served`` by difference: this tier now also serves ``added`` and no longer ``removed``
     (a fleet delta's cost is its size, not the fleet's)."""

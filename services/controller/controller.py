@@ -49,7 +49,6 @@ import gc
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -71,6 +70,7 @@ from flotilla.errors import (
 )
 from flotilla.services.controller.artifacts import ArtifactStore
 from flotilla.services.controller.autoscale import Autoscaler, Decision
+from flotilla.services.controller.changes import CHANGE_LOG, Change, ChangeLog
 from flotilla.services.controller.graph import describe_spec, fit_spec
 from flotilla.services.controller.placement import (
     CopyInfo,
@@ -145,10 +145,6 @@ class ReplicaAgent(Protocol):
     async def close(self) -> None: ...
 
 
-CHANGE_LOG = 4096
-"""Fleet generations whose changes are kept for watchers' deltas; a watcher further behind gets the whole fleet."""
-
-
 @dataclass(frozen=True)
 class ShardReply:
     """The answer to a shard's heartbeat: its assignment and, when that changed, what to apply: the models
@@ -160,16 +156,6 @@ class ShardReply:
     interval_s: float
     removed: list[str] = field(default_factory=list)
     full: bool = False
-
-
-@dataclass(frozen=True)
-class Change:
-    """What one fleet generation changed: model names (None: everything), shard and replica addresses."""
-
-    generation: int
-    models: frozenset[str] | None
-    shards: frozenset[str]
-    replicas: frozenset[str]
 
 
 class Controller:
@@ -206,11 +192,11 @@ class Controller:
         self._standins: dict[str, int] = {}
         """Model -> copies placed in for copies on replicas that are down (removed when those return)."""
         self._tasks: list[asyncio.Task[None]] = []
-        self._exported: dict[tuple[Gauge, str], set[tuple[str, ...]]] = {}
-        """(gauge, model or replica) -> the label sets it was last given (the rest are removed)."""
+        self._series = metrics.OwnedSeries()
+        """Each model's, replica's and shard's gauge series."""
         self._holders: dict[str, set[str]] = {}
         """Model -> replicas holding a copy of it in any state (the index of ``replica.copies``)."""
-        self._changes: deque[Change] = deque(maxlen=change_log)
+        self._changes = ChangeLog(change_log)
         self._dirty_models: set[str] = set()
         self._dirty_replicas: set[str] = set()
         self._dirty_shards: set[str] = set()
@@ -350,7 +336,7 @@ class Controller:
         self._export_gauges(names, replicas, every_model=self._all_dirty)
         for address in self._dirty_shards:
             shard = self.shards.shards.get(address)
-            self._export(metrics.SHARD_MODELS, address, {(address,): float(len(shard.models))} if shard else {})
+            self._series.set(metrics.SHARD_MODELS, address, {(address,): float(len(shard.models))} if shard else {})
         self.generation += 1
         self._changes.append(Change(
             self.generation,
@@ -371,35 +357,8 @@ class Controller:
         task.add_done_callback(lambda t: None)
 
     def changes_since(self, generation: int) -> Change | None:
-        """What changed after ``generation`` up to now (merged); None when that is everything or it is
-        too old to say (the watcher needs the whole fleet)."""
-        if generation >= self.generation:
-            return Change(self.generation, frozenset(), frozenset(), frozenset())
-        if not self._changes or self._changes[0].generation > generation + 1:
-            return None
-        models: set[str] = set()
-        shards: set[str] = set()
-        replicas: set[str] = set()
-        for change in reversed(self._changes):
-            if change.generation <= generation:
-                break
-            if change.models is None:
-                return None
-            models |= change.models
-            shards |= change.shards
-            replicas |= change.replicas
-        return Change(self.generation, frozenset(models), frozenset(shards), frozenset(replicas))
-
-    def _export(self, gauge: Gauge, owner: str, current: dict[tuple[str, ...], float]) -> None:
-        """Set ``owner``'s series of ``gauge`` to ``current``, removing those it no longer has."""
-        for labels, value in current.items():
-            gauge.labels(*labels).set(value)
-        for labels in self._exported.get((gauge, owner), set()) - set(current):
-            gauge.remove(*labels)
-        if current:
-            self._exported[(gauge, owner)] = set(current)
-        else:
-            self._exported.pop((gauge, owner), None)
+        """What changed after ``generation`` up to now (merged); None when the watcher needs the whole fleet."""
+        return self._changes.since(generation, self.generation)
 
     def _export_gauges(self, models: Iterable[str], replicas: Iterable[str], *, every_model: bool = False) -> None:
         """Copies, placement, unplaceable models and replica memory as Prometheus gauges, for the models
@@ -425,15 +384,15 @@ class Controller:
                 one[metrics.MODEL_MIN_COPIES][(name,)] = float(record.spec.min_copies)
                 # No dispatch in the last interval (idle) reads as no wait.
                 one[metrics.MODEL_QUEUE_WAIT_MS][(name,)] = self.autoscaler.queue_wait_ms(name) or 0.0
-            self._export(metrics.MODEL_COPIES, name, copies)
-            self._export(metrics.MODEL_PLACED, name, placed)
+            self._series.set(metrics.MODEL_COPIES, name, copies)
+            self._series.set(metrics.MODEL_PLACED, name, placed)
             for gauge, values in one.items():
-                self._export(gauge, name, values)
+                self._series.set(gauge, name, values)
         for address in replicas:
             replica = self.replicas[address]
-            self._export(metrics.REPLICA_MEMORY_USED, address, {(address,): replica.used_mb * metrics.MIB})
-            self._export(metrics.REPLICA_MEMORY_BUDGET, address, {(address,): replica.budget_mb * metrics.MIB})
-            self._export(metrics.REPLICA_HEALTHY, address, {(address,): float(replica.healthy)})
+            self._series.set(metrics.REPLICA_MEMORY_USED, address, {(address,): replica.used_mb * metrics.MIB})
+            self._series.set(metrics.REPLICA_MEMORY_BUDGET, address, {(address,): replica.budget_mb * metrics.MIB})
+            self._series.set(metrics.REPLICA_HEALTHY, address, {(address,): float(replica.healthy)})
         if every_model:
             metrics.models_served("controller", [record.name for record in self.committed()])
 
