@@ -465,6 +465,7 @@ class LocalStack:
                 log_path=self.logs / "prometheus.log",
             )
             self.prometheus.start()
+            self.write_targets()  # Prometheus scrapes itself too
         self.batcher_manager = BatcherManager(self, endpoints.controller, config_path)
         self.batcher_manager.start()
         for child in [self.s3, *self.tritons, self.controller, *self.preprocess, *self.shards, *self.routers,

@@ -176,8 +176,9 @@ def test_every_target_is_scraped_with_its_process_and_tier(observed: LocalStack)
         return {t["labels"].get("process", ""): t for t in active}
 
     wanted = set(observed.metrics_targets())
-    assert {"controller", "router", "prometheus", f"batcher-{MODEL}", f"batcher-{COLD}",
+    assert {"controller", "router", "prometheus", *(p.name for p in observed.shards),
             *(p.name for p in observed.tritons), *(p.name for p in observed.preprocess)} <= wanted
+    assert observed.shards, "the batching shards are targets too"
 
     def all_up() -> bool:
         found = targets()

@@ -29,6 +29,7 @@ from flotilla.bench.overhead import ensure_model
 from flotilla.clients.client import FlotillaClient
 from flotilla.clients.models import ModelsClient, upload_artifact
 from flotilla.common.probe import is_serving
+from flotilla.config import ModelSettings
 from flotilla.errors import Code, FlotillaError
 from flotilla.stack.local import LocalStack
 from flotilla.stack.processes import ManagedProcess
@@ -36,6 +37,8 @@ from tests.integration.conftest import API_KEY, MODEL, REPO, sample, stack_setti
 from tests.waiting import until
 
 MODELS = [f"shard-m{i:02d}" for i in range(50)]
+SOLO = "shard-solo"
+"""A model whose spec asks for a batcher of its own."""
 BACKEND = "near-free-shared"
 STORAGE_URI = "s3://flotilla-models/near-free-shared"
 HEARTBEAT_INTERVAL_S = 0.5
@@ -218,6 +221,38 @@ async def test_a_killed_shard_s_models_answer_again_through_the_other_and_no_cal
     assert tally.succeeded == tally.sent, tally
     assert set(tally.codes) <= {"UNAVAILABLE"}, tally.codes
     assert sorted(await hosted_by(survivor)) == MODELS
+
+
+async def test_a_model_that_asks_for_isolation_gets_a_batcher_of_its_own(
+    sharded: LocalStack, models: ModelsClient, client: FlotillaClient
+) -> None:
+    """``dedicated_batcher``: the stack starts ``batcher-<model>`` for it, the controller moves the model's
+    queue there from the shared shard it waited on, no other model's queue goes there, and the process
+    goes with the model."""
+    spec = ModelSettings.model_validate_json(models.status(MODELS[0]).spec_json)
+    models.deploy(SOLO, spec.model_copy(update={"dedicated_batcher": True}))
+
+    def own() -> ManagedProcess | None:
+        proc = sharded.dedicated.get(SOLO)
+        return proc if proc is not None and list(models.status(SOLO).batchers) == [proc.address] else None
+
+    await until(lambda: own() is not None, 60, f"{SOLO}'s queue on a batcher of its own")
+    proc = own()
+    assert proc is not None and proc.name == f"batcher-{SOLO}"
+    image = await client.upload(sample("chelsea.jpg"))
+    reply = await client.classify(image, SOLO, timeout_s=60)
+    assert reply.model == SOLO and reply.classes
+    assert await hosted_by(proc) == [SOLO], "a dedicated batcher holds no other model's queue"
+
+    async def off_the_shared_shards() -> bool:  # the lane it waited on leaves after move_grace_s
+        live = [shard for shard in sharded.shards if shard.alive()]  # the kill test's victim stays dead
+        return all(SOLO not in hosted for hosted in [await hosted_by(shard) for shard in live])
+
+    await until(off_the_shared_shards, MOVE_GRACE_S + 10, f"{SOLO}'s lane gone from the shared shards")
+
+    models.undeploy(SOLO)
+    await until(lambda: SOLO not in sharded.dedicated, 30, f"{SOLO}'s batcher stops with it")
+    assert not proc.alive()
 
 
 async def test_undeploying_every_model_removes_its_routes(
