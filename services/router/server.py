@@ -35,6 +35,7 @@ from flotilla.common.wire import AUTH_HEADER, CLASSIFIER_SERVICE, MODEL_HEADER
 from flotilla.config import FlotillaSettings, PoolSettings
 from flotilla.errors import DeadlineExceeded
 from flotilla.pool.pool import Endpoint
+from flotilla.services.router.reflection import enable_reflection
 from flotilla.services.router.routing import ApiKeys, RouteTable
 from flotilla.services.router.shards import LINGER_S, ShardRoutes
 
@@ -147,6 +148,7 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
         reuse_port=settings.router.processes > 1,
     )
     server.server.add_generic_rpc_handlers([ForwardingHandler(keys, routes.table)])
+    enable_reflection(server.server)  # after the forwarding handler: it answers for the client API first
 
     async def cleanup() -> None:
         await watcher.stop()

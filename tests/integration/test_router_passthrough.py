@@ -127,3 +127,21 @@ def test_router_module_does_not_import_the_api_messages() -> None:
     plain = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     assert from_api <= {"controller_pb2"}, from_api
     assert not any(name.startswith("flotilla.api") for name in plain), plain
+
+
+def test_generic_grpc_tools_read_the_routers_services_by_reflection(stack: LocalStack) -> None:
+    """What grpcurl and grpc_cli do: list the router's services and read Classify's messages, with no proto."""
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    assert stack.state is not None
+    with grpc.insecure_channel(stack.state.router) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert {"flotilla.api.v1.ImageClassifier", "grpc.health.v1.Health"} <= services, services
+        classify = DescriptorPool(database).FindServiceByName("flotilla.api.v1.ImageClassifier").methods_by_name[
+            "Classify"
+        ]
+    assert classify.input_type.full_name == "flotilla.api.v1.ClassifyRequest"
+    assert "image_uuid" in classify.input_type.fields_by_name
+    assert classify.output_type.full_name == "flotilla.api.v1.ClassifyResponse"
