@@ -411,8 +411,8 @@ class ShardSettings(_Section):
     max_shards_per_model: int = Field(4, ge=1)
     """The most shards one model's queues spread over."""
     busy_cpu_cores: float = Field(0.7, gt=0)
-    """A shard using more cores than this moves models to the least busy shard, busiest model
-    that fits first, at most one per rebalance."""
+    """A shard using more cores than this keeps its busiest model and moves the next busiest to the
+    least busy shard, one per rebalance: a hot model ends with a shard of its own."""
     rebalance_interval_s: float = Field(5.0, gt=0)
     """Least time between two moves of models for load (a dead shard's models move at once)."""
     move_grace_s: float = Field(5.0, ge=0)

@@ -26,8 +26,10 @@ Rules:
 - Rebalancing, at most one move per ``rebalance_interval_s``: a model whose
   rate per holder exceeds ``hot_model_rps`` gets one more shard (up to
   ``max_shards_per_model``); one under half of it on several shards gives
-  one back; a shard using more than ``busy_cpu_cores`` hands its busiest
-  single-shard model to the least busy shard when that one has room.
+  one back; a shard using more than ``busy_cpu_cores`` keeps its busiest
+  model and hands the next busiest single-shard one to the least busy shard
+  when that one has room: moves make room around a hot model until it has
+  a shard of its own (moving the hot one would only move the load).
 - A restarted controller reads each model's holders back from its records
   (``presume``): those shards count as live for ``heartbeat_timeout_s``, so
   routes survive the restart while the shards report in again.
@@ -390,12 +392,16 @@ class ShardBook:
         coolest = min(live, key=lambda s: s.cpu_cores)
         if hottest is coolest or hottest.cpu_cores <= busy or coolest.cpu_cores >= busy / 2:
             return None
-        movable = [m for m in hottest.models if len(self.holders.get(m, ())) == 1 and self.rates.get(m, 0.0) > 0]
-        if len(hottest.models) < 2 or not movable:
+        if len(hottest.models) < 2:
+            return None  # a shard of its own already: more shards for it is the hot-model rule's
+        stays = max(hottest.models, key=lambda m: (self.rates.get(m, 0.0), m))
+        movable = [m for m in hottest.models
+                   if m != stays and len(self.holders.get(m, ())) == 1 and self.rates.get(m, 0.0) > 0]
+        if not movable:
             return None
-        model = max(movable, key=lambda m: self.rates.get(m, 0.0))
+        model = max(movable, key=lambda m: (self.rates.get(m, 0.0), m))
         self._take(model, hottest)
         self._give(model, coolest)
         return {model}, (f"shard {hottest.address} uses {hottest.cpu_cores:.2f} cores, above "
                          f"controller.shards.busy_cpu_cores {busy:.2f}: {model} moves to {coolest.address} "
-                         f"({coolest.cpu_cores:.2f} cores)")
+                         f"({coolest.cpu_cores:.2f} cores), making room for {stays}")

@@ -117,21 +117,23 @@ def test_a_hot_model_gets_another_shard_and_gives_it_back_when_it_cools() -> Non
     assert moved == {"hot"} and len(book.holders["hot"]) == 2 and "leaves" in why
 
 
-def test_a_busy_shard_hands_its_busiest_model_to_an_idle_one() -> None:
+def test_a_busy_shard_makes_room_around_its_hot_model_until_it_has_a_shard_of_its_own() -> None:
     book = book_with("s1:1", "s2:1")
-    book.add("a", 0.0)
-    book.add("b", 0.0)
-    book.add("c", 0.0)
-    busy = max(book.shards.values(), key=lambda s: len(s.models))
-    idle = next(s for s in book.shards.values() if s is not busy)
-    top = sorted(busy.models)[0]
-    book.rates.update({m: 10.0 for m in busy.models})
-    book.rates[top] = 50.0  # below hot_model_rps: moving, not spreading, helps
-    book.heartbeat(busy.address, 1.0, cpu_seconds_total=0.9)
-    book.heartbeat(idle.address, 1.0, cpu_seconds_total=0.0)
-    busy.cpu_cores, idle.cpu_cores = 0.9, 0.1
-    moved, why = book.rebalance(1.0)
-    assert moved == {top} and book.holders[top] == [idle.address] and "busy_cpu_cores" in why
+    for name in ("hot", "a", "b", "c"):
+        book.holders[name] = ["s1:1"]
+        book.shards["s1:1"].models.add(name)
+    busy, idle = book.shards["s1:1"], book.shards["s2:1"]
+    book.rates.update({"hot": 90.0, "a": 20.0, "b": 10.0, "c": 5.0})  # below hot_model_rps: no spreading
+    moves = []
+    for t in (1.0, 6.0, 11.0, 16.0):
+        book.heartbeat(busy.address, t)
+        book.heartbeat(idle.address, t)
+        busy.cpu_cores, idle.cpu_cores = 0.9, 0.1  # the hot model keeps its shard busy
+        moved, why = book.rebalance(t)
+        moves.append(moved)
+        assert not moved or ("busy_cpu_cores" in why and "making room for hot" in why)
+    assert moves == [{"a"}, {"b"}, {"c"}, set()], "the busiest of the rest first, the hot one never"
+    assert busy.models == {"hot"} and idle.models == {"a", "b", "c"}
 
 
 def test_counters_are_summed_over_shards_and_reset_by_a_restart() -> None:
