@@ -48,6 +48,8 @@ LOAD_WORKERS = 16
 RETRY_FOR_S = 10.0
 """How long a call that got UNAVAILABLE is retried (every RETRY_EVERY_S) before it counts as lost."""
 RETRY_EVERY_S = 0.2
+HOT_MODEL_RPS = 20.0
+"""Low enough that one model under this test's load is hot; the spread-over-every-model loads stay below it."""
 BACK_WITHIN_S = 15.0
 """Seconds from the kill until every model of the killed shard answers through the other one."""
 
@@ -62,7 +64,7 @@ def sharded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
             "measure_memory": False,
             "autoscale": {"scale_to_zero_idle_s": 3600.0},  # no copy goes while the test runs
             "shards": {"heartbeat_interval_s": HEARTBEAT_INTERVAL_S, "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S,
-                       "move_grace_s": MOVE_GRACE_S},
+                       "move_grace_s": MOVE_GRACE_S, "hot_model_rps": HOT_MODEL_RPS, "rebalance_interval_s": 1.0},
         },
     )
     base = settings.models[MODEL]
@@ -130,6 +132,41 @@ async def test_fifty_models_spread_over_both_shards_and_each_answers(
     assert all(on_shard), f"both shards host models: {[len(m) for m in on_shard]}"
     assert sorted(m for hosted in on_shard for m in hosted) == MODELS, "each model on one shard"
     assert sharded.batchers[MODELS[0]].address in shard_addresses
+
+
+async def test_a_hot_model_gets_a_second_shard_and_gives_it_back_when_the_load_stops(
+    sharded: LocalStack, models: ModelsClient, client: FlotillaClient
+) -> None:
+    """Above ``hot_model_rps`` a model's queue is also put on the other shard (routers spread its calls
+    over both, each shard batching its share); with the load gone, it is back on one. Every call answers."""
+    hot = MODELS[1]
+    image = await client.upload(sample("chelsea.jpg"))
+    await client.classify(image, hot, timeout_s=60)
+    assert len(hosts(models)[hot]) == 1
+    calls: Counter[str] = Counter()
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        while not stop.is_set():
+            try:
+                await client.classify(image, hot, timeout_s=10.0)
+                calls["OK"] += 1
+            except FlotillaError as exc:
+                calls[exc.code.name] += 1
+                await asyncio.sleep(RETRY_EVERY_S)  # duration: a caller's backoff after UNAVAILABLE
+
+    workers = [asyncio.create_task(load()) for _ in range(8)]
+    try:
+        await until(lambda: len(hosts(models)[hot]) == 2, 30, f"{hot} queued on both shards under load")
+        ok_before = calls["OK"]
+        await until(lambda: calls["OK"] >= ok_before + 100, 30, "calls answered on both shards")
+        on_both = [hot in await hosted_by(shard) for shard in sharded.shards]
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+    assert all(on_both), on_both
+    assert set(calls) <= {"OK", "UNAVAILABLE"} and calls["UNAVAILABLE"] <= calls["OK"] / 100, calls
+    await until(lambda: len(hosts(models)[hot]) == 1, 30, f"{hot} back on one shard once idle")
 
 
 @dataclass
