@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import grpc
 
 from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
+from flotilla.common.tasks import cancel_and_wait
 from flotilla.common.wire import CONTROL_CHANNEL_OPTIONS
 from flotilla.config import ModelSettings
 
@@ -109,10 +110,8 @@ class FleetWatcher:
         return self._first.is_set()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
+        self._task = None
         await self.channel.close()
 
     async def _run(self) -> None:

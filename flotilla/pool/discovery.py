@@ -17,7 +17,6 @@ No grpc here: the caller maps addresses to peers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import logging
@@ -27,6 +26,7 @@ from typing import TypeVar
 
 from flotilla.common.addresses import join_address, split_target
 from flotilla.common.clock import Clock, MonotonicClock
+from flotilla.common.tasks import cancel_and_wait
 from flotilla.pool.pool import EndpointPool
 
 C = TypeVar("C")
@@ -107,11 +107,8 @@ class DnsEndpointSource:
             await self.clock.sleep(self.interval_s)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
 
 class DnsEndpoints:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from flotilla.common import metrics
+from flotilla.common.tasks import cancel_and_wait
 from flotilla.config import PoolSettings
 from flotilla.errors import DeadlineExceeded, FlotillaError, NoHealthyEndpoint, Unavailable
 from flotilla.pool.logsummary import FailureSummary
@@ -385,11 +386,8 @@ class ActiveHealthCheck(Generic[C]):
             self._task = asyncio.create_task(self._run(), name=f"health:{self.pool.name}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def check_once(self) -> None:
         await asyncio.gather(*(self._check(e) for e in self.pool.endpoints))

@@ -25,6 +25,7 @@ import logging
 import grpc
 
 from flotilla.api.v1 import controller_pb2_grpc
+from flotilla.common.tasks import cancel_and_wait
 from flotilla.common.wire import CONTROL_CHANNEL_OPTIONS
 from flotilla.services.batcher.lanes import Lanes
 from flotilla.services.batcher.reports import HeartbeatBook
@@ -116,8 +117,6 @@ class Heartbeat:
     async def stop(self) -> None:
         if self._answered is not None and not self._answered.done():
             self._answered.set_result(None)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
+        self._task = None
         await self.channel.close()
