@@ -199,7 +199,6 @@ class Controller:
         self._changes = ChangeLog(change_log)
         self._dirty_models: set[str] = set()
         self._dirty_replicas: set[str] = set()
-        self._dirty_shards: set[str] = set()
         self._all_dirty = True
         self._observed_last: set[str] = set()
         """Models observed in the last usage round."""
@@ -321,33 +320,32 @@ class Controller:
     # -- the fleet -------------------------------------------------------------
 
     def _publish(self, *models: str) -> None:
-        """A new fleet generation. With ``models``: what changed is those models (and the replicas and
-        shards marked dirty since the last one); without: everything. Their Ready conditions and
+        """A new fleet generation. With ``models``: what changed is those models (and the replicas marked
+        dirty and the shards the book touched since the last one); without: everything. Their Ready conditions and
         gauges follow, and watchers wake up."""
         if models:
             self._dirty_models.update(models)
         else:
             self._all_dirty = True
-        self._dirty_shards |= self.shards.take_touched()
+        shards = self.shards.take_touched()
         names = list(self.records) if self._all_dirty else [m for m in self._dirty_models if m in self.records]
         replicas = set(self.replicas) if self._all_dirty else set(self._dirty_replicas)
         for name in names:
             self._update_ready(self.records[name])
         self._export_gauges(names, replicas, every_model=self._all_dirty)
-        for address in self._dirty_shards:
+        for address in shards:
             shard = self.shards.shards.get(address)
             self._series.set(metrics.SHARD_MODELS, address, {(address,): float(len(shard.models))} if shard else {})
         self.generation += 1
         self._changes.append(Change(
             self.generation,
             None if self._all_dirty else frozenset(self._dirty_models),
-            frozenset(self._dirty_shards),
+            frozenset(shards),
             frozenset(replicas),
         ))
         self._all_dirty = False
         self._dirty_models.clear()
         self._dirty_replicas.clear()
-        self._dirty_shards.clear()
 
         async def notify() -> None:
             async with self._changed:
@@ -659,8 +657,6 @@ class Controller:
                             address)
         for name in moved:
             self._follow_shards(name, "a shard stopped reporting" if gone else "a shard reports")
-        for name in self.shards.rates.keys() - self.records.keys():
-            self.shards.rates.pop(name, None)
         balanced, why = self.shards.rebalance(now)
         for name in balanced:
             log.info("controller: %s", why)

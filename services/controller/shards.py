@@ -71,18 +71,17 @@ class ShardInfo:
     last_seen_s: float = 0.0
     models: set[str] = field(default_factory=set)
     assignment: int = 0
-    """Changes whenever ``models`` (or a hosted model's spec) changes; the shard re-reads then."""
+    """Changes whenever ``models`` changes (a replaced model is taken and given again); the shard re-reads then."""
     counters: dict[str, QueueCounts] = field(default_factory=dict)
     cpu_cores: float = 0.0
     requests_per_s: float = 0.0
-    heard: bool = False
-    """Reported at least once to this controller (a presumed shard has not yet)."""
     acked: int = 0
     """The assignment the shard last said it holds: it has a queue for every model given at or before it."""
     given: dict[str, int] = field(default_factory=dict)
     """Model -> the assignment that gave it here (0: known from a record, held already)."""
     updated: dict[str, int] = field(default_factory=dict)
-    """Model -> the assignment that last gave or changed it here (what a delta answer sends)."""
+    """Model -> the assignment that gave it here, presumed ones included (what a delta answer sends;
+    ``given`` says 0 for those, which routes take as held)."""
     taken: dict[str, int] = field(default_factory=dict)
     """Model -> the assignment that took it away, until the shard acknowledges one at least as new."""
     first: int = 0
@@ -239,13 +238,6 @@ class ShardBook:
         self.dedicated.discard(model)
         self.rates.pop(model, None)
 
-    def respec(self, model: str) -> None:
-        """``model``'s spec changed: its shards re-read their assignment."""
-        for address in self.holders.get(model, []):
-            if address in self.shards:
-                shard = self.shards[address]
-                shard.assignment = shard.updated[model] = next(self._numbers)
-
     def presume(self, model: str, addresses: Iterable[str], now_s: float, *, dedicated: bool = False) -> None:
         """After a restart: ``model``'s queue is on ``addresses`` as the record says, until they report."""
         if dedicated:
@@ -289,7 +281,6 @@ class ShardBook:
         self.reported.update(counters or {})
         self._measure(shard, now_s, cpu_seconds_total)
         shard.last_seen_s = now_s
-        shard.heard = True
         for model in [m for m, at in shard.taken.items() if at <= assignment]:
             del shard.taken[model]  # it knows
         if assignment > shard.acked:
