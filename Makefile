@@ -8,7 +8,6 @@ BUILD_VENV := .venv-build
 MODEL_ARTIFACTS := build/models
 MODEL_ONNX := $(MODEL_ARTIFACTS)/.done
 SAMPLES := build/samples
-PROTOS := $(wildcard protos/flotilla/api/v1/*.proto)
 
 .PHONY: install prometheus models samples generate docs run up test bench lint clean
 
@@ -47,7 +46,7 @@ $(SAMPLES)/.done: flotilla/modelbuild/samples.py | $(BUILD_VENV)/.installed
 	touch $@
 
 generate: install
-	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	$(BIN)/python -m flotilla.api.generate
 
 # The configuration reference, docs/configuration.md, from the settings classes (a test fails when it is stale).
 docs: install

@@ -66,6 +66,7 @@ class ClassifyRequests:
         item = preprocess_pb2.BatchItem(
             image_uuid=request.image_uuid, top_k=request.top_k, request_id=request.request_id,
             model_version=request.model_version, traceparent=tracing.current_traceparent(),
+            all_scores=request.all_scores,
         )
         return self.queue.enqueue(
             item,

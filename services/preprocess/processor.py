@@ -47,6 +47,8 @@ class ItemRequest:
     image_uuid: str
     top_k: int = DEFAULT_TOP_K
     request_id: str = ""
+    all_scores: bool = False
+    """Also return every class's probability (``ItemOutcome.scores``)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class ItemOutcome:
 
     classes: list[ClassScore] | None = None
     error: FlotillaError | None = None
+    scores: NDArray[np.float32] | None = None
+    """Every class's probability by class index, when the item asked for them."""
 
 
 @dataclass(frozen=True)
@@ -231,9 +235,13 @@ class BatchProcessor:
             )
             backend = result.backend
             scores = scores_to_probabilities(result.outputs, model.settings.output_kind)
-            best = top_k_rows(scores.reshape(len(good), -1), [items[i].top_k or DEFAULT_TOP_K for i in good])
-            for i, pairs in zip(good, best, strict=True):
-                outcomes[i] = ItemOutcome(classes=[ClassScore(idx, model.label(idx), score) for idx, score in pairs])
+            rows = scores.reshape(len(good), -1)
+            best = top_k_rows(rows, [items[i].top_k or DEFAULT_TOP_K for i in good])
+            for row, (i, pairs) in enumerate(zip(good, best, strict=True)):
+                outcomes[i] = ItemOutcome(
+                    classes=[ClassScore(idx, model.label(idx), score) for idx, score in pairs],
+                    scores=rows[row].astype(np.float32, copy=False) if items[i].all_scores else None,
+                )
         missing = [items[i].image_uuid for i, o in enumerate(outcomes) if o is None]
         if missing:  # every item gets exactly one outcome; anything else is a bug
             raise FlotillaError(f"internal error: no outcome for {missing}")

@@ -66,6 +66,8 @@ def to_pb(request: preprocess_pb2.ProcessBatchRequest, outcome: BatchOutcome) ->
                 for c in result.classes or []
             ],
         )
+        if result.scores is not None:
+            response.scores.extend(result.scores.tolist())
         reply.results.append(preprocess_pb2.ItemResult(response=response))
     return reply
 
@@ -83,7 +85,7 @@ class PreprocessorServicer(preprocess_pb2_grpc.PreprocessorServicer):
     async def ProcessBatch(
         self, request: preprocess_pb2.ProcessBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> preprocess_pb2.ProcessBatchResponse:
-        items = [ItemRequest(i.image_uuid, i.top_k, i.request_id) for i in request.items]
+        items = [ItemRequest(i.image_uuid, i.top_k, i.request_id, i.all_scores) for i in request.items]
         outcome = await self.processor.process(
             request.model_name, items, version=request.model_version, timeout_s=context.time_remaining()
         )

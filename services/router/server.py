@@ -26,34 +26,29 @@ from typing import Any
 
 import grpc
 
-from flotilla.common import tracing
 from flotilla.common.fleet import FleetChange, FleetState, FleetWatcher
 from flotilla.common.interceptors import MAX_CACHED_METHODS, UNKNOWN_MODEL, AdmissionLimit
 from flotilla.common.peer import GrpcPeer
 from flotilla.common.server import ServiceServer, serve_until_signal
-from flotilla.common.wire import AUTH_HEADER, CLASSIFIER_SERVICE, MODEL_HEADER
+from flotilla.common.wire import AUTH_HEADER, CLASSIFIER_SERVICE, CLASSIFY_STREAM_METHOD, MODEL_HEADER
 from flotilla.config import FlotillaSettings, PoolSettings
-from flotilla.errors import DeadlineExceeded
 from flotilla.pool.pool import Endpoint
+from flotilla.services.router.forward import Forwarder, passed_headers
 from flotilla.services.router.reflection import enable_reflection
-from flotilla.services.router.routing import ApiKeys, RouteTable
+from flotilla.services.router.routing import ApiKeys
 from flotilla.services.router.shards import LINGER_S, ShardRoutes
 
 log = logging.getLogger(__name__)
 
 # The router does not import the API's protobuf modules: it never parses bodies.
-# Headers not passed downstream: credentials stop at the router; the caller's
-# user agent and encodings describe its connection, not the call.
-_DROPPED_HEADERS = {AUTH_HEADER, "user-agent", "grpc-accept-encoding"}
 FIRST_FLEET_TIMEOUT_S = 10.0
 
 
 class ForwardingHandler(grpc.GenericRpcHandler):
-    """Serves every ImageClassifier method by forwarding it."""
+    """Serves every unary ImageClassifier method by forwarding it."""
 
-    def __init__(self, keys: ApiKeys, routes: RouteTable[GrpcPeer[None]]) -> None:
-        self.keys = keys
-        self.routes = routes
+    def __init__(self, forwarder: Forwarder[GrpcPeer[None]]) -> None:
+        self.forwarder = forwarder
         self._handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
@@ -61,41 +56,21 @@ class ForwardingHandler(grpc.GenericRpcHandler):
         handler = self._handlers.get(method)
         if handler is not None:
             return handler
-        if not method.startswith(f"/{CLASSIFIER_SERVICE}/"):
-            return None  # UNIMPLEMENTED
+        if not method.startswith(f"/{CLASSIFIER_SERVICE}/") or method == CLASSIFY_STREAM_METHOD:
+            return None  # UNIMPLEMENTED, or another handler's (the stream)
 
         async def forward(raw: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-            return await self._forward(method, raw, context)
+            headers = context.invocation_metadata() or ()
+            by_key = {k: v for k, v in headers if isinstance(v, str)}
+            self.forwarder.check_key(by_key.get(AUTH_HEADER))
+            return await self.forwarder.call(
+                by_key.get(MODEL_HEADER), raw, passed_headers(headers), context.time_remaining, method
+            )
 
         handler = grpc.unary_unary_rpc_method_handler(forward)
         if len(self._handlers) < MAX_CACHED_METHODS:  # callers name methods; the cache stays bounded
             self._handlers[method] = handler
         return handler
-
-    async def _forward(self, method: str, raw: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-        # Text headers only: a binary one (a -bin key) has no reader below and no place in a relay
-        # frame, whose headers are strings.
-        headers = [(k, v) for k, v in context.invocation_metadata() or () if isinstance(v, str)]
-        by_key = dict(headers)
-        self.keys.check(by_key.get(AUTH_HEADER))
-        pool = self.routes.pool_for(by_key.get(MODEL_HEADER))
-        # Credentials and transport headers stop here; the trace context becomes this router span's.
-        passed = [(k, v) for k, v in headers if k not in _DROPPED_HEADERS]
-        if tracing.enabled():
-            passed = list(tracing.inject(passed))
-
-        async def on(endpoint: Endpoint[GrpcPeer[None]]) -> bytes:
-            # Each attempt gets what is left of the caller's deadline, not the whole of it.
-            timeout_s = context.time_remaining()
-            if timeout_s is not None and timeout_s <= 0:
-                raise DeadlineExceeded("deadline passed before a batcher could answer")
-            # One frame on this router's stream to that batcher; its status comes back as a FlotillaError
-            # of the same code, message and origin. The pool retries the batcher's own UNAVAILABLE (a
-            # broken stream, a batcher shutting down) on another batcher; one the batcher relays from
-            # below (its worker, S3, Triton: an origin) reaches the caller as it came.
-            return await endpoint.client.relay.call(method, raw, passed, timeout_s)
-
-        return await pool.call(on)
 
 
 class BatcherRoutes(ShardRoutes[GrpcPeer[None]]):
@@ -147,7 +122,7 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
         model_label=lambda name: name if routes.table.get(name) is not None else UNKNOWN_MODEL,
         reuse_port=settings.router.processes > 1,
     )
-    server.server.add_generic_rpc_handlers([ForwardingHandler(keys, routes.table)])
+    server.server.add_generic_rpc_handlers([ForwardingHandler(Forwarder(keys, routes.table))])
     enable_reflection(server.server)  # after the forwarding handler: it answers for the client API first
 
     async def cleanup() -> None:

@@ -13,6 +13,7 @@ from flotilla.common.peer import GrpcPeer
 from flotilla.common.relay import RelayServicer
 from flotilla.common.server import ServiceServer
 from flotilla.pool.pool import EndpointPool
+from flotilla.services.router.forward import Forwarder
 from flotilla.services.router.routing import ApiKeys, RouteTable
 from flotilla.services.router.server import ForwardingHandler
 from flotilla.stack.local import LocalStack
@@ -57,7 +58,7 @@ async def router_to_recorder() -> AsyncIterator[tuple[grpc.aio.Channel, Recordin
     address = f"127.0.0.1:{upstream_port}"
     pool = EndpointPool("batcher", {address: GrpcPeer(address)})
     router = ServiceServer("router", [], grace_s=0, tier="router")  # with the real interceptor chain
-    router.server.add_generic_rpc_handlers([ForwardingHandler(ApiKeys(["k"]), RouteTable({"m": pool}))])
+    router.server.add_generic_rpc_handlers([ForwardingHandler(Forwarder(ApiKeys(["k"]), RouteTable({"m": pool})))])
     router_port = await router.start("127.0.0.1", 0)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{router_port}")
     try:

@@ -181,6 +181,20 @@ async def test_top_k_beyond_the_class_count_gives_every_class(executor) -> None:
     assert [c.index for c in outcome.items[0].classes] == list(np.argsort(-SCORES, kind="stable"))
 
 
+async def test_all_scores_gives_every_class_probability_to_the_items_that_ask(executor) -> None:
+    """What a KServe v2 answer's FP32 [N, classes] tensor is made of; the other items carry none."""
+    store = FakeStore({f"{GOOD}.jpg": jpeg(40, 40), f"{GOOD_2}.jpg": jpeg(50, 30)})
+    processor = make_processor(executor, store, FakeBackend())
+
+    outcome = await processor.process("tiny", [ItemRequest(GOOD, 2, all_scores=True), ItemRequest(GOOD_2, 2)])
+
+    asked, plain = outcome.items
+    assert asked.scores is not None and asked.scores.dtype == np.float32
+    np.testing.assert_allclose(asked.scores, SCORES, rtol=1e-6)
+    assert [c.index for c in asked.classes] == [3, 1]
+    assert plain.scores is None
+
+
 async def test_classes_without_a_label_are_named_by_index(executor) -> None:
     store = FakeStore({f"{GOOD}.jpg": jpeg(40, 40)})
     processor = make_processor(executor, store, FakeBackend(), models=served(labels=["zero", "one", "two"]))

@@ -42,6 +42,11 @@ class ImageClassifierStub:
                 request_serializer=flotilla_dot_api_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=flotilla_dot_api_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
+        self.ClassifyStream = channel.stream_stream(
+                '/flotilla.api.v1.ImageClassifier/ClassifyStream',
+                request_serializer=flotilla_dot_api_dot_v1_dot_inference__pb2.ClassifyStreamRequest.SerializeToString,
+                response_deserializer=flotilla_dot_api_dot_v1_dot_inference__pb2.ClassifyStreamResponse.FromString,
+                _registered_method=True)
 
 
 class ImageClassifierServicer:
@@ -57,6 +62,20 @@ class ImageClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClassifyStream(self, request_iterator, context):
+        """Many Classify calls on one stream (the router only; batchers answer
+        UNIMPLEMENTED). Each request carries a caller-chosen id; answers come as
+        they complete, in any order, each with its request's id. A failed request
+        answers its own error and the stream goes on. The router holds at most a
+        bounded number of a stream's requests in flight: past it, it stops reading
+        and HTTP/2 flow control makes the sender wait. Closing the sending side
+        ends the stream once every request sent is answered. The model is the
+        x-model-name header of the stream unless a request names its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -64,6 +83,11 @@ def add_ImageClassifierServicer_to_server(servicer, server):
                     servicer.Classify,
                     request_deserializer=flotilla_dot_api_dot_v1_dot_inference__pb2.ClassifyRequest.FromString,
                     response_serializer=flotilla_dot_api_dot_v1_dot_inference__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'ClassifyStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ClassifyStream,
+                    request_deserializer=flotilla_dot_api_dot_v1_dot_inference__pb2.ClassifyStreamRequest.FromString,
+                    response_serializer=flotilla_dot_api_dot_v1_dot_inference__pb2.ClassifyStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -96,6 +120,33 @@ class ImageClassifier:
             '/flotilla.api.v1.ImageClassifier/Classify',
             flotilla_dot_api_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
             flotilla_dot_api_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClassifyStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/flotilla.api.v1.ImageClassifier/ClassifyStream',
+            flotilla_dot_api_dot_v1_dot_inference__pb2.ClassifyStreamRequest.SerializeToString,
+            flotilla_dot_api_dot_v1_dot_inference__pb2.ClassifyStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

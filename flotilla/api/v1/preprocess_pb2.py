@@ -26,23 +26,23 @@ from flotilla.api.v1 import inference_pb2 as flotilla_dot_api_dot_v1_dot_inferen
 from flotilla.api.v1 import pools_pb2 as flotilla_dot_api_dot_v1_dot_pools__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n flotilla/api/v1/preprocess.proto\x12\x0f\x66lotilla.api.v1\x1a\x1f\x66lotilla/api/v1/inference.proto\x1a\x1b\x66lotilla/api/v1/pools.proto\"n\n\tBatchItem\x12\x12\n\nimage_uuid\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\r\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\"k\n\x13ProcessBatchRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12)\n\x05items\x18\x02 \x03(\x0b\x32\x1a.flotilla.api.v1.BatchItem\x12\x15\n\rmodel_version\x18\x03 \x01(\r\":\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06origin\x18\x03 \x01(\t\"{\n\nItemResult\x12\x35\n\x08response\x18\x01 \x01(\x0b\x32!.flotilla.api.v1.ClassifyResponseH\x00\x12+\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1a.flotilla.api.v1.ItemErrorH\x00\x42\t\n\x07outcome\"U\n\x14ProcessBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.flotilla.api.v1.ItemResult\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t2\xb1\x01\n\x0cPreprocessor\x12[\n\x0cProcessBatch\x12$.flotilla.api.v1.ProcessBatchRequest\x1a%.flotilla.api.v1.ProcessBatchResponse\x12\x44\n\x08GetPools\x12 .flotilla.api.v1.GetPoolsRequest\x1a\x16.flotilla.api.v1.Poolsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n flotilla/api/v1/preprocess.proto\x12\x0f\x66lotilla.api.v1\x1a\x1f\x66lotilla/api/v1/inference.proto\x1a\x1b\x66lotilla/api/v1/pools.proto\"\x82\x01\n\tBatchItem\x12\x12\n\nimage_uuid\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\r\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\x12\x12\n\nall_scores\x18\x06 \x01(\x08\"k\n\x13ProcessBatchRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12)\n\x05items\x18\x02 \x03(\x0b\x32\x1a.flotilla.api.v1.BatchItem\x12\x15\n\rmodel_version\x18\x03 \x01(\r\":\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06origin\x18\x03 \x01(\t\"{\n\nItemResult\x12\x35\n\x08response\x18\x01 \x01(\x0b\x32!.flotilla.api.v1.ClassifyResponseH\x00\x12+\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1a.flotilla.api.v1.ItemErrorH\x00\x42\t\n\x07outcome\"U\n\x14ProcessBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.flotilla.api.v1.ItemResult\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t2\xb1\x01\n\x0cPreprocessor\x12[\n\x0cProcessBatch\x12$.flotilla.api.v1.ProcessBatchRequest\x1a%.flotilla.api.v1.ProcessBatchResponse\x12\x44\n\x08GetPools\x12 .flotilla.api.v1.GetPoolsRequest\x1a\x16.flotilla.api.v1.Poolsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flotilla.api.v1.preprocess_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BATCHITEM']._serialized_start=115
-  _globals['_BATCHITEM']._serialized_end=225
-  _globals['_PROCESSBATCHREQUEST']._serialized_start=227
-  _globals['_PROCESSBATCHREQUEST']._serialized_end=334
-  _globals['_ITEMERROR']._serialized_start=336
-  _globals['_ITEMERROR']._serialized_end=394
-  _globals['_ITEMRESULT']._serialized_start=396
-  _globals['_ITEMRESULT']._serialized_end=519
-  _globals['_PROCESSBATCHRESPONSE']._serialized_start=521
-  _globals['_PROCESSBATCHRESPONSE']._serialized_end=606
-  _globals['_PREPROCESSOR']._serialized_start=609
-  _globals['_PREPROCESSOR']._serialized_end=786
+  _globals['_BATCHITEM']._serialized_start=116
+  _globals['_BATCHITEM']._serialized_end=246
+  _globals['_PROCESSBATCHREQUEST']._serialized_start=248
+  _globals['_PROCESSBATCHREQUEST']._serialized_end=355
+  _globals['_ITEMERROR']._serialized_start=357
+  _globals['_ITEMERROR']._serialized_end=415
+  _globals['_ITEMRESULT']._serialized_start=417
+  _globals['_ITEMRESULT']._serialized_end=540
+  _globals['_PROCESSBATCHRESPONSE']._serialized_start=542
+  _globals['_PROCESSBATCHRESPONSE']._serialized_end=627
+  _globals['_PREPROCESSOR']._serialized_start=630
+  _globals['_PREPROCESSOR']._serialized_end=807
 # @@protoc_insertion_point(module_scope)

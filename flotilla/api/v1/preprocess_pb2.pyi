@@ -9,18 +9,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class BatchItem(_message.Message):
-    __slots__ = ("image_uuid", "top_k", "request_id", "model_version", "traceparent")
+    __slots__ = ("image_uuid", "top_k", "request_id", "model_version", "traceparent", "all_scores")
     IMAGE_UUID_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    ALL_SCORES_FIELD_NUMBER: _ClassVar[int]
     image_uuid: str
     top_k: int
     request_id: str
     model_version: int
     traceparent: str
-    def __init__(self, image_uuid: _Optional[str] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., model_version: _Optional[int] = ..., traceparent: _Optional[str] = ...) -> None: ...
+    all_scores: bool
+    def __init__(self, image_uuid: _Optional[str] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., model_version: _Optional[int] = ..., traceparent: _Optional[str] = ..., all_scores: _Optional[bool] = ...) -> None: ...
 
 class ProcessBatchRequest(_message.Message):
     __slots__ = ("model_name", "items", "model_version")

@@ -55,3 +55,35 @@ class AnswerFrames(_message.Message):
     ANSWERS_FIELD_NUMBER: _ClassVar[int]
     answers: _containers.RepeatedCompositeFieldContainer[AnswerFrame]
     def __init__(self, answers: _Optional[_Iterable[_Union[AnswerFrame, _Mapping]]] = ...) -> None: ...
+
+class OpaqueStreamRequest(_message.Message):
+    __slots__ = ("id", "request", "model_name", "timeout_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    request: bytes
+    model_name: str
+    timeout_ms: int
+    def __init__(self, id: _Optional[str] = ..., request: _Optional[bytes] = ..., model_name: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class OpaqueStreamResponse(_message.Message):
+    __slots__ = ("id", "response", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    response: bytes
+    error: OpaqueStreamError
+    def __init__(self, id: _Optional[str] = ..., response: _Optional[bytes] = ..., error: _Optional[_Union[OpaqueStreamError, _Mapping]] = ...) -> None: ...
+
+class OpaqueStreamError(_message.Message):
+    __slots__ = ("code", "message", "origin")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    origin: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., origin: _Optional[str] = ...) -> None: ...

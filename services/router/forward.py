@@ -1,0 +1,90 @@
+"""The router's one way to a batcher: one Classify body, forwarded unparsed (no grpc here).
+
+Every front door of the router ends here: the unary ``Classify`` call, each
+request on a ``ClassifyStream``, and each image of a KServe v2 ``ModelInfer``
+(gRPC, its stream, or HTTP). ``Forwarder.call`` picks a batching shard of the
+model from the route table and sends the body as a frame on this router's
+relay stream to it, with what is left of the caller's deadline; the shard's
+status comes back as a ``FlotillaError`` of the same code, message and origin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Generic, Protocol, TypeVar
+
+from flotilla.common import tracing
+from flotilla.common.relay import RelayClient
+from flotilla.common.wire import AUTH_HEADER, CLASSIFY_METHOD
+from flotilla.errors import DeadlineExceeded
+from flotilla.pool.pool import Endpoint
+from flotilla.services.router.routing import ApiKeys, RouteTable
+
+DROPPED_HEADERS = frozenset({AUTH_HEADER, "user-agent", "grpc-accept-encoding", "content-type", "te"})
+"""Headers not passed downstream: credentials stop at the router; the caller's user agent and
+encodings describe its connection, not the call."""
+
+TimeRemaining = Callable[[], float | None]
+"""Seconds left of the caller's deadline (None: no deadline), asked again before each attempt."""
+
+
+class RelayPeer(Protocol):
+    """What the forwarder needs of a batcher endpoint's client: its relay stream."""
+
+    @property
+    def relay(self) -> RelayClient: ...
+
+
+P = TypeVar("P", bound=RelayPeer)
+
+
+def no_deadline() -> float | None:
+    return None
+
+
+def passed_headers(headers: Iterable[tuple[str, str | bytes]]) -> list[tuple[str, str]]:
+    """The caller's headers a batcher gets: text ones only (a binary -bin header has no reader below
+    and no place in a relay frame), less ``DROPPED_HEADERS``; the trace context becomes the router's."""
+    passed = [(k, v) for k, v in headers if isinstance(v, str) and k not in DROPPED_HEADERS]
+    return list(tracing.inject(passed)) if tracing.enabled() else passed
+
+
+class Forwarder(Generic[P]):
+    """Who may call (the API keys) and the batchers a model's calls go to (the route table)."""
+
+    def __init__(self, keys: ApiKeys, routes: RouteTable[P]) -> None:
+        self.keys = keys
+        self.routes = routes
+
+    def check_key(self, authorization: str | None) -> None:
+        """Raises ``Unauthenticated`` unless ``authorization`` is ``Bearer <a configured key>``."""
+        self.keys.check(authorization)
+
+    def check_model(self, model: str | None) -> None:
+        """Raises ``InvalidArgument`` (no model) or ``ModelNotFound`` (not routed) before any work is done."""
+        self.routes.pool_for(model)
+
+    async def call(
+        self,
+        model: str | None,
+        raw: bytes,
+        headers: Sequence[tuple[str, str]],
+        time_remaining: TimeRemaining = no_deadline,
+        method: str = CLASSIFY_METHOD,
+    ) -> bytes:
+        """The answer of a batcher of ``model`` to ``method`` with the body ``raw`` (a serialised
+        ClassifyRequest), or its status as a ``FlotillaError``. ``headers`` go with it as they are
+        (``passed_headers`` makes them from a caller's)."""
+        pool = self.routes.pool_for(model)
+
+        async def on(endpoint: Endpoint[P]) -> bytes:
+            # Each attempt gets what is left of the caller's deadline, not the whole of it.
+            timeout_s = time_remaining()
+            if timeout_s is not None and timeout_s <= 0:
+                raise DeadlineExceeded("deadline passed before a batcher could answer")
+            # The pool retries the batcher's own UNAVAILABLE (a broken stream, a batcher shutting down)
+            # on another batcher; one the batcher relays from below (its worker, S3, Triton: an origin)
+            # reaches the caller as it came.
+            return await endpoint.client.relay.call(method, raw, headers, timeout_s)
+
+        return await pool.call(on)
