@@ -8,24 +8,35 @@ Requests carry metadata only; the model name and the API key travel as
 headers (``x-model-name``, ``authorization``) so the router can route
 without parsing the body. A failed call raises a ``FlotillaError`` whose
 ``code`` is the gRPC status the mesh answered with.
+
+Many images: ``classify_many`` uploads (JPEG bytes) and classifies them on
+one ``ClassifyStream``, a bounded number at a time, and yields each image's
+``StreamResult`` as it completes:
+
+    async for result in client.classify_many(jpegs, "efficientnet-lite0"):
+        print(result.index, result.classification or result.error)
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 
 import grpc
 
 from flotilla.api.v1 import inference_pb2, inference_pb2_grpc
+from flotilla.clients.results import Classification as Classification
+from flotilla.clients.results import ClassScore as ClassScore
+from flotilla.clients.results import StreamResult, classification_of
+from flotilla.clients.stream import ClassifyStream
 from flotilla.common.ids import check_image_uuid, new_image_uuid, object_key
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.status import error_from_rpc
 from flotilla.common.wire import AUTH_HEADER, BEARER_PREFIX, MODEL_HEADER
 from flotilla.config import S3Settings
-from flotilla.errors import InvalidArgument
+from flotilla.errors import FlotillaError, InvalidArgument
 
 # Transparent retries of UNAVAILABLE (nothing was processed) with backoff.
 _SERVICE_CONFIG = json.dumps(
@@ -46,20 +57,10 @@ _SERVICE_CONFIG = json.dumps(
 )
 
 
-@dataclass(frozen=True)
-class ClassScore:
-    index: int
-    label: str
-    score: float
-
-
-@dataclass(frozen=True)
-class Classification:
-    image_uuid: str
-    model: str
-    classes: list[ClassScore]
-    """Best first."""
-    request_id: str = ""
+DEFAULT_WINDOW = 64
+"""Images ``classify_many`` has in flight at once (uploading or being classified)."""
+DEFAULT_UPLOADS = 8
+"""JPEG uploads ``classify_many`` runs at once."""
 
 
 class FlotillaClient:
@@ -136,24 +137,86 @@ class FlotillaClient:
             image_uuid=image_uuid, model_name=model, top_k=top_k, request_id=request_id,
             priority=priority, timeout_us=queue_timeout_us, model_version=version,
         )
-        if not model or not (model.isascii() and model.isprintable()):
-            raise InvalidArgument(f"model name {model[:40]!r} must be non-empty printable ASCII (it travels as a header)")
-        metadata = ((MODEL_HEADER, model), (AUTH_HEADER, f"{BEARER_PREFIX}{self.api_key}"))
         try:
             reply = await self._stub.Classify(
                 request,
-                metadata=metadata,
+                metadata=self._metadata(model),
                 timeout=self.default_timeout_s if timeout_s is None else timeout_s,
             )
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, f"router {self.router}") from exc
-        return Classification(
-            image_uuid=reply.image_uuid,
-            model=reply.model_name,
-            classes=[ClassScore(c.index, c.label, c.score) for c in reply.classes],
-            request_id=reply.request_id,
-        )
+        return classification_of(reply)
 
     async def classify_jpeg(self, jpeg: bytes, model: str, *, top_k: int = 5) -> Classification:
         """Upload then classify."""
         return await self.classify(await self.upload(jpeg), model, top_k=top_k)
+
+    def stream(self, model: str) -> ClassifyStream:
+        """Open a ``ClassifyStream`` for ``model`` (each request may name another); use it as
+        ``async with client.stream(model) as stream: await stream.classify(uuid)``."""
+        return ClassifyStream(
+            self._stub.ClassifyStream(metadata=self._metadata(model)), model, self.router,
+            default_timeout_s=self.default_timeout_s,
+        )
+
+    async def classify_many(
+        self,
+        items: Iterable[str | bytes],
+        model: str,
+        *,
+        top_k: int = 5,
+        window: int = DEFAULT_WINDOW,
+        timeout_s: float | None = None,
+        uploads: int = DEFAULT_UPLOADS,
+    ) -> AsyncIterator[StreamResult]:
+        """Classify many images on one stream; yields each one's ``StreamResult`` as it completes.
+
+        ``items``: image uuids (``str``, already uploaded) or JPEG bytes
+        (uploaded here, ``uploads`` at a time, while earlier images are being
+        classified). At most ``window`` images are in flight at once; the next
+        item is taken only when one has completed. A failed image (its upload
+        or its classification) is a result with ``error`` set, not an
+        exception: the iteration goes on. ``timeout_s`` (default: the client's
+        ``default_timeout_s``) is each image's deadline on the stream.
+        ``StreamResult.index`` is the image's position in ``items``.
+        """
+        if window < 1 or uploads < 1:
+            raise ValueError("window and uploads must be at least 1")
+        upload_slots = asyncio.Semaphore(uploads)
+
+        async def one(stream: ClassifyStream, index: int, item: str | bytes) -> StreamResult:
+            image_uuid = ""
+            try:
+                if isinstance(item, str):
+                    image_uuid = item
+                else:
+                    async with upload_slots:
+                        image_uuid = await self.upload(item)
+                classification = await stream.classify(image_uuid, top_k=top_k, timeout_s=timeout_s)
+            except FlotillaError as exc:
+                return StreamResult(index, image_uuid, None, exc)
+            return StreamResult(index, image_uuid, classification, None)
+
+        pending = iter(enumerate(items))
+        running: set[asyncio.Task[StreamResult]] = set()
+        async with self.stream(model) as stream:
+            try:
+                while True:
+                    for index, item in pending:
+                        running.add(asyncio.create_task(one(stream, index, item)))
+                        if len(running) >= window:
+                            break
+                    if not running:
+                        return
+                    done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        yield task.result()
+            finally:
+                for task in running:
+                    task.cancel()
+                await asyncio.gather(*running, return_exceptions=True)
+
+    def _metadata(self, model: str) -> tuple[tuple[str, str], ...]:
+        if not model or not (model.isascii() and model.isprintable()):
+            raise InvalidArgument(f"model name {model[:40]!r} must be non-empty printable ASCII (it travels as a header)")
+        return (MODEL_HEADER, model), (AUTH_HEADER, f"{BEARER_PREFIX}{self.api_key}")

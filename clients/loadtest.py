@@ -9,6 +9,10 @@ after, so each row says what batches were really formed and executed.
 The baseline mode has no batching tier: each request goes on its own to a
 preprocess worker and from there to the round-robin Triton replicas, whose
 own dynamic batcher is on (model ``<model>-tritonbatch``).
+
+The mesh is driven through one of the router's front doors (``--api``:
+unary Classify calls, requests on ClassifyStream, KServe v2 over gRPC or
+HTTP; ``api_calls``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from flotilla.api.v1 import (
     preprocess_pb2,
     preprocess_pb2_grpc,
 )
+from flotilla.clients.api_calls import Api, ApiCalls
 from flotilla.clients.client import FlotillaClient
 from flotilla.clients.loadgen import LoadResult, closed_loop, open_loop
 from flotilla.clients.models import ModelsClient
@@ -69,6 +74,8 @@ class Row:
     backend_executions: int
     succeeded: int
     errors: int
+    api: str = "unary"
+    """The router's front door the mesh's load came through (``--api``); the baseline's is its own."""
 
 
 async def triton_totals(addresses: Sequence[str], model: str) -> tuple[int, int]:
@@ -92,6 +99,7 @@ class RunningStack(Protocol):
     """Where a running stack's parts answer (``flotilla.stack.state.StackState``, read from stack.json)."""
 
     router: str
+    router_http: str
     api_key: str
     controller: str
     preprocess: list[str]
@@ -107,6 +115,7 @@ class StackTarget:
         self.state = state
         self.s3 = state.s3_settings()
         self.client = FlotillaClient(state.router, state.api_key, self.s3, default_timeout_s=60.0)
+        self.apis = ApiCalls(self.client, state.router, state.router_http, state.api_key)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._batchers: dict[str, str] = {}
 
@@ -129,6 +138,7 @@ class StackTarget:
         return batcher_pb2_grpc.BatcherAdminStub(self.channel(self.batcher(model)))
 
     async def close(self) -> None:
+        await self.apis.close()
         await self.client.close()
         for channel in self._channels.values():
             await channel.close()
@@ -155,6 +165,11 @@ class StackTarget:
     def mesh_call(self, model: str, uuids: Sequence[str]) -> Callable[[], Awaitable[object]]:
         cycle = itertools.cycle(uuids)
         return lambda: self.client.classify(next(cycle), model)
+
+    def api_call(self, api: Api, model: str, uuids: Sequence[str], *, concurrency: int = 1) -> Callable[[], Awaitable[object]]:
+        """One request through the router's front door ``api`` (``api_calls``); ``concurrency``: the
+        requests the load keeps in flight (how many streams the stream door opens)."""
+        return self.apis.call(api, model, uuids, concurrency=concurrency)
 
     def batcher_call(self, model: str, uuids: Sequence[str]) -> Callable[[], Awaitable[object]]:
         """Straight to the model's batcher (no router hop)."""
@@ -210,6 +225,7 @@ async def measure(
     duration_s: float,
     warmup_s: float = 1.0,
     on_done: Callable[[], None] | None = None,
+    api: str = "unary",
 ) -> Row:
     """Run one load point; read what the batcher and Triton did inside its window.
 
@@ -249,6 +265,7 @@ async def measure(
         backend_executions=executions,
         succeeded=result.succeeded,
         errors=result.failed,
+        api=api if mode == "mesh" else "",
     )
 
 
@@ -262,14 +279,15 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
 
 def format_table(rows: Sequence[Row]) -> str:
     header = (
-        f"{'mode':<9}{'R':>3}{'max_bs':>7}{'load':>10}{'img/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'mode':<17}{'R':>3}{'max_bs':>7}{'load':>10}{'img/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'formed':>8}{'per exec':>9}{'q p99 ms':>10}{'execs':>7}{'errors':>7}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         load = f"c={r.concurrency}" if r.concurrency else f"{r.request_rate_per_s:g}/s"
+        mode = r.mode if r.api in ("", "unary") else f"{r.mode}:{r.api}"
         lines.append(
-            f"{r.mode:<9}{r.replicas:>3}{r.max_batch_size:>7}{load:>10}{r.throughput_per_s:>9.1f}"
+            f"{mode:<17}{r.replicas:>3}{r.max_batch_size:>7}{load:>10}{r.throughput_per_s:>9.1f}"
             f"{r.p50_ms:>9.1f}{r.p99_ms:>9.1f}{r.mean_formed_batch:>8.2f}{r.mean_batch_per_execution:>9.2f}"
             f"{r.p99_queue_wait_ms:>10.2f}{r.backend_executions:>7}{r.errors:>7}"
         )
@@ -286,7 +304,8 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     series: dict[str, list[Row]] = {}
     for r in rows:
-        label = f"{r.mode} R={r.replicas} max_bs={r.max_batch_size}" if r.mode == "mesh" else f"baseline R={r.replicas}"
+        label = (f"{r.mode} ({r.api or 'unary'}) R={r.replicas} max_bs={r.max_batch_size}" if r.mode == "mesh"
+                 else f"baseline R={r.replicas}")
         series.setdefault(label, []).append(r)
     for label, points in series.items():
         points = sorted(points, key=lambda r: r.throughput_per_s)

@@ -66,24 +66,38 @@ def format_classification(title: str, classes: Sequence[ClassScore]) -> str:
 async def _classify_files(
     router: str, api_key: str, s3: S3Settings, model: str, files: list[Path], top_k: int
 ) -> int:
+    """Upload and classify ``files`` on one ClassifyStream (``classify_many``); print each in the
+    order given, as the ones before it are done. Returns how many failed."""
     from flotilla.clients.client import FlotillaClient
 
-    failures = 0
+    texts: dict[int, str] = {}
+    readable: list[tuple[int, bytes]] = []
+    for index, path in enumerate(files):
+        try:
+            readable.append((index, path.read_bytes()))
+        except OSError as exc:
+            texts[index] = f"{path.name}: FAILED to read: {exc}"
+    failures = len(texts)
+    shown = 0
+
+    def show_ready() -> None:
+        nonlocal shown
+        while shown in texts:
+            print(texts.pop(shown), flush=True)
+            shown += 1
+
+    show_ready()
     async with FlotillaClient(router, api_key, s3) as client:
-
-        async def one(path: Path) -> tuple[bool, str]:
-            try:
-                result = await client.classify_jpeg(path.read_bytes(), model, top_k=top_k)
-            except FlotillaError as exc:
-                return False, f"{path.name}: FAILED ({exc.code.name}) {exc.message}"
-            except OSError as exc:
-                return False, f"{path.name}: FAILED to read: {exc}"
-            title = f"{path.name}  [{model}, image {result.image_uuid}]"
-            return True, format_classification(title, result.classes)
-
-        for ok, text in await asyncio.gather(*(one(p) for p in files)):
-            failures += not ok
-            print(text)
+        async for result in client.classify_many([jpeg for _, jpeg in readable], model, top_k=top_k):
+            index = readable[result.index][0]
+            name = files[index].name
+            if result.error is not None:
+                failures += 1
+                texts[index] = f"{name}: FAILED ({result.error.code.name}) {result.error.message}"
+            else:
+                title = f"{name}  [{model}, image {result.image_uuid}]"
+                texts[index] = format_classification(title, result.unwrap().classes)
+            show_ready()
     return failures
 
 
@@ -320,16 +334,18 @@ async def _loadtest(
             for mode, bs in plans:
                 if mode == "mesh":
                     await target.set_max_batch_size(args.model, bs)
-                    call = target.mesh_call(args.model, uuids)
-                else:
-                    call = target.direct_call(args.model + loadtest.BASELINE_SUFFIX, uuids)
                 for value in points:
                     closed = args.mode == "closed"  # points are concurrencies, else request rates
+                    if mode == "mesh":
+                        call = target.api_call(args.api, args.model, uuids, concurrency=int(value) if closed else 1)
+                    else:
+                        call = target.direct_call(args.model + loadtest.BASELINE_SUFFIX, uuids)
                     rows.append(await loadtest.measure(
                         target, mode=mode, model=args.model, max_batch_size=bs, call=call,
-                        duration_s=args.duration_s,
+                        duration_s=args.duration_s, api=args.api,
                         concurrency=int(value) if closed else 0, rate_per_s=0.0 if closed else value,
                     ))
+                    await target.apis.close_streams()  # a stream point's streams end with it
                     bar.set_postfix(img_s=rows[-1].throughput_per_s, p99_ms=rows[-1].p99_ms)
                     bar.update(1)
         await target.set_max_batch_size(args.model, original)
@@ -458,6 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--rates", default="10,25,50", help="open loop: comma-separated requests/s")
     lt.add_argument("--batch-sizes", default="1,2,4,8,16,32", help="batcher max_batch_size values to sweep")
     lt.add_argument("--duration-s", type=float, default=5.0, help="measured seconds per point")
+    lt.add_argument("--api", choices=["unary", "stream", "kserve-grpc", "kserve-http"], default="unary",
+                    help="the router's front door: unary Classify calls, requests on one ClassifyStream "
+                         "(a closed loop's concurrency is the requests in flight on it), or KServe v2 "
+                         "ModelInfer over gRPC or HTTP (one image per request)")
     lt.add_argument("--baseline", action="store_true",
                     help="also run the no-batching-tier baseline (needs <model>-tritonbatch; see bench/flotilla-bench.yaml)")
     lt.add_argument("--images", type=Path, default=DEFAULT_SAMPLES)

@@ -335,10 +335,18 @@ class RouterSettings(_Section):
     """Accepted API keys (``authorization: Bearer <key>``). Empty rejects every request."""
     max_concurrent_calls: int = Field(8192, ge=1)
     """Calls the router handles at once; beyond it, RESOURCE_EXHAUSTED at once."""
+    stream_window: int = Field(256, ge=1)
+    """Requests of one ClassifyStream the router holds in flight at most (each also counts against
+    ``max_concurrent_calls``); at the cap it stops reading that stream and HTTP/2 flow control makes
+    the sender wait, so a fast sender holds no more than this much of the router's memory."""
     processes: int = Field(1, ge=1)
     """Router processes the local stack starts on the one router port (SO_REUSEPORT: the
     kernel spreads client connections across them; a channel stays on one). In
     Kubernetes, scale the router Deployment instead."""
+    http_port: int = Field(0, ge=0, le=65535)
+    """Port of the router's KServe v2 HTTP/REST front door on ``host`` (``/v2/...``, beside the gRPC
+    port); 0: none. The local stack always serves it, on a free port (stack.json's ``router_http``);
+    the Kubernetes manifests set 8000."""
 
 
 class BatcherSettings(_Section):

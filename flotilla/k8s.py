@@ -54,6 +54,8 @@ CONFIG_PATH = "/etc/flotilla/flotilla.yaml"
 BATCHER_PORT = 50052
 METRICS_PORT = 9100
 PORTS = {"router": 50051, "batcher": BATCHER_PORT, "preprocess": 50053, "controller": 50060}
+ROUTER_HTTP_PORT = 8000
+"""The router's KServe v2 HTTP/REST port: base/flotilla.yaml's ``router.http_port``, base/router.yaml's ``http``."""
 TRITON_GRPC_PORT = 8001
 TRITON_HTTP_PORT = 8000
 TRITON_METRICS_PORT = 8002

@@ -212,7 +212,11 @@ def test_every_flotilla_container_runs_a_role_that_exists(overlay: str) -> None:
             assert option["--config"] == k8s.CONFIG_PATH, where
             assert any(m["mountPath"] == k8s.CONFIG_PATH for m in container["volumeMounts"]), where
             ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-            assert ports == {"grpc": int(option["--port"]), "metrics": int(option["--metrics-port"])}, where
+            expected = {"grpc": int(option["--port"]), "metrics": int(option["--metrics-port"])}
+            if args[1] == "router":  # and KServe v2 over HTTP, on the port its configuration names
+                assert config.router.http_port == k8s.ROUTER_HTTP_PORT, where
+                expected["http"] = k8s.ROUTER_HTTP_PORT
+            assert ports == expected, where
             if args[1] == "batcher" and "--model" in option:  # a dedicated batcher; else a shard
                 assert config.models[option["--model"]].dedicated_batcher, where
             # Longer than the drain the service itself allows (shutdown_grace_s).

@@ -103,6 +103,12 @@ class FleetWatcher:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"fleet:{self.name}")
 
+    @property
+    def has_fleet(self) -> bool:
+        """A first snapshot arrived: the watcher holds the whole fleet (perhaps a stale one, while the
+        controller is away)."""
+        return self._first.is_set()
+
     async def wait_first(self, timeout_s: float) -> bool:
         """True once a first snapshot arrived (within ``timeout_s``)."""
         with contextlib.suppress(asyncio.TimeoutError):

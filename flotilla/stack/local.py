@@ -417,7 +417,8 @@ class LocalStack:
             triton=triton_addresses,
             triton_http=triton_http,
         )
-        router_settings = self.base.router
+        # The router's KServe v2 HTTP front door, on a free port like every other (router.http_port).
+        router_settings = self.base.router.model_copy(update={"http_port": free_port(self.host)})
         if not router_settings.api_keys:
             router_settings = router_settings.model_copy(
                 update={"api_keys": [SecretStr(secrets.token_urlsafe(24))]}
@@ -484,6 +485,7 @@ class LocalStack:
             s3_bucket=s3_settings.bucket,
             models=list(self.base.models),
             controller=endpoints.controller,
+            router_http=f"{self.host}:{self.settings.router.http_port}",
             artifact_bucket=self.settings.controller.artifact_bucket,
             triton=triton_addresses,
             triton_http=triton_http,
@@ -603,6 +605,7 @@ class LocalStack:
         assert self.state is not None and self.settings is not None
         lines = [
             f"router (gRPC):       {self.state.router}",
+            f"router (HTTP):       http://{self.state.router_http}/v2  (KServe v2 REST)",
             f"controller (gRPC):   {self.state.controller}",
             f"API key (dev):       {self.state.api_key}",
             f"S3 endpoint:         http://{self.state.s3_endpoint}  bucket {self.state.s3_bucket}, "

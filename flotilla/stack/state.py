@@ -71,6 +71,7 @@ class StackState:
     """What a client needs to reach a running stack (written as stack.json)."""
 
     router: str
+    """The router's gRPC address (host:port): the Flotilla API and KServe v2 over gRPC."""
     api_key: str
     s3_endpoint: str
     s3_access_key: str
@@ -78,6 +79,9 @@ class StackState:
     s3_bucket: str
     models: list[str]
     controller: str = ""
+    router_http: str = ""
+    """The router's KServe v2 HTTP/REST address (host:port; ``http://<it>/v2/...``); "" in a state
+    written before the router served HTTP."""
     artifact_bucket: str = ""
     triton: list[str] = field(default_factory=list)
     triton_http: list[str] = field(default_factory=list)

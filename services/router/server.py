@@ -27,16 +27,21 @@ from typing import Any
 import grpc
 
 from flotilla.common.fleet import FleetChange, FleetState, FleetWatcher
-from flotilla.common.interceptors import MAX_CACHED_METHODS, UNKNOWN_MODEL, AdmissionLimit
+from flotilla.common.interceptors import MAX_CACHED_METHODS, UNKNOWN_MODEL, AdmissionLimit, CallObserver, ModelLabel
 from flotilla.common.peer import GrpcPeer
 from flotilla.common.server import ServiceServer, serve_until_signal
-from flotilla.common.wire import AUTH_HEADER, CLASSIFIER_SERVICE, CLASSIFY_STREAM_METHOD, MODEL_HEADER
+from flotilla.common.wire import AUTH_HEADER, CLASSIFIER_SERVICE, CLASSIFY_STREAM_METHOD, KSERVE_SERVICE, MODEL_HEADER
 from flotilla.config import FlotillaSettings, PoolSettings
 from flotilla.pool.pool import Endpoint
 from flotilla.services.router.forward import Forwarder, passed_headers
+from flotilla.services.router.http_server import HttpServer
+from flotilla.services.router.kserve.core import KServeFront
+from flotilla.services.router.kserve.grpc_api import KServeHandler
+from flotilla.services.router.kserve.http import KServeHttp
 from flotilla.services.router.reflection import enable_reflection
 from flotilla.services.router.routing import ApiKeys
 from flotilla.services.router.shards import LINGER_S, ShardRoutes
+from flotilla.services.router.streams import ClassifyStreamHandler
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +120,40 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     if not await watcher.wait_first(FIRST_FLEET_TIMEOUT_S):
         log.warning("router: no answer from the controller at %s yet; starting with no routes",
                     settings.endpoints.controller)
+    # Callers name any model they like: only routed ones become label values.
+    model_label: ModelLabel = lambda name: name if routes.table.get(name) is not None else UNKNOWN_MODEL  # noqa: E731
     server = ServiceServer(
-        "router", [CLASSIFIER_SERVICE], grace_s=settings.shutdown_grace_s, tier="router",
+        "router", [CLASSIFIER_SERVICE, KSERVE_SERVICE], grace_s=settings.shutdown_grace_s, tier="router",
         admission=AdmissionLimit("router", settings.router.max_concurrent_calls, "router.max_concurrent_calls"),
-        # Callers name any model they like: only routed ones become label values.
-        model_label=lambda name: name if routes.table.get(name) is not None else UNKNOWN_MODEL,
-        reuse_port=settings.router.processes > 1,
+        model_label=model_label, reuse_port=settings.router.processes > 1,
     )
-    server.server.add_generic_rpc_handlers([ForwardingHandler(Forwarder(keys, routes.table))])
+    forwarder = Forwarder(keys, routes.table)
+    # The stream's handler first: the unary one leaves ClassifyStream to it. Stopping, streams take no more.
+    streams = ClassifyStreamHandler(
+        forwarder, CallObserver("router", server.admission, model_label), window=settings.router.stream_window
+    )
+    server.on_drain.append(streams.drain)
+    server.server.add_generic_rpc_handlers([streams, ForwardingHandler(forwarder)])
+    # KServe v2 (Triton's gRPC service): the same keys and routes; ready once the fleet is known, until stopping.
+    kserve_front = KServeFront(forwarder, watcher.state, ready=lambda: watcher.has_fleet and not kserve.stopping.is_set())
+    kserve = KServeHandler(
+        kserve_front, forwarder, CallObserver("router", server.admission, model_label),
+        window=settings.router.stream_window,
+    )
+    server.on_drain.append(kserve.drain)
+    server.server.add_generic_rpc_handlers([kserve])
     enable_reflection(server.server)  # after the forwarding handler: it answers for the client API first
+    # KServe v2 over HTTP/REST on router.http_port: the same front, keys and admission, in this loop.
+    http = None
+    if settings.router.http_port:
+        app = KServeHttp(kserve_front, forwarder.check_key, observer=CallObserver("router", server.admission, model_label))
+        http = HttpServer(app, grace_s=settings.shutdown_grace_s, name="router http")
+        await http.start(settings.host, settings.router.http_port, reuse_port=settings.router.processes > 1)
+        server.on_drain.append(http.drain)
 
     async def cleanup() -> None:
+        if http is not None:
+            await http.stop()  # begun with the gRPC server's drain
         await watcher.stop()
         await routes.close()
 

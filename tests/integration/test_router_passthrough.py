@@ -139,10 +139,15 @@ def test_generic_grpc_tools_read_the_routers_services_by_reflection(stack: Local
     with grpc.insecure_channel(stack.state.router) as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
         services = set(database.get_services())
-        assert {"flotilla.api.v1.ImageClassifier", "grpc.health.v1.Health"} <= services, services
-        classify = DescriptorPool(database).FindServiceByName("flotilla.api.v1.ImageClassifier").methods_by_name[
-            "Classify"
-        ]
+        assert {"flotilla.api.v1.ImageClassifier", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services, services
+        pool = DescriptorPool(database)
+        classify = pool.FindServiceByName("flotilla.api.v1.ImageClassifier").methods_by_name["Classify"]
+        kserve = pool.FindServiceByName("inference.GRPCInferenceService").methods_by_name
     assert classify.input_type.full_name == "flotilla.api.v1.ClassifyRequest"
     assert "image_uuid" in classify.input_type.fields_by_name
     assert classify.output_type.full_name == "flotilla.api.v1.ClassifyResponse"
+    # KServe v2 (built in a descriptor pool of its own) is described too, its stream included.
+    assert kserve["ModelInfer"].input_type.full_name == "inference.ModelInferRequest"
+    assert "raw_input_contents" in kserve["ModelInfer"].input_type.fields_by_name
+    assert kserve["ModelStreamInfer"].output_type.full_name == "inference.ModelStreamInferResponse"
+    assert kserve["ModelConfig"].output_type.fields_by_name["config"].message_type.full_name == "inference.ModelConfig"

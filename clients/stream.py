@@ -1,0 +1,173 @@
+"""One ``ClassifyStream`` call seen from the client: many classifications in flight on one stream.
+
+    async with client.stream("efficientnet-lite0") as stream:
+        results = await asyncio.gather(*(stream.classify(u) for u in uuids))
+
+Each ``classify`` sends one request with an id of this stream's own and
+waits for the answer with that id; answers come in any order. A request's
+failure raises that request's ``FlotillaError`` (the status a unary call
+would raise) and the stream goes on. The stream ends with ``close`` (the
+sending side closes, every answer still due arrives, then the router ends
+the call) or with the router: then every request still waiting fails with
+the stream's status (UNAVAILABLE when the router shut down: those requests
+were never taken and can be sent again).
+
+Writes go out one message at a time from one task, in the order the calls
+were made; when the router's window is full it stops reading and the writes
+wait (HTTP/2 flow control), so the callers should bound what they send
+(``FlotillaClient.classify_many`` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+from collections import deque
+from types import TracebackType
+
+import grpc
+
+from flotilla.api.v1 import inference_pb2
+from flotilla.clients.results import Classification, classification_of
+from flotilla.common.status import error_from_rpc
+from flotilla.errors import Code, DeadlineExceeded, FlotillaError, Unavailable, error_from_code
+
+ANSWER_GRACE_S = 5.0
+"""How long past a request's own deadline the client waits for the router's answer to it (the
+router answers DEADLINE_EXCEEDED at the deadline; this only guards against a router that is stuck)."""
+MAX_TIMEOUT_MS = 2**32 - 1
+
+StreamCall = grpc.aio.StreamStreamCall[inference_pb2.ClassifyStreamRequest, inference_pb2.ClassifyStreamResponse]
+
+
+class ClassifyStream:
+    """A ``ClassifyStream`` call open to the router (``FlotillaClient.stream`` opens one)."""
+
+    def __init__(self, call: StreamCall, model: str, router: str, *, default_timeout_s: float) -> None:
+        self.model = model
+        self.router = router
+        self.default_timeout_s = default_timeout_s
+        self._call = call
+        self._ids = itertools.count(1)
+        self._waiting: dict[str, asyncio.Future[inference_pb2.ClassifyStreamResponse]] = {}
+        self._outbox: deque[inference_pb2.ClassifyStreamRequest] = deque()
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._ended: FlotillaError | None = None
+        self._writer = asyncio.create_task(self._write(), name="classify-stream-write")
+        self._reader = asyncio.create_task(self._read(), name="classify-stream-read")
+
+    async def __aenter__(self) -> ClassifyStream:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            await self.close()
+        else:
+            await self.cancel()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent (or queued to send) and not yet answered."""
+        return len(self._waiting)
+
+    async def classify(
+        self,
+        image_uuid: str,
+        *,
+        top_k: int = 5,
+        timeout_s: float | None = None,
+        model: str = "",
+        request_id: str = "",
+    ) -> Classification:
+        """Classify an uploaded image on this stream; raises its ``FlotillaError``.
+
+        ``timeout_s`` (default: the client's ``default_timeout_s``) is this
+        request's deadline from when the router reads it; ``model`` (default:
+        the stream's) may differ per request.
+        """
+        if self._ended is not None:
+            raise self._ended
+        if self._closing:
+            raise Unavailable("this stream is closing: open another")
+        timeout_s = self.default_timeout_s if timeout_s is None else timeout_s
+        stream_id = str(next(self._ids))
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[stream_id] = future
+        self._outbox.append(inference_pb2.ClassifyStreamRequest(
+            id=stream_id,
+            request=inference_pb2.ClassifyRequest(image_uuid=image_uuid, top_k=top_k, request_id=request_id),
+            model_name=model if model != self.model else "",
+            timeout_ms=min(max(1, math.ceil(timeout_s * 1000)), MAX_TIMEOUT_MS),
+        ))
+        self._wake.set()
+        try:
+            async with asyncio.timeout(timeout_s + ANSWER_GRACE_S):
+                answer = await future
+        except TimeoutError:
+            raise DeadlineExceeded(f"router {self.router} did not answer within {timeout_s:g} s") from None
+        finally:
+            self._waiting.pop(stream_id, None)
+        if answer.HasField("error"):
+            raise error_from_code(answer.error.code, answer.error.message, answer.error.origin)
+        return classification_of(answer.response)
+
+    async def close(self) -> None:
+        """Close the sending side and wait until every request sent is answered and the stream has ended."""
+        self._closing = True
+        self._wake.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+        await self._stop_writer()
+
+    async def cancel(self) -> None:
+        """End the stream now: requests still waiting fail with CANCELLED."""
+        self._call.cancel()
+        self._end(error_from_code(Code.CANCELLED, "the stream was cancelled"))
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+        await self._stop_writer()
+
+    async def _stop_writer(self) -> None:
+        self._writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                while self._outbox:
+                    await self._call.write(self._outbox.popleft())
+                if self._closing:
+                    await self._call.done_writing()
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+            return  # the stream is over: the reader learns how, and fails what is still waiting
+
+    async def _read(self) -> None:
+        error: FlotillaError
+        try:
+            async for answer in self._call:
+                future = self._waiting.get(answer.id)
+                if future is not None and not future.done():
+                    future.set_result(answer)
+            error = Unavailable(f"router {self.router} ended the stream before answering this request")
+        except grpc.aio.AioRpcError as exc:
+            error = error_from_rpc(exc, f"router {self.router}")
+        self._end(error)
+
+    def _end(self, error: FlotillaError) -> None:
+        """The stream is over: what is still waiting, and any later request, fails with ``error``."""
+        if self._ended is None:
+            self._ended = error
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(error)
+        self._wake.set()

@@ -1,0 +1,171 @@
+"""Answering a stream of requests as each completes, with a bound on those in flight (no grpc here).
+
+``answer_as_completed`` is the core of every streaming front door of the
+router (``ClassifyStream``; KServe's ``ModelStreamInfer``): it reads the
+stream's requests, runs ``handle`` for each as a task of its own, and sends
+each answer as soon as it is ready, in whatever order they complete.
+
+Flow control is the transport's: at most ``window`` requests are in flight
+(taken and not yet answered); at the cap it stops reading, so the sender's
+writes back up in the transport (HTTP/2 flow control) instead of in this
+process's memory. A request counts until its answer has been sent, so a
+caller that does not read its answers holds the window shut as well.
+
+Errors: ``handle`` turns a request's own failure into that request's error
+answer; the stream goes on. An exception that escapes ``handle`` anyway is
+logged with its traceback and answered through ``on_unexpected`` when one is
+given (the transport's generic INTERNAL answer); it never ends the stream.
+A failure of the request side (the transport's reader) or of ``send`` ends
+the stream: every request still in flight is cancelled and the error raised.
+So does cancelling the caller (the peer went away).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")  # a request
+R = TypeVar("R")  # an answer
+
+
+async def answer_as_completed(
+    requests: AsyncIterator[T],
+    handle: Callable[[T], Awaitable[R]],
+    send: Callable[[R], Awaitable[None]],
+    *,
+    window: int,
+    on_unexpected: Callable[[T, BaseException], R] | None = None,
+    stop: asyncio.Event | None = None,
+) -> bool:
+    """Answer every request of ``requests`` with ``handle``'s answer, through ``send``, as each completes.
+
+    At most ``window`` requests are in flight; at the cap no more are read
+    until an answer has been sent. Returns True once the request side has
+    ended and every request read is answered. Setting ``stop`` (shutting
+    down) stops the reading at once: the requests already taken are still
+    answered, then it returns False (requests the sender wrote after the last
+    one taken were never read: a transport says so, so that they are resent).
+    Cancelled, it cancels every request in flight.
+    """
+    if window < 1:
+        raise ValueError(f"window must be at least 1, got {window}")
+    stream = _Stream(handle, window, on_unexpected)
+    reader = asyncio.create_task(stream.read(requests), name="stream-read")
+    reader.add_done_callback(stream.wake_up)
+    stopper: asyncio.Task[None] | None = None
+    if stop is not None:
+        stopper = asyncio.create_task(_cancel_when_set(stop, reader), name="stream-stop")
+    try:
+        while True:
+            while stream.finished:
+                answer = stream.answer(*stream.finished.popleft())
+                if answer is not None:
+                    await send(answer)
+                stream.answered()
+            if reader.done():
+                failure = None if reader.cancelled() else reader.exception()
+                if failure is not None:
+                    raise failure  # the request side broke: the stream is over
+                if stream.open == 0:
+                    return not reader.cancelled()
+            stream.wake.clear()
+            await stream.wake.wait()
+    finally:
+        for task in (stopper, reader):
+            if task is not None:
+                task.cancel()
+        await stream.cancel_all()
+        # Their ends are awaited, their errors not raised again (the reader's was, above).
+        await asyncio.gather(*(t for t in (stopper, reader) if t is not None), return_exceptions=True)
+
+
+async def _cancel_when_set(stop: asyncio.Event, reader: asyncio.Task[None]) -> None:
+    await stop.wait()
+    reader.cancel()
+
+
+class _Stream(Generic[T, R]):
+    """One stream's requests in flight and the answers ready to send."""
+
+    def __init__(
+        self,
+        handle: Callable[[T], Awaitable[R]],
+        window: int,
+        on_unexpected: Callable[[T, BaseException], R] | None,
+    ) -> None:
+        self.handle = handle
+        self.window = window
+        self.on_unexpected = on_unexpected
+        self.open = 0
+        """Requests taken and not yet answered (their answer not yet sent)."""
+        self.tasks: set[asyncio.Future[R]] = set()
+        self.finished: deque[tuple[T, asyncio.Future[R] | BaseException]] = deque()
+        """Requests whose handling is over, in the order they completed, to answer."""
+        self.wake = asyncio.Event()
+        """Set when an answer is ready or the reader has ended."""
+        self.slot = asyncio.Event()
+        """Set when an answer has been sent (a place in the window may be free)."""
+
+    def wake_up(self, _: object = None) -> None:
+        self.wake.set()
+
+    async def read(self, requests: AsyncIterator[T]) -> None:
+        # The next request is read only once a place is free: at the cap the transport holds the sender.
+        async for request in requests:
+            self.take(request)
+            while self.open >= self.window:
+                self.slot.clear()
+                await self.slot.wait()
+
+    def take(self, request: T) -> None:
+        self.open += 1
+        try:
+            task = asyncio.ensure_future(self.handle(request))
+        except Exception as exc:  # handle failed before it could start: still this request's answer
+            self.finished.append((request, exc))
+            self.wake.set()
+            return
+        self.tasks.add(task)
+        task.add_done_callback(lambda done: self._done(request, done))
+
+    def _done(self, request: T, task: asyncio.Future[R]) -> None:
+        self.tasks.discard(task)
+        self.finished.append((request, task))
+        self.wake.set()
+
+    def answer(self, request: T, outcome: asyncio.Future[R] | BaseException) -> R | None:
+        """``handle``'s answer, or for an exception that escaped it: logged, then ``on_unexpected``'s (if any)."""
+        if isinstance(outcome, BaseException):
+            exc: BaseException = outcome
+        elif outcome.cancelled():
+            exc = asyncio.CancelledError("the request's handler was cancelled")
+        else:
+            failure = outcome.exception()
+            if failure is None:
+                return outcome.result()
+            exc = failure
+        log.error("stream: a request's handler failed unexpectedly", exc_info=exc)
+        if self.on_unexpected is None:
+            return None
+        try:
+            return self.on_unexpected(request, exc)
+        except Exception:
+            log.exception("stream: answering a failed request failed too; it goes unanswered")
+            return None
+
+    def answered(self) -> None:
+        self.open -= 1
+        self.slot.set()
+
+    async def cancel_all(self) -> None:
+        tasks, self.tasks = self.tasks, set()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,360 @@
+"""The router's KServe v2 HTTP app, driven in-process (httpx's ASGI transport) over the real core with a
+fake forwarder and fleet: routes, JSON and binary bodies, the key, and each error's status and body."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+
+import httpx
+import numpy as np
+import pytest
+from tritonclient.http import InferResult
+from tritonclient.utils import serialize_byte_tensor
+
+from flotilla.api.v1 import controller_pb2, inference_pb2
+from flotilla.common.interceptors import AdmissionLimit, CallObserver
+from flotilla.config import ModelSettings
+from flotilla.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    FlotillaError,
+    InvalidArgument,
+    ModelNotFound,
+    QueueFull,
+    Unauthenticated,
+    Unavailable,
+)
+from flotilla.services.router.forward import TimeRemaining
+from flotilla.services.router.kserve.core import KServeFront
+from flotilla.services.router.kserve.http import TIMEOUT_HEADER, KServeHttp, Message
+
+MODEL = "classifier"
+LABELS = ["cat", "dog", "fox", "owl"]
+KEY = "test-key"
+AUTH = {"authorization": f"Bearer {KEY}"}
+UUIDS = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(4)]
+
+
+def row_for(uuid: str) -> list[float]:
+    """Image i's probabilities: class i is best."""
+    row = [0.1] * len(LABELS)
+    row[int(uuid[-1]) % len(LABELS)] = 0.7
+    return row
+
+
+class FakeRouter:
+    """Routes MODEL; answers each image from its uuid, or raises ``failure``; holds calls while ``hold``."""
+
+    def __init__(self) -> None:
+        self.failure: BaseException | None = None
+        self.hold = False
+        self.released = asyncio.Event()
+        self.calls = 0
+        self.cancelled = 0
+
+    def check_model(self, model: str | None) -> None:
+        if model != MODEL:
+            raise ModelNotFound(f"model {model!r} is not served")
+
+    async def call(
+        self, model: str | None, raw: bytes, headers: Sequence[tuple[str, str]], time_remaining: TimeRemaining
+    ) -> bytes:
+        self.check_model(model)
+        self.calls += 1
+        if self.hold:
+            try:
+                await self.released.wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        if self.failure is not None:
+            raise self.failure
+        request = inference_pb2.ClassifyRequest.FromString(raw)
+        row = row_for(request.image_uuid)
+        best = sorted(range(len(row)), key=lambda i: -row[i])[: request.top_k or 5]
+        return inference_pb2.ClassifyResponse(
+            image_uuid=request.image_uuid, model_name=MODEL,
+            classes=[inference_pb2.ClassScore(index=i, label=LABELS[i], score=row[i]) for i in best],
+            scores=row if request.all_scores else [],
+        ).SerializeToString()
+
+
+class FakeFleet:
+    def __init__(self) -> None:
+        spec = ModelSettings.model_validate({"labels": LABELS, "versions": [1], "default_version": 1})
+        self.models = {MODEL: controller_pb2.ModelStatus(name=MODEL, spec_json=spec.model_dump_json(), batchers=["b:1"])}
+
+
+def check_key(authorization: str | None) -> None:
+    if authorization != f"Bearer {KEY}":
+        raise Unauthenticated("API key is not valid" if authorization else "missing authorization header")
+
+
+class Harness:
+    def __init__(self, *, ready: bool = True, admission: AdmissionLimit | None = None, max_body_bytes: int = 1 << 20):
+        self.router = FakeRouter()
+        self.ready = ready
+        front = KServeFront(self.router, FakeFleet(), ready=lambda: self.ready)
+        self.app = KServeHttp(front, check_key, observer=CallObserver("router", admission), max_body_bytes=max_body_bytes)
+
+
+@pytest.fixture
+def harness() -> Harness:
+    return Harness()
+
+
+@pytest.fixture
+async def http(harness: Harness) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=harness.app), base_url="http://router") as client:
+        yield client
+
+
+def infer_body(uuids: Sequence[str], **extra: object) -> dict[str, object]:
+    body: dict[str, object] = {"inputs": [{"name": "IMAGE_UUID", "datatype": "BYTES", "shape": [len(uuids)], "data": list(uuids)}]}
+    body.update(extra)
+    return body
+
+
+def assert_error(response: httpx.Response, status: int, *words: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    message = response.json()["error"]
+    assert isinstance(message, str)
+    for word in words:
+        assert word in message, message
+
+
+async def test_health_needs_no_key_and_says_not_ready_with_400(harness: Harness, http: httpx.AsyncClient) -> None:
+    assert (await http.get("/v2/health/live")).status_code == 200
+    assert (await http.get("/v2/health/ready")).status_code == 200
+    harness.ready = False
+    response = await http.get("/v2/health/ready")
+    assert response.status_code == 400 and response.content == b""
+
+
+async def test_every_other_route_needs_the_key(http: httpx.AsyncClient) -> None:
+    for path in ("/v2", f"/v2/models/{MODEL}", f"/v2/models/{MODEL}/ready", f"/v2/models/{MODEL}/config"):
+        missing = await http.get(path)
+        assert_error(missing, 401, "missing")
+        assert missing.headers["www-authenticate"] == "Bearer"
+        assert_error(await http.get(path, headers={"authorization": "Bearer wrong"}), 401, "not valid")
+    assert_error(await http.post(f"/v2/models/{MODEL}/infer", json=infer_body(UUIDS[:1])), 401)
+    assert (await http.get("/v2", headers=AUTH)).status_code == 200
+
+
+async def test_server_and_model_metadata(http: httpx.AsyncClient) -> None:
+    server = (await http.get("/v2", headers=AUTH)).json()
+    assert server["name"] == "flotilla" and "classification" in server["extensions"]
+    model = (await http.get(f"/v2/models/{MODEL}", headers=AUTH)).json()
+    assert model["name"] == MODEL and model["versions"] == ["1"]
+    assert model["inputs"] == [{"name": "IMAGE_UUID", "datatype": "BYTES", "shape": [-1, 1]}]
+    assert {"name": "PROBABILITIES", "datatype": "FP32", "shape": [-1, len(LABELS)]} in model["outputs"]
+    versioned = await http.get(f"/v2/models/{MODEL}/versions/1", headers=AUTH)
+    assert versioned.json() == model
+    config = (await http.get(f"/v2/models/{MODEL}/config", headers=AUTH)).json()
+    assert config["name"] == MODEL and config["input"][0]["data_type"] == "TYPE_STRING"
+
+
+async def test_model_ready_and_unknown_models(http: httpx.AsyncClient) -> None:
+    assert (await http.get(f"/v2/models/{MODEL}/ready", headers=AUTH)).status_code == 200
+    assert (await http.get(f"/v2/models/{MODEL}/versions/1/ready", headers=AUTH)).status_code == 200
+    assert (await http.get(f"/v2/models/{MODEL}/versions/9/ready", headers=AUTH)).status_code == 400
+    assert (await http.get("/v2/models/nope/ready", headers=AUTH)).status_code == 400
+    assert_error(await http.get("/v2/models/nope", headers=AUTH), 404, "nope")
+    assert_error(await http.post("/v2/models/nope/infer", json=infer_body(UUIDS[:1]), headers=AUTH), 404, "nope")
+    assert_error(await http.get(f"/v2/models/{MODEL}/versions/9", headers=AUTH), 404, "version")
+
+
+async def test_infer_json_answers_both_outputs_row_major(http: httpx.AsyncClient) -> None:
+    response = await http.post(f"/v2/models/{MODEL}/infer", json=infer_body(UUIDS[:3], id="r1"), headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert "inference-header-content-length" not in response.headers
+    answer = response.json()
+    assert answer["model_name"] == MODEL and answer["id"] == "r1" and answer["model_version"] == "1"
+    outputs = {o["name"]: o for o in answer["outputs"]}
+    probabilities = outputs["PROBABILITIES"]
+    assert probabilities["datatype"] == "FP32" and probabilities["shape"] == [3, len(LABELS)]
+    # Every FP32 value comes back exactly (nine significant digits), row-major.
+    expected = np.array([row_for(u) for u in UUIDS[:3]], dtype=np.float32).ravel()
+    assert np.array_equal(np.array(probabilities["data"], dtype=np.float32), expected)
+    labels = outputs["LABELS"]
+    assert labels["datatype"] == "BYTES" and labels["shape"][0] == 3
+    k = labels["shape"][1]
+    assert [labels["data"][i * k] for i in range(3)] == ["cat", "dog", "fox"]  # image i: class i best
+
+
+async def test_infer_takes_nested_data_parameters_and_classification(http: httpx.AsyncClient) -> None:
+    body = {
+        "inputs": [{"name": "IMAGE_UUID", "datatype": "BYTES", "shape": [2, 1], "data": [[UUIDS[1]], [UUIDS[2]]]}],
+        "outputs": [{"name": "PROBABILITIES", "parameters": {"classification": 2}}, {"name": "LABELS"}],
+        "parameters": {"top_k": 1},
+    }
+    answer = (await http.post(f"/v2/models/{MODEL}/infer", json=body, headers=AUTH)).json()
+    outputs = {o["name"]: o for o in answer["outputs"]}
+    assert outputs["LABELS"]["shape"] == [2, 1] and outputs["LABELS"]["data"] == ["dog", "fox"]
+    assert outputs["PROBABILITIES"]["datatype"] == "BYTES" and outputs["PROBABILITIES"]["shape"] == [2, 2]
+    assert outputs["PROBABILITIES"]["data"][0].split(":")[1:] == ["1", "dog"]
+
+
+async def test_infer_binary_tensor_data_both_ways(http: httpx.AsyncClient) -> None:
+    """The body tritonclient.http sends by default (binary BYTES input, binary outputs), answered so that
+    tritonclient's own parser reads it."""
+    raw = serialize_byte_tensor(np.array([u.encode() for u in UUIDS[1:3]], dtype=np.object_)).item()
+    header = json.dumps({
+        "inputs": [{"name": "IMAGE_UUID", "datatype": "BYTES", "shape": [2, 1],
+                    "parameters": {"binary_data_size": len(raw)}}],
+        "parameters": {"binary_data_output": True},
+    }).encode()
+    response = await http.post(
+        f"/v2/models/{MODEL}/infer", content=header + raw,
+        headers={**AUTH, "inference-header-content-length": str(len(header))},
+    )
+    assert response.status_code == 200, response.text
+    length = response.headers["inference-header-content-length"]
+    result = InferResult.from_response_body(response.content, header_length=int(length))
+    probabilities = result.as_numpy("PROBABILITIES")
+    assert probabilities.dtype == np.float32 and probabilities.shape == (2, len(LABELS))
+    assert probabilities.argmax(axis=1).tolist() == [1, 2]
+    assert [row[0] for row in result.as_numpy("LABELS")] == [b"dog", b"fox"]
+
+
+async def test_binary_only_for_outputs_that_ask(http: httpx.AsyncClient) -> None:
+    body = infer_body(UUIDS[:1], outputs=[{"name": "PROBABILITIES", "parameters": {"binary_data": True}},
+                                          {"name": "LABELS", "parameters": {"binary_data": False}}])
+    response = await http.post(f"/v2/models/{MODEL}/infer", json=body, headers=AUTH)
+    length = int(response.headers["inference-header-content-length"])
+    header = json.loads(response.content[:length])
+    outputs = {o["name"]: o for o in header["outputs"]}
+    assert outputs["PROBABILITIES"]["parameters"]["binary_data_size"] == 4 * len(LABELS)
+    assert "data" not in outputs["PROBABILITIES"] and outputs["LABELS"]["data"][0] == "cat"
+    assert np.frombuffer(response.content[length:], "<f4").tolist() == pytest.approx(row_for(UUIDS[0]))
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b"{not json", ["not JSON"]),
+        (b"[1, 2]", ["JSON object"]),
+        (b'{"inputs": 3}', ["inputs"]),
+        (b'{"inputs": [{"name": "IMAGE_UUID", "datatype": "BYTES", "shape": [1], "data": [7]}]}', ["strings"]),
+        (b'{"inputs": [{"name": "IMAGE_UUID", "datatype": "BYTES", "shape": "1", "data": ["x"]}]}', ["shape"]),
+        (b'{"inputs": [{"name": "IMAGE_UUID", "datatype": "BYTES", "shape": [1]}]}', ['no "data"']),
+        (b'{"inputs": [], "outputs": [{"name": 1}]}', ["outputs[0]"]),
+        (b'{"inputs": [], "parameters": {"top_k": [1]}}', ["top_k"]),
+    ],
+)
+async def test_malformed_bodies_are_400(http: httpx.AsyncClient, body: bytes, words: list[str]) -> None:
+    response = await http.post(f"/v2/models/{MODEL}/infer", content=body, headers=AUTH)
+    assert_error(response, 400, *words)
+
+
+async def test_binary_sizes_must_match_the_body(http: httpx.AsyncClient) -> None:
+    header = json.dumps({"inputs": [{"name": "IMAGE_UUID", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": 100}}]}).encode()
+    response = await http.post(f"/v2/models/{MODEL}/infer", content=header + b"\0" * 10,
+                               headers={**AUTH, "inference-header-content-length": str(len(header))})
+    assert_error(response, 400, "binary_data_size")
+    response = await http.post(f"/v2/models/{MODEL}/infer", content=header,
+                               headers={**AUTH, "inference-header-content-length": str(len(header) + 1)})
+    assert_error(response, 400, "Inference-Header-Content-Length")
+
+
+async def test_bad_inputs_are_400_naming_what_is_wrong(harness: Harness, http: httpx.AsyncClient) -> None:
+    bad_uuid = await http.post(f"/v2/models/{MODEL}/infer", json=infer_body(["not-a-uuid"]), headers=AUTH)
+    assert_error(bad_uuid, 400, "IMAGE_UUID[0]", "not-a-uuid")
+    wrong_name = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [UUIDS[0]]}]}
+    assert_error(await http.post(f"/v2/models/{MODEL}/infer", json=wrong_name, headers=AUTH), 400, "images")
+    wrong_type = {"inputs": [{"name": "IMAGE_UUID", "datatype": "UINT8", "shape": [3], "data": [1, 2, 3]}]}
+    assert_error(await http.post(f"/v2/models/{MODEL}/infer", json=wrong_type, headers=AUTH), 400, "UINT8")
+    assert_error(await http.post(f"/v2/models/{MODEL}/infer", json=infer_body(UUIDS[:1], outputs=[{"name": "X"}]),
+                                 headers=AUTH), 400, "X")
+    assert harness.router.calls == 0  # refused before any image was forwarded
+
+
+@pytest.mark.parametrize(
+    ("failure", "status"),
+    [
+        (InvalidArgument("bad"), 400),
+        (FailedPrecondition("cannot load"), 400),
+        (QueueFull("queue full"), 429),
+        (Unavailable("no batcher"), 503),
+        (DeadlineExceeded("too late"), 504),
+        (FlotillaError("backend failed"), 500),
+    ],
+)
+async def test_errors_from_below_get_their_http_status(
+    harness: Harness, http: httpx.AsyncClient, failure: FlotillaError, status: int
+) -> None:
+    harness.router.failure = failure
+    response = await http.post(f"/v2/models/{MODEL}/infer", json=infer_body(UUIDS[:1]), headers=AUTH)
+    assert_error(response, status, failure.message, UUIDS[0])
+
+
+async def test_an_unexpected_error_is_500_without_its_details(harness: Harness, http: httpx.AsyncClient) -> None:
+    harness.router.failure = RuntimeError("secret internals")
+    response = await http.post(f"/v2/models/{MODEL}/infer", json=infer_body(UUIDS[:1]), headers=AUTH)
+    assert_error(response, 500, "internal error")
+    assert "secret" not in response.text
+
+
+async def test_routes_methods_and_body_limit() -> None:
+    harness = Harness(max_body_bytes=200)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=harness.app), base_url="http://r") as http:
+        assert_error(await http.get("/v2/nothing", headers=AUTH), 404, "route")
+        assert_error(await http.get(f"/v2/models/{MODEL}/stats", headers=AUTH), 404, "route")
+        not_allowed = await http.get(f"/v2/models/{MODEL}/infer", headers=AUTH)
+        assert_error(not_allowed, 405)
+        assert not_allowed.headers["allow"] == "POST"
+        assert_error(await http.post("/v2/health/live"), 405)
+        big = infer_body(UUIDS[:1], id="x" * 300)
+        assert_error(await http.post(f"/v2/models/{MODEL}/infer", json=big, headers=AUTH), 413, "200 bytes")
+
+
+async def test_admission_limit_refuses_with_429_but_not_health() -> None:
+    harness = Harness(admission=AdmissionLimit("router", 1, "router.max_concurrent_calls"))
+    harness.router.hold = True
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=harness.app), base_url="http://r") as http:
+        first = asyncio.create_task(http.post(f"/v2/models/{MODEL}/infer", json=infer_body(UUIDS[:1]), headers=AUTH))
+        while harness.router.calls == 0:
+            await asyncio.sleep(0)
+        refused = await http.post(f"/v2/models/{MODEL}/infer", json=infer_body(UUIDS[:1]), headers=AUTH)
+        assert_error(refused, 429, "router.max_concurrent_calls")
+        assert (await http.get("/v2/health/ready")).status_code == 200
+        harness.router.released.set()
+        assert (await first).status_code == 200
+
+
+async def test_timeout_header_bounds_the_call(harness: Harness, http: httpx.AsyncClient) -> None:
+    harness.router.hold = True  # never answers
+    response = await http.post(f"/v2/models/{MODEL}/infer", json=infer_body(UUIDS[:1]),
+                               headers={**AUTH, TIMEOUT_HEADER: "20"})
+    assert_error(response, 504, TIMEOUT_HEADER)
+    bad = await http.post(f"/v2/models/{MODEL}/infer", json=infer_body(UUIDS[:1]), headers={**AUTH, TIMEOUT_HEADER: "soon"})
+    assert_error(bad, 400, TIMEOUT_HEADER)
+
+
+async def test_a_client_gone_withdraws_its_call(harness: Harness) -> None:
+    harness.router.hold = True  # never answers
+    messages = [{"type": "http.request", "body": json.dumps(infer_body(UUIDS[:1])).encode(), "more_body": False}]
+    gone = asyncio.Event()
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        if messages:
+            return messages.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": f"/v2/models/{MODEL}/infer",
+             "headers": [(b"authorization", f"Bearer {KEY}".encode())]}
+    served = asyncio.create_task(harness.app(scope, receive, send))
+    while harness.router.calls == 0:
+        await asyncio.sleep(0)
+    gone.set()
+    await asyncio.wait_for(served, 30)  # a bound, so a call that is never withdrawn fails instead of hanging
+    assert harness.router.cancelled == 1 and sent == []  # withdrawn below; nobody to answer

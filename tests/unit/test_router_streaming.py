@@ -1,0 +1,249 @@
+"""``answer_as_completed`` (services.router.streaming) with fakes: a sender of requests, a handler
+whose answers the test releases one by one, and a receiver of answers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+
+from flotilla.services.router.streaming import answer_as_completed
+
+
+class Sender:
+    """The request side: an async iterator over queued requests; it records, at each pull, how many
+    requests were in flight (pulled and not yet answered by the receiver)."""
+
+    def __init__(self, receiver: Receiver, requests: list[str] | None = None, *, end: bool = True) -> None:
+        self.receiver = receiver
+        self.queue: asyncio.Queue[str | None | Exception] = asyncio.Queue()
+        for request in requests or []:
+            self.queue.put_nowait(request)
+        if end:
+            self.queue.put_nowait(None)
+        self.pulled = 0
+        self.in_flight_at_pull: list[int] = []
+        self.pulled_event = asyncio.Event()
+
+    def put(self, request: str | None | Exception) -> None:
+        self.queue.put_nowait(request)
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self
+
+    async def __anext__(self) -> str:
+        self.in_flight_at_pull.append(self.pulled - len(self.receiver.answers))
+        item = await self.queue.get()
+        if item is None:
+            raise StopAsyncIteration
+        if isinstance(item, Exception):
+            raise item
+        self.pulled += 1
+        self.pulled_event.set()
+        return item
+
+
+class Handler:
+    """Each request's answer waits until the test releases it; "boom" raises, "sync-boom" raises before
+    it can start, "error:<x>" answers its own error (what a transport's handler does with a failure)."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[str, asyncio.Future[str]] = {}
+        self.started: list[str] = []
+        self.cancelled: list[str] = []
+        self.changed = asyncio.Event()
+
+    def __call__(self, request: str) -> asyncio.Future[str] | asyncio.Task[str]:
+        if request == "sync-boom":
+            raise RuntimeError("no handler for that")
+        return asyncio.ensure_future(self._handle(request))
+
+    async def _handle(self, request: str) -> str:
+        self.started.append(request)
+        self.changed.set()
+        if request.startswith("error:"):
+            return f"{request[6:]}: ERROR"
+        if request == "boom":
+            raise RuntimeError("unexpected")
+        future = self.waiting[request] = asyncio.get_running_loop().create_future()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self.cancelled.append(request)
+            raise
+
+    async def until_started(self, count: int) -> None:
+        while len(self.started) < count:
+            self.changed.clear()
+            await self.changed.wait()
+
+    def release(self, request: str) -> None:
+        self.waiting.pop(request).set_result(f"{request}: OK")
+
+
+class Receiver:
+    """The answer side: records answers in the order they were sent."""
+
+    def __init__(self, *, fail_on: str = "") -> None:
+        self.answers: list[str] = []
+        self.fail_on = fail_on
+        self.changed = asyncio.Event()
+
+    async def __call__(self, answer: str) -> None:
+        if self.fail_on and answer.startswith(self.fail_on):
+            raise ConnectionError("the peer's side is gone")
+        self.answers.append(answer)
+        self.changed.set()
+
+    async def until_answered(self, count: int) -> None:
+        while len(self.answers) < count:
+            self.changed.clear()
+            await self.changed.wait()
+
+
+def unexpected(request: str, exc: BaseException) -> str:
+    return f"{request}: INTERNAL"
+
+
+async def test_answers_go_out_as_they_complete_not_in_request_order() -> None:
+    receiver, handler = Receiver(), Handler()
+    sender = Sender(receiver, ["a", "b", "c", "d"])
+    run = asyncio.create_task(answer_as_completed(sender, handler, receiver, window=8))
+    await handler.until_started(4)
+
+    for request, answered in (("c", 1), ("a", 2), ("d", 3), ("b", 4)):
+        handler.release(request)
+        await receiver.until_answered(answered)
+
+    assert await run is True
+    assert receiver.answers == ["c: OK", "a: OK", "d: OK", "b: OK"]
+
+
+async def test_the_reader_stops_pulling_at_the_window_and_resumes_as_answers_go_out() -> None:
+    receiver, handler = Receiver(), Handler()
+    requests = [f"r{i}" for i in range(10)]
+    sender = Sender(receiver, requests)
+    run = asyncio.create_task(answer_as_completed(sender, handler, receiver, window=3))
+
+    await handler.until_started(3)
+    assert sender.pulled == 3  # the cap: a fourth is not read while three are in flight
+    for answered, request in enumerate(requests, 1):
+        handler.release(request)
+        await receiver.until_answered(answered)
+        await handler.until_started(min(answered + 3, len(requests)))
+        assert sender.pulled == min(answered + 3, len(requests))
+
+    assert await run is True
+    # Every pull asked for the next request only with a place free; the window was used in full.
+    assert max(sender.in_flight_at_pull) == 2
+    assert sender.in_flight_at_pull[:3] == [0, 1, 2]
+    assert len(receiver.answers) == len(requests)
+
+
+async def test_a_request_that_fails_answers_its_own_error_and_the_stream_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    receiver, handler = Receiver(), Handler()
+    sender = Sender(receiver, ["a", "error:b", "boom", "sync-boom", "c"])
+    run = asyncio.create_task(
+        answer_as_completed(sender, handler, receiver, window=8, on_unexpected=unexpected)
+    )
+    await receiver.until_answered(3)  # b's error, and the two unexpected failures answered INTERNAL
+    assert sorted(receiver.answers) == ["b: ERROR", "boom: INTERNAL", "sync-boom: INTERNAL"]
+    handler.release("a")
+    handler.release("c")
+
+    assert await run is True
+    assert sorted(receiver.answers[3:]) == ["a: OK", "c: OK"]
+    failures = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(failures) == 2 and all(r.exc_info for r in failures)  # logged with their tracebacks
+
+
+async def test_an_unexpected_failure_with_no_answer_for_it_is_logged_and_frees_its_place(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    receiver, handler = Receiver(), Handler()
+    sender = Sender(receiver, ["boom", "a"])
+    run = asyncio.create_task(answer_as_completed(sender, handler, receiver, window=1))
+    await handler.until_started(2)  # boom's place came free without an answer, so "a" was read
+    handler.release("a")
+
+    assert await run is True
+    assert receiver.answers == ["a: OK"]
+    assert any(r.levelno == logging.ERROR and r.exc_info for r in caplog.records)
+
+
+async def test_the_request_side_ending_ends_the_stream_only_once_every_request_is_answered() -> None:
+    receiver, handler = Receiver(), Handler()
+    sender = Sender(receiver, ["a", "b", "c"])  # then the end of the request side
+    run = asyncio.create_task(answer_as_completed(sender, handler, receiver, window=8))
+    await handler.until_started(3)
+    handler.release("b")
+    handler.release("a")
+    await receiver.until_answered(2)
+    assert not run.done()  # c is still open
+
+    handler.release("c")
+    assert await run is True
+    assert receiver.answers == ["b: OK", "a: OK", "c: OK"]
+
+
+async def test_cancelling_the_stream_cancels_every_request_in_flight() -> None:
+    receiver, handler = Receiver(), Handler()
+    sender = Sender(receiver, ["a", "b", "c"], end=False)
+    run = asyncio.create_task(answer_as_completed(sender, handler, receiver, window=8))
+    await handler.until_started(3)
+
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert sorted(handler.cancelled) == ["a", "b", "c"]
+    assert receiver.answers == []
+
+
+async def test_a_broken_request_side_ends_the_stream_with_its_error_and_cancels_the_rest() -> None:
+    receiver, handler = Receiver(), Handler()
+    sender = Sender(receiver, ["a", "b"], end=False)
+    run = asyncio.create_task(answer_as_completed(sender, handler, receiver, window=8))
+    await handler.until_started(2)
+
+    sender.put(ConnectionResetError("the transport broke"))
+    with pytest.raises(ConnectionResetError):
+        await run
+    assert sorted(handler.cancelled) == ["a", "b"]
+
+
+async def test_a_failed_send_ends_the_stream_with_its_error_and_cancels_the_rest() -> None:
+    receiver, handler = Receiver(fail_on="b"), Handler()
+    sender = Sender(receiver, ["a", "b"], end=False)
+    run = asyncio.create_task(answer_as_completed(sender, handler, receiver, window=8))
+    await handler.until_started(2)
+
+    handler.release("b")
+    with pytest.raises(ConnectionError):
+        await run
+    assert handler.cancelled == ["a"]
+
+
+async def test_stop_takes_no_more_requests_but_answers_those_taken() -> None:
+    receiver, handler = Receiver(), Handler()
+    sender = Sender(receiver, ["a", "b"], end=False)
+    stop = asyncio.Event()
+    run = asyncio.create_task(answer_as_completed(sender, handler, receiver, window=8, stop=stop))
+    await handler.until_started(2)
+
+    stop.set()
+    sender.put("c")  # written after the stop: never read
+    handler.release("b")
+    handler.release("a")
+    assert await run is False  # stopped, not ended by the sender: the transport says so
+    assert receiver.answers == ["b: OK", "a: OK"]
+    assert handler.started == ["a", "b"]
+
+
+async def test_a_window_below_one_is_refused() -> None:
+    receiver = Receiver()
+    with pytest.raises(ValueError, match="window"):
+        await answer_as_completed(Sender(receiver, []), Handler(), receiver, window=0)
