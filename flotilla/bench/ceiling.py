@@ -49,6 +49,7 @@ from flotilla.api.v1 import (
     preprocess_pb2_grpc,
     relay_pb2,
 )
+from flotilla.bench import front_loads
 from flotilla.bench.meter import LOAD_GENERATOR, Tier, metered_load
 from flotilla.common.peer import GrpcPeer
 from flotilla.common.probe import is_serving
@@ -68,6 +69,12 @@ ROUTER_CONNECTIONS = 16
 ROUTER_CONCURRENCY = 256
 WARMUP_S = 2.0
 EMPTY_SERVER = "empty gRPC server"
+ANSWER_CLASSES = 10
+"""Classes in the fake batcher's answers (every class's score travels when a KServe request asks)."""
+ROUTER_APIS: tuple[tuple[str, int], ...] = (
+    ("unary", 1), ("stream", 1), ("kserve-grpc", 1), ("kserve-grpc", 8), ("triton-stream", 1), ("kserve-http", 1),
+)
+"""The router's front doors the ceiling part drives, each with the images per request."""
 
 
 def classify_bodies(n: int = 256) -> list[bytes]:
@@ -124,33 +131,42 @@ class _InstantWorker(preprocess_pb2_grpc.PreprocessorServicer):
         )
 
 
+_RELAYED = answer("relayed")
+_RELAYED.scores.extend([0.0, 1.0] + [0.0] * (ANSWER_CLASSES - 2))  # what a KServe answer's tensor is made of
+
+
 def _instant_batcher(frame: relay_pb2.CallFrame) -> asyncio.Future[inference_pb2.ClassifyResponse]:
     future: asyncio.Future[inference_pb2.ClassifyResponse] = asyncio.get_running_loop().create_future()
-    future.set_result(answer("relayed"))
+    future.set_result(_RELAYED)
     return future
 
 
 async def _measure(
-    tier: str, pid: int, call: Callable[[], Awaitable[object]], *, concurrency: int, window_s: float
+    tier: str, pid: int, call: Callable[[], Awaitable[object]], *, concurrency: int, window_s: float,
+    items_per_call: int = 1,
 ) -> dict[str, float]:
     """The CPU bench's closed loop and meter (one window after the warm-up) on one process: rate,
-    its CPU per request, its and the load generator's cores, and its ceiling on one core."""
+    its CPU per request (and per image, ``items_per_call`` images a request), its and the load
+    generator's cores, and its ceiling on one core."""
     point = await metered_load(
         {tier: Tier([pid]), LOAD_GENERATOR: Tier([os.getpid()], descendants=False)}, call,
-        concurrency=concurrency, window_s=window_s, windows=1, warmup_s=WARMUP_S,
+        concurrency=concurrency, window_s=window_s, windows=1, warmup_s=WARMUP_S, items_per_call=items_per_call,
     )
-    rate = float(point["images_per_s"])
-    per_request = point["cpu_us_per_image"]
-    us = per_request[tier]
+    images_per_s = float(point["images_per_s"])
+    per_image = point["cpu_us_per_image"]
+    us = per_image[tier]
     return {
         "concurrency": concurrency,
         "window_s": window_s,
         "requests": point["succeeded"],
-        "requests_per_s": rate,
-        "cpu_us_per_request": us,
-        "cores_busy": round(us * rate / 1e6, 2),
-        "load_generator_cores_busy": round(per_request[LOAD_GENERATOR] * rate / 1e6, 2),
-        "ceiling_requests_per_s_one_core": round(1e6 / us) if us > 0 else 0,
+        "requests_per_s": round(images_per_s / items_per_call, 1),
+        "images_per_s": images_per_s,
+        "cpu_us_per_request": round(us * items_per_call, 1),
+        "cpu_us_per_image": us,
+        "cores_busy": round(us * images_per_s / 1e6, 2),
+        "load_generator_cores_busy": round(per_image[LOAD_GENERATOR] * images_per_s / 1e6, 2),
+        "ceiling_requests_per_s_one_core": round(1e6 / (us * items_per_call)) if us > 0 else 0,
+        "ceiling_images_per_s_one_core": round(1e6 / us) if us > 0 else 0,
         "errors": point["errors"],
     }
 
@@ -169,13 +185,18 @@ async def _start(settings: FlotillaSettings, run_dir: Path, name: str, argv: lis
     return process
 
 
-def _config(settings: FlotillaSettings, run_dir: Path, name: str, controller: str, preprocess: str) -> Path:
+def _config(
+    settings: FlotillaSettings, run_dir: Path, name: str, controller: str, preprocess: str, http_address: str = ""
+) -> Path:
     config = settings.model_copy(deep=True)
     config.models = {}
     config.endpoints.controller = controller
     config.endpoints.preprocess = [preprocess]
     config.batcher.max_concurrent_calls = 4 * BATCHER_CONCURRENCY
-    config.router = config.router.model_copy(update={"api_keys": [SecretStr(API_KEY)]})
+    config.router = config.router.model_copy(update={
+        "api_keys": [SecretStr(API_KEY)],
+        "http_port": int(http_address.rsplit(":", 1)[1]) if http_address else 0,
+    })
     path = run_dir / f"{name}.yaml"
     dump_settings(config, path)
     return path
@@ -253,7 +274,23 @@ class _RouterLoad:
             await channel.close()
 
 
-async def router_point(settings: FlotillaSettings, run_dir: Path, *, window_s: float) -> dict[str, Any]:
+def _router_load(api: str, images: int, router: ManagedProcess, http_address: str) -> Any:
+    if api == "unary":
+        return _RouterLoad(router.address)
+    if api == "stream":
+        return front_loads.classify_stream_load(router.address, ROUTER_CONNECTIONS, MODEL, API_KEY, classify_bodies())
+    if api == "kserve-grpc":
+        return front_loads.KServeLoad(router.address, ROUTER_CONNECTIONS, MODEL, API_KEY, images)
+    if api == "triton-stream":
+        return front_loads.triton_stream_load(router.address, ROUTER_CONNECTIONS, MODEL, API_KEY)
+    if api == "kserve-http":
+        return front_loads.HttpLoad(http_address, ROUTER_CONNECTIONS, MODEL, API_KEY)
+    raise ValueError(f"unknown front door {api!r}")
+
+
+async def router_point(
+    settings: FlotillaSettings, run_dir: Path, *, window_s: float, api: str = "unary", images: int = 1
+) -> dict[str, Any]:
     fakes = ServiceServer("bench fakes", [], grace_s=0, tier="bench")
     fakes_port = await fakes.start(settings.host, 0)
     fakes_address = f"{settings.host}:{fakes_port}"
@@ -262,15 +299,18 @@ async def router_point(settings: FlotillaSettings, run_dir: Path, *, window_s: f
     batcher = RelayServicer(_instant_batcher, tier="bench")
     fakes.server.add_generic_rpc_handlers([batcher.generic_handler()])
     router: ManagedProcess | None = None
-    load: _RouterLoad | None = None
+    load: Any = None
     try:
-        config = _config(settings, run_dir, "router", fakes_address, fakes_address)
+        http_address = f"{settings.host}:{free_port(settings.host)}"
+        config = _config(settings, run_dir, "router", fakes_address, fakes_address, http_address)
         router = await _start(settings, run_dir, "router", ["router", "--config", str(config)])
-        load = _RouterLoad(router.address)
+        load = _router_load(api, images, router, http_address)
         assert router.pid is not None
-        point = await _measure("router", router.pid, load, concurrency=ROUTER_CONCURRENCY, window_s=window_s)
-        return {"tier": "router", "connections": ROUTER_CONNECTIONS, **point,
-                "calls_per_relay_message": round(batcher.calls_received / max(batcher.messages, 1), 1)}
+        point = await _measure(
+            "router", router.pid, load, concurrency=ROUTER_CONCURRENCY, window_s=window_s, items_per_call=images
+        )
+        return {"tier": "router", "api": api, "images_per_request": images, "connections": ROUTER_CONNECTIONS,
+                **point, "calls_per_relay_message": round(batcher.calls_received / max(batcher.messages, 1), 1)}
     finally:
         if load is not None:
             await load.close()
@@ -333,20 +373,42 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0) -> dict[str, Any]:
     for size in BATCHER_BATCH_SIZES:
         print(f"ceiling: the batcher alone, max_batch_size {size} ...", flush=True)
         points.append(asyncio.run(batcher_point(base, run_dir, max_batch_size=size, window_s=duration_s)))
-    print("ceiling: the router alone ...", flush=True)
-    points.append(asyncio.run(router_point(base, run_dir, window_s=duration_s)))
+    for api, images in ROUTER_APIS:
+        print(f"ceiling: the router alone, {api} with {images} image(s) a request ...", flush=True)
+        points.append(asyncio.run(router_point(base, run_dir, window_s=duration_s, api=api, images=images)))
     print("ceiling: an empty gRPC server (the floor of a unary call) ...", flush=True)
     points.append(asyncio.run(empty_server_point(base, run_dir, window_s=duration_s)))
     return {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "points": points}
 
 
+def _point_key(p: dict[str, Any]) -> str:
+    tier = p["tier"].lower().replace(" ", "_")  # "empty gRPC server" -> empty_grpc_server
+    key = f"{tier}_alone" + (f"_bs{p['max_batch_size']}" if "max_batch_size" in p else "")
+    api = p.get("api", "unary")
+    if api != "unary":  # the unary point keeps the keys it always had
+        key += "_" + api.replace("-", "_") + (f"_n{p['images_per_request']}" if p["images_per_request"] > 1 else "")
+    return key
+
+
 def summary(result: dict[str, Any]) -> dict[str, object]:
     out: dict[str, object] = {}
-    for p in result["points"]:
-        tier = p["tier"].lower().replace(" ", "_")  # "empty gRPC server" -> empty_grpc_server
-        key = f"{tier}_alone" + (f"_bs{p['max_batch_size']}" if "max_batch_size" in p else "")
+    by_key = {_point_key(p): p for p in result["points"]}
+    for key, p in by_key.items():
         out[f"{key}_cpu_us_per_request"] = p["cpu_us_per_request"]
         out[f"{key}_ceiling_requests_per_s_one_core"] = p["ceiling_requests_per_s_one_core"]
+    unary, stream, empty = by_key.get("router_alone"), by_key.get("router_alone_stream"), by_key.get("empty_grpc_server_alone")
+    if unary and stream:
+        # Issue 23's targets: the stream >= 3x unary's requests/s at the router's ceiling, <= 1/3 its CPU per image.
+        out["router_stream_over_unary_requests_per_s"] = round(
+            stream["ceiling_requests_per_s_one_core"] / unary["ceiling_requests_per_s_one_core"], 2
+        )
+        out["router_stream_over_unary_cpu_us_per_image"] = round(
+            stream["cpu_us_per_image"] / unary["cpu_us_per_image"], 3
+        )
+    if unary and empty:
+        out["router_unary_over_empty_grpc_server_cpu_us"] = round(
+            unary["cpu_us_per_request"] / empty["cpu_us_per_request"], 2
+        )
     return out
 
 
@@ -359,15 +421,16 @@ def readme_lines(result: dict[str, Any]) -> list[str]:
         "router is: the floor of any Python tier that takes one unary call per request (fakes and load generator in "
         "the bench process). Ceiling = requests/s / the tier's cores busy.",
         "",
-        "| tier | max_batch_size | in flight | requests/s | CPU-µs per request | cores busy (tier / load generator) | "
-        "ceiling on one core (requests/s) |",
-        "|---|---|---|---|---|---|---|",
+        "| tier | front door (images a request) | max_batch_size | in flight | requests/s | CPU-µs per request | "
+        "CPU-µs per image | cores busy (tier / load generator) | ceiling on one core (requests/s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result["points"]:
+        door = f"{p['api']} ({p['images_per_request']})" if "api" in p else "-"
         lines.append(
-            f"| {p['tier']} | {p.get('max_batch_size', '-')} | {p['concurrency']} | {p['requests_per_s']} | "
-            f"**{p['cpu_us_per_request']}** | {p['cores_busy']} / {p['load_generator_cores_busy']} | "
-            f"**{p['ceiling_requests_per_s_one_core']}** |"
+            f"| {p['tier']} | {door} | {p.get('max_batch_size', '-')} | {p['concurrency']} | {p['requests_per_s']} | "
+            f"**{p['cpu_us_per_request']}** | {p.get('cpu_us_per_image', p['cpu_us_per_request'])} | "
+            f"{p['cores_busy']} / {p['load_generator_cores_busy']} | **{p['ceiling_requests_per_s_one_core']}** |"
         )
     lines.append("")
     return lines

@@ -22,6 +22,8 @@ from numpy.typing import NDArray
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from flotilla.api.v1 import inference_pb2
+from flotilla.bench.front_loads import classify_stream_load
 from flotilla.bench.inputs import LARGE_PHOTOS, large_photos, small_photos
 from flotilla.bench.meter import LOAD_GENERATOR, MODEL_STUBS, TIER_ORDER, MeteredPoint, Tier, metered_load
 from flotilla.clients.loadtest import StackTarget
@@ -29,6 +31,11 @@ from flotilla.config import FlotillaSettings, InputSpec
 from flotilla.services.preprocess.imaging import decode_for_model, to_batch_tensor
 from flotilla.stack.local import LocalStack
 from flotilla.stack.processes import ManagedProcess
+
+LARGE_OVER_STREAM = "large over stream"
+"""The point driven over ClassifyStream (the rest are unary Classify calls)."""
+STREAMS = 4
+"""ClassifyStream streams the stream point spreads its requests over (each on its own connection)."""
 
 
 def stack_tiers(stack: LocalStack) -> dict[str, Tier]:
@@ -159,14 +166,24 @@ def run(
             target = StackTarget(state)
             try:
                 await target.set_max_batch_size(model, batch_size)
-                for name, photos in (("large", large), ("small", small)):
+                for name, photos in (("large", large), ("small", small), (LARGE_OVER_STREAM, large)):
                     uuids = await target.upload_images(photos, copies=8)
-                    point = await cpu_point(
-                        stack, target.mesh_call(model, uuids), concurrency=concurrency, window_s=duration_s
-                    )
+                    stream = None
+                    if name == LARGE_OVER_STREAM:
+                        bodies = [
+                            inference_pb2.ClassifyRequest(image_uuid=u, model_name=model).SerializeToString()
+                            for u in uuids
+                        ]
+                        stream = classify_stream_load(state.router, STREAMS, model, state.api_key, bodies)
+                    call = stream if stream is not None else target.mesh_call(model, uuids)
+                    try:
+                        point = await cpu_point(stack, call, concurrency=concurrency, window_s=duration_s)
+                    finally:
+                        if stream is not None:
+                            await stream.close()
                     points[name] = {
                         **point,
-                        "photos": LARGE_PHOTOS if name == "large" else "build/samples/*.jpg (small)",
+                        "photos": "build/samples/*.jpg (small)" if name == "small" else LARGE_PHOTOS,
                         "photo_megapixels": [round(w * h / 1e6, 2) for w, h in (_size(p) for p in photos)],
                     }
             finally:
@@ -183,6 +200,9 @@ def run(
         "limit": {**limit, "photos": LARGE_PHOTOS},
         "points": points,
         "mesh_vs_limit": round(mesh / float(limit["limit_images_per_s"]), 3),
+        "mesh_vs_limit_over_stream": round(
+            float(points[LARGE_OVER_STREAM]["images_per_s"]) / float(limit["limit_images_per_s"]), 3
+        ),
     }
 
 
@@ -222,6 +242,15 @@ def summary(cpu: dict[str, Any]) -> dict[str, object]:
             per_image["worker"] / 1000.0 - cpu["limit"]["decode_cpu_ms_per_image"], 2
         ),
         "mesh_vs_limit_ceiling_here": mesh_vs_limit_ceiling(cpu),
+        **({
+            # The same load on ClassifyStream (issue 23: >= 0.9 of the ceiling here).
+            "mesh_vs_limit_over_stream": cpu["mesh_vs_limit_over_stream"],
+            "mesh_vs_limit_over_stream_of_ceiling_here": round(
+                cpu["mesh_vs_limit_over_stream"] / mesh_vs_limit_ceiling(cpu), 3
+            ),
+            "router_cpu_us_per_image_large_photos_over_stream":
+                cpu["points"][LARGE_OVER_STREAM]["cpu_us_per_image"].get("router"),
+        } if LARGE_OVER_STREAM in cpu["points"] else {}),
     }
 
 
@@ -246,14 +275,22 @@ def mesh_vs_limit_row(cpu: dict[str, Any]) -> list[str]:
         f"{large['images_per_s']} / ({limit['cores']} / ({limit['model_cpu_ms_per_image']} + "
         f"{limit['decode_cpu_ms_per_image']} ms)) = {large['images_per_s']} / {limit['limit_images_per_s']} "
         f"= **{cpu['mesh_vs_limit']}** |",
+        *([
+            f"| mesh_vs_limit over ClassifyStream (the same load on {STREAMS} streams instead of unary calls) | "
+            f"{cpu['points'][LARGE_OVER_STREAM]['images_per_s']} / {limit['limit_images_per_s']} "
+            f"= **{cpu['mesh_vs_limit_over_stream']}** ({round(cpu['mesh_vs_limit_over_stream'] / mesh_vs_limit_ceiling(cpu), 3)} "
+            f"of the ceiling here, {mesh_vs_limit_ceiling(cpu)}) |",
+        ] if LARGE_OVER_STREAM in cpu["points"] else []),
     ]
 
 
 def readme_lines(cpu: dict[str, Any]) -> list[str]:
     """The results page's CPU-per-tier table."""
     limit, large, small = cpu["limit"], cpu["points"]["large"], cpu["points"]["small"]
+    streamed = cpu["points"].get(LARGE_OVER_STREAM, {"cpu_us_per_image": {}})
     rows = [
-        f"| {tier} | {large['cpu_us_per_image'].get(tier, '-')} | {small['cpu_us_per_image'].get(tier, '-')} |"
+        f"| {tier} | {large['cpu_us_per_image'].get(tier, '-')} | {small['cpu_us_per_image'].get(tier, '-')} | "
+        f"{streamed['cpu_us_per_image'].get(tier, '-')} |"
         for tier in (*TIER_ORDER, "total")
     ]
     return [
@@ -264,17 +301,20 @@ def readme_lines(cpu: dict[str, Any]) -> list[str]:
         f"Limit: ONNX Runtime (1 intra-op thread, as each replica runs; batch {limit['batch_size']}) and "
         "decode_for_model, CPU per image, in-process in the same run, on the large photos.",
         "",
-        "| CPU-µs per image | 1-2 MP photos (`build/samples/large/*.jpg`) | small samples (`build/samples/*.jpg`) |",
-        "|---|---|---|",
-        f"| images/s | {large['images_per_s']} | {small['images_per_s']} |",
+        "| CPU-µs per image | 1-2 MP photos (`build/samples/large/*.jpg`) | small samples (`build/samples/*.jpg`) | "
+        "1-2 MP photos over ClassifyStream |",
+        "|---|---|---|---|",
+        f"| images/s | {large['images_per_s']} | {small['images_per_s']} | {streamed.get('images_per_s', '-')} |",
         f"| cores busy: whole machine / counted in these tiers | {large.get('cores_busy_machine', '-')} / "
         f"{large.get('cores_counted_tiers', '-')} | {small.get('cores_busy_machine', '-')} / "
-        f"{small.get('cores_counted_tiers', '-')} |",
+        f"{small.get('cores_counted_tiers', '-')} | {streamed.get('cores_busy_machine', '-')} / "
+        f"{streamed.get('cores_counted_tiers', '-')} |",
         *rows,
         f"| of the worker: its decode threads (its own thread-CPU counter) | "
         f"{large.get('counted_cpu_us_per_image', {}).get(WORKER_DECODE, '-')} | "
-        f"{small.get('counted_cpu_us_per_image', {}).get(WORKER_DECODE, '-')} |",
+        f"{small.get('counted_cpu_us_per_image', {}).get(WORKER_DECODE, '-')} | "
+        f"{streamed.get('counted_cpu_us_per_image', {}).get(WORKER_DECODE, '-')} |",
         f"| limit: ONNX Runtime / decode, CPU-ms per image | {limit['model_cpu_ms_per_image']} / "
-        f"{limit['decode_cpu_ms_per_image']} | |",
+        f"{limit['decode_cpu_ms_per_image']} | | |",
         "",
     ]

@@ -1,0 +1,212 @@
+"""Loads on the router's front doors for the ceiling part (``flotilla.bench.ceiling``).
+
+Each is a closed-loop call (``() -> awaitable``) spread over ``connections``
+client connections, every request prebuilt or nearly, so the load generator
+spends as little as it can per request:
+
+- ``unary``: one ``ImageClassifier/Classify`` call per request (``ceiling._RouterLoad``).
+- ``stream``: requests on ``ClassifyStream``, one stream per connection; each
+  call puts one request on the next stream and waits for the answer with its id.
+- ``kserve-grpc`` (N uuids): one KServe v2 ``ModelInfer`` of N image uuids per call.
+- ``triton-stream``: Triton's ``ModelStreamInfer``, one stream per connection, N=1.
+- ``kserve-http``: ``POST /v2/models/{model}/infer`` with a JSON body, N=1, over
+  aiohttp keep-alive connections.
+
+A stream answer that is an error fails its call, as a unary call's status does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import grpc
+
+from flotilla.api.kserve import grpc_service_pb2 as kserve_pb2
+from flotilla.api.v1 import relay_pb2
+from flotilla.common.wire import AUTH_HEADER, BEARER_PREFIX, CLASSIFY_STREAM_METHOD, KSERVE_SERVICE, MODEL_HEADER
+from flotilla.errors import FlotillaError, error_from_code
+
+Call = Callable[[], Awaitable[object]]
+MODEL_INFER = f"/{KSERVE_SERVICE}/ModelInfer"
+MODEL_STREAM_INFER = f"/{KSERVE_SERVICE}/ModelStreamInfer"
+UUID_INPUT = "IMAGE_UUID"
+
+
+def _uuids(n: int = 256) -> list[str]:
+    return [str(uuid.uuid4()) for _ in range(n)]
+
+
+def model_infer_body(model: str, uuids: list[str], request_id: str = "") -> bytes:
+    """A KServe v2 ModelInferRequest of ``uuids`` as one BYTES input (raw contents, as tritonclient sends)."""
+    raw = b"".join(len(u).to_bytes(4, "little") + u.encode() for u in uuids)
+    return kserve_pb2.ModelInferRequest(
+        model_name=model, id=request_id,
+        inputs=[kserve_pb2.ModelInferRequest.InferInputTensor(name=UUID_INPUT, datatype="BYTES", shape=[len(uuids)])],
+        raw_input_contents=[raw],
+    ).SerializeToString()
+
+
+class _Channels:
+    def __init__(self, address: str, connections: int) -> None:
+        self.channels = [
+            grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(connections)
+        ]
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close()
+
+
+class KServeLoad(_Channels):
+    """One ModelInfer of ``images`` uuids per call."""
+
+    def __init__(self, address: str, connections: int, model: str, api_key: str, images: int) -> None:
+        super().__init__(address, connections)
+        self._sends: Iterator[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = itertools.cycle(
+            [c.unary_unary(MODEL_INFER) for c in self.channels]
+        )
+        uuids = _uuids()
+        self._bodies = itertools.cycle(
+            [model_infer_body(model, uuids[i:i + images]) for i in range(0, len(uuids) - images + 1, images)]
+        )
+        self._metadata = ((AUTH_HEADER, f"{BEARER_PREFIX}{api_key}"),)
+
+    def __call__(self) -> Awaitable[object]:
+        return next(self._sends)(next(self._bodies), metadata=self._metadata, timeout=30.0)
+
+
+class _Stream:
+    """One bidirectional stream: a request is written as it comes, its answer found by id."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall[bytes, bytes], answer: Callable[[bytes], tuple[str, FlotillaError | None]]) -> None:
+        self.call = call
+        self.answer = answer
+        self.pending: dict[str, asyncio.Future[None]] = {}
+        self.reader = asyncio.create_task(self._read())
+
+    async def request(self, request_id: str, body: bytes) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self.pending[request_id] = future
+        await self.call.write(body)
+        await future
+
+    async def _read(self) -> None:
+        try:
+            async for raw in self.call:
+                request_id, error = self.answer(raw)
+                future = self.pending.pop(request_id, None)
+                if future is not None and not future.done():
+                    future.set_exception(error) if error is not None else future.set_result(None)
+        except grpc.aio.AioRpcError as exc:
+            failure: BaseException = exc
+        else:
+            failure = ConnectionError("stream ended")
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(failure)
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await asyncio.gather(self.reader, return_exceptions=True)
+
+
+class StreamLoad(_Channels):
+    """Each call one request on the next of ``connections`` streams (one per connection)."""
+
+    def __init__(
+        self, address: str, connections: int, method: str, metadata: tuple[tuple[str, str], ...],
+        body: Callable[[str], bytes], answer: Callable[[bytes], tuple[str, FlotillaError | None]],
+    ) -> None:
+        super().__init__(address, connections)
+        self._method, self._metadata, self._body, self._answer = method, metadata, body, answer
+        self._streams: list[_Stream] = []
+        self._next = itertools.count()
+        self._ids = (str(i) for i in itertools.count())
+
+    def _open(self) -> None:
+        for channel in self.channels:
+            call: grpc.aio.StreamStreamCall[bytes, bytes] = channel.stream_stream(self._method)(metadata=self._metadata)
+            self._streams.append(_Stream(call, self._answer))
+
+    def __call__(self) -> Awaitable[object]:
+        if not self._streams:
+            self._open()
+        request_id = next(self._ids)
+        stream = self._streams[next(self._next) % len(self._streams)]
+        return stream.request(request_id, self._body(request_id))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close() for s in self._streams))
+        await super().close()
+
+
+def classify_stream_load(address: str, connections: int, model: str, api_key: str, bodies: list[bytes]) -> StreamLoad:
+    """``ClassifyStream``: the ClassifyRequest bodies as they are, wrapped with an id."""
+    ring = itertools.cycle(bodies)
+
+    def body(request_id: str) -> bytes:
+        return relay_pb2.OpaqueStreamRequest(id=request_id, request=next(ring)).SerializeToString()
+
+    def answer(raw: bytes) -> tuple[str, FlotillaError | None]:
+        reply = relay_pb2.OpaqueStreamResponse.FromString(raw)
+        if reply.HasField("error"):
+            return reply.id, error_from_code(reply.error.code, reply.error.message, reply.error.origin)
+        return reply.id, None
+
+    metadata = ((MODEL_HEADER, model), (AUTH_HEADER, f"{BEARER_PREFIX}{api_key}"))
+    return StreamLoad(address, connections, CLASSIFY_STREAM_METHOD, metadata, body, answer)
+
+
+def triton_stream_load(address: str, connections: int, model: str, api_key: str) -> StreamLoad:
+    """Triton's ``ModelStreamInfer``, one uuid per request."""
+    ring = itertools.cycle(_uuids())
+
+    def body(request_id: str) -> bytes:
+        return model_infer_body(model, [next(ring)], request_id)
+
+    def answer(raw: bytes) -> tuple[str, FlotillaError | None]:
+        reply = kserve_pb2.ModelStreamInferResponse.FromString(raw)
+        if reply.error_message:
+            return reply.infer_response.id, FlotillaError(reply.error_message)
+        return reply.infer_response.id, None
+
+    metadata = ((AUTH_HEADER, f"{BEARER_PREFIX}{api_key}"),)
+    return StreamLoad(address, connections, MODEL_STREAM_INFER, metadata, body, answer)
+
+
+class HttpLoad:
+    """``POST /v2/models/{model}/infer``, N=1, JSON, on ``connections`` keep-alive connections."""
+
+    def __init__(self, address: str, connections: int, model: str, api_key: str) -> None:
+        self._url = f"http://{address}/v2/models/{model}/infer"
+        self._headers = {"authorization": f"{BEARER_PREFIX}{api_key}", "content-type": "application/json"}
+        self._bodies = itertools.cycle([
+            json.dumps({"inputs": [{"name": UUID_INPUT, "datatype": "BYTES", "shape": [1], "data": [u]}]}).encode()
+            for u in _uuids()
+        ])
+        self._connections = connections
+        self._session: Any = None
+
+    def __call__(self) -> Awaitable[object]:
+        return self._post()
+
+    async def _post(self) -> object:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self._connections))
+        async with self._session.post(self._url, data=next(self._bodies), headers=self._headers) as response:
+            body = await response.read()
+            if response.status != 200:
+                raise FlotillaError(f"HTTP {response.status}: {body[:200]!r}")
+            return body
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
