@@ -108,7 +108,8 @@ class _Controller(controller_pb2_grpc.ControllerServicer):
         self, request: controller_pb2.WatchFleetRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[controller_pb2.Fleet]:
         yield controller_pb2.Fleet(
-            generation=1, models=[controller_pb2.ModelStatus(name=MODEL, batchers=self.batchers)]
+            generation=1,
+            models=[controller_pb2.ModelStatus(name=MODEL, batchers=self.batchers, spec_json=self.spec.model_dump_json())],
         )
         await asyncio.Event().wait()  # the fleet never changes
 

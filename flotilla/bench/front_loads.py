@@ -21,7 +21,7 @@ import asyncio
 import itertools
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -82,18 +82,27 @@ class KServeLoad(_Channels):
 
 
 class _Stream:
-    """One bidirectional stream: a request is written as it comes, its answer found by id."""
+    """One bidirectional stream: requests go out in order through one queue (gRPC takes one write at
+    a time), each answer is found by its id."""
 
-    def __init__(self, call: grpc.aio.StreamStreamCall[bytes, bytes], answer: Callable[[bytes], tuple[str, FlotillaError | None]]) -> None:
-        self.call = call
+    def __init__(
+        self, open_call: Callable[[AsyncIterator[bytes]], grpc.aio.StreamStreamCall[bytes, bytes]],
+        answer: Callable[[bytes], tuple[str, FlotillaError | None]],
+    ) -> None:
+        self.outbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self.call = open_call(self._requests())
         self.answer = answer
         self.pending: dict[str, asyncio.Future[None]] = {}
         self.reader = asyncio.create_task(self._read())
 
+    async def _requests(self) -> AsyncIterator[bytes]:
+        while True:
+            yield await self.outbox.get()
+
     async def request(self, request_id: str, body: bytes) -> None:
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.pending[request_id] = future
-        await self.call.write(body)
+        self.outbox.put_nowait(body)
         await future
 
     async def _read(self) -> None:
@@ -131,8 +140,14 @@ class StreamLoad(_Channels):
 
     def _open(self) -> None:
         for channel in self.channels:
-            call: grpc.aio.StreamStreamCall[bytes, bytes] = channel.stream_stream(self._method)(metadata=self._metadata)
-            self._streams.append(_Stream(call, self._answer))
+            method: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(self._method)
+
+            def open_call(
+                requests: AsyncIterator[bytes], method: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = method
+            ) -> grpc.aio.StreamStreamCall[bytes, bytes]:
+                return method(requests, metadata=self._metadata)
+
+            self._streams.append(_Stream(open_call, self._answer))
 
     def __call__(self) -> Awaitable[object]:
         if not self._streams:
