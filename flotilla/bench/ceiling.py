@@ -33,7 +33,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,7 +55,7 @@ from flotilla.common.peer import GrpcPeer
 from flotilla.common.probe import is_serving
 from flotilla.common.relay import RelayServicer
 from flotilla.common.server import ServiceServer, run_service
-from flotilla.common.wire import AUTH_HEADER, BEARER_PREFIX, MODEL_HEADER
+from flotilla.common.wire import MODEL_HEADER
 from flotilla.config import FlotillaSettings, ModelSettings, dump_settings
 from flotilla.errors import NotFound
 from flotilla.stack.processes import ManagedProcess, free_port, wait_until
@@ -71,10 +71,7 @@ WARMUP_S = 2.0
 EMPTY_SERVER = "empty gRPC server"
 ANSWER_CLASSES = 10
 """Classes in the fake batcher's answers (every class's score travels when a KServe request asks)."""
-ROUTER_APIS: tuple[tuple[str, int], ...] = (
-    ("unary", 1), ("stream", 1), ("kserve-grpc", 1), ("kserve-grpc", 8), ("triton-stream", 1), ("kserve-http", 1),
-)
-"""The router's front doors the ceiling part drives, each with the images per request."""
+
 
 
 def classify_bodies(n: int = 256) -> list[bytes]:
@@ -252,43 +249,6 @@ async def batcher_point(settings: FlotillaSettings, run_dir: Path, *, max_batch_
         await fakes.stop()
 
 
-class _RouterLoad:
-    """Unary Classify calls on ``ROUTER_CONNECTIONS`` connections (each channel its own, as separate
-    callers would have), cycling through the bodies, with the router's headers."""
-
-    def __init__(self, address: str) -> None:
-        self.channels = [
-            grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
-            for _ in range(ROUTER_CONNECTIONS)
-        ]
-        self._sends: Iterator[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = itertools.cycle(
-            [c.unary_unary(CLASSIFY) for c in self.channels]
-        )
-        self._bodies = itertools.cycle(classify_bodies())
-        self._metadata = ((MODEL_HEADER, MODEL), (AUTH_HEADER, f"{BEARER_PREFIX}{API_KEY}"))
-
-    def __call__(self) -> Awaitable[object]:
-        return next(self._sends)(next(self._bodies), metadata=self._metadata, timeout=30.0)
-
-    async def close(self) -> None:
-        for channel in self.channels:
-            await channel.close()
-
-
-def _router_load(api: str, images: int, router: ManagedProcess, http_address: str) -> Any:
-    if api == "unary":
-        return _RouterLoad(router.address)
-    if api == "stream":
-        return front_loads.classify_stream_load(router.address, ROUTER_CONNECTIONS, MODEL, API_KEY, classify_bodies())
-    if api == "kserve-grpc":
-        return front_loads.KServeLoad(router.address, ROUTER_CONNECTIONS, MODEL, API_KEY, images)
-    if api == "triton-stream":
-        return front_loads.triton_stream_load(router.address, ROUTER_CONNECTIONS, MODEL, API_KEY)
-    if api == "kserve-http":
-        return front_loads.HttpLoad(http_address, ROUTER_CONNECTIONS, MODEL, API_KEY)
-    raise ValueError(f"unknown front door {api!r}")
-
-
 async def router_point(
     settings: FlotillaSettings, run_dir: Path, *, window_s: float, api: str = "unary", images: int = 1
 ) -> dict[str, Any]:
@@ -300,12 +260,15 @@ async def router_point(
     batcher = RelayServicer(_instant_batcher, tier="bench")
     fakes.server.add_generic_rpc_handlers([batcher.generic_handler()])
     router: ManagedProcess | None = None
-    load: Any = None
+    load: front_loads.Load | None = None
     try:
         http_address = f"{settings.host}:{free_port(settings.host)}"
         config = _config(settings, run_dir, "router", fakes_address, fakes_address, http_address)
         router = await _start(settings, run_dir, "router", ["router", "--config", str(config)])
-        load = _router_load(api, images, router, http_address)
+        load = front_loads.front_door_load(
+            api, images, router=router.address, router_http=http_address, connections=ROUTER_CONNECTIONS,
+            model=MODEL, api_key=API_KEY,
+        )
         assert router.pid is not None
         point = await _measure(
             "router", router.pid, load, concurrency=ROUTER_CONCURRENCY, window_s=window_s, items_per_call=images
@@ -351,13 +314,13 @@ async def empty_server_point(settings: FlotillaSettings, run_dir: Path, *, windo
         [sys.executable, "-m", "flotilla.bench.ceiling", settings.host, str(port), settings.event_loop],
         log_path=run_dir / "empty-grpc-server.log", address=f"{settings.host}:{port}",
     )
-    load: _RouterLoad | None = None
+    load: front_loads.Load | None = None
     try:
         server.start()
         await asyncio.to_thread(
             wait_until, lambda: is_serving(server.address), 30.0, server.name, procs=[server]
         )
-        load = _RouterLoad(server.address)
+        load = front_loads.UnaryLoad(server.address, ROUTER_CONNECTIONS, MODEL, API_KEY, classify_bodies())
         assert server.pid is not None
         point = await _measure(EMPTY_SERVER, server.pid, load, concurrency=ROUTER_CONCURRENCY, window_s=window_s)
         return {"tier": EMPTY_SERVER, "connections": ROUTER_CONNECTIONS, **point}
@@ -374,7 +337,7 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0) -> dict[str, Any]:
     for size in BATCHER_BATCH_SIZES:
         print(f"ceiling: the batcher alone, max_batch_size {size} ...", flush=True)
         points.append(asyncio.run(batcher_point(base, run_dir, max_batch_size=size, window_s=duration_s)))
-    for api, images in ROUTER_APIS:
+    for api, images in front_loads.FRONT_DOORS:
         print(f"ceiling: the router alone, {api} with {images} image(s) a request ...", flush=True)
         points.append(asyncio.run(router_point(base, run_dir, window_s=duration_s, api=api, images=images)))
     print("ceiling: an empty gRPC server (the floor of a unary call) ...", flush=True)

@@ -4,7 +4,7 @@ Each is a closed-loop call (``() -> awaitable``) spread over ``connections``
 client connections, every request prebuilt or nearly, so the load generator
 spends as little as it can per request:
 
-- ``unary``: one ``ImageClassifier/Classify`` call per request (``ceiling._RouterLoad``).
+- ``unary``: one ``ImageClassifier/Classify`` call per request.
 - ``stream``: requests on ``ClassifyStream``, one stream per connection; each
   call puts one request on the next stream and waits for the answer with its id.
 - ``kserve-grpc`` (N uuids): one KServe v2 ``ModelInfer`` of N image uuids per call.
@@ -22,13 +22,20 @@ import itertools
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
 from flotilla.api.kserve import grpc_service_pb2 as kserve_pb2
-from flotilla.api.v1 import relay_pb2
-from flotilla.common.wire import AUTH_HEADER, BEARER_PREFIX, CLASSIFY_STREAM_METHOD, KSERVE_SERVICE, MODEL_HEADER
+from flotilla.api.v1 import inference_pb2, relay_pb2
+from flotilla.common.wire import (
+    AUTH_HEADER,
+    BEARER_PREFIX,
+    CLASSIFY_METHOD,
+    CLASSIFY_STREAM_METHOD,
+    KSERVE_SERVICE,
+    MODEL_HEADER,
+)
 from flotilla.errors import FlotillaError, error_from_code
 
 Call = Callable[[], Awaitable[object]]
@@ -66,12 +73,16 @@ class _Channels:
 class KServeLoad(_Channels):
     """One ModelInfer of ``images`` uuids per call."""
 
-    def __init__(self, address: str, connections: int, model: str, api_key: str, images: int) -> None:
+    def __init__(
+        self, address: str, connections: int, model: str, api_key: str, images: int, uuids: list[str] | None = None
+    ) -> None:
         super().__init__(address, connections)
         self._sends: Iterator[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = itertools.cycle(
             [c.unary_unary(MODEL_INFER) for c in self.channels]
         )
-        uuids = _uuids()
+        uuids = uuids or _uuids()
+        if len(uuids) < images:
+            uuids = uuids * images
         self._bodies = itertools.cycle(
             [model_infer_body(model, uuids[i:i + images]) for i in range(0, len(uuids) - images + 1, images)]
         )
@@ -178,9 +189,11 @@ def classify_stream_load(address: str, connections: int, model: str, api_key: st
     return StreamLoad(address, connections, CLASSIFY_STREAM_METHOD, metadata, body, answer)
 
 
-def triton_stream_load(address: str, connections: int, model: str, api_key: str) -> StreamLoad:
+def triton_stream_load(
+    address: str, connections: int, model: str, api_key: str, uuids: list[str] | None = None
+) -> StreamLoad:
     """Triton's ``ModelStreamInfer``, one uuid per request."""
-    ring = itertools.cycle(_uuids())
+    ring = itertools.cycle(uuids or _uuids())
 
     def body(request_id: str) -> bytes:
         return model_infer_body(model, [next(ring)], request_id)
@@ -198,12 +211,14 @@ def triton_stream_load(address: str, connections: int, model: str, api_key: str)
 class HttpLoad:
     """``POST /v2/models/{model}/infer``, N=1, JSON, on ``connections`` keep-alive connections."""
 
-    def __init__(self, address: str, connections: int, model: str, api_key: str) -> None:
+    def __init__(
+        self, address: str, connections: int, model: str, api_key: str, uuids: list[str] | None = None
+    ) -> None:
         self._url = f"http://{address}/v2/models/{model}/infer"
         self._headers = {"authorization": f"{BEARER_PREFIX}{api_key}", "content-type": "application/json"}
         self._bodies = itertools.cycle([
             json.dumps({"inputs": [{"name": UUID_INPUT, "datatype": "BYTES", "shape": [1], "data": [u]}]}).encode()
-            for u in _uuids()
+            for u in uuids or _uuids()
         ])
         self._connections = connections
         self._session: Any = None
@@ -225,3 +240,55 @@ class HttpLoad:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+FRONT_DOORS: tuple[tuple[str, int], ...] = (
+    ("unary", 1), ("stream", 1), ("kserve-grpc", 1), ("kserve-grpc", 8), ("triton-stream", 1), ("kserve-http", 1),
+)
+"""The router's front doors the bench drives, each with the images per request."""
+
+
+class Load(Protocol):
+    def __call__(self) -> Awaitable[object]: ...
+
+    async def close(self) -> None: ...
+
+
+class UnaryLoad(_Channels):
+    """One ``ImageClassifier/Classify`` call per request, cycling through prebuilt bodies."""
+
+    def __init__(self, address: str, connections: int, model: str, api_key: str, bodies: list[bytes]) -> None:
+        super().__init__(address, connections)
+        self._sends: Iterator[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = itertools.cycle(
+            [c.unary_unary(CLASSIFY_METHOD) for c in self.channels]
+        )
+        self._bodies = itertools.cycle(bodies)
+        self._metadata = ((MODEL_HEADER, model), (AUTH_HEADER, f"{BEARER_PREFIX}{api_key}"))
+
+    def __call__(self) -> Awaitable[object]:
+        return next(self._sends)(next(self._bodies), metadata=self._metadata, timeout=30.0)
+
+
+def classify_bodies(model: str, uuids: list[str]) -> list[bytes]:
+    return [
+        inference_pb2.ClassifyRequest(image_uuid=u, model_name=model, top_k=1).SerializeToString() for u in uuids
+    ]
+
+
+def front_door_load(
+    api: str, images: int, *, router: str, router_http: str, connections: int, model: str, api_key: str,
+    uuids: list[str] | None = None,
+) -> Load:
+    """The load of one front door on a router (``router_http``: its KServe HTTP address)."""
+    uuids = uuids or _uuids()
+    if api == "unary":
+        return UnaryLoad(router, connections, model, api_key, classify_bodies(model, uuids))
+    if api == "stream":
+        return classify_stream_load(router, connections, model, api_key, classify_bodies(model, uuids))
+    if api == "kserve-grpc":
+        return KServeLoad(router, connections, model, api_key, images, uuids)
+    if api == "triton-stream":
+        return triton_stream_load(router, connections, model, api_key, uuids)
+    if api == "kserve-http":
+        return HttpLoad(router_http, connections, model, api_key, uuids)
+    raise ValueError(f"unknown front door {api!r}")

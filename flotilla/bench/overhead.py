@@ -41,6 +41,7 @@ import tritonclient.grpc.aio as triton_aio
 from PIL import Image
 
 from flotilla.bench.cpu import beyond_decode_ms, cpu_point, decode_cpu_ms_per_image, stack_tiers
+from flotilla.bench.front_loads import FRONT_DOORS, front_door_load
 from flotilla.bench.inputs import LARGE_PHOTOS, SAMPLES, large_photos
 from flotilla.bench.meter import LOAD_GENERATOR, MODEL_STUBS, TIER_ORDER, MeteredPoint, metered_load
 from flotilla.clients.loadtest import StackTarget
@@ -54,6 +55,10 @@ SMALL_SIDE_PX = 64
 BATCH_SIZE = 8
 CONCURRENCY = 64
 PROJECTED_IMAGES_PER_S = 10_000
+
+
+DOOR_CONNECTIONS = 4
+"""Client connections (streams, channels) each front door's load spreads over."""
 
 
 def ensure_model(artifact: Path = ARTIFACT) -> Path:
@@ -166,6 +171,20 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0, replicas: int = 2) 
                 out["mesh"] = await cpu_point(
                     stack, target.mesh_call(NEAR_FREE, uuids), concurrency=CONCURRENCY, window_s=duration_s
                 )
+                # The same load through each other front door of the router (issue 23): requests/s of the
+                # near-free mesh and the router's CPU per image, each door in the same run and stack.
+                for api, images in FRONT_DOORS:
+                    load = front_door_load(
+                        api, images, router=state.router, router_http=state.router_http, connections=DOOR_CONNECTIONS,
+                        model=NEAR_FREE, api_key=state.api_key, uuids=uuids,
+                    )
+                    try:
+                        out[door_key(api, images)] = await cpu_point(
+                            stack, load, concurrency=max(1, CONCURRENCY // images), window_s=duration_s / 2,
+                            items_per_call=images,
+                        )
+                    finally:
+                        await load.close()
                 # The worker on 1-2 MP photos with no model beside it on the cores: its overhead beyond
                 # decode without the model's contention.
                 large = await target.upload_images(large_photos(), copies=8)
@@ -207,6 +226,10 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0, replicas: int = 2) 
             "batch_size": BATCH_SIZE, "batches_in_flight": spec.batching.max_inflight_batches,
         },
         "triton_alone": alone,
+        "front_doors": {
+            key: {"api": api, "images_per_request": images, **out[key]}
+            for api, images in FRONT_DOORS if (key := door_key(api, images)) in out
+        },
         "mesh_vs_triton_alone": round(float(mesh["images_per_s"]) / float(alone["images_per_s"]), 3),
         "decode_cpu_us_per_image_idle_core": round(decode_us, 1),
         "mesh_cpu_us_per_request": round(mesh_us, 1),
@@ -218,6 +241,33 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0, replicas: int = 2) 
 
 
 # -- its figures in bench/results.json's summary and the results page (docs/benchmarks.md) --
+
+
+def door_key(api: str, images: int) -> str:
+    return f"mesh_over_{api.replace('-', '_')}" + (f"_n{images}" if images > 1 else "")
+
+
+def front_door_lines(overhead: dict[str, Any]) -> list[str]:
+    """The near-free mesh through each front door: requests/s and the router's CPU per image."""
+    doors = overhead.get("front_doors")
+    if not doors:
+        return []
+    rows = [(p["api"], p["images_per_request"], p) for p in doors.values()]
+    lines = [
+        "",
+        "The same near-free mesh through each of the router's front doors (same run, same stack, "
+        f"{DOOR_CONNECTIONS} connections; N images a request, {CONCURRENCY} images in flight):",
+        "",
+        "| front door | N | images/s | router CPU-µs per image | batcher CPU-µs per image |",
+        "|---|---|---|---|---|",
+    ]
+    for name, images, point in rows:
+        per_image = point["cpu_us_per_image"]
+        lines.append(
+            f"| {name} | {images} | {point['images_per_s']} | **{per_image.get('router', '-')}** | "
+            f"{per_image.get('batcher', '-')} |"
+        )
+    return lines
 
 
 def summary(overhead: dict[str, Any]) -> dict[str, object]:
@@ -233,6 +283,14 @@ def summary(overhead: dict[str, Any]) -> dict[str, object]:
             for tier in ("router", "batcher")
         },
         **large_photos_summary(overhead),
+        **{
+            f"near_free_{key}_images_per_s": point["images_per_s"]
+            for key, point in overhead.get("front_doors", {}).items()
+        },
+        **{
+            f"near_free_{key}_router_cpu_us_per_image": point["cpu_us_per_image"].get("router")
+            for key, point in overhead.get("front_doors", {}).items()
+        },
     }
 
 
@@ -283,6 +341,7 @@ def readme_lines(overhead: dict[str, Any]) -> list[str]:
         f"stubs) | **{overhead['projected_cores_per_10k_images_per_s']}**; "
         f"{overhead['projected_cores_per_10k_images_per_s_without_model_stubs']} |",
         *large_photos_lines(overhead),
+        *front_door_lines(overhead),
         "",
     ]
 
