@@ -209,7 +209,8 @@ def triton_stream_load(
 
 
 class HttpLoad:
-    """``POST /v2/models/{model}/infer``, N=1, JSON, on ``connections`` keep-alive connections."""
+    """``POST /v2/models/{model}/infer``, N=1, JSON, over keep-alive connections: one per request in
+    flight (HTTP/1.1 carries one request at a time on a connection, so ``connections`` does not cap them)."""
 
     def __init__(
         self, address: str, connections: int, model: str, api_key: str, uuids: list[str] | None = None
@@ -220,7 +221,6 @@ class HttpLoad:
             json.dumps({"inputs": [{"name": UUID_INPUT, "datatype": "BYTES", "shape": [1], "data": [u]}]}).encode()
             for u in uuids or _uuids()
         ])
-        self._connections = connections
         self._session: Any = None
 
     def __call__(self) -> Awaitable[object]:
@@ -230,7 +230,7 @@ class HttpLoad:
         import aiohttp
 
         if self._session is None:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self._connections))
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         async with self._session.post(self._url, data=next(self._bodies), headers=self._headers) as response:
             body = await response.read()
             if response.status != 200:
