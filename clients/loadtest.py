@@ -42,6 +42,7 @@ from flotilla.clients.api_calls import Api, ApiCalls
 from flotilla.clients.client import FlotillaClient
 from flotilla.clients.loadgen import LoadResult, closed_loop, open_loop
 from flotilla.clients.models import ModelsClient
+from flotilla.common.admin import admin_metadata
 from flotilla.common.status import error_from_rpc
 from flotilla.common.wire import MODEL_HEADER
 from flotilla.config import S3Settings
@@ -101,6 +102,7 @@ class RunningStack(Protocol):
     router: str
     router_http: str
     api_key: str
+    admin_key: str
     controller: str
     preprocess: list[str]
     triton: list[str]
@@ -160,7 +162,9 @@ class StackTarget:
         if max_queue_delay_us is not None:
             policy.max_queue_delay_us = max_queue_delay_us
         del policy.preferred_batch_sizes[:]
-        await admin.SetBatching(batcher_pb2.SetBatchingRequest(model_name=model, policy=policy))
+        # SetBatching changes the batcher: it needs the control plane's admin key (the stack file's).
+        await admin.SetBatching(batcher_pb2.SetBatchingRequest(model_name=model, policy=policy),
+                                metadata=admin_metadata(self.state.admin_key))
 
     def mesh_call(self, model: str, uuids: Sequence[str]) -> Callable[[], Awaitable[object]]:
         cycle = itertools.cycle(uuids)

@@ -1,8 +1,12 @@
-"""Operator client for the control plane: deploy, list, status, undeploy, upload.
+"""Operator client for the control plane: deploy, list, status, undeploy, upload; API keys.
 
-    client = ModelsClient("127.0.0.1:50100")
+    client = ModelsClient("127.0.0.1:50100", admin_key=key)
     client.deploy("open-nsfw", spec)            # spec: flotilla.config.ModelSettings
     print(format_status(client.status("open-nsfw")))
+    token = client.create_key("ci", ["efficientnet-*"], rate_per_s=100).token   # shown once
+
+Mutating calls (deploy, undeploy, create_key, revoke_key) send ``admin_key`` as
+``authorization: Bearer <admin key>`` (``flotilla.common.admin``); the read-only ones need none.
 
 Blocking (the CLI and the local stack's start-up use it). Failures raise a
 ``FlotillaError`` with the controller's status and reason.
@@ -21,6 +25,7 @@ import grpc
 from google.protobuf.message import Message
 
 from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
+from flotilla.common.admin import admin_metadata
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.status import error_from_rpc
 from flotilla.common.wire import CONTROL_CHANNEL_OPTIONS
@@ -54,8 +59,9 @@ def missing_labels(local_dir: Path, files: dict[str, dict[str, object]]) -> str 
 
 
 class ModelsClient:
-    def __init__(self, controller: str) -> None:
+    def __init__(self, controller: str, admin_key: str | None = None) -> None:
         self.controller = controller
+        self._admin = admin_metadata(admin_key)
         self._channel = grpc.insecure_channel(controller, options=CONTROL_CHANNEL_OPTIONS)
         self._stub = controller_pb2_grpc.ControllerStub(self._channel)
 
@@ -70,10 +76,13 @@ class ModelsClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method: Callable[..., Any], request: Message, timeout_s: float = CALL_TIMEOUT_S) -> Any:
-        """``method``'s answer to ``request`` (the generated stubs are untyped: callers name its type)."""
+    def _call(
+        self, method: Callable[..., Any], request: Message, timeout_s: float = CALL_TIMEOUT_S, *, admin: bool = False
+    ) -> Any:
+        """``method``'s answer to ``request`` (the generated stubs are untyped: callers name its type);
+        ``admin``: with the admin key."""
         try:
-            return method(request, timeout=timeout_s)
+            return method(request, timeout=timeout_s, metadata=self._admin if admin else None)
         except grpc.RpcError as exc:
             raise self._error(exc) from exc
 
@@ -88,11 +97,29 @@ class ModelsClient:
         the spec leaves unset are not sent: the controller reads them from the model's graph."""
         spec_json = deploy_json(spec) if isinstance(spec, ModelSettings) else json.dumps(spec)
         request = controller_pb2.DeployRequest(name=name, spec_json=spec_json, replace=replace)
-        status: controller_pb2.ModelStatus = self._call(self._stub.Deploy, request, DEPLOY_TIMEOUT_S)
+        status: controller_pb2.ModelStatus = self._call(self._stub.Deploy, request, DEPLOY_TIMEOUT_S, admin=True)
         return status
 
     def undeploy(self, name: str) -> None:
-        self._call(self._stub.Undeploy, controller_pb2.UndeployRequest(name=name), DEPLOY_TIMEOUT_S)
+        self._call(self._stub.Undeploy, controller_pb2.UndeployRequest(name=name), DEPLOY_TIMEOUT_S, admin=True)
+
+    def create_key(
+        self, name: str, models: list[str], *, rate_per_s: float = 0.0, burst: int = 0, expires_unix_s: float = 0.0
+    ) -> controller_pb2.CreateKeyResponse:
+        """A new API key: the answer's ``token`` is the key, which nothing keeps (show it once)."""
+        request = controller_pb2.CreateKeyRequest(
+            name=name, models=models, rate_per_s=rate_per_s, burst=burst, expires_unix_s=expires_unix_s
+        )
+        created: controller_pb2.CreateKeyResponse = self._call(self._stub.CreateKey, request, admin=True)
+        return created
+
+    def revoke_key(self, name: str) -> None:
+        self._call(self._stub.RevokeKey, controller_pb2.RevokeKeyRequest(name=name), admin=True)
+
+    def list_keys(self) -> list[controller_pb2.ApiKey]:
+        """Every key's name, scope, quota and last use (never a key or its hash)."""
+        listed: controller_pb2.ListKeysResponse = self._call(self._stub.ListKeys, controller_pb2.ListKeysRequest())
+        return list(listed.keys)
 
     def list(self) -> list[controller_pb2.ModelStatus]:
         request = controller_pb2.ListModelsRequest()
@@ -137,6 +164,28 @@ def format_list(models: list[controller_pb2.ModelStatus]) -> str:
         rows.append(f"{m.name:<24} {ready:<6} {copies:<8} {memory:>9}  {m.default_version:<8} "
                     f"{_when(m.last_used_unix_s):<9} {spec['storage_uri']}")
     rows.append("(* declared memory, not yet measured; COPIES = ready/min-max)")
+    return "\n".join(rows)
+
+
+def _quota(key: controller_pb2.ApiKey) -> str:
+    if not key.rate_per_s:
+        return "unlimited"
+    burst = key.burst or max(1, int(key.rate_per_s + 0.999999))
+    return f"{key.rate_per_s:g}/s burst {burst}"
+
+
+def _date(unix_s: float) -> str:
+    return datetime.datetime.fromtimestamp(unix_s).strftime("%Y-%m-%d %H:%M") if unix_s else "never"
+
+
+def format_keys(keys: list[controller_pb2.ApiKey]) -> str:
+    """``flotilla keys list``: names, scopes, quotas, expiry and last use; never a key."""
+    rows = [f"{'NAME':<24} {'ID':<17} {'QUOTA':<20} {'EXPIRES':<17} {'LAST USED':<17} MODELS"]
+    for k in keys:
+        rows.append(f"{k.name:<24} {k.id:<17} {_quota(k):<20} {_date(k.expires_unix_s):<17} "
+                    f"{_date(k.last_used_unix_s):<17} {', '.join(k.models)}")
+    if not keys:
+        rows.append("(no keys; `flotilla keys create NAME --models GLOB` makes one)")
     return "\n".join(rows)
 
 

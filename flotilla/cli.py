@@ -4,6 +4,7 @@
     flotilla run     [--config FILE] [--images DIR] start, deploy the models, classify the samples, stop
     flotilla infer   IMAGE... --model NAME          classify JPEG files on a running stack
     flotilla models  deploy|list|status|undeploy|upload ...   the model registry of a running stack
+    flotilla keys    create|revoke|list ...         the routers' API keys (scoped, rate-limited)
     flotilla k8s     render [--models FILE] [--out DIR] [--check]   the cluster's generated manifests (not per model)
     flotilla serve   ROLE --config FILE --port N    run one service (the stack does this)
     flotilla top     [--interval-s S] [--once]      a live view of a running stack, from its metrics
@@ -215,12 +216,30 @@ def cmd_infer(args: argparse.Namespace) -> None:
 
 
 def _models_client(args: argparse.Namespace) -> tuple[ModelsClient, StackState | None]:
+    """A client of the controller named by --controller or the stack file, with the admin key of
+    ``$FLOTILLA_ADMIN_KEY`` or else the stack file's (mutations need it; reads do not)."""
     from flotilla.clients.models import ModelsClient
+    from flotilla.common.admin import admin_key_from_env
 
+    admin_key = admin_key_from_env()
     if args.controller:
-        return ModelsClient(args.controller), None
+        if admin_key is None and args.state.exists():
+            from flotilla.stack.state import StackState
+
+            try:
+                admin_key = StackState.read(args.state).admin_key or None
+            except (OSError, ValueError, TypeError):
+                admin_key = None
+        return ModelsClient(args.controller, admin_key=admin_key), None
     state = _running_state(args.state)
-    return ModelsClient(state.controller), state
+    return ModelsClient(state.controller, admin_key=admin_key or state.admin_key or None), state
+
+
+def cmd_keys(args: argparse.Namespace) -> None:
+    from flotilla.clients import keys as keys_cli
+
+    client, _ = _models_client(args)
+    keys_cli.cmd_keys(args, client)
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -465,6 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="holds <version>/model.onnx and optionally labels.txt (beside the version directories)")
     upload.add_argument("--storage-uri", help="default: s3://<artifact bucket>/<name>")
     models.set_defaults(func=cmd_models)
+
+    from flotilla.clients import keys as keys_cli
+
+    keys_cli.add_parser(sub, DEFAULT_STATE).set_defaults(func=cmd_keys)
 
     lt = sub.add_parser("loadtest", help="sweep batch sizes and load against a running stack")
     lt.add_argument("--model", default="efficientnet-lite0")

@@ -332,7 +332,10 @@ class RouterSettings(_Section):
     """The router: the client API's one way in."""
 
     api_keys: list[SecretStr] = []
-    """Accepted API keys (``authorization: Bearer <key>``). Empty rejects every request."""
+    """Static API keys (``authorization: Bearer <key>``): unscoped and unlimited. Keys made with
+    ``flotilla keys create`` (scoped to models, with a rate quota and expiry) come from the
+    controller's registry over the fleet watch and need no entry here. With neither, every request
+    is refused."""
     max_concurrent_calls: int = Field(8192, ge=1)
     """Calls the router handles at once; beyond it, RESOURCE_EXHAUSTED at once."""
     stream_window: int = Field(256, ge=1)
@@ -342,7 +345,10 @@ class RouterSettings(_Section):
     processes: int = Field(1, ge=1)
     """Router processes the local stack starts on the one router port (SO_REUSEPORT: the
     kernel spreads client connections across them; a channel stays on one). In
-    Kubernetes, scale the router Deployment instead."""
+    Kubernetes, scale the router Deployment instead. Each process enforces ``1/processes`` of
+    every API key's rate quota (no shared state): a caller with one connection reaches one
+    process and gets that share; with k connections, on average ``1 - (1 - 1/processes)^k``
+    of its quota (2 processes: 1 connection 50%, 4 connections 94%, 8 connections 99.6%)."""
     http_port: int = Field(0, ge=0, le=65535)
     """Port of the router's KServe v2 HTTP/REST front door on ``host`` (``/v2/...``, beside the gRPC
     port); 0: none. The local stack always serves it, on a free port (stack.json's ``router_http``);
@@ -435,6 +441,15 @@ class ControllerSettings(_Section):
     """Bucket holding model artifacts (``models upload``) and the registry's records."""
     registry_prefix: str = "registry/"
     """Key prefix of the registry's model records in ``artifact_bucket``."""
+    keys_prefix: str = "keys/"
+    """Key prefix of the registry's API key records (salted hashes, never keys) in ``artifact_bucket``;
+    must not lie under ``registry_prefix``."""
+    admin_keys: list[SecretStr] = []
+    """Admin credentials (``authorization: Bearer <admin key>``) the control plane's mutating calls
+    need: the controller's Deploy, Undeploy, CreateKey and RevokeKey, and a batcher's
+    SetBatching. Empty refuses them all (PERMISSION_DENIED saying so); the local stack generates one
+    and writes it to its stack file, where ``flotilla models``/``keys`` read it (or from
+    ``FLOTILLA_ADMIN_KEY``)."""
     replica_memory_mb: list[float] = [2048.0]
     """Memory budget of each Triton replica in MiB; the last value repeats for further replicas."""
     evict_idle_after_s: float = Field(10.0, ge=0)
@@ -618,4 +633,5 @@ def dump_settings(settings: FlotillaSettings, path: Path) -> None:
     data = settings.model_dump(mode="json")
     data["s3"]["secret_key"] = settings.s3.secret_key.get_secret_value()
     data["router"]["api_keys"] = [k.get_secret_value() for k in settings.router.api_keys]
+    data["controller"]["admin_keys"] = [k.get_secret_value() for k in settings.controller.admin_keys]
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")

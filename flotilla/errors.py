@@ -21,7 +21,9 @@ that escapes becomes INTERNAL with a generic message and a logged traceback.
     │   ├── SpecMismatch                (the spec does not match model.onnx; services.controller.graph)
     │   └── ModelLoadFailed             (the backend refused to load it, or a copy failed its warm-up)
     ├── Unauthenticated                 UNAUTHENTICATED
+    ├── PermissionDenied                PERMISSION_DENIED (a valid key, not allowed this)
     ├── ResourceExhausted               RESOURCE_EXHAUSTED
+    │   ├── QuotaExceeded               (an API key over its rate; carries retry_after_s)
     │   ├── QueueFull
     │   └── NoCapacity                  (no replica has the memory; services.controller.placement)
     ├── DeadlineExceeded                DEADLINE_EXCEEDED
@@ -151,8 +153,27 @@ class Unauthenticated(FlotillaError):
     code = Code.UNAUTHENTICATED
 
 
+class PermissionDenied(FlotillaError):
+    """The caller is known but may not do this (an API key outside its models, a non-admin key)."""
+
+    code = Code.PERMISSION_DENIED
+
+
 class ResourceExhausted(FlotillaError):
     code = Code.RESOURCE_EXHAUSTED
+
+    retry_after_s: float | None = None
+    """When set, how long the caller should wait before trying again: the gRPC layer sends it as
+    ``retry-after-ms`` trailing metadata (``flotilla.common.wire.RETRY_AFTER_HEADER``), the HTTP
+    front door as a ``Retry-After`` header."""
+
+
+class QuotaExceeded(ResourceExhausted):
+    """An API key used its request rate; ``retry_after_s`` says when its next request is allowed."""
+
+    def __init__(self, message: str, *, retry_after_s: float, origin: str = "") -> None:
+        super().__init__(message, origin=origin)
+        self.retry_after_s = retry_after_s
 
 
 class QueueFull(ResourceExhausted):
@@ -202,6 +223,7 @@ _CLASS_OF_CODE: dict[Code, type[FlotillaError]] = {
     Code.ALREADY_EXISTS: AlreadyExists,
     Code.FAILED_PRECONDITION: FailedPrecondition,
     Code.UNAUTHENTICATED: Unauthenticated,
+    Code.PERMISSION_DENIED: PermissionDenied,
     Code.RESOURCE_EXHAUSTED: ResourceExhausted,
     Code.DEADLINE_EXCEEDED: DeadlineExceeded,
     Code.UNAVAILABLE: Unavailable,

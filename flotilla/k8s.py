@@ -64,6 +64,11 @@ BATCHER = "batcher"
 BATCHER_KIND_LABEL = "flotilla/batcher"
 """``shard`` or ``dedicated``: keeps the shards' selector off the dedicated batchers' pods."""
 ADVERTISE_ADDRESS_ENV = "FLOTILLA_BATCHER__ADVERTISE_ADDRESS"
+ADMIN_KEYS_ENV = {
+    "name": "FLOTILLA_CONTROLLER__ADMIN_KEYS",
+    "valueFrom": {"secretKeyRef": {"name": "flotilla-admin-keys", "key": "admin-keys-json", "optional": True}},
+}
+"""The control plane's admin keys (a batcher's SetBatching), from the Secret; without it, refused."""
 TRACING_CONFIG_MAP = "flotilla-tracing"
 """``FLOTILLA_OBSERVABILITY__*`` variables (base/tracing.env) every Flotilla container takes with ``envFrom``."""
 SPREAD_KEYS = ("topology.kubernetes.io/zone", "kubernetes.io/hostname")
@@ -201,7 +206,8 @@ def batcher_container(model: str | None = None) -> dict[str, Any]:
         # $(POD_IP) expands only to a variable listed before it. An IPv4 address: an IPv6-only
         # cluster needs the address in brackets ("[$(POD_IP)]:50052").
         "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-                {"name": ADVERTISE_ADDRESS_ENV, "value": f"$(POD_IP):{BATCHER_PORT}"}],
+                {"name": ADVERTISE_ADDRESS_ENV, "value": f"$(POD_IP):{BATCHER_PORT}"},
+                ADMIN_KEYS_ENV],
         # Started: its health answers. Ready: its classifier service serves. No Service routes by
         # readiness here (routers follow the controller's fleet); it paces rollouts and the budget.
         "startupProbe": {"grpc": {"port": BATCHER_PORT}, "periodSeconds": 2, "failureThreshold": 45},

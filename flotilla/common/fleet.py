@@ -2,7 +2,7 @@
 
 ``FleetWatcher`` holds the controller's WatchFleet stream open. The stream's
 first message is the whole fleet (every registered model: spec, ready
-copies, batching shards; replicas; shards), each later one only what
+copies, batching shards; replicas; shards; API key records), each later one only what
 changed; ``FleetState`` applies them in order and says what changed
 (``FleetChange``), so a watcher's work per change is the change's size, not
 the fleet's. When the controller is away (restarting) the last state stays
@@ -18,11 +18,12 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
+from flotilla.common.apikeys import KeyRecord
 from flotilla.common.tasks import cancel_and_wait
 from flotilla.common.wire import CONTROL_CHANNEL_OPTIONS
 from flotilla.config import ModelSettings
@@ -45,6 +46,10 @@ class FleetChange:
     """Models added or changed (on a whole fleet: every model in it)."""
     removed: list[str]
     """Models gone (on a whole fleet: those held before that it lacks)."""
+    keys_changed: list[str] = field(default_factory=list)
+    """API keys added or changed, by name (on a whole fleet: every key in it)."""
+    keys_removed: list[str] = field(default_factory=list)
+    """API keys revoked (on a whole fleet: those held before that it lacks)."""
 
 
 class FleetState:
@@ -55,18 +60,27 @@ class FleetState:
         self.models: dict[str, controller_pb2.ModelStatus] = {}
         self.replicas: dict[str, controller_pb2.Replica] = {}
         self.shards: dict[str, controller_pb2.Shard] = {}
+        self.keys: dict[str, controller_pb2.ApiKey] = {}
+        """API key records by name (hashes, never keys)."""
 
     def apply(self, message: controller_pb2.Fleet) -> FleetChange:
         changed = [m.name for m in message.models]
+        keys_changed = [k.name for k in message.keys]
         if message.delta:
             removed = [name for name in message.removed_models if name in self.models]
+            keys_removed = [name for name in message.removed_keys if name in self.keys]
             for name in message.removed_models:
                 self.models.pop(name, None)
             for address in message.removed_shards:
                 self.shards.pop(address, None)
+            for name in message.removed_keys:
+                self.keys.pop(name, None)
         else:
             removed = [name for name in self.models if name not in set(changed)]
-            self.models, self.replicas, self.shards = {}, {}, {}
+            keys_removed = [name for name in self.keys if name not in set(keys_changed)]
+            self.models, self.replicas, self.shards, self.keys = {}, {}, {}, {}
+        for key in message.keys:
+            self.keys[key.name] = key
         for status in message.models:
             self.models[status.name] = status
         for replica in message.replicas:
@@ -74,7 +88,7 @@ class FleetState:
         for shard in message.shards:
             self.shards[shard.address] = shard
         self.generation = message.generation
-        return FleetChange(message.generation, not message.delta, changed, removed)
+        return FleetChange(message.generation, not message.delta, changed, removed, keys_changed, keys_removed)
 
 
 OnFleet = Callable[[FleetState, FleetChange], Awaitable[None]]
@@ -82,6 +96,24 @@ OnFleet = Callable[[FleetState, FleetChange], Awaitable[None]]
 
 def spec_of(status: controller_pb2.ModelStatus) -> ModelSettings:
     return ModelSettings.model_validate(json.loads(status.spec_json))
+
+
+def key_to_pb(record: KeyRecord, *, secret_parts: bool = True) -> controller_pb2.ApiKey:
+    """A key's record as the fleet carries it; without ``secret_parts`` (ListKeys) no salt or hash."""
+    return controller_pb2.ApiKey(
+        name=record.name, id=record.id, salt=record.salt if secret_parts else b"",
+        hash=record.hash if secret_parts else b"", models=record.models, rate_per_s=record.rate_per_s,
+        burst=record.burst, expires_unix_s=record.expires_unix_s, created_unix_s=record.created_unix_s,
+        last_used_unix_s=record.last_used_unix_s,
+    )
+
+
+def key_from_pb(key: controller_pb2.ApiKey) -> KeyRecord:
+    return KeyRecord(
+        name=key.name, id=key.id, salt=key.salt, hash=key.hash, models=tuple(key.models),
+        rate_per_s=key.rate_per_s, burst=key.burst, expires_unix_s=key.expires_unix_s,
+        created_unix_s=key.created_unix_s, last_used_unix_s=key.last_used_unix_s,
+    )
 
 
 def ready_replicas(status: controller_pb2.ModelStatus) -> list[str]:
@@ -114,6 +146,17 @@ class FleetWatcher:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._first.wait(), timeout_s)
         return self._first.is_set()
+
+    async def report_key_use(self, uses: dict[str, float], timeout_s: float = 2.0) -> None:
+        """Tell the controller when keys were last used (name -> unix seconds); a failure is logged
+        and the report dropped (last use is approximate)."""
+        request = controller_pb2.ReportKeyUseRequest(
+            uses=[controller_pb2.KeyUse(name=name, last_used_unix_s=at) for name, at in uses.items()]
+        )
+        try:
+            await self.stub.ReportKeyUse(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("%s: key use report failed: %s", self.name, exc.code().name)
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)

@@ -30,7 +30,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from flotilla.common import metrics, tracing
 from flotilla.common.status import origin_in
-from flotilla.common.wire import HEALTH_SERVICE_PREFIX, MODEL_HEADER, ORIGIN_HEADER, method_name
+from flotilla.common.wire import HEALTH_SERVICE_PREFIX, MODEL_HEADER, ORIGIN_HEADER, RETRY_AFTER_HEADER, method_name
 from flotilla.errors import FlotillaError, ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -233,9 +233,15 @@ class Observe(grpc.aio.ServerInterceptor):
         if _is_abort(exc):
             raise exc  # the handler set its own status
         code, details = status_of(exc, self.tier)
+        trailing = []
         origin = origin_of(exc)
         if origin:
-            context.set_trailing_metadata(((ORIGIN_HEADER, origin),))
+            trailing.append((ORIGIN_HEADER, origin))
+        retry_after_s = getattr(exc, "retry_after_s", None)
+        if retry_after_s is not None:
+            trailing.append((RETRY_AFTER_HEADER, str(max(1, round(retry_after_s * 1000)))))
+        if trailing:
+            context.set_trailing_metadata(tuple(trailing))
         if call_is_over(context):
             context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED if _deadline_passed(context) else grpc.StatusCode.CANCELLED)
             raise asyncio.CancelledError() from exc

@@ -15,6 +15,9 @@ AUTH_HEADER = "authorization"
 BEARER_PREFIX = "Bearer "
 ORIGIN_HEADER = "x-flotilla-origin"
 """Trailing metadata: the part of the mesh an error arose in, when below the tier answering (``FlotillaError.origin``)."""
+RETRY_AFTER_HEADER = "retry-after-ms"
+"""Trailing metadata of a RESOURCE_EXHAUSTED with a hint (an API key over its rate): milliseconds
+until a retry may succeed (``flotilla.errors.ResourceExhausted.retry_after_s``)."""
 
 API_PACKAGE = "flotilla.api.v1"
 CLASSIFIER_SERVICE = f"{API_PACKAGE}.ImageClassifier"

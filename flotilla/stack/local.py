@@ -423,6 +423,13 @@ class LocalStack:
             router_settings = router_settings.model_copy(
                 update={"api_keys": [SecretStr(secrets.token_urlsafe(24))]}
             )
+        # The control plane's admin key (Deploy, Undeploy, key management, SetBatching): generated like the
+        # dev API key unless configured, and written to stack.json for `flotilla models`/`keys`.
+        controller_settings = self.base.controller.model_copy(update={"replica_dirs": replica_dirs})
+        if not controller_settings.admin_keys:
+            controller_settings = controller_settings.model_copy(
+                update={"admin_keys": [SecretStr(secrets.token_urlsafe(24))]}
+            )
         observability = self.base.observability
         if observability.tracing and observability.trace_exporter == "file" and observability.trace_dir is None:
             observability = observability.model_copy(update={"trace_dir": self.run_dir / "traces"})
@@ -432,7 +439,7 @@ class LocalStack:
                 "s3": s3_settings,
                 "endpoints": endpoints,
                 "router": router_settings,
-                "controller": self.base.controller.model_copy(update={"replica_dirs": replica_dirs}),
+                "controller": controller_settings,
             }
         )
         config_path = self.run_dir / "flotilla.resolved.yaml"
@@ -479,6 +486,7 @@ class LocalStack:
         self.state = StackState(
             router=endpoints.router,
             api_key=self.settings.router.api_keys[0].get_secret_value(),
+            admin_key=self.admin_key,
             s3_endpoint=s3_settings.endpoint,
             s3_access_key=s3_settings.access_key,
             s3_secret_key=s3_settings.secret_key.get_secret_value(),
@@ -524,9 +532,16 @@ class LocalStack:
         tmp.write_text(json.dumps(groups, indent=2) + "\n", encoding="utf-8")
         tmp.replace(self.targets_file)
 
+    @property
+    def admin_key(self) -> str:
+        """The control plane's admin key (the first of controller.admin_keys)."""
+        assert self.settings is not None
+        keys = self.settings.controller.admin_keys
+        return keys[0].get_secret_value() if keys else ""
+
     def models_client(self) -> ModelsClient:
         assert self.settings is not None
-        return ModelsClient(self.settings.endpoints.controller)
+        return ModelsClient(self.settings.endpoints.controller, admin_key=self.admin_key)
 
     def deploy(self, name: str, spec: ModelSettings, *, replace: bool = False, wait: bool = True) -> None:
         """Upload ``spec.artifact`` (if set) and deploy through the registry, as an operator would."""
@@ -608,6 +623,7 @@ class LocalStack:
             f"router (HTTP):       http://{self.state.router_http}/v2  (KServe v2 REST)",
             f"controller (gRPC):   {self.state.controller}",
             f"API key (dev):       {self.state.api_key}",
+            f"admin key:           in {self.state_file} (admin_key; `flotilla models`/`keys` read it there)",
             f"S3 endpoint:         http://{self.state.s3_endpoint}  bucket {self.state.s3_bucket}, "
             f"artifacts {self.state.artifact_bucket}",
             f"Triton replicas:     {', '.join(self.state.triton)}  (budgets "

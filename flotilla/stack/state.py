@@ -73,6 +73,7 @@ class StackState:
     router: str
     """The router's gRPC address (host:port): the Flotilla API and KServe v2 over gRPC."""
     api_key: str
+    """The router's dev key (router.api_keys): unscoped, unlimited."""
     s3_endpoint: str
     s3_access_key: str
     s3_secret_key: str
@@ -101,6 +102,8 @@ class StackState:
     """When the stack was up (ISO 8601, local time)."""
     stopped_at: str = ""
     """When it began to stop; empty while it runs."""
+    admin_key: str = ""
+    """The control plane's admin key (controller.admin_keys), for ``flotilla models``/``keys``."""
 
     def s3_settings(self) -> S3Settings:
         """How to reach the stack's image bucket."""
@@ -113,7 +116,7 @@ class StackState:
         """Replace ``path`` at once (a reader never sees half a file); mode 0600."""
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.__dict__, indent=2) + "\n", encoding="utf-8")
-        tmp.chmod(0o600)  # holds the dev API key and S3 secret
+        tmp.chmod(0o600)  # holds the dev API key, the admin key and S3 secret
         tmp.replace(path)
 
     @classmethod

@@ -8,6 +8,7 @@ import grpc
 from pydantic import ValidationError
 
 from flotilla.api.v1 import batcher_pb2, batcher_pb2_grpc, pools_pb2
+from flotilla.common.admin import AdminGate
 from flotilla.config import BatchingSettings
 from flotilla.errors import InvalidArgument
 from flotilla.pool.pool import EndpointPool
@@ -88,11 +89,13 @@ def stats_to_pb(lane: Lane, *, reset: bool = False) -> batcher_pb2.BatcherStats:
 
 class BatcherAdminServicer(batcher_pb2_grpc.BatcherAdminServicer):
     """Each call about one model finds its lane by ``model_name`` (``Lanes.find``: empty on a batcher
-    hosting one model names that one)."""
+    hosting one model names that one). SetBatching, the one call that changes anything, needs the
+    admin key (``flotilla.common.admin``; ``admin`` None: open, for tests of the core)."""
 
-    def __init__(self, lanes: Lanes, pools: list[EndpointPool[Any]]) -> None:
+    def __init__(self, lanes: Lanes, pools: list[EndpointPool[Any]], admin: AdminGate | None = None) -> None:
         self.lanes = lanes
         self.pools = pools
+        self.admin = admin
 
     async def GetPools(
         self, request: pools_pb2.GetPoolsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -107,6 +110,8 @@ class BatcherAdminServicer(batcher_pb2_grpc.BatcherAdminServicer):
     async def SetBatching(
         self, request: batcher_pb2.SetBatchingRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> batcher_pb2.BatchingPolicy:
+        if self.admin is not None:
+            self.admin.check(context.invocation_metadata() or (), "SetBatching")
         queue = self.lanes.find(request.model_name).queue
         queue.set_policy(policy_from_pb(request.policy, queue.policy))
         return policy_to_pb(queue.policy)

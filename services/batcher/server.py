@@ -26,6 +26,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from flotilla.api.v1 import batcher_pb2_grpc, inference_pb2, preprocess_pb2_grpc, relay_pb2
+from flotilla.common.admin import AdminGate
 from flotilla.common.clock import Clock, MonotonicClock
 from flotilla.common.interceptors import UNKNOWN_MODEL, AdmissionLimit
 from flotilla.common.peer import GrpcPeer
@@ -191,7 +192,9 @@ async def serve(settings: FlotillaSettings, port: int, *, dedicated_model: str =
     relay = RelayServicer(handler.start, tier="batcher", admission=admission, model_label=model_label)
     server.server.add_generic_rpc_handlers([handler.generic_handler(), relay.generic_handler()])
     server.on_drain.append(relay.drain)
-    batcher_pb2_grpc.add_BatcherAdminServicer_to_server(BatcherAdminServicer(lanes, [pool]), server.server)
+    batcher_pb2_grpc.add_BatcherAdminServicer_to_server(BatcherAdminServicer(
+        lanes, [pool], AdminGate(k.get_secret_value() for k in settings.controller.admin_keys)
+    ), server.server)
     health_check.start()
     heartbeat.start()
 

@@ -1,7 +1,7 @@
 """What each fleet generation changed, kept for the watchers' deltas (no grpc).
 
 The controller publishes every change as a new generation naming what it
-touched: models (or everything), shards, replicas (``Change``). A watcher
+touched: models (or everything), shards, replicas, API keys (``Change``). A watcher
 that holds generation g is sent what changed after g, merged (``since``),
 not the whole fleet; one further behind than the log reaches, or behind a
 change of everything, is sent the whole fleet again.
@@ -10,7 +10,7 @@ change of everything, is sent the whole fleet again.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 CHANGE_LOG = 4096
 """Fleet generations whose changes are kept for watchers' deltas; a watcher further behind gets the whole fleet."""
@@ -18,12 +18,14 @@ CHANGE_LOG = 4096
 
 @dataclass(frozen=True)
 class Change:
-    """What one fleet generation changed: model names (None: everything), shard and replica addresses."""
+    """What one fleet generation changed: model names (None: everything), shard and replica addresses,
+    API key names."""
 
     generation: int
     models: frozenset[str] | None
     shards: frozenset[str]
     replicas: frozenset[str]
+    keys: frozenset[str] = field(default_factory=frozenset)
 
 
 class ChangeLog:
@@ -45,6 +47,7 @@ class ChangeLog:
         models: set[str] = set()
         shards: set[str] = set()
         replicas: set[str] = set()
+        keys: set[str] = set()
         for change in reversed(self._changes):
             if change.generation <= generation:
                 break
@@ -53,4 +56,5 @@ class ChangeLog:
             models |= change.models
             shards |= change.shards
             replicas |= change.replicas
-        return Change(current, frozenset(models), frozenset(shards), frozenset(replicas))
+            keys |= change.keys
+        return Change(current, frozenset(models), frozenset(shards), frozenset(replicas), frozenset(keys))

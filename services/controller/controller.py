@@ -56,6 +56,7 @@ from typing import Protocol
 from prometheus_client import Gauge
 
 from flotilla.common import metrics
+from flotilla.common.apikeys import KeyRecord
 from flotilla.common.clock import Clock, MonotonicClock
 from flotilla.common.ids import shorten
 from flotilla.config import ControllerSettings, ModelSettings, deploy_json, spec_differences
@@ -72,6 +73,7 @@ from flotilla.services.controller.artifacts import ArtifactStore
 from flotilla.services.controller.autoscale import Autoscaler, Decision
 from flotilla.services.controller.changes import CHANGE_LOG, Change, ChangeLog
 from flotilla.services.controller.graph import describe_spec, fit_spec
+from flotilla.services.controller.keys import KeyRegistry
 from flotilla.services.controller.placement import (
     CopyInfo,
     ModelUsage,
@@ -88,6 +90,7 @@ from flotilla.services.controller.registry import (
     MEMORY_AVAILABLE,
     READY,
     SPEC_MATCHES_GRAPH,
+    MemoryRecords,
     ModelRecord,
     RecordStore,
     check_model_name,
@@ -169,6 +172,7 @@ class Controller:
         clock: Clock | None = None,
         configured: dict[str, ModelSettings] | None = None,
         change_log: int = CHANGE_LOG,
+        keys: RecordStore | None = None,
     ) -> None:
         self.settings = settings
         self.configured = dict(configured or {})
@@ -181,6 +185,10 @@ class Controller:
         self.shards = ShardBook(settings.shards)
         self.autoscaler = Autoscaler(settings.autoscale)
         self.records: dict[str, ModelRecord] = {}
+        self.keys = KeyRegistry(keys if keys is not None else MemoryRecords())
+        """API keys (services.controller.keys): in the fleet beside the models."""
+        self._keys_lock = asyncio.Lock()
+        self._dirty_keys: set[str] = set()
         self.generation = 0
         self._changed = asyncio.Condition()
         self._assigned = asyncio.Condition()
@@ -225,6 +233,7 @@ class Controller:
                 self.shards.presume(record.name, record.batchers, now, dedicated=record.spec.dedicated_batcher)
             else:
                 self.shards.add(record.name, now, dedicated=record.spec.dedicated_batcher)
+        await asyncio.to_thread(self.keys.load)
         await self._adopt_loaded_copies()
         self._publish()
         self._tasks = [
@@ -319,13 +328,14 @@ class Controller:
 
     # -- the fleet -------------------------------------------------------------
 
-    def _publish(self, *models: str) -> None:
-        """A new fleet generation. With ``models``: what changed is those models (and the replicas marked
-        dirty and the shards the book touched since the last one); without: everything. Their Ready conditions and
-        gauges follow, and watchers wake up."""
+    def _publish(self, *models: str, keys: Iterable[str] = ()) -> None:
+        """A new fleet generation. With ``models`` or ``keys``: what changed is those models and API keys
+        (and the replicas marked dirty and the shards the book touched since the last one); with neither:
+        everything. Their Ready conditions and gauges follow, and watchers wake up."""
+        self._dirty_keys.update(keys)
         if models:
             self._dirty_models.update(models)
-        else:
+        elif not self._dirty_keys:
             self._all_dirty = True
         shards = self.shards.take_touched()
         names = list(self.records) if self._all_dirty else [m for m in self._dirty_models if m in self.records]
@@ -342,8 +352,10 @@ class Controller:
             None if self._all_dirty else frozenset(self._dirty_models),
             frozenset(shards),
             frozenset(replicas),
+            frozenset(self._dirty_keys),
         ))
         self._all_dirty = False
+        self._dirty_keys.clear()
         self._dirty_models.clear()
         self._dirty_replicas.clear()
 
@@ -403,6 +415,36 @@ class Controller:
                     await self._changed.wait()
             seen = self.generation
             yield seen
+
+    # -- API keys ----------------------------------------------------------------
+
+    async def create_key(
+        self, name: str, models: list[str], *, rate_per_s: float = 0.0, burst: int = 0, expires_unix_s: float = 0.0
+    ) -> tuple[KeyRecord, str]:
+        """A new API key, saved and sent to the routers: its record and the key itself (shown once)."""
+        async with self._keys_lock:
+            record, token = await asyncio.to_thread(
+                self.keys.create, name, models, rate_per_s=rate_per_s, burst=burst, expires_unix_s=expires_unix_s,
+                now_unix_s=time.time(),
+            )
+        self._publish(keys=[name])
+        log.info("controller: API key %r created (models %s, %g requests/s)", name, ", ".join(record.models),
+                 record.rate_per_s)
+        return record, token
+
+    async def revoke_key(self, name: str) -> None:
+        """Remove a key: routers refuse it once the fleet generation that says so reaches them."""
+        async with self._keys_lock:
+            await asyncio.to_thread(self.keys.revoke, name)
+        self._publish(keys=[name])
+        log.info("controller: API key %r revoked", name)
+
+    async def key_used(self, uses: dict[str, float]) -> None:
+        """Routers' reports of when keys were last used (``keys list``); written now and then."""
+        async with self._keys_lock:
+            due = self.keys.used(uses)
+            if due:
+                await asyncio.to_thread(self.keys.save, due)
 
     # -- copies ------------------------------------------------------------------
 

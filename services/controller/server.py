@@ -1,4 +1,10 @@
-"""gRPC layer of the controller: the Controller service over the core."""
+"""gRPC layer of the controller: the Controller service over the core.
+
+Mutating calls (Deploy, Undeploy, CreateKey, RevokeKey) check the admin credential first
+(``flotilla.common.admin``); the read-only ones and the mesh's own stay open: ListModels, GetModel,
+ListKeys, WatchFleet, ShardHeartbeat, ReportKeyUse (last-use times only) and EnsureLoaded (the
+preprocess workers' cold start: it loads a registered model, as any request for it would).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ from typing import Any
 import grpc
 
 from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
+from flotilla.common.admin import AdminGate
+from flotilla.common.fleet import key_to_pb
 from flotilla.common.interceptors import UNKNOWN_MODEL
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.server import ServiceServer, serve_until_signal
@@ -95,6 +103,7 @@ def fleet_to_pb(controller: Controller) -> controller_pb2.Fleet:
         models=[status_to_pb(controller, r, events=False) for r in controller.committed()],
         replicas=[replica_to_pb(controller, a) for a in controller.replicas],
         shards=[shard_to_pb(controller, a) for a in controller.shards.shards],
+        keys=[key_to_pb(k) for k in controller.keys.listed()],
     )
 
 
@@ -120,6 +129,8 @@ def fleet_since(controller: Controller, generation: int) -> controller_pb2.Fleet
         replicas=[replica_to_pb(controller, a) for a in sorted(change.replicas) if a in controller.replicas],
         shards=[shard_to_pb(controller, a) for a in sorted(change.shards) if a in known],
         removed_shards=[a for a in sorted(change.shards) if a not in known],
+        keys=[key_to_pb(controller.keys.records[n]) for n in sorted(change.keys) if n in controller.keys.records],
+        removed_keys=[n for n in sorted(change.keys) if n not in controller.keys.records],
     )
 
 
@@ -143,19 +154,25 @@ class FleetFeed:
 
 
 class ControllerServicer(controller_pb2_grpc.ControllerServicer):
-    def __init__(self, controller: Controller) -> None:
+    def __init__(self, controller: Controller, admin: AdminGate) -> None:
         self.controller = controller
+        self.admin = admin
         self.feed = FleetFeed(controller)
+
+    def _admin(self, context: grpc.aio.ServicerContext[Any, Any], action: str) -> None:
+        self.admin.check(context.invocation_metadata() or (), action)
 
     async def Deploy(
         self, request: controller_pb2.DeployRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> controller_pb2.ModelStatus:
+        self._admin(context, "Deploy")
         record = await self.controller.deploy(request.name, request.spec_json, replace=request.replace)
         return status_to_pb(self.controller, record)
 
     async def Undeploy(
         self, request: controller_pb2.UndeployRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> controller_pb2.UndeployResponse:
+        self._admin(context, "Undeploy")
         await self.controller.undeploy(request.name)
         return controller_pb2.UndeployResponse()
 
@@ -211,6 +228,36 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
             sent = message.generation
             yield message
 
+    async def CreateKey(
+        self, request: controller_pb2.CreateKeyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> controller_pb2.CreateKeyResponse:
+        self._admin(context, "CreateKey")
+        record, token = await self.controller.create_key(
+            request.name, list(request.models), rate_per_s=request.rate_per_s, burst=request.burst,
+            expires_unix_s=request.expires_unix_s,
+        )
+        return controller_pb2.CreateKeyResponse(key=key_to_pb(record, secret_parts=False), token=token)
+
+    async def RevokeKey(
+        self, request: controller_pb2.RevokeKeyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> controller_pb2.RevokeKeyResponse:
+        self._admin(context, "RevokeKey")
+        await self.controller.revoke_key(request.name)
+        return controller_pb2.RevokeKeyResponse()
+
+    async def ListKeys(
+        self, request: controller_pb2.ListKeysRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> controller_pb2.ListKeysResponse:
+        return controller_pb2.ListKeysResponse(
+            keys=[key_to_pb(k, secret_parts=False) for k in self.controller.keys.listed()]
+        )
+
+    async def ReportKeyUse(
+        self, request: controller_pb2.ReportKeyUseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> controller_pb2.ReportKeyUseResponse:
+        await self.controller.key_used({u.name: u.last_used_unix_s for u in request.uses})
+        return controller_pb2.ReportKeyUseResponse()
+
 
 def build_controller(settings: FlotillaSettings) -> Controller:
     s3 = settings.s3
@@ -240,8 +287,12 @@ def build_controller(settings: FlotillaSettings) -> Controller:
         for i, (address, d) in enumerate(zip(settings.endpoints.triton, dirs, strict=True))
     ]
     records = ObjectStoreRecords(store_for(ctl.artifact_bucket), ctl.registry_prefix)
+    if ctl.keys_prefix.startswith(ctl.registry_prefix):
+        raise SystemExit("controller: controller.keys_prefix must not lie under controller.registry_prefix "
+                         "(model records would be read as keys)")
+    keys = ObjectStoreRecords(store_for(ctl.artifact_bucket), ctl.keys_prefix)
     configured = settings.models if ctl.deploy_configured_models else None
-    return Controller(ctl, agents, artifacts, records, configured=configured)
+    return Controller(ctl, agents, artifacts, records, configured=configured, keys=keys)
 
 
 async def serve(settings: FlotillaSettings, port: int) -> None:
@@ -256,7 +307,11 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
         # Deploy names new models: registered ones are labels, the rest one value.
         model_label=lambda name: name if name in controller.records else UNKNOWN_MODEL,
     )
-    controller_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(controller), server.server)
+    admin = AdminGate(k.get_secret_value() for k in settings.controller.admin_keys)
+    if not settings.controller.admin_keys:
+        log.warning("controller: no admin key (controller.admin_keys); Deploy, Undeploy and key changes "
+                    "will be refused")
+    controller_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(controller, admin), server.server)
 
     async def cleanup() -> None:
         await controller.stop()

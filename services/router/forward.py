@@ -10,6 +10,7 @@ status comes back as a ``FlotillaError`` of the same code, message and origin.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, Protocol, TypeVar
 
@@ -18,6 +19,7 @@ from flotilla.common.relay import RelayClient
 from flotilla.common.wire import AUTH_HEADER, CLASSIFY_METHOD
 from flotilla.errors import DeadlineExceeded
 from flotilla.pool.pool import Endpoint
+from flotilla.services.router.keys import KeyBook, KeyGrant
 from flotilla.services.router.routing import ApiKeys, RouteTable
 
 DROPPED_HEADERS = frozenset({AUTH_HEADER, "user-agent", "grpc-accept-encoding", "content-type", "te"})
@@ -50,15 +52,25 @@ def passed_headers(headers: Iterable[tuple[str, str | bytes]]) -> list[tuple[str
 
 
 class Forwarder(Generic[P]):
-    """Who may call (the API keys) and the batchers a model's calls go to (the route table)."""
+    """Who may call which model (the key book) and the batchers a model's calls go to (the route table).
 
-    def __init__(self, keys: ApiKeys, routes: RouteTable[P]) -> None:
-        self.keys = keys
+    Every front door asks ``authorize`` once per request, when it knows the request's model (a
+    stream: per request, not per stream); ``check_key`` only authenticates (a stream's opening).
+    """
+
+    def __init__(self, keys: KeyBook | ApiKeys, routes: RouteTable[P]) -> None:
+        self.keys = keys if isinstance(keys, KeyBook) else KeyBook(keys, clock=time.monotonic, unix_clock=time.time)
         self.routes = routes
 
-    def check_key(self, authorization: str | None) -> None:
-        """Raises ``Unauthenticated`` unless ``authorization`` is ``Bearer <a configured key>``."""
-        self.keys.check(authorization)
+    def check_key(self, authorization: str | None) -> KeyGrant:
+        """The caller's grant; ``Unauthenticated`` unless ``authorization`` is ``Bearer <a valid key>``.
+        Takes nothing of the key's quota and checks no model (``authorize`` does, per request)."""
+        return self.keys.authenticate(authorization)[0]
+
+    def authorize(self, authorization: str | None, model: str | None) -> KeyGrant:
+        """The caller's grant for one request to ``model``: ``Unauthenticated``, ``PermissionDenied``
+        (the key may not call it) or ``QuotaExceeded`` (over its rate) otherwise."""
+        return self.keys.authorize(authorization, model)
 
     def check_model(self, model: str | None) -> None:
         """Raises ``InvalidArgument`` (no model) or ``ModelNotFound`` (not routed) before any work is done."""

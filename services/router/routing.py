@@ -22,23 +22,31 @@ _SHOWN_CHARS = 40  # how much of an unknown model name an error message repeats
 _SHOWN_MODELS = 20  # how many served models it lists
 
 
+def bearer_token(authorization: str | None) -> str:
+    """The key of ``authorization: Bearer <key>``; ``Unauthenticated`` when there is none."""
+    if not authorization:
+        raise Unauthenticated("missing authorization header; send 'authorization: Bearer <api key>'")
+    if not authorization.lower().startswith(BEARER):
+        raise Unauthenticated("authorization header must be 'Bearer <api key>'")
+    return authorization[len(BEARER):].strip()
+
+
 class ApiKeys:
-    """Accepts ``authorization: Bearer <key>`` for any configured key."""
+    """Accepts ``authorization: Bearer <key>`` for any configured key (``router.api_keys``)."""
 
     def __init__(self, keys: Iterable[str]) -> None:
         self._keys = [k.encode() for k in keys if k]
 
-    def check(self, authorization: str | None) -> None:
-        if not authorization:
-            raise Unauthenticated("missing authorization header; send 'authorization: Bearer <api key>'")
-        if not authorization.lower().startswith(BEARER):
-            raise Unauthenticated("authorization header must be 'Bearer <api key>'")
-        presented = authorization[len(BEARER):].strip().encode()
-        # Compare against every key so timing does not reveal which matched.
+    def matches(self, token: str) -> bool:
+        """Whether ``token`` is one of the keys; compared with every key, so timing does not reveal which."""
+        presented = token.encode()
         matched = False
         for key in self._keys:
             matched |= hmac.compare_digest(presented, key)
-        if not matched:
+        return matched
+
+    def check(self, authorization: str | None) -> None:
+        if not self.matches(bearer_token(authorization)):
             raise Unauthenticated("API key is not valid")
 
 

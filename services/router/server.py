@@ -16,25 +16,33 @@ shares one peer (one relay stream) per shard (``services.router.shards``).
 A shard that answers NOT_FOUND for a model it no longer holds (the model
 moved) answered: the pool passes that on and does not count it against the
 shard.
+
+API keys follow the same watch (``services.router.keys.KeyBook``): registered
+keys arrive and leave as fleet deltas, and every few seconds the router tells
+the controller which keys it saw used (``keys list``'s last use).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 
-from flotilla.common.fleet import FleetChange, FleetState, FleetWatcher
+from flotilla.common.fleet import FleetChange, FleetState, FleetWatcher, key_from_pb
 from flotilla.common.interceptors import MAX_CACHED_METHODS, UNKNOWN_MODEL, AdmissionLimit, CallObserver, ModelLabel
 from flotilla.common.peer import GrpcPeer
 from flotilla.common.server import ServiceServer, serve_until_signal
+from flotilla.common.tasks import cancel_and_wait
 from flotilla.common.wire import AUTH_HEADER, CLASSIFIER_SERVICE, CLASSIFY_STREAM_METHOD, KSERVE_SERVICE, MODEL_HEADER
 from flotilla.config import FlotillaSettings, PoolSettings
 from flotilla.pool.pool import Endpoint
 from flotilla.services.router.forward import Forwarder, passed_headers
 from flotilla.services.router.http_server import HttpServer
+from flotilla.services.router.keys import KeyBook
 from flotilla.services.router.kserve.core import KServeFront
 from flotilla.services.router.kserve.grpc_api import KServeHandler
 from flotilla.services.router.kserve.http import KServeHttp
@@ -47,6 +55,8 @@ log = logging.getLogger(__name__)
 
 # The router does not import the API's protobuf modules: it never parses bodies.
 FIRST_FLEET_TIMEOUT_S = 10.0
+KEY_USE_REPORT_S = 5.0
+"""How often a router tells the controller which keys it saw used (``flotilla keys list``'s last use)."""
 
 
 class ForwardingHandler(grpc.GenericRpcHandler):
@@ -67,7 +77,7 @@ class ForwardingHandler(grpc.GenericRpcHandler):
         async def forward(raw: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
             headers = context.invocation_metadata() or ()
             by_key = {k: v for k, v in headers if isinstance(v, str)}
-            self.forwarder.check_key(by_key.get(AUTH_HEADER))
+            self.forwarder.authorize(by_key.get(AUTH_HEADER), by_key.get(MODEL_HEADER))
             return await self.forwarder.call(
                 by_key.get(MODEL_HEADER), raw, passed_headers(headers), context.time_remaining, method
             )
@@ -111,11 +121,16 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     """Run the router until SIGTERM."""
     if not settings.endpoints.controller:
         raise SystemExit("router: endpoints.controller is empty; the router follows the controller's routes")
-    keys = ApiKeys(k.get_secret_value() for k in settings.router.api_keys)
-    if not settings.router.api_keys:
-        log.warning("router: no API keys configured; every request will be rejected")
+    static = ApiKeys(k.get_secret_value() for k in settings.router.api_keys)
+    keys = KeyBook(static, processes=settings.router.processes, clock=time.monotonic, unix_clock=time.time)
     routes = BatcherRoutes(settings.pools)
-    watcher = FleetWatcher(settings.endpoints.controller, routes.apply, name="router")
+
+    async def on_fleet(state: FleetState, change: FleetChange) -> None:
+        keys.apply([key_from_pb(state.keys[name]) for name in change.keys_changed if name in state.keys],
+                   change.keys_removed, full=change.full)
+        await routes.apply(state, change)
+
+    watcher = FleetWatcher(settings.endpoints.controller, on_fleet, name="router")
     watcher.start()
     if not await watcher.wait_first(FIRST_FLEET_TIMEOUT_S):
         log.warning("router: no answer from the controller at %s yet; starting with no routes",
@@ -127,6 +142,9 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
         admission=AdmissionLimit("router", settings.router.max_concurrent_calls, "router.max_concurrent_calls"),
         model_label=model_label, reuse_port=settings.router.processes > 1,
     )
+    if not settings.router.api_keys and not len(keys):
+        log.warning("router: no static API keys (router.api_keys) and no registered keys yet; requests are "
+                    "refused until `flotilla keys create` makes one")
     forwarder = Forwarder(keys, routes.table)
     # The stream's handler first: the unary one leaves ClassifyStream to it. Stopping, streams take no more.
     streams = ClassifyStreamHandler(
@@ -146,12 +164,22 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     # KServe v2 over HTTP/REST on router.http_port: the same front, keys and admission, in this loop.
     http = None
     if settings.router.http_port:
-        app = KServeHttp(kserve_front, forwarder.check_key, observer=CallObserver("router", server.admission, model_label))
+        app = KServeHttp(kserve_front, forwarder.authorize, observer=CallObserver("router", server.admission, model_label))
         http = HttpServer(app, grace_s=settings.shutdown_grace_s, name="router http")
         await http.start(settings.host, settings.router.http_port, reuse_port=settings.router.processes > 1)
         server.on_drain.append(http.drain)
 
+    async def report_key_use() -> None:
+        while True:
+            await asyncio.sleep(KEY_USE_REPORT_S)
+            used = keys.take_used()
+            if used:
+                await watcher.report_key_use(used)
+
+    reporter = asyncio.create_task(report_key_use(), name="router:key-use")
+
     async def cleanup() -> None:
+        await cancel_and_wait(reporter)
         if http is not None:
             await http.stop()  # begun with the gRPC server's drain
         await watcher.stop()

@@ -97,7 +97,7 @@ class ClassifyStreamHandler(grpc.GenericRpcHandler):
             self.forwarder.check_key(by_key.get(AUTH_HEADER))
         except FlotillaError as exc:
             await context.abort(grpc.StatusCode[exc.code.name], exc.message)
-        stream = _OneStream(self, context, by_key.get(MODEL_HEADER, ""), text)
+        stream = _OneStream(self, context, by_key.get(MODEL_HEADER, ""), text, by_key.get(AUTH_HEADER))
         self.open_streams += 1
         try:
             ended = await answer_as_completed(
@@ -119,13 +119,20 @@ class _OneStream:
     """What each request of one stream shares: the stream's model, headers and deadline."""
 
     def __init__(
-        self, handler: ClassifyStreamHandler, context: Context, model: str, metadata: Sequence[tuple[str, str]]
+        self,
+        handler: ClassifyStreamHandler,
+        context: Context,
+        model: str,
+        metadata: Sequence[tuple[str, str]],
+        authorization: str | None,
     ) -> None:
         self.forwarder = handler.forwarder
         self.observer = handler.observer
         self.context = context
         self.model = model
         self.metadata = metadata
+        self.authorization = authorization
+        """Checked at the stream's opening; each request is authorized for its model and quota."""
         # Each request names its own model (the batcher routes to the model's queue by this header).
         self.headers = [(k, v) for k, v in passed_headers(metadata) if k != MODEL_HEADER]
 
@@ -153,6 +160,7 @@ class _OneStream:
         return relay_pb2.OpaqueStreamResponse(id=request.id, response=response)
 
     async def _forward(self, request: relay_pb2.OpaqueStreamRequest, model: str) -> bytes:
+        self.forwarder.authorize(self.authorization, model)
         headers = [(MODEL_HEADER, model), *self.headers] if model else list(self.headers)
         if tracing.enabled():
             headers = list(tracing.inject(headers))  # this request's span, not the stream's

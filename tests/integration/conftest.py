@@ -9,13 +9,16 @@ process at the end.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 import tritonclient.grpc as triton_grpc
 
 from flotilla.clients.client import FlotillaClient
+from flotilla.common.admin import admin_metadata
 from flotilla.config import FlotillaSettings, load_settings
 from flotilla.modelbuild.catalog import EFFICIENTNET_LITE0
 from flotilla.stack.local import LocalStack
@@ -71,6 +74,24 @@ def stack_settings(run_dir: Path, models: tuple[str, ...] = (MODEL,), **override
         if name in models
     }
     return settings
+
+
+class _WithAdminKey(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Sends the admin key with every unary call of its channel (SetBatching needs it)."""
+
+    def __init__(self, key: str) -> None:
+        self.metadata = admin_metadata(key)
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        metadata = grpc.aio.Metadata(*tuple(client_call_details.metadata or ()), *self.metadata)
+        return await continuation(client_call_details._replace(metadata=metadata), request)
+
+
+def admin_channel(stack: LocalStack, address: str) -> grpc.aio.Channel:
+    """A channel to a batcher whose calls carry the stack's admin key (its admin API's SetBatching)."""
+    return grpc.aio.insecure_channel(address, interceptors=[_WithAdminKey(stack.admin_key)])
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ from tests.integration.conftest import (
     MAX_IMAGE_PIXELS,
     MAX_OBJECT_BYTES,
     MODEL,
+    admin_channel,
     sample,
 )
 
@@ -180,7 +181,7 @@ async def raw(stack: LocalStack) -> AsyncIterator[grpc.aio.UnaryUnaryMultiCallab
 async def admin(stack: LocalStack) -> AsyncIterator[batcher_pb2_grpc.BatcherAdminStub]:
     """The batcher's admin API; its original policy is restored afterwards."""
     assert stack.state is not None
-    async with grpc.aio.insecure_channel(stack.batchers[MODEL].address) as channel:
+    async with admin_channel(stack, stack.batchers[MODEL].address) as channel:
         stub = batcher_pb2_grpc.BatcherAdminStub(channel)
         original = await stub.GetBatching(batcher_pb2.GetBatchingRequest(model_name=MODEL))
         try:

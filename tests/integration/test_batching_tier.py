@@ -20,7 +20,7 @@ from flotilla.api.v1 import batcher_pb2, batcher_pb2_grpc
 from flotilla.clients.client import FlotillaClient
 from flotilla.errors import Code, FlotillaError
 from flotilla.stack.local import LocalStack
-from tests.integration.conftest import MODEL, sample
+from tests.integration.conftest import MODEL, admin_channel, sample
 from tests.waiting import until
 
 HOLD_DELAY_US = 30_000_000  # 30 s: nothing leaves the queue unless the test lets it
@@ -30,7 +30,7 @@ HOLD_DELAY_US = 30_000_000  # 30 s: nothing leaves the queue unless the test let
 async def admin(stack: LocalStack) -> AsyncIterator[batcher_pb2_grpc.BatcherAdminStub]:
     """The batcher's admin API; the original policy is restored afterwards."""
     assert stack.state is not None
-    async with grpc.aio.insecure_channel(stack.batchers[MODEL].address) as channel:
+    async with admin_channel(stack, stack.batchers[MODEL].address) as channel:
         stub = batcher_pb2_grpc.BatcherAdminStub(channel)
         original = await stub.GetBatching(batcher_pb2.GetBatchingRequest(model_name=MODEL))
         await stub.GetStats(batcher_pb2.GetStatsRequest(reset=True, model_name=MODEL))

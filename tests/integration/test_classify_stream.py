@@ -33,7 +33,7 @@ from flotilla.config import dump_settings
 from flotilla.errors import Code
 from flotilla.stack.local import LocalStack
 from flotilla.stack.processes import ManagedProcess, free_port
-from tests.integration.conftest import API_KEY, MODEL, sample
+from tests.integration.conftest import API_KEY, MODEL, admin_channel, sample
 from tests.waiting import until, until_sync
 
 WINDOW = 5
@@ -151,8 +151,8 @@ async def test_the_sender_closing_ends_the_stream_once_every_request_is_answered
 @pytest.fixture
 async def admin(stack: LocalStack) -> AsyncIterator[batcher_pb2_grpc.BatcherAdminStub]:
     """The batcher's admin API; its original policy is restored afterwards."""
-    async with grpc.aio.insecure_channel(stack.batchers[MODEL].address) as admin_channel:
-        stub = batcher_pb2_grpc.BatcherAdminStub(admin_channel)
+    async with admin_channel(stack, stack.batchers[MODEL].address) as opened:
+        stub = batcher_pb2_grpc.BatcherAdminStub(opened)
         original = await stub.GetBatching(batcher_pb2.GetBatchingRequest(model_name=MODEL))
         try:
             yield stub

@@ -11,8 +11,8 @@ import pytest
 
 from flotilla.common.interceptors import Observe
 from flotilla.common.status import error_from_rpc
-from flotilla.common.wire import ORIGIN_HEADER
-from flotilla.errors import Unavailable
+from flotilla.common.wire import ORIGIN_HEADER, RETRY_AFTER_HEADER
+from flotilla.errors import QuotaExceeded, Unavailable
 
 SERVICE = "test.Tier"
 
@@ -25,12 +25,17 @@ async def fail_own(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     raise Unavailable("the worker is shutting down")
 
 
+async def fail_quota(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    raise QuotaExceeded("API key 'ci' is over its quota", retry_after_s=0.0421)
+
+
 @pytest.fixture
 async def channel() -> AsyncIterator[grpc.aio.Channel]:
     server = grpc.aio.server(interceptors=[Observe("preprocess")])
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {
         "Below": grpc.unary_unary_rpc_method_handler(fail_below),
         "Own": grpc.unary_unary_rpc_method_handler(fail_own),
+        "Quota": grpc.unary_unary_rpc_method_handler(fail_quota),
     })])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -52,6 +57,14 @@ async def test_a_failure_from_below_travels_with_its_origin(channel: grpc.aio.Ch
     error = error_from_rpc(rpc, "preprocess worker 127.0.0.1:5")
     assert isinstance(error, Unavailable) and error.origin == "Triton[m] 127.0.0.1:9"
     assert error.message == "Triton at 127.0.0.1:9 is unavailable: connection refused", "the failing part first"
+
+
+async def test_an_error_with_a_retry_hint_sends_it_in_the_trailing_metadata(channel: grpc.aio.Channel) -> None:
+    rpc = await call(channel, "Quota")
+    assert rpc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailing = dict(rpc.trailing_metadata() or ())
+    assert trailing[RETRY_AFTER_HEADER] == "42" and ORIGIN_HEADER not in trailing
+    assert RETRY_AFTER_HEADER not in dict((await call(channel, "Own")).trailing_metadata() or ())
 
 
 async def test_the_called_tiers_own_failure_names_no_origin(channel: grpc.aio.Channel) -> None:

@@ -41,6 +41,9 @@ class HeldRouter:
     def check_key(self, authorization: str | None) -> None:
         self.keys.check(authorization)
 
+    def authorize(self, authorization: str | None, model: str | None) -> None:
+        self.keys.check(authorization)
+
     def check_model(self, model: str | None) -> None:
         from flotilla.errors import ModelNotFound
 

@@ -22,7 +22,9 @@ from flotilla.errors import (
     FlotillaError,
     InvalidArgument,
     ModelNotFound,
+    PermissionDenied,
     QueueFull,
+    QuotaExceeded,
     Unauthenticated,
     Unavailable,
 )
@@ -87,7 +89,7 @@ class FakeFleet:
         self.models = {MODEL: controller_pb2.ModelStatus(name=MODEL, spec_json=spec.model_dump_json(), batchers=["b:1"])}
 
 
-def check_key(authorization: str | None) -> None:
+def check_key(authorization: str | None, model: str | None = None) -> None:
     if authorization != f"Bearer {KEY}":
         raise Unauthenticated("API key is not valid" if authorization else "missing authorization header")
 
@@ -142,6 +144,19 @@ async def test_every_other_route_needs_the_key(http: httpx.AsyncClient) -> None:
         assert_error(await http.get(path, headers={"authorization": "Bearer wrong"}), 401, "not valid")
     assert_error(await http.post(f"/v2/models/{MODEL}/infer", json=infer_body(UUIDS[:1])), 401)
     assert (await http.get("/v2", headers=AUTH)).status_code == 200
+
+
+async def test_scope_and_quota_refusals_are_403_and_429_with_retry_after(harness: Harness, http: httpx.AsyncClient) -> None:
+    def authorize(authorization: str | None, model: str | None) -> None:
+        if model == "other":
+            raise PermissionDenied(f"API key 'ci' may not call model {model!r}")
+        raise QuotaExceeded("API key 'ci' is over its quota", retry_after_s=1.2)
+
+    harness.app.authorize = authorize
+    assert_error(await http.get("/v2/models/other", headers=AUTH), 403, "'ci'", "'other'")
+    over = await http.post(f"/v2/models/{MODEL}/infer", json=infer_body(UUIDS[:1]), headers=AUTH)
+    assert_error(over, 429, "quota")
+    assert over.headers["retry-after"] == "2"
 
 
 async def test_server_and_model_metadata(http: httpx.AsyncClient) -> None:

@@ -6,6 +6,90 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ApiKey(_message.Message):
+    __slots__ = ("name", "id", "salt", "hash", "models", "rate_per_s", "burst", "expires_unix_s", "created_unix_s", "last_used_unix_s")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SALT_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    RATE_PER_S_FIELD_NUMBER: _ClassVar[int]
+    BURST_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    id: str
+    salt: bytes
+    hash: bytes
+    models: _containers.RepeatedScalarFieldContainer[str]
+    rate_per_s: float
+    burst: int
+    expires_unix_s: float
+    created_unix_s: float
+    last_used_unix_s: float
+    def __init__(self, name: _Optional[str] = ..., id: _Optional[str] = ..., salt: _Optional[bytes] = ..., hash: _Optional[bytes] = ..., models: _Optional[_Iterable[str]] = ..., rate_per_s: _Optional[float] = ..., burst: _Optional[int] = ..., expires_unix_s: _Optional[float] = ..., created_unix_s: _Optional[float] = ..., last_used_unix_s: _Optional[float] = ...) -> None: ...
+
+class CreateKeyRequest(_message.Message):
+    __slots__ = ("name", "models", "rate_per_s", "burst", "expires_unix_s")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    RATE_PER_S_FIELD_NUMBER: _ClassVar[int]
+    BURST_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    rate_per_s: float
+    burst: int
+    expires_unix_s: float
+    def __init__(self, name: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., rate_per_s: _Optional[float] = ..., burst: _Optional[int] = ..., expires_unix_s: _Optional[float] = ...) -> None: ...
+
+class CreateKeyResponse(_message.Message):
+    __slots__ = ("key", "token")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    key: ApiKey
+    token: str
+    def __init__(self, key: _Optional[_Union[ApiKey, _Mapping]] = ..., token: _Optional[str] = ...) -> None: ...
+
+class RevokeKeyRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RevokeKeyResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListKeysRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListKeysResponse(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[ApiKey]
+    def __init__(self, keys: _Optional[_Iterable[_Union[ApiKey, _Mapping]]] = ...) -> None: ...
+
+class KeyUse(_message.Message):
+    __slots__ = ("name", "last_used_unix_s")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    last_used_unix_s: float
+    def __init__(self, name: _Optional[str] = ..., last_used_unix_s: _Optional[float] = ...) -> None: ...
+
+class ReportKeyUseRequest(_message.Message):
+    __slots__ = ("uses",)
+    USES_FIELD_NUMBER: _ClassVar[int]
+    uses: _containers.RepeatedCompositeFieldContainer[KeyUse]
+    def __init__(self, uses: _Optional[_Iterable[_Union[KeyUse, _Mapping]]] = ...) -> None: ...
+
+class ReportKeyUseResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class DeployRequest(_message.Message):
     __slots__ = ("name", "spec_json", "replace")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -175,7 +259,7 @@ class ModelStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., spec_json: _Optional[str] = ..., conditions: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., copies: _Optional[_Iterable[_Union[Copy, _Mapping]]] = ..., batchers: _Optional[_Iterable[str]] = ..., memory_mb: _Optional[float] = ..., memory_measured: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., queue_wait_ms: _Optional[float] = ..., last_used_unix_s: _Optional[float] = ..., default_version: _Optional[int] = ...) -> None: ...
 
 class Fleet(_message.Message):
-    __slots__ = ("generation", "models", "replicas", "delta", "removed_models", "shards", "removed_shards")
+    __slots__ = ("generation", "models", "replicas", "delta", "removed_models", "shards", "removed_shards", "keys", "removed_keys")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +267,8 @@ class Fleet(_message.Message):
     REMOVED_MODELS_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     REMOVED_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_KEYS_FIELD_NUMBER: _ClassVar[int]
     generation: int
     models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
     replicas: _containers.RepeatedCompositeFieldContainer[Replica]
@@ -190,7 +276,9 @@ class Fleet(_message.Message):
     removed_models: _containers.RepeatedScalarFieldContainer[str]
     shards: _containers.RepeatedCompositeFieldContainer[Shard]
     removed_shards: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, generation: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., delta: _Optional[bool] = ..., removed_models: _Optional[_Iterable[str]] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., removed_shards: _Optional[_Iterable[str]] = ...) -> None: ...
+    keys: _containers.RepeatedCompositeFieldContainer[ApiKey]
+    removed_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, generation: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., delta: _Optional[bool] = ..., removed_models: _Optional[_Iterable[str]] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., removed_shards: _Optional[_Iterable[str]] = ..., keys: _Optional[_Iterable[_Union[ApiKey, _Mapping]]] = ..., removed_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Shard(_message.Message):
     __slots__ = ("address", "dedicated_model", "models", "cpu_cores", "requests_per_s")

@@ -69,6 +69,26 @@ class ControllerStub:
                 request_serializer=flotilla_dot_api_dot_v1_dot_controller__pb2.WatchFleetRequest.SerializeToString,
                 response_deserializer=flotilla_dot_api_dot_v1_dot_controller__pb2.Fleet.FromString,
                 _registered_method=True)
+        self.CreateKey = channel.unary_unary(
+                '/flotilla.api.v1.Controller/CreateKey',
+                request_serializer=flotilla_dot_api_dot_v1_dot_controller__pb2.CreateKeyRequest.SerializeToString,
+                response_deserializer=flotilla_dot_api_dot_v1_dot_controller__pb2.CreateKeyResponse.FromString,
+                _registered_method=True)
+        self.RevokeKey = channel.unary_unary(
+                '/flotilla.api.v1.Controller/RevokeKey',
+                request_serializer=flotilla_dot_api_dot_v1_dot_controller__pb2.RevokeKeyRequest.SerializeToString,
+                response_deserializer=flotilla_dot_api_dot_v1_dot_controller__pb2.RevokeKeyResponse.FromString,
+                _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/flotilla.api.v1.Controller/ListKeys',
+                request_serializer=flotilla_dot_api_dot_v1_dot_controller__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=flotilla_dot_api_dot_v1_dot_controller__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
+        self.ReportKeyUse = channel.unary_unary(
+                '/flotilla.api.v1.Controller/ReportKeyUse',
+                request_serializer=flotilla_dot_api_dot_v1_dot_controller__pb2.ReportKeyUseRequest.SerializeToString,
+                response_deserializer=flotilla_dot_api_dot_v1_dot_controller__pb2.ReportKeyUseResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -127,6 +147,35 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateKey(self, request, context):
+        """A new API key for the routers: the answer holds the key itself, once;
+        the registry keeps a salted hash (ALREADY_EXISTS when the name is taken).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKey(self, request, context):
+        """Remove a key: every router refuses it as soon as its fleet watch hears.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeys(self, request, context):
+        """Every key's name, scope, quota and last use; never a key or its hash.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportKeyUse(self, request, context):
+        """Routers report when each key was last used (approximate: every few seconds).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +213,26 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.WatchFleet,
                     request_deserializer=flotilla_dot_api_dot_v1_dot_controller__pb2.WatchFleetRequest.FromString,
                     response_serializer=flotilla_dot_api_dot_v1_dot_controller__pb2.Fleet.SerializeToString,
+            ),
+            'CreateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateKey,
+                    request_deserializer=flotilla_dot_api_dot_v1_dot_controller__pb2.CreateKeyRequest.FromString,
+                    response_serializer=flotilla_dot_api_dot_v1_dot_controller__pb2.CreateKeyResponse.SerializeToString,
+            ),
+            'RevokeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKey,
+                    request_deserializer=flotilla_dot_api_dot_v1_dot_controller__pb2.RevokeKeyRequest.FromString,
+                    response_serializer=flotilla_dot_api_dot_v1_dot_controller__pb2.RevokeKeyResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=flotilla_dot_api_dot_v1_dot_controller__pb2.ListKeysRequest.FromString,
+                    response_serializer=flotilla_dot_api_dot_v1_dot_controller__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'ReportKeyUse': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportKeyUse,
+                    request_deserializer=flotilla_dot_api_dot_v1_dot_controller__pb2.ReportKeyUseRequest.FromString,
+                    response_serializer=flotilla_dot_api_dot_v1_dot_controller__pb2.ReportKeyUseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +424,114 @@ class Controller:
             '/flotilla.api.v1.Controller/WatchFleet',
             flotilla_dot_api_dot_v1_dot_controller__pb2.WatchFleetRequest.SerializeToString,
             flotilla_dot_api_dot_v1_dot_controller__pb2.Fleet.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flotilla.api.v1.Controller/CreateKey',
+            flotilla_dot_api_dot_v1_dot_controller__pb2.CreateKeyRequest.SerializeToString,
+            flotilla_dot_api_dot_v1_dot_controller__pb2.CreateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flotilla.api.v1.Controller/RevokeKey',
+            flotilla_dot_api_dot_v1_dot_controller__pb2.RevokeKeyRequest.SerializeToString,
+            flotilla_dot_api_dot_v1_dot_controller__pb2.RevokeKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flotilla.api.v1.Controller/ListKeys',
+            flotilla_dot_api_dot_v1_dot_controller__pb2.ListKeysRequest.SerializeToString,
+            flotilla_dot_api_dot_v1_dot_controller__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportKeyUse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flotilla.api.v1.Controller/ReportKeyUse',
+            flotilla_dot_api_dot_v1_dot_controller__pb2.ReportKeyUseRequest.SerializeToString,
+            flotilla_dot_api_dot_v1_dot_controller__pb2.ReportKeyUseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -71,7 +71,9 @@ Headers: TypeAlias = Sequence[tuple[str, str | bytes]]
 class Gate(Protocol):
     """What the handler needs of the router's ``Forwarder`` before the core: the key and the route."""
 
-    def check_key(self, authorization: str | None) -> None: ...
+    def check_key(self, authorization: str | None) -> object: ...
+
+    def authorize(self, authorization: str | None, model: str | None) -> object: ...
 
     def check_model(self, model: str | None) -> None: ...
 
@@ -145,7 +147,7 @@ class KServeHandler(grpc.GenericRpcHandler):
         return pb.ServerReadyResponse(ready=self.front.ready()).SerializeToString()
 
     async def server_metadata(self, raw: bytes, context: Context) -> bytes:
-        self._check_key(_headers(context))
+        self._authorize(_headers(context), None)
         _parse(pb.ServerMetadataRequest, raw)
         metadata = self.front.server_metadata()
         return pb.ServerMetadataResponse(
@@ -155,11 +157,13 @@ class KServeHandler(grpc.GenericRpcHandler):
     async def model_ready(self, raw: bytes, context: Context) -> bytes:
         self._check_key(_headers(context))
         request = _parse(pb.ModelReadyRequest, raw)
+        self._authorize(_headers(context), request.name)
         return pb.ModelReadyResponse(ready=self.front.model_ready(request.name, request.version)).SerializeToString()
 
     async def model_metadata(self, raw: bytes, context: Context) -> bytes:
         self._check_key(_headers(context))
         request = _parse(pb.ModelMetadataRequest, raw)
+        self._authorize(_headers(context), request.name)
         metadata = self.front.model_metadata(request.name, request.version)
         response = pb.ModelMetadataResponse(name=metadata.name, versions=metadata.versions, platform=metadata.platform)
         for tensor in metadata.inputs:
@@ -171,6 +175,7 @@ class KServeHandler(grpc.GenericRpcHandler):
     async def model_config(self, raw: bytes, context: Context) -> bytes:
         self._check_key(_headers(context))
         request = _parse(pb.ModelConfigRequest, raw)
+        self._authorize(_headers(context), request.name)
         view = self.front.model_config(request.name, request.version)
         config = json_format.ParseDict(view.triton_json(), pb.ModelConfig())
         return pb.ModelConfigResponse(config=config).SerializeToString()
@@ -183,6 +188,7 @@ class KServeHandler(grpc.GenericRpcHandler):
         model = header_model or body.model_name or model_from_wire(raw)  # the scan again: its error, if any
         if not model:
             raise InvalidArgument(f"no model named: set the request's model_name (or the {MODEL_HEADER} header)")
+        self._authorize(headers, model)
         self.gate.check_model(model)  # routed (else NOT_FOUND) before the body is parsed
         request = _parse(pb.ModelInferRequest, raw)
         if header_model and request.model_name and request.model_name != header_model:
@@ -246,6 +252,7 @@ class KServeHandler(grpc.GenericRpcHandler):
                 raise InvalidArgument(
                     f"no model named: set the request's model_name (or the stream's {MODEL_HEADER} header)"
                 )
+            self._authorize(headers, model)
             self.gate.check_model(model)
             infer = self.front.infer(_infer_request(request, model), passed, context.time_remaining)
             if call.span is None:
@@ -265,7 +272,12 @@ class KServeHandler(grpc.GenericRpcHandler):
                 self.observer.end(call, code)
 
     def _check_key(self, headers: Headers) -> None:
+        """Authentication only: a stream's opening, and a call before its body names the model."""
         self.gate.check_key(_header(headers, AUTH_HEADER))
+
+    def _authorize(self, headers: Headers, model: str | None) -> None:
+        """One request to ``model``: the key's scope and quota (``Forwarder.authorize``)."""
+        self.gate.authorize(_header(headers, AUTH_HEADER), model)
 
 
 def _unexpected(raw: bytes, exc: BaseException) -> bytes:

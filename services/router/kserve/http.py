@@ -10,7 +10,8 @@ tritonclient.http calls)::
     GET  /v2/models/{name}[/versions/{v}]/config          Triton's model configuration (JSON)
     POST /v2/models/{name}[/versions/{v}]/infer           inference (``http_json``: JSON, binary tensor data)
 
-Every call but the health checks needs ``authorization: Bearer <api key>`` (``Forwarder.check_key``)
+Every call but the health checks needs ``authorization: Bearer <api key>`` allowed the model it names
+(``Forwarder.authorize``; an API key over its rate is 429 with ``Retry-After``)
 and takes a place in the router's admission limit, shared with its gRPC calls (``CallObserver``: the
 same limit, request metrics and spans as a gRPC call; methods ``HTTP <KServe method>``). A caller may
 bound an infer call with ``x-flotilla-timeout-ms`` (the deadline gRPC callers set; the protocol's
@@ -32,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any, Protocol
@@ -142,13 +144,13 @@ class KServeHttp:
     def __init__(
         self,
         front: Front,
-        check_key: Callable[[str | None], None],
+        authorize: Callable[[str | None, str | None], object],
         *,
         observer: CallObserver | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self.front = front
-        self.check_key = check_key
+        self.authorize = authorize
         self.observer = observer or CallObserver(TIER)
         self.max_body_bytes = max_body_bytes
 
@@ -179,7 +181,7 @@ class KServeHttp:
         try:
             if call.refusal is not None:
                 raise call.refusal
-            self.check_key(headers.get(AUTH_HEADER))
+            self.authorize(headers.get(AUTH_HEADER), model or None)
             if call.span is None:
                 await self._answer(send, receive, headers, model, version, action)
             else:
@@ -239,7 +241,9 @@ class KServeHttp:
 
     async def _body(self, receive: Receive, headers: dict[str, str]) -> bytes:
         declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+        # A longer number than the limit's is over it; isascii: "²" passes isdigit() and fails int() (fuzzing).
+        if (declared is not None and declared.isascii() and declared.isdigit()
+                and (len(declared) > len(str(self.max_body_bytes)) or int(declared) > self.max_body_bytes)):
             raise _too_large(self.max_body_bytes)
         encoding = headers.get("content-encoding", "identity")
         if encoding != "identity":
@@ -339,6 +343,9 @@ async def _error(send: Send, exc: BaseException, status: int = 0, message: str =
     headers = list(exc.headers) if isinstance(exc, HttpError) else []
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    if retry_after_s is not None:  # whole seconds (RFC 9110), at least 1
+        headers.append((b"retry-after", str(max(1, math.ceil(retry_after_s))).encode()))
     await _respond(send, status, json.dumps({"error": message}).encode(), JSON_TYPE, headers)
 
 
