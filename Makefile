@@ -9,7 +9,7 @@ MODEL_ARTIFACTS := build/models
 MODEL_ONNX := $(MODEL_ARTIFACTS)/.done
 SAMPLES := build/samples
 
-.PHONY: install prometheus models samples generate docs run up test bench lint clean
+.PHONY: install prometheus models samples generate docs run up test fuzz bench lint clean
 
 install: $(VENV)/.installed
 
@@ -60,6 +60,11 @@ up: install models
 
 test: install models prometheus
 	$(BIN)/pytest
+
+# The fuzz tests at length (random, 10 000 cases each, about seven minutes; docs/operations.md, "Fuzzing").
+# `make test` runs them too, a few thousand cases in all.
+fuzz: install samples
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest tests/fuzz
 
 # The bench's peer (the same job on Ray Serve): an extra only `make bench` needs.
 $(VENV)/.peer-installed: $(VENV)/.installed

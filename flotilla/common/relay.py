@@ -22,16 +22,18 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+import math
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Generic, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from flotilla.api.v1 import relay_pb2
 from flotilla.common import tracing
 from flotilla.common.interceptors import AdmissionLimit, CallObserver, ModelLabel, ObservedCall, origin_of, status_of
 from flotilla.common.wire import MODEL_HEADER, RELAY_CALLS_METHOD, RELAY_SERVICE, method_name
-from flotilla.errors import FlotillaError, Unavailable, error_from_code
+from flotilla.errors import FlotillaError, MalformedRequest, Unavailable, error_from_code
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,24 @@ COALESCE_MAX_FRAMES = 64
 ROUND_TRIP_WEIGHT = 0.05
 """Weight of each answered call in the stream's moving mean round trip."""
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+MESSAGE_BYTES = 1024 * 1024
+"""A relay message carries the frames ready in one turn up to about this size; the rest go in the
+next. A peer takes 4 MiB per message (gRPC's default): one turn of many answers with every class's
+score (KServe answers, ~4 KB each for 1 000 classes) could pass that and break the whole stream,
+failing every call on it."""
+
+F = TypeVar("F", relay_pb2.CallFrame, relay_pb2.AnswerFrame)
+
+
+def one_message(frames: list[F]) -> tuple[list[F], list[F]]:
+    """The first frames of ``frames`` that fit in one message of ``MESSAGE_BYTES`` (at least one), and the rest."""
+    size, cut = 0, 0
+    for frame in frames:
+        size += frame.ByteSize()
+        if cut and size > MESSAGE_BYTES:
+            break
+        cut += 1
+    return (frames, []) if cut == len(frames) else (frames[:cut], frames[cut:])
 
 
 # -- client ----------------------------------------------------------------------
@@ -170,8 +190,8 @@ class _ClientStream:
                 if wait_s > 0:
                     await asyncio.sleep(wait_s)
                 self._wake.clear()
-                if self._outbox:
-                    frames, self._outbox = self._outbox, []
+                while self._outbox:
+                    frames, self._outbox = one_message(self._outbox)
                     await self.rpc.write(relay_pb2.CallFrames(calls=frames))
         except asyncio.CancelledError:
             raise
@@ -291,6 +311,8 @@ class RelayServicer(Generic[A]):
             while True:
                 answers = await stream.next_answers()
                 if answers is None:
+                    if stream.malformed:  # its open calls are withdrawn (finally)
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, stream.malformed)
                     return
                 yield relay_pb2.AnswerFrames(answers=answers)
         finally:
@@ -306,6 +328,9 @@ class _ServerStream(Generic[A]):
         self.outbox: list[relay_pb2.AnswerFrame] = []
         self.wake = asyncio.Event()
         self.read_done = False
+        self.malformed = ""
+        """Why the stream ends INVALID_ARGUMENT: a message that is not a CallFrames (found by fuzzing: the
+        reader task died of the DecodeError unobserved, and the stream ended OK)."""
 
     async def read(self, requests: AsyncIterator[relay_pb2.CallFrames]) -> None:
         try:
@@ -319,6 +344,8 @@ class _ServerStream(Generic[A]):
                             future.cancel()
                     else:
                         self._begin(frame)
+        except DecodeError as exc:
+            self.malformed = f"relay message is not a {relay_pb2.CallFrames.DESCRIPTOR.full_name}: {exc}"
         finally:
             self.read_done = True
             self.wake.set()
@@ -326,11 +353,13 @@ class _ServerStream(Generic[A]):
     async def next_answers(self) -> list[relay_pb2.AnswerFrame] | None:
         """The answers ready now (waiting for some); None once the stream is over."""
         while not self.outbox:
-            if not self.open and (self.read_done or self.servicer.draining):
+            if self.malformed or (not self.open and (self.read_done or self.servicer.draining)):
                 return None
             self.wake.clear()
             await self.wake.wait()
-        answers, self.outbox = self.outbox, []
+        answers, self.outbox = one_message(self.outbox)
+        if self.outbox:
+            self.wake.set()  # the rest go in the next message
         return answers
 
     def _begin(self, frame: relay_pb2.CallFrame) -> None:
@@ -344,6 +373,7 @@ class _ServerStream(Generic[A]):
                 raise Unavailable(f"the {servicer.tier} is shutting down; retry on another replica")
             if call.refusal is not None:
                 raise call.refusal
+            _check_frame(frame, self.open)
             if call.span is None:
                 future = servicer.start(frame)
             else:
@@ -383,3 +413,14 @@ class _ServerStream(Generic[A]):
         open_calls, self.open = self.open, {}
         for future in open_calls.values():
             future.cancel()
+
+
+def _check_frame(frame: relay_pb2.CallFrame, open_calls: Mapping[int, object]) -> None:
+    """Refuse a frame no ``RelayClient`` sends (INVALID_ARGUMENT): a timeout that is not a number of
+    seconds from now (NaN, infinite or negative: found by fuzzing, a NaN deadline re-armed the batch
+    queue's timer at once, forever), or the id of a call still open on the stream (it took the open
+    call's place, which then outlived the stream)."""
+    if not (math.isfinite(frame.timeout_s) and frame.timeout_s >= 0):
+        raise MalformedRequest(f"relay frame {frame.id}: timeout_s {frame.timeout_s} is not a number of seconds >= 0")
+    if frame.id in open_calls:
+        raise MalformedRequest(f"relay frame {frame.id}: a call with this id is still open on the stream")

@@ -25,12 +25,37 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from flotilla.common.interceptors import AdmissionLimit, ModelLabel, Observe
 from flotilla.common.keepalive import MIN_PING_INTERVAL_MS
+from flotilla.common.wire import CONTROL_MESSAGE_BYTES, CONTROLLER_SERVICE
 
 log = logging.getLogger(__name__)
 
-# Messages on the internal hops are small (metadata and scores); the limit
-# guards against a garbage body, not against legitimate traffic.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+"""The largest message a server accepts (gRPC's default, stated): a Classify or KServe request names
+uuids, never pixels, so the limit guards against a garbage body, not legitimate traffic. Over it,
+gRPC answers RESOURCE_EXHAUSTED before a handler runs, and the message is not held whole."""
+MAX_SEND_MESSAGE_BYTES = 64 * 1024 * 1024
+"""The largest message a server sends (gRPC's default: no limit): the largest legitimate answer is a
+KServe request's PROBABILITIES, 4 bytes per class per image (1024 images x 1000 classes = 4 MB); an
+answer over the limit fails its call with RESOURCE_EXHAUSTED instead of being buffered whole. The
+controller's answers carry the whole fleet: it sends up to ``wire.CONTROL_MESSAGE_BYTES``."""
+MAX_METADATA_BYTES = 16 * 1024
+"""The largest header block (metadata) a server accepts, soft and hard limit alike. Flotilla's calls
+send a few hundred bytes (a key, a model, a traceparent); gRPC suggests 8 KiB and rejects beyond its
+hard default, 16 KiB, only some of the calls between the two (at random). One limit rejects every call
+over it, with RESOURCE_EXHAUSTED, and bounds what a connection's headers cost."""
+MAX_CONCURRENT_STREAMS = 4096
+"""Calls open at once on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; gRPC's default: no
+limit). A gRPC client queues its calls beyond it until one ends; a client that opens more anyway has
+them refused (RST_STREAM REFUSED_STREAM, UNAVAILABLE to a gRPC caller, safe to retry). Far above what
+one connection carries (the bench: 16 calls per connection; a ClassifyStream is one stream), and half
+the router's default admission limit (``router.max_concurrent_calls``, 8192), so that one connection
+cannot take every place in it."""
+MAX_PING_STRIKES = 2
+"""Pings more often than ``keepalive.MIN_PING_INTERVAL_MS`` with no data between them a server tolerates
+before it closes the connection (GOAWAY ENHANCE_YOUR_CALM; gRPC's default, stated)."""
+HANDSHAKE_TIMEOUT_MS = 20_000
+"""A connection that has not finished the HTTP/2 handshake (the preface and SETTINGS) this long after
+it opened is closed (gRPC's default: 120 s): slow clients cannot hold sockets without sending a call."""
 # gRPC core cancels, with a bare CANCELLED and no log line, calls that arrived
 # but that the asyncio server has not picked up yet beyond 1000 (hard limit
 # 3000) - what a burst of a few thousand concurrent calls hits. Admission is
@@ -40,10 +65,16 @@ MAX_PENDING_REQUESTS = 1_000_000
 
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
+    ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+    ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+    ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
+    ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
     ("grpc.server.max_pending_requests", MAX_PENDING_REQUESTS),
     ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_REQUESTS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+    ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
 ]
 """Every Flotilla server's options; pings from peers (``keepalive``) are accepted with or without calls."""
 
@@ -72,6 +103,10 @@ class ServiceServer:
         self.grace_s = grace_s
         self.admission = admission
         options = [*SERVER_OPTIONS, ("grpc.so_reuseport", 1 if reuse_port else 0)]
+        if CONTROLLER_SERVICE in self.services:  # its answers carry the whole fleet
+            options = [(k, CONTROL_MESSAGE_BYTES if k == "grpc.max_send_message_length" else v) for k, v in options]
+        self.options: list[tuple[str, Any]] = options
+        """The server's gRPC options (``SERVER_OPTIONS`` and this server's own)."""
         self.server = grpc.aio.server(options=options, interceptors=[Observe(tier, model_label, admission)])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

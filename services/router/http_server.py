@@ -12,6 +12,15 @@ loop and shutdown are run here instead, in the caller's loop, on a socket
 bound here (SO_REUSEPORT when several router processes share the port).
 Stopping is graceful: the listener closes, idle keep-alive connections
 close, requests in flight get ``grace_s`` to be answered.
+
+**Limits uvicorn lacks** (``GuardedHttpToolsProtocol``): uvicorn bounds an idle keep-alive connection
+(``KEEP_ALIVE_S``) but neither how long a request's head may take to arrive nor how large it may be
+(httptools sets no limit): a client sending a header byte now and then (slowloris) held a connection,
+and its head's memory, for ever. A request's head must arrive within ``HEAD_TIMEOUT_S`` of its first
+byte (of the connection's opening, for the first request), else 408 and the connection closes; a head
+over ``MAX_HEAD_BYTES`` is answered 431 and the connection closes; a body must arrive within
+``BODY_TIMEOUT_S`` of its head, else the connection closes (the app sees the client gone). The body's
+size is the app's limit (``kserve.http.MAX_BODY_BYTES``: 413).
 """
 
 from __future__ import annotations
@@ -20,9 +29,11 @@ import asyncio
 import logging
 import math
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from flotilla.common.tasks import cancel_and_wait
 
@@ -32,6 +43,106 @@ BACKLOG = 2048
 KEEP_ALIVE_S = 75
 """An idle keep-alive connection is closed after this long (above common clients' pool timeouts,
 so the client, not the server, closes it first)."""
+HEAD_TIMEOUT_S = 10.0
+"""A request's line and headers arrive within this long of its first byte (or of the connection's
+opening, for its first request); else 408 and the connection closes (slowloris)."""
+BODY_TIMEOUT_S = 30.0
+"""A request's body arrives within this long of its head; else the connection closes (a body at the
+size limit, 4 MiB, must come at 140 KB/s at least)."""
+MAX_HEAD_BYTES = 64 * 1024
+"""A request's line and headers together, at most (nginx's default, 4 x 8 KiB, doubled); over it, 431
+and the connection closes."""
+_HEAD_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+_HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+)
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline on each request's head and body and a limit on its
+    head's size (the module's docstring says why)."""
+
+    head_timeout_s = HEAD_TIMEOUT_S
+    body_timeout_s = BODY_TIMEOUT_S
+    max_head_bytes = MAX_HEAD_BYTES
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(self.head_timeout_s, self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:
+            super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+        self._arm(self.head_timeout_s, self._head_timed_out)
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        if not self._refused:
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value))
+        if not self._refused:
+            super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        self._arm(self.body_timeout_s, self._body_timed_out)
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        self._disarm()
+        super().on_message_complete()
+
+    def _count(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self.max_head_bytes and not self._refused:
+            self._refuse(_HEAD_TOO_LARGE)
+
+    def _head_timed_out(self) -> None:
+        self._refuse(_HEAD_TIMEOUT)
+
+    def _body_timed_out(self) -> None:
+        self._read_timer = None
+        self.transport.close()  # the app's receive() says the client is gone
+
+    def _refuse(self, answer: bytes) -> None:
+        """Answer ``answer`` and close: the request's head never reached the app."""
+        self._refused = True
+        self._disarm()
+        if not self.transport.is_closing():
+            self.transport.write(answer)
+            self.transport.close()
+
+    def _arm(self, delay_s: float, callback: Callable[[], None]) -> None:
+        self._disarm()
+        self._read_timer = self.loop.call_later(delay_s, callback)
+
+    def _disarm(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
 
 
 def bind(host: str, port: int, *, reuse_port: bool) -> socket.socket:
@@ -59,7 +170,7 @@ class HttpServer:
         self.name = name
         self.config = uvicorn.Config(
             app,
-            http="httptools",
+            http=GuardedHttpToolsProtocol,
             ws="none",
             lifespan="off",
             loop="none",

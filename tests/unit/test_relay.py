@@ -94,6 +94,16 @@ async def test_concurrent_calls_share_messages_and_each_gets_its_own_answer(rela
     assert 4.0 < relay.core.timeouts[0] <= 5.0, "the caller's remaining deadline travels with the frame"
 
 
+async def test_frames_of_one_turn_past_a_message_size_go_in_several_messages(relay: Relay) -> None:
+    """12 MiB of calls and 12 MiB of answers ready in one turn: past gRPC's 4 MiB per message as one,
+    which broke the stream (the answers of KServe requests carry every class's score)."""
+    bodies = [bytes([i]) * (256 * 1024) for i in range(48)]
+    answers = await asyncio.gather(*(relay.call(b) for b in bodies))
+    assert answers == [b[::-1] for b in bodies]
+    assert relay.servicer.calls_received == 48
+    assert relay.servicer.messages >= 12, "each message at most about MESSAGE_BYTES"
+
+
 def test_only_a_busy_stream_waits_to_share_a_message_and_never_long_against_its_round_trip() -> None:
     busy = COALESCE_OPEN_CALLS
     assert coalesce_wait_s(busy - 1, 1, 0.4) == 0.0, "a quiet stream sends at once"

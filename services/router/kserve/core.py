@@ -87,6 +87,9 @@ MAX_COUNT = 2**32 - 1
 """Largest ``top_k``, ``classification`` and ``priority`` (uint32s of the Classify request), and ``timeout``
 in microseconds (about 71 minutes)."""
 
+MAX_VERSION_DIGITS = 18
+"""A model version is a number of at most this many digits (any more is no version a model has)."""
+
 
 class Fleet(Protocol):
     """What the front reads of the fleet (``flotilla.common.fleet.FleetState``)."""
@@ -267,7 +270,9 @@ class KServeFront:
         """The version number a request names (0: the default), checked against the live ones."""
         if not version:
             return 0
-        if not version.isdigit() or int(version) < 1:
+        # ASCII digits only, and few: "²" passes isdigit() and fails int() (found by fuzzing), as do
+        # numbers past int()'s 4300 digits.
+        if not (version.isascii() and version.isdigit() and len(version) <= MAX_VERSION_DIGITS) or int(version) < 1:
             raise InvalidArgument(f"model version {shorten(version)!r} is not a positive number")
         number = int(version)
         if number not in spec.versions:

@@ -79,6 +79,8 @@ def decode_infer(model: str, version: str, body: bytes, header_length: int | Non
         document = json.loads(header)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedRequest(f"request body is not JSON: {shorten(str(exc))}") from None
+    except RecursionError:  # found by fuzzing: a few thousand nested arrays were a 500
+        raise MalformedRequest("request body is JSON nested too deeply") from None
     if not isinstance(document, dict):
         raise MalformedRequest("request body must be a JSON object with \"inputs\"")
     request_id = document.get("id", "")
@@ -180,7 +182,10 @@ def _input(tensor: object, place: int, binary: memoryview, offset: int) -> tuple
             for value in _flat(tensor["data"], where):
                 if not isinstance(value, str):
                     raise MalformedRequest(f"{where} is {BYTES}: its data must be strings, got {shorten(repr(value))}")
-                values.append(value.encode("utf-8"))
+                try:
+                    values.append(value.encode("utf-8"))
+                except UnicodeEncodeError:  # found by fuzzing: "\ud800" is valid JSON, no UTF-8 (a 500)
+                    raise MalformedRequest(f"{where}: {shorten(repr(value))} is not Unicode text") from None
     return InputTensor(name=name, datatype=datatype, shape=tuple(shape), values=values), offset
 
 
