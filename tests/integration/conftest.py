@@ -9,7 +9,9 @@ process at the end.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +135,30 @@ def write_unloadable(directory: Path) -> Path:
     (directory / "1").mkdir(parents=True)
     (directory / "1" / "model.onnx").write_bytes(model.SerializeToString())
     return directory
+
+
+PHOTOS = ("astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg", "motorcycle_left.jpg")
+"""The sample photos the front-door tests compare with Flotilla's own API."""
+
+
+@dataclass(frozen=True)
+class Photo:
+    name: str
+    uuid: str
+    index: int
+    """Top-1 class index by the Flotilla API."""
+    label: str
+
+
+@pytest.fixture(scope="module")
+async def photos(stack: LocalStack) -> dict[str, Photo]:
+    """``PHOTOS`` uploaded, each with its top-1 by Flotilla's own API (what the KServe and Triton
+    clients must get too)."""
+    assert stack.state is not None and stack.settings is not None
+    async with FlotillaClient(stack.state.router, API_KEY, stack.settings.s3) as client:
+        uploaded = {name: await client.upload(sample(name)) for name in PHOTOS}
+        answers = await asyncio.gather(*(client.classify(u, MODEL, top_k=1) for u in uploaded.values()))
+    return {
+        name: Photo(name, image_uuid, answer.classes[0].index, answer.classes[0].label)
+        for (name, image_uuid), answer in zip(uploaded.items(), answers, strict=True)
+    }

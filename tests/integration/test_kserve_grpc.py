@@ -5,12 +5,10 @@ with the protocol's status."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import queue
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -20,35 +18,11 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-from flotilla.clients.client import FlotillaClient
 from flotilla.stack.local import LocalStack
-from tests.integration.conftest import API_KEY, MAX_BATCH_SIZE, MAX_QUEUE_DELAY_US, MODEL, sample
+from tests.integration.conftest import API_KEY, MAX_BATCH_SIZE, MAX_QUEUE_DELAY_US, MODEL, PHOTOS, Photo
 
-PHOTOS = ("astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg", "motorcycle_left.jpg")
 HEADERS = {"authorization": f"Bearer {API_KEY}"}
 STREAM_WAIT_S = 60.0  # an answer's bound on a stream; a lost answer fails the test instead of hanging it
-
-
-@dataclass(frozen=True)
-class Photo:
-    name: str
-    uuid: str
-    index: int
-    """Top-1 class index by the Flotilla API."""
-    label: str
-
-
-@pytest.fixture(scope="module")
-async def photos(stack: LocalStack) -> dict[str, Photo]:
-    """The sample photos uploaded, each with its top-1 by Flotilla's own API."""
-    assert stack.state is not None and stack.settings is not None
-    async with FlotillaClient(stack.state.router, API_KEY, stack.settings.s3) as client:
-        uploaded = {name: await client.upload(sample(name)) for name in PHOTOS}
-        answers = await asyncio.gather(*(client.classify(u, MODEL, top_k=1) for u in uploaded.values()))
-    return {
-        name: Photo(name, image_uuid, answer.classes[0].index, answer.classes[0].label)
-        for (name, image_uuid), answer in zip(uploaded.items(), answers, strict=True)
-    }
 
 
 @pytest.fixture

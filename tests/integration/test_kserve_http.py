@@ -5,7 +5,6 @@ error with the protocol's status and ``{"error": ...}`` body."""
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import uuid
@@ -19,11 +18,9 @@ import tritonclient.http as triton_http
 import tritonclient.http.aio as triton_http_aio
 from tritonclient.utils import InferenceServerException
 
-from flotilla.clients.client import FlotillaClient
 from flotilla.stack.local import LocalStack
-from tests.integration.conftest import API_KEY, MODEL, sample
+from tests.integration.conftest import API_KEY, MODEL, Photo
 
-PHOTOS = ("astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg", "motorcycle_left.jpg")
 HEADERS = {"authorization": f"Bearer {API_KEY}"}
 """For curl. tritonclient.http writes into the headers it is given (Inference-Header-Content-Length),
 so each of its calls gets a fresh copy: ``auth()``."""
@@ -36,28 +33,6 @@ def auth() -> dict[str, str]:
 CURL_HEADERS = {"user-agent": "curl/8.5.0", "accept": "*/*"}
 """What curl sends on its own; a test adds what the command line would (-H)."""
 TIMEOUT_S = 120.0  # the first call of a model may wait for its cold start
-
-
-@dataclass(frozen=True)
-class Photo:
-    name: str
-    uuid: str
-    index: int
-    """Top-1 class index by the Flotilla API."""
-    label: str
-
-
-@pytest.fixture(scope="module")
-async def photos(stack: LocalStack) -> dict[str, Photo]:
-    """The sample photos uploaded, each with its top-1 by Flotilla's own API."""
-    assert stack.state is not None and stack.settings is not None
-    async with FlotillaClient(stack.state.router, API_KEY, stack.settings.s3) as client:
-        uploaded = {name: await client.upload(sample(name)) for name in PHOTOS}
-        answers = await asyncio.gather(*(client.classify(u, MODEL, top_k=1) for u in uploaded.values()))
-    return {
-        name: Photo(name, image_uuid, answer.classes[0].index, answer.classes[0].label)
-        for (name, image_uuid), answer in zip(uploaded.items(), answers, strict=True)
-    }
 
 
 @pytest.fixture
