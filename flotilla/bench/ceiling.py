@@ -32,7 +32,6 @@ import itertools
 import os
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -74,11 +73,8 @@ ANSWER_CLASSES = 10
 
 
 
-def classify_bodies(n: int = 256) -> list[bytes]:
-    return [
-        inference_pb2.ClassifyRequest(image_uuid=str(uuid.uuid4()), model_name=MODEL, top_k=1).SerializeToString()
-        for _ in range(n)
-    ]
+def classify_bodies() -> list[bytes]:
+    return front_loads.classify_bodies(MODEL, front_loads.random_uuids())
 
 
 def answer(image_uuid: str) -> inference_pb2.ClassifyResponse:

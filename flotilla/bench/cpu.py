@@ -22,8 +22,7 @@ from numpy.typing import NDArray
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from flotilla.api.v1 import inference_pb2
-from flotilla.bench.front_loads import classify_stream_load
+from flotilla.bench.front_loads import classify_bodies, classify_stream_load
 from flotilla.bench.inputs import LARGE_PHOTOS, large_photos, small_photos
 from flotilla.bench.meter import LOAD_GENERATOR, MODEL_STUBS, TIER_ORDER, MeteredPoint, Tier, metered_load
 from flotilla.clients.loadtest import StackTarget
@@ -170,10 +169,7 @@ def run(
                     uuids = await target.upload_images(photos, copies=8)
                     stream = None
                     if name == LARGE_OVER_STREAM:
-                        bodies = [
-                            inference_pb2.ClassifyRequest(image_uuid=u, model_name=model).SerializeToString()
-                            for u in uuids
-                        ]
+                        bodies = classify_bodies(model, uuids, top_k=0)
                         stream = classify_stream_load(state.router, STREAMS, model, state.api_key, bodies)
                     call = stream if stream is not None else target.mesh_call(model, uuids)
                     try:

@@ -44,7 +44,7 @@ MODEL_STREAM_INFER = f"/{KSERVE_SERVICE}/ModelStreamInfer"
 UUID_INPUT = "IMAGE_UUID"
 
 
-def _uuids(n: int = 256) -> list[str]:
+def random_uuids(n: int = 256) -> list[str]:
     return [str(uuid.uuid4()) for _ in range(n)]
 
 
@@ -80,7 +80,7 @@ class KServeLoad(_Channels):
         self._sends: Iterator[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = itertools.cycle(
             [c.unary_unary(MODEL_INFER) for c in self.channels]
         )
-        uuids = uuids or _uuids()
+        uuids = uuids or random_uuids()
         if len(uuids) < images:
             uuids = uuids * images
         self._bodies = itertools.cycle(
@@ -193,7 +193,7 @@ def triton_stream_load(
     address: str, connections: int, model: str, api_key: str, uuids: list[str] | None = None
 ) -> StreamLoad:
     """Triton's ``ModelStreamInfer``, one uuid per request."""
-    ring = itertools.cycle(uuids or _uuids())
+    ring = itertools.cycle(uuids or random_uuids())
 
     def body(request_id: str) -> bytes:
         return model_infer_body(model, [next(ring)], request_id)
@@ -219,7 +219,7 @@ class HttpLoad:
         self._headers = {"authorization": f"{BEARER_PREFIX}{api_key}", "content-type": "application/json"}
         self._bodies = itertools.cycle([
             json.dumps({"inputs": [{"name": UUID_INPUT, "datatype": "BYTES", "shape": [1], "data": [u]}]}).encode()
-            for u in uuids or _uuids()
+            for u in uuids or random_uuids()
         ])
         self._session: Any = None
 
@@ -269,9 +269,11 @@ class UnaryLoad(_Channels):
         return next(self._sends)(next(self._bodies), metadata=self._metadata, timeout=30.0)
 
 
-def classify_bodies(model: str, uuids: list[str]) -> list[bytes]:
+def classify_bodies(model: str, uuids: list[str], top_k: int = 1) -> list[bytes]:
+    """One serialised ClassifyRequest per uuid (``top_k`` 0: the model's default)."""
     return [
-        inference_pb2.ClassifyRequest(image_uuid=u, model_name=model, top_k=1).SerializeToString() for u in uuids
+        inference_pb2.ClassifyRequest(image_uuid=u, model_name=model, top_k=top_k).SerializeToString()
+        for u in uuids
     ]
 
 
@@ -280,7 +282,7 @@ def front_door_load(
     uuids: list[str] | None = None,
 ) -> Load:
     """The load of one front door on a router (``router_http``: its KServe HTTP address)."""
-    uuids = uuids or _uuids()
+    uuids = uuids or random_uuids()
     if api == "unary":
         return UnaryLoad(router, connections, model, api_key, classify_bodies(model, uuids))
     if api == "stream":
