@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -57,8 +58,12 @@ HTTP_CODES = {
 class ApiCalls:
     """Makes the ``call()`` of each front door and owns what they hold open (streams, clients, sessions)."""
 
-    def __init__(self, client: FlotillaClient, router: str, router_http: str, api_key: str) -> None:
+    def __init__(
+        self, client: FlotillaClient, router: str, router_http: str, api_key: str, *, tls_ca: str = ""
+    ) -> None:
+        """``tls_ca``: the router serves TLS, its certificate signed by this CA (PEM file); "": plaintext."""
         self.client = client
+        self.tls_ca = tls_ca
         self.router = router
         self.router_http = router_http
         self.api_key = api_key
@@ -92,7 +97,10 @@ class ApiCalls:
 
     def kserve_grpc_call(self, model: str, uuids: Sequence[str]) -> Call:
         if self._triton is None:
-            self._triton = triton_aio.InferenceServerClient(self.router)
+            self._triton = (
+                triton_aio.InferenceServerClient(self.router, ssl=True, root_certificates=self.tls_ca)
+                if self.tls_ca else triton_aio.InferenceServerClient(self.router)
+            )
         triton = self._triton
         headers = {AUTH_HEADER: f"{BEARER_PREFIX}{self.api_key}"}
         cycle = itertools.cycle(uuids)
@@ -110,7 +118,7 @@ class ApiCalls:
     def kserve_http_call(self, model: str, uuids: Sequence[str]) -> Call:
         if not self.router_http:
             raise SystemExit("the stack lists no router HTTP address (stack.json's router_http): restart it")
-        url = f"http://{self.router_http}/v2/models/{model}/infer"
+        url = f"{'https' if self.tls_ca else 'http'}://{self.router_http}/v2/models/{model}/infer"
         headers = {AUTH_HEADER: f"{BEARER_PREFIX}{self.api_key}"}
         cycle = itertools.cycle(uuids)
 
@@ -129,8 +137,10 @@ class ApiCalls:
         import aiohttp  # the loadtest extra
 
         if self._http is None:
+            context = ssl.create_default_context(cafile=self.tls_ca) if self.tls_ca else None
             self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)
+                connector=aiohttp.TCPConnector(limit=0, ssl=context if context is not None else True),
+                timeout=aiohttp.ClientTimeout(total=TIMEOUT_S),
             )
         return self._http
 

@@ -34,6 +34,7 @@ from flotilla.clients.stream import ClassifyStream
 from flotilla.common.ids import check_image_uuid, new_image_uuid, object_key
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.status import error_from_rpc
+from flotilla.common.tls import PLAINTEXT, Dialer
 from flotilla.common.wire import AUTH_HEADER, BEARER_PREFIX, MODEL_HEADER
 from flotilla.config import S3Settings
 from flotilla.errors import FlotillaError, InvalidArgument
@@ -75,8 +76,12 @@ class FlotillaClient:
         default_timeout_s: float = 30.0,
         transparent_retries: bool = True,
         own_connection: bool = False,
+        dialer: Dialer = PLAINTEXT,
     ) -> None:
-        """``transparent_retries``: let the channel retry UNAVAILABLE (off to see every failure).
+        """``dialer``: TLS to the router (its certificate checked against the dialer's CA) when the mesh
+        runs with it.
+
+        ``transparent_retries``: let the channel retry UNAVAILABLE (off to see every failure).
 
         ``own_connection``: this client's channel opens its own TCP connection
         instead of sharing one with the process's other channels to the same
@@ -93,7 +98,7 @@ class FlotillaClient:
         )
         if own_connection:
             options.append(("grpc.use_local_subchannel_pool", 1))
-        self._channel = grpc.aio.insecure_channel(router, options=options)
+        self._channel = dialer.aio_channel(router, options)
         self._stub = inference_pb2_grpc.ImageClassifierStub(self._channel)
 
     async def __aenter__(self) -> FlotillaClient:

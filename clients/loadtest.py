@@ -44,6 +44,7 @@ from flotilla.clients.loadgen import LoadResult, closed_loop, open_loop
 from flotilla.clients.models import ModelsClient
 from flotilla.common.admin import admin_metadata
 from flotilla.common.status import error_from_rpc
+from flotilla.common.tls import Dialer
 from flotilla.common.wire import MODEL_HEADER
 from flotilla.config import S3Settings
 from flotilla.errors import error_from_code
@@ -103,11 +104,14 @@ class RunningStack(Protocol):
     router_http: str
     api_key: str
     admin_key: str
+    tls_ca: str
     controller: str
     preprocess: list[str]
     triton: list[str]
 
     def s3_settings(self) -> S3Settings: ...
+
+    def dialer(self) -> Dialer: ...
 
 
 class StackTarget:
@@ -116,20 +120,21 @@ class StackTarget:
     def __init__(self, state: RunningStack) -> None:
         self.state = state
         self.s3 = state.s3_settings()
-        self.client = FlotillaClient(state.router, state.api_key, self.s3, default_timeout_s=60.0)
-        self.apis = ApiCalls(self.client, state.router, state.router_http, state.api_key)
+        self.dialer = state.dialer()
+        self.client = FlotillaClient(state.router, state.api_key, self.s3, default_timeout_s=60.0, dialer=self.dialer)
+        self.apis = ApiCalls(self.client, state.router, state.router_http, state.api_key, tls_ca=state.tls_ca)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._batchers: dict[str, str] = {}
 
     def channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address)
+            self._channels[address] = self.dialer.aio_channel(address)
         return self._channels[address]
 
     def batcher(self, model: str) -> str:
         """The address of the model's (first) batcher, from the controller."""
         if model not in self._batchers:
-            with ModelsClient(self.state.controller) as client:
+            with ModelsClient(self.state.controller, dialer=self.dialer) as client:
                 batchers = list(client.status(model).batchers)
             if not batchers:
                 raise SystemExit(f"model {model} has no batcher registered yet")

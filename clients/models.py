@@ -28,6 +28,7 @@ from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
 from flotilla.common.admin import admin_metadata
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.status import error_from_rpc
+from flotilla.common.tls import PLAINTEXT, Dialer
 from flotilla.common.wire import CONTROL_CHANNEL_OPTIONS
 from flotilla.config import ModelSettings, S3Settings, deploy_json
 from flotilla.errors import FlotillaError
@@ -59,10 +60,12 @@ def missing_labels(local_dir: Path, files: dict[str, dict[str, object]]) -> str 
 
 
 class ModelsClient:
-    def __init__(self, controller: str, admin_key: str | None = None) -> None:
+    def __init__(self, controller: str, admin_key: str | None = None, *, dialer: Dialer = PLAINTEXT) -> None:
+        """``dialer``: TLS (and this client's certificate, an admin identity's with TLS on) when the mesh
+        runs with it."""
         self.controller = controller
         self._admin = admin_metadata(admin_key)
-        self._channel = grpc.insecure_channel(controller, options=CONTROL_CHANNEL_OPTIONS)
+        self._channel = dialer.channel(controller, CONTROL_CHANNEL_OPTIONS)
         self._stub = controller_pb2_grpc.ControllerStub(self._channel)
 
     def __enter__(self) -> ModelsClient:

@@ -25,12 +25,16 @@ from typing import TYPE_CHECKING
 from flotilla.config import FlotillaSettings, S3Settings, load_settings
 from flotilla.errors import FlotillaError
 
+TLS_ENV = "FLOTILLA_TLS__ENABLED"
+"""Set, the CLI dials with ``FLOTILLA_TLS__*``'s files rather than the stack file's."""
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from flotilla.clients.client import ClassScore
     from flotilla.clients.loadtest import Row
     from flotilla.clients.models import ModelsClient
+    from flotilla.common.tls import Dialer
     from flotilla.stack.state import StackState
 
 DEFAULT_CONFIG = Path("flotilla.yaml")
@@ -65,7 +69,7 @@ def format_classification(title: str, classes: Sequence[ClassScore]) -> str:
 
 
 async def _classify_files(
-    router: str, api_key: str, s3: S3Settings, model: str, files: list[Path], top_k: int
+    router: str, api_key: str, s3: S3Settings, model: str, files: list[Path], top_k: int, dialer: Dialer
 ) -> int:
     """Upload and classify ``files`` on one ClassifyStream (``classify_many``); print each in the
     order given, as the ones before it are done. Returns how many failed."""
@@ -88,7 +92,7 @@ async def _classify_files(
             shown += 1
 
     show_ready()
-    async with FlotillaClient(router, api_key, s3) as client:
+    async with FlotillaClient(router, api_key, s3, dialer=dialer) as client:
         async for result in client.classify_many([jpeg for _, jpeg in readable], model, top_k=top_k):
             index = readable[result.index][0]
             name = files[index].name
@@ -146,6 +150,8 @@ def cmd_up(args: argparse.Namespace) -> None:
     settings = _settings(args.config)
     if args.prometheus:
         settings.observability.prometheus = True
+    if args.tls:
+        settings.tls.enabled = True
     print("starting the local stack ...", flush=True)
     with LocalStack(settings) as stack:
         print(stack.describe())
@@ -198,6 +204,7 @@ def cmd_run(args: argparse.Namespace) -> None:
             print(f"== {model} ==", flush=True)
             failures += asyncio.run(_classify_files(
                 stack.state.router, stack.state.api_key, stack.settings.s3, model, images, args.top_k,
+                stack.dialer,
             ))
             print(flush=True)
         print("stopping the local stack ...", flush=True)
@@ -210,7 +217,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
     s3 = state.s3_settings()
     router = args.router or state.router
     api_key = args.api_key or os.environ.get("FLOTILLA_API_KEY") or state.api_key
-    failures = asyncio.run(_classify_files(router, api_key, s3, args.model, args.images, args.top_k))
+    failures = asyncio.run(_classify_files(router, api_key, s3, args.model, args.images, args.top_k, state.dialer()))
     if failures:
         raise SystemExit(1)
 
@@ -230,9 +237,17 @@ def _models_client(args: argparse.Namespace) -> tuple[ModelsClient, StackState |
                 admin_key = StackState.read(args.state).admin_key or None
             except (OSError, ValueError, TypeError):
                 admin_key = None
-        return ModelsClient(args.controller, admin_key=admin_key), None
+        return ModelsClient(args.controller, admin_key=admin_key, dialer=_env_dialer()), None
     state = _running_state(args.state)
-    return ModelsClient(state.controller, admin_key=admin_key or state.admin_key or None), state
+    dialer = _env_dialer() if os.environ.get(TLS_ENV) else state.dialer()
+    return ModelsClient(state.controller, admin_key=admin_key or state.admin_key or None, dialer=dialer), state
+
+
+def _env_dialer() -> Dialer:
+    """TLS as ``FLOTILLA_TLS__*`` say (a mesh elsewhere, e.g. Kubernetes with an admin certificate)."""
+    from flotilla.common.tls import Dialer
+
+    return Dialer(FlotillaSettings().tls)
 
 
 def cmd_keys(args: argparse.Namespace) -> None:
@@ -441,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--config", type=Path, help=f"YAML configuration (default: {DEFAULT_CONFIG} if present)")
     up.add_argument("--prometheus", action="store_true",
                     help="also start Prometheus scraping every service (or set observability.prometheus)")
+    up.add_argument("--tls", action="store_true",
+                    help="TLS on every hop: a throwaway CA and per-service certificates in the run directory "
+                         "(or set tls.enabled)")
     up.set_defaults(func=cmd_up)
 
     run = sub.add_parser("run", help="start the stack, classify sample photos, stop")

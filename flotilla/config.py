@@ -9,6 +9,7 @@ Every duration and size carries its unit in its name.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +37,9 @@ class S3Settings(_Section):
     """Use HTTPS to reach the S3 API."""
     region: str = "us-east-1"
     """Region requests are signed for: the bucket's region on AWS S3; SeaweedFS and MinIO accept us-east-1."""
+    ca_file: Path | None = None
+    """PEM bundle of the CAs trusted for the store's certificate (``secure`` only). Unset: ``tls.ca_file``
+    when TLS is on, else the system's roots."""
 
 
 class BatchingSettings(_Section):
@@ -450,6 +454,9 @@ class ControllerSettings(_Section):
     SetBatching. Empty refuses them all (PERMISSION_DENIED saying so); the local stack generates one
     and writes it to its stack file, where ``flotilla models``/``keys`` read it (or from
     ``FLOTILLA_ADMIN_KEY``)."""
+    admin_identities: list[str] = ["flotilla-admin"]
+    """With TLS on (``tls.enabled``), a caller whose client certificate (signed by ``tls.ca_file``)
+    has one of these common names may make those mutating calls without an admin key."""
     replica_memory_mb: list[float] = [2048.0]
     """Memory budget of each Triton replica in MiB; the last value repeats for further replicas."""
     evict_idle_after_s: float = Field(10.0, ge=0)
@@ -486,6 +493,62 @@ class ControllerSettings(_Section):
     def budget_mb(self, index: int) -> float:
         budgets = self.replica_memory_mb or [2048.0]
         return budgets[min(index, len(budgets) - 1)]
+
+
+class TlsSettings(_Section):
+    """TLS on every hop between Flotilla's processes and at the router's front doors.
+
+    The three files are cert-manager's Secret layout (``ca.crt``, ``tls.crt``, ``tls.key``): each
+    process mounts its own certificate there. One certificate serves both ends of mutual TLS: the
+    server's certificate, and the client certificate a process presents when it calls another
+    tier. Files are re-read when they change (servers: at the next handshake; channels: within
+    ``reload_interval_s``), so a renewed certificate needs no restart.
+    """
+
+    enabled: bool = False
+    """Server TLS on the router's gRPC and HTTP ports, mutual TLS between router, batchers, workers
+    and controller, and TLS to Triton's gRPC endpoint (``triton``)."""
+    ca_file: Path = Path("/etc/flotilla/tls/ca.crt")
+    """PEM bundle of the CAs that sign the mesh's certificates (peers are checked against it)."""
+    cert_file: Path = Path("/etc/flotilla/tls/tls.crt")
+    """This process's PEM certificate chain: served to callers and presented to the tiers it calls."""
+    key_file: Path = Path("/etc/flotilla/tls/tls.key")
+    """The private key of ``cert_file`` (PEM)."""
+    public_cert_file: Path | None = None
+    """The certificate the router's front doors (gRPC and HTTP) serve to clients instead of
+    ``cert_file``, e.g. one from a public issuer clients already trust; unset: ``cert_file``. The
+    router still presents ``cert_file`` to the tiers it calls."""
+    public_key_file: Path | None = None
+    """The private key of ``public_cert_file``."""
+    server_name: str = ""
+    """The name a mesh server's certificate must carry, checked instead of the host dialled; empty: the
+    host dialled. Kubernetes dials batchers and workers by pod IP, which no certificate names: there
+    every mesh certificate carries one shared name (the tls component's ``flotilla-mesh``)."""
+    client_auth: bool = True
+    """The mesh's internal servers (controller, batchers, workers) require a client certificate signed
+    by ``ca_file`` (mutual TLS). The router's front doors never do: clients authenticate with keys."""
+    health_port: int = Field(0, ge=0, le=65535)
+    """A plaintext port serving only ``grpc.health.v1`` (kubelet's gRPC probes cannot speak TLS); 0:
+    none. Health answers reveal nothing but SERVING or not."""
+    triton: bool = True
+    """With TLS on, dial Triton's gRPC endpoint with TLS (and this process's certificate), and send
+    workers' batches over gRPC (Triton's HTTP endpoint has no TLS). Off: Triton stays plaintext
+    (a replica on the same host or pod)."""
+    reload_interval_s: float = Field(5.0, gt=0)
+    """How often long-lived channels look for changed files (servers check at every handshake,
+    at most once a second)."""
+
+    @model_validator(mode="after")
+    def _public_pair(self) -> TlsSettings:
+        if (self.public_cert_file is None) != (self.public_key_file is None):
+            raise ValueError("tls.public_cert_file and tls.public_key_file go together")
+        return self
+
+    def front_door(self) -> TlsSettings:
+        """The settings the router's front doors serve with: the public pair when there is one."""
+        if self.public_cert_file is None or self.public_key_file is None:
+            return self
+        return self.model_copy(update={"cert_file": self.public_cert_file, "key_file": self.public_key_file})
 
 
 class ObservabilitySettings(_Section):
@@ -575,7 +638,8 @@ class FlotillaSettings(BaseSettings):
     """The whole mesh's configuration; each service reads the sections it needs."""
 
     model_config = SettingsConfigDict(
-        env_prefix="FLOTILLA_", env_nested_delimiter="__", extra="forbid"
+        # A refused setting is not repeated in the error: it may be a secret (a misspelt secret_key).
+        env_prefix="FLOTILLA_", env_nested_delimiter="__", extra="forbid", hide_input_in_errors=True
     )
 
     host: str = "127.0.0.1"
@@ -595,6 +659,7 @@ class FlotillaSettings(BaseSettings):
     pools: PoolSettings = PoolSettings()
     controller: ControllerSettings = ControllerSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
+    tls: TlsSettings = TlsSettings()
     models: dict[str, ModelSettings] = {}
     """Models the local stack deploys through the registry when it starts."""
     endpoints: Endpoints = Endpoints()
@@ -610,6 +675,16 @@ class FlotillaSettings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The YAML file arrives as init kwargs; environment variables win over it.
         return env_settings, init_settings
+
+    @model_validator(mode="after")
+    def _s3_trusts_the_mesh_ca(self) -> FlotillaSettings:
+        """With TLS on, a store reached over HTTPS (``s3.secure``) with no ``s3.ca_file`` is checked
+        against the mesh's CA (``tls.ca_file``): a store inside the mesh (the local stack's SeaweedFS, an
+        in-cluster one) carries a certificate from the mesh's issuer. A store with a public certificate
+        (AWS S3) under TLS needs its ``ca_file`` set (e.g. the system's bundle)."""
+        if self.tls.enabled and self.s3.secure and self.s3.ca_file is None:
+            self.s3 = self.s3.model_copy(update={"ca_file": self.tls.ca_file})
+        return self
 
     def model(self, name: str) -> ModelSettings:
         """Settings of a configured model; KeyError when it is not configured."""
@@ -629,9 +704,14 @@ def load_settings(path: Path | None = None, **overrides: Any) -> FlotillaSetting
 
 
 def dump_settings(settings: FlotillaSettings, path: Path) -> None:
-    """Write settings (secrets included) as YAML that ``load_settings`` reads back."""
+    """Write settings (secrets included) as YAML that ``load_settings`` reads back, readable by the
+    owner alone."""
     data = settings.model_dump(mode="json")
     data["s3"]["secret_key"] = settings.s3.secret_key.get_secret_value()
     data["router"]["api_keys"] = [k.get_secret_value() for k in settings.router.api_keys]
     data["controller"]["admin_keys"] = [k.get_secret_value() for k in settings.controller.admin_keys]
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    # Private from the first byte (this module imports nothing of Flotilla's: not common.files).
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file that was there keeps its mode otherwise
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(yaml.safe_dump(data, sort_keys=False))

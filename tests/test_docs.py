@@ -68,7 +68,7 @@ PLACEHOLDERS = {
 }
 """What each placeholder of a synopsis becomes before the line is parsed."""
 FILE_SUFFIXES = (".proto", ".py", ".yaml", ".yml", ".json", ".jsonl", ".md", ".txt", ".jpg", ".png", ".onnx",
-                 ".csv", ".toml", ".env")
+                 ".csv", ".toml", ".env", ".crt", ".key")
 NOT_SETTINGS = {"FLOTILLA_API_KEY", "FLOTILLA_ADMIN_KEY"}
 """``FLOTILLA_`` variables that are not settings: ``flotilla infer``'s API key, the CLI's admin key."""
 

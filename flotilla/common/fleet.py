@@ -25,6 +25,7 @@ import grpc
 from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
 from flotilla.common.apikeys import KeyRecord
 from flotilla.common.tasks import cancel_and_wait
+from flotilla.common.tls import PLAINTEXT, Dialer, RenewingChannel
 from flotilla.common.wire import CONTROL_CHANNEL_OPTIONS
 from flotilla.config import ModelSettings
 
@@ -122,15 +123,15 @@ def ready_replicas(status: controller_pb2.ModelStatus) -> list[str]:
 
 
 class FleetWatcher:
-    def __init__(self, address: str, on_fleet: OnFleet, *, name: str) -> None:
+    def __init__(self, address: str, on_fleet: OnFleet, *, name: str, dialer: Dialer = PLAINTEXT) -> None:
         self.address = address
         self.on_fleet = on_fleet
         self.name = name
         self.state = FleetState()
         self._first = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.channel = grpc.aio.insecure_channel(address, options=CONTROL_CHANNEL_OPTIONS)
-        self.stub = controller_pb2_grpc.ControllerStub(self.channel)
+        self._channel = RenewingChannel(dialer, address, CONTROL_CHANNEL_OPTIONS)
+        self.stub = controller_pb2_grpc.ControllerStub(self._channel.channel)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"fleet:{self.name}")
@@ -161,12 +162,14 @@ class FleetWatcher:
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
-        await self.channel.close()
+        await self._channel.close()
 
     async def _run(self) -> None:
         delay_s = RETRY_INITIAL_S
         connected_before = False
         while True:
+            if self._channel.renew():  # certificate files renewed (TLS): a new channel with them
+                self.stub = controller_pb2_grpc.ControllerStub(self._channel.channel)
             try:
                 async for fleet in self.stub.WatchFleet(controller_pb2.WatchFleetRequest()):
                     if not connected_before or delay_s > RETRY_INITIAL_S:

@@ -13,6 +13,8 @@ turn them into Flotilla errors in one place, ``get_failure``:
 - a timeout, OSError or ``http.client.HTTPException``: the store is unreachable
   -> StoreUnavailable;
 - ``too_large``: an object past the caller's limit is ImageTooLarge at once.
+
+Both reach a store with ``secure`` over TLS with the context of ``store_ssl_context``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import hashlib
 import hmac
 import http.client
 import re
+import ssl
 from urllib.parse import quote
 
 from flotilla.common import metrics
@@ -37,6 +40,21 @@ ERROR_BODY_MAX_BYTES = 64 << 10
 _ERROR_CODE = re.compile(rb"<Code>([^<]{1,128})</Code>")
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _SIGNED_HEADERS = "host;x-amz-content-sha256;x-amz-date"
+
+
+def store_ssl_context(settings: S3Settings) -> ssl.SSLContext | None:
+    """The TLS context of every connection to the store (the minio SDK's, ``SignedGetter``'s and the
+    worker's ``AsyncObjectReader``'s): None over plaintext (``secure`` off). The store's certificate
+    and host name are checked against ``ca_file`` alone when it is set (``FlotillaSettings`` sets it
+    to ``tls.ca_file`` with TLS on), else against the system's trusted CAs."""
+    if not settings.secure:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=None if settings.ca_file is None else str(settings.ca_file))
+    except OSError as exc:  # ssl.SSLError is an OSError
+        raise ValueError(f"s3.ca_file {settings.ca_file} cannot be used: {exc}") from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def count_error(operation: str, kind: str) -> None:

@@ -8,13 +8,16 @@ connection per thread (``SignedGetter``): the minio SDK's request machinery
 cost about twice the client CPU per GET. The rest (put, list, stat, delete,
 buckets) goes through the minio SDK. The preprocess worker reads on its event
 loop instead, with the same signer and errors
-(``flotilla.services.preprocess.object_reader``).
+(``flotilla.services.preprocess.object_reader``). With ``secure``, both clients
+here speak TLS with one context (``object_get.store_ssl_context``: the store
+checked against ``ca_file``, or the system's CAs).
 """
 
 from __future__ import annotations
 
 import http.client
 import io
+import ssl
 import threading
 import time
 
@@ -33,12 +36,14 @@ from flotilla.common.object_get import (
     count_error,
     get_failure,
     refusal,
+    store_ssl_context,
     too_large,
 )
 from flotilla.config import S3Settings
 from flotilla.errors import StoreUnavailable
 
-_CLOSED_BY_PEER = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, http.client.RemoteDisconnected)
+_CLOSED_BY_PEER = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, http.client.RemoteDisconnected,
+                   ssl.SSLEOFError, ssl.SSLZeroReturnError)  # the last two: a TLS connection the peer closed
 
 
 class SignedGetter:
@@ -49,22 +54,30 @@ class SignedGetter:
     on a fresh one (GETs are idempotent).
     """
 
-    def __init__(self, settings: S3Settings, *, timeout_s: float, retries: int) -> None:
+    def __init__(
+        self, settings: S3Settings, *, timeout_s: float, retries: int, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        """``ssl_context``: the TLS context with ``secure`` (default: ``store_ssl_context(settings)``)."""
         self.signer = GetSigner(settings)
         self.host = settings.endpoint
         self.timeout_s = timeout_s
         self.connect_timeout_s = min(timeout_s, 2.0)
         self.retries = retries
-        self._connection_class = http.client.HTTPSConnection if settings.secure else http.client.HTTPConnection
+        self._ssl = (ssl_context or store_ssl_context(settings)) if settings.secure else None
         self._address = split_endpoint(self.host, settings.secure)
         self._local = threading.local()
+
+    def _new_connection(self) -> http.client.HTTPConnection:
+        if self._ssl is not None:
+            return http.client.HTTPSConnection(*self._address, timeout=self.connect_timeout_s, context=self._ssl)
+        return http.client.HTTPConnection(*self._address, timeout=self.connect_timeout_s)
 
     def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
         """This thread's connection, and whether it was used before."""
         connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
         if connection is not None and connection.sock is not None:
             return connection, True
-        connection = self._connection_class(*self._address, timeout=self.connect_timeout_s)
+        connection = self._new_connection()
         connection.connect()
         assert connection.sock is not None
         connection.sock.settimeout(self.timeout_s)
@@ -139,10 +152,15 @@ class ObjectStore:
     ) -> None:
         self.bucket = settings.bucket
         self.endpoint = settings.endpoint
+        context = store_ssl_context(settings)
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=min(timeout_s, 2.0), read=timeout_s),
             maxsize=pool_size,
             retries=urllib3.Retry(total=retries, backoff_factor=0.1, status_forcelist=(502, 503, 504)),
+            # HTTPS (secure): the store's certificate required and checked with this context alone (urllib3
+            # adds no CAs to a context it is given); plaintext pools ignore both.
+            cert_reqs="CERT_REQUIRED",
+            ssl_context=context,
         )
         self._client = Minio(
             settings.endpoint,
@@ -152,7 +170,7 @@ class ObjectStore:
             region=settings.region,
             http_client=http,
         )
-        self._getter = SignedGetter(settings, timeout_s=timeout_s, retries=retries)
+        self._getter = SignedGetter(settings, timeout_s=timeout_s, retries=retries, ssl_context=context)
 
     def put(self, key: str, data: bytes, content_type: str = "image/jpeg") -> None:
         try:

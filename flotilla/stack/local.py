@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import tritonclient.grpc as triton_grpc
@@ -49,12 +49,14 @@ from flotilla.clients.models import ModelsClient, missing_labels, upload_artifac
 from flotilla.common.fleet import FleetState, spec_of
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.probe import is_serving
+from flotilla.common.tls import PLAINTEXT, Dialer
 from flotilla.common.wire import CONTROL_CHANNEL_OPTIONS
 from flotilla.config import (
     Endpoints,
     FlotillaSettings,
     ModelSettings,
     S3Settings,
+    TlsSettings,
     dump_settings,
     spec_differences,
 )
@@ -66,6 +68,9 @@ from flotilla.stack.processes import ManagedProcess, free_port, wait_until
 from flotilla.stack.state import StackState, mark_stopped, now_iso, process_start_ticks
 from flotilla.stack.supervisor import Supervisor
 
+if TYPE_CHECKING:
+    from flotilla.common.certs import CertificateAuthority, IssuedFiles
+
 log = logging.getLogger(__name__)
 
 SERVICE_START_TIMEOUT_S = 60.0
@@ -76,6 +81,14 @@ WEED_PORT_TAKEN = "Port allocation failed"
 MODEL_READY_TIMEOUT_S = 180.0
 TRITON_SHM_PREFIX = "flotilla-triton-"
 """Replicas' Python-backend /dev/shm files: flotilla-triton-<stack pid>-<stack id>-<replica>-..."""
+TLS_ROLES = ("controller", "router", "batcher", "preprocess")
+"""The roles that get a certificate of their own (its common name) when the stack runs with TLS."""
+ADMIN_IDENTITY = "flotilla-admin"
+"""The certificate the stack and its CLI present (``controller.admin_identities``' default)."""
+S3_IDENTITY = "s3"
+"""With TLS on, SeaweedFS's certificate: its S3 port speaks HTTPS only, checked against the stack's CA."""
+TRITON_IDENTITY = "triton"
+"""With TLS on and ``tls.triton``, the replicas' certificate: their gRPC endpoints require mutual TLS."""
 
 
 def s3_ready(store: ObjectStore) -> bool:
@@ -106,9 +119,12 @@ def forget_previous_stack(s3: S3Settings, bucket: str, prefix: str) -> list[str]
     return changed
 
 
-def triton_ready(address: str) -> bool:
+def triton_ready(address: str, dialer: Dialer = PLAINTEXT) -> bool:
+    """Whether the replica at ``address`` reports ready (over TLS with ``dialer``'s certificate when it
+    is secure)."""
     try:
-        client = triton_grpc.InferenceServerClient(address)
+        creds = dialer.credentials() if dialer.secure else None
+        client = triton_grpc.InferenceServerClient(address, creds=creds)
         try:
             return bool(client.is_server_ready())
         finally:
@@ -181,7 +197,7 @@ class BatcherManager:
 
     def _follow(self) -> None:
         while not self._stopping.is_set():
-            with grpc.insecure_channel(self.controller, options=CONTROL_CHANNEL_OPTIONS) as channel:
+            with self.stack.dialer.channel(self.controller, CONTROL_CHANNEL_OPTIONS) as channel:
                 stub = controller_pb2_grpc.ControllerStub(channel)
                 self._call = call = stub.WatchFleet(controller_pb2.WatchFleetRequest())
                 try:
@@ -298,6 +314,15 @@ class LocalStack:
         """Started when settings.observability.prometheus is on; its HTTP API at prometheus.address."""
         self.supervisor = Supervisor()
         self.batcher_manager: BatcherManager | None = None
+        self.generated_api_key = False
+        """The stack made the dev API key (none was configured): ``describe`` shows it."""
+        self.tls_files: dict[str, IssuedFiles] = {}
+        self.tls_authority: CertificateAuthority | None = None
+        """The throwaway CA (kept in memory only: it renews a certificate, as in a test of renewal)."""
+        """With ``tls.enabled``: each role's certificate (and ``ADMIN_IDENTITY``'s, the stack's own and its
+        clients'), issued by a throwaway CA at start."""
+        self.dialer = PLAINTEXT
+        """How the stack (and its clients) reach its services: TLS with the admin identity's certificate."""
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -344,11 +369,15 @@ class LocalStack:
         return self._wait_for_s3(self._launch_s3())
 
     def _launch_s3(self) -> S3Settings:
-        """Start SeaweedFS on free ports; its S3 settings (not yet ready: ``_wait_for_s3``)."""
+        """Start SeaweedFS on free ports; its S3 settings (not yet ready: ``_wait_for_s3``). With TLS
+        (an ``S3_IDENTITY`` certificate issued), S3 is HTTPS only and checked against the stack's CA."""
         s3_settings = self.base.s3.model_copy(update={"endpoint": f"{self.host}:{free_port(self.host)}"})
+        certificate = self.tls_files.get(S3_IDENTITY)
+        if certificate is not None:
+            s3_settings = s3_settings.model_copy(update={"secure": True, "ca_file": certificate.ca_file})
         self.s3 = seaweed_s3(
             s3_settings, self.host, int(s3_settings.endpoint.rsplit(":", 1)[1]),
-            self.run_dir / "s3-data", self.logs / "seaweedfs.log",
+            self.run_dir / "s3-data", self.logs / "seaweedfs.log", tls=certificate,
         )
         self.s3.start()
         return s3_settings
@@ -374,6 +403,7 @@ class LocalStack:
 
     def _start(self) -> StackState:
         self.logs.mkdir(parents=True, exist_ok=True)
+        tls = self._issue_certificates()
         s3_settings = self._launch_s3()
 
         install = TritonInstallation.prepare(self.run_dir)
@@ -382,6 +412,9 @@ class LocalStack:
         ort_threads = max(1, (os.cpu_count() or 1) // self.base.triton.replicas)
         replica_dirs = []
         triton_http = []
+        # With TLS to Triton: mutual TLS on gRPC, no HTTP endpoint (none listed: workers use gRPC).
+        triton_tls = self.tls_files.get(TRITON_IDENTITY)
+        triton_dialer = self.dialer if triton_tls is not None else PLAINTEXT
         for i in range(self.base.triton.replicas):
             replica_dir = self.run_dir / f"triton-{i}"
             repository = replica_dir / "models"
@@ -389,11 +422,12 @@ class LocalStack:
             repository.mkdir(parents=True)
             replica_dirs.append(replica_dir)
             ports = TritonPorts.free(self.host)
-            triton_http.append(f"{self.host}:{ports.http}")
+            if triton_tls is None:
+                triton_http.append(f"{self.host}:{ports.http}")
             proc = install.process(
                 f"triton-{i}", host=self.host, ports=ports, model_repository=repository,
                 log_path=self.logs / f"triton-{i}.log", ort_threads=ort_threads,
-                shm_prefix=f"{self.shm_prefix}{i}-",
+                shm_prefix=f"{self.shm_prefix}{i}-", tls=triton_tls,
             )
             proc.start()
             self.tritons.append(proc)
@@ -407,7 +441,7 @@ class LocalStack:
             log.info("registry kept from an earlier stack: %s (their old batchers and replicas forgotten)",
                      ", ".join(forgotten))
         for proc in self.tritons:
-            wait_until(functools.partial(triton_ready, proc.address),
+            wait_until(functools.partial(triton_ready, proc.address, triton_dialer),
                        self.base.triton.startup_timeout_s, f"Triton {proc.address}", procs=[proc])
 
         endpoints = Endpoints(
@@ -419,7 +453,8 @@ class LocalStack:
         )
         # The router's KServe v2 HTTP front door, on a free port like every other (router.http_port).
         router_settings = self.base.router.model_copy(update={"http_port": free_port(self.host)})
-        if not router_settings.api_keys:
+        self.generated_api_key = not router_settings.api_keys
+        if self.generated_api_key:
             router_settings = router_settings.model_copy(
                 update={"api_keys": [SecretStr(secrets.token_urlsafe(24))]}
             )
@@ -435,6 +470,7 @@ class LocalStack:
             observability = observability.model_copy(update={"trace_dir": self.run_dir / "traces"})
         self.settings = self.base.model_copy(
             update={
+                "tls": tls,
                 "observability": observability,
                 "s3": s3_settings,
                 "endpoints": endpoints,
@@ -444,7 +480,6 @@ class LocalStack:
         )
         config_path = self.run_dir / "flotilla.resolved.yaml"
         dump_settings(self.settings, config_path)
-        config_path.chmod(0o600)
 
         # Tier by tier, each healthy before the next starts.
         self.controller = self.service("controller", "controller", endpoints.controller, config_path)
@@ -491,9 +526,14 @@ class LocalStack:
             s3_access_key=s3_settings.access_key,
             s3_secret_key=s3_settings.secret_key.get_secret_value(),
             s3_bucket=s3_settings.bucket,
+            s3_secure=s3_settings.secure,
+            s3_ca_file=str(s3_settings.ca_file) if s3_settings.ca_file is not None else "",
             models=list(self.base.models),
             controller=endpoints.controller,
             router_http=f"{self.host}:{self.settings.router.http_port}",
+            tls_ca=str(tls.ca_file) if tls.enabled else "",
+            tls_cert=str(tls.cert_file) if tls.enabled else "",
+            tls_key=str(tls.key_file) if tls.enabled else "",
             artifact_bucket=self.settings.controller.artifact_bucket,
             triton=triton_addresses,
             triton_http=triton_http,
@@ -507,6 +547,31 @@ class LocalStack:
         )
         self.state.write(self.state_file)
         return self.state
+
+    def _issue_certificates(self) -> TlsSettings:
+        """With ``tls.enabled``: a throwaway CA and a certificate per role in ``run_dir/tls`` (each service
+        gets its own through its environment); the settings point at the admin identity's, which the
+        stack and its clients present. Off: the settings as they are."""
+        if not self.base.tls.enabled:
+            return self.base.tls
+        from flotilla.common.certs import local_mesh_certificates
+
+        identities = [*TLS_ROLES, ADMIN_IDENTITY, S3_IDENTITY, *([TRITON_IDENTITY] if self.base.tls.triton else [])]
+        self.tls_authority, self.tls_files = local_mesh_certificates(self.run_dir / "tls", identities)
+        admin = self.tls_files[ADMIN_IDENTITY]
+        tls = self.base.tls.model_copy(
+            update={"ca_file": admin.ca_file, "cert_file": admin.cert_file, "key_file": admin.key_file, "health_port": 0}
+        )
+        self.dialer = Dialer(tls)
+        return tls
+
+    def _role_env(self, role: str) -> dict[str, str] | None:
+        """A service's environment: its own certificate with TLS on (None: the stack's environment)."""
+        files = self.tls_files.get(role)
+        if files is None:
+            return None
+        return {**os.environ, "FLOTILLA_TLS__CERT_FILE": str(files.cert_file),
+                "FLOTILLA_TLS__KEY_FILE": str(files.key_file)}
 
     @property
     def state_file(self) -> Path:
@@ -541,7 +606,7 @@ class LocalStack:
 
     def models_client(self) -> ModelsClient:
         assert self.settings is not None
-        return ModelsClient(self.settings.endpoints.controller, admin_key=self.admin_key)
+        return ModelsClient(self.settings.endpoints.controller, admin_key=self.admin_key, dialer=self.dialer)
 
     def deploy(self, name: str, spec: ModelSettings, *, replace: bool = False, wait: bool = True) -> None:
         """Upload ``spec.artifact`` (if set) and deploy through the registry, as an operator would."""
@@ -576,7 +641,9 @@ class LocalStack:
                 status = client.status(name)
                 spec = json.loads(status.spec_json)
                 copies_ok = spec["min_copies"] == 0 or any(c.state == "ready" for c in status.copies)
-                return copies_ok and bool(status.batchers) and all(is_serving(b) for b in status.batchers)
+                return copies_ok and bool(status.batchers) and all(
+                    is_serving(b, dialer=self.dialer) for b in status.batchers
+                )
 
             wait_until(ready, timeout_s, f"model {name}", procs=[p for p in [self.controller] if p])
         time.sleep(0.2)  # the router applies the same fleet snapshot; let it land
@@ -590,15 +657,15 @@ class LocalStack:
             argv += ["--model", model]
         proc = ManagedProcess(
             name, argv, log_path=self.logs / f"{name}.log", address=address,
-            metrics_address=f"{self.host}:{metrics_port}",
+            metrics_address=f"{self.host}:{metrics_port}", env=self._role_env(role),
         )
         proc.start()
         return proc
 
-    @staticmethod
-    def _wait_serving(procs: list[ManagedProcess]) -> None:
+    def _wait_serving(self, procs: list[ManagedProcess]) -> None:
         for proc in procs:
-            wait_until(functools.partial(is_serving, proc.address), SERVICE_START_TIMEOUT_S, proc.name, procs=[proc])
+            wait_until(functools.partial(is_serving, proc.address, dialer=self.dialer), SERVICE_START_TIMEOUT_S,
+                       proc.name, procs=[proc])
 
     @property
     def router(self) -> ManagedProcess | None:
@@ -618,13 +685,18 @@ class LocalStack:
     def describe(self) -> str:
         """Human-readable endpoints, for `flotilla up`."""
         assert self.state is not None and self.settings is not None
+        secure = self.settings.tls.enabled
         lines = [
-            f"router (gRPC):       {self.state.router}",
-            f"router (HTTP):       http://{self.state.router_http}/v2  (KServe v2 REST)",
+            f"router (gRPC):       {self.state.router}" + ("  (TLS)" if secure else ""),
+            f"router (HTTP):       {'https' if secure else 'http'}://{self.state.router_http}/v2  (KServe v2 REST)",
             f"controller (gRPC):   {self.state.controller}",
-            f"API key (dev):       {self.state.api_key}",
+            # A key the stack made is shown once, here; a configured one is its owner's to know.
+            f"API key (dev):       {self.state.api_key}" if self.generated_api_key
+            else "API key:             configured (router.api_keys)",
             f"admin key:           in {self.state_file} (admin_key; `flotilla models`/`keys` read it there)",
-            f"S3 endpoint:         http://{self.state.s3_endpoint}  bucket {self.state.s3_bucket}, "
+            *([f"TLS:                 CA {self.state.tls_ca}; mutual TLS between the tiers; the CLI presents "
+               f"{self.state.tls_cert} (admin identity {ADMIN_IDENTITY})"] if secure else []),
+            f"S3 endpoint:         {'https' if self.state.s3_secure else 'http'}://{self.state.s3_endpoint}  bucket {self.state.s3_bucket}, "
             f"artifacts {self.state.artifact_bucket}",
             f"Triton replicas:     {', '.join(self.state.triton)}  (budgets "
             + ", ".join(f"{self.settings.controller.budget_mb(i):.0f}" for i in range(len(self.state.triton)))

@@ -20,7 +20,9 @@ from pathlib import Path
 import psutil
 from pydantic import SecretStr
 
-from flotilla.config import S3Settings
+from flotilla.common.files import replace_file
+from flotilla.common.tls import PLAINTEXT, Dialer
+from flotilla.config import S3Settings, TlsSettings
 
 
 class StackNotRunning(Exception):
@@ -72,11 +74,11 @@ class StackState:
 
     router: str
     """The router's gRPC address (host:port): the Flotilla API and KServe v2 over gRPC."""
-    api_key: str
+    api_key: str = field(repr=False)
     """The router's dev key (router.api_keys): unscoped, unlimited."""
     s3_endpoint: str
     s3_access_key: str
-    s3_secret_key: str
+    s3_secret_key: str = field(repr=False)
     s3_bucket: str
     models: list[str]
     controller: str = ""
@@ -102,22 +104,37 @@ class StackState:
     """When the stack was up (ISO 8601, local time)."""
     stopped_at: str = ""
     """When it began to stop; empty while it runs."""
-    admin_key: str = ""
+    admin_key: str = field(default="", repr=False)
     """The control plane's admin key (controller.admin_keys), for ``flotilla models``/``keys``."""
+    tls_ca: str = ""
+    """With TLS on: the CA that signed the stack's certificates (PEM file); "" when it runs plaintext."""
+    tls_cert: str = ""
+    """The client certificate the CLI presents (the stack's admin identity), with ``tls_key``."""
+    tls_key: str = ""
+    s3_secure: bool = False
+    """The store speaks HTTPS (the stack runs with TLS); false in a state written before it could."""
+    s3_ca_file: str = ""
+    """The CA its certificate is checked against (PEM file; the stack's CA); "": the system's."""
+
+    def dialer(self) -> Dialer:
+        """Channels to the stack's services: TLS with the stack's client certificate when it has one."""
+        if not self.tls_ca:
+            return PLAINTEXT
+        return Dialer(TlsSettings(enabled=True, ca_file=Path(self.tls_ca), cert_file=Path(self.tls_cert),
+                                  key_file=Path(self.tls_key)))
 
     def s3_settings(self) -> S3Settings:
         """How to reach the stack's image bucket."""
         return S3Settings(
             endpoint=self.s3_endpoint, access_key=self.s3_access_key,
             secret_key=SecretStr(self.s3_secret_key), bucket=self.s3_bucket,
+            secure=self.s3_secure, ca_file=Path(self.s3_ca_file) if self.s3_ca_file else None,
         )
 
     def write(self, path: Path) -> None:
         """Replace ``path`` at once (a reader never sees half a file); mode 0600."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.__dict__, indent=2) + "\n", encoding="utf-8")
-        tmp.chmod(0o600)  # holds the dev API key, the admin key and S3 secret
-        tmp.replace(path)
+        # Holds the dev API key, the admin key and the S3 secret: private from its first byte.
+        replace_file(path, (json.dumps(self.__dict__, indent=2) + "\n").encode("utf-8"))
 
     @classmethod
     def read(cls, path: Path) -> StackState:

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from flotilla.api.v1 import batcher_pb2, batcher_pb2_grpc, pools_pb2
 from flotilla.common.admin import AdminGate
+from flotilla.common.tls import peer_common_names
 from flotilla.config import BatchingSettings
 from flotilla.errors import InvalidArgument
 from flotilla.pool.pool import EndpointPool
@@ -111,7 +112,7 @@ class BatcherAdminServicer(batcher_pb2_grpc.BatcherAdminServicer):
         self, request: batcher_pb2.SetBatchingRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> batcher_pb2.BatchingPolicy:
         if self.admin is not None:
-            self.admin.check(context.invocation_metadata() or (), "SetBatching")
+            self.admin.check(context.invocation_metadata() or (), "SetBatching", peer_common_names(context))
         queue = self.lanes.find(request.model_name).queue
         queue.set_policy(policy_from_pb(request.policy, queue.policy))
         return policy_to_pb(queue.policy)

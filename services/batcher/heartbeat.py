@@ -26,6 +26,7 @@ import grpc
 
 from flotilla.api.v1 import controller_pb2_grpc
 from flotilla.common.tasks import cancel_and_wait
+from flotilla.common.tls import PLAINTEXT, Dialer, RenewingChannel
 from flotilla.common.wire import CONTROL_CHANNEL_OPTIONS
 from flotilla.services.batcher.lanes import Lanes
 from flotilla.services.batcher.reports import HeartbeatBook
@@ -41,7 +42,9 @@ MIN_SPACING_S = 0.05
 class Heartbeat:
     """Sends this batcher's heartbeats to the controller until stopped."""
 
-    def __init__(self, controller: str, book: HeartbeatBook, lanes: Lanes, *, interval_s: float) -> None:
+    def __init__(
+        self, controller: str, book: HeartbeatBook, lanes: Lanes, *, interval_s: float, dialer: Dialer = PLAINTEXT
+    ) -> None:
         """``interval_s``: ``controller.shards.heartbeat_interval_s``, the controller's too (it holds a
         heartbeat that long at most)."""
         self.controller = controller
@@ -51,8 +54,8 @@ class Heartbeat:
         """The interval the controller gives (0: call again at once), else the configured one."""
         self.hold_s = interval_s
         """The longest the controller may hold a heartbeat."""
-        self.channel = grpc.aio.insecure_channel(controller, options=CONTROL_CHANNEL_OPTIONS)
-        self.stub = controller_pb2_grpc.ControllerStub(self.channel)
+        self._channel = RenewingChannel(dialer, controller, CONTROL_CHANNEL_OPTIONS)
+        self.stub = controller_pb2_grpc.ControllerStub(self._channel.channel)
         self._failing = False
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -64,6 +67,8 @@ class Heartbeat:
 
     async def beat(self) -> bool | None:
         """One heartbeat: None if the controller did not answer, else whether the assignment changed."""
+        if self._channel.renew():  # certificate files renewed (TLS)
+            self.stub = controller_pb2_grpc.ControllerStub(self._channel.channel)
         request = self.book.request()
         try:
             reply = await self.stub.ShardHeartbeat(request, timeout=self.hold_s + ANSWER_MARGIN_S)
@@ -119,4 +124,4 @@ class Heartbeat:
             self._answered.set_result(None)
         await cancel_and_wait(self._task)
         self._task = None
-        await self.channel.close()
+        await self._channel.close()

@@ -26,12 +26,13 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from flotilla.api.v1 import batcher_pb2_grpc, inference_pb2, preprocess_pb2_grpc, relay_pb2
-from flotilla.common.admin import AdminGate
+from flotilla.common.admin import admin_gate
 from flotilla.common.clock import Clock, MonotonicClock
 from flotilla.common.interceptors import UNKNOWN_MODEL, AdmissionLimit
 from flotilla.common.peer import GrpcPeer
 from flotilla.common.relay import RelayServicer
 from flotilla.common.server import ServiceServer, serve_until_signal
+from flotilla.common.tls import Dialer
 from flotilla.common.wire import (
     BATCHER_ADMIN_SERVICE,
     CLASSIFIER_SERVICE,
@@ -154,8 +155,10 @@ async def serve(settings: FlotillaSettings, port: int, *, dedicated_model: str =
     name = f"batcher[{dedicated_model}]" if dedicated_model else "batcher"
     clock = MonotonicClock()
 
+    dialer = Dialer(settings.tls)  # mutual TLS to the workers and the controller when tls.enabled
+
     def peer(address: str) -> GrpcPeer[preprocess_pb2_grpc.PreprocessorStub]:
-        return GrpcPeer(address, preprocess_pb2_grpc.PreprocessorStub)
+        return GrpcPeer(address, preprocess_pb2_grpc.PreprocessorStub, dialer=dialer)
 
     dns_interval_s = settings.pools.dns_refresh_interval_s
     pool, health_check = pool_from_settings(
@@ -174,7 +177,7 @@ async def serve(settings: FlotillaSettings, port: int, *, dedicated_model: str =
     advertised = settings.batcher.advertise_address or f"{settings.host}:{port}"
     heartbeat = Heartbeat(
         settings.endpoints.controller, HeartbeatBook(advertised, lanes, dedicated_model=dedicated_model), lanes,
-        interval_s=shards.heartbeat_interval_s,
+        interval_s=shards.heartbeat_interval_s, dialer=dialer,
     )
     handler = ClassifierHandler(lanes, heartbeat.fresh)
 
@@ -187,13 +190,13 @@ async def serve(settings: FlotillaSettings, port: int, *, dedicated_model: str =
     )
     server = ServiceServer(
         name, [CLASSIFIER_SERVICE, BATCHER_ADMIN_SERVICE, RELAY_SERVICE], grace_s=settings.shutdown_grace_s,
-        tier="batcher", admission=admission, model_label=model_label,
+        tier="batcher", admission=admission, model_label=model_label, tls=settings.tls,
     )
     relay = RelayServicer(handler.start, tier="batcher", admission=admission, model_label=model_label)
     server.server.add_generic_rpc_handlers([handler.generic_handler(), relay.generic_handler()])
     server.on_drain.append(relay.drain)
     batcher_pb2_grpc.add_BatcherAdminServicer_to_server(BatcherAdminServicer(
-        lanes, [pool], AdminGate(k.get_secret_value() for k in settings.controller.admin_keys)
+        lanes, [pool], admin_gate(settings),
     ), server.server)
     health_check.start()
     heartbeat.start()

@@ -17,6 +17,12 @@ Memory (``controller.memory_kind``), measured after a warm-up at the model's bat
   the copy's load to after its warm-up (``gpu_memory.GpuMemoryMeter``, which says
   how loads overlapping on one replica share it), and a budget of at most the
   GPUs' ``nv_gpu_memory_total_bytes`` less a reserve per GPU.
+
+With TLS to Triton (``tls.enabled`` and ``tls.triton``) the client dials the replica's gRPC endpoint
+with the controller's own certificate (mutual TLS, ``Dialer``) and reopens when the files are renewed.
+The controller never calls a replica's HTTP endpoint (``http_address`` is only passed on to the
+workers); with memory_kind gpu it reads the replica's metrics endpoint, plaintext HTTP whatever the
+TLS settings (Triton serves no TLS there; read-only counters).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
+from flotilla.common.tls import PLAINTEXT, Dialer, TlsFilesError
 from flotilla.config import ModelSettings
 from flotilla.errors import ModelLoadFailed
 from flotilla.services.controller.artifacts import ArtifactCache
@@ -120,9 +127,12 @@ class TritonReplica:
         http_address: str = "",
         memory_kind: Literal["host", "gpu"] = "host",
         gpu_memory: GpuMemorySource | GpuMemoryMeter | None = None,
+        dialer: Dialer = PLAINTEXT,
     ) -> None:
         """``memory_kind`` gpu needs ``gpu_memory``: the replica's metrics (``gpu_memory.TritonGpuMetrics``)
-        or a meter over them; the budget then shrinks to what its GPUs hold once a reading gives that."""
+        or a meter over them; the budget then shrinks to what its GPUs hold once a reading gives that.
+        ``dialer``: how the replica's gRPC endpoint is reached (TLS with this process's certificate when
+        Triton serves TLS, ``tls.triton``)."""
         self.address = address
         self.http_address = http_address
         """Its HTTP endpoint, for the workers (the fleet carries it); the controller itself speaks gRPC."""
@@ -142,9 +152,47 @@ class TritonReplica:
         self.cache = cache
         self.backend = backend
         self.instance_kind = instance_kind
-        self.client = triton_aio.InferenceServerClient(url=address)
+        self.dialer = dialer
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._open()
+
+    RETIRE_GRACE_S = 300.0
+    """How long a client opened with renewed-away certificate files is kept for the calls still on it
+    (a load, bounded by ``controller.load_timeout_s``) before it is closed."""
+
+    def _open(self) -> None:
+        generation = self.dialer.generation
+        creds = self.dialer.credentials() if self.dialer.secure else None  # TlsFilesError: unusable files
+        self.client = triton_aio.InferenceServerClient(url=self.address, creds=creds)
+        self._generation = generation
+
+    def _triton(self) -> triton_aio.InferenceServerClient:
+        """The client, reopened first when the certificate files changed (TLS; gRPC fixes a channel's
+        credentials when it opens): calls in flight finish on the old one, closed after RETIRE_GRACE_S.
+        Renewed files that cannot be used yet (a key written before its certificate) leave the old
+        client in use until they can."""
+        if self.dialer.generation != self._generation:
+            old = self.client
+            try:
+                self._open()
+            except TlsFilesError as exc:
+                log.warning("replica %s: keeping the current certificate: %s", self.address, exc)
+                return old
+            task = asyncio.get_running_loop().create_task(self._retire(old), name=f"retire client {self.address}")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        return self.client
+
+    async def _retire(self, client: triton_aio.InferenceServerClient) -> None:
+        try:
+            await asyncio.sleep(self.RETIRE_GRACE_S)
+        finally:
+            await client.close()
 
     async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()  # each closes its client as it ends
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         await self.client.close()
 
     async def is_live(self) -> bool:
@@ -154,7 +202,7 @@ class TritonReplica:
         (``budget_mb``); a failed reading is logged and the configured budget stays until one succeeds.
         """
         try:
-            live = bool(await self.client.is_server_live(client_timeout=WATCH_TIMEOUT_S))
+            live = bool(await self._triton().is_server_live(client_timeout=WATCH_TIMEOUT_S))
         except Exception:  # tritonclient raises several types for a server that is down or too slow
             return False
         if live and self.gpu is not None and self.gpu.last is None:
@@ -178,7 +226,7 @@ class TritonReplica:
 
     async def loaded(self) -> dict[str, list[int]]:
         """Model name -> versions READY on this replica (from Triton's repository index)."""
-        index = await self.client.get_model_repository_index(as_json=True, client_timeout=WATCH_TIMEOUT_S)
+        index = await self._triton().get_model_repository_index(as_json=True, client_timeout=WATCH_TIMEOUT_S)
         ready: dict[str, list[int]] = {}
         for entry in index.get("models", []):
             if entry.get("state") == "READY" and entry.get("version"):
@@ -213,7 +261,7 @@ class TritonReplica:
             await self._gpu_step(self.gpu.begin, name, spec.memory_mb)
         try:
             config = triton_config(name, spec, backend=self.backend, instance_kind=self.instance_kind)
-            await self.client.load_model(backend_name(name, spec), config=json.dumps(config))
+            await self._triton().load_model(backend_name(name, spec), config=json.dumps(config))
         except InferenceServerException as exc:
             await self._clear(name, spec)
             raise ModelLoadFailed(f"Triton at {self.address} could not load {name!r}: {exc.message()}") from exc
@@ -227,7 +275,7 @@ class TritonReplica:
         if self.gpu is not None:
             self.gpu.unloaded(name, spec.memory_mb)
         try:
-            await self.client.unload_model(backend_name(name, spec))
+            await self._triton().unload_model(backend_name(name, spec))
         except InferenceServerException as exc:
             log.warning("unloading %s from %s: %s", name, self.address, exc.message())
 
@@ -239,7 +287,7 @@ class TritonReplica:
         tensor = InferInput(spec.input.name, shape, spec.input.dtype)
         tensor.set_data_from_numpy(batch)
         for version in spec.versions:
-            await self.client.infer(backend_name(name, spec), [tensor], model_version=str(version))
+            await self._triton().infer(backend_name(name, spec), [tensor], model_version=str(version))
 
     def measure_memory_mb(self, name: str, spec: ModelSettings) -> float | None:
         """What the copy of ``name`` holds here after its warm-up (blocking); None when not measured.

@@ -16,11 +16,12 @@ from typing import Any
 import grpc
 
 from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
-from flotilla.common.admin import AdminGate
+from flotilla.common.admin import AdminGate, admin_gate
 from flotilla.common.fleet import key_to_pb
 from flotilla.common.interceptors import UNKNOWN_MODEL
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.server import ServiceServer, serve_until_signal
+from flotilla.common.tls import PLAINTEXT, Dialer, peer_common_names
 from flotilla.common.wire import CONTROLLER_SERVICE
 from flotilla.config import FlotillaSettings
 from flotilla.errors import InvalidArgument
@@ -160,7 +161,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
         self.feed = FleetFeed(controller)
 
     def _admin(self, context: grpc.aio.ServicerContext[Any, Any], action: str) -> None:
-        self.admin.check(context.invocation_metadata() or (), action)
+        self.admin.check(context.invocation_metadata() or (), action, peer_common_names(context))
 
     async def Deploy(
         self, request: controller_pb2.DeployRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -272,17 +273,24 @@ def build_controller(settings: FlotillaSettings) -> Controller:
         raise SystemExit(
             f"controller: {len(settings.endpoints.triton)} Triton endpoints but {len(dirs)} controller.replica_dirs"
         )
-    http = settings.endpoints.triton_http or [""] * len(settings.endpoints.triton)
+    # With TLS to Triton its HTTP endpoints (no TLS there) are not passed on: the workers use gRPC.
+    triton_tls = settings.tls.enabled and settings.tls.triton
+    http = [""] * len(settings.endpoints.triton)
+    if settings.endpoints.triton_http and not triton_tls:
+        http = settings.endpoints.triton_http
     if ctl.memory_kind == "gpu" and not settings.endpoints.triton_metrics:
         raise SystemExit("controller: controller.memory_kind gpu needs endpoints.triton_metrics (each Triton "
                          "replica's metrics host:port, in the order of endpoints.triton)")
     metrics_at = settings.endpoints.triton_metrics or [""] * len(settings.endpoints.triton)
+    # Triton's gRPC endpoints: mutual TLS with this process's certificate when they serve it (tls.triton).
+    triton_dialer = Dialer(settings.tls) if triton_tls else PLAINTEXT
     agents = [
         TritonReplica(
             address, ctl.budget_mb(i), Path(d) / "models", ArtifactCache(Path(d) / "cache", artifacts),
             backend=ctl.triton_backend, instance_kind=ctl.instance_kind, http_address=http[i],
             memory_kind=ctl.memory_kind,
             gpu_memory=TritonGpuMetrics(metrics_at[i]) if ctl.memory_kind == "gpu" else None,
+            dialer=triton_dialer,
         )
         for i, (address, d) in enumerate(zip(settings.endpoints.triton, dirs, strict=True))
     ]
@@ -305,10 +313,10 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     server = ServiceServer(
         "controller", [CONTROLLER_SERVICE], grace_s=settings.shutdown_grace_s, tier="controller",
         # Deploy names new models: registered ones are labels, the rest one value.
-        model_label=lambda name: name if name in controller.records else UNKNOWN_MODEL,
+        model_label=lambda name: name if name in controller.records else UNKNOWN_MODEL, tls=settings.tls,
     )
-    admin = AdminGate(k.get_secret_value() for k in settings.controller.admin_keys)
-    if not settings.controller.admin_keys:
+    admin = admin_gate(settings)
+    if not settings.controller.admin_keys and not settings.tls.enabled:
         log.warning("controller: no admin key (controller.admin_keys); Deploy, Undeploy and key changes "
                     "will be refused")
     controller_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(controller, admin), server.server)

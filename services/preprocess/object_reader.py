@@ -3,7 +3,9 @@
 No thread per GET: each goes through the worker's own HTTP/1.1 client
 (``http_client``: the body lands in place, ~half aiohttp's client CPU per GET;
 its docstring has the measurements), signed and its failures translated as the
-blocking ``ObjectStore``'s are (``flotilla.common.object_get``).
+blocking ``ObjectStore``'s are (``flotilla.common.object_get``), over TLS with
+``secure`` (the context of ``object_get.store_ssl_context``, as the blocking
+store's).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from flotilla.common.object_get import (
     ReadFailed,
     get_failure,
     refusal,
+    store_ssl_context,
     too_large,
 )
 from flotilla.config import S3Settings
@@ -43,6 +46,9 @@ class AsyncObjectReader:
         self.endpoint = settings.endpoint
         self.bucket = settings.bucket
         self.secure = settings.secure
+        self.ssl_context = store_ssl_context(settings)
+        """The TLS context of its connections (None: plaintext); made here, so a bad ``ca_file`` fails
+        the worker's start, not its first GET."""
         self.timeout_s = timeout_s
         self.max_connections = max_connections
         self.retries = retries
@@ -52,7 +58,8 @@ class AsyncObjectReader:
         if self._pool is None:
             host, port = split_endpoint(self.endpoint, self.secure)
             self._pool = HttpConnectionPool(
-                host, port, secure=self.secure, max_connections=self.max_connections, timeout_s=self.timeout_s
+                host, port, secure=self.secure, max_connections=self.max_connections, timeout_s=self.timeout_s,
+                ssl_context=self.ssl_context,
             )
         return self._pool
 

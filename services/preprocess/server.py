@@ -29,6 +29,7 @@ from flotilla.common.fleet import FleetChange, FleetState, FleetWatcher, ready_r
 from flotilla.common.interceptors import UNKNOWN_MODEL
 from flotilla.common.server import ServiceServer, serve_until_signal
 from flotilla.common.status import error_from_rpc
+from flotilla.common.tls import PLAINTEXT, Dialer, RenewingChannel
 from flotilla.common.wire import PREPROCESSOR_SERVICE
 from flotilla.config import FlotillaSettings, PreprocessSettings
 from flotilla.pool.status import pools_to_pb
@@ -150,12 +151,15 @@ class FleetFollower:
 class ControllerColdStart:
     """EnsureLoaded on the controller; returns the replicas with a ready copy."""
 
-    def __init__(self, stub: controller_pb2_grpc.ControllerStub, backend_to_model: dict[str, str]) -> None:
-        self.stub = stub
+    def __init__(self, channel: RenewingChannel, backend_to_model: dict[str, str]) -> None:
+        self.channel = channel
+        self.stub = controller_pb2_grpc.ControllerStub(channel.channel)
         self.backend_to_model = backend_to_model
 
     async def __call__(self, backend_model: str) -> list[str]:
         name = self.backend_to_model.get(backend_model, backend_model)
+        if self.channel.renew():  # certificate files renewed (TLS)
+            self.stub = controller_pb2_grpc.ControllerStub(self.channel.channel)
         try:
             status = await self.stub.EnsureLoaded(controller_pb2.EnsureLoadedRequest(name=name))
         except grpc.aio.AioRpcError as exc:
@@ -183,13 +187,16 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     executor = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
     metrics.PREPROCESS_DECODE_THREADS.set(decode_threads)
     store = AsyncObjectReader(settings.s3, max_connections=settings.preprocess.max_fetches)
-    channel = grpc.aio.insecure_channel(settings.endpoints.controller)
+    dialer = Dialer(settings.tls)  # mutual TLS to the controller when tls.enabled
+    channel = RenewingChannel(dialer, settings.endpoints.controller)
     backend_to_model: dict[str, str] = {}
     backend = TritonBackend(
         settings.pools,
-        cold_start=ControllerColdStart(controller_pb2_grpc.ControllerStub(channel), backend_to_model),
+        cold_start=ControllerColdStart(channel, backend_to_model),
         shm=batch_regions(settings.preprocess),
         protocol=settings.preprocess.triton_protocol,
+        # Triton's gRPC with this worker's certificate when it serves TLS (tls.triton; batches then go over gRPC).
+        dialer=dialer if settings.tls.triton else PLAINTEXT,
     )
     processor = BatchProcessor(
         {},
@@ -201,12 +208,12 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
         decode_jobs=decode_threads,
     )
     follower = FleetFollower(processor, backend, backend_to_model)
-    watcher = FleetWatcher(settings.endpoints.controller, follower.apply, name="preprocess")
+    watcher = FleetWatcher(settings.endpoints.controller, follower.apply, name="preprocess", dialer=dialer)
     watcher.start()
     await watcher.wait_first(10.0)
     server = ServiceServer(
         "preprocess", [PREPROCESSOR_SERVICE], grace_s=settings.shutdown_grace_s, tier="preprocess",
-        model_label=lambda name: name if name in processor.models else UNKNOWN_MODEL,
+        model_label=lambda name: name if name in processor.models else UNKNOWN_MODEL, tls=settings.tls,
     )
     preprocess_pb2_grpc.add_PreprocessorServicer_to_server(
         PreprocessorServicer(processor, backend), server.server

@@ -36,6 +36,8 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from flotilla.common.tasks import cancel_and_wait
+from flotilla.common.tls import CertFiles, http_ssl_context, reload_ssl_context
+from flotilla.config import TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +168,13 @@ def bind(host: str, port: int, *, reuse_port: bool) -> socket.socket:
 class HttpServer:
     """Serves one ASGI app in the running event loop until ``stop``."""
 
-    def __init__(self, app: Any, *, grace_s: float, name: str = "http") -> None:
+    def __init__(self, app: Any, *, grace_s: float, name: str = "http", tls: TlsSettings | None = None) -> None:
+        """``tls`` (when enabled): HTTPS with its front door's certificate (``TlsSettings.front_door``),
+        reloaded when the files change."""
         self.name = name
+        self.tls = tls.front_door() if tls is not None and tls.enabled else None
+        self._tls_files: CertFiles | None = None
+        self._reloads: asyncio.Task[None] | None = None
         self.config = uvicorn.Config(
             app,
             http=GuardedHttpToolsProtocol,
@@ -196,14 +203,25 @@ class HttpServer:
         """Serve on ``sock``, a listening socket this server now owns; returns its port."""
         self._sockets = [sock]
         self.config.load()
+        if self.tls is not None:
+            self._tls_files = CertFiles(self.tls)
+            self._tls_files.read()  # checks the pair; the context below is made from the same files
+            self.config.ssl = http_ssl_context(self.tls)
+            self._reloads = asyncio.create_task(self._reload_certificates(), name=f"{self.name}-tls")
         self._server.lifespan = self.config.lifespan_class(self.config)  # off: what Server.serve would make
         await self._server.startup(sockets=self._sockets)
         # The tick loop keeps the Date header current; it returns once should_exit is set.
         self._ticks = asyncio.create_task(self._server.main_loop(), name=f"{self.name}-ticks")
         self.port = int(sock.getsockname()[1])
         host = sock.getsockname()[0]
-        log.info("%s listening on %s:%d", self.name, host, self.port)
+        log.info("%s listening on %s:%d%s", self.name, host, self.port, " (TLS)" if self.tls else "")
         return self.port
+
+    async def _reload_certificates(self) -> None:
+        assert self.tls is not None and self._tls_files is not None and self.config.ssl is not None
+        while True:
+            await asyncio.sleep(self.tls.reload_interval_s)
+            reload_ssl_context(self.config.ssl, self._tls_files)
 
     def drain(self) -> None:
         """Begin stopping (for ``ServiceServer.on_drain``: at once, beside the gRPC server's drain);
@@ -220,6 +238,7 @@ class HttpServer:
     async def _stop(self) -> None:
         assert self._ticks is not None
         self._server.should_exit = True
+        await cancel_and_wait(self._reloads)
         await cancel_and_wait(self._ticks)
         await self._server.shutdown(sockets=self._sockets)
         log.info("%s stopped", self.name)

@@ -25,6 +25,7 @@ the controller which keys it saw used (``keys list``'s last use).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from flotilla.common.interceptors import MAX_CACHED_METHODS, UNKNOWN_MODEL, Admi
 from flotilla.common.peer import GrpcPeer
 from flotilla.common.server import ServiceServer, serve_until_signal
 from flotilla.common.tasks import cancel_and_wait
+from flotilla.common.tls import Dialer
 from flotilla.common.wire import AUTH_HEADER, CLASSIFIER_SERVICE, CLASSIFY_STREAM_METHOD, KSERVE_SERVICE, MODEL_HEADER
 from flotilla.config import FlotillaSettings, PoolSettings
 from flotilla.pool.pool import Endpoint
@@ -123,14 +125,15 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
         raise SystemExit("router: endpoints.controller is empty; the router follows the controller's routes")
     static = ApiKeys(k.get_secret_value() for k in settings.router.api_keys)
     keys = KeyBook(static, processes=settings.router.processes, clock=time.monotonic, unix_clock=time.time)
-    routes = BatcherRoutes(settings.pools)
+    dialer = Dialer(settings.tls)  # mutual TLS to the batchers and the controller when tls.enabled
+    routes = BatcherRoutes(settings.pools, make_peer=functools.partial(GrpcPeer, dialer=dialer))
 
     async def on_fleet(state: FleetState, change: FleetChange) -> None:
         keys.apply([key_from_pb(state.keys[name]) for name in change.keys_changed if name in state.keys],
                    change.keys_removed, full=change.full)
         await routes.apply(state, change)
 
-    watcher = FleetWatcher(settings.endpoints.controller, on_fleet, name="router")
+    watcher = FleetWatcher(settings.endpoints.controller, on_fleet, name="router", dialer=dialer)
     watcher.start()
     if not await watcher.wait_first(FIRST_FLEET_TIMEOUT_S):
         log.warning("router: no answer from the controller at %s yet; starting with no routes",
@@ -140,7 +143,7 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     server = ServiceServer(
         "router", [CLASSIFIER_SERVICE, KSERVE_SERVICE], grace_s=settings.shutdown_grace_s, tier="router",
         admission=AdmissionLimit("router", settings.router.max_concurrent_calls, "router.max_concurrent_calls"),
-        model_label=model_label, reuse_port=settings.router.processes > 1,
+        model_label=model_label, reuse_port=settings.router.processes > 1, tls=settings.tls, public=True,
     )
     if not settings.router.api_keys and not len(keys):
         log.warning("router: no static API keys (router.api_keys) and no registered keys yet; requests are "
@@ -165,7 +168,7 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     http = None
     if settings.router.http_port:
         app = KServeHttp(kserve_front, forwarder.authorize, observer=CallObserver("router", server.admission, model_label))
-        http = HttpServer(app, grace_s=settings.shutdown_grace_s, name="router http")
+        http = HttpServer(app, grace_s=settings.shutdown_grace_s, name="router http", tls=settings.tls)
         await http.start(settings.host, settings.router.http_port, reuse_port=settings.router.processes > 1)
         server.on_drain.append(http.drain)
 

@@ -7,6 +7,12 @@ KServe v2 gRPC (``grpc_replica``) otherwise; ``replica`` is what both
 offer. A failed call is turned into a Flotilla error here, at the boundary,
 from its gRPC status code whichever protocol carried it.
 
+With TLS to Triton (a secure ``dialer``: ``tls.enabled`` and ``tls.triton``) the
+protocol is gRPC whatever ``preprocess.triton_protocol`` says, decided here
+where the worker picks it: Triton's HTTP endpoint has no TLS, so every replica
+is called over gRPC with the worker's certificate (mutual TLS). Shared memory
+to a replica on this host works the same over it.
+
 A replica on this host (a loopback address) gets the batch through system
 shared memory instead when the worker has regions to give (``shm``): the
 batch is copied once into a region registered with that replica, and the
@@ -36,6 +42,7 @@ from numpy.typing import NDArray
 from opentelemetry.trace import SpanKind
 
 from flotilla.common import metrics, tracing
+from flotilla.common.tls import PLAINTEXT, Dialer
 from flotilla.config import BackendSettings, PoolSettings
 from flotilla.errors import (
     BackendError,
@@ -82,14 +89,19 @@ class TritonBackend:
         clock: Callable[[], float] = time.monotonic,
         shm: SharedMemoryRegions | None = None,
         protocol: str = "http",
+        dialer: Dialer = PLAINTEXT,
     ) -> None:
+        """``dialer``: how replicas' gRPC endpoints are reached (TLS with the worker's certificate when
+        secure; then ``protocol`` is "grpc" whatever is asked: see the module's docstring)."""
         self.settings = settings
         self.cold_start = cold_start
         self._clock = clock
         self.shm = shm
         """Regions for batches to replicas on this host; None sends every batch inline."""
-        self.protocol = protocol
-        """"http": replicas with a known HTTP endpoint are called over HTTP; "grpc": every one over gRPC."""
+        self.dialer = dialer
+        self.protocol = "grpc" if dialer.secure else protocol
+        """"http": replicas with a known HTTP endpoint are called over HTTP; "grpc": every one over gRPC
+        (always with TLS to Triton)."""
         self._http: dict[str, str] = {}
         self._clients: dict[str, Replica] = {}
         self.pools: dict[str, EndpointPool[Replica]] = {}
@@ -105,9 +117,10 @@ class TritonBackend:
         http = self._http_for(address)
         if http:
             return HttpReplica(address, http, shm_prefix_base=prefix)
-        return GrpcReplica(address, shm_prefix_base=prefix)
+        return GrpcReplica(address, shm_prefix_base=prefix, dialer=self.dialer)
 
-    def _client(self, address: str) -> Replica:
+    def client_for(self, address: str) -> Replica:
+        """The client of the replica at ``address`` (made on first use)."""
         if address not in self._clients:
             self._clients[address] = self._new_client(address)
         return self._clients[address]
@@ -144,7 +157,7 @@ class TritonBackend:
             self.pools[model] = pool
         pool.max_outstanding = capacity
         if {e.address for e in pool.endpoints} != set(addresses):
-            pool.set_endpoints({a: self._client(a) for a in addresses})
+            pool.set_endpoints({a: self.client_for(a) for a in addresses})
 
     def remove(self, model: str) -> None:
         pool = self.pools.pop(model, None)
@@ -163,7 +176,7 @@ class TritonBackend:
         addresses = await asyncio.shield(task)
         pool = self.pools.get(model)
         if pool is not None and not pool.endpoints:
-            pool.set_endpoints({a: self._client(a) for a in addresses})
+            pool.set_endpoints({a: self.client_for(a) for a in addresses})
 
     async def infer(
         self,

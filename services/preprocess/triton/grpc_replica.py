@@ -8,11 +8,16 @@ serialisation make three), and the output is read with ``np.frombuffer`` on
 ``raw_output_contents``. A batch in a shared-memory region is a request
 naming the region. Failed calls raise ``ReplicaCallError`` with the call's
 status code. Used for replicas whose HTTP endpoint the worker does not know
-(``http_replica`` is cheaper per batch) and for ``preprocess.triton_protocol: grpc``.
+(``http_replica`` is cheaper per batch), for ``preprocess.triton_protocol: grpc``
+and for every replica with TLS to Triton (``tls.triton``: the channel is the
+worker ``Dialer``'s, mutual TLS with the worker's certificate, reopened when the
+files are renewed).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -24,6 +29,7 @@ from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from flotilla.common import tracing
 from flotilla.common.keepalive import PEER_KEEPALIVE_S, PEER_KEEPALIVE_TIMEOUT_S, keepalive_options
+from flotilla.common.tls import PLAINTEXT, Dialer, TlsFilesError
 from flotilla.errors import Code
 from flotilla.services.preprocess.triton.replica import InferCall, ReplicaCallError, SharedMemoryRegistrations
 from flotilla.services.preprocess.triton.shm import Region, is_loopback
@@ -37,6 +43,13 @@ SHM_UNREGISTER = "/inference.GRPCInferenceService/SystemSharedMemoryUnregister"
 SHM_STATUS = "/inference.GRPCInferenceService/SystemSharedMemoryStatus"
 MAX_MESSAGE_BYTES = 2**31 - 1
 """gRPC message limit both ways (tritonclient's): a batch of large FP32 images exceeds the 4 MiB default."""
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # A replica that vanished without a reset fails its batches UNAVAILABLE (retried on
+    # another copy) within seconds, not at their deadlines; Triton runs with TRITON_PING_ARGS.
+    *keepalive_options(PEER_KEEPALIVE_S, PEER_KEEPALIVE_TIMEOUT_S),
+]
 # ModelInferRequest.raw_input_contents (field 7, length-delimited): its tag byte on the wire.
 _RAW_INPUT_TAG = bytes([(service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number << 3) | 2])
 
@@ -105,24 +118,27 @@ def decode_infer_response(response: service_pb2.ModelInferResponse, output_name:
 
 class GrpcReplica(SharedMemoryRegistrations):
     """One replica's channel, its ModelInfer method on pre-serialised requests, and its
-    registrations of the worker's shared-memory regions."""
+    registrations of the worker's shared-memory regions.
+
+    ``dialer`` opens the channel: plaintext, or TLS with the worker's certificate. Renewed
+    certificate files (``Dialer.generation``, looked at before each batch) open a new channel; calls
+    in flight finish on the old one, closed once they have (at most ``RETIRE_GRACE_S``)."""
 
     protocol = "grpc"
     http_address = None
+    RETIRE_GRACE_S = 60.0
 
-    def __init__(self, address: str, *, shm_prefix_base: str | None = None) -> None:
+    def __init__(self, address: str, *, shm_prefix_base: str | None = None, dialer: Dialer = PLAINTEXT) -> None:
         super().__init__(address, shared_memory=shm_prefix_base is not None and is_loopback(address),
                          shm_prefix_base=shm_prefix_base)
-        self.channel = grpc.aio.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                # A replica that vanished without a reset fails its batches UNAVAILABLE (retried on
-                # another copy) within seconds, not at their deadlines; Triton runs with TRITON_PING_ARGS.
-                *keepalive_options(PEER_KEEPALIVE_S, PEER_KEEPALIVE_TIMEOUT_S),
-            ],
-        )
+        self.dialer = dialer
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._open()
+
+    def _open(self) -> None:
+        generation = self.dialer.generation
+        self.channel = self.dialer.aio_channel(self.address, CHANNEL_OPTIONS)  # TlsFilesError: unusable files
+        self._generation = generation
         # No request serialiser: the request arrives as bytes from encode_infer_request.
         self.model_infer: grpc.aio.UnaryUnaryMultiCallable[bytes, service_pb2.ModelInferResponse]
         self.model_infer = self.channel.unary_unary(
@@ -144,8 +160,26 @@ class GrpcReplica(SharedMemoryRegistrations):
             response_deserializer=service_pb2.SystemSharedMemoryStatusResponse.FromString,
         )
 
+    def _renew_if_rotated(self) -> None:
+        """A new channel (and its methods) when the certificate files changed; files that cannot be used
+        yet (a key written before its certificate) leave the current one in use until they can."""
+        if self.dialer.generation == self._generation:
+            return
+        old = self.channel
+        try:
+            self._open()
+        except TlsFilesError as exc:
+            log.warning("Triton at %s: keeping the current certificate: %s", self.address, exc)
+            return
+        task = asyncio.get_running_loop().create_task(
+            old.close(grace=self.RETIRE_GRACE_S), name=f"retire channel {self.address}"
+        )
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
     async def infer(self, call: InferCall, in_region: bool, timeout_s: float | None) -> NDArray[Any] | None:
         """See ``replica.Replica.infer``."""
+        self._renew_if_rotated()
         if in_region:
             assert call.region is not None
             region = call.region.name
@@ -181,6 +215,10 @@ class GrpcReplica(SharedMemoryRegistrations):
             raise call_error(exc) from exc
 
     async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.channel.close()
 
 
