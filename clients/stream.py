@@ -32,7 +32,7 @@ import grpc
 from flotilla.api.v1 import inference_pb2
 from flotilla.clients.results import Classification, classification_of
 from flotilla.common.status import error_from_rpc
-from flotilla.errors import Code, DeadlineExceeded, FlotillaError, Unavailable, error_from_code
+from flotilla.errors import Code, DeadlineExceeded, FlotillaError, ResourceExhausted, Unavailable, error_from_code
 
 ANSWER_GRACE_S = 5.0
 """How long past a request's own deadline the client waits for the router's answer to it (the
@@ -113,7 +113,10 @@ class ClassifyStream:
         finally:
             self._waiting.pop(stream_id, None)
         if answer.HasField("error"):
-            raise error_from_code(answer.error.code, answer.error.message, answer.error.origin)
+            error = error_from_code(answer.error.code, answer.error.message, answer.error.origin)
+            if answer.error.retry_after_ms and isinstance(error, ResourceExhausted):
+                error.retry_after_s = answer.error.retry_after_ms / 1000  # a key over its rate: when to retry
+            raise error
         return classification_of(answer.response)
 
     async def close(self) -> None:

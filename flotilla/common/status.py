@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import grpc
 
-from flotilla.common.wire import ORIGIN_HEADER
-from flotilla.errors import Code, DeadlineExceeded, FlotillaError, Unavailable, error_from_code
+from flotilla.common.wire import ORIGIN_HEADER, RETRY_AFTER_HEADER
+from flotilla.errors import Code, DeadlineExceeded, FlotillaError, ResourceExhausted, Unavailable, error_from_code
 
 
 def from_grpc_code(code: grpc.StatusCode) -> Code:
@@ -42,4 +42,9 @@ def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.Call, upstream: str) -> Flot
         return Unavailable(f"{upstream} is unavailable: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(f"deadline exceeded waiting for {upstream}: {details}")
-    return error_from_code(from_grpc_code(code), details)
+    error = error_from_code(from_grpc_code(code), details)
+    if isinstance(error, ResourceExhausted):  # a key over its rate says when to retry
+        retry_after_ms = next((str(v) for k, v in exc.trailing_metadata() or () if k == RETRY_AFTER_HEADER), "")
+        if retry_after_ms.isdigit():
+            error.retry_after_s = int(retry_after_ms) / 1000
+    return error

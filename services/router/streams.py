@@ -155,7 +155,7 @@ class _OneStream:
         except Exception as exc:
             code, message = status_of(exc, TIER)
             self.observer.end(call, code)
-            return error_answer(request.id, code, message, origin_of(exc))
+            return error_answer(request.id, code, message, origin_of(exc), retry_after_s=getattr(exc, "retry_after_s", None))
         self.observer.end(call, OK)
         return relay_pb2.OpaqueStreamResponse(id=request.id, response=response)
 
@@ -180,10 +180,15 @@ class _OneStream:
         return error_answer(request.id, code, message, "")
 
 
-def error_answer(request_id: str, code: grpc.StatusCode, message: str, origin: str) -> relay_pb2.OpaqueStreamResponse:
-    return relay_pb2.OpaqueStreamResponse(
-        id=request_id, error=relay_pb2.OpaqueStreamError(code=code.value[0], message=message, origin=origin)
-    )
+def error_answer(
+    request_id: str, code: grpc.StatusCode, message: str, origin: str, *, retry_after_s: float | None = None
+) -> relay_pb2.OpaqueStreamResponse:
+    """A request's error on the stream; ``retry_after_s`` (a key over its rate): when to retry, as the
+    unary call's ``retry-after-ms`` trailer says it."""
+    retry_after_ms = max(1, round(retry_after_s * 1000)) if retry_after_s is not None else 0
+    return relay_pb2.OpaqueStreamResponse(id=request_id, error=relay_pb2.OpaqueStreamError(
+        code=code.value[0], message=message, origin=origin, retry_after_ms=retry_after_ms,
+    ))
 
 
 def _sooner(stream_remaining: TimeRemaining, timeout_s: float) -> TimeRemaining:

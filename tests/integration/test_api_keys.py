@@ -15,7 +15,7 @@ from flotilla.cli import main
 from flotilla.clients.client import FlotillaClient
 from flotilla.clients.models import ModelsClient
 from flotilla.common.wire import CLASSIFY_METHOD, MODEL_HEADER, RETRY_AFTER_HEADER
-from flotilla.errors import Code, FlotillaError
+from flotilla.errors import Code, FlotillaError, ResourceExhausted
 from flotilla.stack.local import LocalStack
 from tests.integration.conftest import MODEL, sample
 from tests.waiting import until
@@ -99,6 +99,24 @@ async def test_over_its_rate_a_key_is_refused_with_a_retry_hint(
     assert over.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "slow" in (over.details() or "")
     retry_after_ms = int(dict(over.trailing_metadata() or ())[RETRY_AFTER_HEADER])
     assert 0 < retry_after_ms <= 2000
+
+
+async def test_flotillas_client_gets_the_retry_hint_on_unary_calls_and_on_the_stream(
+    stack: LocalStack, router: grpc.aio.Channel, image: str
+) -> None:
+    assert stack.state is not None and stack.settings is not None
+    with stack.models_client() as models:
+        token = models.create_key("slow-client", [MODEL], rate_per_s=0.2, burst=1).token
+    await until(lambda: _accepts(router, token, image), 5, "the router accepts the new key")  # the one token
+    async with FlotillaClient(stack.state.router, token, stack.settings.s3, transparent_retries=False) as client:
+        with pytest.raises(ResourceExhausted) as unary:
+            await client.classify(image, MODEL)
+        assert unary.value.retry_after_s is not None and 0 < unary.value.retry_after_s <= 5.0
+        async with client.stream(MODEL) as stream:
+            with pytest.raises(ResourceExhausted) as streamed:
+                await stream.classify(image)
+        assert "slow-client" in str(streamed.value)
+        assert streamed.value.retry_after_s is not None and 0 < streamed.value.retry_after_s <= 5.0
 
 
 async def test_a_revoked_key_stops_within_a_second(

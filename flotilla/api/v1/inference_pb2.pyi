@@ -63,14 +63,16 @@ class ClassifyStreamRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., request: _Optional[_Union[ClassifyRequest, _Mapping]] = ..., model_name: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class StreamError(_message.Message):
-    __slots__ = ("code", "message", "origin")
+    __slots__ = ("code", "message", "origin", "retry_after_ms")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
     origin: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., origin: _Optional[str] = ...) -> None: ...
+    retry_after_ms: int
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., origin: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class ClassifyStreamResponse(_message.Message):
     __slots__ = ("id", "response", "error")

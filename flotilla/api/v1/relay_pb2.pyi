@@ -79,11 +79,13 @@ class OpaqueStreamResponse(_message.Message):
     def __init__(self, id: _Optional[str] = ..., response: _Optional[bytes] = ..., error: _Optional[_Union[OpaqueStreamError, _Mapping]] = ...) -> None: ...
 
 class OpaqueStreamError(_message.Message):
-    __slots__ = ("code", "message", "origin")
+    __slots__ = ("code", "message", "origin", "retry_after_ms")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
     origin: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., origin: _Optional[str] = ...) -> None: ...
+    retry_after_ms: int
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., origin: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
