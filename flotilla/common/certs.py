@@ -14,6 +14,7 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -21,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from flotilla.common.files import replace_file
+from flotilla.config import TlsSettings
 
 CA_FILE = "ca.crt"
 CERT_FILE = "tls.crt"
@@ -34,6 +36,11 @@ class IssuedFiles:
     ca_file: Path
     cert_file: Path
     key_file: Path
+
+    def tls_settings(self, **update: Any) -> TlsSettings:
+        """TLS on, with these files (and ``update``'s other fields)."""
+        return TlsSettings(enabled=True, ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file,
+                           **update)
 
 
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:

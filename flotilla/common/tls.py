@@ -195,14 +195,18 @@ PLAINTEXT = Dialer()
 class RenewingChannel:
     """A channel that ``renew`` reopens when the certificate files changed; calls in flight finish on
     the old one (closed with ``RETIRE_GRACE_S`` of grace). Callers renew before a call and make
-    their stubs again when it did (the fleet watch, heartbeats, a worker's cold-start calls)."""
+    their stubs again when it did (the fleet watch, heartbeats, a worker's cold-start calls and its
+    batches to Triton). Renewed files that cannot be used yet (a key written before its certificate)
+    leave the current channel in use until they can."""
 
-    RETIRE_GRACE_S = 60.0
-
-    def __init__(self, dialer: Dialer, address: str, options: Sequence[tuple[str, Any]] = ()) -> None:
+    def __init__(
+        self, dialer: Dialer, address: str, options: Sequence[tuple[str, Any]] = (), *, retire_grace_s: float = 60.0
+    ) -> None:
+        """``retire_grace_s``: how long calls in flight on a renewed-away channel may take to finish."""
         self.dialer = dialer
         self.address = address
         self.options = list(options)
+        self.retire_grace_s = retire_grace_s
         self._generation = dialer.generation
         self.channel = dialer.aio_channel(address, self.options)
         self._retiring: set[asyncio.Task[None]] = set()
@@ -213,9 +217,14 @@ class RenewingChannel:
         generation = self.dialer.generation
         if generation == self._generation:
             return False
-        old, self.channel = self.channel, self.dialer.aio_channel(self.address, self.options)
+        old = self.channel
+        try:
+            self.channel = self.dialer.aio_channel(self.address, self.options)
+        except TlsFilesError as exc:  # a key written before its certificate: the old channel until they match
+            log.warning("%s: keeping the current certificate: %s", self.address, exc)
+            return False
         self._generation = generation
-        task = asyncio.create_task(old.close(grace=self.RETIRE_GRACE_S), name=f"retire channel {self.address}")
+        task = asyncio.create_task(old.close(grace=self.retire_grace_s), name=f"retire channel {self.address}")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
         return True

@@ -52,8 +52,7 @@ def _state(stack: LocalStack) -> StackState:
 
 
 def _role_tls(stack: LocalStack, role: str) -> TlsSettings:
-    files = stack.tls_files[role]
-    return TlsSettings(enabled=True, ca_file=files.ca_file, cert_file=files.cert_file, key_file=files.key_file)
+    return stack.tls_files[role].tls_settings()
 
 
 async def test_classify_over_tls_gets_the_plaintext_stacks_answers(

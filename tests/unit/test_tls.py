@@ -37,8 +37,7 @@ WHO = "/test.Who/Am"
 
 
 def settings(files: IssuedFiles, **update: Any) -> TlsSettings:
-    return TlsSettings(enabled=True, ca_file=files.ca_file, cert_file=files.cert_file, key_file=files.key_file,
-                       **update)
+    return files.tls_settings(**update)
 
 
 @pytest.fixture(scope="module")

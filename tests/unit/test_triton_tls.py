@@ -48,8 +48,7 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
 
 
 def tls(files: IssuedFiles, **update: Any) -> TlsSettings:
-    return TlsSettings(enabled=True, ca_file=files.ca_file, cert_file=files.cert_file, key_file=files.key_file,
-                       **update)
+    return files.tls_settings(**update)
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,6 @@ files are renewed).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -29,7 +27,7 @@ from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from flotilla.common import tracing
 from flotilla.common.keepalive import PEER_KEEPALIVE_S, PEER_KEEPALIVE_TIMEOUT_S, keepalive_options
-from flotilla.common.tls import PLAINTEXT, Dialer, TlsFilesError
+from flotilla.common.tls import PLAINTEXT, Dialer, RenewingChannel
 from flotilla.errors import Code
 from flotilla.services.preprocess.triton.replica import InferCall, ReplicaCallError, SharedMemoryRegistrations
 from flotilla.services.preprocess.triton.shm import Region, is_loopback
@@ -121,24 +119,25 @@ class GrpcReplica(SharedMemoryRegistrations):
     registrations of the worker's shared-memory regions.
 
     ``dialer`` opens the channel: plaintext, or TLS with the worker's certificate. Renewed
-    certificate files (``Dialer.generation``, looked at before each batch) open a new channel; calls
-    in flight finish on the old one, closed once they have (at most ``RETIRE_GRACE_S``)."""
+    certificate files (``Dialer.generation``, looked at before each batch) open a new channel
+    (``RenewingChannel``); calls in flight finish on the old one."""
 
     protocol = "grpc"
     http_address = None
-    RETIRE_GRACE_S = 60.0
 
     def __init__(self, address: str, *, shm_prefix_base: str | None = None, dialer: Dialer = PLAINTEXT) -> None:
         super().__init__(address, shared_memory=shm_prefix_base is not None and is_loopback(address),
                          shm_prefix_base=shm_prefix_base)
         self.dialer = dialer
-        self._retiring: set[asyncio.Task[None]] = set()
-        self._open()
+        self._channel = RenewingChannel(dialer, address, CHANNEL_OPTIONS)  # TlsFilesError: unusable files
+        self._bind()
 
-    def _open(self) -> None:
-        generation = self.dialer.generation
-        self.channel = self.dialer.aio_channel(self.address, CHANNEL_OPTIONS)  # TlsFilesError: unusable files
-        self._generation = generation
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        return self._channel.channel
+
+    def _bind(self) -> None:
+        """This replica's methods on the current channel."""
         # No request serialiser: the request arrives as bytes from encode_infer_request.
         self.model_infer: grpc.aio.UnaryUnaryMultiCallable[bytes, service_pb2.ModelInferResponse]
         self.model_infer = self.channel.unary_unary(
@@ -160,26 +159,10 @@ class GrpcReplica(SharedMemoryRegistrations):
             response_deserializer=service_pb2.SystemSharedMemoryStatusResponse.FromString,
         )
 
-    def _renew_if_rotated(self) -> None:
-        """A new channel (and its methods) when the certificate files changed; files that cannot be used
-        yet (a key written before its certificate) leave the current one in use until they can."""
-        if self.dialer.generation == self._generation:
-            return
-        old = self.channel
-        try:
-            self._open()
-        except TlsFilesError as exc:
-            log.warning("Triton at %s: keeping the current certificate: %s", self.address, exc)
-            return
-        task = asyncio.get_running_loop().create_task(
-            old.close(grace=self.RETIRE_GRACE_S), name=f"retire channel {self.address}"
-        )
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
-
     async def infer(self, call: InferCall, in_region: bool, timeout_s: float | None) -> NDArray[Any] | None:
         """See ``replica.Replica.infer``."""
-        self._renew_if_rotated()
+        if self._channel.renew():  # certificate files renewed (TLS to Triton)
+            self._bind()
         if in_region:
             assert call.region is not None
             region = call.region.name
@@ -215,11 +198,7 @@ class GrpcReplica(SharedMemoryRegistrations):
             raise call_error(exc) from exc
 
     async def close(self) -> None:
-        for task in list(self._retiring):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self.channel.close()
+        await self._channel.close()
 
 
 def call_error(exc: grpc.aio.AioRpcError) -> ReplicaCallError:
