@@ -80,11 +80,12 @@ class Row:
     """The router's front door the mesh's load came through (``--api``); the baseline's is its own."""
 
 
-async def triton_totals(addresses: Sequence[str], model: str) -> tuple[int, int]:
-    """Summed (inference_count, execution_count) over the replicas that hold the model."""
+async def triton_totals(addresses: Sequence[str], model: str, dialer: Dialer) -> tuple[int, int]:
+    """Summed (inference_count, execution_count) over the replicas that hold the model (over mutual TLS
+    with ``dialer``'s certificate when the replicas serve TLS)."""
     inferences = executions = 0
     for address in addresses:
-        client = triton_aio.InferenceServerClient(address)
+        client = triton_aio.InferenceServerClient(address, creds=dialer.credentials() if dialer.secure else None)
         try:
             stats = await client.get_inference_statistics(model, as_json=True)
         except InferenceServerException:
@@ -251,10 +252,10 @@ async def measure(
     else:
         load = asyncio.create_task(open_loop(call, rate_per_s=rate_per_s, duration_s=duration_s, on_done=on_done))
     await admin.GetStats(batcher_pb2.GetStatsRequest(reset=True, model_name=model))
-    before = await triton_totals(target.state.triton, backend_model)
+    before = await triton_totals(target.state.triton, backend_model, target.dialer)
     await asyncio.sleep(duration_s)
     stats = await admin.GetStats(batcher_pb2.GetStatsRequest(reset=True, model_name=model))
-    after = await triton_totals(target.state.triton, backend_model)
+    after = await triton_totals(target.state.triton, backend_model, target.dialer)
     result: LoadResult = await load
     inferences, executions = after[0] - before[0], after[1] - before[1]
     return Row(

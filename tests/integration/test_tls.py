@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flotilla.clients.api_calls import Api, ApiCalls
 from flotilla.clients.client import FlotillaClient
+from flotilla.clients.loadtest import triton_totals
 from flotilla.clients.models import ModelsClient
 from flotilla.common.ids import new_image_uuid, object_key
 from flotilla.common.object_store import ObjectStore
@@ -211,3 +212,14 @@ async def test_the_load_tests_doors_speak_tls(tls_stack: LocalStack, api: Api) -
             assert await calls.call(api, MODEL, [image_uuid])() is not None
         finally:
             await calls.close()
+
+
+async def test_the_load_test_reads_tritons_counters_over_mutual_tls(
+    tls_stack: LocalStack, photos: dict[str, Photo]
+) -> None:
+    state = _state(tls_stack)
+    before = await triton_totals(state.triton, MODEL, state.dialer())
+    async with FlotillaClient(state.router, API_KEY, state.s3_settings(), dialer=state.dialer()) as client:
+        await client.classify(await client.upload(sample("rocket.jpg")), MODEL, timeout_s=TIMEOUT_S)
+    after = await triton_totals(state.triton, MODEL, state.dialer())
+    assert after[0] > before[0] and after[1] > before[1]
