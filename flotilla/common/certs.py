@@ -43,10 +43,6 @@ class IssuedFiles:
                            **update)
 
 
-def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    replace_file(path, data, mode=mode)
-
-
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Flotilla"),
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -123,11 +119,11 @@ class CertificateAuthority:
         certificate = builder.sign(self.key, hashes.SHA256())
         directory.mkdir(parents=True, exist_ok=True)
         files = IssuedFiles(directory / CA_FILE, directory / CERT_FILE, directory / KEY_FILE)
-        _write(files.ca_file, self.pem)
-        _write(files.key_file, key.private_bytes(
+        replace_file(files.ca_file, self.pem, mode=0o644)
+        replace_file(files.key_file, key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         ), mode=0o600)
-        _write(files.cert_file, certificate.public_bytes(serialization.Encoding.PEM))
+        replace_file(files.cert_file, certificate.public_bytes(serialization.Encoding.PEM), mode=0o644)
         return files
 
 
@@ -138,5 +134,5 @@ def local_mesh_certificates(
     (its common name; for 127.0.0.1 and localhost), each in ``directory/<identity>/``."""
     authority = CertificateAuthority.create()
     directory.mkdir(parents=True, exist_ok=True)
-    _write(directory / CA_FILE, authority.pem)
+    replace_file(directory / CA_FILE, authority.pem, mode=0o644)
     return authority, {name: authority.issue(directory / name, name) for name in identities}

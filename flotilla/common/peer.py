@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flotilla.common.keepalive import PEER_KEEPALIVE_S, PEER_KEEPALIVE_TIMEOUT_S, keepalive_options
 from flotilla.common.relay import RelayClient
-from flotilla.common.tls import PLAINTEXT, Dialer
+from flotilla.common.tls import PLAINTEXT, Dialer, RenewingChannel
 
 S = TypeVar("S")
 
@@ -23,8 +23,8 @@ class GrpcPeer(Generic[S]):
     The channel keeps its connection alive with pings (``PEER_KEEPALIVE_S``).
 
     With TLS (``dialer``), a health probe that finds the certificate files renewed opens a new
-    channel with them; calls in flight finish on the old one, closed once they have (at most
-    ``RETIRE_GRACE_S``)."""
+    channel with them (``RenewingChannel``); calls in flight finish on the old one, its relay
+    closed once they have (at most ``RETIRE_GRACE_S``)."""
 
     RETIRE_GRACE_S = 60.0
 
@@ -38,36 +38,40 @@ class GrpcPeer(Generic[S]):
         dialer: Dialer = PLAINTEXT,
     ) -> None:
         self.address = address
-        self.dialer = dialer
-        self._options = keepalive_options(keepalive_s, keepalive_timeout_s)
         self._stub_factory = stub_factory
+        self._channel = RenewingChannel(
+            dialer, address, keepalive_options(keepalive_s, keepalive_timeout_s), retire_grace_s=self.RETIRE_GRACE_S
+        )
         self._retiring: set[asyncio.Task[None]] = set()
-        self._open()
+        self._bind()
 
-    def _open(self) -> None:
-        self._generation = self.dialer.generation
-        self.channel = self.dialer.aio_channel(self.address, self._options)
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        return self._channel.channel
+
+    def _bind(self) -> None:
+        """The stub, health probe and (when first used) relay on the current channel."""
         self.stub: S | None = self._stub_factory(self.channel) if self._stub_factory else None
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._relay: RelayClient | None = None
 
     def _renew_if_rotated(self) -> None:
-        if self.dialer.generation == self._generation:
+        relay = self._relay
+        if not self._channel.renew():
             return
-        channel, relay = self.channel, self._relay
-        self._open()
-        task = asyncio.create_task(self._retire(channel, relay), name=f"retire channel {self.address}")
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._bind()
+        if relay is not None:
+            task = asyncio.create_task(self._retire(relay), name=f"retire relay {self.address}")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
 
-    async def _retire(self, channel: grpc.aio.Channel, relay: RelayClient | None) -> None:
+    async def _retire(self, relay: RelayClient) -> None:
+        """Close a renewed-away channel's relay once its calls are answered (the channel closes after)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.RETIRE_GRACE_S
-        while relay is not None and relay.open_calls and loop.time() < deadline:
+        while relay.open_calls and loop.time() < deadline:
             await asyncio.sleep(0.5)
-        if relay is not None:
-            await relay.close()
-        await channel.close(grace=max(0.0, deadline - loop.time()))
+        await relay.close()
 
     @property
     def relay(self) -> RelayClient:
@@ -89,4 +93,4 @@ class GrpcPeer(Generic[S]):
                 await task
         if self._relay is not None:
             await self._relay.close()
-        await self.channel.close()
+        await self._channel.close()

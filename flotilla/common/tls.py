@@ -194,7 +194,7 @@ PLAINTEXT = Dialer()
 
 class RenewingChannel:
     """A channel that ``renew`` reopens when the certificate files changed; calls in flight finish on
-    the old one (closed with ``RETIRE_GRACE_S`` of grace). Callers renew before a call and make
+    the old one (closed with ``retire_grace_s`` of grace). Callers renew before a call and make
     their stubs again when it did (the fleet watch, heartbeats, a worker's cold-start calls and its
     batches to Triton). Renewed files that cannot be used yet (a key written before its certificate)
     leave the current channel in use until they can."""

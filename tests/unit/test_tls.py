@@ -204,6 +204,28 @@ async def test_a_peer_reopens_its_channel_with_a_renewed_client_certificate(
         await peer.close()
 
 
+async def test_a_peer_keeps_its_channel_while_renewed_files_do_not_match(
+    ca: CertificateAuthority, mutual: str, certs: dict[str, IssuedFiles], tmp_path: Path
+) -> None:
+    peer: GrpcPeer[None] = GrpcPeer(mutual, dialer=Dialer(settings(certs["client"], reload_interval_s=0.0001)))
+    try:
+        assert await peer.serving()
+        before = peer.channel
+        # A certificate written before its key: the probe keeps the channel (and answers) until they match.
+        (tmp_path / "client" / "tls.crt").write_bytes((tmp_path / "server" / "tls.crt").read_bytes())
+        assert await peer.serving()
+        assert peer.channel is before
+        ca.issue(tmp_path / "client", "client-renewed")
+
+        async def reopened() -> bool:
+            return await peer.serving() and peer.channel is not before
+
+        await until(reopened, 10.0, "the peer's channel reopened once the pair matched")
+        assert await peer.channel.unary_unary(WHO)(b"", timeout=5) == b"client-renewed"
+    finally:
+        await peer.close()
+
+
 def test_a_changed_file_bumps_the_dialers_generation_once(ca: CertificateAuthority, certs: dict[str, IssuedFiles],
                                                           tmp_path: Path) -> None:
     dialer = Dialer(settings(certs["client"], reload_interval_s=0.0001))
