@@ -40,9 +40,10 @@ import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from PIL import Image
 
-from flotilla.bench.cpu import beyond_decode_ms, cpu_point, decode_cpu_ms_per_image, stack_tiers
+from flotilla.bench.cpu import beyond_decode_ms, cpu_point, stack_tiers
 from flotilla.bench.front_loads import FRONT_DOORS, front_door_load
 from flotilla.bench.inputs import LARGE_PHOTOS, SAMPLES, large_photos
+from flotilla.bench.limit import decode_cpu_ms_per_image
 from flotilla.bench.meter import LOAD_GENERATOR, MODEL_STUBS, TIER_ORDER, MeteredPoint, metered_load
 from flotilla.clients.loadtest import StackTarget
 from flotilla.config import FlotillaSettings, ModelSettings

@@ -1,23 +1,37 @@
 """The bench's CPU accounting: this process and a busy-looping child, services' own
-counters read at the same window edges, and the worker-overhead figures made from them."""
+counters read at the same window edges, the worker-overhead figures made from them, and
+the physical limit's processes and wording."""
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from flotilla.bench.ceiling import EMPTY_SERVER
-from flotilla.bench.cpu import WORKER_DECODE, counter_total, mesh_vs_limit_ceiling, summary
+from flotilla.bench.cpu import (
+    WORKER_DECODE,
+    counter_total,
+    mesh_vs_limit_ceiling,
+    mesh_vs_limit_row,
+    readme_lines,
+    summary,
+)
+from flotilla.bench.limit import BusyJob, cores_busy_cpu_ms_per_image
 from flotilla.bench.meter import LOAD_GENERATOR, CpuMeter, Tier, descendants, metered_load, read_process
 from flotilla.bench.overhead import large_photos_lines, large_photos_summary
 from flotilla.bench.report import NEAR_FREE_BEFORE_REQUESTS_PER_S, near_free_budget
+from flotilla.config import InputSpec
 from tests.waiting import until_sync
 
 BUSY_S = 0.3
@@ -163,6 +177,63 @@ def test_the_worker_overhead_is_its_cpu_less_its_decode_threads() -> None:
     assert figures["worker_overhead_beyond_decode_ms"] == 0.6
     assert figures["worker_decode_cpu_ms_per_image_in_mesh"] == 3.4
     assert figures["worker_minus_idle_core_decode_ms"] == 1.1
+
+
+def test_the_worker_less_idle_core_decode_takes_the_decode_measured_alone() -> None:
+    # The limit's decode is measured with every core busy; the worker's figure is against decode on an idle core.
+    point = {"images_per_s": 150.0, "cpu_us_per_image": {"worker": 4000.0}}
+    cpu = {"mesh_vs_limit": 0.7, "points": {"large": point},
+           "limit": {"limit_images_per_s": 180.0, "model_cpu_ms_per_image": 7.9, "decode_cpu_ms_per_image": 3.2,
+                     "model_cpu_ms_per_image_alone": 7.0, "decode_cpu_ms_per_image_alone": 2.9,
+                     "measured_with_cores_busy": 2}}
+    assert summary(cpu)["worker_minus_idle_core_decode_ms"] == 1.1
+
+
+def cpu_result(limit: dict[str, Any]) -> dict[str, Any]:
+    """A CPU part's result with ``limit``, as :func:`flotilla.bench.cpu.run` returns it."""
+    def point(images_per_s: float) -> dict[str, Any]:
+        return {"images_per_s": images_per_s, "concurrency": 64, "cpu_us_per_image": {"worker": 4000.0}}
+
+    return {"replicas": 2, "max_batch_size": 8, "window_s": 10.0, "windows": 3, "mesh_vs_limit": 0.8,
+            "limit": limit, "points": {"large": point(144.0), "small": point(400.0)}}
+
+
+BUSY_LIMIT = {"batch_size": 8, "model_cpu_ms_per_image": 8.0, "decode_cpu_ms_per_image": 3.2,
+              "model_cpu_ms_per_image_alone": 7.0, "decode_cpu_ms_per_image_alone": 3.0, "cores": 2,
+              "measured_with_cores_busy": 2, "limit_images_per_s": 178.6}
+
+
+def test_the_page_says_the_limit_is_measured_with_every_core_busy_and_shows_the_alone_figures() -> None:
+    cpu = cpu_result(BUSY_LIMIT)
+    row = mesh_vs_limit_row(cpu)[0]
+    assert "measured with all 2 cores running both at once" in row
+    assert "144.0 / (2 / (8.0 + 3.2 ms; alone 7.0 + 3.0 ms)) = 144.0 / 178.6 = **0.8**" in row
+    lines = readme_lines(cpu)
+    assert "measured with every core running them at once (2 processes" in lines[0]
+    assert "| limit: ONNX Runtime / decode, CPU-ms per image, every core busy (alone) | 8.0 / 3.2 (7.0 / 3.0) | | |" \
+        in lines
+
+
+def test_a_limit_measured_in_one_process_keeps_its_old_wording() -> None:
+    # A results.json from before the limit was measured with every core busy: no alone figures to show.
+    limit = {key: value for key, value in BUSY_LIMIT.items()
+             if key != "measured_with_cores_busy" and not key.endswith("_alone")}
+    cpu = cpu_result(limit)
+    assert "144.0 / (2 / (8.0 + 3.2 ms)) = 144.0 / 178.6 = **0.8**" in mesh_vs_limit_row(cpu)[0]
+    lines = readme_lines(cpu)
+    assert "at once" not in lines[0] and lines[0].endswith("before the stack starts, in-process.")
+    assert "| limit: ONNX Runtime / decode, CPU-ms per image | 8.0 / 3.2 | | |" in lines
+
+
+def test_a_failing_limit_process_raises_here_and_every_process_is_ended(tmp_path: Path) -> None:
+    # No model file: each spawned process fails loading it, before the barrier; the failure comes back
+    # with its traceback, and no process of the limit is left behind.
+    job = BusyJob(tmp_path / "missing.onnx", np.zeros((1, 224, 224, 3), np.uint8), [b""], InputSpec(),
+                  max_pixels=1, min_cpu_s=0.1)
+    with pytest.raises(RuntimeError, match=r"bench limit: process \d \(flotilla-bench-limit-\d\) failed:\n"
+                                           r"Traceback[\s\S]*missing\.onnx"):
+        cores_busy_cpu_ms_per_image(job, 2)
+    assert not [c for c in multiprocessing.active_children() if c.name.startswith("flotilla-bench-limit")]
 
 
 def test_the_mesh_vs_limit_ceiling_counts_only_s3_and_the_load_generator_beside_model_and_decode() -> None:
