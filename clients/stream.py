@@ -13,9 +13,14 @@ the stream's status (UNAVAILABLE when the router shut down: those requests
 were never taken and can be sent again).
 
 Writes go out one message at a time from one task, in the order the calls
-were made; when the router's window is full it stops reading and the writes
-wait (HTTP/2 flow control), so the callers should bound what they send
-(``FlotillaClient.classify_many`` does).
+were made; the requests queued while a write was under way go out packed in
+the next message (``ClassifyStreamRequest.requests``, up to ``MAX_PACK``),
+and the router then packs its answers too: a message costs each side about
+what one request does. The client packs only once the router has said it
+takes packed requests (``wire.STREAM_PACKING_HEADER`` in the stream's initial
+metadata): an older router gets one request a message. When the router's window is full it stops reading and
+the writes wait (HTTP/2 flow control), so the callers should bound what they
+send (``FlotillaClient.classify_many`` does).
 """
 
 from __future__ import annotations
@@ -32,12 +37,15 @@ import grpc
 from flotilla.api.v1 import inference_pb2
 from flotilla.clients.results import Classification, classification_of
 from flotilla.common.status import error_from_rpc
+from flotilla.common.wire import STREAM_PACKING_HEADER
 from flotilla.errors import Code, DeadlineExceeded, FlotillaError, ResourceExhausted, Unavailable, error_from_code
 
 ANSWER_GRACE_S = 5.0
 """How long past a request's own deadline the client waits for the router's answer to it (the
 router answers DEADLINE_EXCEEDED at the deadline; this only guards against a router that is stuck)."""
 MAX_TIMEOUT_MS = 2**32 - 1
+MAX_PACK = 256
+"""The most requests packed into one message (each names a uuid: a few KB in all)."""
 
 StreamCall = grpc.aio.StreamStreamCall[inference_pb2.ClassifyStreamRequest, inference_pb2.ClassifyStreamResponse]
 
@@ -56,6 +64,10 @@ class ClassifyStream:
         self._wake = asyncio.Event()
         self._closing = False
         self._ended: FlotillaError | None = None
+        self._packing = False
+        """The router takes packed requests (its initial metadata said so)."""
+        self._heard = asyncio.Event()
+        """The router's initial metadata has come (or the stream is over): ``_packing`` is known."""
         self._writer = asyncio.create_task(self._write(), name="classify-stream-write")
         self._reader = asyncio.create_task(self._read(), name="classify-stream-read")
 
@@ -145,7 +157,13 @@ class ClassifyStream:
         try:
             while True:
                 while self._outbox:
-                    await self._call.write(self._outbox.popleft())
+                    if len(self._outbox) > 1 and not self._heard.is_set():
+                        await self._heard.wait()  # the router's initial metadata says whether it takes packs
+                    if len(self._outbox) == 1 or not self._packing:
+                        await self._call.write(self._outbox.popleft())
+                    else:
+                        pack = [self._outbox.popleft() for _ in range(min(len(self._outbox), MAX_PACK))]
+                        await self._call.write(inference_pb2.ClassifyStreamRequest(requests=pack))
                 if self._closing:
                     await self._call.done_writing()
                     return
@@ -157,10 +175,14 @@ class ClassifyStream:
     async def _read(self) -> None:
         error: FlotillaError
         try:
-            async for answer in self._call:
-                future = self._waiting.get(answer.id)
-                if future is not None and not future.done():
-                    future.set_result(answer)
+            headers = await self._call.initial_metadata()
+            self._packing = any(key == STREAM_PACKING_HEADER for key, _ in headers or ())
+            self._heard.set()
+            async for message in self._call:
+                for answer in message.responses or (message,):  # packed answers, or one
+                    future = self._waiting.get(answer.id)
+                    if future is not None and not future.done():
+                        future.set_result(answer)
             error = Unavailable(f"router {self.router} ended the stream before answering this request")
         except grpc.aio.AioRpcError as exc:
             error = error_from_rpc(exc, f"router {self.router}")
@@ -170,6 +192,7 @@ class ClassifyStream:
         """The stream is over: what is still waiting, and any later request, fails with ``error``."""
         if self._ended is None:
             self._ended = error
+        self._heard.set()
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(error)

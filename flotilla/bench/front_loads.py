@@ -28,6 +28,7 @@ import grpc
 
 from flotilla.api.kserve import grpc_service_pb2 as kserve_pb2
 from flotilla.api.v1 import inference_pb2, relay_pb2
+from flotilla.clients.stream import MAX_PACK
 from flotilla.common.wire import (
     AUTH_HEADER,
     BEARER_PREFIX,
@@ -98,9 +99,11 @@ class _Stream:
 
     def __init__(
         self, open_call: Callable[[AsyncIterator[bytes]], grpc.aio.StreamStreamCall[bytes, bytes]],
-        answer: Callable[[bytes], tuple[str, FlotillaError | None]],
+        answer: Callable[[bytes], list[tuple[str, FlotillaError | None]]],
+        pack: Callable[[list[bytes]], bytes] | None = None,
     ) -> None:
         self.outbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self.pack = pack
         self.call = open_call(self._requests())
         self.answer = answer
         self.pending: dict[str, asyncio.Future[None]] = {}
@@ -108,7 +111,13 @@ class _Stream:
 
     async def _requests(self) -> AsyncIterator[bytes]:
         while True:
-            yield await self.outbox.get()
+            body = await self.outbox.get()
+            if self.pack is None or self.outbox.empty():
+                yield body
+                continue
+            # What queued while the last write was under way goes packed, as Flotilla's client sends it.
+            bodies = [body] + [self.outbox.get_nowait() for _ in range(min(self.outbox.qsize(), MAX_PACK - 1))]
+            yield self.pack(bodies)
 
     async def request(self, request_id: str, body: bytes) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -119,10 +128,10 @@ class _Stream:
     async def _read(self) -> None:
         try:
             async for raw in self.call:
-                request_id, error = self.answer(raw)
-                future = self.pending.pop(request_id, None)
-                if future is not None and not future.done():
-                    future.set_exception(error) if error is not None else future.set_result(None)
+                for request_id, error in self.answer(raw):
+                    future = self.pending.pop(request_id, None)
+                    if future is not None and not future.done():
+                        future.set_exception(error) if error is not None else future.set_result(None)
         except grpc.aio.AioRpcError as exc:
             failure: BaseException = exc
         else:
@@ -141,10 +150,12 @@ class StreamLoad(_Channels):
 
     def __init__(
         self, address: str, connections: int, method: str, metadata: tuple[tuple[str, str], ...],
-        body: Callable[[str], bytes], answer: Callable[[bytes], tuple[str, FlotillaError | None]],
+        body: Callable[[str], bytes], answer: Callable[[bytes], list[tuple[str, FlotillaError | None]]],
+        pack: Callable[[list[bytes]], bytes] | None = None,
     ) -> None:
         super().__init__(address, connections)
         self._method, self._metadata, self._body, self._answer = method, metadata, body, answer
+        self._pack = pack
         self._streams: list[_Stream] = []
         self._next = itertools.count()
         self._ids = (str(i) for i in itertools.count())
@@ -158,7 +169,7 @@ class StreamLoad(_Channels):
             ) -> grpc.aio.StreamStreamCall[bytes, bytes]:
                 return method(requests, metadata=self._metadata)
 
-            self._streams.append(_Stream(open_call, self._answer))
+            self._streams.append(_Stream(open_call, self._answer, self._pack))
 
     def __call__(self) -> Awaitable[object]:
         if not self._streams:
@@ -179,14 +190,34 @@ def classify_stream_load(address: str, connections: int, model: str, api_key: st
     def body(request_id: str) -> bytes:
         return relay_pb2.OpaqueStreamRequest(id=request_id, request=next(ring)).SerializeToString()
 
-    def answer(raw: bytes) -> tuple[str, FlotillaError | None]:
-        reply = relay_pb2.OpaqueStreamResponse.FromString(raw)
+    def one(reply: relay_pb2.OpaqueStreamResponse) -> tuple[str, FlotillaError | None]:
         if reply.HasField("error"):
             return reply.id, error_from_code(reply.error.code, reply.error.message, reply.error.origin)
         return reply.id, None
 
+    def answer(raw: bytes) -> list[tuple[str, FlotillaError | None]]:
+        message = relay_pb2.OpaqueStreamResponse.FromString(raw)
+        return [one(reply) for reply in message.responses or (message,)]
+
     metadata = ((MODEL_HEADER, model), (AUTH_HEADER, f"{BEARER_PREFIX}{api_key}"))
-    return StreamLoad(address, connections, CLASSIFY_STREAM_METHOD, metadata, body, answer)
+    return StreamLoad(address, connections, CLASSIFY_STREAM_METHOD, metadata, body, answer, packed_requests)
+
+
+def packed_requests(bodies: list[bytes]) -> bytes:
+    """One ClassifyStreamRequest packing serialised ones (field ``requests``), without parsing them again."""
+    return b"".join(_PACKED_TAG + _varint(len(body)) + body for body in bodies)
+
+
+_PACKED_TAG = bytes([5 << 3 | 2])  # ClassifyStreamRequest.requests: field 5, length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def triton_stream_load(
@@ -198,11 +229,11 @@ def triton_stream_load(
     def body(request_id: str) -> bytes:
         return model_infer_body(model, [next(ring)], request_id)
 
-    def answer(raw: bytes) -> tuple[str, FlotillaError | None]:
+    def answer(raw: bytes) -> list[tuple[str, FlotillaError | None]]:
         reply = kserve_pb2.ModelStreamInferResponse.FromString(raw)
         if reply.error_message:
-            return reply.infer_response.id, FlotillaError(reply.error_message)
-        return reply.infer_response.id, None
+            return [(reply.infer_response.id, FlotillaError(reply.error_message))]
+        return [(reply.infer_response.id, None)]
 
     metadata = ((AUTH_HEADER, f"{BEARER_PREFIX}{api_key}"),)
     return StreamLoad(address, connections, MODEL_STREAM_INFER, metadata, body, answer)

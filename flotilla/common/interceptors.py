@@ -201,7 +201,10 @@ class Observe(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:  # no such method
             return None
-        full_method = handler_call_details.method
+        return self.wrapped(handler, handler_call_details.method)
+
+    def wrapped(self, handler: MethodHandler, full_method: str) -> MethodHandler:
+        """``handler`` (serving ``full_method``) observed: built once per method."""
         cached = self._wrapped.get(full_method)
         if cached is not None and cached[0] is handler:
             return cached[1]
@@ -285,12 +288,47 @@ class Observe(grpc.aio.ServerInterceptor):
         return observed
 
 
+class Observed(grpc.GenericRpcHandler):
+    """The methods of ``inner`` observed by ``observe`` as its interceptor would, without one.
+
+    A server with an interceptor runs grpc.aio's interceptor chain (two more coroutines and a
+    continuation) on every call, whatever the method; a server whose every handler comes wrapped
+    like this runs none (the router's: ``ServiceServer(intercept=False)``). Measured: ~15 CPU-us
+    per call of a bare grpc.aio server, about 5% of the router's unary call.
+    """
+
+    def __init__(self, inner: grpc.GenericRpcHandler, observe: Observe) -> None:
+        self.inner = inner
+        self.observe = observe
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> MethodHandler | None:
+        handler = self.inner.service(handler_call_details)
+        if handler is None:
+            return None
+        return self.observe.wrapped(handler, handler_call_details.method)
+
+
+_CALL_METRICS: dict[tuple[str, str, str, grpc.StatusCode], tuple[Any, Any]] = {}
+"""(tier, method, model, code) -> its request counter and latency histogram: ``labels()`` hashes and
+looks its labels up on every call (3.9 against 1.4 us a call, measured). Label values are bounded
+(``ModelLabel``) and never removed; the cache is emptied should it ever hold MAX_CACHED_CALL_LABELS."""
+MAX_CACHED_CALL_LABELS = 4096
+
+
 def record_call(
     tier: str, method: str, model: str, code: grpc.StatusCode, started_s: float, span: Span | None = None
 ) -> None:
     """Count one call (any transport: a unary call or a relayed frame) and end its span, if it has one."""
-    metrics.REQUESTS.labels(tier, method, model, code.name).inc()
-    metrics.REQUEST_SECONDS.labels(tier, method, model).observe(time.perf_counter() - started_s)
+    key = (tier, method, model, code)
+    children = _CALL_METRICS.get(key)
+    if children is None:
+        if len(_CALL_METRICS) >= MAX_CACHED_CALL_LABELS:
+            _CALL_METRICS.clear()
+        children = _CALL_METRICS[key] = (
+            metrics.REQUESTS.labels(tier, method, model, code.name), metrics.REQUEST_SECONDS.labels(tier, method, model)
+        )
+    children[0].inc()
+    children[1].observe(time.perf_counter() - started_s)
     if span is not None:
         span.set_attribute("rpc.grpc.status_code", code.value[0])
         if code != grpc.StatusCode.OK:

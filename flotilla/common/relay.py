@@ -43,9 +43,15 @@ OK = grpc.StatusCode.OK.value[0]
 # follow share its message: COALESCE_SHARE of the stream's mean call round trip, at
 # most COALESCE_MAX_S. The wait adds at most that share to what a caller sees; a
 # fixed 0.5 ms put 1.1 calls in each message in front of a saturated model (~400 ms
-# round trips) and kept the batcher waking once per request.
+# round trips) and kept the batcher waking once per request. A share of 1% still put
+# 1.2 calls in a message at the router's own ceiling (`flotilla bench --only
+# ceiling`: 10-50 ms round trips, ~3 000 calls/s, so a 0.1-0.5 ms wait rarely saw a
+# second call), where each relay message costs the router a gRPC write, a read and
+# their completions; 10% put 3.5-9 calls in each and took the router's CPU per unary
+# call from 320-380 to 240-250 us (2026-12-06, 2 cores): at that load the wait
+# shortens what callers see, as the router's own queue shrinks.
 COALESCE_OPEN_CALLS = 16
-COALESCE_SHARE = 0.01
+COALESCE_SHARE = 0.1
 COALESCE_MAX_S = 0.005
 COALESCE_MAX_FRAMES = 64
 ROUND_TRIP_WEIGHT = 0.05
@@ -57,7 +63,11 @@ next. A peer takes 4 MiB per message (gRPC's default): one turn of many answers 
 score (KServe answers, ~4 KB each for 1 000 classes) could pass that and break the whole stream,
 failing every call on it."""
 
-F = TypeVar("F", relay_pb2.CallFrame, relay_pb2.AnswerFrame)
+class Sized(Protocol):
+    def ByteSize(self) -> int: ...  # noqa: N802 (protobuf's name)
+
+
+F = TypeVar("F", bound=Sized)  # a frame, or any message packed with others into one
 
 
 def one_message(frames: list[F]) -> tuple[list[F], list[F]]:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from flotilla.common.interceptors import AdmissionLimit, ModelLabel, Observe
+from flotilla.common.interceptors import AdmissionLimit, ModelLabel, Observe, Observed
 from flotilla.common.keepalive import MIN_PING_INTERVAL_MS
 from flotilla.common.tls import server_credentials
 from flotilla.common.wire import CONTROL_MESSAGE_BYTES, CONTROLLER_SERVICE
@@ -96,6 +96,7 @@ class ServiceServer:
         reuse_port: bool = False,
         tls: TlsSettings | None = None,
         public: bool = False,
+        intercept: bool = True,
     ) -> None:
         """``tier`` names the service in metrics and error messages (router, batcher, ...).
 
@@ -105,6 +106,11 @@ class ServiceServer:
         ``tls`` (when enabled): serve TLS; an internal server (not ``public``) also requires a client
         certificate when ``tls.client_auth`` is on. A public one (the router's front door) never
         does: its callers authenticate with keys.
+
+        ``intercept``: every call runs through ``Observe`` as the server's interceptor. Off, only
+        the handlers added with ``add_observed`` are observed (and the health service, which
+        ``Observe`` passes through anyway): a server on every request's path (the router) saves
+        grpc.aio's interceptor chain per call.
         """
         self.name = name
         self.services = list(services)
@@ -115,7 +121,8 @@ class ServiceServer:
             options = [(k, CONTROL_MESSAGE_BYTES if k == "grpc.max_send_message_length" else v) for k, v in options]
         self.options: list[tuple[str, Any]] = options
         """The server's gRPC options (``SERVER_OPTIONS`` and this server's own)."""
-        self.server = grpc.aio.server(options=options, interceptors=[Observe(tier, model_label, admission)])
+        self.observe = Observe(tier, model_label, admission)
+        self.server = grpc.aio.server(options=options, interceptors=[self.observe] if intercept else [])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.tls = (tls.front_door() if public else tls) if tls is not None and tls.enabled else None
@@ -125,6 +132,11 @@ class ServiceServer:
         self.port = 0
         self.on_drain: list[Callable[[], None]] = []
         """Called when shutdown begins, before in-flight calls get ``grace_s`` (relay streams stop taking calls)."""
+
+    def add_observed(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        """Serve ``handlers``, their methods observed (errors to statuses, admission, metrics, spans)
+        whether or not the server intercepts: ``interceptors.Observed``."""
+        self.server.add_generic_rpc_handlers([Observed(handler, self.observe) for handler in handlers])
 
     async def start(self, host: str, port: int) -> int:
         if self.tls is None:

@@ -18,6 +18,9 @@ ORIGIN_HEADER = "x-flotilla-origin"
 RETRY_AFTER_HEADER = "retry-after-ms"
 """Trailing metadata of a RESOURCE_EXHAUSTED with a hint (an API key over its rate): milliseconds
 until a retry may succeed (``flotilla.errors.ResourceExhausted.retry_after_s``)."""
+STREAM_PACKING_HEADER = "x-flotilla-stream-packing"
+"""In a ClassifyStream's initial metadata: this router takes packed requests
+(``ClassifyStreamRequest.requests``); a client packs only after it has seen it."""
 
 API_PACKAGE = "flotilla.api.v1"
 CLASSIFIER_SERVICE = f"{API_PACKAGE}.ImageClassifier"

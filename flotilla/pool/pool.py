@@ -246,20 +246,26 @@ class EndpointPool(Generic[C]):
 
     # -- calls -------------------------------------------------------------------
 
+    def _choose(self, tried: set[int]) -> tuple[bool, Endpoint[C] | None]:
+        """(decided, endpoint): an endpoint not yet tried with room for a call; (True, None) when none
+        is left to try, (False, None) when every one left is full (a call must wait for room)."""
+        # With none admitted (all ejected, or probes that flaked), every
+        # endpoint is tried once more: a dead one fails fast anyway.
+        pool = self.admitted() or self.endpoints
+        admitted = [e for e in pool if id(e) not in tried]
+        if not admitted:
+            return True, None
+        free = [e for e in admitted if self.max_outstanding is None or e.outstanding < self.max_outstanding]
+        return (True, self.strategy.choose(free)) if free else (False, None)
+
     async def _endpoint_for(self, tried: set[int], deadline_s: float | None) -> Endpoint[C] | None:
         """An endpoint not yet tried with room for a call, waiting for room if needed."""
         while True:
             if deadline_s is not None and self._clock() >= deadline_s:
                 raise DeadlineExceeded(f"deadline passed waiting for a free {self.name}")
-            # With none admitted (all ejected, or probes that flaked), every
-            # endpoint is tried once more: a dead one fails fast anyway.
-            pool = self.admitted() or self.endpoints
-            admitted = [e for e in pool if id(e) not in tried]
-            if not admitted:
-                return None
-            free = [e for e in admitted if self.max_outstanding is None or e.outstanding < self.max_outstanding]
-            if free:
-                return self.strategy.choose(free)
+            decided, endpoint = self._choose(tried)
+            if decided:
+                return endpoint
             timeout = None if deadline_s is None else deadline_s - self._clock()
             self._waiting += 1
             try:
@@ -288,7 +294,9 @@ class EndpointPool(Generic[C]):
         for _ in range(self.max_attempts):
             if deadline_s is not None and self._clock() >= deadline_s:
                 raise DeadlineExceeded(f"deadline passed before {self.name} could answer", origin=self.name)
-            endpoint = await self._endpoint_for(tried, deadline_s)
+            decided, endpoint = self._choose(tried)  # on every call: no coroutine unless it must wait
+            if not decided:
+                endpoint = await self._endpoint_for(tried, deadline_s)
             if endpoint is None:
                 break
             tried.add(id(endpoint))
@@ -308,7 +316,8 @@ class EndpointPool(Generic[C]):
                 raise
             finally:
                 endpoint.outstanding -= 1
-                await self._notify()
+                if self._waiting:
+                    await self._notify()
             self._answered(endpoint)
             return result
         if not self.endpoints:

@@ -144,6 +144,7 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
         "router", [CLASSIFIER_SERVICE, KSERVE_SERVICE], grace_s=settings.shutdown_grace_s, tier="router",
         admission=AdmissionLimit("router", settings.router.max_concurrent_calls, "router.max_concurrent_calls"),
         model_label=model_label, reuse_port=settings.router.processes > 1, tls=settings.tls, public=True,
+        intercept=False,  # every handler below is added observed: no interceptor chain on each request
     )
     if not settings.router.api_keys and not len(keys):
         log.warning("router: no static API keys (router.api_keys) and no registered keys yet; requests are "
@@ -154,7 +155,7 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
         forwarder, CallObserver("router", server.admission, model_label), window=settings.router.stream_window
     )
     server.on_drain.append(streams.drain)
-    server.server.add_generic_rpc_handlers([streams, ForwardingHandler(forwarder)])
+    server.add_observed([streams, ForwardingHandler(forwarder)])
     # KServe v2 (Triton's gRPC service): the same keys and routes; ready once the fleet is known, until stopping.
     kserve_front = KServeFront(forwarder, watcher.state, ready=lambda: watcher.has_fleet and not kserve.stopping.is_set())
     kserve = KServeHandler(
@@ -162,7 +163,7 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
         window=settings.router.stream_window,
     )
     server.on_drain.append(kserve.drain)
-    server.server.add_generic_rpc_handlers([kserve])
+    server.add_observed([kserve])
     enable_reflection(server.server)  # after the forwarding handler: it answers for the client API first
     # KServe v2 over HTTP/REST on router.http_port: the same front, keys and admission, in this loop.
     http = None

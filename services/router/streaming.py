@@ -42,6 +42,7 @@ async def answer_as_completed(
     window: int,
     on_unexpected: Callable[[T, BaseException], R] | None = None,
     stop: asyncio.Event | None = None,
+    send_many: Callable[[list[R]], Awaitable[None]] | None = None,
 ) -> bool:
     """Answer every request of ``requests`` with ``handle``'s answer, through ``send``, as each completes.
 
@@ -52,6 +53,10 @@ async def answer_as_completed(
     answered, then it returns False (requests the sender wrote after the last
     one taken were never read: a transport says so, so that they are resent).
     Cancelled, it cancels every request in flight.
+
+    ``send_many``, when given, sends every answer ready at once in one go
+    instead of ``send`` one by one (a transport that packs them into one
+    message); their places in the window free up once it has sent them.
     """
     if window < 1:
         raise ValueError(f"window must be at least 1, got {window}")
@@ -63,6 +68,13 @@ async def answer_as_completed(
         stopper = asyncio.create_task(_cancel_when_set(stop, reader), name="stream-stop")
     try:
         while True:
+            if send_many is not None:
+                while stream.finished:
+                    ready = [stream.finished.popleft() for _ in range(len(stream.finished))]
+                    answers = [a for a in (stream.answer(*outcome) for outcome in ready) if a is not None]
+                    if answers:
+                        await send_many(answers)
+                    stream.answered(len(ready))
             while stream.finished:
                 answer = stream.answer(*stream.finished.popleft())
                 if answer is not None:
@@ -159,8 +171,8 @@ class _Stream(Generic[T, R]):
             log.exception("stream: answering a failed request failed too; it goes unanswered")
             return None
 
-    def answered(self) -> None:
-        self.open -= 1
+    def answered(self, count: int = 1) -> None:
+        self.open -= count
         self.slot.set()
 
     async def cancel_all(self) -> None:

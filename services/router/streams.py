@@ -19,6 +19,13 @@ relay to a batching shard) and is answered on its own, as it completes
   ``origin_of``); the stream goes on;
 - at most ``router.stream_window`` requests of a stream are in flight; past
   it the router stops reading and HTTP/2 flow control holds the sender;
+- a message may pack several requests (``requests``), each taken as if it
+  came alone (a message's own request, if it sets one, first); once a sender
+  has packed, the answers ready together go back packed (``responses``). A
+  message costs the router a gRPC read or write and its completion whatever
+  it carries: packed, a request costs a fraction of one. A packed message is
+  held whole while its requests wait for places in the window, so a stream
+  holds at most its window plus one message (4 MiB at most);
 - each request is one call in the router's metrics, admission limit and
   traces (``CallObserver``), under the method ``Classify``: it is one to
   every tier below, and the rules and dashboards that watch Classify at the
@@ -42,8 +49,16 @@ from flotilla.api.v1 import relay_pb2
 from flotilla.common import tracing
 from flotilla.common.interceptors import CallObserver, call_is_over, origin_of, status_of
 from flotilla.common.peer import GrpcPeer
-from flotilla.common.wire import AUTH_HEADER, CLASSIFY_METHOD, CLASSIFY_STREAM_METHOD, MODEL_HEADER, method_name
-from flotilla.errors import DeadlineExceeded, FlotillaError
+from flotilla.common.relay import one_message
+from flotilla.common.wire import (
+    AUTH_HEADER,
+    CLASSIFY_METHOD,
+    CLASSIFY_STREAM_METHOD,
+    MODEL_HEADER,
+    STREAM_PACKING_HEADER,
+    method_name,
+)
+from flotilla.errors import DeadlineExceeded, FlotillaError, MalformedRequest
 from flotilla.services.router.forward import Forwarder, TimeRemaining, passed_headers
 from flotilla.services.router.streaming import answer_as_completed
 
@@ -97,12 +112,14 @@ class ClassifyStreamHandler(grpc.GenericRpcHandler):
             self.forwarder.check_key(by_key.get(AUTH_HEADER))
         except FlotillaError as exc:
             await context.abort(grpc.StatusCode[exc.code.name], exc.message)
+        # The client's stream packs its requests once it sees this router takes packed ones.
+        await context.send_initial_metadata(((STREAM_PACKING_HEADER, "1"),))
         stream = _OneStream(self, context, by_key.get(MODEL_HEADER, ""), text, by_key.get(AUTH_HEADER))
         self.open_streams += 1
         try:
             ended = await answer_as_completed(
-                requests, stream.handle, context.write, window=self.window,
-                on_unexpected=stream.unexpected, stop=self.stopping,
+                stream.unpacked(requests), stream.handle, context.write, window=self.window,
+                on_unexpected=stream.unexpected, stop=self.stopping, send_many=stream.send_many,
             )
         except Exception as exc:  # the transport failed (the caller went away, or a write failed)
             if not call_is_over(context):
@@ -135,6 +152,34 @@ class _OneStream:
         """Checked at the stream's opening; each request is authorized for its model and quota."""
         # Each request names its own model (the batcher routes to the model's queue by this header).
         self.headers = [(k, v) for k, v in passed_headers(metadata) if k != MODEL_HEADER]
+        self.packed = False
+        """The sender has packed requests into one message: the answers ready together go packed too."""
+
+    async def unpacked(
+        self, messages: AsyncIterator[relay_pb2.OpaqueStreamRequest]
+    ) -> AsyncIterator[relay_pb2.OpaqueStreamRequest]:
+        """Each request of the stream: a message's own (when it sets any field of one), then those it packs."""
+        async for message in messages:
+            if not message.requests:
+                yield message
+                continue
+            self.packed = True
+            if message.id or message.request or message.model_name or message.timeout_ms:
+                yield relay_pb2.OpaqueStreamRequest(
+                    id=message.id, request=message.request, model_name=message.model_name, timeout_ms=message.timeout_ms
+                )
+            for request in message.requests:
+                yield request
+
+    async def send_many(self, answers: list[relay_pb2.OpaqueStreamResponse]) -> None:
+        """Answers ready together: one message (or as few as fit ``one_message``'s size) once the sender packs."""
+        if not self.packed:
+            for answer in answers:
+                await self.context.write(answer)
+            return
+        while answers:
+            pack, answers = one_message(answers)
+            await self.context.write(pack[0] if len(pack) == 1 else relay_pb2.OpaqueStreamResponse(responses=pack))
 
     async def handle(self, request: relay_pb2.OpaqueStreamRequest) -> relay_pb2.OpaqueStreamResponse:
         """The request's answer: the batcher's response bytes, or the request's error; never raises
@@ -160,6 +205,11 @@ class _OneStream:
         return relay_pb2.OpaqueStreamResponse(id=request.id, response=response)
 
     async def _forward(self, request: relay_pb2.OpaqueStreamRequest, model: str) -> bytes:
+        if request.requests:
+            raise MalformedRequest(
+                f"request {request.id!r} packs {len(request.requests)} requests but is itself packed in a message: "
+                "packed requests do not pack again; those were not taken"
+            )
         self.forwarder.authorize(self.authorization, model)
         headers = [(MODEL_HEADER, model), *self.headers] if model else list(self.headers)
         if tracing.enabled():

@@ -27,10 +27,11 @@ from flotilla.clients.api_calls import APIS, Api
 from flotilla.clients.client import FlotillaClient
 from flotilla.clients.loadgen import closed_loop
 from flotilla.clients.loadtest import StackTarget
+from flotilla.clients.results import Classification
 from flotilla.common.probe import is_serving
 from flotilla.common.wire import AUTH_HEADER, BEARER_PREFIX, MODEL_HEADER
 from flotilla.config import dump_settings
-from flotilla.errors import Code
+from flotilla.errors import Code, FlotillaError
 from flotilla.stack.local import LocalStack
 from flotilla.stack.processes import ManagedProcess, free_port
 from tests.integration.conftest import API_KEY, MODEL, admin_channel, sample
@@ -88,6 +89,20 @@ def by_id(answers: Sequence[inference_pb2.ClassifyStreamResponse]) -> dict[str, 
     return found
 
 
+def assert_answered_as_unary(
+    answered: dict[str, inference_pb2.ClassifyStreamResponse],
+    requests: Sequence[inference_pb2.ClassifyStreamRequest],
+    unary_top1: dict[str, int],
+) -> None:
+    """Every request answered, by its id, with its image and unary Classify's top-1 for it."""
+    assert set(answered) == {r.id for r in requests}
+    for sent in requests:
+        answer = answered[sent.id]
+        assert answer.WhichOneof("outcome") == "response", answer
+        assert answer.response.image_uuid == sent.request.image_uuid
+        assert answer.response.classes[0].index == unary_top1[sent.request.image_uuid]
+
+
 async def test_many_requests_on_one_stream_are_answered_by_id_as_unary_classify_answers(
     client: FlotillaClient, channel: grpc.aio.Channel, uuids: list[str]
 ) -> None:
@@ -97,13 +112,7 @@ async def test_many_requests_on_one_stream_are_answered_by_id_as_unary_classify_
     answers, status = await exchange(open_stream(channel), requests)
 
     assert status == grpc.StatusCode.OK
-    answered = by_id(answers)
-    assert set(answered) == {r.id for r in requests}
-    for sent in requests:
-        answer = answered[sent.id]
-        assert answer.WhichOneof("outcome") == "response", answer
-        assert answer.response.image_uuid == sent.request.image_uuid
-        assert answer.response.classes[0].index == unary_top1[sent.request.image_uuid]
+    assert_answered_as_unary(by_id(answers), requests, unary_top1)
 
 
 async def test_a_bad_request_is_answered_with_its_own_error_and_the_others_succeed(
@@ -296,6 +305,255 @@ async def test_a_router_stopping_answers_every_request_it_took_then_ends_the_str
     assert WINDOW <= taken < sent
     assert len(by_id(answers)) == taken
     assert all(a.WhichOneof("outcome") == "response" for a in answers)
+
+
+
+# -- packed messages: several requests in one ClassifyStreamRequest, several answers in one response --
+
+
+def packed(
+    *requests: inference_pb2.ClassifyStreamRequest, own: inference_pb2.ClassifyStreamRequest | None = None
+) -> inference_pb2.ClassifyStreamRequest:
+    """One message packing ``requests`` (``requests``); ``own``: the message's own request as well."""
+    message = inference_pb2.ClassifyStreamRequest()
+    if own is not None:
+        message.CopyFrom(own)
+    message.requests.extend(requests)
+    return message
+
+
+def unpacked(messages: Sequence[inference_pb2.ClassifyStreamResponse]) -> list[inference_pb2.ClassifyStreamResponse]:
+    """Every answer the messages carry: a packed message's ``responses``, or the message itself."""
+    answers: list[inference_pb2.ClassifyStreamResponse] = []
+    for message in messages:
+        if message.responses:
+            assert not message.id and message.WhichOneof("outcome") is None, "a packed message sets its own fields"
+            assert not any(a.responses for a in message.responses), "packed answers pack again"
+            answers.extend(message.responses)
+        else:
+            answers.append(message)
+    return answers
+
+
+async def read_one(call: Call) -> inference_pb2.ClassifyStreamResponse:
+    message = await asyncio.wait_for(call.read(), 60)  # 60 s bounds a failure
+    assert isinstance(message, inference_pb2.ClassifyStreamResponse), message
+    return message
+
+
+async def read_rest(call: Call) -> list[inference_pb2.ClassifyStreamResponse]:
+    """Every message still to come, by ``read`` (a call read with it cannot be iterated as well)."""
+    messages = []
+    while (message := await asyncio.wait_for(call.read(), 60)) is not grpc.aio.EOF:
+        assert isinstance(message, inference_pb2.ClassifyStreamResponse), message
+        messages.append(message)
+    return messages
+
+
+async def test_a_packed_message_has_each_request_answered_as_if_alone_and_the_answers_come_back_packed(
+    client: FlotillaClient, channel: grpc.aio.Channel, admin: batcher_pb2_grpc.BatcherAdminStub, uuids: list[str]
+) -> None:
+    unary_top1 = {u: (await client.classify(u, MODEL)).classes[0].index for u in uuids}
+    good = [request(f"{name}#{copy}", u) for copy in range(2) for name, u in zip(SAMPLES, uuids, strict=True)]
+    await hold_queue(admin)  # the good ones wait in the queue, to be answered together
+    call = open_stream(channel)
+    await call.write(packed(*good[:3], request("bad-uuid", "not-a-uuid"), *good[3:]))
+
+    # The bad one is refused at once while the good ones are held: a single answer ready goes alone.
+    first = await read_one(call)
+    assert not first.responses and first.id == "bad-uuid", first
+    assert first.error.code == Code.INVALID_ARGUMENT
+
+    async def all_queued() -> bool:
+        return await queue_depth(admin) == len(good)
+
+    await until(all_queued, 30, "every good packed request queued at the batcher")
+    await release(admin)  # one batch: their answers are ready together
+    await call.done_writing()
+    messages = await read_rest(call)
+    assert await call.code() == grpc.StatusCode.OK
+
+    assert any(m.responses for m in messages), [m.id for m in messages]  # the sender packed: so does the router
+    assert_answered_as_unary(by_id(unpacked(messages)), good, unary_top1)
+
+
+async def test_a_sender_that_never_packs_never_gets_packed_answers(
+    channel: grpc.aio.Channel, admin: batcher_pb2_grpc.BatcherAdminStub, uuids: list[str]
+) -> None:
+    requests = [request(str(i), uuids[i % len(uuids)]) for i in range(2 * len(uuids))]
+    await hold_queue(admin)
+    call = open_stream(channel)
+    for sent in requests:
+        await call.write(sent)
+
+    async def all_queued() -> bool:
+        return await queue_depth(admin) == len(requests)
+
+    await until(all_queued, 30, "every request queued at the batcher")
+    await release(admin)  # their answers are ready together, yet each goes as its own message
+    await call.done_writing()
+    answers = [answer async for answer in call]
+
+    assert await call.code() == grpc.StatusCode.OK
+    assert not any(a.responses for a in answers)
+    assert sorted(by_id(answers)) == sorted(r.id for r in requests)
+    assert all(a.WhichOneof("outcome") == "response" for a in answers)
+
+
+async def test_a_message_with_its_own_request_and_packed_ones_has_every_one_answered(
+    channel: grpc.aio.Channel, uuids: list[str]
+) -> None:
+    own = request("own", uuids[0])
+    packs = [request(f"packed-{i}", u) for i, u in enumerate(uuids[1:])]
+    second = packed(request("second-packed", uuids[0]), own=request("second-own", uuids[1], model=MODEL))
+
+    messages, status = await exchange(open_stream(channel), [packed(*packs, own=own), second])
+
+    assert status == grpc.StatusCode.OK
+    answered = by_id(unpacked(messages))
+    sent = [own, *packs, *second.requests, request("second-own", uuids[1])]
+    assert set(answered) == {r.id for r in sent}
+    for one in sent:
+        assert answered[one.id].WhichOneof("outcome") == "response", answered[one.id]
+        assert answered[one.id].response.image_uuid == one.request.image_uuid
+
+
+async def test_a_packed_request_that_packs_again_is_refused_under_its_own_id_and_the_stream_goes_on(
+    channel: grpc.aio.Channel, uuids: list[str]
+) -> None:
+    nested = packed(request("inner", uuids[1]), own=request("nested", uuids[0]))
+    message = packed(request("before", uuids[2]), nested, request("after", uuids[3]))
+
+    messages, status = await exchange(open_stream(channel), [message, request("later", uuids[4])])
+
+    assert status == grpc.StatusCode.OK
+    answered = by_id(unpacked(messages))
+    assert set(answered) == {"before", "nested", "after", "later"}  # "inner" was not taken
+    assert answered["nested"].error.code == Code.INVALID_ARGUMENT
+    assert "pack" in answered["nested"].error.message, answered["nested"].error.message
+    for good in ("before", "after", "later"):
+        assert answered[good].WhichOneof("outcome") == "response", answered[good]
+
+
+async def test_a_packed_message_is_taken_no_more_than_the_window_at_a_time(
+    windowed_router: ManagedProcess, admin: batcher_pb2_grpc.BatcherAdminStub, uuids: list[str]
+) -> None:
+    assert windowed_router.address is not None
+    sent = 3 * WINDOW
+    await hold_queue(admin)  # the batcher answers nothing: the router's window stays full
+    before = await arrivals(admin)
+    async with grpc.aio.insecure_channel(windowed_router.address) as router:
+        call = open_stream(router)
+        await call.write(packed(*(request(str(i), uuids[i % len(uuids)]) for i in range(sent))))
+        await until(lambda: arrivals_reached(admin, before + WINDOW), 30, "a window of requests at the batcher")
+        # The message was read whole, but only a window of its requests was taken.
+        assert await arrivals(admin) - before == WINDOW
+        assert await queue_depth(admin) == WINDOW
+
+        await release(admin)
+        await call.done_writing()
+        messages = [message async for message in call]
+        assert await call.code() == grpc.StatusCode.OK
+    answers = unpacked(messages)
+    assert sorted(int(i) for i in by_id(answers)) == list(range(sent))
+    assert all(a.WhichOneof("outcome") == "response" for a in answers)
+    assert await arrivals(admin) - before == sent
+
+
+class RecordingHop(inference_pb2_grpc.ImageClassifierServicer):
+    """A ClassifyStream hop between a client and the stack's router: passes the router's initial
+    metadata and each message on as they came, and records the messages each way."""
+
+    def __init__(self, router: grpc.aio.Channel) -> None:
+        self.stub = inference_pb2_grpc.ImageClassifierStub(router)
+        self.pass_initial_metadata = True
+        """Off: the hop plays a router from before packing (its initial metadata does not say it packs)."""
+        self.requests: list[inference_pb2.ClassifyStreamRequest] = []
+        self.responses: list[inference_pb2.ClassifyStreamResponse] = []
+
+    async def ClassifyStream(  # noqa: N802 (the servicer's name)
+        self,
+        requests: AsyncIterator[inference_pb2.ClassifyStreamRequest],
+        context: grpc.aio.ServicerContext[inference_pb2.ClassifyStreamRequest, inference_pb2.ClassifyStreamResponse],
+    ) -> AsyncIterator[inference_pb2.ClassifyStreamResponse]:
+        passed = (MODEL_HEADER, AUTH_HEADER)
+        call = self.stub.ClassifyStream(metadata=[(k, v) for k, v in context.invocation_metadata() or () if k in passed])
+
+        async def pass_requests() -> None:
+            async for message in requests:
+                self.requests.append(message)
+                await call.write(message)
+            await call.done_writing()
+
+        passing = asyncio.create_task(pass_requests())
+        try:
+            headers = tuple(await call.initial_metadata() or ())
+            await context.send_initial_metadata(headers if self.pass_initial_metadata else ())  # the router's, as it came
+            async for answer in call:
+                self.responses.append(answer)
+                yield answer
+        finally:
+            passing.cancel()
+            await asyncio.gather(passing, return_exceptions=True)
+
+
+@pytest.fixture
+async def hop(stack: LocalStack, channel: grpc.aio.Channel) -> AsyncIterator[tuple[str, RecordingHop]]:
+    """(address, hop): a recording hop to the stack's router, served in this process."""
+    recorder = RecordingHop(channel)
+    server = grpc.aio.server()
+    inference_pb2_grpc.add_ImageClassifierServicer_to_server(recorder, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", recorder
+    finally:
+        await server.stop(None)
+
+
+async def test_many_concurrent_classifications_on_one_client_stream_go_packed_and_each_is_answered(
+    client: FlotillaClient, stack: LocalStack, hop: tuple[str, RecordingHop], uuids: list[str]
+) -> None:
+    assert stack.settings is not None
+    address, recorder = hop
+    unary_top1 = {u: (await client.classify(u, MODEL)).classes[0].index for u in uuids}
+    items = [uuids[i % len(uuids)] for i in range(40)]
+    items[17] = "not-a-uuid"
+
+    async with FlotillaClient(address, API_KEY, stack.settings.s3) as through_hop, through_hop.stream(MODEL) as stream:
+        # Queued in one turn of the loop, while the stream's first write is under way: the client packs them.
+        results = await asyncio.gather(*(stream.classify(item) for item in items), return_exceptions=True)
+
+    for item, result in zip(items, results, strict=True):
+        if item == "not-a-uuid":
+            assert isinstance(result, FlotillaError) and result.code == Code.INVALID_ARGUMENT, result
+            continue
+        assert isinstance(result, Classification), result
+        assert result.image_uuid == item
+        assert result.classes[0].index == unary_top1[item]
+    # What went over the wire: the client packed, the router packed its answers back, and the
+    # client read them (every result above came through ``recorder.responses``).
+    assert any(len(m.requests) > 1 for m in recorder.requests), [len(m.requests) for m in recorder.requests]
+    assert sum(len(m.requests) or 1 for m in recorder.requests) == len(items)
+    assert any(m.responses for m in recorder.responses), [len(m.responses) for m in recorder.responses]
+    assert len(unpacked(recorder.responses)) == len(items)
+
+
+
+async def test_a_client_packs_only_for_a_router_that_says_it_takes_packed_requests(
+    stack: LocalStack, hop: tuple[str, RecordingHop], uuids: list[str]
+) -> None:
+    assert stack.settings is not None
+    address, recorder = hop
+    recorder.pass_initial_metadata = False  # as a router from before packing answers
+    items = [uuids[i % len(uuids)] for i in range(20)]
+
+    async with FlotillaClient(address, API_KEY, stack.settings.s3) as through_hop, through_hop.stream(MODEL) as stream:
+        results = await asyncio.gather(*(stream.classify(item) for item in items))
+
+    assert [r.image_uuid for r in results] == items
+    assert [len(m.requests) for m in recorder.requests] == [0] * len(items), "one request a message"
+    assert not any(m.responses for m in recorder.responses)
 
 
 async def test_classify_many_uploads_and_classifies_jpegs_and_yields_each_result(client: FlotillaClient) -> None:

@@ -6,17 +6,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import pytest
 
 from flotilla.services.router.streaming import answer_as_completed
 
 
+class Answers(Protocol):
+    """What the sender reads of a receiver: the answers sent so far."""
+
+    answers: list[str]
+
+
 class Sender:
     """The request side: an async iterator over queued requests; it records, at each pull, how many
     requests were in flight (pulled and not yet answered by the receiver)."""
 
-    def __init__(self, receiver: Receiver, requests: list[str] | None = None, *, end: bool = True) -> None:
+    def __init__(self, receiver: Answers, requests: list[str] | None = None, *, end: bool = True) -> None:
         self.receiver = receiver
         self.queue: asyncio.Queue[str | None | Exception] = asyncio.Queue()
         for request in requests or []:
@@ -247,3 +254,123 @@ async def test_a_window_below_one_is_refused() -> None:
     receiver = Receiver()
     with pytest.raises(ValueError, match="window"):
         await answer_as_completed(Sender(receiver, []), Handler(), receiver, window=0)
+
+
+class ManyReceiver:
+    """The answer side of ``send_many``: records each call's list of answers. While ``gate`` is
+    closed a call waits (what a slow transport write does) and its answers count as sent only once
+    it returns."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.answers: list[str] = []
+        self.entered = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.changed = asyncio.Event()
+
+    async def __call__(self, answers: list[str]) -> None:
+        self.entered += 1
+        self.changed.set()
+        await self.gate.wait()
+        self.calls.append(list(answers))
+        self.answers.extend(answers)
+        self.changed.set()
+
+    async def until_answered(self, count: int) -> None:
+        while len(self.answers) < count:
+            self.changed.clear()
+            await self.changed.wait()
+
+    async def until_entered(self, count: int) -> None:
+        """Until the ``count``-th call has begun (it may still be waiting on the gate)."""
+        while self.entered < count:
+            self.changed.clear()
+            await self.changed.wait()
+
+
+async def never_send(answer: str) -> None:
+    raise AssertionError(f"send called with {answer!r} although send_many was given")
+
+
+async def test_send_many_gets_the_answers_ready_together_in_one_call_each_answered_once() -> None:
+    receiver, handler = ManyReceiver(), Handler()
+    requests = [f"r{i}" for i in range(6)]
+    sender = Sender(receiver, requests)
+    run = asyncio.create_task(
+        answer_as_completed(sender, handler, never_send, window=8, send_many=receiver)
+    )
+    await handler.until_started(6)
+
+    # Three complete in the same turn of the loop: one call carries all three.
+    for request in ("r4", "r0", "r2"):
+        handler.release(request)
+    await receiver.until_answered(3)
+    assert receiver.calls == [["r4: OK", "r0: OK", "r2: OK"]]  # in the order they completed
+
+    # One alone: a list of one.
+    handler.release("r1")
+    await receiver.until_answered(4)
+    assert receiver.calls[1] == ["r1: OK"]
+
+    handler.release("r5")
+    handler.release("r3")
+    assert await run is True
+    assert receiver.calls[2] == ["r5: OK", "r3: OK"]
+    assert sorted(receiver.answers) == sorted(f"{r}: OK" for r in requests)  # each exactly once
+    assert all(receiver.calls)  # never an empty list
+
+
+async def test_send_many_carries_failures_answers_and_a_failure_with_no_answer_frees_its_place(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    receiver, handler = ManyReceiver(), Handler()
+    sender = Sender(receiver, ["boom", "error:b", "sync-boom", "lost", "a"])
+    run = asyncio.create_task(
+        answer_as_completed(sender, handler, never_send, window=1, on_unexpected=unexpected, send_many=receiver)
+    )
+    await handler.until_started(3)  # boom, b, lost (sync-boom never starts): each place came free
+    handler.release("lost")
+    await handler.until_started(4)
+    handler.release("a")
+
+    assert await run is True
+    assert receiver.answers == ["boom: INTERNAL", "b: ERROR", "sync-boom: INTERNAL", "lost: OK", "a: OK"]
+    assert all(len(call) == 1 for call in receiver.calls)  # window 1: never two ready at once
+    assert sum(r.levelno == logging.ERROR for r in caplog.records) == 2
+
+    # With no on_unexpected, a failure has no answer: send_many is not called for it, yet its place frees.
+    receiver, handler = ManyReceiver(), Handler()
+    sender = Sender(receiver, ["boom", "a"])
+    run = asyncio.create_task(answer_as_completed(sender, handler, never_send, window=1, send_many=receiver))
+    await handler.until_started(2)
+    handler.release("a")
+    assert await run is True
+    assert receiver.calls == [["a: OK"]]
+
+
+async def test_with_send_many_the_window_still_bounds_requests_in_flight_until_the_call_returns() -> None:
+    receiver, handler = ManyReceiver(), Handler()
+    requests = [f"r{i}" for i in range(9)]
+    sender = Sender(receiver, requests)
+    run = asyncio.create_task(
+        answer_as_completed(sender, handler, never_send, window=3, send_many=receiver)
+    )
+    await handler.until_started(3)
+    assert sender.pulled == 3
+
+    for batch in range(3):
+        receiver.gate.clear()  # the transport is slow: the next call waits
+        for request in requests[3 * batch: 3 * batch + 3]:
+            handler.release(request)
+        await receiver.until_entered(batch + 1)
+        for _ in range(20):  # the reader gets every chance to run: the places are not free yet
+            await asyncio.sleep(0)
+        assert sender.pulled == 3 * batch + 3, "a request was taken while the answers holding its place were being sent"
+        receiver.gate.set()
+        await handler.until_started(min(3 * batch + 6, len(requests)))
+        assert sender.pulled == min(3 * batch + 6, len(requests))
+
+    assert await run is True
+    assert receiver.calls == [[f"{r}: OK" for r in requests[i: i + 3]] for i in range(0, 9, 3)]
+    assert max(sender.in_flight_at_pull) == 2  # a pull only ever came with a place free

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66lotilla/api/v1/inference.proto\x12\x0f\x66lotilla.api.v1\"\xad\x01\n\x0f\x43lassifyRequest\x12\x12\n\nimage_uuid\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\r\x12\x12\n\ntimeout_us\x18\x06 \x01(\x04\x12\x15\n\rmodel_version\x18\x07 \x01(\r\x12\x12\n\nall_scores\x18\x08 \x01(\x08\"9\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"\x8c\x01\n\x10\x43lassifyResponse\x12\x12\n\nimage_uuid\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12,\n\x07\x63lasses\x18\x03 \x03(\x0b\x32\x1b.flotilla.api.v1.ClassScore\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0e\n\x06scores\x18\x05 \x03(\x02\"~\n\x15\x43lassifyStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x31\n\x07request\x18\x02 \x01(\x0b\x32 .flotilla.api.v1.ClassifyRequest\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\"T\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06origin\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\"\x95\x01\n\x16\x43lassifyStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x35\n\x08response\x18\x02 \x01(\x0b\x32!.flotilla.api.v1.ClassifyResponseH\x00\x12-\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1c.flotilla.api.v1.StreamErrorH\x00\x42\t\n\x07outcome2\xc9\x01\n\x0fImageClassifier\x12O\n\x08\x43lassify\x12 .flotilla.api.v1.ClassifyRequest\x1a!.flotilla.api.v1.ClassifyResponse\x12\x65\n\x0e\x43lassifyStream\x12&.flotilla.api.v1.ClassifyStreamRequest\x1a\'.flotilla.api.v1.ClassifyStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66lotilla/api/v1/inference.proto\x12\x0f\x66lotilla.api.v1\"\xad\x01\n\x0f\x43lassifyRequest\x12\x12\n\nimage_uuid\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\r\x12\x12\n\ntimeout_us\x18\x06 \x01(\x04\x12\x15\n\rmodel_version\x18\x07 \x01(\r\x12\x12\n\nall_scores\x18\x08 \x01(\x08\"9\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"\x8c\x01\n\x10\x43lassifyResponse\x12\x12\n\nimage_uuid\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12,\n\x07\x63lasses\x18\x03 \x03(\x0b\x32\x1b.flotilla.api.v1.ClassScore\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0e\n\x06scores\x18\x05 \x03(\x02\"\xb8\x01\n\x15\x43lassifyStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x31\n\x07request\x18\x02 \x01(\x0b\x32 .flotilla.api.v1.ClassifyRequest\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\x12\x38\n\x08requests\x18\x05 \x03(\x0b\x32&.flotilla.api.v1.ClassifyStreamRequest\"T\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06origin\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\"\xd1\x01\n\x16\x43lassifyStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x35\n\x08response\x18\x02 \x01(\x0b\x32!.flotilla.api.v1.ClassifyResponseH\x00\x12-\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1c.flotilla.api.v1.StreamErrorH\x00\x12:\n\tresponses\x18\x04 \x03(\x0b\x32\'.flotilla.api.v1.ClassifyStreamResponseB\t\n\x07outcome2\xc9\x01\n\x0fImageClassifier\x12O\n\x08\x43lassify\x12 .flotilla.api.v1.ClassifyRequest\x1a!.flotilla.api.v1.ClassifyResponse\x12\x65\n\x0e\x43lassifyStream\x12&.flotilla.api.v1.ClassifyStreamRequest\x1a\'.flotilla.api.v1.ClassifyStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,12 +37,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSSCORE']._serialized_end=285
   _globals['_CLASSIFYRESPONSE']._serialized_start=288
   _globals['_CLASSIFYRESPONSE']._serialized_end=428
-  _globals['_CLASSIFYSTREAMREQUEST']._serialized_start=430
-  _globals['_CLASSIFYSTREAMREQUEST']._serialized_end=556
-  _globals['_STREAMERROR']._serialized_start=558
-  _globals['_STREAMERROR']._serialized_end=642
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=645
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=794
-  _globals['_IMAGECLASSIFIER']._serialized_start=797
-  _globals['_IMAGECLASSIFIER']._serialized_end=998
+  _globals['_CLASSIFYSTREAMREQUEST']._serialized_start=431
+  _globals['_CLASSIFYSTREAMREQUEST']._serialized_end=615
+  _globals['_STREAMERROR']._serialized_start=617
+  _globals['_STREAMERROR']._serialized_end=701
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=704
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=913
+  _globals['_IMAGECLASSIFIER']._serialized_start=916
+  _globals['_IMAGECLASSIFIER']._serialized_end=1117
 # @@protoc_insertion_point(module_scope)

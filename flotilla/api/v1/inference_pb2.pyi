@@ -51,16 +51,18 @@ class ClassifyResponse(_message.Message):
     def __init__(self, image_uuid: _Optional[str] = ..., model_name: _Optional[str] = ..., classes: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., request_id: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ClassifyStreamRequest(_message.Message):
-    __slots__ = ("id", "request", "model_name", "timeout_ms")
+    __slots__ = ("id", "request", "model_name", "timeout_ms", "requests")
     ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     request: ClassifyRequest
     model_name: str
     timeout_ms: int
-    def __init__(self, id: _Optional[str] = ..., request: _Optional[_Union[ClassifyRequest, _Mapping]] = ..., model_name: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    requests: _containers.RepeatedCompositeFieldContainer[ClassifyStreamRequest]
+    def __init__(self, id: _Optional[str] = ..., request: _Optional[_Union[ClassifyRequest, _Mapping]] = ..., model_name: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[ClassifyStreamRequest, _Mapping]]] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "message", "origin", "retry_after_ms")
@@ -75,11 +77,13 @@ class StreamError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., origin: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class ClassifyStreamResponse(_message.Message):
-    __slots__ = ("id", "response", "error")
+    __slots__ = ("id", "response", "error", "responses")
     ID_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
     id: str
     response: ClassifyResponse
     error: StreamError
-    def __init__(self, id: _Optional[str] = ..., response: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ...) -> None: ...
+    responses: _containers.RepeatedCompositeFieldContainer[ClassifyStreamResponse]
+    def __init__(self, id: _Optional[str] = ..., response: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ..., responses: _Optional[_Iterable[_Union[ClassifyStreamResponse, _Mapping]]] = ...) -> None: ...

@@ -71,6 +71,9 @@ class ImageClassifierServicer:
         and HTTP/2 flow control makes the sender wait. Closing the sending side
         ends the stream once every request sent is answered. The model is the
         x-model-name header of the stream unless a request names its own.
+        A sender with several requests ready may pack them into one message
+        (ClassifyStreamRequest.requests); once it has, the router packs the
+        answers ready together too (ClassifyStreamResponse.responses).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

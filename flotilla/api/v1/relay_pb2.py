@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66lotilla/api/v1/relay.proto\x12\x0f\x66lotilla.api.v1\"$\n\x06Header\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x85\x01\n\tCallFrame\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0f\n\x07request\x18\x03 \x01(\x0c\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x12(\n\x07headers\x18\x05 \x03(\x0b\x32\x17.flotilla.api.v1.Header\x12\x0e\n\x06\x63\x61ncel\x18\x06 \x01(\x08\"7\n\nCallFrames\x12)\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x1a.flotilla.api.v1.CallFrame\"Z\n\x0b\x41nswerFrame\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x10\n\x08response\x18\x03 \x01(\x0c\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0e\n\x06origin\x18\x05 \x01(\t\"=\n\x0c\x41nswerFrames\x12-\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x1c.flotilla.api.v1.AnswerFrame\"Z\n\x13OpaqueStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07request\x18\x02 \x01(\x0c\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\"v\n\x14OpaqueStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\x08response\x18\x02 \x01(\x0cH\x00\x12\x33\n\x05\x65rror\x18\x03 \x01(\x0b\x32\".flotilla.api.v1.OpaqueStreamErrorH\x00\x42\t\n\x07outcome\"Z\n\x11OpaqueStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06origin\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r2P\n\x05Relay\x12G\n\x05\x43\x61lls\x12\x1b.flotilla.api.v1.CallFrames\x1a\x1d.flotilla.api.v1.AnswerFrames(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66lotilla/api/v1/relay.proto\x12\x0f\x66lotilla.api.v1\"$\n\x06Header\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x85\x01\n\tCallFrame\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0f\n\x07request\x18\x03 \x01(\x0c\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x12(\n\x07headers\x18\x05 \x03(\x0b\x32\x17.flotilla.api.v1.Header\x12\x0e\n\x06\x63\x61ncel\x18\x06 \x01(\x08\"7\n\nCallFrames\x12)\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x1a.flotilla.api.v1.CallFrame\"Z\n\x0b\x41nswerFrame\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x10\n\x08response\x18\x03 \x01(\x0c\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0e\n\x06origin\x18\x05 \x01(\t\"=\n\x0c\x41nswerFrames\x12-\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x1c.flotilla.api.v1.AnswerFrame\"\x92\x01\n\x13OpaqueStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07request\x18\x02 \x01(\x0c\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\x12\x36\n\x08requests\x18\x05 \x03(\x0b\x32$.flotilla.api.v1.OpaqueStreamRequest\"\xb0\x01\n\x14OpaqueStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\x08response\x18\x02 \x01(\x0cH\x00\x12\x33\n\x05\x65rror\x18\x03 \x01(\x0b\x32\".flotilla.api.v1.OpaqueStreamErrorH\x00\x12\x38\n\tresponses\x18\x04 \x03(\x0b\x32%.flotilla.api.v1.OpaqueStreamResponseB\t\n\x07outcome\"Z\n\x11OpaqueStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06origin\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r2P\n\x05Relay\x12G\n\x05\x43\x61lls\x12\x1b.flotilla.api.v1.CallFrames\x1a\x1d.flotilla.api.v1.AnswerFrames(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,12 +41,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ANSWERFRAME']._serialized_end=369
   _globals['_ANSWERFRAMES']._serialized_start=371
   _globals['_ANSWERFRAMES']._serialized_end=432
-  _globals['_OPAQUESTREAMREQUEST']._serialized_start=434
-  _globals['_OPAQUESTREAMREQUEST']._serialized_end=524
-  _globals['_OPAQUESTREAMRESPONSE']._serialized_start=526
-  _globals['_OPAQUESTREAMRESPONSE']._serialized_end=644
-  _globals['_OPAQUESTREAMERROR']._serialized_start=646
-  _globals['_OPAQUESTREAMERROR']._serialized_end=736
-  _globals['_RELAY']._serialized_start=738
-  _globals['_RELAY']._serialized_end=818
+  _globals['_OPAQUESTREAMREQUEST']._serialized_start=435
+  _globals['_OPAQUESTREAMREQUEST']._serialized_end=581
+  _globals['_OPAQUESTREAMRESPONSE']._serialized_start=584
+  _globals['_OPAQUESTREAMRESPONSE']._serialized_end=760
+  _globals['_OPAQUESTREAMERROR']._serialized_start=762
+  _globals['_OPAQUESTREAMERROR']._serialized_end=852
+  _globals['_RELAY']._serialized_start=854
+  _globals['_RELAY']._serialized_end=934
 # @@protoc_insertion_point(module_scope)

@@ -57,26 +57,30 @@ class AnswerFrames(_message.Message):
     def __init__(self, answers: _Optional[_Iterable[_Union[AnswerFrame, _Mapping]]] = ...) -> None: ...
 
 class OpaqueStreamRequest(_message.Message):
-    __slots__ = ("id", "request", "model_name", "timeout_ms")
+    __slots__ = ("id", "request", "model_name", "timeout_ms", "requests")
     ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     request: bytes
     model_name: str
     timeout_ms: int
-    def __init__(self, id: _Optional[str] = ..., request: _Optional[bytes] = ..., model_name: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    requests: _containers.RepeatedCompositeFieldContainer[OpaqueStreamRequest]
+    def __init__(self, id: _Optional[str] = ..., request: _Optional[bytes] = ..., model_name: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[OpaqueStreamRequest, _Mapping]]] = ...) -> None: ...
 
 class OpaqueStreamResponse(_message.Message):
-    __slots__ = ("id", "response", "error")
+    __slots__ = ("id", "response", "error", "responses")
     ID_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
     id: str
     response: bytes
     error: OpaqueStreamError
-    def __init__(self, id: _Optional[str] = ..., response: _Optional[bytes] = ..., error: _Optional[_Union[OpaqueStreamError, _Mapping]] = ...) -> None: ...
+    responses: _containers.RepeatedCompositeFieldContainer[OpaqueStreamResponse]
+    def __init__(self, id: _Optional[str] = ..., response: _Optional[bytes] = ..., error: _Optional[_Union[OpaqueStreamError, _Mapping]] = ..., responses: _Optional[_Iterable[_Union[OpaqueStreamResponse, _Mapping]]] = ...) -> None: ...
 
 class OpaqueStreamError(_message.Message):
     __slots__ = ("code", "message", "origin", "retry_after_ms")
