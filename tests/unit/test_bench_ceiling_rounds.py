@@ -1,0 +1,32 @@
+"""The ceiling bench's rounds: each point is its median round, whole, with every round beside it."""
+
+from __future__ import annotations
+
+from flotilla.bench.ceiling import median_round, readme_lines
+
+
+def test_a_point_is_its_median_round_with_every_rounds_cpu_beside_it() -> None:
+    rounds = [
+        {"tier": "router", "cpu_us_per_image": 300.0, "requests_per_s": 1.0},
+        {"tier": "router", "cpu_us_per_image": 240.0, "requests_per_s": 2.0},
+        {"tier": "router", "cpu_us_per_image": 260.0, "requests_per_s": 3.0},
+    ]
+
+    point = median_round(rounds)
+
+    assert point["cpu_us_per_image"] == 260.0 and point["requests_per_s"] == 3.0, "the whole median round"
+    assert point["rounds_cpu_us_per_image"] == [300.0, 240.0, 260.0], "in the order they ran"
+    assert median_round(rounds[:2])["cpu_us_per_image"] == 240.0, "of two, the lower"
+
+
+def test_the_table_shows_each_rounds_cpu_and_says_how_many_rounds() -> None:
+    point = {
+        "tier": "router", "api": "unary", "images_per_request": 1, "concurrency": 256, "requests_per_s": 4000.0,
+        "cpu_us_per_request": 250.0, "cpu_us_per_image": 250.0, "cores_busy": 1.0, "load_generator_cores_busy": 0.8,
+        "ceiling_requests_per_s_one_core": 4000, "rounds_cpu_us_per_image": [260.0, 250.0, 240.0],
+    }
+
+    lines = readme_lines({"measured_at": "now", "rounds": 3, "points": [point]})
+
+    assert "in 3 rounds in turn" in lines[0]
+    assert any("250.0 (260.0, 250.0, 240.0)" in line for line in lines)
