@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flotilla.bench.ceiling import median_round, readme_lines
+from flotilla.bench.ceiling import median_round, readme_lines, summary
 
 
 def test_a_point_is_its_median_round_with_every_rounds_cpu_beside_it() -> None:
@@ -30,3 +30,21 @@ def test_the_table_shows_each_rounds_cpu_and_says_how_many_rounds() -> None:
 
     assert "in 3 rounds in turn" in lines[0]
     assert any("250.0 (260.0, 250.0, 240.0)" in line for line in lines)
+
+
+def test_the_targets_ratios_are_the_median_of_each_rounds_own_ratio() -> None:
+    def point(tier: str, api: str, rounds: list[float]) -> dict[str, object]:
+        return {**median_round([{"tier": tier, "api": api, "images_per_request": 1, "cpu_us_per_image": r,
+                                 "cpu_us_per_request": r, "ceiling_requests_per_s_one_core": round(1e6 / r)}
+                                for r in rounds])}
+
+    # A slow spell in round 2 moves both sides; its ratio is like the others'.
+    unary = point("router", "unary", [240.0, 480.0, 250.0])
+    stream = point("router", "stream", [80.0, 160.0, 75.0])
+    empty = point("empty gRPC server", "unary", [160.0, 320.0, 170.0])
+
+    out = summary({"points": [unary, stream, empty]})
+
+    assert out["router_stream_over_unary_cpu_us_per_image"] == 0.333  # median of 1/3, 1/3, 0.3
+    assert out["router_stream_over_unary_requests_per_s"] == 3.0
+    assert out["router_unary_over_empty_grpc_server_cpu_us"] == 1.5  # median of 1.5, 1.5, 1.47
