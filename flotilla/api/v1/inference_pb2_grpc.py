@@ -73,7 +73,9 @@ class ImageClassifierServicer:
         x-model-name header of the stream unless a request names its own.
         A sender with several requests ready may pack them into one message
         (ClassifyStreamRequest.requests); once it has, the router packs the
-        answers ready together too (ClassifyStreamResponse.responses).
+        answers ready together too (ClassifyStreamResponse.responses). A router
+        that takes packed requests says so in the stream's initial metadata
+        ("x-flotilla-stream-packing: 1"): send packed messages only after it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
