@@ -584,8 +584,9 @@ def test_triton_accepts_the_workers_keepalive_pings(overlay: str) -> None:
     assert set(TRITON_PING_ARGS) <= set(args)
 
 
-def test_a_dedicated_batcher_renders_to_valid_objects_apart_from_the_shards(tmp_path: Path) -> None:
-    """The base serves no dedicated model: render one into a copy and check its objects as an overlay has them."""
+def rendered_with_dedicated_batcher(tmp_path: Path) -> Path:
+    """A copy of k8s/ under ``tmp_path`` whose source also serves model "isolated" on a dedicated
+    batcher, rendered: the base serves none."""
     out = tmp_path / "k8s"
     shutil.copytree(K8S, out)
     source = out / k8s.SOURCE
@@ -593,7 +594,12 @@ def test_a_dedicated_batcher_renders_to_valid_objects_apart_from_the_shards(tmp_
     data["models"]["isolated"] = {"storage_uri": "s3://flotilla-models/isolated", "dedicated_batcher": True}
     source.write_text(yaml.safe_dump(data))
     k8s.write(out, k8s.render(out, REPO / "observability"))
-    docs = kustomize(out / "overlays" / "cpu")
+    return out
+
+
+def test_a_dedicated_batcher_renders_to_valid_objects_apart_from_the_shards(tmp_path: Path) -> None:
+    """The base serves no dedicated model: render one into a copy and check its objects as an overlay has them."""
+    docs = kustomize(rendered_with_dedicated_batcher(tmp_path) / "overlays" / "cpu")
     for obj in docs:
         if obj["apiVersion"] != CRD_GROUP:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)

@@ -31,7 +31,6 @@ from tests.test_k8s_manifests import (
     FLOTILLA_IMAGE,
     K8S,
     K8S_VERSION,
-    REPO,
     Obj,
     kustomize,
     label,
@@ -39,6 +38,7 @@ from tests.test_k8s_manifests import (
     objects,
     pod_specs,
     rendered,
+    rendered_with_dedicated_batcher,
     selects,
 )
 
@@ -431,14 +431,7 @@ def test_the_plain_cpu_overlay_has_no_tls_and_the_component_changes_only_what_it
 
 
 def test_a_dedicated_batcher_gets_the_batchers_certificate(tmp_path: Path) -> None:
-    out = tmp_path / "k8s"
-    shutil.copytree(K8S, out)
-    source = out / k8s.SOURCE
-    data = yaml.safe_load(source.read_text())
-    data["models"]["isolated"] = {"storage_uri": "s3://flotilla-models/isolated", "dedicated_batcher": True}
-    source.write_text(yaml.safe_dump(data))
-    k8s.write(out, k8s.render(out, REPO / "observability"))
-    docs = kustomize(out / "overlays" / OVERLAY)
+    docs = kustomize(rendered_with_dedicated_batcher(tmp_path) / "overlays" / OVERLAY)
     batchers = {w["metadata"]["name"]: (pod, c) for w, pod, c in flotilla_containers(docs) if "batcher" in c["args"]}
     assert set(batchers) == {k8s.batcher_name(), k8s.batcher_name("isolated")}
     for name, (pod, container) in batchers.items():

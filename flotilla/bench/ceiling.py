@@ -328,6 +328,8 @@ async def empty_server_point(settings: FlotillaSettings, run_dir: Path, *, windo
 
 
 ROUNDS = 5
+EMPTY_DOOR = ("empty", 1)
+"""The empty server's place among the router's doors in a round."""
 """Rounds of the router's doors and the empty server, in turn: each point is its median round."""
 
 
@@ -357,9 +359,6 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0, rounds: int = ROUND
         measured[EMPTY_DOOR].append(asyncio.run(empty_server_point(base, run_dir, window_s=window_s)))
     points.extend(median_round(each) for each in measured.values())
     return {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": rounds, "points": points}
-
-
-EMPTY_DOOR = ("empty", 1)
 
 
 def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from flotilla.common.wire import (
     CLASSIFY_STREAM_METHOD,
     KSERVE_SERVICE,
     MODEL_HEADER,
+    varint,
 )
 from flotilla.errors import FlotillaError, error_from_code
 
@@ -205,19 +206,11 @@ def classify_stream_load(address: str, connections: int, model: str, api_key: st
 
 def packed_requests(bodies: list[bytes]) -> bytes:
     """One ClassifyStreamRequest packing serialised ones (field ``requests``), without parsing them again."""
-    return b"".join(_PACKED_TAG + _varint(len(body)) + body for body in bodies)
+    return b"".join(_PACKED_TAG + varint(len(body)) + body for body in bodies)
 
 
 _PACKED_TAG = bytes([5 << 3 | 2])  # ClassifyStreamRequest.requests: field 5, length-delimited
 
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def triton_stream_load(

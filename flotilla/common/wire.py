@@ -45,3 +45,14 @@ HEALTH_SERVICE_PREFIX = "/grpc.health.v1.Health/"
 def method_name(full_method: str) -> str:
     """``/pkg.Service/Method`` -> ``Method``."""
     return full_method.rsplit("/", 1)[-1]
+
+
+def varint(value: int) -> bytes:
+    """``value`` as a protobuf varint: what precedes a length-delimited field's bytes on the wire, for
+    the places that build a message around bytes they already have instead of parsing them again."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

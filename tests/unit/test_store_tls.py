@@ -64,11 +64,6 @@ class QuietTlsServer(ThreadingHTTPServer):
 
 
 @pytest.fixture(scope="module")
-def ca() -> CertificateAuthority:
-    return CertificateAuthority.create()
-
-
-@pytest.fixture(scope="module")
 def stranger() -> CertificateAuthority:
     """A CA the clients do not trust."""
     return CertificateAuthority.create("Someone else's CA")
@@ -131,30 +126,28 @@ async def test_every_client_reaches_a_store_the_ca_signed(
     assert await read(settings, "photo.jpg") == OBJECT  # the worker's reader (asyncio)
 
 
+async def assert_every_client_refuses(settings: S3Settings, match: str) -> None:
+    """The signed GETs (http.client), the minio SDK (urllib3) and the worker's reader (asyncio) each
+    fail with StoreUnavailable saying ``match``."""
+    store = ObjectStore(settings, timeout_s=5.0, retries=0)
+    with pytest.raises(StoreUnavailable, match=match):
+        store.get("photo.jpg", 1 << 20)
+    with pytest.raises(StoreUnavailable, match=match):
+        store.size("photo.jpg")
+    with pytest.raises(StoreUnavailable, match=match):
+        await read(settings, "photo.jpg")
+
+
 async def test_every_client_refuses_a_store_another_ca_signed(
     store_signed_by_stranger: str, ca: CertificateAuthority, tmp_path: Path
 ) -> None:
-    settings = s3(store_signed_by_stranger, ca, tmp_path)
-    store = ObjectStore(settings, timeout_s=5.0, retries=0)
-    with pytest.raises(StoreUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
-        store.get("photo.jpg", 1 << 20)
-    with pytest.raises(StoreUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
-        store.size("photo.jpg")
-    with pytest.raises(StoreUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
-        await read(settings, "photo.jpg")
+    await assert_every_client_refuses(s3(store_signed_by_stranger, ca, tmp_path), "CERTIFICATE_VERIFY_FAILED")
 
 
 async def test_every_client_refuses_a_certificate_for_another_host(
     store_named_otherwise: str, ca: CertificateAuthority, tmp_path: Path
 ) -> None:
-    settings = s3(store_named_otherwise, ca, tmp_path)
-    store = ObjectStore(settings, timeout_s=5.0, retries=0)
-    with pytest.raises(StoreUnavailable, match="match|mismatch"):
-        store.get("photo.jpg", 1 << 20)
-    with pytest.raises(StoreUnavailable, match="match|mismatch"):
-        store.size("photo.jpg")
-    with pytest.raises(StoreUnavailable, match="match|mismatch"):
-        await read(settings, "photo.jpg")
+    await assert_every_client_refuses(s3(store_named_otherwise, ca, tmp_path), "match|mismatch")
 
 
 def test_plaintext_clients_cannot_read_a_tls_store(

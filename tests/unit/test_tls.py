@@ -36,15 +36,6 @@ WHO = "/test.Who/Am"
 """A method that answers the caller's certificate common names, comma-separated."""
 
 
-def settings(files: IssuedFiles, **update: Any) -> TlsSettings:
-    return files.tls_settings(**update)
-
-
-@pytest.fixture(scope="module")
-def ca() -> CertificateAuthority:
-    return CertificateAuthority.create()
-
-
 @pytest.fixture
 def certs(ca: CertificateAuthority, tmp_path: Path) -> dict[str, IssuedFiles]:
     return {name: ca.issue(tmp_path / name, name) for name in ("server", "client", "flotilla-admin")}
@@ -71,7 +62,7 @@ async def _serve(tls: TlsSettings | None, *, public: bool = False) -> tuple[Serv
 @pytest.fixture
 async def mutual(certs: dict[str, IssuedFiles]) -> AsyncIterator[str]:
     """An internal server: TLS with client certificates required."""
-    server, address = await _serve(settings(certs["server"]))
+    server, address = await _serve(certs["server"].tls_settings())
     yield address
     await server.stop()
 
@@ -90,7 +81,7 @@ async def _health(channel: grpc.aio.Channel) -> int:
 
 
 async def test_a_mesh_certificate_gets_in_and_the_server_sees_who(mutual: str, certs: dict[str, IssuedFiles]) -> None:
-    assert await _who(Dialer(settings(certs["client"])).aio_channel(mutual)) == "client"
+    assert await _who(Dialer(certs["client"].tls_settings()).aio_channel(mutual)) == "client"
 
 
 async def test_plaintext_no_certificate_or_a_foreign_ca_are_refused(
@@ -104,7 +95,7 @@ async def test_plaintext_no_certificate_or_a_foreign_ca_are_refused(
         await _who(grpc.aio.secure_channel(mutual, no_cert))
     assert anonymous.value.code() == grpc.StatusCode.UNAVAILABLE
     stranger = CertificateAuthority.create("another CA").issue(tmp_path / "stranger", "stranger")
-    foreign = settings(IssuedFiles(certs["client"].ca_file, stranger.cert_file, stranger.key_file))
+    foreign = IssuedFiles(certs["client"].ca_file, stranger.cert_file, stranger.key_file).tls_settings()
     with pytest.raises(grpc.aio.AioRpcError) as other_ca:
         await _who(Dialer(foreign).aio_channel(mutual))
     assert other_ca.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -114,14 +105,14 @@ async def test_a_client_that_does_not_trust_the_servers_ca_does_not_connect(
     mutual: str, certs: dict[str, IssuedFiles], tmp_path: Path
 ) -> None:
     other = CertificateAuthority.create("another CA").issue(tmp_path / "other", "x")
-    distrusting = settings(IssuedFiles(other.ca_file, certs["client"].cert_file, certs["client"].key_file))
+    distrusting = IssuedFiles(other.ca_file, certs["client"].cert_file, certs["client"].key_file).tls_settings()
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await _who(Dialer(distrusting).aio_channel(mutual))
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 async def test_the_public_front_door_asks_no_client_certificate(certs: dict[str, IssuedFiles]) -> None:
-    server, address = await _serve(settings(certs["server"]), public=True)
+    server, address = await _serve(certs["server"].tls_settings(), public=True)
     try:
         ca_only = grpc.ssl_channel_credentials(root_certificates=certs["server"].ca_file.read_bytes())
         assert await _who(grpc.aio.secure_channel(address, ca_only)) == ""
@@ -135,7 +126,7 @@ async def test_the_health_port_answers_health_alone_in_plaintext(certs: dict[str
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         health_port = probe.getsockname()[1]
-    server, address = await _serve(settings(certs["server"], health_port=health_port))
+    server, address = await _serve(certs["server"].tls_settings(health_port=health_port))
     try:
         assert await _health(grpc.aio.insecure_channel(f"127.0.0.1:{health_port}")) == 1  # SERVING
         with pytest.raises(grpc.aio.AioRpcError) as other:
@@ -161,7 +152,7 @@ def _served_common_name(address: str, ca_file: Path, client: IssuedFiles) -> str
 async def test_a_renewed_server_certificate_is_served_at_the_next_handshake(
     ca: CertificateAuthority, certs: dict[str, IssuedFiles], tmp_path: Path
 ) -> None:
-    server, address = await _serve(settings(certs["server"]))
+    server, address = await _serve(certs["server"].tls_settings())
     try:
         assert await asyncio.to_thread(_served_common_name, address, certs["client"].ca_file, certs["client"]) == "server"
         ca.issue(tmp_path / "server", "server-renewed")  # in place, as cert-manager renews a Secret
@@ -187,7 +178,7 @@ async def test_a_renewed_server_certificate_is_served_at_the_next_handshake(
 async def test_a_peer_reopens_its_channel_with_a_renewed_client_certificate(
     ca: CertificateAuthority, mutual: str, certs: dict[str, IssuedFiles], tmp_path: Path
 ) -> None:
-    dialer = Dialer(settings(certs["client"], reload_interval_s=0.05))
+    dialer = Dialer(certs["client"].tls_settings(reload_interval_s=0.05))
     peer: GrpcPeer[None] = GrpcPeer(mutual, dialer=dialer)
     try:
         assert await peer.serving()
@@ -207,7 +198,7 @@ async def test_a_peer_reopens_its_channel_with_a_renewed_client_certificate(
 async def test_a_peer_keeps_its_channel_while_renewed_files_do_not_match(
     ca: CertificateAuthority, mutual: str, certs: dict[str, IssuedFiles], tmp_path: Path
 ) -> None:
-    peer: GrpcPeer[None] = GrpcPeer(mutual, dialer=Dialer(settings(certs["client"], reload_interval_s=0.0001)))
+    peer: GrpcPeer[None] = GrpcPeer(mutual, dialer=Dialer(certs["client"].tls_settings(reload_interval_s=0.0001)))
     try:
         assert await peer.serving()
         before = peer.channel
@@ -228,7 +219,7 @@ async def test_a_peer_keeps_its_channel_while_renewed_files_do_not_match(
 
 def test_a_changed_file_bumps_the_dialers_generation_once(ca: CertificateAuthority, certs: dict[str, IssuedFiles],
                                                           tmp_path: Path) -> None:
-    dialer = Dialer(settings(certs["client"], reload_interval_s=0.0001))
+    dialer = Dialer(certs["client"].tls_settings(reload_interval_s=0.0001))
     dialer.credentials()
     first = dialer.generation
     assert dialer.generation == first
@@ -260,7 +251,7 @@ def test_the_admin_identity_passes_without_a_key_and_no_other_does() -> None:
 
 @pytest.fixture
 def https(certs: dict[str, IssuedFiles]) -> Iterator[tuple[ssl.SSLContext, socket.socket]]:
-    context = http_ssl_context(settings(certs["server"]))
+    context = http_ssl_context(certs["server"].tls_settings())
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -273,7 +264,7 @@ def test_the_http_context_loads_a_renewed_certificate(
     https: tuple[ssl.SSLContext, socket.socket],
 ) -> None:
     context, listener = https
-    files = CertFiles(settings(certs["server"]))
+    files = CertFiles(certs["server"].tls_settings())
     files.read()
     assert not reload_ssl_context(context, files)  # nothing changed
     ca.issue(tmp_path / "server", "server-renewed")
@@ -301,12 +292,12 @@ async def test_a_shared_server_name_is_checked_instead_of_the_ip_dialled(
 ) -> None:
     """Kubernetes dials pods by IP; their certificates name only the mesh's shared name."""
     named = ca.issue(tmp_path / "pod", "batcher", dns_names=["flotilla-mesh"], ip_addresses=[])
-    server, address = await _serve(settings(named))
+    server, address = await _serve(named.tls_settings())
     try:
         with pytest.raises(grpc.aio.AioRpcError) as by_ip:
-            await _who(Dialer(settings(certs["client"])).aio_channel(address))
+            await _who(Dialer(certs["client"].tls_settings()).aio_channel(address))
         assert by_ip.value.code() == grpc.StatusCode.UNAVAILABLE
-        by_name = Dialer(settings(certs["client"], server_name="flotilla-mesh"))
+        by_name = Dialer(certs["client"].tls_settings(server_name="flotilla-mesh"))
         assert await _who(by_name.aio_channel(address)) == "client"
     finally:
         await server.stop()
@@ -315,7 +306,7 @@ async def test_a_shared_server_name_is_checked_instead_of_the_ip_dialled(
 async def test_a_renewing_channel_reopens_with_the_new_certificate_between_calls(
     ca: CertificateAuthority, mutual: str, certs: dict[str, IssuedFiles], tmp_path: Path
 ) -> None:
-    channel = RenewingChannel(Dialer(settings(certs["client"], reload_interval_s=0.0001)), mutual)
+    channel = RenewingChannel(Dialer(certs["client"].tls_settings(reload_interval_s=0.0001)), mutual)
     try:
         assert not channel.renew()
         assert await channel.channel.unary_unary(WHO)(b"", timeout=5) == b"client"
@@ -330,11 +321,11 @@ async def test_the_front_door_serves_its_public_pair_and_internal_servers_their_
     certs: dict[str, IssuedFiles], tmp_path: Path
 ) -> None:
     public = CertificateAuthority.create("a public CA").issue(tmp_path / "public", "router.example.com")
-    tls = settings(certs["server"], public_cert_file=public.cert_file, public_key_file=public.key_file)
+    tls = certs["server"].tls_settings(public_cert_file=public.cert_file, public_key_file=public.key_file)
     front, front_address = await _serve(tls, public=True)
     internal, internal_address = await _serve(tls)
     try:
-        client = Dialer(settings(certs["client"]))
+        client = Dialer(certs["client"].tls_settings())
         trusting_public = grpc.ssl_channel_credentials(root_certificates=public.ca_file.read_bytes())
         assert await _who(grpc.aio.secure_channel(front_address, trusting_public)) == ""
         with pytest.raises(grpc.aio.AioRpcError):  # the mesh CA does not vouch for the public pair
@@ -344,4 +335,4 @@ async def test_the_front_door_serves_its_public_pair_and_internal_servers_their_
         await front.stop()
         await internal.stop()
     with pytest.raises(ValueError, match="go together"):
-        settings(certs["server"], public_cert_file=public.cert_file)
+        certs["server"].tls_settings(public_cert_file=public.cert_file)

@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from flotilla.common.certs import CertificateAuthority, IssuedFiles
 from flotilla.common.tls import PLAINTEXT, Dialer, server_credentials
-from flotilla.config import PoolSettings, S3Settings, TlsSettings
+from flotilla.config import PoolSettings, S3Settings
 from flotilla.errors import Code
 from flotilla.services.controller.artifacts import ArtifactCache, ArtifactStore
 from flotilla.services.controller.replicas import TritonReplica
@@ -47,15 +47,6 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
         return service_pb2.ModelInferResponse(outputs=[output], raw_output_contents=[SCORES.tobytes()])
 
 
-def tls(files: IssuedFiles, **update: Any) -> TlsSettings:
-    return files.tls_settings(**update)
-
-
-@pytest.fixture(scope="module")
-def ca() -> CertificateAuthority:
-    return CertificateAuthority.create()
-
-
 @pytest.fixture
 def certs(ca: CertificateAuthority, tmp_path: Path) -> dict[str, IssuedFiles]:
     return {name: ca.issue(tmp_path / name, name) for name in ("triton", "preprocess", "controller")}
@@ -66,7 +57,7 @@ async def triton(certs: dict[str, IssuedFiles]) -> AsyncIterator[str]:
     """A Triton gRPC endpoint with mutual TLS: its certificate, and callers' signed by the CA."""
     server = grpc.aio.server()
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(FakeTriton(), server)
-    port = server.add_secure_port("127.0.0.1:0", server_credentials(tls(certs["triton"]), client_auth=True))
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(certs["triton"].tls_settings(), client_auth=True))
     await server.start()
     yield f"127.0.0.1:{port}"
     await server.stop(0)
@@ -77,7 +68,7 @@ def call() -> InferCall:
 
 
 async def test_a_worker_runs_a_batch_on_triton_over_mutual_tls(triton: str, certs: dict[str, IssuedFiles]) -> None:
-    replica = GrpcReplica(triton, dialer=Dialer(tls(certs["preprocess"])))
+    replica = GrpcReplica(triton, dialer=Dialer(certs["preprocess"].tls_settings()))
     try:
         got = await replica.infer(call(), False, 5.0)
         assert got is not None and got.tolist() == SCORES.tolist()
@@ -89,7 +80,7 @@ async def test_a_worker_without_the_meshs_certificate_is_refused(
     triton: str, certs: dict[str, IssuedFiles], tmp_path: Path
 ) -> None:
     stranger = CertificateAuthority.create("another CA").issue(tmp_path / "stranger", "stranger")
-    foreign = tls(IssuedFiles(certs["preprocess"].ca_file, stranger.cert_file, stranger.key_file))
+    foreign = IssuedFiles(certs["preprocess"].ca_file, stranger.cert_file, stranger.key_file).tls_settings()
     for dialer in (PLAINTEXT, Dialer(foreign)):
         replica = GrpcReplica(triton, dialer=dialer)
         try:
@@ -103,7 +94,7 @@ async def test_a_worker_without_the_meshs_certificate_is_refused(
 async def test_a_renewed_worker_certificate_opens_a_new_channel(
     triton: str, ca: CertificateAuthority, certs: dict[str, IssuedFiles]
 ) -> None:
-    dialer = Dialer(tls(certs["preprocess"], reload_interval_s=0.001))
+    dialer = Dialer(certs["preprocess"].tls_settings(reload_interval_s=0.001))
     replica = GrpcReplica(triton, dialer=dialer)
     try:
         assert await replica.infer(call(), False, 5.0) is not None
@@ -117,7 +108,7 @@ async def test_a_renewed_worker_certificate_opens_a_new_channel(
 
 
 async def test_with_tls_to_triton_a_worker_calls_every_replica_over_grpc(certs: dict[str, IssuedFiles]) -> None:
-    backend = TritonBackend(PoolSettings(), protocol="http", dialer=Dialer(tls(certs["preprocess"])))
+    backend = TritonBackend(PoolSettings(), protocol="http", dialer=Dialer(certs["preprocess"].tls_settings()))
     try:
         assert backend.protocol == "grpc"
         backend.set_http_endpoints({"10.0.0.1:8001": "10.0.0.1:8000"})  # Triton's plaintext HTTP: not used
@@ -135,7 +126,7 @@ async def test_the_controller_drives_triton_over_mutual_tls(
         raise AssertionError("no artifact is fetched")
 
     cache = ArtifactCache(tmp_path / "cache", ArtifactStore(store))
-    secure = TritonReplica(triton, 1024, tmp_path / "models", cache, dialer=Dialer(tls(certs["controller"])))
+    secure = TritonReplica(triton, 1024, tmp_path / "models", cache, dialer=Dialer(certs["controller"].tls_settings()))
     plaintext = TritonReplica(triton, 1024, tmp_path / "models", cache)
     try:
         assert await secure.is_live()

@@ -28,6 +28,7 @@ from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 from flotilla.common import tracing
 from flotilla.common.keepalive import PEER_KEEPALIVE_S, PEER_KEEPALIVE_TIMEOUT_S, keepalive_options
 from flotilla.common.tls import PLAINTEXT, Dialer, RenewingChannel
+from flotilla.common.wire import varint
 from flotilla.errors import Code
 from flotilla.services.preprocess.triton.replica import InferCall, ReplicaCallError, SharedMemoryRegistrations
 from flotilla.services.preprocess.triton.shm import Region, is_loopback
@@ -52,15 +53,6 @@ CHANNEL_OPTIONS = [
 _RAW_INPUT_TAG = bytes([(service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number << 3) | 2])
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def encode_infer_request(
     model: str, version: str, input_name: str, batch: NDArray[Any], output_name: str
 ) -> bytes:
@@ -82,7 +74,7 @@ def encode_infer_request(
         outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=output_name)],
     )
     data = batch.data.cast("B")
-    return b"".join((header.SerializeToString(), _RAW_INPUT_TAG, _varint(data.nbytes), data))
+    return b"".join((header.SerializeToString(), _RAW_INPUT_TAG, varint(data.nbytes), data))
 
 
 def encode_shm_infer_request(
