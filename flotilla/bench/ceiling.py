@@ -17,6 +17,12 @@ each pays its fixed costs alone. This part gives each tier the machine:
   returns a fixed answer, driven exactly as the router is. It is the floor of
   any Python gRPC tier that accepts one unary call per request (the router
   must: that is the public API), measured on the same machine in the same run.
+- a relay proxy: the same bare server whose one handler sends each call's
+  body over Flotilla's relay stream (``RelayClient``) to the same instant
+  batcher and returns its answer, with nothing else of the router (no routes,
+  keys, admission, metrics or spans): the floor of a router that relays, so
+  the router's unary call splits into what taking a call costs, what relaying
+  it costs and what the router adds.
 
 The fakes (the controller, which answers only ShardHeartbeat / WatchFleet,
 the worker, the batcher) and the load generator run in the bench process.
@@ -53,7 +59,7 @@ from flotilla.bench import front_loads
 from flotilla.bench.meter import LOAD_GENERATOR, Tier, metered_load
 from flotilla.common.peer import GrpcPeer
 from flotilla.common.probe import is_serving
-from flotilla.common.relay import RelayServicer
+from flotilla.common.relay import RelayClient, RelayServicer
 from flotilla.common.server import ServiceServer, run_service
 from flotilla.common.wire import MODEL_HEADER
 from flotilla.config import FlotillaSettings, ModelSettings, dump_settings
@@ -69,6 +75,7 @@ ROUTER_CONNECTIONS = 16
 ROUTER_CONCURRENCY = 256
 WARMUP_S = 2.0
 EMPTY_SERVER = "empty gRPC server"
+RELAY_PROXY = "relay proxy"
 ANSWER_CLASSES = 10
 """Classes in the fake batcher's answers (every class's score travels when a KServe request asks)."""
 
@@ -304,12 +311,61 @@ async def serve_empty(host: str, port: int) -> None:
     await server.wait_for_termination()
 
 
+class _Relayed(grpc.GenericRpcHandler):
+    """Every unary call's body relayed to a batcher over ``relay``, its answer returned as it came."""
+
+    def __init__(self, relay: RelayClient) -> None:
+        self._relay = relay
+        self._handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(self._call)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        return self._handler
+
+    async def _call(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        return await self._relay.call(CLASSIFY, request, (), None)
+
+
+async def serve_relay_proxy(host: str, port: int, batcher: str) -> None:
+    """The bare server of the relay proxy point: the empty server's, its handler relaying to ``batcher``."""
+    channel = grpc.aio.insecure_channel(batcher)
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    server.add_generic_rpc_handlers((_Relayed(RelayClient(channel, batcher)),))
+    server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
 async def empty_server_point(settings: FlotillaSettings, run_dir: Path, *, window_s: float) -> dict[str, Any]:
+    return await _bare_server_point(settings, run_dir, EMPTY_SERVER, window_s=window_s)
+
+
+async def relay_proxy_point(settings: FlotillaSettings, run_dir: Path, *, window_s: float) -> dict[str, Any]:
+    fakes = ServiceServer("bench fakes", [], grace_s=0, tier="bench")
+    fakes_port = await fakes.start(settings.host, 0)
+    batcher = RelayServicer(_instant_batcher, tier="bench")
+    fakes.server.add_generic_rpc_handlers([batcher.generic_handler()])
+    try:
+        point = await _bare_server_point(
+            settings, run_dir, RELAY_PROXY, window_s=window_s, batcher=f"{settings.host}:{fakes_port}"
+        )
+        return {**point, "calls_per_relay_message": round(batcher.calls_received / max(batcher.messages, 1), 1)}
+    finally:
+        await fakes.stop()
+
+
+async def _bare_server_point(
+    settings: FlotillaSettings, run_dir: Path, tier: str, *, window_s: float, batcher: str = ""
+) -> dict[str, Any]:
+    """The point of a bare grpc.aio server process (``python -m flotilla.bench.ceiling``): the empty
+    server, or with ``batcher`` the relay proxy to it."""
     port = free_port(settings.host)
+    name = tier.lower().replace(" ", "-")
     server = ManagedProcess(
-        "empty-grpc-server",
-        [sys.executable, "-m", "flotilla.bench.ceiling", settings.host, str(port), settings.event_loop],
-        log_path=run_dir / "empty-grpc-server.log", address=f"{settings.host}:{port}",
+        name,
+        [sys.executable, "-m", "flotilla.bench.ceiling", settings.host, str(port), settings.event_loop,
+         *([batcher] if batcher else [])],
+        log_path=run_dir / f"{name}.log", address=f"{settings.host}:{port}",
     )
     load: front_loads.Load | None = None
     try:
@@ -319,8 +375,8 @@ async def empty_server_point(settings: FlotillaSettings, run_dir: Path, *, windo
         )
         load = front_loads.UnaryLoad(server.address, ROUTER_CONNECTIONS, MODEL, API_KEY, classify_bodies())
         assert server.pid is not None
-        point = await _measure(EMPTY_SERVER, server.pid, load, concurrency=ROUTER_CONCURRENCY, window_s=window_s)
-        return {"tier": EMPTY_SERVER, "connections": ROUTER_CONNECTIONS, **point}
+        point = await _measure(tier, server.pid, load, concurrency=ROUTER_CONCURRENCY, window_s=window_s)
+        return {"tier": tier, "connections": ROUTER_CONNECTIONS, **point}
     finally:
         if load is not None:
             await load.close()
@@ -328,9 +384,11 @@ async def empty_server_point(settings: FlotillaSettings, run_dir: Path, *, windo
 
 
 ROUNDS = 5
+"""Rounds of the router's doors and the bare servers, in turn: each point is its median round."""
 EMPTY_DOOR = ("empty", 1)
 """The empty server's place among the router's doors in a round."""
-"""Rounds of the router's doors and the empty server, in turn: each point is its median round."""
+RELAY_PROXY_DOOR = ("relay proxy", 1)
+"""The relay proxy's."""
 
 
 def run(base: FlotillaSettings, *, duration_s: float = 10.0, rounds: int = ROUNDS) -> dict[str, Any]:
@@ -347,7 +405,9 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0, rounds: int = ROUND
         print(f"ceiling: the batcher alone, max_batch_size {size} ...", flush=True)
         points.append(asyncio.run(batcher_point(base, run_dir, max_batch_size=size, window_s=duration_s)))
     window_s = duration_s / rounds
-    measured: dict[tuple[str, int], list[dict[str, Any]]] = {door: [] for door in (*front_loads.FRONT_DOORS, EMPTY_DOOR)}
+    measured: dict[tuple[str, int], list[dict[str, Any]]] = {
+        door: [] for door in (*front_loads.FRONT_DOORS, EMPTY_DOOR, RELAY_PROXY_DOOR)
+    }
     for round_index in range(rounds):
         for api, images in front_loads.FRONT_DOORS:
             print(f"ceiling: round {round_index + 1}/{rounds}: the router alone, {api} with {images} image(s) a "
@@ -357,6 +417,9 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0, rounds: int = ROUND
         print(f"ceiling: round {round_index + 1}/{rounds}: an empty gRPC server (the floor of a unary call) ...",
               flush=True)
         measured[EMPTY_DOOR].append(asyncio.run(empty_server_point(base, run_dir, window_s=window_s)))
+        print(f"ceiling: round {round_index + 1}/{rounds}: a relay proxy (the floor of a router that relays) ...",
+              flush=True)
+        measured[RELAY_PROXY_DOOR].append(asyncio.run(relay_proxy_point(base, run_dir, window_s=window_s)))
     points.extend(median_round(each) for each in measured.values())
     return {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": rounds, "points": points}
 
@@ -383,7 +446,8 @@ def summary(result: dict[str, Any]) -> dict[str, object]:
     for key, p in by_key.items():
         out[f"{key}_cpu_us_per_request"] = p["cpu_us_per_request"]
         out[f"{key}_ceiling_requests_per_s_one_core"] = p["ceiling_requests_per_s_one_core"]
-    unary, stream, empty = by_key.get("router_alone"), by_key.get("router_alone_stream"), by_key.get("empty_grpc_server_alone")
+    unary, stream = by_key.get("router_alone"), by_key.get("router_alone_stream")
+    empty, relay = by_key.get("empty_grpc_server_alone"), by_key.get("relay_proxy_alone")
     # Issue 23's targets: the stream >= 3x unary's requests/s at the router's ceiling, <= 1/3 its CPU per
     # image; unary <= 1.5x an empty server's call. One image a request on these doors, so the requests/s
     # ratio at the ceiling is the inverse of the CPU ratio. Measured in rounds, each ratio is the median
@@ -395,6 +459,12 @@ def summary(result: dict[str, Any]) -> dict[str, object]:
         out["router_stream_over_unary_requests_per_s"] = round(1 / cpu_ratio, 2)
     if unary and empty:
         out["router_unary_over_empty_grpc_server_cpu_us"] = round(paired_ratio(unary, empty), 2)
+    # Where the unary call's CPU goes: taking the call (the empty server), relaying it (the relay proxy
+    # over the empty server) and the router's own work (the router over the relay proxy).
+    if relay and empty:
+        out["relay_proxy_over_empty_grpc_server_cpu_us"] = round(paired_ratio(relay, empty), 2)
+    if unary and relay:
+        out["router_unary_over_relay_proxy_cpu_us"] = round(paired_ratio(unary, relay), 2)
     return out
 
 
@@ -416,8 +486,10 @@ def readme_lines(result: dict[str, Any]) -> list[str]:
         "batcher process between a Relay load generator and a worker that answers every batch at once; a real router "
         f"process between unary Classify calls on {ROUTER_CONNECTIONS} connections and a batcher that answers every "
         "relayed call at once; an empty gRPC server (bare grpc.aio, one handler with a fixed answer) driven as the "
-        "router is: the floor of any Python tier that takes one unary call per request (fakes and load generator in "
-        "the bench process). Ceiling = requests/s / the tier's cores busy.",
+        "router is: the floor of any Python tier that takes one unary call per request; a relay proxy (the same bare "
+        "server, its handler relaying each call over Flotilla's relay stream to the same instant batcher, nothing "
+        "else of the router): the floor of a router that relays (fakes and load generator in the bench process). "
+        "Ceiling = requests/s / the tier's cores busy.",
         "",
         "| tier | front door (images a request) | max_batch_size | in flight | requests/s | CPU-µs per request | "
         "CPU-µs per image | cores busy (tier / load generator) | ceiling on one core (requests/s) |",
@@ -436,8 +508,11 @@ def readme_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-if __name__ == "__main__":  # the empty-server point's process: python -m flotilla.bench.ceiling HOST PORT LOOP
+if __name__ == "__main__":  # the bare servers' process: python -m flotilla.bench.ceiling HOST PORT LOOP [BATCHER]
     # On the services' event loop (settings.event_loop), so it stays the floor of the router as it runs;
-    # as run_service reads it, any name but uvloop is asyncio.
+    # as run_service reads it, any name but uvloop is asyncio. With BATCHER: the relay proxy to it.
     event_loop: Literal["uvloop", "asyncio"] = "uvloop" if sys.argv[3] == "uvloop" else "asyncio"
-    run_service(serve_empty(sys.argv[1], int(sys.argv[2])), event_loop)
+    if len(sys.argv) > 4:
+        run_service(serve_relay_proxy(sys.argv[1], int(sys.argv[2]), sys.argv[4]), event_loop)
+    else:
+        run_service(serve_empty(sys.argv[1], int(sys.argv[2])), event_loop)

@@ -199,8 +199,43 @@ def summary(cpu: dict[str, Any]) -> dict[str, object]:
             ),
             "router_cpu_us_per_image_large_photos_over_stream":
                 cpu["points"][LARGE_OVER_STREAM]["cpu_us_per_image"].get("router"),
+            # How far Flotilla's own code can take it: the same point with that code's CPU at zero.
+            "flotilla_cpu_us_per_image_large_photos_over_stream":
+                flotilla_cpu_us_per_image(cpu["points"][LARGE_OVER_STREAM]),
+            "mesh_vs_limit_over_stream_of_ceiling_here_if_flotilla_free":
+                of_ceiling_if_flotilla_free(cpu, LARGE_OVER_STREAM),
         } if LARGE_OVER_STREAM in cpu["points"] else {}),
     }
+
+
+FLOTILLA_PROCESSES = ("router", "batcher", "controller")
+"""Tiers whose processes do only Flotilla's work (the worker's also decodes: only its CPU beyond decode
+is Flotilla's own)."""
+
+
+def flotilla_cpu_us_per_image(point: dict[str, Any]) -> float | None:
+    """The CPU per image of Flotilla's own work at a point: its router, batcher and controller
+    processes and the worker's CPU beyond its decode threads; None without the decode counter."""
+    beyond = beyond_decode_ms(point)
+    if beyond is None:
+        return None
+    per_image = point["cpu_us_per_image"]
+    return float(sum(per_image.get(tier, 0.0) for tier in FLOTILLA_PROCESSES)) + beyond[0] * 1000.0
+
+
+def of_ceiling_if_flotilla_free(cpu: dict[str, Any], name: str) -> float | None:
+    """What share of the ceiling here point ``name`` would reach were Flotilla's own work free (its
+    CPU per image, ``flotilla_cpu_us_per_image``, at zero, the rest as measured): on saturated cores
+    images/s go as the inverse of the CPU per image. The part of the gap to the ceiling no change to
+    Flotilla's code can close is what stays: the model's stubs and the decode running slower beside
+    each other and everything else than in the limit's measurement, and Triton's server."""
+    point = cpu["points"].get(name)
+    flotilla = flotilla_cpu_us_per_image(point) if point is not None else None
+    if point is None or flotilla is None:
+        return None
+    total = float(point["cpu_us_per_image"]["total"])
+    images_per_s = float(point["images_per_s"]) * total / (total - flotilla)
+    return round(images_per_s / float(cpu["limit"]["limit_images_per_s"]) / mesh_vs_limit_ceiling(cpu), 3)
 
 
 def mesh_vs_limit_ceiling(cpu: dict[str, Any]) -> float:
@@ -241,7 +276,24 @@ def mesh_vs_limit_row(cpu: dict[str, Any]) -> list[str]:
             f"{cpu['points'][LARGE_OVER_STREAM]['images_per_s']} / {limit['limit_images_per_s']} "
             f"= **{cpu['mesh_vs_limit_over_stream']}** ({round(cpu['mesh_vs_limit_over_stream'] / mesh_vs_limit_ceiling(cpu), 3)} "
             f"of the ceiling here, {mesh_vs_limit_ceiling(cpu)}) |",
+            *_if_flotilla_free_row(cpu),
         ] if LARGE_OVER_STREAM in cpu["points"] else []),
+    ]
+
+
+def _if_flotilla_free_row(cpu: dict[str, Any]) -> list[str]:
+    point, limit = cpu["points"][LARGE_OVER_STREAM], cpu["limit"]
+    free, flotilla = of_ceiling_if_flotilla_free(cpu, LARGE_OVER_STREAM), flotilla_cpu_us_per_image(point)
+    beyond = beyond_decode_ms(point)
+    if free is None or flotilla is None or beyond is None:
+        return []
+    per_image = point["cpu_us_per_image"]
+    return [
+        f"| the same over ClassifyStream were Flotilla's own work free (router, batcher, controller and the worker "
+        f"beyond decode, {flotilla:.0f} CPU-µs per image, at zero; the rest as measured) | **{free}** of the ceiling "
+        f"here; what stays: the model's stubs at {per_image.get(MODEL_STUBS, 0.0) / 1000:.2f} CPU-ms per image "
+        f"against the limit's {limit['model_cpu_ms_per_image']}, the decode at {beyond[1]:.2f} against "
+        f"{limit['decode_cpu_ms_per_image']}, Triton's server {per_image.get('triton server', 0.0):.0f} µs |",
     ]
 
 

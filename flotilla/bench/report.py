@@ -252,6 +252,22 @@ def targets_table(summary: dict[str, object]) -> list[str]:
          met(get("worker_overhead_beyond_decode_ms") <= 0.5)),
         ("preprocessing >= 2.5x naive images/s per core", f"{get('preprocessing_speedup'):.2f}x",
          met(get("preprocessing_speedup") >= 2.5)),
+        ("ClassifyStream >= 3x unary's requests/s at the router's ceiling, and <= 1/3 its CPU per image",
+         f"{get('router_stream_over_unary_requests_per_s'):.2f}x; {get('router_stream_over_unary_cpu_us_per_image'):.3f}",
+         met(get("router_stream_over_unary_requests_per_s") >= 3
+             and get("router_stream_over_unary_cpu_us_per_image") <= 1 / 3)),
+        ("the router's unary call <= 1.5x an empty grpc.aio server's; a relay proxy's (that server relaying each call "
+         "over Flotilla's relay, nothing else of the router) over the empty server's; the router's over the relay "
+         "proxy's",
+         f"{get('router_unary_over_empty_grpc_server_cpu_us'):.2f}x; "
+         f"{get('relay_proxy_over_empty_grpc_server_cpu_us'):.2f}x; {get('router_unary_over_relay_proxy_cpu_us'):.2f}x",
+         met(get("router_unary_over_empty_grpc_server_cpu_us") <= 1.5)),
+        ("the CPU point over ClassifyStream >= 0.9 of the ceiling here; the same were Flotilla's own work free "
+         "(router, batcher, controller, the worker beyond decode: CPU-µs per image)",
+         f"{get('mesh_vs_limit_over_stream_of_ceiling_here'):.3f}; "
+         f"{get('mesh_vs_limit_over_stream_of_ceiling_here_if_flotilla_free'):.3f} "
+         f"({get('flotilla_cpu_us_per_image_large_photos_over_stream'):.0f} µs)",
+         met(get("mesh_vs_limit_over_stream_of_ceiling_here") >= 0.9)),
     ]
     return ["| target | this run | met |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
 

@@ -40,3 +40,12 @@ async def test_an_empty_grpc_server_answers_every_call_and_is_metered(settings, 
     assert point["errors"] == 0 and point["requests"] > 100, point
     assert point["tier"] == ceiling.EMPTY_SERVER and point["cpu_us_per_request"] > 0
     assert ceiling.summary({"points": [point]})["empty_grpc_server_alone_cpu_us_per_request"] > 0
+
+
+async def test_a_relay_proxy_relays_every_call_and_is_metered(settings, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(ceiling, "WARMUP_S", 0.5)
+    point = await ceiling.relay_proxy_point(settings, tmp_path, window_s=1.0)
+    assert point["errors"] == 0 and point["requests"] > 100, point
+    assert point["tier"] == ceiling.RELAY_PROXY and point["cpu_us_per_request"] > 0
+    assert point["calls_per_relay_message"] >= 1, "every call went over the relay to the instant batcher"
+    assert ceiling.summary({"points": [point]})["relay_proxy_alone_cpu_us_per_request"] > 0

@@ -48,3 +48,18 @@ def test_the_targets_ratios_are_the_median_of_each_rounds_own_ratio() -> None:
     assert out["router_stream_over_unary_cpu_us_per_image"] == 0.333  # median of 1/3, 1/3, 0.3
     assert out["router_stream_over_unary_requests_per_s"] == 3.0
     assert out["router_unary_over_empty_grpc_server_cpu_us"] == 1.5  # median of 1.5, 1.5, 1.47
+
+
+def test_the_unary_call_splits_into_taking_it_relaying_it_and_the_routers_own_work() -> None:
+    def point(tier: str, rounds: list[float]) -> dict[str, object]:
+        return median_round([{"tier": tier, "api": "unary", "images_per_request": 1, "cpu_us_per_image": r,
+                              "cpu_us_per_request": r, "ceiling_requests_per_s_one_core": round(1e6 / r)}
+                             for r in rounds])
+
+    out = summary({"points": [point("router", [240.0, 480.0]), point("empty gRPC server", [160.0, 320.0]),
+                              point("relay proxy", [200.0, 400.0])]})
+
+    assert out["relay_proxy_alone_cpu_us_per_request"] == 200.0
+    assert out["relay_proxy_over_empty_grpc_server_cpu_us"] == 1.25
+    assert out["router_unary_over_relay_proxy_cpu_us"] == 1.2
+    assert out["router_unary_over_empty_grpc_server_cpu_us"] == 1.5

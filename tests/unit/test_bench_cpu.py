@@ -20,10 +20,12 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from flotilla.bench.ceiling import EMPTY_SERVER
 from flotilla.bench.cpu import (
+    LARGE_OVER_STREAM,
     WORKER_DECODE,
     counter_total,
     mesh_vs_limit_ceiling,
     mesh_vs_limit_row,
+    of_ceiling_if_flotilla_free,
     readme_lines,
     summary,
 )
@@ -241,6 +243,24 @@ def test_the_mesh_vs_limit_ceiling_counts_only_s3_and_the_load_generator_beside_
     point = {"cpu_us_per_image": {"router": 400.0, "worker": 4000.0, "s3": 800.0, LOAD_GENERATOR: 200.0}}
     cpu = {"limit": {"model_cpu_ms_per_image": 6.0, "decode_cpu_ms_per_image": 3.0}, "points": {"large": point}}
     assert mesh_vs_limit_ceiling(cpu) == 0.9
+
+
+def test_the_stream_point_were_flotillas_own_work_free_sheds_that_cpu_and_keeps_the_rest() -> None:
+    # 10 ms per image in all, 1 ms of it Flotilla's own (router, batcher, controller, worker beyond decode):
+    # free, the same cores would carry 10/9 as many images.
+    per_image = {"router": 300.0, "batcher": 250.0, "controller": 50.0, "worker": 3400.0, "model stubs": 5000.0,
+                 "s3": 800.0, LOAD_GENERATOR: 200.0, "total": 10000.0}
+    stream = {"images_per_s": 180.0, "cpu_us_per_image": per_image, "counted_cpu_us_per_image": {WORKER_DECODE: 3000.0}}
+    cpu = {"limit": {"model_cpu_ms_per_image": 6.0, "decode_cpu_ms_per_image": 3.0, "limit_images_per_s": 200.0},
+           "points": {"large": {"images_per_s": 170.0, "cpu_us_per_image": per_image}, LARGE_OVER_STREAM: stream}}
+
+    assert summary_of_stream(cpu)["flotilla_cpu_us_per_image_large_photos_over_stream"] == 1000.0
+    assert of_ceiling_if_flotilla_free(cpu, LARGE_OVER_STREAM) == round(180.0 * 10 / 9 / 200.0 / 0.9, 3)
+    assert of_ceiling_if_flotilla_free(cpu, "small") is None, "a point the run did not measure"
+
+
+def summary_of_stream(cpu: dict[str, Any]) -> dict[str, object]:
+    return summary({**cpu, "mesh_vs_limit": 0.8, "mesh_vs_limit_over_stream": 0.9})
 
 
 def test_the_near_free_budget_is_what_3x_leaves_after_the_other_processes() -> None:
