@@ -480,7 +480,7 @@ def paired_ratio(top: dict[str, Any], bottom: dict[str, Any]) -> float:
 def readme_lines(result: dict[str, Any]) -> list[str]:
     lines = [
         f"Each tier alone at its own ceiling ({result['measured_at']}; `flotilla bench --only ceiling`"
-        + (f"; the router's doors and the empty server in {result['rounds']} rounds in turn, each its median round, "
+        + (f"; the router's doors, the empty server and the relay proxy in {result['rounds']} rounds in turn, each its median round, "
            "every round's CPU per image in brackets; a ratio between two of them in the summary is the median of "
            "the rounds' own ratios" if result.get("rounds", 1) > 1 else "") + "): a real "
         "batcher process between a Relay load generator and a worker that answers every batch at once; a real router "
