@@ -220,7 +220,7 @@ def flotilla_cpu_us_per_image(point: dict[str, Any]) -> float | None:
     if beyond is None:
         return None
     per_image = point["cpu_us_per_image"]
-    return float(sum(per_image.get(tier, 0.0) for tier in FLOTILLA_PROCESSES)) + beyond[0] * 1000.0
+    return round(float(sum(per_image.get(tier, 0.0) for tier in FLOTILLA_PROCESSES)) + beyond[0] * 1000.0, 1)
 
 
 def of_ceiling_if_flotilla_free(cpu: dict[str, Any], name: str) -> float | None:
