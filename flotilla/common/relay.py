@@ -50,15 +50,7 @@ OK = grpc.StatusCode.OK.value[0]
 # their completions; 10% put 3.5-9 calls in each and took the router's CPU per unary
 # call from 320-380 to 240-250 us (2026-12-06, 2 cores): at that load the wait
 # shortens what callers see, as the router's own queue shrinks.
-# "Busy" is 4 calls open, not 16: a router saturated by unary calls holds most of them in
-# gRPC's queue of calls not yet taken (grpc.aio takes one a loop turn), so its relay saw
-# fewer than 16 open for 17-43% of its frames and sent those one a message, and the CPU
-# those messages cost kept it there; a relay proxy without the router's own work, taking
-# calls faster, stayed above 16 for more of them (`flotilla bench --only ceiling`'s points,
-# 2026-12-07, 2 cores, ad-hoc paired rounds against the empty server: at 4 the router's
-# unary call cost less CPU in 14 of 16 rounds, the median round's ratio to the empty
-# server 1.61 against 1.91 in the last 6). A cap of 1 ms below 16 open lost that gain.
-COALESCE_OPEN_CALLS = 4
+COALESCE_OPEN_CALLS = 16
 COALESCE_SHARE = 0.1
 COALESCE_MAX_S = 0.005
 COALESCE_MAX_FRAMES = 64
