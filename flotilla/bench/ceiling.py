@@ -256,13 +256,9 @@ async def batcher_point(settings: FlotillaSettings, run_dir: Path, *, max_batch_
 async def router_point(
     settings: FlotillaSettings, run_dir: Path, *, window_s: float, api: str = "unary", images: int = 1
 ) -> dict[str, Any]:
-    fakes = ServiceServer("bench fakes", [], grace_s=0, tier="bench")
-    fakes_port = await fakes.start(settings.host, 0)
-    fakes_address = f"{settings.host}:{fakes_port}"
+    fakes, fakes_address, batcher = await _instant_batcher_fakes(settings)
     spec = ModelSettings(storage_uri="s3://unused/ceiling", memory_mb=1)
     controller_pb2_grpc.add_ControllerServicer_to_server(_Controller(spec, [fakes_address]), fakes.server)
-    batcher = RelayServicer(_instant_batcher, tier="bench")
-    fakes.server.add_generic_rpc_handlers([batcher.generic_handler()])
     router: ManagedProcess | None = None
     load: front_loads.Load | None = None
     try:
@@ -278,7 +274,7 @@ async def router_point(
             "router", router.pid, load, concurrency=ROUTER_CONCURRENCY, window_s=window_s, items_per_call=images
         )
         return {"tier": "router", "api": api, "images_per_request": images, "connections": ROUTER_CONNECTIONS,
-                **point, "calls_per_relay_message": round(batcher.calls_received / max(batcher.messages, 1), 1)}
+                **point, "calls_per_relay_message": _calls_per_message(batcher)}
     finally:
         if load is not None:
             await load.close()
@@ -341,17 +337,26 @@ async def empty_server_point(settings: FlotillaSettings, run_dir: Path, *, windo
 
 
 async def relay_proxy_point(settings: FlotillaSettings, run_dir: Path, *, window_s: float) -> dict[str, Any]:
-    fakes = ServiceServer("bench fakes", [], grace_s=0, tier="bench")
-    fakes_port = await fakes.start(settings.host, 0)
-    batcher = RelayServicer(_instant_batcher, tier="bench")
-    fakes.server.add_generic_rpc_handlers([batcher.generic_handler()])
+    fakes, fakes_address, batcher = await _instant_batcher_fakes(settings)
     try:
-        point = await _bare_server_point(
-            settings, run_dir, RELAY_PROXY, window_s=window_s, batcher=f"{settings.host}:{fakes_port}"
-        )
-        return {**point, "calls_per_relay_message": round(batcher.calls_received / max(batcher.messages, 1), 1)}
+        point = await _bare_server_point(settings, run_dir, RELAY_PROXY, window_s=window_s, batcher=fakes_address)
+        return {**point, "calls_per_relay_message": _calls_per_message(batcher)}
     finally:
         await fakes.stop()
+
+
+async def _instant_batcher_fakes(settings: FlotillaSettings) -> tuple[ServiceServer, str, RelayServicer[inference_pb2.ClassifyResponse]]:
+    """The bench's fakes server, started, with a batcher that answers every relayed call at once: the
+    server, its address and that batcher (which counts the calls and messages it received)."""
+    fakes = ServiceServer("bench fakes", [], grace_s=0, tier="bench")
+    port = await fakes.start(settings.host, 0)
+    batcher = RelayServicer(_instant_batcher, tier="bench")
+    fakes.server.add_generic_rpc_handlers([batcher.generic_handler()])
+    return fakes, f"{settings.host}:{port}", batcher
+
+
+def _calls_per_message(batcher: RelayServicer[Any]) -> float:
+    return round(batcher.calls_received / max(batcher.messages, 1), 1)
 
 
 async def _bare_server_point(

@@ -16,7 +16,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -253,29 +253,43 @@ def windowed_router(stack: LocalStack, tmp_path: Path) -> Iterator[ManagedProces
         proc.stop()
 
 
+async def assert_a_window_taken_then_every_request_answered(
+    address: str, admin: batcher_pb2_grpc.BatcherAdminStub, sent: int, write: Callable[[Call], Awaitable[None]]
+) -> None:
+    """With the batcher answering nothing (the router's window stays full), ``write`` sends requests
+    with ids "0" to ``sent - 1`` on a new stream: exactly a window of them reaches the batcher; once it
+    answers again, every request is answered and the stream ends OK."""
+    await hold_queue(admin)
+    before = await arrivals(admin)
+    async with grpc.aio.insecure_channel(address) as router:
+        call = open_stream(router)
+        await write(call)
+        await until(lambda: arrivals_reached(admin, before + WINDOW), 30, "a window of requests at the batcher")
+        assert await arrivals(admin) - before == WINDOW
+        assert await queue_depth(admin) == WINDOW
+
+        await release(admin)
+        await call.done_writing()
+        messages = [message async for message in call]
+        assert await call.code() == grpc.StatusCode.OK
+    answers = unpacked(messages)
+    assert sorted(int(i) for i in by_id(answers)) == list(range(sent))
+    assert all(a.WhichOneof("outcome") == "response" for a in answers)
+    assert await arrivals(admin) - before == sent
+
+
 async def test_a_fast_sender_gets_no_more_than_the_window_in_flight_at_the_router(
     windowed_router: ManagedProcess, admin: batcher_pb2_grpc.BatcherAdminStub, uuids: list[str]
 ) -> None:
     assert windowed_router.address is not None
     sent = 8 * WINDOW
-    await hold_queue(admin)  # the batcher answers nothing: the router's window stays full
-    before = await arrivals(admin)
-    async with grpc.aio.insecure_channel(windowed_router.address) as router:
-        call = open_stream(router)
+
+    async def write(call: Call) -> None:
         for i in range(sent):  # far more than the window; writes are buffered by HTTP/2, not read by the router
             await call.write(request(str(i), uuids[i % len(uuids)]))
-        await until(lambda: arrivals_reached(admin, before + WINDOW), 30, "a window of requests at the batcher")
-        # The router took a window's worth and stopped reading: nothing more reached the batcher.
-        assert await arrivals(admin) - before == WINDOW
-        assert (await admin.GetStats(batcher_pb2.GetStatsRequest(model_name=MODEL))).queue_depth == WINDOW
 
-        await release(admin)
-        await call.done_writing()
-        answers = [answer async for answer in call]
-        assert await call.code() == grpc.StatusCode.OK
-    assert sorted(int(i) for i in by_id(answers)) == list(range(sent))
-    assert all(a.WhichOneof("outcome") == "response" for a in answers)
-    assert await arrivals(admin) - before == sent
+    # The router takes a window's worth and stops reading: nothing more reaches the batcher.
+    await assert_a_window_taken_then_every_request_answered(windowed_router.address, admin, sent, write)
 
 
 async def test_a_router_stopping_answers_every_request_it_took_then_ends_the_stream_unavailable(
@@ -440,24 +454,12 @@ async def test_a_packed_message_is_taken_no_more_than_the_window_at_a_time(
 ) -> None:
     assert windowed_router.address is not None
     sent = 3 * WINDOW
-    await hold_queue(admin)  # the batcher answers nothing: the router's window stays full
-    before = await arrivals(admin)
-    async with grpc.aio.insecure_channel(windowed_router.address) as router:
-        call = open_stream(router)
-        await call.write(packed(*(request(str(i), uuids[i % len(uuids)]) for i in range(sent))))
-        await until(lambda: arrivals_reached(admin, before + WINDOW), 30, "a window of requests at the batcher")
-        # The message was read whole, but only a window of its requests was taken.
-        assert await arrivals(admin) - before == WINDOW
-        assert await queue_depth(admin) == WINDOW
 
-        await release(admin)
-        await call.done_writing()
-        messages = [message async for message in call]
-        assert await call.code() == grpc.StatusCode.OK
-    answers = unpacked(messages)
-    assert sorted(int(i) for i in by_id(answers)) == list(range(sent))
-    assert all(a.WhichOneof("outcome") == "response" for a in answers)
-    assert await arrivals(admin) - before == sent
+    async def write(call: Call) -> None:
+        await call.write(packed(*(request(str(i), uuids[i % len(uuids)]) for i in range(sent))))
+
+    # The message is read whole, but only a window of its requests is taken.
+    await assert_a_window_taken_then_every_request_answered(windowed_router.address, admin, sent, write)
 
 
 class RecordingHop(inference_pb2_grpc.ImageClassifierServicer):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 import pytest
@@ -293,13 +293,21 @@ async def never_send(answer: str) -> None:
     raise AssertionError(f"send called with {answer!r} although send_many was given")
 
 
-async def test_send_many_gets_the_answers_ready_together_in_one_call_each_answered_once() -> None:
+def answering_many(
+    requests: list[str], *, window: int, on_unexpected: Callable[[str, BaseException], str] | None = None
+) -> tuple[ManyReceiver, Handler, Sender, asyncio.Task[bool]]:
+    """``answer_as_completed`` running over ``requests`` with ``send_many`` (and ``send`` never called)."""
     receiver, handler = ManyReceiver(), Handler()
-    requests = [f"r{i}" for i in range(6)]
     sender = Sender(receiver, requests)
     run = asyncio.create_task(
-        answer_as_completed(sender, handler, never_send, window=8, send_many=receiver)
+        answer_as_completed(sender, handler, never_send, window=window, on_unexpected=on_unexpected, send_many=receiver)
     )
+    return receiver, handler, sender, run
+
+
+async def test_send_many_gets_the_answers_ready_together_in_one_call_each_answered_once() -> None:
+    requests = [f"r{i}" for i in range(6)]
+    receiver, handler, _, run = answering_many(requests, window=8)
     await handler.until_started(6)
 
     # Three complete in the same turn of the loop: one call carries all three.
@@ -324,11 +332,8 @@ async def test_send_many_gets_the_answers_ready_together_in_one_call_each_answer
 async def test_send_many_carries_failures_answers_and_a_failure_with_no_answer_frees_its_place(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    receiver, handler = ManyReceiver(), Handler()
-    sender = Sender(receiver, ["boom", "error:b", "sync-boom", "lost", "a"])
-    run = asyncio.create_task(
-        answer_as_completed(sender, handler, never_send, window=1, on_unexpected=unexpected, send_many=receiver)
-    )
+    receiver, handler, _, run = answering_many(["boom", "error:b", "sync-boom", "lost", "a"], window=1,
+                                               on_unexpected=unexpected)
     await handler.until_started(3)  # boom, b, lost (sync-boom never starts): each place came free
     handler.release("lost")
     await handler.until_started(4)
@@ -340,9 +345,7 @@ async def test_send_many_carries_failures_answers_and_a_failure_with_no_answer_f
     assert sum(r.levelno == logging.ERROR for r in caplog.records) == 2
 
     # With no on_unexpected, a failure has no answer: send_many is not called for it, yet its place frees.
-    receiver, handler = ManyReceiver(), Handler()
-    sender = Sender(receiver, ["boom", "a"])
-    run = asyncio.create_task(answer_as_completed(sender, handler, never_send, window=1, send_many=receiver))
+    receiver, handler, _, run = answering_many(["boom", "a"], window=1)
     await handler.until_started(2)
     handler.release("a")
     assert await run is True
@@ -350,12 +353,8 @@ async def test_send_many_carries_failures_answers_and_a_failure_with_no_answer_f
 
 
 async def test_with_send_many_the_window_still_bounds_requests_in_flight_until_the_call_returns() -> None:
-    receiver, handler = ManyReceiver(), Handler()
     requests = [f"r{i}" for i in range(9)]
-    sender = Sender(receiver, requests)
-    run = asyncio.create_task(
-        answer_as_completed(sender, handler, never_send, window=3, send_many=receiver)
-    )
+    receiver, handler, sender, run = answering_many(requests, window=3)
     await handler.until_started(3)
     assert sender.pulled == 3
 
