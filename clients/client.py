@@ -30,7 +30,7 @@ from flotilla.api.v1 import inference_pb2, inference_pb2_grpc
 from flotilla.clients.results import Classification as Classification
 from flotilla.clients.results import ClassScore as ClassScore
 from flotilla.clients.results import StreamResult, classification_of
-from flotilla.clients.stream import ClassifyStream
+from flotilla.clients.stream import ClassifyStream, ReopeningStream
 from flotilla.common.ids import check_image_uuid, new_image_uuid, object_key
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.status import error_from_rpc
@@ -81,7 +81,8 @@ class FlotillaClient:
         """``dialer``: TLS to the router (its certificate checked against the dialer's CA) when the mesh
         runs with it.
 
-        ``transparent_retries``: let the channel retry UNAVAILABLE (off to see every failure).
+        ``transparent_retries``: let the channel retry UNAVAILABLE, and ``classify_many`` send again on
+        a new stream what a stream ending UNAVAILABLE failed (off to see every failure).
 
         ``own_connection``: this client's channel opens its own TCP connection
         instead of sharing one with the process's other channels to the same
@@ -90,6 +91,7 @@ class FlotillaClient:
         self.router = router
         self.api_key = api_key
         self.default_timeout_s = default_timeout_s
+        self.transparent_retries = transparent_retries
         self._store = ObjectStore(s3)
         options = (
             [("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)]
@@ -156,12 +158,15 @@ class FlotillaClient:
         """Upload then classify."""
         return await self.classify(await self.upload(jpeg), model, top_k=top_k)
 
-    def stream(self, model: str) -> ClassifyStream:
+    def stream(self, model: str, *, wait_for_ready: bool = False) -> ClassifyStream:
         """Open a ``ClassifyStream`` for ``model`` (each request may name another); use it as
-        ``async with client.stream(model) as stream: await stream.classify(uuid)``."""
+        ``async with client.stream(model) as stream: await stream.classify(uuid)``.
+
+        ``wait_for_ready``: while the router cannot be reached, the stream waits for it (each
+        request until its own deadline) instead of ending UNAVAILABLE at once."""
         return ClassifyStream(
-            self._stub.ClassifyStream(metadata=self._metadata(model)), model, self.router,
-            default_timeout_s=self.default_timeout_s,
+            self._stub.ClassifyStream(metadata=self._metadata(model), wait_for_ready=wait_for_ready), model,
+            self.router, default_timeout_s=self.default_timeout_s,
         )
 
     async def classify_many(
@@ -184,12 +189,17 @@ class FlotillaClient:
         exception: the iteration goes on. ``timeout_s`` (default: the client's
         ``default_timeout_s``) is each image's deadline on the stream.
         ``StreamResult.index`` is the image's position in ``items``.
+
+        A stream the router ends UNAVAILABLE (killed, restarted, rolled) is
+        opened again, and the images it failed go again on the new one, each
+        until its deadline (``ReopeningStream``); with ``transparent_retries``
+        off they are results with that error.
         """
         if window < 1 or uploads < 1:
             raise ValueError("window and uploads must be at least 1")
         upload_slots = asyncio.Semaphore(uploads)
 
-        async def one(stream: ClassifyStream, index: int, item: str | bytes) -> StreamResult:
+        async def one(streams: ReopeningStream, index: int, item: str | bytes) -> StreamResult:
             image_uuid = ""
             try:
                 if isinstance(item, str):
@@ -197,29 +207,35 @@ class FlotillaClient:
                 else:
                     async with upload_slots:
                         image_uuid = await self.upload(item)
-                classification = await stream.classify(image_uuid, top_k=top_k, timeout_s=timeout_s)
+                classification = await streams.classify(image_uuid, top_k=top_k, timeout_s=timeout_s)
             except FlotillaError as exc:
                 return StreamResult(index, image_uuid, None, exc)
             return StreamResult(index, image_uuid, classification, None)
 
         pending = iter(enumerate(items))
         running: set[asyncio.Task[StreamResult]] = set()
-        async with self.stream(model) as stream:
-            try:
-                while True:
-                    for index, item in pending:
-                        running.add(asyncio.create_task(one(stream, index, item)))
-                        if len(running) >= window:
-                            break
-                    if not running:
-                        return
-                    done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        yield task.result()
-            finally:
-                for task in running:
-                    task.cancel()
-                await asyncio.gather(*running, return_exceptions=True)
+        streams = ReopeningStream(
+            lambda reopened: self.stream(model, wait_for_ready=reopened),
+            default_timeout_s=self.default_timeout_s, reopen=self.transparent_retries,
+        )
+        finished = False
+        try:
+            while True:
+                for index, item in pending:
+                    running.add(asyncio.create_task(one(streams, index, item)))
+                    if len(running) >= window:
+                        break
+                if not running:
+                    finished = True
+                    return
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    yield task.result()
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            await (streams.close() if finished else streams.cancel())
 
     def _metadata(self, model: str) -> tuple[tuple[str, str], ...]:
         if not model or not (model.isascii() and model.isprintable()):

@@ -21,6 +21,12 @@ takes packed requests (``wire.STREAM_PACKING_HEADER`` in the stream's initial
 metadata): an older router gets one request a message. When the router's window is full it stops reading and
 the writes wait (HTTP/2 flow control), so the callers should bound what they
 send (``FlotillaClient.classify_many`` does).
+
+``ReopeningStream`` (what ``classify_many`` uses) keeps one stream open for
+many requests and, when that stream ends UNAVAILABLE (a router killed,
+restarted or rolled), opens another and sends the requests it failed again,
+each until its own deadline: classifying is idempotent, and a router that
+drains says so itself ("send them again").
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import contextlib
 import itertools
 import math
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 
 import grpc
@@ -46,6 +53,10 @@ router answers DEADLINE_EXCEEDED at the deadline; this only guards against a rou
 MAX_TIMEOUT_MS = 2**32 - 1
 MAX_PACK = 256
 """The most requests packed into one message (each names a uuid: a few KB in all)."""
+REOPEN_BACKOFF_S = 0.05
+"""``ReopeningStream``: the first wait before a request goes again on a new stream; it doubles up
+to ``REOPEN_MAX_BACKOFF_S`` while streams keep ending."""
+REOPEN_MAX_BACKOFF_S = 1.0
 
 StreamCall = grpc.aio.StreamStreamCall[inference_pb2.ClassifyStreamRequest, inference_pb2.ClassifyStreamResponse]
 
@@ -81,6 +92,12 @@ class ClassifyStream:
             await self.close()
         else:
             await self.cancel()
+
+    @property
+    def ended(self) -> FlotillaError | None:
+        """Why the stream is over (None while it is open): every request waiting then, and every
+        later one, failed with this very error."""
+        return self._ended
 
     @property
     def in_flight(self) -> int:
@@ -197,3 +214,73 @@ class ClassifyStream:
             if not future.done():
                 future.set_exception(error)
         self._wake.set()
+
+
+class ReopeningStream:
+    """Many requests on one ``ClassifyStream`` at a time, opening another when one ends UNAVAILABLE.
+
+    A request that the ending stream failed (``ClassifyStream.ended``) goes
+    again on the next stream, after a backoff of ``REOPEN_BACKOFF_S`` doubling
+    up to ``REOPEN_MAX_BACKOFF_S``, while its own deadline (``timeout_s`` from
+    the first send) leaves time for it; then, or with ``reopen`` off, it raises
+    the stream's error. A request's own error (its answer on the stream) and a
+    stream ended with any other status (a bad key: UNAUTHENTICATED) are raised
+    as they came. ``open_stream(reopened)`` opens a stream (``reopened``: not
+    the first, so it may wait for the router to come back).
+    """
+
+    def __init__(
+        self, open_stream: Callable[[bool], ClassifyStream], *, default_timeout_s: float, reopen: bool = True
+    ) -> None:
+        self._open_stream = open_stream
+        self.default_timeout_s = default_timeout_s
+        self.reopen = reopen
+        self.opened = 0
+        """Streams opened so far (1 + how many times one was reopened)."""
+        self._stream: ClassifyStream | None = None
+        self._ended: list[ClassifyStream] = []
+
+    def _current(self) -> ClassifyStream:
+        stream = self._stream
+        if stream is None or stream.ended is not None:
+            if stream is not None:
+                self._ended.append(stream)  # its tasks are collected at close
+            stream = self._stream = self._open_stream(self.opened > 0)
+            self.opened += 1
+        return stream
+
+    async def classify(self, image_uuid: str, *, top_k: int = 5, timeout_s: float | None = None) -> Classification:
+        """Classify an uploaded image on the current stream, again on a new one if that one ends under it."""
+        loop = asyncio.get_running_loop()
+        timeout_s = self.default_timeout_s if timeout_s is None else timeout_s
+        deadline_s = loop.time() + timeout_s
+        backoff_s = REOPEN_BACKOFF_S
+        while True:
+            stream = self._current()
+            try:
+                return await stream.classify(image_uuid, top_k=top_k, timeout_s=timeout_s)
+            except Unavailable as exc:
+                timeout_s = deadline_s - loop.time() - backoff_s
+                if not self.reopen or exc is not stream.ended or timeout_s <= 0:
+                    raise
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(2 * backoff_s, REOPEN_MAX_BACKOFF_S)
+
+    async def close(self) -> None:
+        """Close the open stream (every request sent is answered first); collect the ended ones."""
+        ended, self._ended = self._ended, []
+        for stream in ended:
+            await stream.cancel()
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            if stream.ended is None:
+                await stream.close()
+            else:
+                await stream.cancel()
+
+    async def cancel(self) -> None:
+        """End every stream now: requests still waiting fail with CANCELLED."""
+        streams = [*self._ended, *([self._stream] if self._stream is not None else [])]
+        self._ended, self._stream = [], None
+        for stream in streams:
+            await stream.cancel()

@@ -27,6 +27,7 @@ import pytest
 
 from flotilla.api.v1 import batcher_pb2_grpc, pools_pb2, preprocess_pb2_grpc
 from flotilla.clients.client import FlotillaClient
+from flotilla.clients.results import StreamResult
 from flotilla.common.probe import is_serving
 from flotilla.errors import Code, FlotillaError
 from flotilla.services.preprocess.triton.shm import SHM_DIR
@@ -307,6 +308,37 @@ async def test_instance_groups_reach_triton_and_the_pool(fault_stack: LocalStack
     for worker in fault_stack.preprocess:
         pools = (await pools_of(worker.address, preprocess_pb2_grpc.PreprocessorStub)).pools
         assert [p.max_outstanding for p in pools] == [2]  # instance_groups x predict_concurrency
+
+
+STREAMED_IMAGES = 400
+
+
+async def test_sigkill_the_router_under_classify_many_every_image_is_classified(fault_stack: LocalStack) -> None:
+    """The router killed under a stream of images (the supervisor starts it again): every request
+    on the stream fails UNAVAILABLE with it, and ``classify_many`` opens a new stream and sends
+    them again, so every image is classified, none lost and none failed."""
+    assert fault_stack.state is not None and fault_stack.settings is not None and fault_stack.router is not None
+    router = fault_stack.router
+    async with FlotillaClient(fault_stack.state.router, API_KEY, fault_stack.settings.s3) as client:
+        good = [await client.upload(sample(p)) for p in ("coffee.jpg", "chelsea.jpg", "rocket.jpg")]
+        items = [good[i % len(good)] for i in range(STREAMED_IMAGES)]
+        results: list[StreamResult] = []
+        killed_pid, killed_s = None, 0.0
+        async for result in client.classify_many(items, MODEL, window=16, timeout_s=REQUEST_TIMEOUT_S * 3):
+            results.append(result)
+            if len(results) == STREAMED_IMAGES // 4:
+                killed_pid, killed_s = router.pid, time.monotonic()
+                router.kill()  # the supervisor starts it again
+        done_s = time.monotonic()
+
+    failed = [r for r in results if not r.ok]
+    record("sigkill_router_under_classify_many", {
+        "images": len(results), "failed": len(failed), "rest_done_after_kill_s": round(done_s - killed_s, 3),
+    })
+    assert sorted(r.index for r in results) == list(range(STREAMED_IMAGES)), "one result per image"
+    assert not failed, failed[:3]
+    assert all(r.unwrap().image_uuid == items[r.index] for r in results), "each result is its own image's"
+    assert killed_pid is not None and router.pid not in (None, killed_pid), "the router was killed and started again"
 
 
 def test_every_service_is_healthy_after_the_faults(fault_stack: LocalStack) -> None:
