@@ -17,7 +17,7 @@ from typing import Generic, Protocol, TypeVar
 from flotilla.common import tracing
 from flotilla.common.relay import RelayClient
 from flotilla.common.wire import AUTH_HEADER, CLASSIFY_METHOD
-from flotilla.errors import DeadlineExceeded
+from flotilla.errors import DeadlineExceeded, Unavailable
 from flotilla.pool.pool import Endpoint
 from flotilla.services.router.keys import KeyBook, KeyGrant
 from flotilla.services.router.routing import ApiKeys, RouteTable
@@ -25,6 +25,10 @@ from flotilla.services.router.routing import ApiKeys, RouteTable
 DROPPED_HEADERS = frozenset({AUTH_HEADER, "user-agent", "grpc-accept-encoding", "content-type", "te"})
 """Headers not passed downstream: credentials stop at the router; the caller's user agent and
 encodings describe its connection, not the call."""
+
+ROUTE_MOVES = 3
+"""How many times one call follows its model to a new pool after failing UNAVAILABLE on the one it
+started on (each move a change of the model's shards while the call was under way)."""
 
 TimeRemaining = Callable[[], float | None]
 """Seconds left of the caller's deadline (None: no deadline), asked again before each attempt."""
@@ -99,4 +103,15 @@ class Forwarder(Generic[P]):
             # reaches the caller as it came.
             return await endpoint.client.relay.call(method, raw, headers, timeout_s)
 
+        for _ in range(ROUTE_MOVES):
+            try:
+                return await pool.call(on)
+            except Unavailable:
+                # The model moved while the call was under way (its shard went silent, or the
+                # controller spread it anew): the pool it started on may be closed, or hold only the
+                # shard it left. It goes again on the model's pool now, within its deadline.
+                moved = self.routes.get(model) if model else None
+                if moved is None or moved is pool:
+                    raise
+                pool = moved
         return await pool.call(on)

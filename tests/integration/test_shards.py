@@ -16,6 +16,8 @@ into one. Finally every model is undeployed and its route goes (NOT_FOUND).
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -167,6 +169,40 @@ async def test_a_hot_model_gets_a_second_shard_and_gives_it_back_when_the_load_s
     assert all(on_both), on_both
     assert set(calls) <= {"OK", "UNAVAILABLE"} and calls["UNAVAILABLE"] <= calls["OK"] / 100, calls
     await until(lambda: len(hosts(models)[hot]) == 1, 30, f"{hot} back on one shard once idle")
+
+
+async def test_calls_held_by_a_hung_shard_follow_their_models_to_the_other_one(
+    sharded: LocalStack, models: ModelsClient, client: FlotillaClient
+) -> None:
+    """A shard stopped (SIGSTOP: it holds the calls it has and answers nothing) with calls on it: the
+    controller moves its models after ``heartbeat_timeout_s``, and once the router lets go of the
+    shard (``LINGER_S``) the calls it held go again on the models' shard now. Every one succeeds; none
+    needs its caller to retry (before, each failed UNAVAILABLE: its retry stayed on the pool it began on)."""
+    await until(lambda: all(hosts(models).values()), 60, "every model assigned")
+    image = await client.upload(sample("chelsea.jpg"))
+    other, hung = sharded.shards
+    held = [name for name, on in hosts(models).items() if on == [hung.address]]
+    assert held, "the shard to stop hosts models of its own"
+    for name in held:  # loaded: the calls below wait for the shard, not for a cold start
+        await client.classify(image, name, timeout_s=60)
+    codes: Counter[str] = Counter()
+
+    async def call(name: str) -> None:
+        try:
+            await client.classify(image, name, timeout_s=30.0)
+            codes["OK"] += 1
+        except FlotillaError as exc:
+            codes[f"{exc.code.name}: {exc.message}"] += 1
+
+    assert hung.pid is not None
+    os.kill(hung.pid, signal.SIGSTOP)
+    try:
+        await asyncio.gather(*(call(name) for name in held))
+    finally:
+        os.kill(hung.pid, signal.SIGCONT)
+    assert codes == Counter({"OK": len(held)}), codes
+    assert all(hosts(models)[name] == [other.address] for name in held), "the held calls' models moved"
+    await until(lambda: is_serving(hung.address), 30, "the stopped shard serving again")
 
 
 @dataclass

@@ -1,0 +1,100 @@
+"""``Forwarder.call`` (services.router.forward) over stand-in batcher peers: a call that fails
+UNAVAILABLE after its model moved to other shards goes again on the model's pool now."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from flotilla.common.relay import RelayClient
+from flotilla.errors import FlotillaError, InvalidArgument, Unavailable
+from flotilla.pool.pool import EndpointPool
+from flotilla.services.router.forward import ROUTE_MOVES, Forwarder
+from flotilla.services.router.routing import ApiKeys, RouteTable
+
+
+class Peer:
+    """A batcher's client whose relay answers with ``answer`` (a function of the call's number, run
+    when the call is made: it may move the route, then answer or raise)."""
+
+    def __init__(self, answer: Callable[[int], bytes]) -> None:
+        self.answer = answer
+        self.calls = 0
+
+    @property
+    def relay(self) -> RelayClient:
+        return self  # type: ignore[return-value]  # duck-typed: only call() is used
+
+    async def call(
+        self, method: str, request: bytes, headers: Sequence[tuple[str, str]], timeout_s: float | None
+    ) -> bytes:
+        self.calls += 1
+        return self.answer(self.calls)
+
+
+def pool(name: str, peer: Peer) -> EndpointPool[Peer]:
+    return EndpointPool(name, {f"{name}:1": peer}, max_attempts=1)
+
+
+def forwarder(routes: RouteTable[Peer]) -> Forwarder[Peer]:
+    return Forwarder(ApiKeys(["k"]), routes)
+
+
+async def test_a_call_failing_after_its_model_moved_goes_again_on_the_models_pool_now() -> None:
+    routes: RouteTable[Peer] = RouteTable()
+    new = Peer(lambda _: b"answer from the shard the model moved to")
+
+    def left(_: int) -> bytes:
+        routes.put("m", pool("new", new))  # the model moved while the call was under way
+        raise Unavailable("relay stream to old:1 failed: the shard left the model")
+
+    old = Peer(left)
+    routes.put("m", pool("old", old))
+    assert await forwarder(routes).call("m", b"req", []) == b"answer from the shard the model moved to"
+    assert (old.calls, new.calls) == (1, 1)
+
+
+async def test_a_call_failing_where_its_model_still_is_or_no_longer_is_raises_its_error() -> None:
+    def broken(_: int) -> bytes:
+        raise Unavailable("relay stream to only:1 failed")
+
+    routes: RouteTable[Peer] = RouteTable()
+    routes.put("m", pool("only", Peer(broken)))
+    with pytest.raises(Unavailable, match="only:1 failed"):
+        await forwarder(routes).call("m", b"req", [])
+
+    def undeployed(_: int) -> bytes:
+        routes.remove("m")
+        raise Unavailable("relay stream to only:1 failed")
+
+    routes.put("m", pool("only", Peer(undeployed)))
+    with pytest.raises(Unavailable, match="only:1 failed"):
+        await forwarder(routes).call("m", b"req", [])
+
+
+async def test_only_unavailable_follows_the_model_and_a_model_that_keeps_moving_at_most_route_moves_times() -> None:
+    routes: RouteTable[Peer] = RouteTable()
+    elsewhere = Peer(lambda _: b"never asked")
+
+    def refused(_: int) -> bytes:
+        routes.put("m", pool("elsewhere", elsewhere))
+        raise InvalidArgument("image uuid is not a uuid")
+
+    routes.put("m", pool("first", Peer(refused)))
+    with pytest.raises(InvalidArgument):
+        await forwarder(routes).call("m", b"req", [])
+    assert elsewhere.calls == 0, "an answer of the request's own is not sent again"
+
+    hops: list[Peer] = []
+
+    def moving(_: int) -> bytes:
+        peer = Peer(moving)
+        hops.append(peer)
+        routes.put("m", pool(f"hop{len(hops)}", peer))
+        raise Unavailable(f"hop {len(hops)} failed")
+
+    routes.put("m", pool("start", Peer(moving)))
+    with pytest.raises(FlotillaError, match=f"hop {ROUTE_MOVES + 1} failed"):
+        await forwarder(routes).call("m", b"req", [])
+    assert sum(p.calls for p in hops) == ROUTE_MOVES, "the call followed the model ROUTE_MOVES times"
