@@ -57,6 +57,9 @@ REOPEN_BACKOFF_S = 0.05
 """``ReopeningStream``: the first wait before a request goes again on a new stream; it doubles up
 to ``REOPEN_MAX_BACKOFF_S`` while streams keep ending."""
 REOPEN_MAX_BACKOFF_S = 1.0
+REOPEN_CODES = frozenset({Code.UNAVAILABLE, Code.INTERNAL})
+"""A stream ended with one of these is opened again by ``ReopeningStream``: the router went away,
+or (INTERNAL) a write raced the connection's end, for which grpc.aio ends the call INTERNAL."""
 
 StreamCall = grpc.aio.StreamStreamCall[inference_pb2.ClassifyStreamRequest, inference_pb2.ClassifyStreamResponse]
 
@@ -219,8 +222,8 @@ class ClassifyStream:
 class ReopeningStream:
     """Many requests on one ``ClassifyStream`` at a time, opening another when one ends UNAVAILABLE.
 
-    A request that the ending stream failed (``ClassifyStream.ended``) goes
-    again on the next stream, after a backoff of ``REOPEN_BACKOFF_S`` doubling
+    A request that the ending stream failed (``ClassifyStream.ended``, with a
+    status of ``REOPEN_CODES``) goes again on the next stream, after a backoff of ``REOPEN_BACKOFF_S`` doubling
     up to ``REOPEN_MAX_BACKOFF_S``, while its own deadline (``timeout_s`` from
     the first send) leaves time for it; then, or with ``reopen`` off, it raises
     the stream's error. A request's own error (its answer on the stream) and a
@@ -259,9 +262,9 @@ class ReopeningStream:
             stream = self._current()
             try:
                 return await stream.classify(image_uuid, top_k=top_k, timeout_s=timeout_s)
-            except Unavailable as exc:
+            except FlotillaError as exc:
                 timeout_s = deadline_s - loop.time() - backoff_s
-                if not self.reopen or exc is not stream.ended or timeout_s <= 0:
+                if not (self.reopen and exc is stream.ended and exc.code in REOPEN_CODES) or timeout_s <= 0:
                     raise
             await asyncio.sleep(backoff_s)
             backoff_s = min(2 * backoff_s, REOPEN_MAX_BACKOFF_S)

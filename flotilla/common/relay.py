@@ -148,6 +148,29 @@ def coalesce_wait_s(open_calls: int, queued_frames: int, round_trip_s: float) ->
     return min(COALESCE_SHARE * round_trip_s, COALESCE_MAX_S)
 
 
+BROKEN_STREAM_CODES = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+})
+"""How a relay stream ends when its transport broke under it, not by the peer's choice: each call on
+it fails UNAVAILABLE (never answered: the pools send it to another replica). INTERNAL is among them:
+a write that races the connection's end (a peer killed) gets grpc.aio's INTERNAL "Internal error
+from Core", which failed every call on the stream INTERNAL, past the pools' retries (seen killing a
+batching shard under load, 16 calls of 260)."""
+
+
+def stream_failure(exc: BaseException | None, peer: str) -> FlotillaError:
+    """What each call still on a relay stream to ``peer`` fails with once the stream ended with ``exc``
+    (None: the peer ended it OK): the peer's own status when it refused the stream (an
+    UNAUTHENTICATED certificate, an INVALID_ARGUMENT message), else UNAVAILABLE."""
+    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in BROKEN_STREAM_CODES:
+        return error_from_code(exc.code().value[0], exc.details() or exc.code().name)
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return Unavailable(f"{peer} is unavailable: {exc.details() or exc.code().name}")
+    if exc is not None:
+        return Unavailable(f"relay stream to {peer} failed: {exc!r}")
+    return Unavailable(f"{peer} closed the relay stream (shutting down?)")
+
+
 class _ClientStream:
     def __init__(
         self, call: grpc.aio.StreamStreamCall[relay_pb2.CallFrames, relay_pb2.AnswerFrames], peer: str
@@ -226,18 +249,7 @@ class _ClientStream:
         if self.closed:
             return
         self.closed = True
-        error: FlotillaError
-        if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in (
-            grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN
-        ):
-            error = error_from_code(exc.code().value[0], exc.details() or exc.code().name)
-        elif isinstance(exc, grpc.aio.AioRpcError):
-            error = Unavailable(f"{self.peer} is unavailable: {exc.details() or exc.code().name}")
-        elif exc is not None:
-            error = Unavailable(f"relay stream to {self.peer} failed: {exc!r}")
-        else:
-            error = Unavailable(f"{self.peer} closed the relay stream (shutting down?)")
-        self._fail_all(error)
+        self._fail_all(stream_failure(exc, self.peer))
         self._writer.cancel()
         self.rpc.cancel()
 

@@ -19,8 +19,9 @@ from flotilla.common.relay import (
     RelayClient,
     RelayServicer,
     coalesce_wait_s,
+    stream_failure,
 )
-from flotilla.errors import InvalidArgument, ResourceExhausted, Unavailable
+from flotilla.errors import InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
 from tests.waiting import until
 
 METHOD = "/flotilla.api.v1.ImageClassifier/Classify"
@@ -227,3 +228,22 @@ async def test_admission_limits_relayed_calls_like_unary_ones() -> None:
         await r.client.close()
         await r.channel.close()
         await r.server.stop(None)
+
+
+def ended(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                                  grpc.StatusCode.CANCELLED])
+def test_a_stream_whose_transport_broke_fails_its_calls_unavailable_for_the_pools_to_retry(code: grpc.StatusCode) -> None:
+    """INTERNAL included: grpc.aio's status for a write that raced the connection's end (a peer killed)."""
+    error = stream_failure(ended(code, "Internal error from Core"), "127.0.0.1:9")
+    assert isinstance(error, Unavailable) and "127.0.0.1:9" in error.message and not error.origin
+
+
+def test_a_stream_the_peer_refused_fails_its_calls_with_the_peers_status() -> None:
+    error = stream_failure(ended(grpc.StatusCode.UNAUTHENTICATED, "no client certificate"), "127.0.0.1:9")
+    assert isinstance(error, Unauthenticated) and error.message == "no client certificate"
+    assert isinstance(stream_failure(None, "127.0.0.1:9"), Unavailable), "a stream the peer ended OK: shutting down"
+    assert isinstance(stream_failure(ConnectionResetError(), "127.0.0.1:9"), Unavailable)

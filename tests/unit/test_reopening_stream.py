@@ -11,13 +11,13 @@ import pytest
 from flotilla.clients import stream as stream_module
 from flotilla.clients.results import Classification
 from flotilla.clients.stream import ClassifyStream, ReopeningStream
-from flotilla.errors import FlotillaError, NotFound, Unauthenticated, Unavailable
+from flotilla.errors import Code, FlotillaError, NotFound, Unauthenticated, Unavailable, error_from_code
 
 
 class Stand:
     """A stream whose requests are answered by ``script``: "ok", "end" (the stream ends UNAVAILABLE
-    under them), "own" (an UNAVAILABLE answer of the request's own), "unauth" (the stream ends
-    UNAUTHENTICATED), "missing" (the request's NOT_FOUND)."""
+    under them), "core" (it ends INTERNAL), "own" (an UNAVAILABLE answer of the request's own),
+    "unauth" (the stream ends UNAUTHENTICATED), "missing" (the request's NOT_FOUND)."""
 
     def __init__(self, script: list[str], reopened: bool) -> None:
         self.script = script
@@ -36,6 +36,9 @@ class Stand:
             raise self.ended
         if outcome == "unauth":
             self.ended = Unauthenticated("bad key")
+            raise self.ended
+        if outcome == "core":  # grpc.aio's status for a write that raced the connection's end
+            self.ended = error_from_code(Code.INTERNAL, "Internal error from Core")
             raise self.ended
         if outcome == "own":
             raise Unavailable("no worker could be reached")
@@ -68,7 +71,7 @@ def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_a_request_its_stream_failed_by_ending_goes_again_on_a_new_stream() -> None:
-    opener = Opener(["ok", "end"], ["end"], ["ok", "ok"])
+    opener = Opener(["ok", "end"], ["core"], ["ok", "ok"])
     streams = ReopeningStream(opener, default_timeout_s=10)
     assert (await streams.classify("a")).image_uuid == "a"
     assert (await streams.classify("b")).image_uuid == "b", "sent again on each new stream until one answered"
