@@ -190,10 +190,11 @@ class FlotillaClient:
         ``default_timeout_s``) is each image's deadline on the stream.
         ``StreamResult.index`` is the image's position in ``items``.
 
-        A stream the router ends UNAVAILABLE (killed, restarted, rolled) is
-        opened again, and the images it failed go again on the new one, each
-        until its deadline (``ReopeningStream``); with ``transparent_retries``
-        off they are results with that error.
+        A stream that ends UNAVAILABLE (the router killed, restarted, rolled)
+        or INTERNAL (grpc.aio's status for a write that raced the connection's
+        end) is opened again, and the images it failed go again on the new
+        one, each until its deadline (``ReopeningStream``); with
+        ``transparent_retries`` off they are results with that error.
         """
         if window < 1 or uploads < 1:
             raise ValueError("window and uploads must be at least 1")

@@ -220,13 +220,13 @@ class ClassifyStream:
 
 
 class ReopeningStream:
-    """Many requests on one ``ClassifyStream`` at a time, opening another when one ends UNAVAILABLE.
+    """Many requests on one ``ClassifyStream`` at a time, opening another when one breaks.
 
     A request that the ending stream failed (``ClassifyStream.ended``, with a
-    status of ``REOPEN_CODES``) goes again on the next stream, after a backoff of ``REOPEN_BACKOFF_S`` doubling
-    up to ``REOPEN_MAX_BACKOFF_S``, while its own deadline (``timeout_s`` from
-    the first send) leaves time for it; then, or with ``reopen`` off, it raises
-    the stream's error. A request's own error (its answer on the stream) and a
+    status of ``REOPEN_CODES``) goes again on the next stream, after a backoff
+    of ``REOPEN_BACKOFF_S`` doubling up to ``REOPEN_MAX_BACKOFF_S``, while its
+    own deadline (``timeout_s`` from the first send) leaves time for it; then,
+    or with ``reopen`` off, it raises the stream's error. A request's own error (its answer on the stream) and a
     stream ended with any other status (a bad key: UNAUTHENTICATED) are raised
     as they came. ``open_stream(reopened)`` opens a stream (``reopened``: not
     the first, so it may wait for the router to come back).
