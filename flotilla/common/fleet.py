@@ -24,6 +24,7 @@ import grpc
 
 from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
 from flotilla.common.apikeys import KeyRecord
+from flotilla.common.status import error_from_rpc
 from flotilla.common.tasks import cancel_and_wait
 from flotilla.common.tls import PLAINTEXT, Dialer, RenewingChannel
 from flotilla.common.wire import CONTROL_CHANNEL_OPTIONS
@@ -158,6 +159,17 @@ class FleetWatcher:
             await self.stub.ReportKeyUse(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.debug("%s: key use report failed: %s", self.name, exc.code().name)
+
+    async def ensure_loaded(self, model: str, timeout_s: float | None) -> controller_pb2.ModelStatus:
+        """Load registered ``model`` on a replica unless a copy is ready, and its status once one is (the
+        controller's EnsureLoaded, as a cold start does); the controller's failure as a FlotillaError."""
+        try:
+            status: controller_pb2.ModelStatus = await self.stub.EnsureLoaded(
+                controller_pb2.EnsureLoadedRequest(name=model), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, "controller").from_below("controller") from exc
+        return status
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)

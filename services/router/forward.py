@@ -76,6 +76,10 @@ class Forwarder(Generic[P]):
         (the key may not call it) or ``QuotaExceeded`` (over its rate) otherwise."""
         return self.keys.authorize(authorization, model)
 
+    def scope(self, authorization: str | None) -> Callable[[str], bool]:
+        """Which models the caller's key may call (``KeyBook.scope``); takes nothing of its quota."""
+        return self.keys.scope(authorization)
+
     def check_model(self, model: str | None) -> None:
         """Raises ``InvalidArgument`` (no model) or ``ModelNotFound`` (not routed) before any work is done."""
         self.routes.pool_for(model)

@@ -138,6 +138,15 @@ class KeyBook:
             return KeyGrant(STATIC_GRANT_NAME), None
         raise Unauthenticated("API key is not valid")
 
+    def scope(self, authorization: str | None) -> Callable[[str], bool]:
+        """Which models the caller's key may call (any, for a static key); ``Unauthenticated`` as
+        ``authenticate``. Takes nothing of its quota."""
+        _, record = self.authenticate(authorization)
+        if record is None:
+            return lambda model: True
+        patterns = tuple(record.models)
+        return lambda model: any(fnmatch.fnmatchcase(model, pattern) for pattern in patterns)
+
     def authorize(self, authorization: str | None, model: str | None) -> KeyGrant:
         """The caller's grant for one request to ``model`` (None or "": a call naming no model, e.g.
         server metadata: no scope to check), taking one token of its quota; raises as the module says."""

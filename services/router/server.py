@@ -157,7 +157,10 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     server.on_drain.append(streams.drain)
     server.add_observed([streams, ForwardingHandler(forwarder)])
     # KServe v2 (Triton's gRPC service): the same keys and routes; ready once the fleet is known, until stopping.
-    kserve_front = KServeFront(forwarder, watcher.state, ready=lambda: watcher.has_fleet and not kserve.stopping.is_set())
+    kserve_front = KServeFront(
+        forwarder, watcher.state, ready=lambda: watcher.has_fleet and not kserve.stopping.is_set(),
+        loader=watcher.ensure_loaded,
+    )
     kserve = KServeHandler(
         kserve_front, forwarder, CallObserver("router", server.admission, model_label),
         window=settings.router.stream_window,
@@ -168,7 +171,10 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     # KServe v2 over HTTP/REST on router.http_port: the same front, keys and admission, in this loop.
     http = None
     if settings.router.http_port:
-        app = KServeHttp(kserve_front, forwarder.authorize, observer=CallObserver("router", server.admission, model_label))
+        app = KServeHttp(
+            kserve_front, forwarder.authorize, scope=forwarder.scope,
+            observer=CallObserver("router", server.admission, model_label),
+        )
         http = HttpServer(app, grace_s=settings.shutdown_grace_s, name="router http", tls=settings.tls)
         await http.start(settings.host, settings.router.http_port, reuse_port=settings.router.processes > 1)
         server.on_drain.append(http.drain)

@@ -167,6 +167,32 @@ def test_server_and_model_descriptions(triton: triton_grpc.InferenceServerClient
     assert status_of(info) == "StatusCode.NOT_FOUND"
 
 
+def test_repository_index_load_and_the_methods_not_served(triton: triton_grpc.InferenceServerClient) -> None:
+    index = triton.get_model_repository_index(headers=HEADERS)
+    assert [(m.name, m.version, m.state) for m in index.models] == [(MODEL, "1", "READY")]
+    assert [m["name"] for m in triton.get_model_repository_index(headers=HEADERS, as_json=True)["models"]] == [MODEL]
+    triton.load_model(MODEL, headers=HEADERS)  # the controller's EnsureLoaded: a copy is ready, so at once
+    assert triton.is_model_ready(MODEL, headers=HEADERS)
+    with pytest.raises(InferenceServerException) as info:
+        triton.load_model("no-such-model", headers=HEADERS)
+    assert status_of(info) == "StatusCode.NOT_FOUND" and "'no-such-model'" in str(info.value.message())
+    with pytest.raises(InferenceServerException) as info:
+        triton.load_model(MODEL, config="{}", headers=HEADERS)
+    assert status_of(info) == "StatusCode.UNIMPLEMENTED" and "flotilla models deploy" in str(info.value.message())
+    refused = {
+        "unload_model": (lambda: triton.unload_model(MODEL, headers=HEADERS), "flotilla models undeploy"),
+        "get_inference_statistics": (lambda: triton.get_inference_statistics(MODEL, headers=HEADERS), "/metrics"),
+        "get_system_shared_memory_status": (lambda: triton.get_system_shared_memory_status(headers=HEADERS), "uuids"),
+        "get_trace_settings": (lambda: triton.get_trace_settings(headers=HEADERS), "observability.tracing"),
+        "get_log_settings": (lambda: triton.get_log_settings(headers=HEADERS), "flotilla -v serve"),
+    }
+    for name, (call, words) in refused.items():
+        with pytest.raises(InferenceServerException) as info:
+            call()
+        assert status_of(info) == "StatusCode.UNIMPLEMENTED", name
+        assert words in str(info.value.message()) and "Method not found" not in str(info.value.message()), name
+
+
 # --- errors ---------------------------------------------------------------------------------------------
 
 

@@ -122,6 +122,30 @@ async def test_tritonclient_health_and_descriptions(triton: triton_http.Inferenc
     assert config["name"] == MODEL and config["input"][0]["name"] == "IMAGE_UUID"
 
 
+async def test_tritonclient_repository_index_load_and_the_routes_not_served(
+    triton: triton_http.InferenceServerClient,
+) -> None:
+    assert triton.get_model_repository_index(headers=auth()) == [{"name": MODEL, "version": "1", "state": "READY"}]
+    triton.load_model(MODEL, headers=auth())  # the controller's EnsureLoaded: a copy is ready, so at once
+    with pytest.raises(InferenceServerException) as info:
+        triton.load_model("no-such-model", headers=auth())
+    assert info.value.status() == "404"
+    with pytest.raises(InferenceServerException) as info:
+        triton.load_model(MODEL, config="{}", headers=auth())
+    assert info.value.status() == "501" and "flotilla models deploy" in str(info.value.message())
+    refused = {
+        "unload_model": (lambda: triton.unload_model(MODEL, headers=auth()), "flotilla models undeploy"),
+        "get_inference_statistics": (lambda: triton.get_inference_statistics(headers=auth()), "/metrics"),
+        "get_cuda_shared_memory_status": (lambda: triton.get_cuda_shared_memory_status(headers=auth()), "uuids"),
+        "get_log_settings": (lambda: triton.get_log_settings(headers=auth()), "flotilla -v serve"),
+    }
+    for name, (call, words) in refused.items():
+        with pytest.raises(InferenceServerException) as info:
+            call()
+        assert info.value.status() == "501", name
+        assert words in str(info.value.message()), name
+
+
 async def test_tritonclient_infer_gets_the_flotilla_top1(
     triton: triton_http.InferenceServerClient, photos: dict[str, Photo]
 ) -> None:

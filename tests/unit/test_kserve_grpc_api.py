@@ -4,11 +4,12 @@ forwarder): routing before parsing, the stream's window, per-request errors, and
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
 import pytest
+from google.protobuf.message import Message
 from prometheus_client import REGISTRY
 
 from flotilla.api.kserve import grpc_service_pb2 as pb
@@ -16,7 +17,7 @@ from flotilla.api.v1 import inference_pb2
 from flotilla.common.interceptors import CallObserver
 from flotilla.common.server import ServiceServer
 from flotilla.services.router.forward import TimeRemaining
-from flotilla.services.router.kserve.core import KServeFront
+from flotilla.services.router.kserve.core import UNSERVED, KServeFront, Loader
 from flotilla.services.router.kserve.grpc_api import KServeHandler
 from flotilla.services.router.kserve.wire import encode_bytes_tensor
 from flotilla.services.router.routing import ApiKeys
@@ -43,6 +44,10 @@ class HeldRouter:
 
     def authorize(self, authorization: str | None, model: str | None) -> None:
         self.keys.check(authorization)
+
+    def scope(self, authorization: str | None) -> Callable[[str], bool]:
+        self.keys.check(authorization)
+        return lambda model: model != "hidden"
 
     def check_model(self, model: str | None) -> None:
         from flotilla.errors import ModelNotFound
@@ -78,9 +83,11 @@ class Served:
     handler: KServeHandler
 
 
-async def serve(router: HeldRouter, window: int = 8) -> tuple[ServiceServer, Served]:
+async def serve(
+    router: HeldRouter, window: int = 8, fleet: FakeFleet | None = None, loader: Loader | None = None
+) -> tuple[ServiceServer, Served]:
     server = ServiceServer("router", [], grace_s=0, tier="router")  # with the real interceptor
-    front = KServeFront(router, FakeFleet(**{MODEL: spec()}), ready=lambda: True)
+    front = KServeFront(router, fleet or FakeFleet(**{MODEL: spec()}), ready=lambda: True, loader=loader)
     handler = KServeHandler(front, router, CallObserver("router"), window=window)
     server.server.add_generic_rpc_handlers([handler])
     port = await server.start("127.0.0.1", 0)
@@ -231,3 +238,55 @@ async def test_a_body_that_is_not_a_message_is_invalid_argument(held: tuple[Held
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await served.channel.unary_unary(f"{SERVICE}/{method}")(b"\x0f\xff", metadata=KEY, timeout=WAIT_S)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+
+
+# --- the model repository extension, and Triton's methods the mesh does not serve --------------------------
+
+
+async def test_repository_index_and_load_and_the_methods_not_served() -> None:
+    loads: list[tuple[str, float | None]] = []
+
+    async def loader(model: str, timeout_s: float | None) -> None:
+        loads.append((model, timeout_s))
+
+    server, served = await serve(
+        HeldRouter(), fleet=FakeFleet(**{MODEL: spec(), "unrouted": spec(), "hidden": spec()}), loader=loader
+    )
+
+    def unary(method: str, response: type[Message]) -> grpc.aio.UnaryUnaryMultiCallable:
+        return served.channel.unary_unary(f"{SERVICE}/{method}", request_serializer=lambda m: m.SerializeToString(),
+                                          response_deserializer=response.FromString)
+
+    try:
+        index = unary("RepositoryIndex", pb.RepositoryIndexResponse)
+        every = await index(pb.RepositoryIndexRequest(), metadata=KEY, timeout=WAIT_S)
+        assert [(m.name, m.version, m.state) for m in every.models] == [
+            (MODEL, "1", "READY"), (MODEL, "2", "READY"), ("unrouted", "1", "UNAVAILABLE"), ("unrouted", "2", "UNAVAILABLE"),
+        ]  # one entry per version; "hidden" is outside the key's scope
+        assert every.models[2].reason == "model 'unrouted' is not served"
+        ready = await index(pb.RepositoryIndexRequest(ready=True), metadata=KEY, timeout=WAIT_S)
+        assert {m.name for m in ready.models} == {MODEL}
+        load = unary("RepositoryModelLoad", pb.RepositoryModelLoadResponse)
+        await load(pb.RepositoryModelLoadRequest(model_name=MODEL), metadata=KEY, timeout=WAIT_S)
+        assert loads[0][0] == MODEL and 0 < (loads[0][1] or 0) <= WAIT_S + 1  # the caller's deadline goes with it
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await load(pb.RepositoryModelLoadRequest(model_name="missing"), metadata=KEY, timeout=WAIT_S)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        overridden = pb.RepositoryModelLoadRequest(model_name=MODEL)
+        overridden.parameters["config"].string_param = "{}"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await load(overridden, metadata=KEY, timeout=WAIT_S)
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED and "flotilla models deploy" in str(refused.value.details())
+        assert len(loads) == 1
+        for method in UNSERVED:  # any body: the method is refused before it is read
+            call = served.channel.unary_unary(f"{SERVICE}/{method}")
+            with pytest.raises(grpc.aio.AioRpcError) as unserved:
+                await call(b"", metadata=KEY, timeout=WAIT_S)
+            assert unserved.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert str(unserved.value.details()).startswith(f"{method}: ") and "Method not found" not in str(unserved.value.details())
+            with pytest.raises(grpc.aio.AioRpcError) as no_key:
+                await call(b"", timeout=WAIT_S)
+            assert no_key.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await served.channel.close()
+        await server.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import httpx
 import numpy as np
@@ -30,7 +30,7 @@ from flotilla.errors import (
 )
 from flotilla.services.router.forward import TimeRemaining
 from flotilla.services.router.kserve.core import KServeFront
-from flotilla.services.router.kserve.http import TIMEOUT_HEADER, KServeHttp, Message
+from flotilla.services.router.kserve.http import TIMEOUT_HEADER, KServeHttp, Message, every_model
 
 MODEL = "classifier"
 LABELS = ["cat", "dog", "fox", "owl"]
@@ -84,9 +84,31 @@ class FakeRouter:
 
 
 class FakeFleet:
-    def __init__(self) -> None:
+    def __init__(self, *others: str) -> None:
+        """MODEL, and ``others`` registered but not routed (FakeRouter routes MODEL only)."""
         spec = ModelSettings.model_validate({"labels": LABELS, "versions": [1], "default_version": 1})
-        self.models = {MODEL: controller_pb2.ModelStatus(name=MODEL, spec_json=spec.model_dump_json(), batchers=["b:1"])}
+        self.models = {
+            name: controller_pb2.ModelStatus(name=name, spec_json=spec.model_dump_json(), batchers=["b:1"])
+            for name in (MODEL, *others)
+        }
+
+
+class FakeLoader:
+    """The controller's EnsureLoaded: records each model and deadline; holds while ``hold``."""
+
+    def __init__(self) -> None:
+        self.loaded: list[tuple[str, float | None]] = []
+        self.hold = False
+        self.cancelled = 0
+
+    async def __call__(self, model: str, timeout_s: float | None) -> None:
+        self.loaded.append((model, timeout_s))
+        if self.hold:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
 
 
 def check_key(authorization: str | None, model: str | None = None) -> None:
@@ -95,11 +117,17 @@ def check_key(authorization: str | None, model: str | None = None) -> None:
 
 
 class Harness:
-    def __init__(self, *, ready: bool = True, admission: AdmissionLimit | None = None, max_body_bytes: int = 1 << 20):
+    def __init__(
+        self, *, ready: bool = True, admission: AdmissionLimit | None = None, max_body_bytes: int = 1 << 20,
+        fleet: FakeFleet | None = None, scope: Callable[[str | None], Callable[[str], bool]] = every_model,
+    ):
         self.router = FakeRouter()
         self.ready = ready
-        front = KServeFront(self.router, FakeFleet(), ready=lambda: self.ready)
-        self.app = KServeHttp(front, check_key, observer=CallObserver("router", admission), max_body_bytes=max_body_bytes)
+        self.loader = FakeLoader()
+        front = KServeFront(self.router, fleet or FakeFleet(), ready=lambda: self.ready, loader=self.loader)
+        self.app = KServeHttp(
+            front, check_key, scope=scope, observer=CallObserver("router", admission), max_body_bytes=max_body_bytes
+        )
 
 
 @pytest.fixture
@@ -318,7 +346,7 @@ async def test_routes_methods_and_body_limit() -> None:
     harness = Harness(max_body_bytes=200)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=harness.app), base_url="http://r") as http:
         assert_error(await http.get("/v2/nothing", headers=AUTH), 404, "route")
-        assert_error(await http.get(f"/v2/models/{MODEL}/stats", headers=AUTH), 404, "route")
+        assert_error(await http.get(f"/v2/models/{MODEL}/explain", headers=AUTH), 404, "route")
         not_allowed = await http.get(f"/v2/models/{MODEL}/infer", headers=AUTH)
         assert_error(not_allowed, 405)
         assert not_allowed.headers["allow"] == "POST"
@@ -373,3 +401,55 @@ async def test_a_client_gone_withdraws_its_call(harness: Harness) -> None:
     gone.set()
     await asyncio.wait_for(served, 30)  # a bound, so a call that is never withdrawn fails instead of hanging
     assert harness.router.cancelled == 1 and sent == []  # withdrawn below; nobody to answer
+
+
+# --- the model repository extension, and Triton's routes the mesh does not serve ---------------------------
+
+
+async def test_the_repository_index_lists_each_version_the_key_may_call_with_its_state() -> None:
+    harness = Harness(fleet=FakeFleet("unrouted", "hidden"), scope=lambda auth: lambda model: model != "hidden")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=harness.app), base_url="http://r") as http:
+        every = await http.post("/v2/repository/index", headers=AUTH)
+        assert every.status_code == 200, every.text
+        assert every.json() == [
+            {"name": MODEL, "version": "1", "state": "READY"},
+            {"name": "unrouted", "version": "1", "state": "UNAVAILABLE", "reason": "model 'unrouted' is not served"},
+        ]
+        ready = await http.post("/v2/repository/index", json={"ready": True}, headers=AUTH)
+        assert ready.json() == [{"name": MODEL, "version": "1", "state": "READY"}]
+        assert_error(await http.post("/v2/repository/index", content=b"[1]", headers=AUTH), 400, "JSON object")
+        assert_error(await http.post("/v2/repository/index", json={"ready": "yes"}, headers=AUTH), 400, "'ready'")
+        assert_error(await http.get("/v2/repository/index", headers=AUTH), 405)
+        assert_error(await http.post("/v2/repository/index"), 401)
+
+
+async def test_a_load_loads_a_registered_model_and_refuses_what_it_cannot_do(harness: Harness, http: httpx.AsyncClient) -> None:
+    loaded = await http.post(f"/v2/repository/models/{MODEL}/load", headers=AUTH)
+    assert loaded.status_code == 200 and loaded.content == b""
+    assert harness.loader.loaded == [(MODEL, None)]
+    assert_error(await http.post("/v2/repository/models/missing/load", headers=AUTH), 404, "'missing'")
+    with_config = {"parameters": {"config": "{}"}}
+    assert_error(await http.post(f"/v2/repository/models/{MODEL}/load", json=with_config, headers=AUTH), 501,
+                 "config", "flotilla models deploy")
+    assert harness.loader.loaded == [(MODEL, None)]  # neither reached the controller
+    harness.loader.hold = True  # a load that takes longer than the caller waits: 504, and the wait is withdrawn
+    late = await http.post(f"/v2/repository/models/{MODEL}/load", headers={**AUTH, TIMEOUT_HEADER: "50"})
+    assert_error(late, 504, TIMEOUT_HEADER)
+    assert harness.loader.cancelled == 1 and 0 < (harness.loader.loaded[-1][1] or 0) <= 0.05
+
+
+@pytest.mark.parametrize(("method", "path", "words"), [
+    ("GET", "/v2/models/stats", ("ModelStatistics", "/metrics")),
+    ("GET", f"/v2/models/{MODEL}/versions/1/stats", ("ModelStatistics", "/metrics")),
+    ("POST", f"/v2/repository/models/{MODEL}/unload", ("RepositoryModelUnload", "flotilla models undeploy")),
+    ("GET", "/v2/systemsharedmemory/status", ("SystemSharedMemoryStatus", "uuids of JPEGs")),
+    ("POST", "/v2/systemsharedmemory/region/r0/register", ("SystemSharedMemoryRegister",)),
+    ("POST", "/v2/cudasharedmemory/unregister", ("CudaSharedMemoryUnregister",)),
+    ("POST", "/v2/trace/setting", ("TraceSetting", "observability.tracing")),
+    ("GET", "/v2/logging", ("LogSettings", "flotilla -v serve")),
+])
+async def test_tritons_other_routes_are_501_saying_what_to_use_instead(
+    http: httpx.AsyncClient, method: str, path: str, words: tuple[str, ...]
+) -> None:
+    assert_error(await http.request(method, path, headers=AUTH), 501, *words)
+    assert_error(await http.request(method, path), 401)  # nothing said to a caller without a key

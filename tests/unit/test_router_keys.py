@@ -111,6 +111,18 @@ def test_scope_allows_matching_models_and_denies_others_by_key_name_and_model() 
     assert token not in denied.value.message and token.split("_", 2)[2] not in denied.value.message
 
 
+def test_a_keys_scope_says_which_models_it_may_call_and_takes_no_quota() -> None:
+    record, token = new_key("ci-runner", ("efficientnet-*",), rate_per_s=1.0, burst=1)
+    keys, _ = book(record)
+    for _ in range(5):  # past the burst: a scope is no request
+        may_call = keys.scope(bearer(token))
+    assert may_call("efficientnet-lite0") and not may_call("open-nsfw")
+    assert keys.authorize(bearer(token), "efficientnet-lite0").name == "ci-runner"  # the one token is still there
+    assert keys.scope(bearer("dev-key"))("anything")
+    with pytest.raises(Unauthenticated):
+        keys.scope(bearer("not-a-key"))
+
+
 def test_static_keys_stay_unscoped_and_unlimited() -> None:
     keys, _ = book(new_key("ci", ("x",), rate_per_s=1.0)[0])
     for _ in range(100):

@@ -74,6 +74,16 @@ class GRPCInferenceServiceStub:
                 request_serializer=flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
                 response_deserializer=flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.ModelConfigResponse.FromString,
                 _registered_method=True)
+        self.RepositoryIndex = channel.unary_unary(
+                '/inference.GRPCInferenceService/RepositoryIndex',
+                request_serializer=flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
+                response_deserializer=flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
+                _registered_method=True)
+        self.RepositoryModelLoad = channel.unary_unary(
+                '/inference.GRPCInferenceService/RepositoryModelLoad',
+                request_serializer=flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
+                response_deserializer=flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
+                _registered_method=True)
 
 
 class GRPCInferenceServiceServicer:
@@ -137,6 +147,25 @@ class GRPCInferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RepositoryIndex(self, request, context):
+        """Triton's model repository extension: every registered model the key may
+        call, one entry per version, READY or UNAVAILABLE (with the reason).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RepositoryModelLoad(self, request, context):
+        """Loads a registered model (a copy on a replica), as its first call would,
+        and answers once a copy is ready. Only registered models: a request with
+        a config or files to load is refused (UNIMPLEMENTED). The router answers
+        Triton's other methods (RepositoryModelUnload, ModelStatistics, shared
+        memory, trace and log settings) UNIMPLEMENTED, saying what to use instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +208,16 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.ModelConfig,
                     request_deserializer=flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.ModelConfigRequest.FromString,
                     response_serializer=flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.ModelConfigResponse.SerializeToString,
+            ),
+            'RepositoryIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepositoryIndex,
+                    request_deserializer=flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.RepositoryIndexRequest.FromString,
+                    response_serializer=flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.RepositoryIndexResponse.SerializeToString,
+            ),
+            'RepositoryModelLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepositoryModelLoad,
+                    request_deserializer=flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.RepositoryModelLoadRequest.FromString,
+                    response_serializer=flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.RepositoryModelLoadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -397,6 +436,60 @@ class GRPCInferenceService:
             '/inference.GRPCInferenceService/ModelConfig',
             flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
             flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.ModelConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RepositoryIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/RepositoryIndex',
+            flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
+            flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RepositoryModelLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/RepositoryModelLoad',
+            flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
+            flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,

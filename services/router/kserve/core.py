@@ -26,11 +26,21 @@ could never be queued at once.
 A model is ready when the fleet registers it and the router routes it: a model with no copy loaded is
 ready too (its first call waits for a cold start, as the Flotilla API's does).
 
-API, for both transports: ``KServeFront(router, fleet, ready)`` with ``live()``, ``ready()``,
+**The model repository extension.** ``repository_index`` lists every registered model the caller's key
+may call, one entry per version, ``READY`` or ``UNAVAILABLE`` with the router's reason (the index of the
+one repository the mesh has, the controller's registry). ``load`` loads a registered model as its first
+call would (the controller's EnsureLoaded: a copy on a replica) and returns once a copy is ready; a
+model with one ready returns at once. Only registered models load: a config or files in the request
+are refused (``Unimplemented``; ``flotilla models deploy`` registers a spec). Triton's methods the mesh
+has no meaning for are answered ``Unimplemented`` with what to use instead (``unserved``):
+RepositoryModelUnload, ModelStatistics, shared memory, trace and log settings.
+
+API, for both transports: ``KServeFront(router, fleet, ready, loader)`` with ``live()``, ``ready()``,
 ``server_metadata()``, ``model_ready(name, version)``, ``model_metadata(name, version)``,
 ``model_config(name, version)`` (``ModelConfigView.triton_json()`` is Triton's model configuration as
-JSON) and ``await infer(request, headers, time_remaining) -> InferResult``. Unknown model:
-``ModelNotFound``; unknown version: ``NotFound``; a bad input, output, parameter or uuid:
+JSON), ``repository_index(may_call, ready_only)``, ``await load(name, parameters, time_remaining)``,
+``await infer(request, headers, time_remaining) -> InferResult`` and ``unserved(method)``. Unknown
+model: ``ModelNotFound``; unknown version: ``NotFound``; a bad input, output, parameter or uuid:
 ``InvalidArgument`` naming it.
 """
 
@@ -53,6 +63,7 @@ from flotilla.errors import (
     InvalidImageUuid,
     ModelNotFound,
     NotFound,
+    Unimplemented,
 )
 from flotilla.services.router.forward import TimeRemaining
 from flotilla.services.router.kserve.protocol import (
@@ -66,15 +77,18 @@ from flotilla.services.router.kserve.protocol import (
     PLATFORM,
     PRIORITY_PARAMETER,
     PROBABILITIES_OUTPUT,
+    READY,
     SERVER_NAME,
     TIMEOUT_PARAMETER,
     TOP_K_PARAMETER,
+    UNAVAILABLE,
     UNKNOWN_DIM,
     UUID_INPUT,
     ConfigTensor,
     InferRequest,
     InferResult,
     ModelConfigView,
+    ModelIndexEntry,
     ModelMetadata,
     OutputTensor,
     ParameterValue,
@@ -108,6 +122,54 @@ class Router(Protocol):
     ) -> Awaitable[bytes]: ...
 
 
+class Loader(Protocol):
+    """Loads a registered model and returns once a copy is ready (the controller's EnsureLoaded)."""
+
+    def __call__(self, model: str, timeout_s: float | None) -> Awaitable[object]: ...
+
+
+_SHARED_MEMORY = (
+    "shared memory is not served here: a request carries the uuids of JPEGs in the object store, not tensors, "
+    "and the preprocess workers share memory with Triton themselves (preprocess.triton_shared_memory)"
+)
+UNSERVED: Mapping[str, str] = {
+    "RepositoryModelUnload": (
+        "a model is not unloaded on a client's call: a model with min_copies 0 unloads by itself after "
+        "controller.autoscale.scale_to_zero_idle_s without requests, and an operator removes one with "
+        "`flotilla models undeploy NAME`"
+    ),
+    "ModelStatistics": (
+        "per-model statistics are not kept in Triton's form: the mesh's figures are Prometheus metrics on "
+        "each service's /metrics (flotilla_grpc_requests_total, flotilla_grpc_request_duration_seconds, "
+        "flotilla_batcher_*; docs/operations.md, Metrics)"
+    ),
+    "SystemSharedMemoryStatus": _SHARED_MEMORY,
+    "SystemSharedMemoryRegister": _SHARED_MEMORY,
+    "SystemSharedMemoryUnregister": _SHARED_MEMORY,
+    "CudaSharedMemoryStatus": _SHARED_MEMORY,
+    "CudaSharedMemoryRegister": _SHARED_MEMORY,
+    "CudaSharedMemoryUnregister": _SHARED_MEMORY,
+    "TraceSetting": (
+        "trace settings are not served: the mesh traces with OpenTelemetry, set in its configuration "
+        "(observability.tracing; docs/operations.md, Traces)"
+    ),
+    "LogSettings": (
+        "log settings are not served: each service logs to its stderr (kubectl logs), at DEBUG when started "
+        "with `flotilla -v serve ...`"
+    ),
+}
+"""Triton's methods the mesh does not serve, and what to use instead (their UNIMPLEMENTED message)."""
+
+
+def unserved_load() -> Unimplemented:
+    return Unimplemented("RepositoryModelLoad is not served by this front (it has no controller to load with)")
+
+
+def unserved(method: str) -> Unimplemented:
+    """The error a call of Triton's ``method`` (a name in ``UNSERVED``) gets."""
+    return Unimplemented(f"{method}: {UNSERVED[method]}")
+
+
 class KServeFront:
     """The KServe v2 calls of the router, over its forwarder and the fleet it follows.
 
@@ -116,10 +178,12 @@ class KServeFront:
     is ready too (its first call waits for a cold start).
     """
 
-    def __init__(self, router: Router, fleet: Fleet, ready: Callable[[], bool]) -> None:
+    def __init__(self, router: Router, fleet: Fleet, ready: Callable[[], bool], loader: Loader | None = None) -> None:
+        """``loader``: the controller's EnsureLoaded (None: ``load`` is not served)."""
         self.router = router
         self.fleet = fleet
         self._ready = ready
+        self._loader = loader
         self._specs: dict[str, tuple[str, ModelSettings]] = {}
         """model -> (the spec JSON last parsed, its settings): parsed once per spec."""
         self._server = ServerMetadata(SERVER_NAME, _package_version(), list(EXTENSIONS))
@@ -180,6 +244,39 @@ class KServeFront:
             default_timeout_us=batching.default_timeout_us,
             max_queue_size=batching.max_queue_size,
         )
+
+    def repository_index(self, may_call: Callable[[str], bool], *, ready_only: bool = False) -> list[ModelIndexEntry]:
+        """Every registered model ``may_call`` accepts (the caller's key's scope), by name, one entry per
+        version: ``READY`` when the router routes it (a model at zero copies is ready: its first call is a
+        held cold start), else ``UNAVAILABLE`` with the router's reason. ``ready_only``: the ready ones."""
+        entries: list[ModelIndexEntry] = []
+        for name in sorted(self.fleet.models):
+            if not may_call(name):
+                continue
+            spec = self._spec(self.fleet.models[name])
+            try:
+                self.router.check_model(name)
+                state, reason = READY, ""
+            except FlotillaError as exc:
+                state, reason = UNAVAILABLE, exc.message
+            if ready_only and state != READY:
+                continue
+            entries.extend(ModelIndexEntry(name, str(version), state, reason) for version in spec.versions)
+        return entries
+
+    async def load(self, name: str, parameters: Mapping[str, object], time_remaining: TimeRemaining) -> None:
+        """Load registered model ``name`` (a copy on a replica) and return once a copy is ready; at once
+        when one is. ``parameters``: the request's (Triton's ``config``, ``file:...``); any is refused."""
+        self._model(name)
+        if parameters:
+            raise Unimplemented(
+                f"RepositoryModelLoad with parameters ({', '.join(sorted(map(shorten, parameters)))}): the mesh "
+                "loads registered models as they are; register a changed spec with `flotilla models deploy`"
+            )
+        if self._loader is None:
+            raise unserved_load()
+        remaining_s = time_remaining()
+        await self._loader(name, remaining_s)
 
     async def infer(
         self, request: InferRequest, headers: Sequence[tuple[str, str]], time_remaining: TimeRemaining

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeAlias, TypeVar
 
 import grpc
@@ -42,7 +42,7 @@ from flotilla.common.interceptors import CallObserver, call_is_over, status_of
 from flotilla.common.wire import AUTH_HEADER, KSERVE_SERVICE, MODEL_HEADER
 from flotilla.errors import FlotillaError, InvalidArgument, MalformedRequest, Unavailable
 from flotilla.services.router.forward import passed_headers
-from flotilla.services.router.kserve.core import KServeFront
+from flotilla.services.router.kserve.core import UNSERVED, KServeFront, unserved
 from flotilla.services.router.kserve.protocol import (
     BYTES,
     CLASSIFICATION_PARAMETER,
@@ -76,6 +76,8 @@ class Gate(Protocol):
     def authorize(self, authorization: str | None, model: str | None) -> object: ...
 
     def check_model(self, model: str | None) -> None: ...
+
+    def scope(self, authorization: str | None) -> Callable[[str], bool]: ...
 
 
 class InferBody:
@@ -119,6 +121,9 @@ class KServeHandler(grpc.GenericRpcHandler):
             "ModelReady": self.model_ready,
             "ModelMetadata": self.model_metadata,
             "ModelConfig": self.model_config,
+            "RepositoryIndex": self.repository_index,
+            "RepositoryModelLoad": self.repository_model_load,
+            **{method: self._unserved(method) for method in UNSERVED},
         }
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, bytes]] = {
             f"/{KSERVE_SERVICE}/{name}": grpc.unary_unary_rpc_method_handler(behaviour)
@@ -179,6 +184,33 @@ class KServeHandler(grpc.GenericRpcHandler):
         view = self.front.model_config(request.name, request.version)
         config = json_format.ParseDict(view.triton_json(), pb.ModelConfig())
         return pb.ModelConfigResponse(config=config).SerializeToString()
+
+    async def repository_index(self, raw: bytes, context: Context) -> bytes:
+        headers = _headers(context)
+        self._authorize(headers, None)
+        request = _parse(pb.RepositoryIndexRequest, raw)
+        response = pb.RepositoryIndexResponse()
+        for entry in self.front.repository_index(self.gate.scope(_header(headers, AUTH_HEADER)), ready_only=request.ready):
+            response.models.add(name=entry.name, version=entry.version, state=entry.state, reason=entry.reason)
+        return response.SerializeToString()
+
+    async def repository_model_load(self, raw: bytes, context: Context) -> bytes:
+        headers = _headers(context)
+        self._check_key(headers)
+        request = _parse(pb.RepositoryModelLoadRequest, raw)
+        self._authorize(headers, request.model_name)
+        await self.front.load(request.model_name, dict(request.parameters), context.time_remaining)
+        return pb.RepositoryModelLoadResponse().SerializeToString()
+
+    def _unserved(self, method: str) -> Callable[[bytes, Context], Awaitable[bytes]]:
+        """The handler of a Triton method the mesh does not serve: UNIMPLEMENTED saying what to use instead
+        (after the key, so that it tells nothing to a caller without one)."""
+
+        async def refuse(raw: bytes, context: Context) -> bytes:
+            self._check_key(_headers(context))
+            raise unserved(method)
+
+        return refuse
 
     async def model_infer(self, body: InferBody, context: Context) -> bytes:
         headers = _headers(context)

@@ -9,6 +9,13 @@ tritonclient.http calls)::
     GET  /v2/models/{name}[/versions/{v}]/ready           no body; 200 ready, 400 not
     GET  /v2/models/{name}[/versions/{v}]/config          Triton's model configuration (JSON)
     POST /v2/models/{name}[/versions/{v}]/infer           inference (``http_json``: JSON, binary tensor data)
+    POST /v2/repository/index                             the registered models the key may call, by version,
+                                                          READY or UNAVAILABLE (body ``{"ready": true}``: ready only)
+    POST /v2/repository/models/{name}/load                a copy loaded; 200 once one is ready (no parameters)
+
+Triton's other routes (``/v2/models[/{name}]/stats``, ``/v2/repository/models/{name}/unload``,
+``/v2/systemsharedmemory/...``, ``/v2/cudasharedmemory/...``, ``/v2/trace/setting``, ``/v2/logging``) are
+501 with what to use instead (``core.UNSERVED``), after the key.
 
 Every call but the health checks needs ``authorization: Bearer <api key>`` allowed the model it names
 (``Forwarder.authorize``; an API key over its rate is 429 with ``Retry-After``)
@@ -23,7 +30,7 @@ UNAUTHENTICATED 401, PERMISSION_DENIED 403, NOT_FOUND 404, RESOURCE_EXHAUSTED 42
 DEADLINE_EXCEEDED 504, ...). Anything not a ``FlotillaError`` is 500 with a generic message, the
 traceback in the router's log. Malformed JSON is 400; a body over ``max_body_bytes`` 413.
 
-Why raw ASGI, not Starlette: six fixed routes matched by one regular expression, bodies read whole
+Why raw ASGI, not Starlette: a few fixed routes matched by regular expressions, bodies read whole
 and parsed by ``http_json``; a framework would add a dependency and a request and response object per
 call for nothing the app uses. The app knows no server: ``services.router.http_server`` runs it.
 """
@@ -35,8 +42,8 @@ import json
 import logging
 import math
 import re
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -47,15 +54,20 @@ from flotilla.common.wire import AUTH_HEADER
 from flotilla.errors import Code, DeadlineExceeded, FlotillaError, MalformedRequest
 from flotilla.services.router.forward import TimeRemaining, no_deadline, passed_headers
 from flotilla.services.router.kserve import http_json
+from flotilla.services.router.kserve.core import UNSERVED, unserved
 from flotilla.services.router.kserve.protocol import (
     InferRequest,
     InferResult,
     ModelConfigView,
+    ModelIndexEntry,
     ModelMetadata,
     ServerMetadata,
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+J = TypeVar("J", bool, dict[str, Any])
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -93,8 +105,18 @@ HTTP_STATUS = {
 
 _MODEL_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?:/(?P<action>[^/]+))?/?")
 _ACTIONS = {"": ("GET", "ModelMetadata"), "ready": ("GET", "ModelReady"), "config": ("GET", "ModelConfig"),
-            "infer": ("POST", "ModelInfer")}
+            "infer": ("POST", "ModelInfer"), "stats": ("GET", "ModelStatistics")}
 """The last path segment of a model's routes: its HTTP method and KServe method."""
+_FIXED_ROUTES = {
+    "/v2": ("GET", "ServerMetadata"),
+    "/v2/repository/index": ("POST", "RepositoryIndex"),
+    "/v2/models/stats": ("GET", "ModelStatistics"),  # before a model named "stats", as in Triton
+    "/v2/trace/setting": ("", "TraceSetting"),
+    "/v2/logging": ("", "LogSettings"),
+}
+"""Routes of no model: their HTTP method ("": any; the method is not served) and KServe method."""
+_REPOSITORY_MODEL_PATH = re.compile(r"/v2/repository/models/(?P<name>[^/]+)/(?P<action>load|unload)/?")
+_SHARED_MEMORY_PATH = re.compile(r"/v2/(?P<kind>system|cuda)sharedmemory(?:/region/[^/]+)?/(?P<action>status|register|unregister)/?")
 
 
 class Front(Protocol):
@@ -115,6 +137,19 @@ class Front(Protocol):
     def infer(
         self, request: InferRequest, headers: Sequence[tuple[str, str]], time_remaining: TimeRemaining
     ) -> Awaitable[InferResult]: ...
+
+    def repository_index(self, may_call: Callable[[str], bool], *, ready_only: bool = False) -> list[ModelIndexEntry]: ...
+
+    def load(self, name: str, parameters: Mapping[str, object], time_remaining: TimeRemaining) -> Awaitable[None]: ...
+
+
+KeyScope = Callable[[str | None], Callable[[str], bool]]
+"""Which models the key of an ``authorization`` header may call (``Forwarder.scope``)."""
+
+
+def every_model(authorization: str | None) -> Callable[[str], bool]:
+    """The scope of an app given none: every model (the key was checked by ``authorize``)."""
+    return lambda model: True
 
 
 class HttpError(FlotillaError):
@@ -146,11 +181,15 @@ class KServeHttp:
         front: Front,
         authorize: Callable[[str | None, str | None], object],
         *,
+        scope: KeyScope = every_model,
         observer: CallObserver | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
+        """``authorize``: ``Forwarder.authorize``; ``scope``: ``Forwarder.scope`` (the repository index
+        lists the models a key may call)."""
         self.front = front
         self.authorize = authorize
+        self.scope = scope
         self.observer = observer or CallObserver(TIER)
         self.max_body_bytes = max_body_bytes
 
@@ -172,7 +211,7 @@ class KServeHttp:
             await _respond(send, 200 if healthy else 400)
             return
         try:
-            kserve_method, model, version, action = _route(method, path)
+            kserve_method, model, version = _route(method, path)
         except HttpError as exc:
             await _error(send, exc)
             return
@@ -182,11 +221,13 @@ class KServeHttp:
             if call.refusal is not None:
                 raise call.refusal
             self.authorize(headers.get(AUTH_HEADER), model or None)
+            if kserve_method in UNSERVED:
+                raise unserved(kserve_method)
             if call.span is None:
-                await self._answer(send, receive, headers, model, version, action)
+                await self._answer(send, receive, headers, kserve_method, model, version)
             else:
                 with tracing.use_span(call.span, end_on_exit=False):
-                    await self._answer(send, receive, headers, model, version, action)
+                    await self._answer(send, receive, headers, kserve_method, model, version)
         except _ClientGone:
             code = Code.CANCELLED
         except asyncio.CancelledError:
@@ -199,16 +240,25 @@ class KServeHttp:
             self._end(call, code)
 
     async def _answer(
-        self, send: Send, receive: Receive, headers: dict[str, str], model: str, version: str, action: str
+        self, send: Send, receive: Receive, headers: dict[str, str], kserve_method: str, model: str, version: str
     ) -> None:
-        if not model:
+        if kserve_method == "ServerMetadata":
             await _respond_json(send, _server_json(self.front.server_metadata()))
-        elif action == "":
+        elif kserve_method == "ModelMetadata":
             await _respond_json(send, _model_json(self.front.model_metadata(model, version)))
-        elif action == "ready":
+        elif kserve_method == "ModelReady":
             await _respond(send, 200 if self.front.model_ready(model, version) else 400)
-        elif action == "config":
+        elif kserve_method == "ModelConfig":
             await _respond_json(send, self.front.model_config(model, version).triton_json())
+        elif kserve_method == "RepositoryIndex":
+            ready_only = _json_field(await self._body(receive, headers), "ready", bool, False)
+            entries = self.front.repository_index(self.scope(headers.get(AUTH_HEADER)), ready_only=ready_only)
+            await _respond(send, 200, json.dumps([_index_json(e) for e in entries], separators=(",", ":")).encode())
+        elif kserve_method == "RepositoryModelLoad":
+            parameters = _json_field(await self._body(receive, headers), "parameters", dict, {})
+            time_remaining, deadline = _deadline(headers)
+            await _until_answered(self.front.load(model, parameters, time_remaining), receive, deadline)
+            await _respond(send, 200)
         else:
             await self._infer(send, receive, headers, model, version)
 
@@ -217,22 +267,9 @@ class KServeHttp:
         time_remaining, deadline = _deadline(headers)
         body = await self._body(receive, headers)
         decoded = http_json.decode_infer(model, version, body, length)
-        # The work ends with its answer, the deadline, or the client gone (its calls below are withdrawn).
-        work = asyncio.ensure_future(self.front.infer(decoded.request, passed_headers(()), time_remaining))
-        gone = asyncio.ensure_future(_disconnected(receive))
-        try:
-            timeout_s = None if deadline is None else deadline - asyncio.get_running_loop().time()
-            done, _ = await asyncio.wait((work, gone), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            work.cancel()  # a no-op once it is done
-            gone.cancel()
-            await asyncio.gather(work, gone, return_exceptions=True)
-        if work in done:
-            result = work.result()  # or its error
-        elif gone in done:
-            raise _ClientGone
-        else:
-            raise DeadlineExceeded(f"{TIMEOUT_HEADER} passed before the model answered")
+        result = await _until_answered(
+            self.front.infer(decoded.request, passed_headers(()), time_remaining), receive, deadline
+        )
         answer, header_length = http_json.encode_result(result, decoded)
         if header_length is None:
             await _respond(send, 200, answer)
@@ -271,26 +308,73 @@ class _ClientGone(Exception):
     """The client closed the connection before it was answered."""
 
 
+async def _until_answered(work: Awaitable[T], receive: Receive, deadline: float | None) -> T:
+    """What ``work`` returns (or raises); ``_ClientGone`` when the client goes first, ``DeadlineExceeded`` at
+    ``deadline`` (the loop's time; None: none). Either way the work is cancelled (its calls below withdrawn)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        timeout_s = None if deadline is None else deadline - asyncio.get_running_loop().time()
+        done, _ = await asyncio.wait((task, gone), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()  # a no-op once it is done
+        gone.cancel()
+        await asyncio.gather(task, gone, return_exceptions=True)
+    if task in done:
+        return task.result()  # or its error
+    if gone in done:
+        raise _ClientGone
+    raise DeadlineExceeded(f"{TIMEOUT_HEADER} passed before the mesh answered")
+
+
+def _json_field(body: bytes, name: str, kind: type[J], default: J) -> J:
+    """Field ``name`` of a JSON object body (an empty body: ``default``); ``MalformedRequest`` when the body
+    is not a JSON object or the field is not a ``kind``."""
+    if not body.strip():
+        return default
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedRequest(f"the request body is not JSON: {shorten(str(exc))}") from None
+    if not isinstance(document, dict):
+        raise MalformedRequest("the request body must be a JSON object")
+    value = document.get(name, default)
+    if not isinstance(value, kind):
+        raise MalformedRequest(f"{name!r} must be a JSON {'boolean' if kind is bool else 'object'}")
+    return value
+
+
 async def _disconnected(receive: Receive) -> None:
     """Returns when the client has gone (once the body is read, the server's next message is that)."""
     while (await receive())["type"] != "http.disconnect":
         pass
 
 
-def _route(method: str, path: str) -> tuple[str, str, str, str]:
-    """(KServe method, model, version, action) of a call; HttpError when there is no such route."""
-    if path in ("/v2", "/v2/"):
-        if method != "GET":
-            raise _not_allowed("GET")
-        return "ServerMetadata", "", "", ""
+def _route(method: str, path: str) -> tuple[str, str, str]:
+    """(KServe method, model, version) of a call; HttpError when there is no such route."""
+    fixed = _FIXED_ROUTES.get(path.rstrip("/") if len(path) > 1 else path)
+    if fixed is not None:
+        allowed, kserve_method = fixed
+        _check_method(method, allowed)
+        return kserve_method, "", ""
+    if match := _REPOSITORY_MODEL_PATH.fullmatch(path):
+        _check_method(method, "POST")
+        return f"RepositoryModel{match.group('action').capitalize()}", match.group("name"), ""
+    if match := _SHARED_MEMORY_PATH.fullmatch(path):
+        return f"{match.group('kind').capitalize()}SharedMemory{match.group('action').capitalize()}", "", ""
     match = _MODEL_PATH.fullmatch(path)
     action = (match.group("action") or "") if match else None
     if match is None or action not in _ACTIONS:
         raise HttpError(404, Code.NOT_FOUND, f"no such KServe v2 route: {shorten(path)!r}")
     allowed, kserve_method = _ACTIONS[action]
-    if method != allowed:
+    _check_method(method, allowed)
+    return kserve_method, match.group("name"), match.group("version") or ""
+
+
+def _check_method(method: str, allowed: str) -> None:
+    """405 unless the call's HTTP method is ``allowed`` ("": any)."""
+    if allowed and method != allowed:
         raise _not_allowed(allowed)
-    return kserve_method, match.group("name"), match.group("version") or "", action
 
 
 def _deadline(headers: dict[str, str]) -> tuple[TimeRemaining, float | None]:
@@ -331,6 +415,13 @@ def _model_json(metadata: ModelMetadata) -> dict[str, Any]:
 
     return {"name": metadata.name, "versions": list(metadata.versions), "platform": metadata.platform,
             "inputs": tensors(metadata.inputs), "outputs": tensors(metadata.outputs)}
+
+
+def _index_json(entry: ModelIndexEntry) -> dict[str, str]:
+    document = {"name": entry.name, "version": entry.version, "state": entry.state}
+    if entry.reason:
+        document["reason"] = entry.reason
+    return document
 
 
 async def _respond_json(send: Send, document: dict[str, Any]) -> None:

@@ -161,3 +161,19 @@ class ModelConfigView:
                 },
             },
         }
+
+
+READY = "READY"
+UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class ModelIndexEntry:
+    """One model version of the repository index (Triton's model repository extension)."""
+
+    name: str
+    version: str
+    state: str
+    """``READY`` or ``UNAVAILABLE``."""
+    reason: str = ""
+    """Why it is not ready; "" when it is."""
