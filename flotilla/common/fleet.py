@@ -171,6 +171,19 @@ class FleetWatcher:
             raise error_from_rpc(exc, "controller").from_below("controller") from exc
         return status
 
+    async def model_statistics(
+        self, model: str, timeout_s: float | None
+    ) -> list[controller_pb2.ModelRequestStatistics]:
+        """The request counters of ``model`` ("": every registered model) over the fleet (the controller's
+        GetModelStatistics); the controller's failure as a FlotillaError."""
+        try:
+            answer: controller_pb2.ModelStatisticsList = await self.stub.GetModelStatistics(
+                controller_pb2.GetModelStatisticsRequest(name=model), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, "controller").from_below("controller") from exc
+        return list(answer.models)
+
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None

@@ -118,6 +118,18 @@ class QueueTotals:
     """Sum of the dispatched requests' arrival-to-dispatch times."""
     last_arrival_s: float | None = None
     """When the latest request was accepted (the queue's clock); None before the first."""
+    batches: int = 0
+    """Batches dispatched (Triton's execution count)."""
+    succeeded: int = 0
+    """Requests answered with a result."""
+    success_s: float = 0.0
+    """Sum of the succeeded requests' arrival-to-answer times."""
+    compute_s: float = 0.0
+    """Sum of the succeeded requests' dispatch-to-answer times (their batch at a worker and Triton)."""
+    failed: int = 0
+    """Requests answered with an error: their batch's, their own, or their deadline or queue timeout."""
+    fail_s: float = 0.0
+    """Sum of the failed requests' arrival-to-answer times."""
 
 
 class BatchQueue(Generic[T, R]):
@@ -337,6 +349,8 @@ class BatchQueue(Generic[T, R]):
         self._unqueue(pending)
         self._disarm(pending)
         if not pending.future.done():
+            self.totals.failed += 1
+            self.totals.fail_s += self._clock.now() - pending.enqueued_s
             pending.future.set_exception(error)  # a late answer from a batch in flight is dropped
 
     def _apply_limits_to_queue(self) -> None:
@@ -452,14 +466,22 @@ class BatchQueue(Generic[T, R]):
             self.stats.batches += 1
             self.stats.items += len(live)
             self.stats.batch_sizes[len(live)] += 1
+            self.totals.batches += 1
             results = await self._answers_for(live, deadline_s)
+            answered_s = self._clock.now()
+            totals = self.totals
             for pending, result in zip(live, results, strict=True):
                 self._disarm(pending)
                 if pending.future.done():
-                    continue
+                    continue  # failed meanwhile (its deadline: counted there), or its caller went away
                 if isinstance(result, FlotillaError):
+                    totals.failed += 1
+                    totals.fail_s += answered_s - pending.enqueued_s
                     pending.future.set_exception(result)
                 else:
+                    totals.succeeded += 1
+                    totals.success_s += answered_s - pending.enqueued_s
+                    totals.compute_s += answered_s - now
                     pending.future.set_result(result)
         finally:
             # Unanswered ones (cancelled by stop) stay for stop() to answer.

@@ -37,12 +37,18 @@ class Counters:
     inflight_batches: int
     last_arrival_s: float | None = None
     """The latest arrival, on the queue's clock (changes only with arrivals_total)."""
+    batches_total: int = 0
+    succeeded_total: int = 0
+    success_s_total: float = 0.0
+    compute_s_total: float = 0.0
+    failed_total: int = 0
+    fail_s_total: float = 0.0
 
     @classmethod
     def of(cls, lane: Lane) -> Counters:
-        totals = lane.queue.totals
-        return cls(totals.arrivals, totals.dispatched, totals.queue_wait_s, lane.queue.depth, lane.queue.inflight,
-                   totals.last_arrival_s)
+        t = lane.queue.totals
+        return cls(t.arrivals, t.dispatched, t.queue_wait_s, lane.queue.depth, lane.queue.inflight, t.last_arrival_s,
+                   t.batches, t.succeeded, t.success_s, t.compute_s, t.failed, t.fail_s)
 
     def to_pb(self, model: str, now_s: float) -> controller_pb2.QueueCounters:
         """The message, with the latest arrival as seconds before ``now_s`` (the queue's clock now)."""
@@ -51,6 +57,9 @@ class Counters:
             queue_wait_s_total=self.queue_wait_s_total, queue_depth=self.queue_depth,
             inflight_batches=self.inflight_batches,
             idle_s=0.0 if self.last_arrival_s is None else max(now_s - self.last_arrival_s, 0.0),
+            batches_total=self.batches_total, succeeded_total=self.succeeded_total,
+            success_s_total=self.success_s_total, compute_s_total=self.compute_s_total,
+            failed_total=self.failed_total, fail_s_total=self.fail_s_total,
         )
 
 

@@ -2,8 +2,9 @@
 
 Mutating calls (Deploy, Undeploy, CreateKey, RevokeKey) check the admin credential first
 (``flotilla.common.admin``); the read-only ones and the mesh's own stay open: ListModels, GetModel,
-ListKeys, WatchFleet, ShardHeartbeat, ReportKeyUse (last-use times only) and EnsureLoaded (the
-preprocess workers' cold start: it loads a registered model, as any request for it would).
+ListKeys, WatchFleet, ShardHeartbeat, ReportKeyUse (last-use times only), GetModelStatistics and
+EnsureLoaded (the preprocess workers' cold start: it loads a registered model, as any request for it
+would).
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ from flotilla.services.controller.shards import QueueCounts
 log = logging.getLogger(__name__)
 
 USAGE_TIMEOUT_S = 1.0
+
+
+def statistics_to_pb(controller: Controller, model: str) -> controller_pb2.ModelRequestStatistics:
+    totals = controller.shards.statistics.totals(model)
+    last_used = controller.shards.statistics.last_arrival_s(model)
+    return controller_pb2.ModelRequestStatistics(
+        name=model, arrivals_total=totals.arrivals, dispatched_total=totals.dispatched,
+        queue_wait_s_total=totals.queue_wait_s, batches_total=totals.batches, succeeded_total=totals.succeeded,
+        success_s_total=totals.success_s, compute_s_total=totals.compute_s, failed_total=totals.failed,
+        fail_s_total=totals.fail_s, last_used_unix_s=0.0 if last_used is None else controller.to_unix_s(last_used),
+    )
 
 
 def status_to_pb(controller: Controller, record: ModelRecord, *, events: bool = True) -> controller_pb2.ModelStatus:
@@ -189,6 +201,14 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
     ) -> controller_pb2.ModelStatus:
         return status_to_pb(self.controller, self.controller.record(request.name))
 
+    async def GetModelStatistics(
+        self, request: controller_pb2.GetModelStatisticsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> controller_pb2.ModelStatisticsList:
+        records = [self.controller.record(request.name)] if request.name else self.controller.committed()
+        return controller_pb2.ModelStatisticsList(
+            models=[statistics_to_pb(self.controller, r.name) for r in sorted(records, key=lambda r: r.name)]
+        )
+
     async def EnsureLoaded(
         self, request: controller_pb2.EnsureLoadedRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> controller_pb2.ModelStatus:
@@ -203,7 +223,9 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
         now = self.controller.clock.now()
         counters = {
             c.model: QueueCounts(c.arrivals_total, c.dispatched_total, c.queue_wait_s_total, c.queue_depth,
-                                 c.inflight_batches, now - c.idle_s if c.arrivals_total else None)
+                                 c.inflight_batches, now - c.idle_s if c.arrivals_total else None,
+                                 c.batches_total, c.succeeded_total, c.success_s_total, c.compute_s_total,
+                                 c.failed_total, c.fail_s_total)
             for c in request.counters
         }
         reply = self.controller.shard_heartbeat(

@@ -46,6 +46,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from flotilla.config import ShardSettings
+from flotilla.services.controller.statistics import FleetStatistics, RequestTotals
 
 CPU_SMOOTHING = 0.5
 """Weight of the newest reading in a shard's CPU and request-rate averages."""
@@ -62,6 +63,18 @@ class QueueCounts:
     inflight_batches: int = 0
     last_arrival_s: float | None = None
     """The latest arrival, on the controller's clock (None: none yet, or not reported)."""
+    batches_total: int = 0
+    succeeded_total: int = 0
+    success_s_total: float = 0.0
+    compute_s_total: float = 0.0
+    failed_total: int = 0
+    fail_s_total: float = 0.0
+
+    def request_totals(self) -> RequestTotals:
+        return RequestTotals(
+            self.arrivals_total, self.dispatched_total, self.queue_wait_s_total, self.batches_total,
+            self.succeeded_total, self.success_s_total, self.compute_s_total, self.failed_total, self.fail_s_total,
+        )
 
 
 @dataclass
@@ -119,6 +132,8 @@ class ShardBook:
         """Assignment numbers: from the wall clock in ms, so a restarted controller's are above any a shard
         holds from its predecessor, and a shard's old number never acknowledges a new model."""
         self._last_rebalance_s: float | None = None
+        self.statistics = FleetStatistics()
+        """Each model's request totals over every shard process that held its queue."""
 
     # -- reading --------------------------------------------------------------
 
@@ -237,6 +252,7 @@ class ShardBook:
         self.leaving.pop(model, None)
         self.dedicated.discard(model)
         self.rates.pop(model, None)
+        self.statistics.forget(model)
 
     def presume(self, model: str, addresses: Iterable[str], now_s: float, *, dedicated: bool = False) -> None:
         """After a restart: ``model``'s queue is on ``addresses`` as the record says, until they report."""
@@ -277,7 +293,12 @@ class ShardBook:
         if started:  # a restarted process: its counters start again from zero
             shard.counters.clear()
             shard._cpu_total_s = shard._arrivals = None
+            self.statistics.restarted(address)
         shard.counters.update(counters or {})
+        self.statistics.report(
+            address, {model: c.request_totals() for model, c in (counters or {}).items()},
+            {model: c.last_arrival_s for model, c in (counters or {}).items()},
+        )
         self.reported.update(counters or {})
         self._measure(shard, now_s, cpu_seconds_total)
         shard.last_seen_s = now_s
@@ -330,6 +351,7 @@ class ShardBook:
             if not shard.models:
                 del self.shards[shard.address]
                 self.touched.add(shard.address)
+                self.statistics.gone(shard.address)
         # A model added while no shard was live gets one as soon as one is.
         for model in [m for m, h in self.holders.items() if not h]:
             if self.add(model, now_s, dedicated=model in self.dedicated):

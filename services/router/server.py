@@ -159,7 +159,7 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     # KServe v2 (Triton's gRPC service): the same keys and routes; ready once the fleet is known, until stopping.
     kserve_front = KServeFront(
         forwarder, watcher.state, ready=lambda: watcher.has_fleet and not kserve.stopping.is_set(),
-        loader=watcher.ensure_loaded,
+        loader=watcher.ensure_loaded, statistics=watcher.model_statistics,
     )
     kserve = KServeHandler(
         kserve_front, forwarder, CallObserver("router", server.admission, model_label),

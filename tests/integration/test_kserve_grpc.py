@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -20,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from flotilla.stack.local import LocalStack
 from tests.integration.conftest import API_KEY, MAX_BATCH_SIZE, MAX_QUEUE_DELAY_US, MODEL, PHOTOS, Photo
+from tests.waiting import until_sync
 
 HEADERS = {"authorization": f"Bearer {API_KEY}"}
 STREAM_WAIT_S = 60.0  # an answer's bound on a stream; a lost answer fails the test instead of hanging it
@@ -181,7 +183,6 @@ def test_repository_index_load_and_the_methods_not_served(triton: triton_grpc.In
     assert status_of(info) == "StatusCode.UNIMPLEMENTED" and "flotilla models deploy" in str(info.value.message())
     refused = {
         "unload_model": (lambda: triton.unload_model(MODEL, headers=HEADERS), "flotilla models undeploy"),
-        "get_inference_statistics": (lambda: triton.get_inference_statistics(MODEL, headers=HEADERS), "/metrics"),
         "get_system_shared_memory_status": (lambda: triton.get_system_shared_memory_status(headers=HEADERS), "uuids"),
         "get_trace_settings": (lambda: triton.get_trace_settings(headers=HEADERS), "observability.tracing"),
         "get_log_settings": (lambda: triton.get_log_settings(headers=HEADERS), "flotilla -v serve"),
@@ -191,6 +192,39 @@ def test_repository_index_load_and_the_methods_not_served(triton: triton_grpc.In
             call()
         assert status_of(info) == "StatusCode.UNIMPLEMENTED", name
         assert words in str(info.value.message()) and "Method not found" not in str(info.value.message()), name
+
+
+def test_inference_statistics_count_what_the_fleets_batchers_answered(
+    triton: triton_grpc.InferenceServerClient, photos: dict[str, Photo]
+) -> None:
+    def stats() -> Any:
+        [entry] = triton.get_inference_statistics(MODEL, headers=HEADERS).model_stats
+        return entry
+
+    before = stats()
+    four = [photos[name] for name in PHOTOS[:4]]
+    triton.infer(MODEL, [uuid_input([p.uuid for p in four])], headers=HEADERS)  # 4 images
+    with pytest.raises(InferenceServerException):
+        triton.infer(MODEL, [uuid_input([missing_uuid()])], headers=HEADERS)  # 1 image answered an error
+    # The batchers' heartbeats carry their counters to the controller within about a second.
+    until_sync(lambda: stats().inference_count >= before.inference_count + 4
+               and stats().inference_stats.fail.count >= before.inference_stats.fail.count + 1,
+               STREAM_WAIT_S, "the statistics to count the requests")
+    after = stats()
+    assert after.name == MODEL and after.version == ""
+    assert after.execution_count > before.execution_count  # batches
+    assert abs(after.last_inference / 1000 - time.time()) < 120  # unix ms of the latest request
+    grown = {field: getattr(after.inference_stats, field) for field in ("success", "queue", "compute_infer")}
+    for field, duration in grown.items():
+        assert duration.count >= getattr(before.inference_stats, field).count + 4, field
+        assert duration.ns > getattr(before.inference_stats, field).ns, field
+    # Each success's time from arrival to answer holds its queue wait and its batch's time.
+    assert after.inference_stats.success.ns >= after.inference_stats.compute_infer.ns
+    every = triton.get_inference_statistics(headers=HEADERS, as_json=True)["model_stats"]
+    assert [m["name"] for m in every] == [MODEL]
+    with pytest.raises(InferenceServerException) as info:
+        triton.get_inference_statistics("no-such-model", headers=HEADERS)
+    assert status_of(info) == "StatusCode.NOT_FOUND"
 
 
 # --- errors ---------------------------------------------------------------------------------------------

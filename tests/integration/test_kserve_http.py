@@ -135,7 +135,6 @@ async def test_tritonclient_repository_index_load_and_the_routes_not_served(
     assert info.value.status() == "501" and "flotilla models deploy" in str(info.value.message())
     refused = {
         "unload_model": (lambda: triton.unload_model(MODEL, headers=auth()), "flotilla models undeploy"),
-        "get_inference_statistics": (lambda: triton.get_inference_statistics(headers=auth()), "/metrics"),
         "get_cuda_shared_memory_status": (lambda: triton.get_cuda_shared_memory_status(headers=auth()), "uuids"),
         "get_log_settings": (lambda: triton.get_log_settings(headers=auth()), "flotilla -v serve"),
     }
@@ -144,6 +143,10 @@ async def test_tritonclient_repository_index_load_and_the_routes_not_served(
             call()
         assert info.value.status() == "501", name
         assert words in str(info.value.message()), name
+    [stats] = triton.get_inference_statistics(MODEL, "1", headers=auth())["model_stats"]
+    assert (stats["name"], stats["version"]) == (MODEL, "1")
+    assert stats["inference_count"] == stats["inference_stats"]["success"]["count"]
+    assert set(stats["inference_stats"]) >= {"success", "fail", "queue", "compute_infer"}
 
 
 async def test_tritonclient_infer_gets_the_flotilla_top1(

@@ -397,3 +397,29 @@ async def test_delay_is_an_upper_bound_armed_early_by_the_clocks_timer_slack(h: 
     assert h.dispatch.batches == []
     await h.clock.advance(0.0002)  # within the slack of the 10 ms delay: released
     assert h.dispatch.batches == [["x"]]
+
+
+async def test_totals_count_each_answer_once_with_its_times(h: Harness) -> None:
+    """What heartbeats carry to the controller (and Triton's ModelStatistics shows): batches, and each
+    request's outcome with its arrival-to-answer time, and for a success its batch's time."""
+    q = h.make(max_batch_size=3)
+    h.dispatch.answer = lambda item: InvalidImage("not a JPEG") if item == 2 else item * 10
+    gate = h.dispatch.hold()
+    tasks = [h.submit(1), h.submit(2), h.submit(3)]  # a full batch: dispatched at 0 s
+    await settle()
+    h.clock.set(0.5)
+    gate.set()
+    await settle()
+    assert [t.exception() is None for t in tasks] == [True, False, True]
+    t = q.totals
+    assert (t.arrivals, t.dispatched, t.batches) == (3, 3, 1)
+    assert (t.succeeded, t.success_s, t.compute_s) == (2, 1.0, 1.0)
+    assert (t.failed, t.fail_s) == (1, 0.5)
+
+    late = h.submit("late", deadline_s=0.5 + DELAY_S / 2)  # expires while queued, 0.5 ms after arriving
+    await settle()
+    await h.clock.advance(DELAY_S / 2)
+    with pytest.raises(DeadlineExceeded):
+        answer(late)
+    assert (q.totals.failed, q.totals.batches) == (2, 1)
+    assert q.totals.fail_s == pytest.approx(0.5 + DELAY_S / 2)

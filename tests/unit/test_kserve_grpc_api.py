@@ -13,11 +13,11 @@ from google.protobuf.message import Message
 from prometheus_client import REGISTRY
 
 from flotilla.api.kserve import grpc_service_pb2 as pb
-from flotilla.api.v1 import inference_pb2
+from flotilla.api.v1 import controller_pb2, inference_pb2
 from flotilla.common.interceptors import CallObserver
 from flotilla.common.server import ServiceServer
 from flotilla.services.router.forward import TimeRemaining
-from flotilla.services.router.kserve.core import UNSERVED, KServeFront, Loader
+from flotilla.services.router.kserve.core import UNSERVED, KServeFront, Loader, StatisticsSource
 from flotilla.services.router.kserve.grpc_api import KServeHandler
 from flotilla.services.router.kserve.wire import encode_bytes_tensor
 from flotilla.services.router.routing import ApiKeys
@@ -84,10 +84,13 @@ class Served:
 
 
 async def serve(
-    router: HeldRouter, window: int = 8, fleet: FakeFleet | None = None, loader: Loader | None = None
+    router: HeldRouter, window: int = 8, fleet: FakeFleet | None = None, loader: Loader | None = None,
+    statistics: StatisticsSource | None = None,
 ) -> tuple[ServiceServer, Served]:
     server = ServiceServer("router", [], grace_s=0, tier="router")  # with the real interceptor
-    front = KServeFront(router, fleet or FakeFleet(**{MODEL: spec()}), ready=lambda: True, loader=loader)
+    front = KServeFront(
+        router, fleet or FakeFleet(**{MODEL: spec()}), ready=lambda: True, loader=loader, statistics=statistics
+    )
     handler = KServeHandler(front, router, CallObserver("router"), window=window)
     server.server.add_generic_rpc_handlers([handler])
     port = await server.start("127.0.0.1", 0)
@@ -249,8 +252,14 @@ async def test_repository_index_and_load_and_the_methods_not_served() -> None:
     async def loader(model: str, timeout_s: float | None) -> None:
         loads.append((model, timeout_s))
 
+    async def statistics(model: str, timeout_s: float | None) -> list[controller_pb2.ModelRequestStatistics]:
+        every = [controller_pb2.ModelRequestStatistics(name=name, succeeded_total=4, batches_total=1, success_s_total=0.002)
+                 for name in (MODEL, "hidden")]
+        return [c for c in every if not model or c.name == model]
+
     server, served = await serve(
-        HeldRouter(), fleet=FakeFleet(**{MODEL: spec(), "unrouted": spec(), "hidden": spec()}), loader=loader
+        HeldRouter(), fleet=FakeFleet(**{MODEL: spec(), "unrouted": spec(), "hidden": spec()}), loader=loader,
+        statistics=statistics,
     )
 
     def unary(method: str, response: type[Message]) -> grpc.aio.UnaryUnaryMultiCallable:
@@ -278,6 +287,16 @@ async def test_repository_index_and_load_and_the_methods_not_served() -> None:
             await load(overridden, metadata=KEY, timeout=WAIT_S)
         assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED and "flotilla models deploy" in str(refused.value.details())
         assert len(loads) == 1
+        stats = unary("ModelStatistics", pb.ModelStatisticsResponse)
+        one = await stats(pb.ModelStatisticsRequest(name=MODEL, version="2"), metadata=KEY, timeout=WAIT_S)
+        [entry] = one.model_stats
+        assert (entry.name, entry.version, entry.inference_count, entry.execution_count) == (MODEL, "2", 4, 1)
+        assert (entry.inference_stats.success.count, entry.inference_stats.success.ns) == (4, 2_000_000)
+        every = await stats(pb.ModelStatisticsRequest(), metadata=KEY, timeout=WAIT_S)
+        assert [(m.name, m.version) for m in every.model_stats] == [(MODEL, "")]  # "hidden": outside the key's scope
+        with pytest.raises(grpc.aio.AioRpcError) as no_version:
+            await stats(pb.ModelStatisticsRequest(name=MODEL, version="9"), metadata=KEY, timeout=WAIT_S)
+        assert no_version.value.code() == grpc.StatusCode.NOT_FOUND
         for method in UNSERVED:  # any body: the method is refused before it is read
             call = served.channel.unary_unary(f"{SERVICE}/{method}")
             with pytest.raises(grpc.aio.AioRpcError) as unserved:

@@ -116,6 +116,22 @@ def check_key(authorization: str | None, model: str | None = None) -> None:
         raise Unauthenticated("API key is not valid" if authorization else "missing authorization header")
 
 
+def counted(name: str, **totals: float) -> controller_pb2.ModelRequestStatistics:
+    return controller_pb2.ModelRequestStatistics(name=name, **totals)
+
+
+class FakeStatistics:
+    """The controller's GetModelStatistics: ``counted`` for every model, or its one model's."""
+
+    def __init__(self, *counted: controller_pb2.ModelRequestStatistics) -> None:
+        self.counted = list(counted)
+        self.asked: list[str] = []
+
+    async def __call__(self, model: str, timeout_s: float | None) -> list[controller_pb2.ModelRequestStatistics]:
+        self.asked.append(model)
+        return [c for c in self.counted if not model or c.name == model]
+
+
 class Harness:
     def __init__(
         self, *, ready: bool = True, admission: AdmissionLimit | None = None, max_body_bytes: int = 1 << 20,
@@ -124,7 +140,15 @@ class Harness:
         self.router = FakeRouter()
         self.ready = ready
         self.loader = FakeLoader()
-        front = KServeFront(self.router, fleet or FakeFleet(), ready=lambda: self.ready, loader=self.loader)
+        self.statistics = FakeStatistics(
+            counted(MODEL, arrivals_total=9, dispatched_total=8, queue_wait_s_total=0.5, batches_total=2,
+                    succeeded_total=7, success_s_total=1.5, compute_s_total=0.75, failed_total=1, fail_s_total=0.25,
+                    last_used_unix_s=1765000000.5),
+            counted("hidden", succeeded_total=3),
+        )
+        front = KServeFront(
+            self.router, fleet or FakeFleet(), ready=lambda: self.ready, loader=self.loader, statistics=self.statistics
+        )
         self.app = KServeHttp(
             front, check_key, scope=scope, observer=CallObserver("router", admission), max_body_bytes=max_body_bytes
         )
@@ -439,8 +463,6 @@ async def test_a_load_loads_a_registered_model_and_refuses_what_it_cannot_do(har
 
 
 @pytest.mark.parametrize(("method", "path", "words"), [
-    ("GET", "/v2/models/stats", ("ModelStatistics", "/metrics")),
-    ("GET", f"/v2/models/{MODEL}/versions/1/stats", ("ModelStatistics", "/metrics")),
     ("POST", f"/v2/repository/models/{MODEL}/unload", ("RepositoryModelUnload", "flotilla models undeploy")),
     ("GET", "/v2/systemsharedmemory/status", ("SystemSharedMemoryStatus", "uuids of JPEGs")),
     ("POST", "/v2/systemsharedmemory/region/r0/register", ("SystemSharedMemoryRegister",)),
@@ -453,3 +475,27 @@ async def test_tritons_other_routes_are_501_saying_what_to_use_instead(
 ) -> None:
     assert_error(await http.request(method, path, headers=AUTH), 501, *words)
     assert_error(await http.request(method, path), 401)  # nothing said to a caller without a key
+
+
+async def test_statistics_are_tritons_json_from_the_fleets_counters() -> None:
+    harness = Harness(fleet=FakeFleet("hidden"), scope=lambda auth: lambda model: model != "hidden")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=harness.app), base_url="http://r") as http:
+        one = await http.get(f"/v2/models/{MODEL}/versions/1/stats", headers=AUTH)
+        assert one.status_code == 200, one.text
+        assert one.json() == {"model_stats": [{
+            "name": MODEL, "version": "1", "last_inference": 1765000000500, "inference_count": 7, "execution_count": 2,
+            "inference_stats": {
+                "success": {"count": 7, "ns": 1_500_000_000}, "fail": {"count": 1, "ns": 250_000_000},
+                "queue": {"count": 8, "ns": 500_000_000}, "compute_input": {"count": 7, "ns": 0},
+                "compute_infer": {"count": 7, "ns": 750_000_000}, "compute_output": {"count": 7, "ns": 0},
+            },
+            "batch_stats": [],
+        }]}
+        every = await http.get("/v2/models/stats", headers=AUTH)  # every model the key may call, no version
+        assert [(m["name"], m["version"]) for m in every.json()["model_stats"]] == [(MODEL, "")]
+        assert harness.statistics.asked == [MODEL, ""]
+        assert_error(await http.get("/v2/models/missing/stats", headers=AUTH), 404, "'missing'")
+        assert_error(await http.get(f"/v2/models/{MODEL}/versions/7/stats", headers=AUTH), 404, "version 7")
+        assert harness.statistics.asked == [MODEL, ""]  # neither reached the controller
+        assert_error(await http.post("/v2/models/stats", headers=AUTH), 405)
+        assert_error(await http.get("/v2/models/stats"), 401)

@@ -84,6 +84,11 @@ class GRPCInferenceServiceStub:
                 request_serializer=flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
                 response_deserializer=flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
                 _registered_method=True)
+        self.ModelStatistics = channel.unary_unary(
+                '/inference.GRPCInferenceService/ModelStatistics',
+                request_serializer=flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
+                response_deserializer=flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
+                _registered_method=True)
 
 
 class GRPCInferenceServiceServicer:
@@ -159,8 +164,20 @@ class GRPCInferenceServiceServicer:
         """Loads a registered model (a copy on a replica), as its first call would,
         and answers once a copy is ready. Only registered models: a request with
         a config or files to load is refused (UNIMPLEMENTED). The router answers
-        Triton's other methods (RepositoryModelUnload, ModelStatistics, shared
-        memory, trace and log settings) UNIMPLEMENTED, saying what to use instead.
+        Triton's other methods (RepositoryModelUnload, shared memory, trace and
+        log settings) UNIMPLEMENTED, saying what to use instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ModelStatistics(self, request, context):
+        """Triton's statistics extension, from the batching tier's counters over
+        the whole fleet since the controller started: one entry per model (its
+        counters cover all its versions). success and fail run from a request's
+        arrival in the batching queue to its answer, queue to its dispatch,
+        compute_infer from dispatch to answer (the batch at a preprocess worker
+        and on Triton; compute_input and compute_output are in it, 0 ns).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -218,6 +235,11 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.RepositoryModelLoad,
                     request_deserializer=flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.RepositoryModelLoadRequest.FromString,
                     response_serializer=flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.RepositoryModelLoadResponse.SerializeToString,
+            ),
+            'ModelStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelStatistics,
+                    request_deserializer=flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.ModelStatisticsRequest.FromString,
+                    response_serializer=flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.ModelStatisticsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -490,6 +512,33 @@ class GRPCInferenceService:
             '/inference.GRPCInferenceService/RepositoryModelLoad',
             flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
             flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/ModelStatistics',
+            flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
+            flotilla_dot_api_dot_kserve_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,

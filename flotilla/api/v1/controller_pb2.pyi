@@ -126,6 +126,44 @@ class GetModelRequest(_message.Message):
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
+class GetModelStatisticsRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ModelRequestStatistics(_message.Message):
+    __slots__ = ("name", "arrivals_total", "dispatched_total", "queue_wait_s_total", "batches_total", "succeeded_total", "success_s_total", "compute_s_total", "failed_total", "fail_s_total", "last_used_unix_s")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARRIVALS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DISPATCHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_WAIT_S_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SUCCEEDED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_S_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    FAILED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    FAIL_S_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    arrivals_total: int
+    dispatched_total: int
+    queue_wait_s_total: float
+    batches_total: int
+    succeeded_total: int
+    success_s_total: float
+    compute_s_total: float
+    failed_total: int
+    fail_s_total: float
+    last_used_unix_s: float
+    def __init__(self, name: _Optional[str] = ..., arrivals_total: _Optional[int] = ..., dispatched_total: _Optional[int] = ..., queue_wait_s_total: _Optional[float] = ..., batches_total: _Optional[int] = ..., succeeded_total: _Optional[int] = ..., success_s_total: _Optional[float] = ..., compute_s_total: _Optional[float] = ..., failed_total: _Optional[int] = ..., fail_s_total: _Optional[float] = ..., last_used_unix_s: _Optional[float] = ...) -> None: ...
+
+class ModelStatisticsList(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelRequestStatistics]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelRequestStatistics, _Mapping]]] = ...) -> None: ...
+
 class EnsureLoadedRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -133,7 +171,7 @@ class EnsureLoadedRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class QueueCounters(_message.Message):
-    __slots__ = ("model", "arrivals_total", "dispatched_total", "queue_wait_s_total", "queue_depth", "inflight_batches", "idle_s")
+    __slots__ = ("model", "arrivals_total", "dispatched_total", "queue_wait_s_total", "queue_depth", "inflight_batches", "idle_s", "batches_total", "succeeded_total", "success_s_total", "compute_s_total", "failed_total", "fail_s_total")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARRIVALS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DISPATCHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +179,12 @@ class QueueCounters(_message.Message):
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_BATCHES_FIELD_NUMBER: _ClassVar[int]
     IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SUCCEEDED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_S_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    FAILED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    FAIL_S_TOTAL_FIELD_NUMBER: _ClassVar[int]
     model: str
     arrivals_total: int
     dispatched_total: int
@@ -148,7 +192,13 @@ class QueueCounters(_message.Message):
     queue_depth: int
     inflight_batches: int
     idle_s: float
-    def __init__(self, model: _Optional[str] = ..., arrivals_total: _Optional[int] = ..., dispatched_total: _Optional[int] = ..., queue_wait_s_total: _Optional[float] = ..., queue_depth: _Optional[int] = ..., inflight_batches: _Optional[int] = ..., idle_s: _Optional[float] = ...) -> None: ...
+    batches_total: int
+    succeeded_total: int
+    success_s_total: float
+    compute_s_total: float
+    failed_total: int
+    fail_s_total: float
+    def __init__(self, model: _Optional[str] = ..., arrivals_total: _Optional[int] = ..., dispatched_total: _Optional[int] = ..., queue_wait_s_total: _Optional[float] = ..., queue_depth: _Optional[int] = ..., inflight_batches: _Optional[int] = ..., idle_s: _Optional[float] = ..., batches_total: _Optional[int] = ..., succeeded_total: _Optional[int] = ..., success_s_total: _Optional[float] = ..., compute_s_total: _Optional[float] = ..., failed_total: _Optional[int] = ..., fail_s_total: _Optional[float] = ...) -> None: ...
 
 class ShardHeartbeatRequest(_message.Message):
     __slots__ = ("address", "dedicated_model", "counters", "cpu_seconds_total", "assignment", "started")

@@ -54,6 +54,11 @@ class ControllerStub:
                 request_serializer=flotilla_dot_api_dot_v1_dot_controller__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=flotilla_dot_api_dot_v1_dot_controller__pb2.ModelStatus.FromString,
                 _registered_method=True)
+        self.GetModelStatistics = channel.unary_unary(
+                '/flotilla.api.v1.Controller/GetModelStatistics',
+                request_serializer=flotilla_dot_api_dot_v1_dot_controller__pb2.GetModelStatisticsRequest.SerializeToString,
+                response_deserializer=flotilla_dot_api_dot_v1_dot_controller__pb2.ModelStatisticsList.FromString,
+                _registered_method=True)
         self.EnsureLoaded = channel.unary_unary(
                 '/flotilla.api.v1.Controller/EnsureLoaded',
                 request_serializer=flotilla_dot_api_dot_v1_dot_controller__pb2.EnsureLoadedRequest.SerializeToString,
@@ -118,6 +123,15 @@ class ControllerServicer:
 
     def GetModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModelStatistics(self, request, context):
+        """Each registered model's request counters over every batching shard that
+        held its queue, since this controller started (the router's KServe
+        ModelStatistics). An empty name: every registered model.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -198,6 +212,11 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=flotilla_dot_api_dot_v1_dot_controller__pb2.GetModelRequest.FromString,
                     response_serializer=flotilla_dot_api_dot_v1_dot_controller__pb2.ModelStatus.SerializeToString,
+            ),
+            'GetModelStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelStatistics,
+                    request_deserializer=flotilla_dot_api_dot_v1_dot_controller__pb2.GetModelStatisticsRequest.FromString,
+                    response_serializer=flotilla_dot_api_dot_v1_dot_controller__pb2.ModelStatisticsList.SerializeToString,
             ),
             'EnsureLoaded': grpc.unary_unary_rpc_method_handler(
                     servicer.EnsureLoaded,
@@ -343,6 +362,33 @@ class Controller:
             '/flotilla.api.v1.Controller/GetModel',
             flotilla_dot_api_dot_v1_dot_controller__pb2.GetModelRequest.SerializeToString,
             flotilla_dot_api_dot_v1_dot_controller__pb2.ModelStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flotilla.api.v1.Controller/GetModelStatistics',
+            flotilla_dot_api_dot_v1_dot_controller__pb2.GetModelStatisticsRequest.SerializeToString,
+            flotilla_dot_api_dot_v1_dot_controller__pb2.ModelStatisticsList.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,14 +31,16 @@ may call, one entry per version, ``READY`` or ``UNAVAILABLE`` with the router's 
 one repository the mesh has, the controller's registry). ``load`` loads a registered model as its first
 call would (the controller's EnsureLoaded: a copy on a replica) and returns once a copy is ready; a
 model with one ready returns at once. Only registered models load: a config or files in the request
-are refused (``Unimplemented``; ``flotilla models deploy`` registers a spec). Triton's methods the mesh
-has no meaning for are answered ``Unimplemented`` with what to use instead (``unserved``):
-RepositoryModelUnload, ModelStatistics, shared memory, trace and log settings.
+are refused (``Unimplemented``; ``flotilla models deploy`` registers a spec). ``statistics`` is Triton's
+statistics extension from the batchers' counters over the fleet (its docstring says what each figure
+counts). Triton's methods the mesh has no meaning for are answered ``Unimplemented`` with what to use
+instead (``unserved``): RepositoryModelUnload, shared memory, trace and log settings.
 
-API, for both transports: ``KServeFront(router, fleet, ready, loader)`` with ``live()``, ``ready()``,
+API, for both transports: ``KServeFront(router, fleet, ready, loader, statistics)`` with ``live()``, ``ready()``,
 ``server_metadata()``, ``model_ready(name, version)``, ``model_metadata(name, version)``,
 ``model_config(name, version)`` (``ModelConfigView.triton_json()`` is Triton's model configuration as
 JSON), ``repository_index(may_call, ready_only)``, ``await load(name, parameters, time_remaining)``,
+``await statistics(name, version, may_call, time_remaining)``,
 ``await infer(request, headers, time_remaining) -> InferResult`` and ``unserved(method)``. Unknown
 model: ``ModelNotFound``; unknown version: ``NotFound``; a bad input, output, parameter or uuid:
 ``InvalidArgument`` naming it.
@@ -85,11 +87,13 @@ from flotilla.services.router.kserve.protocol import (
     UNKNOWN_DIM,
     UUID_INPUT,
     ConfigTensor,
+    Duration,
     InferRequest,
     InferResult,
     ModelConfigView,
     ModelIndexEntry,
     ModelMetadata,
+    ModelStatisticsView,
     OutputTensor,
     ParameterValue,
     RequestedOutput,
@@ -122,6 +126,14 @@ class Router(Protocol):
     ) -> Awaitable[bytes]: ...
 
 
+class StatisticsSource(Protocol):
+    """The fleet's request counters of a model ("": every registered one): the controller's GetModelStatistics."""
+
+    def __call__(
+        self, model: str, timeout_s: float | None
+    ) -> Awaitable[Sequence[controller_pb2.ModelRequestStatistics]]: ...
+
+
 class Loader(Protocol):
     """Loads a registered model and returns once a copy is ready (the controller's EnsureLoaded)."""
 
@@ -137,11 +149,6 @@ UNSERVED: Mapping[str, str] = {
         "a model is not unloaded on a client's call: a model with min_copies 0 unloads by itself after "
         "controller.autoscale.scale_to_zero_idle_s without requests, and an operator removes one with "
         "`flotilla models undeploy NAME`"
-    ),
-    "ModelStatistics": (
-        "per-model statistics are not kept in Triton's form: the mesh's figures are Prometheus metrics on "
-        "each service's /metrics (flotilla_grpc_requests_total, flotilla_grpc_request_duration_seconds, "
-        "flotilla_batcher_*; docs/operations.md, Metrics)"
     ),
     "SystemSharedMemoryStatus": _SHARED_MEMORY,
     "SystemSharedMemoryRegister": _SHARED_MEMORY,
@@ -161,8 +168,28 @@ UNSERVED: Mapping[str, str] = {
 """Triton's methods the mesh does not serve, and what to use instead (their UNIMPLEMENTED message)."""
 
 
-def unserved_load() -> Unimplemented:
-    return Unimplemented("RepositoryModelLoad is not served by this front (it has no controller to load with)")
+def _no_controller(method: str) -> Unimplemented:
+    return Unimplemented(f"{method} is not served by this front: it has no controller to ask")
+
+
+def _statistics_view(counted: controller_pb2.ModelRequestStatistics, version: str) -> ModelStatisticsView:
+    def ns(seconds: float) -> int:
+        return max(0, round(seconds * 1e9))
+
+    succeeded = counted.succeeded_total
+    return ModelStatisticsView(
+        name=counted.name,
+        version=version,
+        last_inference_ms=round(counted.last_used_unix_s * 1000),
+        inference_count=succeeded,
+        execution_count=counted.batches_total,
+        success=Duration(succeeded, ns(counted.success_s_total)),
+        fail=Duration(counted.failed_total, ns(counted.fail_s_total)),
+        queue=Duration(counted.dispatched_total, ns(counted.queue_wait_s_total)),
+        compute_input=Duration(succeeded, 0),
+        compute_infer=Duration(succeeded, ns(counted.compute_s_total)),
+        compute_output=Duration(succeeded, 0),
+    )
 
 
 def unserved(method: str) -> Unimplemented:
@@ -178,12 +205,17 @@ class KServeFront:
     is ready too (its first call waits for a cold start).
     """
 
-    def __init__(self, router: Router, fleet: Fleet, ready: Callable[[], bool], loader: Loader | None = None) -> None:
-        """``loader``: the controller's EnsureLoaded (None: ``load`` is not served)."""
+    def __init__(
+        self, router: Router, fleet: Fleet, ready: Callable[[], bool], loader: Loader | None = None,
+        statistics: StatisticsSource | None = None,
+    ) -> None:
+        """``loader``: the controller's EnsureLoaded; ``statistics``: its GetModelStatistics (None: that call
+        is not served)."""
         self.router = router
         self.fleet = fleet
         self._ready = ready
         self._loader = loader
+        self._statistics = statistics
         self._specs: dict[str, tuple[str, ModelSettings]] = {}
         """model -> (the spec JSON last parsed, its settings): parsed once per spec."""
         self._server = ServerMetadata(SERVER_NAME, _package_version(), list(EXTENSIONS))
@@ -274,9 +306,25 @@ class KServeFront:
                 "loads registered models as they are; register a changed spec with `flotilla models deploy`"
             )
         if self._loader is None:
-            raise unserved_load()
-        remaining_s = time_remaining()
-        await self._loader(name, remaining_s)
+            raise _no_controller("RepositoryModelLoad")
+        await self._loader(name, time_remaining())
+
+    async def statistics(
+        self, name: str, version: str, may_call: Callable[[str], bool], time_remaining: TimeRemaining
+    ) -> list[ModelStatisticsView]:
+        """Triton's ModelStatistics of ``name`` ("": every registered model ``may_call`` accepts), from the
+        batchers' counters summed over the fleet since the controller started. The counters are the model's,
+        over all its versions: an entry carries the version asked (checked), else "". A request is counted
+        when its batcher answers it: ``success`` and ``fail`` from its arrival in the queue, ``queue`` to its
+        dispatch, ``compute_infer`` from dispatch to answer (the batch at a worker and on Triton: fetch,
+        decode, inference; ``compute_input`` and ``compute_output`` are 0 ns, counted in it)."""
+        if name:
+            _, spec = self._model(name)
+            self._version_number(name, spec, version)
+        if self._statistics is None:
+            raise _no_controller("ModelStatistics")
+        counted = await self._statistics(name, time_remaining())
+        return [_statistics_view(c, version if name else "") for c in counted if name or may_call(c.name)]
 
     async def infer(
         self, request: InferRequest, headers: Sequence[tuple[str, str]], time_remaining: TimeRemaining

@@ -46,6 +46,8 @@ from flotilla.services.router.kserve.core import UNSERVED, KServeFront, unserved
 from flotilla.services.router.kserve.protocol import (
     BYTES,
     CLASSIFICATION_PARAMETER,
+    DURATIONS,
+    Duration,
     InferRequest,
     InferResult,
     InputTensor,
@@ -123,6 +125,7 @@ class KServeHandler(grpc.GenericRpcHandler):
             "ModelConfig": self.model_config,
             "RepositoryIndex": self.repository_index,
             "RepositoryModelLoad": self.repository_model_load,
+            "ModelStatistics": self.model_statistics,
             **{method: self._unserved(method) for method in UNSERVED},
         }
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, bytes]] = {
@@ -201,6 +204,25 @@ class KServeHandler(grpc.GenericRpcHandler):
         self._authorize(headers, request.model_name)
         await self.front.load(request.model_name, dict(request.parameters), context.time_remaining)
         return pb.RepositoryModelLoadResponse().SerializeToString()
+
+    async def model_statistics(self, raw: bytes, context: Context) -> bytes:
+        headers = _headers(context)
+        self._check_key(headers)
+        request = _parse(pb.ModelStatisticsRequest, raw)
+        self._authorize(headers, request.name or None)
+        views = await self.front.statistics(
+            request.name, request.version, self.gate.scope(_header(headers, AUTH_HEADER)), context.time_remaining
+        )
+        response = pb.ModelStatisticsResponse()
+        for view in views:
+            stats = response.model_stats.add(
+                name=view.name, version=view.version, last_inference=view.last_inference_ms,
+                inference_count=view.inference_count, execution_count=view.execution_count,
+            )
+            for field in DURATIONS:
+                duration: Duration = getattr(view, field)
+                getattr(stats.inference_stats, field).MergeFrom(pb.StatisticDuration(count=duration.count, ns=duration.ns))
+        return response.SerializeToString()
 
     def _unserved(self, method: str) -> Callable[[bytes, Context], Awaitable[bytes]]:
         """The handler of a Triton method the mesh does not serve: UNIMPLEMENTED saying what to use instead

@@ -13,7 +13,9 @@ tritonclient.http calls)::
                                                           READY or UNAVAILABLE (body ``{"ready": true}``: ready only)
     POST /v2/repository/models/{name}/load                a copy loaded; 200 once one is ready (no parameters)
 
-Triton's other routes (``/v2/models[/{name}]/stats``, ``/v2/repository/models/{name}/unload``,
+    GET  /v2/models[/{name}[/versions/{v}]]/stats          Triton's statistics (``core.KServeFront.statistics``)
+
+Triton's other routes (``/v2/repository/models/{name}/unload``,
 ``/v2/systemsharedmemory/...``, ``/v2/cudasharedmemory/...``, ``/v2/trace/setting``, ``/v2/logging``) are
 501 with what to use instead (``core.UNSERVED``), after the key.
 
@@ -56,11 +58,13 @@ from flotilla.services.router.forward import TimeRemaining, no_deadline, passed_
 from flotilla.services.router.kserve import http_json
 from flotilla.services.router.kserve.core import UNSERVED, unserved
 from flotilla.services.router.kserve.protocol import (
+    DURATIONS,
     InferRequest,
     InferResult,
     ModelConfigView,
     ModelIndexEntry,
     ModelMetadata,
+    ModelStatisticsView,
     ServerMetadata,
 )
 
@@ -141,6 +145,10 @@ class Front(Protocol):
     def repository_index(self, may_call: Callable[[str], bool], *, ready_only: bool = False) -> list[ModelIndexEntry]: ...
 
     def load(self, name: str, parameters: Mapping[str, object], time_remaining: TimeRemaining) -> Awaitable[None]: ...
+
+    def statistics(
+        self, name: str, version: str, may_call: Callable[[str], bool], time_remaining: TimeRemaining
+    ) -> Awaitable[list[ModelStatisticsView]]: ...
 
 
 KeyScope = Callable[[str | None], Callable[[str], bool]]
@@ -254,6 +262,13 @@ class KServeHttp:
             ready_only = _json_field(await self._body(receive, headers), "ready", bool, False)
             entries = self.front.repository_index(self.scope(headers.get(AUTH_HEADER)), ready_only=ready_only)
             await _respond(send, 200, json.dumps([_index_json(e) for e in entries], separators=(",", ":")).encode())
+        elif kserve_method == "ModelStatistics":
+            time_remaining, deadline = _deadline(headers)
+            views = await _until_answered(
+                self.front.statistics(model, version, self.scope(headers.get(AUTH_HEADER)), time_remaining),
+                receive, deadline,
+            )
+            await _respond_json(send, {"model_stats": [_statistics_json(v) for v in views]})
         elif kserve_method == "RepositoryModelLoad":
             parameters = _json_field(await self._body(receive, headers), "parameters", dict, {})
             time_remaining, deadline = _deadline(headers)
@@ -415,6 +430,18 @@ def _model_json(metadata: ModelMetadata) -> dict[str, Any]:
 
     return {"name": metadata.name, "versions": list(metadata.versions), "platform": metadata.platform,
             "inputs": tensors(metadata.inputs), "outputs": tensors(metadata.outputs)}
+
+
+def _statistics_json(view: ModelStatisticsView) -> dict[str, Any]:
+    """Triton's JSON of a model's statistics (its field names, counts and nanoseconds as numbers)."""
+    return {
+        "name": view.name, "version": view.version, "last_inference": view.last_inference_ms,
+        "inference_count": view.inference_count, "execution_count": view.execution_count,
+        "inference_stats": {
+            field: {"count": getattr(view, field).count, "ns": getattr(view, field).ns} for field in DURATIONS
+        },
+        "batch_stats": [],
+    }
 
 
 def _index_json(entry: ModelIndexEntry) -> dict[str, str]:

@@ -177,3 +177,33 @@ class ModelIndexEntry:
     """``READY`` or ``UNAVAILABLE``."""
     reason: str = ""
     """Why it is not ready; "" when it is."""
+
+
+@dataclass(frozen=True)
+class Duration:
+    """Triton's StatisticDuration: how many, and their cumulative time in nanoseconds."""
+
+    count: int = 0
+    ns: int = 0
+
+
+DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+"""The durations of Triton's InferStatistics a ``ModelStatisticsView`` carries, by name."""
+
+
+@dataclass(frozen=True)
+class ModelStatisticsView:
+    """One model's entry of ModelStatistics (Triton's statistics extension), over the whole fleet."""
+
+    name: str
+    version: str
+    last_inference_ms: int
+    """Unix milliseconds of its latest request; 0 for none."""
+    inference_count: int
+    execution_count: int
+    success: Duration
+    fail: Duration
+    queue: Duration
+    compute_input: Duration
+    compute_infer: Duration
+    compute_output: Duration

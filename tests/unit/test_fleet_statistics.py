@@ -1,0 +1,59 @@
+"""FleetStatistics: a model's request totals over every shard process that held its queue only grow
+while it is registered, whatever the shards do (restart, die, lose the model, report on in their grace)."""
+
+from __future__ import annotations
+
+from flotilla.config import ShardSettings
+from flotilla.services.controller.shards import QueueCounts, ShardBook
+from flotilla.services.controller.statistics import FleetStatistics, RequestTotals
+
+
+def totals(succeeded: int, batches: int = 1, success_s: float = 0.0) -> RequestTotals:
+    return RequestTotals(arrivals=succeeded, dispatched=succeeded, batches=batches, succeeded=succeeded,
+                         success_s=success_s)
+
+
+def test_shards_are_summed_and_a_repeated_report_is_not_counted_twice() -> None:
+    stats = FleetStatistics()
+    stats.report("a:1", {"m": totals(5, success_s=0.5)})
+    stats.report("b:1", {"m": totals(3, success_s=0.25), "other": totals(1)})
+    stats.report("a:1", {"m": totals(7, batches=2, success_s=0.75)})  # cumulative: replaces a's last
+    assert stats.totals("m") == RequestTotals(10, 10, 0.0, 3, 10, 1.0, 0.0, 0, 0.0)
+    assert stats.totals("other").succeeded == 1
+    assert stats.totals("never") == RequestTotals()
+
+
+def test_a_restarted_or_dead_shard_keeps_what_its_process_counted() -> None:
+    stats = FleetStatistics()
+    stats.report("a:1", {"m": totals(5)})
+    stats.restarted("a:1")  # its heartbeat says it started again: counters from zero
+    stats.report("a:1", {"m": totals(2)})
+    assert stats.totals("m").succeeded == 7
+    stats.report("a:1", {"m": totals(1)})  # went back without saying so: a restart too
+    assert stats.totals("m").succeeded == 8
+    stats.gone("a:1")
+    assert stats.totals("m").succeeded == 8
+    stats.report("b:1", {"m": totals(4)})
+    assert stats.totals("m").succeeded == 12
+    stats.report("b:1", {}, {"m": 7.0})
+    stats.report("a:1", {}, {"m": 5.0, "other": None})  # an older arrival, and none yet
+    assert (stats.last_arrival_s("m"), stats.last_arrival_s("other")) == (7.0, None)
+    stats.forget("m")  # undeployed: gone with it
+    assert stats.totals("m") == RequestTotals() and stats.last_arrival_s("m") is None
+
+
+def test_the_shard_book_feeds_them_through_moves_restarts_and_dead_shards() -> None:
+    book = ShardBook(ShardSettings(heartbeat_timeout_s=10.0))
+    book.heartbeat("a:1", 0.0, started=True)
+    book.add("m", 0.0)
+    book.heartbeat("a:1", 1.0, counters={"m": QueueCounts(5, 5, 0.1, batches_total=1, succeeded_total=5)})
+    book.heartbeat("a:1", 2.0, counters={"m": QueueCounts(6, 6, 0.1, batches_total=2, succeeded_total=6)},
+                   started=True)  # restarted
+    assert book.statistics.totals("m").succeeded == 11
+    book.heartbeat("b:1", 3.0, started=True)
+    book.heartbeat("b:1", 15.0)  # a:1 silent past the timeout: dead, its model moves to b:1
+    book.expire(15.0)
+    book.heartbeat("b:1", 16.0, counters={"m": QueueCounts(2, 2, 0.0, batches_total=1, succeeded_total=2)})
+    assert book.statistics.totals("m").succeeded == 13
+    book.remove("m")
+    assert book.statistics.totals("m").succeeded == 0
