@@ -133,6 +133,12 @@ class ModelsClient:
         status: controller_pb2.ModelStatus = self._call(self._stub.GetModel, controller_pb2.GetModelRequest(name=name))
         return status
 
+    def statistics(self, name: str) -> controller_pb2.ModelRequestStatistics:
+        """The model's request counters over the fleet's batching tier since the controller started."""
+        request = controller_pb2.GetModelStatisticsRequest(name=name)
+        listed: controller_pb2.ModelStatisticsList = self._call(self._stub.GetModelStatistics, request)
+        return listed.models[0]
+
     def ensure_loaded(self, name: str, timeout_s: float = DEPLOY_TIMEOUT_S) -> controller_pb2.ModelStatus:
         request = controller_pb2.EnsureLoadedRequest(name=name)
         status: controller_pb2.ModelStatus = self._call(self._stub.EnsureLoaded, request, timeout_s)
@@ -201,7 +207,22 @@ def _input(i: dict[str, Any]) -> str:
     return text
 
 
-def format_status(m: controller_pb2.ModelStatus) -> str:
+def format_requests(counted: controller_pb2.ModelRequestStatistics) -> str:
+    """``flotilla models status``'s requests line: what the batching tier answered since the controller started."""
+    answered = counted.succeeded_total + counted.failed_total
+    if not answered:
+        return "none answered since the controller started"
+    per_batch = counted.dispatched_total / counted.batches_total if counted.batches_total else 0.0
+    mean_ms = (counted.success_s_total + counted.fail_s_total) / answered * 1000.0
+    queue_ms = counted.queue_wait_s_total / counted.dispatched_total * 1000.0 if counted.dispatched_total else 0.0
+    return (f"{answered} answered ({counted.succeeded_total} ok, {counted.failed_total} failed) in "
+            f"{counted.batches_total} batches ({per_batch:.1f} a batch); mean {mean_ms:.1f} ms in the batching tier, "
+            f"{queue_ms:.1f} ms of it queued (since the controller started)")
+
+
+def format_status(m: controller_pb2.ModelStatus, counted: controller_pb2.ModelRequestStatistics | None = None) -> str:
+    """``flotilla models status``: the model's spec, placement, conditions and events, and with ``counted``
+    its requests."""
     spec = json.loads(m.spec_json)
     lines = [
         f"model:      {m.name}",
@@ -212,6 +233,7 @@ def format_status(m: controller_pb2.ModelStatus) -> str:
         f"copies:     min {spec['min_copies']}, max {spec['max_copies']}",
         f"batchers:   {', '.join(m.batchers) or 'none'}",
         f"queue wait: {m.queue_wait_ms:.1f} ms (last interval); last used {_when(m.last_used_unix_s)}",
+        *([f"requests:   {format_requests(counted)}"] if counted is not None else []),
         "placement:",
     ]
     lines += [f"  {c.replica:<22} {c.state:<11} versions {list(c.versions)}  {c.memory_mb:.0f} MiB" for c in m.copies]

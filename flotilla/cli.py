@@ -270,7 +270,7 @@ def cmd_models(args: argparse.Namespace) -> None:
             if args.action == "list":
                 print(format_list(client.list()))
             elif args.action == "status":
-                print(format_status(client.status(args.name)))
+                print(format_status(client.status(args.name), client.statistics(args.name)))
             elif args.action == "undeploy":
                 client.undeploy(args.name)
                 print(f"undeployed {args.name}")
