@@ -53,6 +53,7 @@ import numpy as np
 
 from flotilla.common import metrics
 from flotilla.common.clock import Clock, MonotonicClock, Timer
+from flotilla.common.request_totals import RequestTotals
 from flotilla.config import BatchingSettings
 from flotilla.errors import DeadlineExceeded, FlotillaError, InvalidArgument, QueueFull, Unavailable
 
@@ -118,18 +119,18 @@ class QueueTotals:
     """Sum of the dispatched requests' arrival-to-dispatch times."""
     last_arrival_s: float | None = None
     """When the latest request was accepted (the queue's clock); None before the first."""
+    # The rest as ``RequestTotals`` says (what ``snapshot`` gives heartbeats).
     batches: int = 0
-    """Batches dispatched (Triton's execution count)."""
     succeeded: int = 0
-    """Requests answered with a result."""
     success_s: float = 0.0
-    """Sum of the succeeded requests' arrival-to-answer times."""
     compute_s: float = 0.0
-    """Sum of the succeeded requests' dispatch-to-answer times (their batch at a worker and Triton)."""
     failed: int = 0
-    """Requests answered with an error: their batch's, their own, or their deadline or queue timeout."""
     fail_s: float = 0.0
-    """Sum of the failed requests' arrival-to-answer times."""
+
+    def snapshot(self) -> RequestTotals:
+        """The counters now, as heartbeats carry them."""
+        return RequestTotals(self.arrivals, self.dispatched, self.queue_wait_s, self.batches, self.succeeded,
+                             self.success_s, self.compute_s, self.failed, self.fail_s)
 
 
 class BatchQueue(Generic[T, R]):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from flotilla.api.v1 import controller_pb2
+from flotilla.common.request_totals import RequestTotals
 from flotilla.config import ModelSettings
 from flotilla.services.batcher.lanes import Lane, Lanes
 
@@ -30,36 +31,23 @@ log = logging.getLogger(__name__)
 class Counters:
     """One queue's counters as a heartbeat reports them (``QueueCounters``)."""
 
-    arrivals_total: int
-    dispatched_total: int
-    queue_wait_s_total: float
+    requests: RequestTotals
     queue_depth: int
     inflight_batches: int
     last_arrival_s: float | None = None
-    """The latest arrival, on the queue's clock (changes only with arrivals_total)."""
-    batches_total: int = 0
-    succeeded_total: int = 0
-    success_s_total: float = 0.0
-    compute_s_total: float = 0.0
-    failed_total: int = 0
-    fail_s_total: float = 0.0
+    """The latest arrival, on the queue's clock (changes only with the arrivals)."""
 
     @classmethod
     def of(cls, lane: Lane) -> Counters:
-        t = lane.queue.totals
-        return cls(t.arrivals, t.dispatched, t.queue_wait_s, lane.queue.depth, lane.queue.inflight, t.last_arrival_s,
-                   t.batches, t.succeeded, t.success_s, t.compute_s, t.failed, t.fail_s)
+        totals = lane.queue.totals
+        return cls(totals.snapshot(), lane.queue.depth, lane.queue.inflight, totals.last_arrival_s)
 
     def to_pb(self, model: str, now_s: float) -> controller_pb2.QueueCounters:
         """The message, with the latest arrival as seconds before ``now_s`` (the queue's clock now)."""
         return controller_pb2.QueueCounters(
-            model=model, arrivals_total=self.arrivals_total, dispatched_total=self.dispatched_total,
-            queue_wait_s_total=self.queue_wait_s_total, queue_depth=self.queue_depth,
+            model=model, **self.requests.pb_fields(), queue_depth=self.queue_depth,
             inflight_batches=self.inflight_batches,
             idle_s=0.0 if self.last_arrival_s is None else max(now_s - self.last_arrival_s, 0.0),
-            batches_total=self.batches_total, succeeded_total=self.succeeded_total,
-            success_s_total=self.success_s_total, compute_s_total=self.compute_s_total,
-            failed_total=self.failed_total, fail_s_total=self.fail_s_total,
         )
 
 

@@ -59,6 +59,7 @@ from flotilla.common import metrics
 from flotilla.common.apikeys import KeyRecord
 from flotilla.common.clock import Clock, MonotonicClock
 from flotilla.common.ids import shorten
+from flotilla.common.request_totals import RequestTotals
 from flotilla.config import ControllerSettings, ModelSettings, deploy_json, spec_differences
 from flotilla.errors import (
     AlreadyExists,
@@ -622,13 +623,14 @@ class Controller:
         cpu_seconds_total: float | None = None,
         assignment: int = 0,
         started: bool = False,
+        requests: dict[str, RequestTotals] | None = None,
     ) -> ShardReply:
         """A shard reports (``ShardBook.heartbeat``); the reply lists its models and their specs when its
         assignment differs from the one it holds."""
         known = address in self.shards.shards
         moved = self.shards.heartbeat(
             address, self.clock.now(), dedicated_model=dedicated_model, counters=counters,
-            cpu_seconds_total=cpu_seconds_total, started=started, assignment=assignment,
+            cpu_seconds_total=cpu_seconds_total, started=started, assignment=assignment, requests=requests,
         )
         if not known:
             log.info("controller: batching shard %s reports%s", address,

@@ -21,6 +21,7 @@ from flotilla.common.admin import AdminGate, admin_gate
 from flotilla.common.fleet import key_to_pb
 from flotilla.common.interceptors import UNKNOWN_MODEL
 from flotilla.common.object_store import ObjectStore
+from flotilla.common.request_totals import RequestTotals
 from flotilla.common.server import ServiceServer, serve_until_signal
 from flotilla.common.tls import PLAINTEXT, Dialer, peer_common_names
 from flotilla.common.wire import CONTROLLER_SERVICE
@@ -39,13 +40,10 @@ USAGE_TIMEOUT_S = 1.0
 
 
 def statistics_to_pb(controller: Controller, model: str) -> controller_pb2.ModelRequestStatistics:
-    totals = controller.shards.statistics.totals(model)
     last_used = controller.shards.statistics.last_arrival_s(model)
     return controller_pb2.ModelRequestStatistics(
-        name=model, arrivals_total=totals.arrivals, dispatched_total=totals.dispatched,
-        queue_wait_s_total=totals.queue_wait_s, batches_total=totals.batches, succeeded_total=totals.succeeded,
-        success_s_total=totals.success_s, compute_s_total=totals.compute_s, failed_total=totals.failed,
-        fail_s_total=totals.fail_s, last_used_unix_s=0.0 if last_used is None else controller.to_unix_s(last_used),
+        name=model, **controller.shards.statistics.totals(model).pb_fields(),
+        last_used_unix_s=0.0 if last_used is None else controller.to_unix_s(last_used),
     )
 
 
@@ -223,14 +221,13 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
         now = self.controller.clock.now()
         counters = {
             c.model: QueueCounts(c.arrivals_total, c.dispatched_total, c.queue_wait_s_total, c.queue_depth,
-                                 c.inflight_batches, now - c.idle_s if c.arrivals_total else None,
-                                 c.batches_total, c.succeeded_total, c.success_s_total, c.compute_s_total,
-                                 c.failed_total, c.fail_s_total)
+                                 c.inflight_batches, now - c.idle_s if c.arrivals_total else None)
             for c in request.counters
         }
         reply = self.controller.shard_heartbeat(
             request.address, dedicated_model=request.dedicated_model, counters=counters,
             cpu_seconds_total=request.cpu_seconds_total, assignment=request.assignment, started=request.started,
+            requests={c.model: RequestTotals.from_pb(c) for c in request.counters},
         )
         if not reply.changed:
             # Held until the shard's models change or one interval passes; then it calls again at once.

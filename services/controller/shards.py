@@ -45,8 +45,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from flotilla.common.request_totals import RequestTotals
 from flotilla.config import ShardSettings
-from flotilla.services.controller.statistics import FleetStatistics, RequestTotals
+from flotilla.services.controller.statistics import FleetStatistics
 
 CPU_SMOOTHING = 0.5
 """Weight of the newest reading in a shard's CPU and request-rate averages."""
@@ -63,18 +64,6 @@ class QueueCounts:
     inflight_batches: int = 0
     last_arrival_s: float | None = None
     """The latest arrival, on the controller's clock (None: none yet, or not reported)."""
-    batches_total: int = 0
-    succeeded_total: int = 0
-    success_s_total: float = 0.0
-    compute_s_total: float = 0.0
-    failed_total: int = 0
-    fail_s_total: float = 0.0
-
-    def request_totals(self) -> RequestTotals:
-        return RequestTotals(
-            self.arrivals_total, self.dispatched_total, self.queue_wait_s_total, self.batches_total,
-            self.succeeded_total, self.success_s_total, self.compute_s_total, self.failed_total, self.fail_s_total,
-        )
 
 
 @dataclass
@@ -275,8 +264,10 @@ class ShardBook:
         cpu_seconds_total: float | None = None,
         started: bool = False,
         assignment: int = 0,
+        requests: dict[str, RequestTotals] | None = None,
     ) -> set[str]:
-        """A shard reported; returns the models whose holders or serving shards changed (a new dedicated
+        """A shard reported (``requests``: the request totals of its queues in ``counters``, for the fleet's
+        statistics); returns the models whose holders or serving shards changed (a new dedicated
         batcher takes its model; the shard acknowledged models given to it; a shard that comes back
         after it was declared dead holds nothing until given)."""
         changed: set[str] = set()
@@ -295,10 +286,7 @@ class ShardBook:
             shard._cpu_total_s = shard._arrivals = None
             self.statistics.restarted(address)
         shard.counters.update(counters or {})
-        self.statistics.report(
-            address, {model: c.request_totals() for model, c in (counters or {}).items()},
-            {model: c.last_arrival_s for model, c in (counters or {}).items()},
-        )
+        self.statistics.report(address, requests or {}, {model: c.last_arrival_s for model, c in (counters or {}).items()})
         self.reported.update(counters or {})
         self._measure(shard, now_s, cpu_seconds_total)
         shard.last_seen_s = now_s

@@ -1,6 +1,6 @@
 """Each model's request statistics over the whole fleet, since the controller started (no grpc, no I/O).
 
-Every batching shard reports its queues' cumulative counters in its heartbeats (``QueueCounts``: since
+Every batching shard reports its queues' cumulative counters in its heartbeats (``RequestTotals``: since
 its process started). A model's totals are the sum over the shard processes that ever held its queue:
 the latest counters of each live one, plus the last of each that is gone (restarted, or dropped as
 dead), so they only grow while a model is registered, whatever its shards do. A shard that loses a
@@ -12,29 +12,8 @@ ModelStatistics (Triton's ``get_inference_statistics``) through the controller's
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
 
-
-@dataclass(frozen=True)
-class RequestTotals:
-    """Cumulative request counters of one model's queue: on one shard process, or summed."""
-
-    arrivals: int = 0
-    dispatched: int = 0
-    queue_wait_s: float = 0.0
-    batches: int = 0
-    succeeded: int = 0
-    success_s: float = 0.0
-    compute_s: float = 0.0
-    failed: int = 0
-    fail_s: float = 0.0
-
-    def __add__(self, other: RequestTotals) -> RequestTotals:
-        return RequestTotals(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
-
-    def went_back(self, before: RequestTotals) -> bool:
-        """Whether a counter is below its value in ``before``: a process that started again."""
-        return any(getattr(self, f.name) < getattr(before, f.name) for f in fields(self))
+from flotilla.common.request_totals import RequestTotals
 
 
 class FleetStatistics:

@@ -3,9 +3,10 @@ while it is registered, whatever the shards do (restart, die, lose the model, re
 
 from __future__ import annotations
 
+from flotilla.common.request_totals import RequestTotals
 from flotilla.config import ShardSettings
 from flotilla.services.controller.shards import QueueCounts, ShardBook
-from flotilla.services.controller.statistics import FleetStatistics, RequestTotals
+from flotilla.services.controller.statistics import FleetStatistics
 
 
 def totals(succeeded: int, batches: int = 1, success_s: float = 0.0) -> RequestTotals:
@@ -46,14 +47,22 @@ def test_the_shard_book_feeds_them_through_moves_restarts_and_dead_shards() -> N
     book = ShardBook(ShardSettings(heartbeat_timeout_s=10.0))
     book.heartbeat("a:1", 0.0, started=True)
     book.add("m", 0.0)
-    book.heartbeat("a:1", 1.0, counters={"m": QueueCounts(5, 5, 0.1, batches_total=1, succeeded_total=5)})
-    book.heartbeat("a:1", 2.0, counters={"m": QueueCounts(6, 6, 0.1, batches_total=2, succeeded_total=6)},
+    book.heartbeat("a:1", 1.0, counters={"m": QueueCounts(5, 5, 0.1)}, requests={"m": totals(5)})
+    book.heartbeat("a:1", 2.0, counters={"m": QueueCounts(6, 6, 0.1)}, requests={"m": totals(6, batches=2)},
                    started=True)  # restarted
     assert book.statistics.totals("m").succeeded == 11
     book.heartbeat("b:1", 3.0, started=True)
     book.heartbeat("b:1", 15.0)  # a:1 silent past the timeout: dead, its model moves to b:1
     book.expire(15.0)
-    book.heartbeat("b:1", 16.0, counters={"m": QueueCounts(2, 2, 0.0, batches_total=1, succeeded_total=2)})
+    book.heartbeat("b:1", 16.0, counters={"m": QueueCounts(2, 2, 0.0)}, requests={"m": totals(2)})
     assert book.statistics.totals("m").succeeded == 13
     book.remove("m")
     assert book.statistics.totals("m").succeeded == 0
+
+
+def test_the_record_travels_as_either_messages_fields() -> None:
+    from flotilla.api.v1 import controller_pb2
+
+    record = RequestTotals(9, 8, 0.5, 2, 7, 1.5, 0.75, 1, 0.25)
+    assert RequestTotals.from_pb(controller_pb2.QueueCounters(model="m", **record.pb_fields())) == record
+    assert RequestTotals.from_pb(controller_pb2.ModelRequestStatistics(name="m", **record.pb_fields())) == record
