@@ -256,9 +256,8 @@ async def batcher_point(settings: FlotillaSettings, run_dir: Path, *, max_batch_
 async def router_point(
     settings: FlotillaSettings, run_dir: Path, *, window_s: float, api: str = "unary", images: int = 1
 ) -> dict[str, Any]:
-    fakes, fakes_address, batcher = await _instant_batcher_fakes(settings)
     spec = ModelSettings(storage_uri="s3://unused/ceiling", memory_mb=1)
-    controller_pb2_grpc.add_ControllerServicer_to_server(_Controller(spec, [fakes_address]), fakes.server)
+    fakes, fakes_address, batcher = await _instant_batcher_fakes(settings, controller_spec=spec)
     router: ManagedProcess | None = None
     load: front_loads.Load | None = None
     try:
@@ -345,14 +344,22 @@ async def relay_proxy_point(settings: FlotillaSettings, run_dir: Path, *, window
         await fakes.stop()
 
 
-async def _instant_batcher_fakes(settings: FlotillaSettings) -> tuple[ServiceServer, str, RelayServicer[inference_pb2.ClassifyResponse]]:
-    """The bench's fakes server, started, with a batcher that answers every relayed call at once: the
-    server, its address and that batcher (which counts the calls and messages it received)."""
+async def _instant_batcher_fakes(
+    settings: FlotillaSettings, controller_spec: ModelSettings | None = None
+) -> tuple[ServiceServer, str, RelayServicer[inference_pb2.ClassifyResponse]]:
+    """The bench's fakes server, started, with a batcher that answers every relayed call at once and, with
+    ``controller_spec``, a controller whose fleet routes that model to it: the server, its address and that
+    batcher (which counts the calls and messages it received). Every service is added before the server
+    starts (grpc takes no method handlers after)."""
     fakes = ServiceServer("bench fakes", [], grace_s=0, tier="bench")
-    port = await fakes.start(settings.host, 0)
     batcher = RelayServicer(_instant_batcher, tier="bench")
     fakes.server.add_generic_rpc_handlers([batcher.generic_handler()])
-    return fakes, f"{settings.host}:{port}", batcher
+    routed_to: list[str] = []
+    if controller_spec is not None:
+        controller_pb2_grpc.add_ControllerServicer_to_server(_Controller(controller_spec, routed_to), fakes.server)
+    address = f"{settings.host}:{await fakes.start(settings.host, 0)}"
+    routed_to.append(address)  # the fleet's batcher: this server
+    return fakes, address, batcher
 
 
 def _calls_per_message(batcher: RelayServicer[Any]) -> float:

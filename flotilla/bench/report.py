@@ -267,9 +267,18 @@ def targets_table(summary: dict[str, object]) -> list[str]:
          f"{get('mesh_vs_limit_over_stream_of_ceiling_here'):.3f}; "
          f"{get('mesh_vs_limit_over_stream_of_ceiling_here_if_flotilla_free'):.3f} "
          f"({get('flotilla_cpu_us_per_image_large_photos_over_stream'):.0f} µs)",
-         met(get("mesh_vs_limit_over_stream_of_ceiling_here") >= 0.9)),
+         beyond_ceiling(get("mesh_vs_limit_over_stream_of_ceiling_here"))
+         or met(get("mesh_vs_limit_over_stream_of_ceiling_here") >= 0.9)),
     ]
     return ["| target | this run | met |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
+
+
+def beyond_ceiling(share: float) -> str:
+    """A share of the ceiling above 1 is no result: the limit, measured before the stack starts, met a
+    slower host than the mesh did (its model and decode cost more per image then); "" for one at most 1."""
+    if share <= 1.0:
+        return ""
+    return "not judged: above 1, the limit was measured while the host was slower than when the mesh ran"
 
 
 def refresh_readme(table: str, start: str = MARK_START, end: str = MARK_END) -> None:

@@ -300,3 +300,10 @@ def test_the_worker_beyond_decode_is_its_cpu_less_its_decode_threads_in_the_mesh
     assert any("alone at its ceiling" in line and "**0.4**" in line for line in large_photos_lines(overhead))
     # A run without the decode counter (an older worker) reports neither.
     assert large_photos_summary({"mesh_large_photos": {"cpu_us_per_image": {"worker": 1.0}}}) == {}
+
+
+def test_a_share_of_the_ceiling_above_one_is_not_judged() -> None:
+    from flotilla.bench.report import beyond_ceiling
+
+    assert beyond_ceiling(0.886) == "" and beyond_ceiling(1.0) == ""
+    assert beyond_ceiling(1.004).startswith("not judged")
