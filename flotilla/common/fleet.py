@@ -19,6 +19,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -118,6 +119,15 @@ def key_from_pb(key: controller_pb2.ApiKey) -> KeyRecord:
     )
 
 
+async def controller_call(rpc: Callable[..., Awaitable[Any]], request: Any, timeout_s: float | None = None) -> Any:
+    """A unary call to the controller on behalf of a caller: its answer, or its failure as a FlotillaError
+    marked as the controller's (a status the controller relays from below keeps its origin)."""
+    try:
+        return await rpc(request, timeout=timeout_s)
+    except grpc.aio.AioRpcError as exc:
+        raise error_from_rpc(exc, "controller").from_below("controller") from exc
+
+
 def ready_replicas(status: controller_pb2.ModelStatus) -> list[str]:
     """Replicas holding a ready copy: the only ones that get the model's batches."""
     return [c.replica for c in status.copies if c.state == "ready"]
@@ -163,12 +173,9 @@ class FleetWatcher:
     async def ensure_loaded(self, model: str, timeout_s: float | None) -> controller_pb2.ModelStatus:
         """Load registered ``model`` on a replica unless a copy is ready, and its status once one is (the
         controller's EnsureLoaded, as a cold start does); the controller's failure as a FlotillaError."""
-        try:
-            status: controller_pb2.ModelStatus = await self.stub.EnsureLoaded(
-                controller_pb2.EnsureLoadedRequest(name=model), timeout=timeout_s
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, "controller").from_below("controller") from exc
+        status: controller_pb2.ModelStatus = await controller_call(
+            self.stub.EnsureLoaded, controller_pb2.EnsureLoadedRequest(name=model), timeout_s
+        )
         return status
 
     async def model_statistics(
@@ -176,12 +183,9 @@ class FleetWatcher:
     ) -> list[controller_pb2.ModelRequestStatistics]:
         """The request counters of ``model`` ("": every registered model) over the fleet (the controller's
         GetModelStatistics); the controller's failure as a FlotillaError."""
-        try:
-            answer: controller_pb2.ModelStatisticsList = await self.stub.GetModelStatistics(
-                controller_pb2.GetModelStatisticsRequest(name=model), timeout=timeout_s
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, "controller").from_below("controller") from exc
+        answer: controller_pb2.ModelStatisticsList = await controller_call(
+            self.stub.GetModelStatistics, controller_pb2.GetModelStatisticsRequest(name=model), timeout_s
+        )
         return list(answer.models)
 
     async def stop(self) -> None:

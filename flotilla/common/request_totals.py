@@ -35,18 +35,23 @@ class RequestTotals:
     """Sum of the failed requests' arrival-to-answer times."""
 
     def __add__(self, other: RequestTotals) -> RequestTotals:
-        return RequestTotals(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+        return RequestTotals(*(getattr(self, name) + getattr(other, name) for name in _NAMES))
 
     def went_back(self, before: RequestTotals) -> bool:
         """Whether a counter is below its value in ``before``: a process that started again."""
-        return any(getattr(self, f.name) < getattr(before, f.name) for f in fields(self))
+        return any(getattr(self, name) < getattr(before, name) for name in _NAMES)
 
     def pb_fields(self) -> dict[str, Any]:
         """The counters as the fields of a ``QueueCounters`` or ``ModelRequestStatistics`` message (keyword
         arguments of either's constructor)."""
-        return {f"{f.name}_total": getattr(self, f.name) for f in fields(self)}
+        return {pb_name: getattr(self, name) for name, pb_name in zip(_NAMES, _PB_NAMES, strict=True)}
 
     @classmethod
     def from_pb(cls, message: Any) -> RequestTotals:
         """The counters of a ``QueueCounters`` or ``ModelRequestStatistics`` message."""
-        return cls(*(getattr(message, f"{f.name}_total") for f in fields(cls)))
+        return cls(*(getattr(message, pb_name) for pb_name in _PB_NAMES))
+
+
+_NAMES = tuple(f.name for f in fields(RequestTotals))
+_PB_NAMES = tuple(f"{name}_total" for name in _NAMES)
+"""The counters' names, and theirs in the messages: read once (every heartbeat converts each queue's)."""

@@ -25,10 +25,9 @@ from flotilla.api.v1 import (
     preprocess_pb2_grpc,
 )
 from flotilla.common import metrics
-from flotilla.common.fleet import FleetChange, FleetState, FleetWatcher, ready_replicas, spec_of
+from flotilla.common.fleet import FleetChange, FleetState, FleetWatcher, controller_call, ready_replicas, spec_of
 from flotilla.common.interceptors import UNKNOWN_MODEL
 from flotilla.common.server import ServiceServer, serve_until_signal
-from flotilla.common.status import error_from_rpc
 from flotilla.common.tls import PLAINTEXT, Dialer, RenewingChannel
 from flotilla.common.wire import PREPROCESSOR_SERVICE
 from flotilla.config import FlotillaSettings, PreprocessSettings
@@ -160,11 +159,8 @@ class ControllerColdStart:
         name = self.backend_to_model.get(backend_model, backend_model)
         if self.channel.renew():  # certificate files renewed (TLS)
             self.stub = controller_pb2_grpc.ControllerStub(self.channel.channel)
-        try:
-            status = await self.stub.EnsureLoaded(controller_pb2.EnsureLoadedRequest(name=name))
-        except grpc.aio.AioRpcError as exc:
-            # The controller's failure, or one it relays from a replica: either way not this worker's.
-            raise error_from_rpc(exc, "controller").from_below("controller") from exc
+        # The controller's failure, or one it relays from a replica: either way not this worker's.
+        status = await controller_call(self.stub.EnsureLoaded, controller_pb2.EnsureLoadedRequest(name=name))
         return ready_replicas(status)
 
 
