@@ -220,6 +220,22 @@ def format_requests(counted: controller_pb2.ModelRequestStatistics) -> str:
             f"{queue_ms:.1f} ms of it queued (since the controller started)")
 
 
+BATCH_SIZES_SHOWN = 6
+"""``flotilla models status``'s batches line names this many sizes (the most frequent), then how many more."""
+
+
+def format_batch_sizes(counted: controller_pb2.ModelRequestStatistics) -> str:
+    """``flotilla models status``'s batches line: how often each batch size ran and its mean time at a worker
+    and Triton, the most frequent first."""
+    sizes = sorted(counted.batch_sizes, key=lambda c: (-c.batches_total, -c.size))
+    if not sizes:
+        return "none ran since the controller started"
+    shown = [f"{c.size} x {c.batches_total} ({c.compute_s_total / c.batches_total * 1000.0:.1f} ms)"
+             for c in sizes[:BATCH_SIZES_SHOWN] if c.batches_total]
+    more = len(sizes) - BATCH_SIZES_SHOWN
+    return "size x batches (mean time): " + ", ".join(shown) + (f", and {more} more sizes" if more > 0 else "")
+
+
 def format_status(m: controller_pb2.ModelStatus, counted: controller_pb2.ModelRequestStatistics | None = None) -> str:
     """``flotilla models status``: the model's spec, placement, conditions and events, and with ``counted``
     its requests."""
@@ -233,7 +249,8 @@ def format_status(m: controller_pb2.ModelStatus, counted: controller_pb2.ModelRe
         f"copies:     min {spec['min_copies']}, max {spec['max_copies']}",
         f"batchers:   {', '.join(m.batchers) or 'none'}",
         f"queue wait: {m.queue_wait_ms:.1f} ms (last interval); last used {_when(m.last_used_unix_s)}",
-        *([f"requests:   {format_requests(counted)}"] if counted is not None else []),
+        *([f"requests:   {format_requests(counted)}", f"batches:    {format_batch_sizes(counted)}"]
+          if counted is not None else []),
         "placement:",
     ]
     lines += [f"  {c.replica:<22} {c.state:<11} versions {list(c.versions)}  {c.memory_mb:.0f} MiB" for c in m.copies]

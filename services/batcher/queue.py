@@ -53,7 +53,7 @@ import numpy as np
 
 from flotilla.common import metrics
 from flotilla.common.clock import Clock, MonotonicClock, Timer
-from flotilla.common.request_totals import RequestTotals
+from flotilla.common.request_totals import BatchSizeTotals, RequestTotals
 from flotilla.config import BatchingSettings
 from flotilla.errors import DeadlineExceeded, FlotillaError, InvalidArgument, QueueFull, Unavailable
 
@@ -126,11 +126,12 @@ class QueueTotals:
     compute_s: float = 0.0
     failed: int = 0
     fail_s: float = 0.0
+    batch_sizes: dict[int, BatchSizeTotals] = field(default_factory=dict)
 
     def snapshot(self) -> RequestTotals:
         """The counters now, as heartbeats carry them."""
         return RequestTotals(self.arrivals, self.dispatched, self.queue_wait_s, self.batches, self.succeeded,
-                             self.success_s, self.compute_s, self.failed, self.fail_s)
+                             self.success_s, self.compute_s, self.failed, self.fail_s, dict(self.batch_sizes))
 
 
 class BatchQueue(Generic[T, R]):
@@ -471,6 +472,10 @@ class BatchQueue(Generic[T, R]):
             results = await self._answers_for(live, deadline_s)
             answered_s = self._clock.now()
             totals = self.totals
+            if not all(isinstance(result, FlotillaError) for result in results):  # the batch ran (Triton's batch_stats)
+                ran = BatchSizeTotals(1, answered_s - now)
+                before = totals.batch_sizes.get(len(live))
+                totals.batch_sizes[len(live)] = ran if before is None else before + ran
             for pending, result in zip(live, results, strict=True):
                 self._disarm(pending)
                 if pending.future.done():

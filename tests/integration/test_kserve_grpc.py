@@ -220,6 +220,13 @@ def test_inference_statistics_count_what_the_fleets_batchers_answered(
         assert duration.ns > getattr(before.inference_stats, field).ns, field
     # Each success's time from arrival to answer holds its queue wait and its batch's time.
     assert after.inference_stats.success.ns >= after.inference_stats.compute_infer.ns
+    # batch_stats: every batch that ran, by its size; they hold every image that succeeded, and each
+    # batch's time once (at most the sum of its images' batch times).
+    sizes = {b.batch_size: b for b in after.batch_stats}
+    assert sizes and all(b.compute_infer.count > 0 and b.compute_infer.ns > 0 for b in sizes.values())
+    assert sum(size * b.compute_infer.count for size, b in sizes.items()) >= after.inference_count
+    assert sum(b.compute_infer.count for b in sizes.values()) <= after.execution_count
+    assert sum(b.compute_infer.ns for b in sizes.values()) <= after.inference_stats.compute_infer.ns
     every = triton.get_inference_statistics(headers=HEADERS, as_json=True)["model_stats"]
     assert [m["name"] for m in every] == [MODEL]
     with pytest.raises(InferenceServerException) as info:

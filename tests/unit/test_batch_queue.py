@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from fakes import FakeClock, settle
 
+from flotilla.common.request_totals import BatchSizeTotals
 from flotilla.config import BatchingSettings
 from flotilla.errors import (
     Code,
@@ -423,3 +424,27 @@ async def test_totals_count_each_answer_once_with_its_times(h: Harness) -> None:
         answer(late)
     assert (q.totals.failed, q.totals.batches) == (2, 1)
     assert q.totals.fail_s == pytest.approx(0.5 + DELAY_S / 2)
+
+
+async def test_batches_that_ran_are_counted_by_size_with_their_time(h: Harness) -> None:
+    """Triton's batch_stats: each batch with a result, once, by its size; a batch with none did not run."""
+    q = h.make(max_batch_size=3)
+    h.dispatch.answer = lambda item: InvalidImage("not a JPEG") if item < 0 else item
+    gate = h.dispatch.hold()
+    tasks = [h.submit(1), h.submit(-2), h.submit(3)]  # a full batch at 0 s, one of it failing alone
+    await settle()
+    h.clock.set(0.25)
+    gate.set()
+    await settle()
+    assert q.totals.batch_sizes == {3: BatchSizeTotals(1, 0.25)}
+    failing = [h.submit(-1), h.submit(-4), h.submit(-5)]  # every request of it fails: it did not run
+    await settle()
+    assert all(t.exception() is not None for t in failing) and len(tasks) == 3
+    assert q.totals.batch_sizes == {3: BatchSizeTotals(1, 0.25)} and q.totals.batches == 2
+    h.submit(7)
+    await settle()
+    await h.clock.advance(2 * DELAY_S)  # a batch of one, released by its delay
+    await settle()
+    assert q.totals.batch_sizes == {3: BatchSizeTotals(1, 0.25), 1: BatchSizeTotals(1, 0.0)}
+    assert q.totals.snapshot().batch_sizes == q.totals.batch_sizes
+    assert q.totals.snapshot().batch_sizes is not q.totals.batch_sizes  # a heartbeat's copy stays as it was

@@ -3,7 +3,7 @@ while it is registered, whatever the shards do (restart, die, lose the model, re
 
 from __future__ import annotations
 
-from flotilla.common.request_totals import RequestTotals
+from flotilla.common.request_totals import BatchSizeTotals, RequestTotals
 from flotilla.config import ShardSettings
 from flotilla.services.controller.shards import QueueCounts, ShardBook
 from flotilla.services.controller.statistics import FleetStatistics
@@ -63,6 +63,24 @@ def test_the_shard_book_feeds_them_through_moves_restarts_and_dead_shards() -> N
 def test_the_record_travels_as_either_messages_fields() -> None:
     from flotilla.api.v1 import controller_pb2
 
-    record = RequestTotals(9, 8, 0.5, 2, 7, 1.5, 0.75, 1, 0.25)
+    record = RequestTotals(9, 8, 0.5, 2, 7, 1.5, 0.75, 1, 0.25, {8: BatchSizeTotals(1, 0.5), 1: BatchSizeTotals(1, 0.25)})
     assert RequestTotals.from_pb(controller_pb2.QueueCounters(model="m", **record.pb_fields())) == record
     assert RequestTotals.from_pb(controller_pb2.ModelRequestStatistics(name="m", **record.pb_fields())) == record
+
+
+def test_batch_sizes_add_up_by_size_and_a_lost_size_is_a_restart() -> None:
+    a = RequestTotals(batches=3, batch_sizes={8: BatchSizeTotals(2, 0.5), 3: BatchSizeTotals(1, 0.125)})
+    b = RequestTotals(batches=2, batch_sizes={8: BatchSizeTotals(1, 0.25), 5: BatchSizeTotals(1, 0.0625)})
+    assert (a + b).batch_sizes == {8: BatchSizeTotals(3, 0.75), 3: BatchSizeTotals(1, 0.125), 5: BatchSizeTotals(1, 0.0625)}
+    assert (a + b).batches == 5 and a.batch_sizes[8] == BatchSizeTotals(2, 0.5)  # neither side changed
+    grown = RequestTotals(batches=4, batch_sizes={8: BatchSizeTotals(3, 0.75), 3: BatchSizeTotals(1, 0.125)})
+    assert not grown.went_back(a)
+    # The scalar counters kept growing, but a size counted before is gone or lower: a new process.
+    assert RequestTotals(batches=4, batch_sizes={8: BatchSizeTotals(4, 1.0)}).went_back(a)
+    assert RequestTotals(batches=4, batch_sizes={8: BatchSizeTotals(1, 1.0), 3: BatchSizeTotals(3, 0.5)}).went_back(a)
+    stats = FleetStatistics()
+    stats.report("a:1", {"m": a})
+    stats.report("b:1", {"m": b})
+    assert stats.totals("m").batch_sizes[8] == BatchSizeTotals(3, 0.75)
+    stats.gone("a:1")  # what a dead shard's process counted stays
+    assert stats.totals("m").batch_sizes[3] == BatchSizeTotals(1, 0.125)

@@ -253,8 +253,10 @@ async def test_repository_index_and_load_and_the_methods_not_served() -> None:
         loads.append((model, timeout_s))
 
     async def statistics(model: str, timeout_s: float | None) -> list[controller_pb2.ModelRequestStatistics]:
-        every = [controller_pb2.ModelRequestStatistics(name=name, succeeded_total=4, batches_total=1, success_s_total=0.002)
-                 for name in (MODEL, "hidden")]
+        every = [controller_pb2.ModelRequestStatistics(
+            name=name, succeeded_total=4, batches_total=1, success_s_total=0.002,
+            batch_sizes=[controller_pb2.BatchSizeCounters(size=4, batches_total=1, compute_s_total=0.001)],
+        ) for name in (MODEL, "hidden")]
         return [c for c in every if not model or c.name == model]
 
     server, served = await serve(
@@ -292,6 +294,9 @@ async def test_repository_index_and_load_and_the_methods_not_served() -> None:
         [entry] = one.model_stats
         assert (entry.name, entry.version, entry.inference_count, entry.execution_count) == (MODEL, "2", 4, 1)
         assert (entry.inference_stats.success.count, entry.inference_stats.success.ns) == (4, 2_000_000)
+        [batch] = entry.batch_stats  # one batch of 4, its time once
+        assert (batch.batch_size, batch.compute_infer.count, batch.compute_infer.ns) == (4, 1, 1_000_000)
+        assert (batch.compute_input.count, batch.compute_input.ns, batch.compute_output.ns) == (1, 0, 0)
         every = await stats(pb.ModelStatisticsRequest(), metadata=KEY, timeout=WAIT_S)
         assert [(m.name, m.version) for m in every.model_stats] == [(MODEL, "")]  # "hidden": outside the key's scope
         with pytest.raises(grpc.aio.AioRpcError) as no_version:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import httpx
 import numpy as np
@@ -116,7 +117,7 @@ def check_key(authorization: str | None, model: str | None = None) -> None:
         raise Unauthenticated("API key is not valid" if authorization else "missing authorization header")
 
 
-def counted(name: str, **totals: float) -> controller_pb2.ModelRequestStatistics:
+def counted(name: str, **totals: Any) -> controller_pb2.ModelRequestStatistics:
     return controller_pb2.ModelRequestStatistics(name=name, **totals)
 
 
@@ -143,7 +144,9 @@ class Harness:
         self.statistics = FakeStatistics(
             counted(MODEL, arrivals_total=9, dispatched_total=8, queue_wait_s_total=0.5, batches_total=2,
                     succeeded_total=7, success_s_total=1.5, compute_s_total=0.75, failed_total=1, fail_s_total=0.25,
-                    last_used_unix_s=1765000000.5),
+                    last_used_unix_s=1765000000.5,
+                    batch_sizes=[controller_pb2.BatchSizeCounters(size=5, batches_total=1, compute_s_total=0.5),
+                                 controller_pb2.BatchSizeCounters(size=2, batches_total=1, compute_s_total=0.25)]),
             counted("hidden", succeeded_total=3),
         )
         front = KServeFront(
@@ -489,7 +492,12 @@ async def test_statistics_are_tritons_json_from_the_fleets_counters() -> None:
                 "queue": {"count": 8, "ns": 500_000_000}, "compute_input": {"count": 7, "ns": 0},
                 "compute_infer": {"count": 7, "ns": 750_000_000}, "compute_output": {"count": 7, "ns": 0},
             },
-            "batch_stats": [],
+            "batch_stats": [  # by size, ascending: each batch counted once, with its time
+                {"batch_size": 2, "compute_input": {"count": 1, "ns": 0}, "compute_infer": {"count": 1, "ns": 250_000_000},
+                 "compute_output": {"count": 1, "ns": 0}},
+                {"batch_size": 5, "compute_input": {"count": 1, "ns": 0}, "compute_infer": {"count": 1, "ns": 500_000_000},
+                 "compute_output": {"count": 1, "ns": 0}},
+            ],
         }]}
         every = await http.get("/v2/models/stats", headers=AUTH)  # every model the key may call, no version
         assert [(m["name"], m["version"]) for m in every.json()["model_stats"]] == [(MODEL, "")]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flotilla.api.v1 import controller_pb2
-from flotilla.clients.models import format_requests, format_status
+from flotilla.clients.models import format_batch_sizes, format_requests, format_status
 from flotilla.config import ModelSettings
 
 
@@ -21,3 +21,14 @@ def test_the_requests_line_says_what_the_batching_tier_answered() -> None:
     status = controller_pb2.ModelStatus(name="m", spec_json=spec.model_dump_json())
     assert "requests:   40 answered" in format_status(status, counted)
     assert "requests:" not in format_status(status)
+
+
+def test_the_batches_line_names_the_most_frequent_sizes_with_their_mean_time() -> None:
+    sizes = [controller_pb2.BatchSizeCounters(size=s, batches_total=n, compute_s_total=n * ms / 1000)
+             for s, n, ms in ((1, 3, 10.0), (8, 120, 35.0), (3, 2, 12.0), (2, 1, 11), (4, 1, 20), (5, 1, 21), (6, 1, 22))]
+    counted = controller_pb2.ModelRequestStatistics(name="m", batch_sizes=sizes)
+    assert format_batch_sizes(counted) == (
+        "size x batches (mean time): 8 x 120 (35.0 ms), 1 x 3 (10.0 ms), 3 x 2 (12.0 ms), 6 x 1 (22.0 ms), "
+        "5 x 1 (21.0 ms), 4 x 1 (20.0 ms), and 1 more sizes"
+    )
+    assert format_batch_sizes(controller_pb2.ModelRequestStatistics(name="m")) == "none ran since the controller started"

@@ -133,7 +133,7 @@ class GetModelStatisticsRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ModelRequestStatistics(_message.Message):
-    __slots__ = ("name", "arrivals_total", "dispatched_total", "queue_wait_s_total", "batches_total", "succeeded_total", "success_s_total", "compute_s_total", "failed_total", "fail_s_total", "last_used_unix_s")
+    __slots__ = ("name", "arrivals_total", "dispatched_total", "queue_wait_s_total", "batches_total", "succeeded_total", "success_s_total", "compute_s_total", "failed_total", "fail_s_total", "last_used_unix_s", "batch_sizes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARRIVALS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DISPATCHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class ModelRequestStatistics(_message.Message):
     FAILED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     FAIL_S_TOTAL_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
     name: str
     arrivals_total: int
     dispatched_total: int
@@ -156,7 +157,18 @@ class ModelRequestStatistics(_message.Message):
     failed_total: int
     fail_s_total: float
     last_used_unix_s: float
-    def __init__(self, name: _Optional[str] = ..., arrivals_total: _Optional[int] = ..., dispatched_total: _Optional[int] = ..., queue_wait_s_total: _Optional[float] = ..., batches_total: _Optional[int] = ..., succeeded_total: _Optional[int] = ..., success_s_total: _Optional[float] = ..., compute_s_total: _Optional[float] = ..., failed_total: _Optional[int] = ..., fail_s_total: _Optional[float] = ..., last_used_unix_s: _Optional[float] = ...) -> None: ...
+    batch_sizes: _containers.RepeatedCompositeFieldContainer[BatchSizeCounters]
+    def __init__(self, name: _Optional[str] = ..., arrivals_total: _Optional[int] = ..., dispatched_total: _Optional[int] = ..., queue_wait_s_total: _Optional[float] = ..., batches_total: _Optional[int] = ..., succeeded_total: _Optional[int] = ..., success_s_total: _Optional[float] = ..., compute_s_total: _Optional[float] = ..., failed_total: _Optional[int] = ..., fail_s_total: _Optional[float] = ..., last_used_unix_s: _Optional[float] = ..., batch_sizes: _Optional[_Iterable[_Union[BatchSizeCounters, _Mapping]]] = ...) -> None: ...
+
+class BatchSizeCounters(_message.Message):
+    __slots__ = ("size", "batches_total", "compute_s_total")
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    batches_total: int
+    compute_s_total: float
+    def __init__(self, size: _Optional[int] = ..., batches_total: _Optional[int] = ..., compute_s_total: _Optional[float] = ...) -> None: ...
 
 class ModelStatisticsList(_message.Message):
     __slots__ = ("models",)
@@ -171,7 +183,7 @@ class EnsureLoadedRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class QueueCounters(_message.Message):
-    __slots__ = ("model", "arrivals_total", "dispatched_total", "queue_wait_s_total", "queue_depth", "inflight_batches", "idle_s", "batches_total", "succeeded_total", "success_s_total", "compute_s_total", "failed_total", "fail_s_total")
+    __slots__ = ("model", "arrivals_total", "dispatched_total", "queue_wait_s_total", "queue_depth", "inflight_batches", "idle_s", "batches_total", "succeeded_total", "success_s_total", "compute_s_total", "failed_total", "fail_s_total", "batch_sizes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARRIVALS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DISPATCHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +197,7 @@ class QueueCounters(_message.Message):
     COMPUTE_S_TOTAL_FIELD_NUMBER: _ClassVar[int]
     FAILED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     FAIL_S_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
     model: str
     arrivals_total: int
     dispatched_total: int
@@ -198,7 +211,8 @@ class QueueCounters(_message.Message):
     compute_s_total: float
     failed_total: int
     fail_s_total: float
-    def __init__(self, model: _Optional[str] = ..., arrivals_total: _Optional[int] = ..., dispatched_total: _Optional[int] = ..., queue_wait_s_total: _Optional[float] = ..., queue_depth: _Optional[int] = ..., inflight_batches: _Optional[int] = ..., idle_s: _Optional[float] = ..., batches_total: _Optional[int] = ..., succeeded_total: _Optional[int] = ..., success_s_total: _Optional[float] = ..., compute_s_total: _Optional[float] = ..., failed_total: _Optional[int] = ..., fail_s_total: _Optional[float] = ...) -> None: ...
+    batch_sizes: _containers.RepeatedCompositeFieldContainer[BatchSizeCounters]
+    def __init__(self, model: _Optional[str] = ..., arrivals_total: _Optional[int] = ..., dispatched_total: _Optional[int] = ..., queue_wait_s_total: _Optional[float] = ..., queue_depth: _Optional[int] = ..., inflight_batches: _Optional[int] = ..., idle_s: _Optional[float] = ..., batches_total: _Optional[int] = ..., succeeded_total: _Optional[int] = ..., success_s_total: _Optional[float] = ..., compute_s_total: _Optional[float] = ..., failed_total: _Optional[int] = ..., fail_s_total: _Optional[float] = ..., batch_sizes: _Optional[_Iterable[_Union[BatchSizeCounters, _Mapping]]] = ...) -> None: ...
 
 class ShardHeartbeatRequest(_message.Message):
     __slots__ = ("address", "dedicated_model", "counters", "cpu_seconds_total", "assignment", "started")

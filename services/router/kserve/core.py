@@ -86,6 +86,7 @@ from flotilla.services.router.kserve.protocol import (
     UNAVAILABLE,
     UNKNOWN_DIM,
     UUID_INPUT,
+    BatchStatisticsView,
     ConfigTensor,
     Duration,
     InferRequest,
@@ -189,6 +190,13 @@ def _statistics_view(counted: controller_pb2.ModelRequestStatistics, version: st
         compute_input=Duration(succeeded, 0),
         compute_infer=Duration(succeeded, ns(counted.compute_s_total)),
         compute_output=Duration(succeeded, 0),
+        batch_stats=tuple(
+            BatchStatisticsView(
+                c.size, Duration(c.batches_total, 0), Duration(c.batches_total, ns(c.compute_s_total)),
+                Duration(c.batches_total, 0),
+            )
+            for c in sorted(counted.batch_sizes, key=lambda c: c.size)
+        ),
     )
 
 

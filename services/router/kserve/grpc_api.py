@@ -44,6 +44,7 @@ from flotilla.errors import FlotillaError, InvalidArgument, MalformedRequest, Un
 from flotilla.services.router.forward import passed_headers
 from flotilla.services.router.kserve.core import UNSERVED, KServeFront, unserved
 from flotilla.services.router.kserve.protocol import (
+    BATCH_DURATIONS,
     BYTES,
     CLASSIFICATION_PARAMETER,
     DURATIONS,
@@ -222,6 +223,11 @@ class KServeHandler(grpc.GenericRpcHandler):
             for field in DURATIONS:
                 duration: Duration = getattr(view, field)
                 getattr(stats.inference_stats, field).MergeFrom(pb.StatisticDuration(count=duration.count, ns=duration.ns))
+            for batch in view.batch_stats:
+                entry = stats.batch_stats.add(batch_size=batch.batch_size)
+                for field in BATCH_DURATIONS:
+                    duration = getattr(batch, field)
+                    getattr(entry, field).MergeFrom(pb.StatisticDuration(count=duration.count, ns=duration.ns))
         return response.SerializeToString()
 
     def _unserved(self, method: str) -> Callable[[bytes, Context], Awaitable[bytes]]:

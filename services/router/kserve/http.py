@@ -58,6 +58,7 @@ from flotilla.services.router.forward import TimeRemaining, no_deadline, passed_
 from flotilla.services.router.kserve import http_json
 from flotilla.services.router.kserve.core import UNSERVED, unserved
 from flotilla.services.router.kserve.protocol import (
+    BATCH_DURATIONS,
     DURATIONS,
     InferRequest,
     InferResult,
@@ -440,7 +441,12 @@ def _statistics_json(view: ModelStatisticsView) -> dict[str, Any]:
         "inference_stats": {
             field: {"count": getattr(view, field).count, "ns": getattr(view, field).ns} for field in DURATIONS
         },
-        "batch_stats": [],
+        "batch_stats": [
+            {"batch_size": batch.batch_size, **{
+                field: {"count": getattr(batch, field).count, "ns": getattr(batch, field).ns} for field in BATCH_DURATIONS
+            }}
+            for batch in view.batch_stats
+        ],
     }
 
 

@@ -189,6 +189,18 @@ class Duration:
 
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 """The durations of Triton's InferStatistics a ``ModelStatisticsView`` carries, by name."""
+BATCH_DURATIONS = ("compute_input", "compute_infer", "compute_output")
+"""The durations of Triton's InferBatchStatistics a ``BatchStatisticsView`` carries, by name."""
+
+
+@dataclass(frozen=True)
+class BatchStatisticsView:
+    """One batch size's entry of a model's batch_stats: its executions (batches), and their times."""
+
+    batch_size: int
+    compute_input: Duration
+    compute_infer: Duration
+    compute_output: Duration
 
 
 @dataclass(frozen=True)
@@ -207,3 +219,5 @@ class ModelStatisticsView:
     compute_input: Duration
     compute_infer: Duration
     compute_output: Duration
+    batch_stats: tuple[BatchStatisticsView, ...] = ()
+    """By batch size, ascending (only sizes seen)."""
