@@ -62,7 +62,7 @@ from flotilla.common.probe import is_serving
 from flotilla.common.relay import RelayClient, RelayServicer
 from flotilla.common.server import ServiceServer, run_service
 from flotilla.common.wire import MODEL_HEADER
-from flotilla.config import FlotillaSettings, ModelSettings, dump_settings
+from flotilla.config import FlotillaSettings, ModelSettings, RouterSettings, dump_settings
 from flotilla.errors import NotFound
 from flotilla.stack.processes import ManagedProcess, free_port, wait_until
 
@@ -76,6 +76,9 @@ ROUTER_CONCURRENCY = 256
 WARMUP_S = 2.0
 EMPTY_SERVER = "empty gRPC server"
 RELAY_PROXY = "relay proxy"
+ROUTER_RELAY_PACING_S = RouterSettings.model_fields["pacing_ms"].default / 1000.0
+"""The router's relay pacing by default (``router.pacing_ms``): the batcher's load generator and the relay
+proxy send their frames as a router does."""
 ANSWER_CLASSES = 10
 """Classes in the fake batcher's answers (every class's score travels when a KServe request asks)."""
 
@@ -188,7 +191,8 @@ async def _start(settings: FlotillaSettings, run_dir: Path, name: str, argv: lis
 
 
 def _config(
-    settings: FlotillaSettings, run_dir: Path, name: str, controller: str, preprocess: str, http_address: str = ""
+    settings: FlotillaSettings, run_dir: Path, name: str, controller: str, preprocess: str, http_address: str = "",
+    pacing_ms: float | None = None,
 ) -> Path:
     config = settings.model_copy(deep=True)
     config.models = {}
@@ -198,6 +202,7 @@ def _config(
     config.router = config.router.model_copy(update={
         "api_keys": [SecretStr(API_KEY)],
         "http_port": int(http_address.rsplit(":", 1)[1]) if http_address else 0,
+        **({"pacing_ms": pacing_ms} if pacing_ms is not None else {}),
     })
     path = run_dir / f"{name}.yaml"
     dump_settings(config, path)
@@ -234,7 +239,7 @@ async def batcher_point(settings: FlotillaSettings, run_dir: Path, *, max_batch_
     try:
         config = _config(settings, run_dir, name, fakes_address, fakes_address)
         batcher = await _start(settings, run_dir, name, ["batcher", "--config", str(config), "--model", MODEL])
-        peer = GrpcPeer(batcher.address)
+        peer = GrpcPeer(batcher.address, relay_pacing_s=ROUTER_RELAY_PACING_S)
         ring = itertools.cycle(classify_bodies())
         headers = [(MODEL_HEADER, MODEL)]
         await _hosted(peer, next(ring), headers)
@@ -254,15 +259,18 @@ async def batcher_point(settings: FlotillaSettings, run_dir: Path, *, max_batch_
 
 
 async def router_point(
-    settings: FlotillaSettings, run_dir: Path, *, window_s: float, api: str = "unary", images: int = 1
+    settings: FlotillaSettings, run_dir: Path, *, window_s: float, api: str = "unary", images: int = 1,
+    pacing_ms: float | None = None,
 ) -> dict[str, Any]:
+    """The router process alone at its ceiling through one front door; ``pacing_ms``: its
+    ``router.pacing_ms`` (None: the default)."""
     spec = ModelSettings(storage_uri="s3://unused/ceiling", memory_mb=1)
     fakes, fakes_address, batcher = await _instant_batcher_fakes(settings, controller_spec=spec)
     router: ManagedProcess | None = None
     load: front_loads.Load | None = None
     try:
         http_address = f"{settings.host}:{free_port(settings.host)}"
-        config = _config(settings, run_dir, "router", fakes_address, fakes_address, http_address)
+        config = _config(settings, run_dir, "router", fakes_address, fakes_address, http_address, pacing_ms)
         router = await _start(settings, run_dir, "router", ["router", "--config", str(config)])
         load = front_loads.front_door_load(
             api, images, router=router.address, router_http=http_address, connections=ROUTER_CONNECTIONS,
@@ -273,6 +281,7 @@ async def router_point(
             "router", router.pid, load, concurrency=ROUTER_CONCURRENCY, window_s=window_s, items_per_call=images
         )
         return {"tier": "router", "api": api, "images_per_request": images, "connections": ROUTER_CONNECTIONS,
+                **({"pacing_ms": pacing_ms} if pacing_ms is not None else {}),
                 **point, "calls_per_relay_message": _calls_per_message(batcher)}
     finally:
         if load is not None:
@@ -325,7 +334,8 @@ async def serve_relay_proxy(host: str, port: int, batcher: str) -> None:
     channel = grpc.aio.insecure_channel(batcher)
     server = grpc.aio.server()
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
-    server.add_generic_rpc_handlers((_Relayed(RelayClient(channel, batcher)),))
+    # Paced as the router's relay is by default: the floor of a router that relays.
+    server.add_generic_rpc_handlers((_Relayed(RelayClient(channel, batcher, pacing_s=ROUTER_RELAY_PACING_S)),))
     server.add_insecure_port(f"{host}:{port}")
     await server.start()
     await server.wait_for_termination()
@@ -401,6 +411,10 @@ EMPTY_DOOR = ("empty", 1)
 """The empty server's place among the router's doors in a round."""
 RELAY_PROXY_DOOR = ("relay proxy", 1)
 """The relay proxy's."""
+PACED_MS = 2.0
+"""``router.pacing_ms`` of the paced unary point (the default is unpaced)."""
+PACED_DOOR = ("unary paced", 1)
+"""The router's unary door with its relay paced at ``PACED_MS``: what pacing buys (off by default)."""
 
 
 def run(base: FlotillaSettings, *, duration_s: float = 10.0, rounds: int = ROUNDS) -> dict[str, Any]:
@@ -418,7 +432,7 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0, rounds: int = ROUND
         points.append(asyncio.run(batcher_point(base, run_dir, max_batch_size=size, window_s=duration_s)))
     window_s = duration_s / rounds
     measured: dict[tuple[str, int], list[dict[str, Any]]] = {
-        door: [] for door in (*front_loads.FRONT_DOORS, EMPTY_DOOR, RELAY_PROXY_DOOR)
+        door: [] for door in (*front_loads.FRONT_DOORS, PACED_DOOR, EMPTY_DOOR, RELAY_PROXY_DOOR)
     }
     for round_index in range(rounds):
         for api, images in front_loads.FRONT_DOORS:
@@ -426,6 +440,9 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0, rounds: int = ROUND
                   "request ...", flush=True)
             point = asyncio.run(router_point(base, run_dir, window_s=window_s, api=api, images=images))
             measured[(api, images)].append(point)
+        print(f"ceiling: round {round_index + 1}/{rounds}: the router alone, unary with its relay paced at "
+              f"{PACED_MS:g} ms ...", flush=True)
+        measured[PACED_DOOR].append(asyncio.run(router_point(base, run_dir, window_s=window_s, pacing_ms=PACED_MS)))
         print(f"ceiling: round {round_index + 1}/{rounds}: an empty gRPC server (the floor of a unary call) ...",
               flush=True)
         measured[EMPTY_DOOR].append(asyncio.run(empty_server_point(base, run_dir, window_s=window_s)))
@@ -449,6 +466,8 @@ def _point_key(p: dict[str, Any]) -> str:
     api = p.get("api", "unary")
     if api != "unary":  # the unary point keeps the keys it always had
         key += "_" + api.replace("-", "_") + (f"_n{p['images_per_request']}" if p["images_per_request"] > 1 else "")
+    if p.get("pacing_ms"):
+        key += "_paced"
     return key
 
 
@@ -471,6 +490,13 @@ def summary(result: dict[str, Any]) -> dict[str, object]:
         out["router_stream_over_unary_requests_per_s"] = round(1 / cpu_ratio, 2)
     if unary and empty:
         out["router_unary_over_empty_grpc_server_cpu_us"] = round(paired_ratio(unary, empty), 2)
+    paced = by_key.get("router_alone_paced")
+    if paced and empty:  # the same door with router.pacing_ms (off by default)
+        out["router_unary_paced_over_empty_grpc_server_cpu_us"] = round(paired_ratio(paced, empty), 2)
+        out["router_unary_paced_pacing_ms"] = paced["pacing_ms"]
+        out["router_unary_paced_calls_per_relay_message"] = paced["calls_per_relay_message"]
+        if unary:
+            out["router_unary_calls_per_relay_message"] = unary["calls_per_relay_message"]
     # Where the unary call's CPU goes: taking the call (the empty server), relaying it (the relay proxy
     # over the empty server) and the router's own work (the router over the relay proxy).
     if relay and empty:
@@ -509,6 +535,8 @@ def readme_lines(result: dict[str, Any]) -> list[str]:
     ]
     for p in result["points"]:
         door = f"{p['api']} ({p['images_per_request']})" if "api" in p else "-"
+        if p.get("pacing_ms"):
+            door += f", router.pacing_ms {p['pacing_ms']:g}"
         lines.append(
             f"| {p['tier']} | {door} | {p.get('max_batch_size', '-')} | {p['concurrency']} | {p['requests_per_s']} | "
             f"**{p['cpu_us_per_request']}** | {p.get('cpu_us_per_image', p['cpu_us_per_request'])}"

@@ -262,6 +262,11 @@ def targets_table(summary: dict[str, object]) -> list[str]:
          f"{get('router_unary_over_empty_grpc_server_cpu_us'):.2f}x; "
          f"{get('relay_proxy_over_empty_grpc_server_cpu_us'):.2f}x; {get('router_unary_over_relay_proxy_cpu_us'):.2f}x",
          met(get("router_unary_over_empty_grpc_server_cpu_us") <= 1.5)),
+        ("the same with the router's relay paced (router.pacing_ms, off by default: at most that much more latency a "
+         "call while a shard's stream is busy), over the empty server's; calls a relay message, paced and not",
+         f"{get('router_unary_paced_over_empty_grpc_server_cpu_us'):.2f}x at {get('router_unary_paced_pacing_ms'):g} ms; "
+         f"{get('router_unary_paced_calls_per_relay_message'):.1f} against {get('router_unary_calls_per_relay_message'):.1f}",
+         "-"),
         ("the CPU point over ClassifyStream >= 0.9 of the ceiling here; the same were Flotilla's own work free "
          "(router, batcher, controller, the worker beyond decode: CPU-µs per image)",
          f"{get('mesh_vs_limit_over_stream_of_ceiling_here'):.3f}; "

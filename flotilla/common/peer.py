@@ -36,8 +36,11 @@ class GrpcPeer(Generic[S]):
         keepalive_s: float = PEER_KEEPALIVE_S,
         keepalive_timeout_s: float = PEER_KEEPALIVE_TIMEOUT_S,
         dialer: Dialer = PLAINTEXT,
+        relay_pacing_s: float = 0.0,
     ) -> None:
         self.address = address
+        self.relay_pacing_s = relay_pacing_s
+        """The relay's ``pacing_s`` (``relay.coalesce_wait_s``; the router's ``router.pacing_ms``)."""
         self._stub_factory = stub_factory
         self._channel = RenewingChannel(
             dialer, address, keepalive_options(keepalive_s, keepalive_timeout_s), retire_grace_s=self.RETIRE_GRACE_S
@@ -77,7 +80,7 @@ class GrpcPeer(Generic[S]):
     def relay(self) -> RelayClient:
         """Unary calls to this peer as frames on one stream (the peer serves ``Relay``)."""
         if self._relay is None:
-            self._relay = RelayClient(self.channel, self.address)
+            self._relay = RelayClient(self.channel, self.address, pacing_s=self.relay_pacing_s)
         return self._relay
 
     async def serving(self, service: str = "") -> bool:

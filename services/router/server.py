@@ -126,7 +126,9 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     static = ApiKeys(k.get_secret_value() for k in settings.router.api_keys)
     keys = KeyBook(static, processes=settings.router.processes, clock=time.monotonic, unix_clock=time.time)
     dialer = Dialer(settings.tls)  # mutual TLS to the batchers and the controller when tls.enabled
-    routes = BatcherRoutes(settings.pools, make_peer=functools.partial(GrpcPeer, dialer=dialer))
+    routes = BatcherRoutes(settings.pools, make_peer=functools.partial(
+        GrpcPeer, dialer=dialer, relay_pacing_s=settings.router.pacing_ms / 1000.0,
+    ))
 
     async def on_fleet(state: FleetState, change: FleetChange) -> None:
         keys.apply([key_from_pb(state.keys[name]) for name in change.keys_changed if name in state.keys],

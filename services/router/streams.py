@@ -58,7 +58,7 @@ from flotilla.common.wire import (
     STREAM_PACKING_HEADER,
     method_name,
 )
-from flotilla.errors import DeadlineExceeded, FlotillaError, MalformedRequest
+from flotilla.errors import FlotillaError, MalformedRequest
 from flotilla.services.router.forward import Forwarder, TimeRemaining, passed_headers
 from flotilla.services.router.streaming import answer_as_completed
 
@@ -216,14 +216,11 @@ class _OneStream:
             headers = list(tracing.inject(headers))  # this request's span, not the stream's
         if not request.timeout_ms:
             return await self.forwarder.call(model, request.request, headers, self.context.time_remaining)
-        timeout_s = request.timeout_ms / 1000
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await self.forwarder.call(
-                    model, request.request, headers, _sooner(self.context.time_remaining, timeout_s)
-                )
-        except TimeoutError:
-            raise DeadlineExceeded(f"the request's deadline ({request.timeout_ms} ms) passed") from None
+        # No timer a request: its deadline travels in the relay frame and the batcher ends it there (a
+        # batcher that never answers is caught by the relay's sweep, ``relay.DEADLINE_SWEEP_S``).
+        return await self.forwarder.call(
+            model, request.request, headers, _sooner(self.context.time_remaining, request.timeout_ms / 1000)
+        )
 
     def unexpected(self, request: relay_pb2.OpaqueStreamRequest, exc: BaseException) -> relay_pb2.OpaqueStreamResponse:
         code, message = status_of(exc, TIER)

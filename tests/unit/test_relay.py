@@ -16,12 +16,14 @@ from flotilla.common.relay import (
     COALESCE_MAX_S,
     COALESCE_OPEN_CALLS,
     COALESCE_SHARE,
+    TIMER_RESOLUTION_S,
     RelayClient,
     RelayServicer,
     coalesce_wait_s,
     stream_failure,
 )
-from flotilla.errors import InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
+from flotilla.common.wire import RELAY_SERVICE
+from flotilla.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
 from tests.waiting import until
 
 METHOD = "/flotilla.api.v1.ImageClassifier/Classify"
@@ -112,6 +114,39 @@ def test_only_a_busy_stream_waits_to_share_a_message_and_never_long_against_its_
     assert coalesce_wait_s(busy, COALESCE_MAX_FRAMES, 0.4) == 0.0, "a full message goes at once"
     assert coalesce_wait_s(busy, 1, 0.02) == pytest.approx(COALESCE_SHARE * 0.02)
     assert coalesce_wait_s(busy, 1, 10.0) == COALESCE_MAX_S
+    assert coalesce_wait_s(busy, 1, 0.005) == 0.0, "under the loop's timer resolution: a bare turn, no wait"
+
+
+def test_a_paced_stream_sends_at_most_one_message_an_interval() -> None:
+    pacing = 0.004
+    assert coalesce_wait_s(1, 1, 0.0, since_write_s=0.001, pacing_s=pacing) == pytest.approx(0.003), "the rest of it"
+    assert coalesce_wait_s(1, 1, 0.0, since_write_s=0.0035, pacing_s=pacing) == TIMER_RESOLUTION_S, "a timer at least"
+    assert coalesce_wait_s(1, 1, 0.0, since_write_s=0.005, pacing_s=pacing) == 0.0, "calls further apart go at once"
+    assert coalesce_wait_s(1, 1, 0.0, pacing_s=pacing) == 0.0, "the first message goes at once"
+    assert coalesce_wait_s(1, 1, 0.0, since_write_s=0.001) == 0.0, "unpaced"
+    assert coalesce_wait_s(1, COALESCE_MAX_FRAMES, 0.0, since_write_s=0.001, pacing_s=pacing) == 0.0, "a full message"
+    busy = COALESCE_OPEN_CALLS  # the longer of the two waits
+    assert coalesce_wait_s(busy, 1, 1.0, since_write_s=0.001, pacing_s=pacing) == COALESCE_MAX_S
+
+
+async def test_calls_coming_faster_than_the_pacing_share_its_messages() -> None:
+    """Few calls open (no round-trip wait), each sent a loop turn after the last: paced, they share."""
+    relay = Relay(Core())
+    relay.client = RelayClient(relay.channel, "paced batcher", pacing_s=0.05)
+    await relay.server.start()
+    try:
+        assert await relay.call(b"first") == b"tsrif"
+        before = relay.servicer.messages
+        trickle = []
+        for i in range(20):  # one call per event-loop turn, well within the 50 ms
+            trickle.append(asyncio.ensure_future(relay.call(f"call {i}".encode())))
+            await asyncio.sleep(0)
+        assert await asyncio.gather(*trickle) == [f"call {i}".encode()[::-1] for i in range(20)]
+        assert relay.servicer.messages - before <= 2, "paced: the calls of an interval share one message"
+    finally:
+        await relay.client.close()
+        await relay.channel.close()
+        await relay.server.stop(None)
 
 
 async def test_calls_trickling_onto_a_busy_stream_share_messages(relay: Relay) -> None:
@@ -169,6 +204,43 @@ async def test_a_caller_whose_own_deadline_passes_withdraws_its_call(relay: Rela
         await asyncio.wait_for(relay.call(b"hold", timeout_s=0.2), 0.2)
     held = relay.core.held[0]
     await until(held.cancelled, 5, "the server-side call withdrawn")
+
+
+async def test_a_peer_that_never_answers_fails_the_call_at_its_deadline_and_hears_it_withdrawn() -> None:
+    """The peer ends each call at its deadline; one that does not (hung) is caught by the stream's sweep."""
+    frames: list[relay_pb2.CallFrame] = []
+
+    async def silent(requests: AsyncIterator[relay_pb2.CallFrames], context: object) -> AsyncIterator[relay_pb2.AnswerFrames]:
+        async for message in requests:  # reads every frame, answers none
+            frames.extend(message.calls)
+        if False:  # pragma: no cover - a generator that yields nothing
+            yield relay_pb2.AnswerFrames()
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(RELAY_SERVICE, {
+        "Calls": grpc.stream_stream_rpc_method_handler(
+            silent, request_deserializer=relay_pb2.CallFrames.FromString,
+            response_serializer=relay_pb2.AnswerFrames.SerializeToString,
+        ),
+    })])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    client = RelayClient(channel, "a hung batcher")
+    try:
+        patient = asyncio.ensure_future(client.call(METHOD, b"patient", [], None))  # no deadline: left alone
+        with pytest.raises(DeadlineExceeded) as caught:
+            await asyncio.wait_for(client.call(METHOD, b"short", [], 0.05), 30)
+        assert "a hung batcher did not answer by the call's deadline" in caught.value.message
+        await until(lambda: any(f.cancel for f in frames), 5, "the call withdrawn downstream")
+        [short] = [f for f in frames if f.request == b"short"]
+        assert [f.id for f in frames if f.cancel] == [short.id]
+        assert not patient.done()
+        patient.cancel()
+    finally:
+        await client.close()
+        await channel.close()
+        await server.stop(None)
 
 
 async def test_a_broken_stream_fails_open_calls_unavailable_and_the_next_call_reopens_it() -> None:
