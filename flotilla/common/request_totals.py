@@ -26,6 +26,12 @@ class BatchSizeTotals:
         return BatchSizeTotals(self.batches + other.batches, self.compute_s + other.compute_s)
 
 
+def add_batch_size(sizes: dict[int, BatchSizeTotals], size: int, totals: BatchSizeTotals) -> None:
+    """Count ``totals`` into ``sizes``' entry for ``size`` (a new one when that size is not there yet)."""
+    before = sizes.get(size)
+    sizes[size] = totals if before is None else before + totals
+
+
 @dataclass(frozen=True)
 class RequestTotals:
     """Cumulative counters of one model's queue: on one shard process, or summed over several."""
@@ -55,7 +61,7 @@ class RequestTotals:
     def __add__(self, other: RequestTotals) -> RequestTotals:
         sizes = dict(self.batch_sizes)
         for size, totals in other.batch_sizes.items():
-            sizes[size] = sizes[size] + totals if size in sizes else totals
+            add_batch_size(sizes, size, totals)
         summed: dict[str, Any] = {name: getattr(self, name) + getattr(other, name) for name in _NAMES}
         return RequestTotals(**summed, batch_sizes=sizes)
 

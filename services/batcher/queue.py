@@ -53,7 +53,7 @@ import numpy as np
 
 from flotilla.common import metrics
 from flotilla.common.clock import Clock, MonotonicClock, Timer
-from flotilla.common.request_totals import BatchSizeTotals, RequestTotals
+from flotilla.common.request_totals import BatchSizeTotals, RequestTotals, add_batch_size
 from flotilla.config import BatchingSettings
 from flotilla.errors import DeadlineExceeded, FlotillaError, InvalidArgument, QueueFull, Unavailable
 
@@ -473,9 +473,7 @@ class BatchQueue(Generic[T, R]):
             answered_s = self._clock.now()
             totals = self.totals
             if not all(isinstance(result, FlotillaError) for result in results):  # the batch ran (Triton's batch_stats)
-                ran = BatchSizeTotals(1, answered_s - now)
-                before = totals.batch_sizes.get(len(live))
-                totals.batch_sizes[len(live)] = ran if before is None else before + ran
+                add_batch_size(totals.batch_sizes, len(live), BatchSizeTotals(1, answered_s - now))
             for pending, result in zip(live, results, strict=True):
                 self._disarm(pending)
                 if pending.future.done():
