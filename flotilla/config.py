@@ -346,6 +346,12 @@ class RouterSettings(_Section):
     """Requests of one ClassifyStream the router holds in flight at most (each also counts against
     ``max_concurrent_calls``); at the cap it stops reading that stream and HTTP/2 flow control makes
     the sender wait, so a fast sender holds no more than this much of the router's memory."""
+    stream_linger_ms: float = Field(2.0, ge=0, le=100)
+    """How long a ClassifyStream answer may wait for others of its stream still in flight, so that
+    they go back in one message (once the sender packs its requests): at most this long, and not at
+    all when no other request of the stream is in flight. A message costs the router a gRPC write
+    whatever it carries; at its ceiling, answers that wait share messages and the sender's next
+    requests come packed too. 0: each answer goes as soon as it is ready."""
     processes: int = Field(1, ge=1)
     """Router processes the local stack starts on the one router port (SO_REUSEPORT: the
     kernel spreads client connections across them; a channel stays on one). In

@@ -488,6 +488,7 @@ def summary(result: dict[str, Any]) -> dict[str, object]:
         cpu_ratio = paired_ratio(stream, unary)
         out["router_stream_over_unary_cpu_us_per_image"] = round(cpu_ratio, 3)
         out["router_stream_over_unary_requests_per_s"] = round(1 / cpu_ratio, 2)
+        out["router_stream_linger_ms"] = RouterSettings.model_fields["stream_linger_ms"].default
     if unary and empty:
         out["router_unary_over_empty_grpc_server_cpu_us"] = round(paired_ratio(unary, empty), 2)
     paced = by_key.get("router_alone_paced")

@@ -154,7 +154,8 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     forwarder = Forwarder(keys, routes.table)
     # The stream's handler first: the unary one leaves ClassifyStream to it. Stopping, streams take no more.
     streams = ClassifyStreamHandler(
-        forwarder, CallObserver("router", server.admission, model_label), window=settings.router.stream_window
+        forwarder, CallObserver("router", server.admission, model_label), window=settings.router.stream_window,
+        linger_s=settings.router.stream_linger_ms / 1000.0,
     )
     server.on_drain.append(streams.drain)
     server.add_observed([streams, ForwardingHandler(forwarder)])

@@ -18,6 +18,16 @@ given (the transport's generic INTERNAL answer); it never ends the stream.
 A failure of the request side (the transport's reader) or of ``send`` ends
 the stream: every request still in flight is cancelled and the error raised.
 So does cancelling the caller (the peer went away).
+
+Lingering (``linger_s``): a message costs a transport about the same CPU
+whatever it packs (a gRPC write and its completion: tens of µs), so a
+stream whose answers go out one or two a message spends most of its CPU on
+messages. Answers ready while others of the same stream are still in
+flight may wait a little for them (at most ``linger_s``; none once every
+request in flight has its answer, so a lone request never waits) and go in
+one message. At the router's ceiling that is more answers a message and
+fewer messages back from the sender too (its next requests come together);
+below it, an answer waits at most ``linger_s`` for others of its stream.
 """
 
 from __future__ import annotations
@@ -43,6 +53,8 @@ async def answer_as_completed(
     on_unexpected: Callable[[T, BaseException], R] | None = None,
     stop: asyncio.Event | None = None,
     send_many: Callable[[list[R]], Awaitable[None]] | None = None,
+    linger_s: Callable[[], float] | None = None,
+    most_packed: int = 0,
 ) -> bool:
     """Answer every request of ``requests`` with ``handle``'s answer, through ``send``, as each completes.
 
@@ -57,6 +69,13 @@ async def answer_as_completed(
     ``send_many``, when given, sends every answer ready at once in one go
     instead of ``send`` one by one (a transport that packs them into one
     message); their places in the window free up once it has sent them.
+
+    ``linger_s`` (with ``send_many``): how long, now, answers ready while
+    other requests of the stream are still in flight wait for company, so
+    that they share one message (0: not at all): until every request in
+    flight is answered, or ``most_packed`` answers are ready (0: no such
+    cap), or the time is up. An answer with no request in flight beside it
+    never waits. See the module docstring.
     """
     if window < 1:
         raise ValueError(f"window must be at least 1, got {window}")
@@ -69,6 +88,10 @@ async def answer_as_completed(
     try:
         while True:
             if send_many is not None:
+                if linger_s is not None and stream.finished and not stream.all_finished():
+                    most_s = linger_s()
+                    if most_s > 0:
+                        await stream.linger(most_s, most_packed)
                 while stream.finished:
                     ready = [stream.finished.popleft() for _ in range(len(stream.finished))]
                     answers = [a for a in (stream.answer(*outcome) for outcome in ready) if a is not None]
@@ -97,6 +120,11 @@ async def answer_as_completed(
         await asyncio.gather(*(t for t in (stopper, reader) if t is not None), return_exceptions=True)
 
 
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 async def _cancel_when_set(stop: asyncio.Event, reader: asyncio.Task[None]) -> None:
     await stop.wait()
     reader.cancel()
@@ -123,6 +151,10 @@ class _Stream(Generic[T, R]):
         """Set when an answer is ready or the reader has ended."""
         self.slot = asyncio.Event()
         """Set when an answer has been sent (a place in the window may be free)."""
+        self.company: asyncio.Future[None] | None = None
+        """While answers linger: done once they have all the company they wait for."""
+        self.company_size = 0
+        """While answers linger: the answers ready that end the wait (0: only all of them, or the time)."""
 
     def wake_up(self, _: object = None) -> None:
         self.wake.set()
@@ -140,16 +172,39 @@ class _Stream(Generic[T, R]):
         try:
             task = asyncio.ensure_future(self.handle(request))
         except Exception as exc:  # handle failed before it could start: still this request's answer
-            self.finished.append((request, exc))
-            self.wake.set()
+            self._finish(request, exc)
             return
         self.tasks.add(task)
         task.add_done_callback(lambda done: self._done(request, done))
 
     def _done(self, request: T, task: asyncio.Future[R]) -> None:
         self.tasks.discard(task)
-        self.finished.append((request, task))
+        self._finish(request, task)
+
+    def _finish(self, request: T, outcome: asyncio.Future[R] | BaseException) -> None:
+        self.finished.append((request, outcome))
         self.wake.set()
+        company = self.company
+        if company is not None and not company.done() and (
+            self.all_finished() or 0 < self.company_size <= len(self.finished)
+        ):
+            company.set_result(None)
+
+    def all_finished(self) -> bool:
+        """Every request taken and not yet answered has its answer ready."""
+        return len(self.finished) >= self.open
+
+    async def linger(self, most_s: float, most_packed: int) -> None:
+        """Wait up to ``most_s`` for the requests in flight to finish too (or ``most_packed`` to be ready)."""
+        loop = asyncio.get_running_loop()
+        company = self.company = loop.create_future()
+        self.company_size = most_packed
+        timer = loop.call_later(most_s, _settle, company)
+        try:
+            await company
+        finally:
+            timer.cancel()
+            self.company = None
 
     def answer(self, request: T, outcome: asyncio.Future[R] | BaseException) -> R | None:
         """``handle``'s answer, or for an exception that escaped it: logged, then ``on_unexpected``'s (if any)."""

@@ -26,6 +26,9 @@ relay to a batching shard) and is answered on its own, as it completes
   it carries: packed, a request costs a fraction of one. A packed message is
   held whole while its requests wait for places in the window, so a stream
   holds at most its window plus one message (4 MiB at most);
+- once the sender packs, an answer ready while others of its stream are in
+  flight may wait for them up to ``router.stream_linger_ms`` (until all are
+  answered or ``ENOUGH_COMPANY`` are ready), so they share one message;
 - each request is one call in the router's metrics, admission limit and
   traces (``CallObserver``), under the method ``Classify``: it is one to
   every tier below, and the rules and dashboards that watch Classify at the
@@ -72,20 +75,29 @@ SHUTTING_DOWN = (
     "the router is shutting down; requests of this stream with no answer were not taken: send them again"
 )
 
+ENOUGH_COMPANY = 64
+"""Answers ready that end a linger at once: a message's cost over this many is under a µs each."""
+
 Context = grpc.aio.ServicerContext[relay_pb2.OpaqueStreamRequest, relay_pb2.OpaqueStreamResponse]
 
 
 class ClassifyStreamHandler(grpc.GenericRpcHandler):
     """Serves ``ImageClassifier/ClassifyStream`` (registered before the unary ``ForwardingHandler``)."""
 
-    def __init__(self, forwarder: Forwarder[GrpcPeer[None]], observer: CallObserver, *, window: int) -> None:
+    def __init__(
+        self, forwarder: Forwarder[GrpcPeer[None]], observer: CallObserver, *, window: int, linger_s: float = 0.0
+    ) -> None:
         """``observer``: the router's (its admission limit and model labels); ``window``: the most
-        requests of one stream in flight (``router.stream_window``)."""
+        requests of one stream in flight (``router.stream_window``); ``linger_s``: how long an answer
+        may wait for others of its stream in flight (``router.stream_linger_ms``)."""
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
+        if linger_s < 0:
+            raise ValueError(f"linger_s must be at least 0, got {linger_s}")
         self.forwarder = forwarder
         self.observer = observer
         self.window = window
+        self.linger_s = linger_s
         self.stopping = asyncio.Event()
         self.open_streams = 0
         """Streams being served now (for observing state)."""
@@ -120,6 +132,7 @@ class ClassifyStreamHandler(grpc.GenericRpcHandler):
             ended = await answer_as_completed(
                 stream.unpacked(requests), stream.handle, context.write, window=self.window,
                 on_unexpected=stream.unexpected, stop=self.stopping, send_many=stream.send_many,
+                linger_s=stream.linger_s, most_packed=ENOUGH_COMPANY,
             )
         except Exception as exc:  # the transport failed (the caller went away, or a write failed)
             if not call_is_over(context):
@@ -154,6 +167,11 @@ class _OneStream:
         self.headers = [(k, v) for k, v in passed_headers(metadata) if k != MODEL_HEADER]
         self.packed = False
         """The sender has packed requests into one message: the answers ready together go packed too."""
+        self.most_linger_s = handler.linger_s
+
+    def linger_s(self) -> float:
+        """How long answers may wait for others in flight: only once they go packed (one at a time, waiting buys nothing)."""
+        return self.most_linger_s if self.packed else 0.0
 
     async def unpacked(
         self, messages: AsyncIterator[relay_pb2.OpaqueStreamRequest]

@@ -294,14 +294,16 @@ async def never_send(answer: str) -> None:
 
 
 def answering_many(
-    requests: list[str], *, window: int, on_unexpected: Callable[[str, BaseException], str] | None = None
+    requests: list[str], *, window: int, on_unexpected: Callable[[str, BaseException], str] | None = None,
+    linger_s: Callable[[], float] | None = None, most_packed: int = 0, end: bool = True,
 ) -> tuple[ManyReceiver, Handler, Sender, asyncio.Task[bool]]:
     """``answer_as_completed`` running over ``requests`` with ``send_many`` (and ``send`` never called)."""
     receiver, handler = ManyReceiver(), Handler()
-    sender = Sender(receiver, requests)
-    run = asyncio.create_task(
-        answer_as_completed(sender, handler, never_send, window=window, on_unexpected=on_unexpected, send_many=receiver)
-    )
+    sender = Sender(receiver, requests, end=end)
+    run = asyncio.create_task(answer_as_completed(
+        sender, handler, never_send, window=window, on_unexpected=on_unexpected, send_many=receiver,
+        linger_s=linger_s, most_packed=most_packed,
+    ))
     return receiver, handler, sender, run
 
 
@@ -373,3 +375,84 @@ async def test_with_send_many_the_window_still_bounds_requests_in_flight_until_t
     assert await run is True
     assert receiver.calls == [[f"{r}: OK" for r in requests[i: i + 3]] for i in range(0, 9, 3)]
     assert max(sender.in_flight_at_pull) == 2  # a pull only ever came with a place free
+
+
+HOUR_S = 3600.0
+"""A linger no test waits out: an answer that went out came out for another reason than the time."""
+
+
+async def test_an_answer_lingers_for_the_others_in_flight_and_they_go_in_one_message() -> None:
+    receiver, handler, _, run = answering_many(["a", "b", "c"], window=8, linger_s=lambda: HOUR_S)
+    await handler.until_started(3)
+    handler.release("b")
+    for _ in range(20):  # every chance to send: b waits for a and c, still in flight
+        await asyncio.sleep(0)
+    assert receiver.calls == []
+    handler.release("a")
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert receiver.calls == []
+    handler.release("c")  # the last in flight: all go, at once
+    assert await asyncio.wait_for(run, 5.0) is True
+    assert receiver.calls == [["b: OK", "a: OK", "c: OK"]]
+
+
+async def test_an_answer_with_nothing_else_in_flight_never_lingers() -> None:
+    receiver, handler, sender, run = answering_many(["a"], window=8, linger_s=lambda: HOUR_S, end=False)
+    await handler.until_started(1)
+    handler.release("a")
+    await asyncio.wait_for(receiver.until_answered(1), 5.0)  # an hour's linger would time this out
+    sender.put("b")  # and the next, alone too
+    await handler.until_started(2)
+    handler.release("b")
+    await asyncio.wait_for(receiver.until_answered(2), 5.0)
+    sender.put(None)
+    assert await asyncio.wait_for(run, 5.0) is True
+    assert receiver.calls == [["a: OK"], ["b: OK"]]
+
+
+async def test_a_linger_ends_at_its_time_or_once_enough_answers_are_ready() -> None:
+    # The time: b's answer goes after at most the linger, though a is still in flight.
+    receiver, handler, _, run = answering_many(["a", "b"], window=8, linger_s=lambda: 0.01)
+    await handler.until_started(2)
+    handler.release("b")
+    await asyncio.wait_for(receiver.until_answered(1), 5.0)
+    assert receiver.calls == [["b: OK"]]
+    handler.release("a")
+    assert await asyncio.wait_for(run, 5.0) is True
+    assert receiver.calls == [["b: OK"], ["a: OK"]]
+
+    # Enough company (most_packed): two ready of three in flight go at once, the third still out.
+    receiver, handler, _, run = answering_many(["a", "b", "c"], window=8, linger_s=lambda: HOUR_S, most_packed=2)
+    await handler.until_started(3)
+    handler.release("c")
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert receiver.calls == []
+    handler.release("a")
+    await asyncio.wait_for(receiver.until_answered(2), 5.0)
+    assert receiver.calls == [["c: OK", "a: OK"]]
+    handler.release("b")
+    assert await asyncio.wait_for(run, 5.0) is True
+    assert receiver.calls[1:] == [["b: OK"]]
+
+
+async def test_no_linger_while_it_says_zero_and_cancelling_a_linger_cancels_the_requests_in_flight() -> None:
+    receiver, handler, _, run = answering_many(["a", "b"], window=8, linger_s=lambda: 0.0)
+    await handler.until_started(2)
+    handler.release("b")
+    await asyncio.wait_for(receiver.until_answered(1), 5.0)  # at once, a still in flight
+    handler.release("a")
+    assert await run is True
+    assert receiver.calls == [["b: OK"], ["a: OK"]]
+
+    receiver, handler, _, run = answering_many(["a", "b"], window=8, linger_s=lambda: HOUR_S)
+    await handler.until_started(2)
+    handler.release("b")  # b lingers for a
+    for _ in range(20):
+        await asyncio.sleep(0)
+    run.cancel()  # the peer went away
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(run, 5.0)
+    assert handler.cancelled == ["a"]
+    assert receiver.calls == []
