@@ -26,19 +26,29 @@ messages. Answers ready while others of the same stream are still in
 flight may wait a little for them (at most ``linger_s``; none once every
 request in flight has its answer, so a lone request never waits) and go in
 one message. At the router's ceiling that is more answers a message and
-fewer messages back from the sender too (its next requests come together);
-below it, an answer waits at most ``linger_s`` for others of its stream.
+fewer messages back from the sender too (its next requests come together).
+Only a stream whose requests have been finishing close together (a moving
+average of the gaps under ``COMPANY_GAPS`` lingers) waits: where they come
+far apart, company would seldom come in time and the wait be all latency.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
+
+GAP_WEIGHT = 1 / 8
+"""The weight of the latest gap between two finished requests of a stream in its moving average."""
+COMPANY_GAPS = 2.0
+"""Answers linger only on a stream whose requests have been finishing less than this many lingers
+apart on average (at least half an answer expected to join): where they finish further apart (a
+model's batches far apart, a sender with a request now and then), waiting would only add latency."""
 
 T = TypeVar("T")  # a request
 R = TypeVar("R")  # an answer
@@ -75,7 +85,8 @@ async def answer_as_completed(
     that they share one message (0: not at all): until every request in
     flight is answered, or ``most_packed`` answers are ready (0: no such
     cap), or the time is up. An answer with no request in flight beside it
-    never waits. See the module docstring.
+    never waits, nor does one on a stream whose requests have been finishing
+    further apart than ``COMPANY_GAPS`` lingers. See the module docstring.
     """
     if window < 1:
         raise ValueError(f"window must be at least 1, got {window}")
@@ -90,7 +101,7 @@ async def answer_as_completed(
             if send_many is not None:
                 if linger_s is not None and stream.finished and not stream.all_finished():
                     most_s = linger_s()
-                    if most_s > 0:
+                    if most_s > 0 and stream.company_likely(most_s):
                         await stream.linger(most_s, most_packed)
                 while stream.finished:
                     ready = [stream.finished.popleft() for _ in range(len(stream.finished))]
@@ -155,6 +166,10 @@ class _Stream(Generic[T, R]):
         """While answers linger: done once they have all the company they wait for."""
         self.company_size = 0
         """While answers linger: the answers ready that end the wait (0: only all of them, or the time)."""
+        self.loop = asyncio.get_running_loop()
+        self.last_finished_s = self.loop.time()
+        self.gap_s = math.inf
+        """How far apart the stream's requests have been finishing: a moving average (EWMA) of the gaps."""
 
     def wake_up(self, _: object = None) -> None:
         self.wake.set()
@@ -184,11 +199,19 @@ class _Stream(Generic[T, R]):
     def _finish(self, request: T, outcome: asyncio.Future[R] | BaseException) -> None:
         self.finished.append((request, outcome))
         self.wake.set()
+        now_s = self.loop.time()
+        gap_s, self.last_finished_s = now_s - self.last_finished_s, now_s
+        self.gap_s = gap_s if self.gap_s == math.inf else self.gap_s + GAP_WEIGHT * (gap_s - self.gap_s)
         company = self.company
         if company is not None and not company.done() and (
             self.all_finished() or 0 < self.company_size <= len(self.finished)
         ):
             company.set_result(None)
+
+    def company_likely(self, most_s: float) -> bool:
+        """Whether an answer that waits ``most_s`` is likely to get company: the stream's requests have
+        been finishing, on average, less than ``COMPANY_GAPS`` times that apart."""
+        return self.gap_s < COMPANY_GAPS * most_s
 
     def all_finished(self) -> bool:
         """Every request taken and not yet answered has its answer ready."""

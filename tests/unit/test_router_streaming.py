@@ -10,6 +10,7 @@ from typing import Protocol
 
 import pytest
 
+from flotilla.services.router import streaming
 from flotilla.services.router.streaming import answer_as_completed
 
 
@@ -456,3 +457,19 @@ async def test_no_linger_while_it_says_zero_and_cancelling_a_linger_cancels_the_
         await asyncio.wait_for(run, 5.0)
     assert handler.cancelled == ["a"]
     assert receiver.calls == []
+
+
+async def test_answers_of_a_stream_whose_requests_finish_far_apart_never_linger(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lingers an hour long, but only for requests finishing less than 2 x 1 ns apart: here never.
+    monkeypatch.setattr(streaming, "COMPANY_GAPS", 1e-9 / HOUR_S)
+    receiver, handler, _, run = answering_many(["a", "b", "c"], window=8, linger_s=lambda: HOUR_S)
+    await handler.until_started(3)
+    await asyncio.sleep(0.01)
+    handler.release("a")
+    await asyncio.wait_for(receiver.until_answered(1), 5.0)  # b and c still in flight, yet a went at once
+    await asyncio.sleep(0.01)
+    handler.release("b")
+    await asyncio.wait_for(receiver.until_answered(2), 5.0)
+    handler.release("c")
+    assert await asyncio.wait_for(run, 5.0) is True
+    assert receiver.calls == [["a: OK"], ["b: OK"], ["c: OK"]]
