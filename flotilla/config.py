@@ -359,16 +359,17 @@ class RouterSettings(_Section):
     every API key's rate quota (no shared state): a caller with one connection reaches one
     process and gets that share; with k connections, on average ``1 - (1 - 1/processes)^k``
     of its quota (2 processes: 1 connection 50%, 4 connections 94%, 8 connections 99.6%)."""
-    pacing_ms: float = Field(0.0, ge=0, le=100)
-    """Pacing of the router's relay stream to each batching shard: at most one message per this many
-    milliseconds. A call that comes within that of the stream's last message waits for the rest of
-    it, and every call of that time shares the next message (one gRPC write here, one read at the
-    batcher, for all of them); calls further apart go at once. It trades latency for CPU: at most
-    this much more per call, and only while a shard's stream carries more than 1000 / this calls a
-    second. At the router's own ceiling on unary calls, 2 ms put about 6 calls in a message against
-    1.5-2.5 unpaced and took a quarter off the router's CPU a call (``make bench``'s paced unary
-    point). Streams gain little (their calls already arrive packed). 0 (the default): each
-    event-loop turn's calls go at once."""
+    pacing_ms: float = Field(2.0, ge=0, le=100)
+    """Pacing of the router's relay stream to each batching shard, while it is busy: at most one
+    message per this many milliseconds on a stream whose calls have been coming at least three an
+    interval (more than 1 500 a second at 2 ms). A call that comes within that of the stream's last
+    message waits for the rest of it, and every call of that time shares the next message (one gRPC
+    write here, one read at the batcher, for all of them); a quieter stream's calls go at once. It
+    trades latency for CPU only where the router's CPU is what runs short: at most this much more
+    per call. At the router's own ceiling on unary calls, 2 ms put about 5 calls in a message
+    against 1.5-2.5 unpaced and took 15-25% off the router's CPU a call (``make bench``'s unpaced
+    unary point beside the default). Streams gain little (their calls already arrive packed). 0:
+    each event-loop turn's calls go at once."""
     http_port: int = Field(0, ge=0, le=65535)
     """Port of the router's KServe v2 HTTP/REST front door on ``host`` (``/v2/...``, beside the gRPC
     port); 0: none. The local stack always serves it, on a free port (stack.json's ``router_http``);

@@ -411,10 +411,8 @@ EMPTY_DOOR = ("empty", 1)
 """The empty server's place among the router's doors in a round."""
 RELAY_PROXY_DOOR = ("relay proxy", 1)
 """The relay proxy's."""
-PACED_MS = 2.0
-"""``router.pacing_ms`` of the paced unary point (the default is unpaced)."""
-PACED_DOOR = ("unary paced", 1)
-"""The router's unary door with its relay paced at ``PACED_MS``: what pacing buys (off by default)."""
+UNPACED_DOOR = ("unary unpaced", 1)
+"""The router's unary door with its relay unpaced (``router.pacing_ms: 0``): what the default pacing buys."""
 
 
 def run(base: FlotillaSettings, *, duration_s: float = 10.0, rounds: int = ROUNDS) -> dict[str, Any]:
@@ -432,7 +430,7 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0, rounds: int = ROUND
         points.append(asyncio.run(batcher_point(base, run_dir, max_batch_size=size, window_s=duration_s)))
     window_s = duration_s / rounds
     measured: dict[tuple[str, int], list[dict[str, Any]]] = {
-        door: [] for door in (*front_loads.FRONT_DOORS, PACED_DOOR, EMPTY_DOOR, RELAY_PROXY_DOOR)
+        door: [] for door in (*front_loads.FRONT_DOORS, UNPACED_DOOR, EMPTY_DOOR, RELAY_PROXY_DOOR)
     }
     for round_index in range(rounds):
         for api, images in front_loads.FRONT_DOORS:
@@ -440,9 +438,8 @@ def run(base: FlotillaSettings, *, duration_s: float = 10.0, rounds: int = ROUND
                   "request ...", flush=True)
             point = asyncio.run(router_point(base, run_dir, window_s=window_s, api=api, images=images))
             measured[(api, images)].append(point)
-        print(f"ceiling: round {round_index + 1}/{rounds}: the router alone, unary with its relay paced at "
-              f"{PACED_MS:g} ms ...", flush=True)
-        measured[PACED_DOOR].append(asyncio.run(router_point(base, run_dir, window_s=window_s, pacing_ms=PACED_MS)))
+        print(f"ceiling: round {round_index + 1}/{rounds}: the router alone, unary with its relay unpaced ...", flush=True)
+        measured[UNPACED_DOOR].append(asyncio.run(router_point(base, run_dir, window_s=window_s, pacing_ms=0.0)))
         print(f"ceiling: round {round_index + 1}/{rounds}: an empty gRPC server (the floor of a unary call) ...",
               flush=True)
         measured[EMPTY_DOOR].append(asyncio.run(empty_server_point(base, run_dir, window_s=window_s)))
@@ -466,8 +463,8 @@ def _point_key(p: dict[str, Any]) -> str:
     api = p.get("api", "unary")
     if api != "unary":  # the unary point keeps the keys it always had
         key += "_" + api.replace("-", "_") + (f"_n{p['images_per_request']}" if p["images_per_request"] > 1 else "")
-    if p.get("pacing_ms"):
-        key += "_paced"
+    if "pacing_ms" in p:  # a pacing other than the default's
+        key += "_paced" if p["pacing_ms"] else "_unpaced"
     return key
 
 
@@ -491,13 +488,13 @@ def summary(result: dict[str, Any]) -> dict[str, object]:
         out["router_stream_linger_ms"] = RouterSettings.model_fields["stream_linger_ms"].default
     if unary and empty:
         out["router_unary_over_empty_grpc_server_cpu_us"] = round(paired_ratio(unary, empty), 2)
-    paced = by_key.get("router_alone_paced")
-    if paced and empty:  # the same door with router.pacing_ms (off by default)
-        out["router_unary_paced_over_empty_grpc_server_cpu_us"] = round(paired_ratio(paced, empty), 2)
-        out["router_unary_paced_pacing_ms"] = paced["pacing_ms"]
-        out["router_unary_paced_calls_per_relay_message"] = paced["calls_per_relay_message"]
-        if unary:
-            out["router_unary_calls_per_relay_message"] = unary["calls_per_relay_message"]
+    if unary and "calls_per_relay_message" in unary:
+        out["router_unary_pacing_ms"] = RouterSettings.model_fields["pacing_ms"].default
+        out["router_unary_calls_per_relay_message"] = unary["calls_per_relay_message"]
+    unpaced = by_key.get("router_alone_unpaced")
+    if unpaced and empty:  # the same door with router.pacing_ms 0: what the default pacing buys
+        out["router_unary_unpaced_over_empty_grpc_server_cpu_us"] = round(paired_ratio(unpaced, empty), 2)
+        out["router_unary_unpaced_calls_per_relay_message"] = unpaced["calls_per_relay_message"]
     # Where the unary call's CPU goes: taking the call (the empty server), relaying it (the relay proxy
     # over the empty server) and the router's own work (the router over the relay proxy).
     if relay and empty:
@@ -536,7 +533,7 @@ def readme_lines(result: dict[str, Any]) -> list[str]:
     ]
     for p in result["points"]:
         door = f"{p['api']} ({p['images_per_request']})" if "api" in p else "-"
-        if p.get("pacing_ms"):
+        if "pacing_ms" in p:
             door += f", router.pacing_ms {p['pacing_ms']:g}"
         lines.append(
             f"| {p['tier']} | {door} | {p.get('max_batch_size', '-')} | {p['concurrency']} | {p['requests_per_s']} | "

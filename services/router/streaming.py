@@ -219,10 +219,9 @@ class _Stream(Generic[T, R]):
 
     async def linger(self, most_s: float, most_packed: int) -> None:
         """Wait up to ``most_s`` for the requests in flight to finish too (or ``most_packed`` to be ready)."""
-        loop = asyncio.get_running_loop()
-        company = self.company = loop.create_future()
+        company = self.company = self.loop.create_future()
         self.company_size = most_packed
-        timer = loop.call_later(most_s, _settle, company)
+        timer = self.loop.call_later(most_s, _settle, company)
         try:
             await company
         finally:

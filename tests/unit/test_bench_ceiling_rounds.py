@@ -65,21 +65,21 @@ def test_the_unary_call_splits_into_taking_it_relaying_it_and_the_routers_own_wo
     assert out["router_unary_over_empty_grpc_server_cpu_us"] == 1.5
 
 
-def test_the_paced_unary_point_has_keys_of_its_own_and_its_ratio_to_the_empty_server() -> None:
+def test_the_unpaced_unary_point_has_keys_of_its_own_and_its_ratio_to_the_empty_server() -> None:
     def point(tier: str, rounds: list[float], cpm: float, **extra: object) -> dict[str, object]:
         return median_round([{"tier": tier, "api": "unary", "images_per_request": 1, "cpu_us_per_image": r,
                               "cpu_us_per_request": r, "ceiling_requests_per_s_one_core": round(1e6 / r),
                               "calls_per_relay_message": cpm, "concurrency": 256, "requests_per_s": 1e6 / r,
                               "cores_busy": 1.0, "load_generator_cores_busy": 0.8, **extra} for r in rounds])
 
-    unary = point("router", [240.0, 480.0], 1.8)
-    paced = point("router", [200.0, 384.0], 6.1, pacing_ms=2.0)
-    out = summary({"points": [unary, paced, point("empty gRPC server", [160.0, 320.0], 0.0)]})
+    unary = point("router", [200.0, 384.0], 6.1)
+    unpaced = point("router", [240.0, 480.0], 1.8, pacing_ms=0.0)
+    out = summary({"points": [unary, unpaced, point("empty gRPC server", [160.0, 320.0], 0.0)]})
 
-    assert out["router_alone_cpu_us_per_request"] == 240.0, "the default (unpaced) point keeps its keys"
-    assert out["router_alone_paced_cpu_us_per_request"] == 200.0
-    assert out["router_unary_over_empty_grpc_server_cpu_us"] == 1.5
-    assert out["router_unary_paced_over_empty_grpc_server_cpu_us"] == 1.23  # median of 1.25 and 1.2, to 2 places
-    assert (out["router_unary_paced_pacing_ms"], out["router_unary_paced_calls_per_relay_message"]) == (2.0, 6.1)
-    assert out["router_unary_calls_per_relay_message"] == 1.8
-    assert any("unary (1), router.pacing_ms 2 |" in line for line in readme_lines({"measured_at": "now", "points": [paced]}))
+    assert out["router_alone_cpu_us_per_request"] == 200.0, "the default (paced) point keeps its keys"
+    assert out["router_alone_unpaced_cpu_us_per_request"] == 240.0
+    assert out["router_unary_over_empty_grpc_server_cpu_us"] == 1.23  # median of 1.25 and 1.2, to 2 places
+    assert out["router_unary_unpaced_over_empty_grpc_server_cpu_us"] == 1.5
+    assert (out["router_unary_pacing_ms"], out["router_unary_calls_per_relay_message"]) == (2.0, 6.1)
+    assert out["router_unary_unpaced_calls_per_relay_message"] == 1.8
+    assert any("unary (1), router.pacing_ms 0 |" in line for line in readme_lines({"measured_at": "now", "points": [unpaced]}))

@@ -4,6 +4,7 @@ loopback, against a ``start`` function standing in for a tier's core."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 
 import grpc
@@ -16,6 +17,7 @@ from flotilla.common.relay import (
     COALESCE_MAX_S,
     COALESCE_OPEN_CALLS,
     COALESCE_SHARE,
+    PACED_CALLS,
     TIMER_RESOLUTION_S,
     RelayClient,
     RelayServicer,
@@ -127,6 +129,17 @@ def test_a_paced_stream_sends_at_most_one_message_an_interval() -> None:
     assert coalesce_wait_s(1, COALESCE_MAX_FRAMES, 0.0, since_write_s=0.001, pacing_s=pacing) == 0.0, "a full message"
     busy = COALESCE_OPEN_CALLS  # the longer of the two waits
     assert coalesce_wait_s(busy, 1, 1.0, since_write_s=0.001, pacing_s=pacing) == COALESCE_MAX_S
+
+
+def test_pacing_holds_only_a_stream_whose_calls_come_several_an_interval() -> None:
+    pacing = 0.002
+    busy_gap = pacing / PACED_CALLS  # PACED_CALLS an interval: paced
+    assert coalesce_wait_s(1, 1, 0.0, since_write_s=0.001, pacing_s=pacing, call_gap_s=busy_gap) == pytest.approx(0.001)
+    quiet_gap = 1.01 * busy_gap  # a little fewer: the call goes at once
+    assert coalesce_wait_s(1, 1, 0.0, since_write_s=0.001, pacing_s=pacing, call_gap_s=quiet_gap) == 0.0
+    assert coalesce_wait_s(1, 1, 0.0, since_write_s=0.001, pacing_s=pacing, call_gap_s=math.inf) == 0.0, "one call yet"
+    # The round-trip wait of a stream with many calls open is not pacing's: it holds whatever the gap.
+    assert coalesce_wait_s(COALESCE_OPEN_CALLS, 1, 1.0, pacing_s=pacing, call_gap_s=math.inf) == COALESCE_MAX_S
 
 
 async def test_calls_coming_faster_than_the_pacing_share_its_messages() -> None:
