@@ -460,14 +460,14 @@ async def test_no_linger_while_it_says_zero_and_cancelling_a_linger_cancels_the_
 
 
 async def test_answers_of_a_stream_whose_requests_finish_far_apart_never_linger(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Lingers an hour long, but only for requests finishing less than 2 x 1 ns apart: here never.
+    # Lingers an hour long, but only for requests finishing less than 1 ns apart: here never.
     monkeypatch.setattr(streaming, "COMPANY_GAPS", 1e-9 / HOUR_S)
     receiver, handler, _, run = answering_many(["a", "b", "c"], window=8, linger_s=lambda: HOUR_S)
     await handler.until_started(3)
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # duration: the requests finish 10 ms apart at least, far apart for 1 ns
     handler.release("a")
     await asyncio.wait_for(receiver.until_answered(1), 5.0)  # b and c still in flight, yet a went at once
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # duration: as above
     handler.release("b")
     await asyncio.wait_for(receiver.until_answered(2), 5.0)
     handler.release("c")
