@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -43,3 +44,23 @@ class MonotonicClock:
 
     def call_later(self, delay_s: float, callback: Callable[[], None]) -> Timer:
         return asyncio.get_running_loop().call_later(delay_s, callback)
+
+
+class MeanGap:
+    """A moving mean (EWMA) of the gaps between events on one clock: infinite until a gap is known.
+
+    ``since_s``: when counting starts (the first event's gap is from then); -inf, the default, makes
+    the first event only a start, so the second gives the first gap.
+    """
+
+    __slots__ = ("weight", "mean_s", "_last_s")
+
+    def __init__(self, weight: float, since_s: float = -math.inf) -> None:
+        self.weight = weight
+        self.mean_s = math.inf
+        self._last_s = since_s
+
+    def note(self, now_s: float) -> None:
+        """An event at ``now_s``."""
+        gap_s, self._last_s = now_s - self._last_s, now_s
+        self.mean_s = gap_s if self.mean_s == math.inf else self.mean_s + self.weight * (gap_s - self.mean_s)

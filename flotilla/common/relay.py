@@ -31,6 +31,7 @@ from google.protobuf.message import DecodeError
 
 from flotilla.api.v1 import relay_pb2
 from flotilla.common import tracing
+from flotilla.common.clock import MeanGap
 from flotilla.common.interceptors import AdmissionLimit, CallObserver, ModelLabel, ObservedCall, origin_of, status_of
 from flotilla.common.wire import MODEL_HEADER, RELAY_CALLS_METHOD, RELAY_SERVICE, method_name
 from flotilla.errors import DeadlineExceeded, FlotillaError, MalformedRequest, Unavailable, error_from_code
@@ -226,9 +227,8 @@ class _ClientStream:
         self.closed = False
         self.round_trip_s = 0.0
         """Moving mean of the answered calls' round trips (0 until one is answered)."""
-        self.call_gap_s = math.inf
+        self.call_gaps = MeanGap(CALL_GAP_WEIGHT)
         """Moving mean of the gaps between calls (infinite until a second call)."""
-        self._last_call_s = -math.inf
         self.pending: dict[int, asyncio.Future[relay_pb2.AnswerFrame]] = {}
         self._deadlines: dict[int, float] = {}
         """Open calls with a deadline -> it (the loop's clock), for ``_sweep``."""
@@ -245,10 +245,7 @@ class _ClientStream:
         call_id = next(self._ids)
         loop = asyncio.get_running_loop()
         sent_s = loop.time()
-        gap_s, self._last_call_s = sent_s - self._last_call_s, sent_s
-        self.call_gap_s = gap_s if self.call_gap_s == math.inf else self.call_gap_s + CALL_GAP_WEIGHT * (
-            gap_s - self.call_gap_s
-        )
+        self.call_gaps.note(sent_s)
         future: asyncio.Future[relay_pb2.AnswerFrame] = loop.create_future()
         self.pending[call_id] = future
         self._send(relay_pb2.CallFrame(
@@ -303,7 +300,7 @@ class _ClientStream:
                 await self._wake.wait()
                 wait_s = coalesce_wait_s(
                     len(self.pending), len(self._outbox), self.round_trip_s, loop.time() - written_s, self.pacing_s,
-                    self.call_gap_s,
+                    self.call_gaps.mean_s,
                 )
                 if wait_s > 0:
                     await asyncio.sleep(wait_s)

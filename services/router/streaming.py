@@ -36,10 +36,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
+
+from flotilla.common.clock import MeanGap
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +168,8 @@ class _Stream(Generic[T, R]):
         self.company_size = 0
         """While answers linger: the answers ready that end the wait (0: only all of them, or the time)."""
         self.loop = asyncio.get_running_loop()
-        self.last_finished_s = self.loop.time()
-        self.gap_s = math.inf
-        """How far apart the stream's requests have been finishing: a moving average (EWMA) of the gaps."""
+        self.finish_gaps = MeanGap(GAP_WEIGHT, since_s=self.loop.time())
+        """How far apart the stream's requests have been finishing (the first gap from the stream's start)."""
 
     def wake_up(self, _: object = None) -> None:
         self.wake.set()
@@ -199,9 +199,7 @@ class _Stream(Generic[T, R]):
     def _finish(self, request: T, outcome: asyncio.Future[R] | BaseException) -> None:
         self.finished.append((request, outcome))
         self.wake.set()
-        now_s = self.loop.time()
-        gap_s, self.last_finished_s = now_s - self.last_finished_s, now_s
-        self.gap_s = gap_s if self.gap_s == math.inf else self.gap_s + GAP_WEIGHT * (gap_s - self.gap_s)
+        self.finish_gaps.note(self.loop.time())
         company = self.company
         if company is not None and not company.done() and (
             self.all_finished() or 0 < self.company_size <= len(self.finished)
@@ -211,7 +209,7 @@ class _Stream(Generic[T, R]):
     def company_likely(self, most_s: float) -> bool:
         """Whether an answer that waits ``most_s`` is likely to get company: the stream's requests have
         been finishing, on average, less than ``COMPANY_GAPS`` times that apart."""
-        return self.gap_s < COMPANY_GAPS * most_s
+        return self.finish_gaps.mean_s < COMPANY_GAPS * most_s
 
     def all_finished(self) -> bool:
         """Every request taken and not yet answered has its answer ready."""
