@@ -3,8 +3,8 @@
 The saturated mesh (R = 2, max_batch_size 8, concurrency 64) on the 1-2 MP
 photos and on the small samples, every tier's CPU from its processes' own
 counters (:mod:`flotilla.bench.meter`), and the mesh against the physical
-limit on the same large photos, measured before the stack starts
-(``mesh_vs_limit``; what the limit is and how it is measured:
+limit on the same large photos, measured before the stack starts and after it
+stops (``mesh_vs_limit``; what the limit is and how it is measured:
 :mod:`flotilla.bench.limit`).
 """
 
@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from flotilla.bench.front_loads import classify_bodies, classify_stream_load
 from flotilla.bench.inputs import LARGE_PHOTOS, large_photos, small_photos
-from flotilla.bench.limit import physical_limit
+from flotilla.bench.limit import bracketed, physical_limit
 from flotilla.bench.meter import LOAD_GENERATOR, MODEL_STUBS, TIER_ORDER, MeteredPoint, Tier, metered_load
 from flotilla.clients.loadtest import StackTarget
 from flotilla.config import FlotillaSettings
@@ -104,8 +104,8 @@ def run(
     settings.models[model].batching.max_inflight_batches = 2 * replicas
     settings.models[model].min_copies = settings.models[model].max_copies = replicas
     concurrency = 2 * 2 * replicas * batch_size
-    # Before the stack starts: nothing else on the cores.
-    limit = physical_limit(settings, model, large, batch_size)
+    # Before the stack starts and after it stops: nothing else on the cores.
+    before = physical_limit(settings, model, large, batch_size)
     points: dict[str, PhotoSetPoint] = {}
     print(f"cpu: starting a stack with {replicas} Triton replicas ...", flush=True)
     with LocalStack(settings) as stack:
@@ -137,6 +137,7 @@ def run(
                 await target.close()
 
         asyncio.run(drive())
+    limit = bracketed(before, physical_limit(settings, model, large, batch_size))
     mesh = float(points["large"]["images_per_s"])
     return {
         "model": model,
@@ -265,7 +266,9 @@ def mesh_vs_limit_row(cpu: dict[str, Any]) -> list[str]:
         f"{cpu['max_batch_size']}, c={large['concurrency']}): mesh img/s / ({limit['cores']} cores / (ONNX Runtime "
         "+ decode CPU-s per image"
         + (f", measured with all {limit['measured_with_cores_busy']} cores running both at once; alone: one "
-           "process, the other cores idle" if busy else "") + ")) | "
+           "process, the other cores idle" if busy else "")
+        + (f"; the means of the limit measured before the stack and after it, {limit['before']['limit_images_per_s']} "
+           f"and {limit['after']['limit_images_per_s']} images/s" if "after" in limit else "") + ")) | "
         f"{large['images_per_s']} / ({limit['cores']} / ({limit['model_cpu_ms_per_image']} + "
         f"{limit['decode_cpu_ms_per_image']} ms"
         + (f"; alone {limit['model_cpu_ms_per_image_alone']} + {limit['decode_cpu_ms_per_image_alone']} ms"
@@ -297,6 +300,15 @@ def _if_flotilla_free_row(cpu: dict[str, Any]) -> list[str]:
     ]
 
 
+def _when_measured(limit: dict[str, Any]) -> str:
+    """When the run measured its limit: before the stack started, or before and after (then the means)."""
+    if "after" not in limit:
+        return "before the stack starts"
+    return (f"before the stack started and after it stopped, the means of the two (limits "
+            f"{limit['before']['limit_images_per_s']} and {limit['after']['limit_images_per_s']} images/s, "
+            f"drift {limit['drift']:+.1%})")
+
+
 def readme_lines(cpu: dict[str, Any]) -> list[str]:
     """The results page's CPU-per-tier table."""
     limit, large, small = cpu["limit"], cpu["points"]["large"], cpu["points"]["small"]
@@ -312,7 +324,8 @@ def readme_lines(cpu: dict[str, Any]) -> list[str]:
         f"{cpu.get('windows', 1)} windows of {cpu['window_s']:.0f} s per photo set; each process's own user+system "
         "CPU time (psutil, which reads /proc/PID/stat), its children included (Triton's Python-backend stubs counted apart, as model stubs). "
         f"Limit: ONNX Runtime (1 intra-op thread, as each replica runs; batch {limit['batch_size']}) and "
-        "decode_for_model, CPU per image, on the large photos, in the same run before the stack starts"
+        "decode_for_model, CPU per image, on the large photos, in the same run "
+        + _when_measured(limit)
         + (f": measured with every core running them at once ({limit['measured_with_cores_busy']} processes, "
            f"each running one batch then decoding {limit['batch_size']} photos, in turn, as the mesh does; the "
            "means over the processes), the limit's figures; beside them (alone) the same in one process with "

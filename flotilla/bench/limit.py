@@ -4,7 +4,10 @@ The limit is the most images per second this machine's cores could classify doin
 jobs no serving stack can skip: running the model (ONNX Runtime with one intra-op thread, as each of
 the bench's Triton replicas runs it) and decoding each photo into the model's input
 (``decode_for_model``, as the preprocess workers do). It is cores / (model + decode CPU per image), on
-the bench's 1-2 MP photos, measured before the stack starts.
+the bench's 1-2 MP photos, measured before the stack starts and again after it stops: the mesh's points
+run between the two, and this host's speed drifts by a few percent from minute to minute (six limits
+in a row on 2026-12-07 read 146.2 to 153.5 images/s), so the figures the mesh is held against are the
+means of the two (:func:`bracketed`), with each measurement and their spread beside them.
 
 Both figures are measured with every core running them at once: one process a core, each running one
 batch, then decoding as many photos, in turn, as the mesh's replicas and workers do. The mesh always
@@ -213,4 +216,28 @@ def physical_limit(settings: FlotillaSettings, model: str, photos: list[bytes], 
         "cores": cores,
         "measured_with_cores_busy": cores,
         "limit_images_per_s": round(cores / ((model_ms + decode_ms) / 1000.0), 1),
+    }
+
+
+LIMIT_FIGURES = (
+    "model_cpu_ms_per_image", "decode_cpu_ms_per_image", "model_cpu_ms_per_image_alone", "decode_cpu_ms_per_image_alone",
+)
+
+
+def bracketed(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """The limit from two measurements of :func:`physical_limit`, one before the stack started and one
+    after it stopped: each figure's mean, the limit those means make, each measurement as it was
+    (``before``, ``after``) and how far the second's limit lies from the first's (``drift``, a
+    fraction: -0.02 is a host 2% slower at the end)."""
+    means = {key: round(statistics.fmean((before[key], after[key])), 3) for key in LIMIT_FIGURES}
+    cores = before["cores"]
+    return {
+        **before,
+        **means,
+        "limit_images_per_s": round(
+            cores / ((means["model_cpu_ms_per_image"] + means["decode_cpu_ms_per_image"]) / 1000.0), 1
+        ),
+        "before": before,
+        "after": after,
+        "drift": round(after["limit_images_per_s"] / before["limit_images_per_s"] - 1.0, 3),
     }

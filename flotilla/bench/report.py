@@ -282,8 +282,9 @@ def targets_table(summary: dict[str, object]) -> list[str]:
 
 
 def beyond_ceiling(share: float) -> str:
-    """A share of the ceiling above 1 is no result: the limit, measured before the stack starts, met a
-    slower host than the mesh did (its model and decode cost more per image then); "" for one at most 1."""
+    """A share of the ceiling above 1 is no result: the limit, measured before the stack starts and after
+    it stops, met a slower host than the mesh did (its model and decode cost more per image then); ""
+    for one at most 1."""
     if share <= 1.0:
         return ""
     return "not judged: above 1, the limit was measured while the host was slower than when the mesh ran"

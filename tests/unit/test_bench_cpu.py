@@ -29,7 +29,7 @@ from flotilla.bench.cpu import (
     readme_lines,
     summary,
 )
-from flotilla.bench.limit import BusyJob, cores_busy_cpu_ms_per_image
+from flotilla.bench.limit import BusyJob, bracketed, cores_busy_cpu_ms_per_image
 from flotilla.bench.meter import LOAD_GENERATOR, CpuMeter, Tier, descendants, metered_load, read_process
 from flotilla.bench.overhead import large_photos_lines, large_photos_summary
 from flotilla.bench.report import NEAR_FREE_BEFORE_REQUESTS_PER_S, near_free_budget
@@ -225,6 +225,23 @@ def test_a_limit_measured_in_one_process_keeps_its_old_wording() -> None:
     lines = readme_lines(cpu)
     assert "at once" not in lines[0] and lines[0].endswith("before the stack starts, in-process.")
     assert "| limit: ONNX Runtime / decode, CPU-ms per image | 8.0 / 3.2 | | |" in lines
+
+
+def test_the_limit_bracketing_the_stack_is_the_means_of_both_measurements_with_each_and_the_drift() -> None:
+    # The host ran 5% slower per image at the end: the mesh between them is held against the means.
+    after = {**BUSY_LIMIT, "model_cpu_ms_per_image": 8.4, "decode_cpu_ms_per_image": 3.36,
+             "model_cpu_ms_per_image_alone": 7.2, "decode_cpu_ms_per_image_alone": 3.1, "limit_images_per_s": 170.1}
+    limit = bracketed(BUSY_LIMIT, after)
+    assert (limit["model_cpu_ms_per_image"], limit["decode_cpu_ms_per_image"]) == (8.2, 3.28)
+    assert (limit["model_cpu_ms_per_image_alone"], limit["decode_cpu_ms_per_image_alone"]) == (7.1, 3.05)
+    assert limit["limit_images_per_s"] == round(2 / (11.48 / 1000.0), 1) == 174.2
+    assert limit["before"] == BUSY_LIMIT and limit["after"] == after and limit["drift"] == -0.048
+    assert (limit["cores"], limit["batch_size"], limit["measured_with_cores_busy"]) == (2, 8, 2)
+    cpu = cpu_result(limit)
+    assert "the means of the limit measured before the stack and after it, 178.6 and 170.1 images/s" \
+        in mesh_vs_limit_row(cpu)[0]
+    assert "before the stack started and after it stopped, the means of the two (limits 178.6 and 170.1 " \
+        "images/s, drift -4.8%)" in readme_lines(cpu)[0]
 
 
 def test_a_failing_limit_process_raises_here_and_every_process_is_ended(tmp_path: Path) -> None:
