@@ -192,6 +192,8 @@ def summary(cpu: dict[str, Any]) -> dict[str, object]:
             - cpu["limit"].get("decode_cpu_ms_per_image_alone", cpu["limit"]["decode_cpu_ms_per_image"]), 2
         ),
         "mesh_vs_limit_ceiling_here": mesh_vs_limit_ceiling(cpu),
+        # How far the limit after the stack lies from the one before it (a fraction; absent: measured once).
+        **({"limit_drift": cpu["limit"]["drift"]} if "drift" in cpu["limit"] else {}),
         **({
             # The same load on ClassifyStream (issue 23: >= 0.9 of the ceiling here).
             "mesh_vs_limit_over_stream": cpu["mesh_vs_limit_over_stream"],

@@ -324,3 +324,13 @@ def test_a_share_of_the_ceiling_above_one_is_not_judged() -> None:
 
     assert beyond_ceiling(0.886) == "" and beyond_ceiling(1.0) == ""
     assert beyond_ceiling(1.004).startswith("not judged")
+
+
+def test_a_share_of_a_limit_that_moved_more_than_the_judged_drift_across_the_run_is_not_judged() -> None:
+    from flotilla.bench.report import JUDGED_DRIFT, judged
+
+    assert judged(0.95, 0.089).startswith("not judged: the limit moved +8.9% between its measurements")
+    assert judged(0.85, -0.04).startswith("not judged: the limit moved -4.0%")
+    assert judged(0.886, JUDGED_DRIFT) == "" and judged(0.886, -0.01) == ""
+    assert judged(0.886, float("nan")) == "", "a limit measured once (an older run) is judged as before"
+    assert judged(1.004, 0.0).startswith("not judged: above 1")
