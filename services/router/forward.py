@@ -11,14 +11,14 @@ status comes back as a ``FlotillaError`` of the same code, message and origin.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Generic, Protocol, TypeVar
 
 from flotilla.common import tracing
 from flotilla.common.relay import RelayClient
 from flotilla.common.wire import AUTH_HEADER, CLASSIFY_METHOD
-from flotilla.errors import DeadlineExceeded, Unavailable
-from flotilla.pool.pool import Endpoint
+from flotilla.errors import DeadlineExceeded, NoHealthyEndpoint, Unavailable
+from flotilla.pool.pool import Endpoint, EndpointPool
 from flotilla.services.router.keys import KeyBook, KeyGrant
 from flotilla.services.router.routing import ApiKeys, RouteTable
 
@@ -29,6 +29,9 @@ encodings describe its connection, not the call."""
 ROUTE_MOVES = 3
 """How many times one call follows its model to a new pool after failing UNAVAILABLE on the one it
 started on (each move a change of the model's shards while the call was under way)."""
+
+MoveTargets = Callable[[str], Collection[str]]
+"""The batching shards a model's queue could move to: the fleet's, less those dedicated to another model."""
 
 TimeRemaining = Callable[[], float | None]
 """Seconds left of the caller's deadline (None: no deadline), asked again before each attempt."""
@@ -48,6 +51,10 @@ def no_deadline() -> float | None:
     return None
 
 
+def no_shards(model: str) -> Collection[str]:
+    return ()
+
+
 def passed_headers(headers: Iterable[tuple[str, str | bytes]]) -> list[tuple[str, str]]:
     """The caller's headers a batcher gets: text ones only (a binary -bin header has no reader below
     and no place in a relay frame), less ``DROPPED_HEADERS``; the trace context becomes the router's."""
@@ -62,9 +69,16 @@ class Forwarder(Generic[P]):
     stream: per request, not per stream); ``check_key`` only authenticates (a stream's opening).
     """
 
-    def __init__(self, keys: KeyBook | ApiKeys, routes: RouteTable[P]) -> None:
+    def __init__(
+        self, keys: KeyBook | ApiKeys, routes: RouteTable[P], *, move_hold_s: float = 0.0, shards: MoveTargets = no_shards
+    ) -> None:
         self.keys = keys if isinstance(keys, KeyBook) else KeyBook(keys, clock=time.monotonic, unix_clock=time.time)
         self.routes = routes
+        self.move_hold_s = move_hold_s
+        """How long a call waits, within its deadline, for its model to move when no shard of the model
+        answers (every one down or ejected) and ``shards`` names another it could move to; with no
+        other shard, or 0, it fails UNAVAILABLE at once."""
+        self.shards = shards
 
     def check_key(self, authorization: str | None) -> KeyGrant:
         """The caller's grant; ``Unauthenticated`` unless ``authorization`` is ``Bearer <a valid key>``.
@@ -110,12 +124,28 @@ class Forwarder(Generic[P]):
         for _ in range(ROUTE_MOVES):
             try:
                 return await pool.call(on)
-            except Unavailable:
+            except Unavailable as exc:
                 # The model moved while the call was under way (its shard went silent, or the
                 # controller spread it anew): the pool it started on may be closed, or hold only the
                 # shard it left. It goes again on the model's pool now, within its deadline.
                 moved = self.routes.get(model) if model else None
+                if model and moved is pool and isinstance(exc, NoHealthyEndpoint) and self._may_move(model, pool):
+                    # No shard of the model answers (its only one killed) while another could take it:
+                    # the controller moves it once the dead shard's heartbeats stop. Wait for that.
+                    moved = await self.routes.moved_from(model, pool, self._hold_s(time_remaining))
                 if moved is None or moved is pool:
                     raise
                 pool = moved
         return await pool.call(on)
+
+    def _may_move(self, model: str, pool: EndpointPool[P]) -> bool:
+        """Whether the fleet has a shard outside ``pool`` that ``model``'s queue could move to."""
+        if self.move_hold_s <= 0:
+            return False
+        held = {endpoint.address for endpoint in pool.endpoints}
+        return any(address not in held for address in self.shards(model))
+
+    def _hold_s(self, time_remaining: TimeRemaining) -> float:
+        """How long a call may wait for its model to move: ``move_hold_s``, at most its time left."""
+        left_s = time_remaining()
+        return self.move_hold_s if left_s is None else max(0.0, min(self.move_hold_s, left_s))

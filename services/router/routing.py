@@ -5,6 +5,7 @@ Decisions use request headers only; the body is never looked at.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import hmac
 from collections.abc import Iterable, Mapping
@@ -60,6 +61,8 @@ class RouteTable(Generic[C]):
 
     def __init__(self, pools: Mapping[str, EndpointPool[C]] | None = None) -> None:
         self._pools: dict[str, EndpointPool[C]] = dict(pools or {})
+        self._changed: asyncio.Event | None = None
+        """Set by the next ``update``; made only while a call waits in ``moved_from``."""
         if self._pools:
             metrics.models_served("router", self._pools)
 
@@ -83,6 +86,27 @@ class RouteTable(Generic[C]):
         gone = [model for model in removed if self._pools.pop(model, None) is not None]
         if added or gone:
             metrics.models_changed("router", added=added, removed=gone)
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def moved_from(self, model: str, pool: EndpointPool[C], within_s: float) -> EndpointPool[C] | None:
+        """``model``'s pool once it is another than ``pool`` (the controller moved the model to other
+        shards), waiting up to ``within_s`` for that; None if it did not move in time. A model with
+        no route meanwhile is waited for too: a move may pass through none."""
+        loop = asyncio.get_running_loop()
+        deadline_s = loop.time() + within_s
+        while (now := self._pools.get(model)) is None or now is pool:
+            left_s = deadline_s - loop.time()
+            if left_s <= 0:
+                return None
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._changed.wait(), left_s)
+            except TimeoutError:
+                return None
+        return now
 
     def put(self, model: str, pool: EndpointPool[C]) -> None:
         self.update({model: pool})

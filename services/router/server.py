@@ -151,7 +151,17 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     if not settings.router.api_keys and not len(keys):
         log.warning("router: no static API keys (router.api_keys) and no registered keys yet; requests are "
                     "refused until `flotilla keys create` makes one")
-    forwarder = Forwarder(keys, routes.table)
+    def move_targets(model: str) -> list[str]:
+        return [address for address, shard in watcher.state.shards.items()
+                if not shard.dedicated_model or shard.dedicated_model == model]
+
+    # A model whose only shard died moves once the controller has heard nothing from it for the heartbeat
+    # timeout (looked at every heartbeat interval, the last heartbeat up to an interval before the death):
+    # while another shard could take it, its calls wait that long, and an interval more for the new route
+    # to come, rather than fail.
+    shard_settings = settings.controller.shards
+    forwarder = Forwarder(keys, routes.table, shards=move_targets,
+                          move_hold_s=shard_settings.heartbeat_timeout_s + 3 * shard_settings.heartbeat_interval_s)
     # The stream's handler first: the unary one leaves ClassifyStream to it. Stopping, streams take no more.
     streams = ClassifyStreamHandler(
         forwarder, CallObserver("router", server.admission, model_label), window=settings.router.stream_window,

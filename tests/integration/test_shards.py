@@ -8,9 +8,11 @@ whatever the number of models. Each is called through the router with real
 JPEGs; both shards must host some. Then one shard is SIGKILLed while every
 model takes calls: its models must answer again through the other shard
 within seconds (the controller drops a shard silent for
-``heartbeat_timeout_s`` and moves its models), and every call must get an
-answer: a success, or an UNAVAILABLE that a retry a few seconds later turns
-into one. Finally every model is undeployed and its route goes (NOT_FOUND).
+``heartbeat_timeout_s`` and moves its models), and every call must succeed
+without its caller retrying: the router holds a call whose model's only shard
+is dead until the model moves (before, 8 of 551 calls got UNAVAILABLE first and
+their callers retried 93 times). Finally every model is undeployed and its
+route goes (NOT_FOUND).
 """
 
 from __future__ import annotations
@@ -292,7 +294,8 @@ async def test_a_killed_shard_s_models_answer_again_through_the_other_and_no_cal
           f"errors by code {dict(tally.codes)}")
     assert not tally.lost, f"calls with no success ({len(tally.lost)} of {tally.sent}): {tally.lost[:3]}"
     assert tally.succeeded == tally.sent, tally
-    assert set(tally.codes) <= {"UNAVAILABLE"}, tally.codes
+    # The router held the calls of the killed shard's models until they moved: none failed to retry.
+    assert tally.unavailable == 0 and not tally.codes, tally.codes
     assert sorted(await hosted_by(survivor)) == MODELS
 
 

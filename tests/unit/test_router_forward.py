@@ -1,14 +1,17 @@
 """``Forwarder.call`` (services.router.forward) over stand-in batcher peers: a call that fails
-UNAVAILABLE after its model moved to other shards goes again on the model's pool now."""
+UNAVAILABLE after its model moved to other shards goes again on the model's pool now, and one whose
+model's only shard is dead waits for the model to move while another shard could take it."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Sequence
 
 import pytest
 
 from flotilla.common.relay import RelayClient
-from flotilla.errors import FlotillaError, InvalidArgument, Unavailable
+from flotilla.errors import FlotillaError, InvalidArgument, NoHealthyEndpoint, Unavailable
 from flotilla.pool.pool import EndpointPool
 from flotilla.services.router.forward import ROUTE_MOVES, Forwarder
 from flotilla.services.router.routing import ApiKeys, RouteTable
@@ -98,3 +101,58 @@ async def test_only_unavailable_follows_the_model_and_a_model_that_keeps_moving_
     with pytest.raises(FlotillaError, match=f"hop {ROUTE_MOVES + 1} failed"):
         await forwarder(routes).call("m", b"req", [])
     assert sum(p.calls for p in hops) == ROUTE_MOVES, "the call followed the model ROUTE_MOVES times"
+
+
+def dead(_: int) -> bytes:
+    raise Unavailable("relay stream to old:1 failed: connection refused")
+
+
+def holding(routes: RouteTable[Peer], shards: list[str], hold_s: float) -> Forwarder[Peer]:
+    return Forwarder(ApiKeys(["k"]), routes, move_hold_s=hold_s, shards=lambda model: shards)
+
+
+async def test_a_call_whose_models_only_shard_is_dead_waits_for_the_model_to_move_to_another() -> None:
+    routes: RouteTable[Peer] = RouteTable()
+    routes.put("m", pool("old", Peer(dead)))
+    survivor = Peer(lambda _: b"answer from the survivor")
+
+    async def move_later() -> None:
+        await asyncio.sleep(0.05)  # duration: the controller noticing the dead shard
+        routes.remove("m")  # a move may pass through no route at all
+        await asyncio.sleep(0.05)  # duration: the new route on its way
+        routes.put("m", pool("survivor", survivor))
+
+    mover = asyncio.create_task(move_later())
+    started_s = time.monotonic()
+    assert await holding(routes, ["old:1", "survivor:1"], 3600.0).call("m", b"req", []) == b"answer from the survivor"
+    assert time.monotonic() - started_s >= 0.1, "the call waited for the move"
+    await mover
+
+
+async def test_the_wait_for_a_move_is_bounded_by_the_hold_and_by_the_calls_deadline() -> None:
+    routes: RouteTable[Peer] = RouteTable()
+    routes.put("m", pool("old", Peer(dead)))
+    started_s = time.monotonic()
+    with pytest.raises(NoHealthyEndpoint, match="connection refused"):
+        await holding(routes, ["old:1", "other:1"], 0.2).call("m", b"req", [])
+    assert 0.2 <= time.monotonic() - started_s < 5.0
+    started_s = time.monotonic()
+    with pytest.raises(NoHealthyEndpoint):
+        await holding(routes, ["old:1", "other:1"], 3600.0).call("m", b"req", [], time_remaining=lambda: 0.1)
+    assert time.monotonic() - started_s < 5.0, "an hour's hold ended at the call's deadline"
+
+
+async def test_a_call_fails_at_once_where_no_other_shard_could_take_the_model_or_the_failure_is_from_below() -> None:
+    routes: RouteTable[Peer] = RouteTable()
+    routes.put("m", pool("old", Peer(dead)))
+    # The only shard of the fleet (the local stack's one batcher): nothing to move to, fail fast.
+    with pytest.raises(NoHealthyEndpoint):
+        await asyncio.wait_for(holding(routes, ["old:1"], 3600.0).call("m", b"req", []), 5.0)
+
+    def store_down(_: int) -> bytes:
+        raise Unavailable("object store unavailable", origin="object store 127.0.0.1:8333")
+
+    routes.put("m", pool("old", Peer(store_down)))
+    # The shard answered: the tier under it failed. Moving the model would not help.
+    with pytest.raises(Unavailable, match="object store unavailable"):
+        await asyncio.wait_for(holding(routes, ["old:1", "other:1"], 3600.0).call("m", b"req", []), 5.0)
