@@ -6,6 +6,10 @@ request on a ``ClassifyStream``, and each image of a KServe v2 ``ModelInfer``
 model from the route table and sends the body as a frame on this router's
 relay stream to it, with what is left of the caller's deadline; the shard's
 status comes back as a ``FlotillaError`` of the same code, message and origin.
+A call that fails UNAVAILABLE because its model moved goes again on the
+model's pool now; one whose model has no shard that answers waits, within
+its deadline, for the controller to move the model, while the fleet has
+another shard that could take it (``Forwarder.move_hold_s``).
 """
 
 from __future__ import annotations
