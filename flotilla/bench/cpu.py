@@ -197,8 +197,9 @@ def summary(cpu: dict[str, Any]) -> dict[str, object]:
         **({
             # The same load on ClassifyStream (issue 23: >= 0.9 of the ceiling here).
             "mesh_vs_limit_over_stream": cpu["mesh_vs_limit_over_stream"],
+            "mesh_vs_limit_ceiling_here_over_stream": mesh_vs_limit_ceiling(cpu, LARGE_OVER_STREAM),
             "mesh_vs_limit_over_stream_of_ceiling_here": round(
-                cpu["mesh_vs_limit_over_stream"] / mesh_vs_limit_ceiling(cpu), 3
+                cpu["mesh_vs_limit_over_stream"] / mesh_vs_limit_ceiling(cpu, LARGE_OVER_STREAM), 3
             ),
             "router_cpu_us_per_image_large_photos_over_stream":
                 cpu["points"][LARGE_OVER_STREAM]["cpu_us_per_image"].get("router"),
@@ -238,17 +239,20 @@ def of_ceiling_if_flotilla_free(cpu: dict[str, Any], name: str) -> float | None:
         return None
     total = float(point["cpu_us_per_image"]["total"])
     images_per_s = float(point["images_per_s"]) * total / (total - flotilla)
-    return round(images_per_s / float(cpu["limit"]["limit_images_per_s"]) / mesh_vs_limit_ceiling(cpu), 3)
+    return round(images_per_s / float(cpu["limit"]["limit_images_per_s"]) / mesh_vs_limit_ceiling(cpu, name), 3)
 
 
-def mesh_vs_limit_ceiling(cpu: dict[str, Any]) -> float:
-    """The best mesh_vs_limit this machine allows with the same S3 store and load generator: every
-    Flotilla tier, Triton's server and the model's stub overhead at zero, so the cores carry only
-    the model and decode at the limit's cost (measured with every core running them at once, as in
-    the mesh) plus what S3 and the load generator measured per image in the same run (they share
-    the cores; the limit assumes the cores carry nothing else)."""
+def mesh_vs_limit_ceiling(cpu: dict[str, Any], name: str = "large") -> float:
+    """The best mesh_vs_limit this machine allows at point ``name`` with the same S3 store and load
+    generator: every Flotilla tier, Triton's server and the model's stub overhead at zero, so the cores
+    carry only the model and decode at the limit's cost (measured with every core running them at
+    once, as in the mesh) plus what S3 and that point's load generator measured per image there (they
+    share the cores; the limit assumes the cores carry nothing else). Each point is held against its
+    own: the stream point's load generator costs less per image than the unary point's (2026-12-07:
+    177 against 265 CPU-µs), and the unary point's ceiling would credit the stream point with that
+    difference (0.914 against its own 0.920)."""
     limit_us: float = (cpu["limit"]["model_cpu_ms_per_image"] + cpu["limit"]["decode_cpu_ms_per_image"]) * 1000.0
-    per_image = cpu["points"]["large"]["cpu_us_per_image"]
+    per_image = cpu["points"][name]["cpu_us_per_image"]
     outside_us: float = per_image.get("s3", 0.0) + per_image.get(LOAD_GENERATOR, 0.0)
     return round(limit_us / (limit_us + outside_us), 3)
 
@@ -263,6 +267,7 @@ def mesh_vs_limit_row(cpu: dict[str, Any]) -> list[str]:
     """The results page's figure that replaced the old "mesh efficiency"."""
     limit, large = cpu["limit"], cpu["points"]["large"]
     busy = _cores_busy(limit)
+    stream_ceiling = mesh_vs_limit_ceiling(cpu, LARGE_OVER_STREAM) if LARGE_OVER_STREAM in cpu["points"] else 1.0
     return [
         f"| mesh_vs_limit (1-2 MP photos `build/samples/large/*.jpg`, R={cpu['replicas']}, max_batch_size "
         f"{cpu['max_batch_size']}, c={large['concurrency']}): mesh img/s / ({limit['cores']} cores / (ONNX Runtime "
@@ -279,8 +284,8 @@ def mesh_vs_limit_row(cpu: dict[str, Any]) -> list[str]:
         *([
             f"| mesh_vs_limit over ClassifyStream (the same load on {STREAMS} streams instead of unary calls) | "
             f"{cpu['points'][LARGE_OVER_STREAM]['images_per_s']} / {limit['limit_images_per_s']} "
-            f"= **{cpu['mesh_vs_limit_over_stream']}** ({round(cpu['mesh_vs_limit_over_stream'] / mesh_vs_limit_ceiling(cpu), 3)} "
-            f"of the ceiling here, {mesh_vs_limit_ceiling(cpu)}) |",
+            f"= **{cpu['mesh_vs_limit_over_stream']}** ({round(cpu['mesh_vs_limit_over_stream'] / stream_ceiling, 3)} "
+            f"of its ceiling here, {stream_ceiling}, from its own S3 and load generator) |",
             *_if_flotilla_free_row(cpu),
         ] if LARGE_OVER_STREAM in cpu["points"] else []),
     ]

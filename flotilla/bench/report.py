@@ -271,8 +271,9 @@ def targets_table(summary: dict[str, object]) -> list[str]:
          f"{get('router_unary_calls_per_relay_message'):.1f} at {get('router_unary_pacing_ms'):g} ms against "
          f"{get('router_unary_unpaced_calls_per_relay_message'):.1f}",
          "-"),
-        ("the CPU point over ClassifyStream >= 0.9 of the ceiling here; the same were Flotilla's own work free "
-         "(router, batcher, controller, the worker beyond decode: CPU-µs per image)",
+        ("the CPU point over ClassifyStream >= 0.9 of the ceiling here (from that point's own S3 and load "
+         "generator); the same were Flotilla's own work free (router, batcher, controller, the worker beyond "
+         "decode: CPU-µs per image)",
          f"{get('mesh_vs_limit_over_stream_of_ceiling_here'):.3f}; "
          f"{get('mesh_vs_limit_over_stream_of_ceiling_here_if_flotilla_free'):.3f} "
          f"({get('flotilla_cpu_us_per_image_large_photos_over_stream'):.0f} µs)",

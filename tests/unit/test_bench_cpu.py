@@ -262,6 +262,23 @@ def test_the_mesh_vs_limit_ceiling_counts_only_s3_and_the_load_generator_beside_
     assert mesh_vs_limit_ceiling(cpu) == 0.9
 
 
+def test_each_point_is_held_against_the_ceiling_of_its_own_s3_and_load_generator() -> None:
+    # The stream point's load generator costs 0.2 ms less an image than the unary one's: its ceiling is
+    # 9 / 9.8, not the unary point's 9 / 10, and its share of the ceiling is taken against that.
+    tiers = {"router": 300.0, "batcher": 250.0, "controller": 50.0, "worker": 3400.0, "model stubs": 5000.0,
+             "s3": 800.0, "total": 10000.0}
+    unary = {"images_per_s": 160.0, "cpu_us_per_image": {**tiers, LOAD_GENERATOR: 200.0}}
+    stream = {"images_per_s": 180.0, "cpu_us_per_image": {**tiers, LOAD_GENERATOR: 0.0}}
+    cpu = {"limit": {"model_cpu_ms_per_image": 6.0, "decode_cpu_ms_per_image": 3.0, "limit_images_per_s": 200.0},
+           "points": {"large": unary, LARGE_OVER_STREAM: stream}}
+
+    assert mesh_vs_limit_ceiling(cpu) == 0.9
+    assert mesh_vs_limit_ceiling(cpu, LARGE_OVER_STREAM) == round(9 / 9.8, 3)
+    result = summary({**cpu, "mesh_vs_limit": 0.8, "mesh_vs_limit_over_stream": 0.9})
+    assert result["mesh_vs_limit_ceiling_here_over_stream"] == round(9 / 9.8, 3)
+    assert result["mesh_vs_limit_over_stream_of_ceiling_here"] == round(0.9 / round(9 / 9.8, 3), 3)
+
+
 def test_the_stream_point_were_flotillas_own_work_free_sheds_that_cpu_and_keeps_the_rest() -> None:
     # 10 ms per image in all, 1 ms of it Flotilla's own (router, batcher, controller, worker beyond decode):
     # free, the same cores would carry 10/9 as many images.
