@@ -50,3 +50,13 @@ def test_the_image_installs_runtime_dependencies_only() -> None:
     for heavy in ("tqdm", "matplotlib", "onnxruntime", "torch", "pytest"):
         assert heavy not in runtime, f"{heavy} belongs in an extra, not in the image"
     assert set(project["optional-dependencies"]) >= {"local", "test", "loadtest", "triton"}
+
+
+def test_the_services_run_on_flotillas_grpc_runtime_and_triton_on_its_own() -> None:
+    from flotilla.common.grpc_runtime import SERVICE_GRPC_EXPERIMENTS
+
+    found = stages()
+    runtime_env = " ".join(line for line in found["runtime"] if line.startswith("ENV "))
+    assert f"GRPC_EXPERIMENTS={SERVICE_GRPC_EXPERIMENTS}" in runtime_env.split()
+    triton_env = " ".join(line for line in found["triton-cpu"] if line.startswith("ENV "))
+    assert "GRPC_EXPERIMENTS=" in triton_env.split(), "tritonserver's own gRPC keeps its defaults"

@@ -57,6 +57,7 @@ from flotilla.api.v1 import (
 )
 from flotilla.bench import front_loads
 from flotilla.bench.meter import LOAD_GENERATOR, Tier, metered_load
+from flotilla.common.grpc_runtime import service_env
 from flotilla.common.peer import GrpcPeer
 from flotilla.common.probe import is_serving
 from flotilla.common.relay import RelayClient, RelayServicer
@@ -181,7 +182,7 @@ async def _start(settings: FlotillaSettings, run_dir: Path, name: str, argv: lis
     address = f"{settings.host}:{port}"
     process = ManagedProcess(
         name, [sys.executable, "-m", "flotilla", "serve", *argv, "--port", str(port)],
-        log_path=run_dir / f"{name}.log", address=address,
+        log_path=run_dir / f"{name}.log", address=address, env=service_env(),
     )
     process.start()
     await asyncio.to_thread(
@@ -388,6 +389,7 @@ async def _bare_server_point(
         [sys.executable, "-m", "flotilla.bench.ceiling", settings.host, str(port), settings.event_loop,
          *([batcher] if batcher else [])],
         log_path=run_dir / f"{name}.log", address=f"{settings.host}:{port}",
+        env=service_env(),  # the empty server runs on the router's gRPC runtime, as on its event loop
     )
     load: front_loads.Load | None = None
     try:

@@ -47,6 +47,7 @@ from pydantic import SecretStr
 from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
 from flotilla.clients.models import ModelsClient, missing_labels, upload_artifact
 from flotilla.common.fleet import FleetState, spec_of
+from flotilla.common.grpc_runtime import service_env
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.probe import is_serving
 from flotilla.common.tls import PLAINTEXT, Dialer
@@ -657,7 +658,7 @@ class LocalStack:
             argv += ["--model", model]
         proc = ManagedProcess(
             name, argv, log_path=self.logs / f"{name}.log", address=address,
-            metrics_address=f"{self.host}:{metrics_port}", env=self._role_env(role),
+            metrics_address=f"{self.host}:{metrics_port}", env=service_env(self._role_env(role)),
         )
         proc.start()
         return proc

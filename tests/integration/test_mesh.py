@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from flotilla.clients.client import FlotillaClient
+from flotilla.common.grpc_runtime import EXPERIMENTS_VARIABLE, SERVICE_GRPC_EXPERIMENTS
 from flotilla.common.probe import is_serving
 from flotilla.errors import Code, FlotillaError
 from flotilla.services.preprocess.imaging import decode_for_model, to_batch_tensor
@@ -103,6 +105,21 @@ def test_every_service_is_healthy(stack: LocalStack) -> None:
     for proc in stack.flotilla_services():
         assert proc.alive(), proc.exit_summary()
         assert is_serving(proc.address), f"{proc.name} at {proc.address} is not SERVING"
+
+
+def test_the_services_run_on_flotillas_grpc_runtime_and_triton_on_its_own(stack: LocalStack) -> None:
+    def experiments(pid: int | None) -> str | None:
+        assert pid is not None
+        for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            name, _, value = entry.decode(errors="replace").partition("=")
+            if name == EXPERIMENTS_VARIABLE:
+                return value
+        return None
+
+    for proc in stack.flotilla_services():
+        assert experiments(proc.pid) == SERVICE_GRPC_EXPERIMENTS, proc.name
+    for triton in stack.tritons:
+        assert experiments(triton.pid) == os.environ.get(EXPERIMENTS_VARIABLE), "tritonserver keeps gRPC's defaults"
 
 
 def test_cli_infer_prints_top5(stack: LocalStack, tmp_path: Path) -> None:
