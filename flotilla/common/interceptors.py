@@ -19,9 +19,11 @@ per method: on the router and batchers this runs for every request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeAlias, cast
 
@@ -132,6 +134,34 @@ class ObservedCall:
     """It holds a place in the tier's admission limit until it ends."""
     refusal: FlotillaError | None = None
     """Why it was refused at once (the admission limit); the caller answers with it."""
+    limit: AdmissionLimit | None = None
+    """The limit it was admitted to (None once it has ended)."""
+
+
+_CURRENT: ContextVar[ObservedCall | None] = ContextVar("flotilla_observed_call", default=None)
+"""The call most recently begun in this context (each request's own task, on every front door)."""
+
+
+@contextlib.contextmanager
+def place_given_back() -> Iterator[None]:
+    """While the call in this context waits for something outside its tier (the router: its model to
+    move off a dead shard), its place in the admission limit is free for other calls; it takes the
+    place back when the wait ends, over the limit if need be (an admitted call is never refused
+    later). Whoever waits bounds how many wait at once (``Forwarder.max_held_calls``). A call that
+    holds no place (ended, or never admitted) waits as it is."""
+    call = _CURRENT.get()
+    limit = call.limit if call is not None and call.admitted else None
+    if call is None or limit is None:
+        yield
+        return
+    limit.active -= 1
+    call.admitted = False
+    try:
+        yield
+    finally:
+        if call.limit is not None:  # not ended meanwhile
+            limit.active += 1
+            call.admitted = True
 
 
 class CallObserver:
@@ -164,12 +194,15 @@ class CallObserver:
                 f"{self.tier} {method}", metadata,
                 {"rpc.system": "grpc", "rpc.method": method, "flotilla.tier": self.tier, "flotilla.model": model},
             )
-        return ObservedCall(method, model, started_s, span, admission is not None)
+        call = ObservedCall(method, model, started_s, span, admission is not None, limit=admission)
+        _CURRENT.set(call)
+        return call
 
     def end(self, call: ObservedCall, code: grpc.StatusCode) -> None:
         """The call is over with ``code``: free its place, count it, end its span."""
         if call.admitted and self.admission is not None:
             self.admission.leave()
+        call.admitted, call.limit = False, None  # a wait still giving its place back does not take it again
         record_call(self.tier, call.method, call.model, code, call.started_s, call.span)
 
 

@@ -9,7 +9,9 @@ status comes back as a ``FlotillaError`` of the same code, message and origin.
 A call that fails UNAVAILABLE because its model moved goes again on the
 model's pool now; one whose model has no shard that answers waits, within
 its deadline, for the controller to move the model, while the fleet has
-another shard that could take it (``Forwarder.move_hold_s``).
+another shard that could take it (``Forwarder.move_hold_s``); a waiting call
+gives its place in the router's admission limit back meanwhile (other models'
+calls are not refused for it) and at most ``max_held_calls`` wait at once.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Generic, Protocol, TypeVar
 
 from flotilla.common import tracing
+from flotilla.common.interceptors import place_given_back
 from flotilla.common.relay import RelayClient
 from flotilla.common.wire import AUTH_HEADER, CLASSIFY_METHOD
 from flotilla.errors import DeadlineExceeded, NoHealthyEndpoint, Unavailable
@@ -74,7 +77,8 @@ class Forwarder(Generic[P]):
     """
 
     def __init__(
-        self, keys: KeyBook | ApiKeys, routes: RouteTable[P], *, move_hold_s: float = 0.0, shards: MoveTargets = no_shards
+        self, keys: KeyBook | ApiKeys, routes: RouteTable[P], *, move_hold_s: float = 0.0, shards: MoveTargets = no_shards,
+        max_held_calls: int = 0,
     ) -> None:
         self.keys = keys if isinstance(keys, KeyBook) else KeyBook(keys, clock=time.monotonic, unix_clock=time.time)
         self.routes = routes
@@ -83,6 +87,13 @@ class Forwarder(Generic[P]):
         answers (every one down or ejected) and ``shards`` names another it could move to; with no
         other shard, or 0, it fails UNAVAILABLE at once."""
         self.shards = shards
+        self.max_held_calls = max_held_calls
+        """At most this many calls wait for a move at once (0: no bound); past it a call fails
+        UNAVAILABLE at once, as with no other shard. A waiting call gives its place in the admission
+        limit back (``interceptors.place_given_back``): a dead shard's model does not fill the router
+        with calls that wait while other models' calls are refused."""
+        self.held = 0
+        """Calls waiting for their model to move now."""
 
     def check_key(self, authorization: str | None) -> KeyGrant:
         """The caller's grant; ``Unauthenticated`` unless ``authorization`` is ``Bearer <a valid key>``.
@@ -136,7 +147,12 @@ class Forwarder(Generic[P]):
                 if model and moved is pool and isinstance(exc, NoHealthyEndpoint) and self._may_move(model, pool):
                     # No shard of the model answers (its only one killed) while another could take it:
                     # the controller moves it once the dead shard's heartbeats stop. Wait for that.
-                    moved = await self.routes.moved_from(model, pool, self._hold_s(time_remaining))
+                    self.held += 1
+                    try:
+                        with place_given_back():
+                            moved = await self.routes.moved_from(model, pool, self._hold_s(time_remaining))
+                    finally:
+                        self.held -= 1
                 if moved is None or moved is pool:
                     raise
                 pool = moved
@@ -144,7 +160,7 @@ class Forwarder(Generic[P]):
 
     def _may_move(self, model: str, pool: EndpointPool[P]) -> bool:
         """Whether the fleet has a shard outside ``pool`` that ``model``'s queue could move to."""
-        if self.move_hold_s <= 0:
+        if self.move_hold_s <= 0 or 0 < self.max_held_calls <= self.held:
             return False
         held = {endpoint.address for endpoint in pool.endpoints}
         return any(address not in held for address in self.shards(model))

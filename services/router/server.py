@@ -161,7 +161,8 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     # to come, rather than fail.
     shard_settings = settings.controller.shards
     forwarder = Forwarder(keys, routes.table, shards=move_targets,
-                          move_hold_s=shard_settings.heartbeat_timeout_s + 3 * shard_settings.heartbeat_interval_s)
+                          move_hold_s=shard_settings.heartbeat_timeout_s + 3 * shard_settings.heartbeat_interval_s,
+                          max_held_calls=settings.router.max_concurrent_calls)
     # The stream's handler first: the unary one leaves ClassifyStream to it. Stopping, streams take no more.
     streams = ClassifyStreamHandler(
         forwarder, CallObserver("router", server.admission, model_label), window=settings.router.stream_window,

@@ -8,8 +8,10 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 
+import grpc
 import pytest
 
+from flotilla.common.interceptors import AdmissionLimit, CallObserver, place_given_back
 from flotilla.common.relay import RelayClient
 from flotilla.errors import FlotillaError, InvalidArgument, NoHealthyEndpoint, Unavailable
 from flotilla.pool.pool import EndpointPool
@@ -156,3 +158,47 @@ async def test_a_call_fails_at_once_where_no_other_shard_could_take_the_model_or
     # The shard answered: the tier under it failed. Moving the model would not help.
     with pytest.raises(Unavailable, match="object store unavailable"):
         await asyncio.wait_for(holding(routes, ["old:1", "other:1"], 3600.0).call("m", b"req", []), 5.0)
+
+
+async def test_a_waiting_call_gives_its_admission_place_back_and_at_most_max_held_calls_wait() -> None:
+    routes: RouteTable[Peer] = RouteTable()
+    routes.put("m", pool("old", Peer(dead)))
+    limit = AdmissionLimit("router", 2, "router.max_concurrent_calls")
+    observer = CallObserver("router", limit)
+    held = Forwarder(ApiKeys(["k"]), routes, move_hold_s=3600.0, shards=lambda model: ["old:1", "new:1"],
+                     max_held_calls=1)
+
+    async def admitted_call() -> bytes:
+        call = observer.begin("Classify", "m", ())
+        try:
+            return await held.call("m", b"req", [])
+        finally:
+            observer.end(call, grpc.StatusCode.OK)
+
+    waiting = asyncio.create_task(admitted_call())
+    while held.held == 0:
+        await asyncio.sleep(0.01)  # duration: the call failing on the dead shard and starting to wait
+    assert limit.active == 0, "the waiting call's place is free for other models' calls"
+    # A second call past max_held_calls fails at once, as with nowhere to move, and frees its place.
+    with pytest.raises(NoHealthyEndpoint):
+        await asyncio.wait_for(admitted_call(), 5.0)
+    assert (held.held, limit.active) == (1, 0)
+
+    routes.put("m", pool("new", Peer(lambda _: b"moved")))
+    assert await asyncio.wait_for(waiting, 5.0) == b"moved"
+    assert (held.held, limit.active) == (0, 0), "the place was taken back for the rest of the call, then freed"
+
+
+async def test_a_call_holding_no_place_waits_as_it_is_and_an_ended_one_takes_none_back() -> None:
+    limit = AdmissionLimit("router", 1, "router.max_concurrent_calls")
+    observer = CallObserver("router", limit)
+    with place_given_back():  # nothing begun in this context
+        assert limit.active == 0
+    call = observer.begin("Classify", "m", ())
+    assert limit.active == 1
+    with place_given_back():
+        assert limit.active == 0
+        with place_given_back():  # the same call again (one KServe request's images): given back once
+            assert limit.active == 0
+        observer.end(call, grpc.StatusCode.CANCELLED)  # ended while waiting (cancelled)
+    assert limit.active == 0, "an ended call takes no place back"
