@@ -284,8 +284,8 @@ def mesh_vs_limit_row(cpu: dict[str, Any]) -> list[str]:
         *([
             f"| mesh_vs_limit over ClassifyStream (the same load on {STREAMS} streams instead of unary calls) | "
             f"{cpu['points'][LARGE_OVER_STREAM]['images_per_s']} / {limit['limit_images_per_s']} "
-            f"= **{cpu['mesh_vs_limit_over_stream']}** ({round(cpu['mesh_vs_limit_over_stream'] / stream_ceiling, 3)} "
-            f"of its ceiling here, {stream_ceiling}, from its own S3 and load generator) |",
+            f"= **{cpu['mesh_vs_limit_over_stream']}** ({cpu['mesh_vs_limit_over_stream'] / stream_ceiling:.3f} "
+            f"of its ceiling here, {stream_ceiling:.3f}, from its own S3 and load generator) |",
             *_if_flotilla_free_row(cpu),
         ] if LARGE_OVER_STREAM in cpu["points"] else []),
     ]
