@@ -24,11 +24,13 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE} AS runtime
 # GRPC_EXPERIMENTS: gRPC's I/O on its grpc.aio poller thread, not handed to EventEngine's
-# threads (flotilla/common/grpc_runtime.py says why and what it measured).
+# threads; GLIBC_TUNABLES: malloc keeps the heap it grew rather than page-faulting it in again
+# after every burst (flotilla/common/runtime_env.py says why and what each measured).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    GRPC_EXPERIMENTS=-event_engine_client,-event_engine_listener,-event_engine_for_all_other_endpoints
+    GRPC_EXPERIMENTS=-event_engine_client,-event_engine_listener,-event_engine_for_all_other_endpoints \
+    GLIBC_TUNABLES=glibc.malloc.trim_threshold=67108864:glibc.malloc.mmap_threshold=33554432
 # Into the interpreter's own site-packages (no venv): Triton's Python-backend
 # stub embeds this libpython and imports numpy and onnxruntime from there.
 RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
@@ -51,9 +53,11 @@ RUN pip install --no-cache-dir "nvidia-pytriton==${PYTRITON_VERSION}" "numpy>=1.
        ${SITE}/pytriton/tritonserver/python_backend_stubs/3.11/triton_python_backend_stub \
        /opt/tritonserver/backends/python/ \
  && ln -s ${SITE}/pytriton/tritonserver/bin/tritonserver /usr/local/bin/tritonserver
-# tritonserver runs its own gRPC build on its defaults: the Flotilla services' GRPC_EXPERIMENTS is not for it.
+# tritonserver runs its own gRPC build and allocators on their defaults: the Flotilla services'
+# GRPC_EXPERIMENTS and GLIBC_TUNABLES are not for it.
 ENV LD_LIBRARY_PATH=${SITE}/nvidia_pytriton.libs \
-    GRPC_EXPERIMENTS=
+    GRPC_EXPERIMENTS= \
+    GLIBC_TUNABLES=
 USER 65532:65532
 ENTRYPOINT []
 CMD ["tritonserver", "--help"]

@@ -52,11 +52,12 @@ def test_the_image_installs_runtime_dependencies_only() -> None:
     assert set(project["optional-dependencies"]) >= {"local", "test", "loadtest", "triton"}
 
 
-def test_the_services_run_on_flotillas_grpc_runtime_and_triton_on_its_own() -> None:
-    from flotilla.common.grpc_runtime import SERVICE_GRPC_EXPERIMENTS
+def test_the_services_run_in_flotillas_environment_and_triton_in_its_own() -> None:
+    from flotilla.common.runtime_env import SERVICE_ENV
 
     found = stages()
-    runtime_env = " ".join(line for line in found["runtime"] if line.startswith("ENV "))
-    assert f"GRPC_EXPERIMENTS={SERVICE_GRPC_EXPERIMENTS}" in runtime_env.split()
-    triton_env = " ".join(line for line in found["triton-cpu"] if line.startswith("ENV "))
-    assert "GRPC_EXPERIMENTS=" in triton_env.split(), "tritonserver's own gRPC keeps its defaults"
+    runtime_env = " ".join(line for line in found["runtime"] if line.startswith("ENV ")).split()
+    triton_env = " ".join(line for line in found["triton-cpu"] if line.startswith("ENV ")).split()
+    for name, value in SERVICE_ENV.items():
+        assert f"{name}={value}" in runtime_env, name
+        assert f"{name}=" in triton_env, f"tritonserver keeps {name} at its defaults"

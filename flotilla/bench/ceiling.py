@@ -57,10 +57,10 @@ from flotilla.api.v1 import (
 )
 from flotilla.bench import front_loads
 from flotilla.bench.meter import LOAD_GENERATOR, Tier, metered_load
-from flotilla.common.grpc_runtime import service_env
 from flotilla.common.peer import GrpcPeer
 from flotilla.common.probe import is_serving
 from flotilla.common.relay import RelayClient, RelayServicer
+from flotilla.common.runtime_env import service_env
 from flotilla.common.server import ServiceServer, run_service
 from flotilla.common.wire import MODEL_HEADER
 from flotilla.config import FlotillaSettings, ModelSettings, RouterSettings, dump_settings

@@ -22,12 +22,13 @@ are reported beside the limit's (``*_alone``).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import statistics
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnProcess
@@ -38,6 +39,7 @@ from typing import Any
 
 from numpy.typing import NDArray
 
+from flotilla.common.runtime_env import service_env
 from flotilla.config import FlotillaSettings, InputSpec
 from flotilla.services.preprocess.imaging import decode_for_model, to_batch_tensor
 
@@ -139,6 +141,19 @@ def _busy_process(job: BusyJob, start: Barrier, finished: Synchronized[int], rep
         report.close()
 
 
+@contextlib.contextmanager
+def _services_environment() -> Iterator[None]:
+    """This process's environment as a service's (``runtime_env.service_env``) while it spawns the
+    limit's processes: they decode as the workers do, with the same malloc thresholds."""
+    saved = dict(os.environ)
+    os.environ.update(service_env())
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def cores_busy_cpu_ms_per_image(job: BusyJob, processes: int) -> list[tuple[float, float]]:
     """The model's and the decode's CPU-ms per image in each of ``processes`` processes running at
     once (spawned, started together once each has its session ready), each running one ONNX Runtime
@@ -154,7 +169,8 @@ def cores_busy_cpu_ms_per_image(job: BusyJob, processes: int) -> list[tuple[floa
             child = context.Process(target=_busy_process, args=(job, start, finished, send),
                                     name=f"flotilla-bench-limit-{index}", daemon=True)
             children.append((child, receive))
-            child.start()
+            with _services_environment():
+                child.start()
             send.close()  # the child's end: a child that dies leaves EOF on ``receive``
         pending = {receive: index for index, (_, receive) in enumerate(children)}
         figures: dict[int, tuple[float, float]] = {}

@@ -47,9 +47,9 @@ from pydantic import SecretStr
 from flotilla.api.v1 import controller_pb2, controller_pb2_grpc
 from flotilla.clients.models import ModelsClient, missing_labels, upload_artifact
 from flotilla.common.fleet import FleetState, spec_of
-from flotilla.common.grpc_runtime import service_env
 from flotilla.common.object_store import ObjectStore
 from flotilla.common.probe import is_serving
+from flotilla.common.runtime_env import service_env
 from flotilla.common.tls import PLAINTEXT, Dialer
 from flotilla.common.wire import CONTROL_CHANNEL_OPTIONS
 from flotilla.config import (

@@ -11,8 +11,14 @@ import onnxruntime as ort
 import pytest
 
 from flotilla.clients.client import FlotillaClient
-from flotilla.common.grpc_runtime import EXPERIMENTS_VARIABLE, SERVICE_GRPC_EXPERIMENTS
 from flotilla.common.probe import is_serving
+from flotilla.common.runtime_env import (
+    EXPERIMENTS_VARIABLE,
+    SERVICE_ENV,
+    SERVICE_GRPC_EXPERIMENTS,
+    SERVICE_MALLOC_TUNABLES,
+    TUNABLES_VARIABLE,
+)
 from flotilla.errors import Code, FlotillaError
 from flotilla.services.preprocess.imaging import decode_for_model, to_batch_tensor
 from flotilla.stack.local import LocalStack
@@ -107,19 +113,22 @@ def test_every_service_is_healthy(stack: LocalStack) -> None:
         assert is_serving(proc.address), f"{proc.name} at {proc.address} is not SERVING"
 
 
-def test_the_services_run_on_flotillas_grpc_runtime_and_triton_on_its_own(stack: LocalStack) -> None:
-    def experiments(pid: int | None) -> str | None:
+def test_the_services_run_in_flotillas_environment_and_triton_in_its_own(stack: LocalStack) -> None:
+    def environment(pid: int | None) -> dict[str, str]:
         assert pid is not None
-        for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-            name, _, value = entry.decode(errors="replace").partition("=")
-            if name == EXPERIMENTS_VARIABLE:
-                return value
-        return None
+        entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        return dict(entry.decode(errors="replace").partition("=")[::2] for entry in entries if entry)
 
     for proc in stack.flotilla_services():
-        assert experiments(proc.pid) == SERVICE_GRPC_EXPERIMENTS, proc.name
+        env = environment(proc.pid)
+        assert env.get(EXPERIMENTS_VARIABLE) == SERVICE_GRPC_EXPERIMENTS, proc.name
+        # glibc parses GLIBC_TUNABLES in place at start (a NUL after the first tunable), so the process's
+        # original environment block shows the first of them only.
+        tunables = env.get(TUNABLES_VARIABLE, "")
+        assert tunables and SERVICE_MALLOC_TUNABLES.startswith(tunables), (proc.name, tunables)
     for triton in stack.tritons:
-        assert experiments(triton.pid) == os.environ.get(EXPERIMENTS_VARIABLE), "tritonserver keeps gRPC's defaults"
+        env = environment(triton.pid)
+        assert {name: env.get(name) for name in SERVICE_ENV} == {name: os.environ.get(name) for name in SERVICE_ENV}
 
 
 def test_cli_infer_prints_top5(stack: LocalStack, tmp_path: Path) -> None:
