@@ -198,9 +198,7 @@ def summary(cpu: dict[str, Any]) -> dict[str, object]:
             # The same load on ClassifyStream (issue 23: >= 0.9 of the ceiling here).
             "mesh_vs_limit_over_stream": cpu["mesh_vs_limit_over_stream"],
             "mesh_vs_limit_ceiling_here_over_stream": mesh_vs_limit_ceiling(cpu, LARGE_OVER_STREAM),
-            "mesh_vs_limit_over_stream_of_ceiling_here": round(
-                cpu["mesh_vs_limit_over_stream"] / mesh_vs_limit_ceiling(cpu, LARGE_OVER_STREAM), 3
-            ),
+            "mesh_vs_limit_over_stream_of_ceiling_here": round(stream_of_its_ceiling(cpu), 3),
             "router_cpu_us_per_image_large_photos_over_stream":
                 cpu["points"][LARGE_OVER_STREAM]["cpu_us_per_image"].get("router"),
             # How far Flotilla's own code can take it: the same point with that code's CPU at zero.
@@ -257,6 +255,11 @@ def mesh_vs_limit_ceiling(cpu: dict[str, Any], name: str = "large") -> float:
     return round(limit_us / (limit_us + outside_us), 3)
 
 
+def stream_of_its_ceiling(cpu: dict[str, Any]) -> float:
+    """The stream point's mesh_vs_limit as a share of its own ceiling (issue 23's figure)."""
+    return float(cpu["mesh_vs_limit_over_stream"]) / mesh_vs_limit_ceiling(cpu, LARGE_OVER_STREAM)
+
+
 def _cores_busy(limit: dict[str, Any]) -> bool:
     """Whether the limit was measured with every core running the model and decode at once (results
     from before that have only the one-process figures)."""
@@ -267,7 +270,6 @@ def mesh_vs_limit_row(cpu: dict[str, Any]) -> list[str]:
     """The results page's figure that replaced the old "mesh efficiency"."""
     limit, large = cpu["limit"], cpu["points"]["large"]
     busy = _cores_busy(limit)
-    stream_ceiling = mesh_vs_limit_ceiling(cpu, LARGE_OVER_STREAM) if LARGE_OVER_STREAM in cpu["points"] else 1.0
     return [
         f"| mesh_vs_limit (1-2 MP photos `build/samples/large/*.jpg`, R={cpu['replicas']}, max_batch_size "
         f"{cpu['max_batch_size']}, c={large['concurrency']}): mesh img/s / ({limit['cores']} cores / (ONNX Runtime "
@@ -284,8 +286,8 @@ def mesh_vs_limit_row(cpu: dict[str, Any]) -> list[str]:
         *([
             f"| mesh_vs_limit over ClassifyStream (the same load on {STREAMS} streams instead of unary calls) | "
             f"{cpu['points'][LARGE_OVER_STREAM]['images_per_s']} / {limit['limit_images_per_s']} "
-            f"= **{cpu['mesh_vs_limit_over_stream']}** ({cpu['mesh_vs_limit_over_stream'] / stream_ceiling:.3f} "
-            f"of its ceiling here, {stream_ceiling:.3f}, from its own S3 and load generator) |",
+            f"= **{cpu['mesh_vs_limit_over_stream']}** ({stream_of_its_ceiling(cpu):.3f} of its ceiling here, "
+            f"{mesh_vs_limit_ceiling(cpu, LARGE_OVER_STREAM):.3f}, from its own S3 and load generator) |",
             *_if_flotilla_free_row(cpu),
         ] if LARGE_OVER_STREAM in cpu["points"] else []),
     ]

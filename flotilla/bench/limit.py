@@ -39,7 +39,7 @@ from typing import Any
 
 from numpy.typing import NDArray
 
-from flotilla.common.runtime_env import service_env
+from flotilla.common.runtime_env import SERVICE_ENV
 from flotilla.config import FlotillaSettings, InputSpec
 from flotilla.services.preprocess.imaging import decode_for_model, to_batch_tensor
 
@@ -143,15 +143,16 @@ def _busy_process(job: BusyJob, start: Barrier, finished: Synchronized[int], rep
 
 @contextlib.contextmanager
 def _services_environment() -> Iterator[None]:
-    """This process's environment as a service's (``runtime_env.service_env``) while it spawns the
-    limit's processes: they decode as the workers do, with the same malloc thresholds."""
-    saved = dict(os.environ)
-    os.environ.update(service_env())
+    """This process's environment as a service's (``runtime_env.SERVICE_ENV``, where it sets none of
+    them itself) while it spawns the limit's processes: they decode as the workers do, with the same
+    malloc thresholds."""
+    added = {name: value for name, value in SERVICE_ENV.items() if name not in os.environ}
+    os.environ.update(added)
     try:
         yield
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def cores_busy_cpu_ms_per_image(job: BusyJob, processes: int) -> list[tuple[float, float]]:
