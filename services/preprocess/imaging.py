@@ -46,7 +46,7 @@ _UPRIGHT = {
 Box = tuple[float, float, float, float]
 
 
-def read_jpeg_size(data: bytes, what: str, max_pixels: int) -> tuple[int, int]:
+def read_jpeg_size(data: bytes | bytearray, what: str, max_pixels: int) -> tuple[int, int]:
     """(height, width) from the JPEG header; rejects non-JPEGs and decompression bombs."""
     if not data:
         raise InvalidImage(f"{what} is empty (0 bytes); upload a JPEG image")
@@ -66,7 +66,7 @@ def read_jpeg_size(data: bytes, what: str, max_pixels: int) -> tuple[int, int]:
     return height, width
 
 
-def read_exif_orientation(data: bytes) -> int:
+def read_exif_orientation(data: bytes | bytearray) -> int:
     """The EXIF orientation (1..8) of a JPEG, from its APP1 segment; 1 when absent or unreadable.
 
     Walks the marker segments up to the first scan and reads tag 0x0112 of
@@ -99,7 +99,7 @@ def read_exif_orientation(data: bytes) -> int:
     return 1
 
 
-def _tiff_orientation(tiff: bytes) -> int:
+def _tiff_orientation(tiff: bytes | bytearray) -> int:
     """Orientation tag of IFD0 in a TIFF structure; 0 when it has none."""
     if tiff[:2] == b"II":
         order = "<"
@@ -175,7 +175,7 @@ def _resize_box(height: int, width: int, decoded: tuple[int, int], spec: InputSp
 
 
 def decode_for_model(
-    data: bytes, spec: InputSpec, *, what: str, max_pixels: int, out: NDArray[np.uint8] | None = None
+    data: bytes | bytearray, spec: InputSpec, *, what: str, max_pixels: int, out: NDArray[np.uint8] | None = None
 ) -> NDArray[np.uint8]:
     """Decode a JPEG into an upright RGB uint8 array of shape (height_px, width_px, 3).
 

@@ -69,8 +69,9 @@ class AsyncObjectReader:
             self._pool = None
             await asyncio.sleep(0)  # the closed transports let go of their sockets
 
-    async def get(self, key: str, max_bytes: int) -> bytes:
-        """The object's bytes; ImageNotFound, ImageTooLarge or StoreUnavailable otherwise."""
+    async def get(self, key: str, max_bytes: int) -> bytearray:
+        """The object's bytes (the buffer they were received into: a ~240 KB photo is not copied
+        again); ImageNotFound, ImageTooLarge or StoreUnavailable otherwise."""
         try:
             return await self._get(key, max_bytes)
         except Exception as exc:
@@ -79,7 +80,7 @@ class AsyncObjectReader:
                 raise
             raise failure from exc
 
-    async def _get(self, key: str, max_bytes: int) -> bytes:
+    async def _get(self, key: str, max_bytes: int) -> bytearray:
         path = self.signer.path(key)
         attempt = 0
         while True:
@@ -99,7 +100,7 @@ class AsyncObjectReader:
                 attempt += 1
                 continue
             if answer.status == 200:
-                return bytes(answer.body)
+                return answer.body
             refused = refusal(answer.status, bytes(answer.body))
             if answer.status not in RETRY_STATUSES or attempt >= self.retries:
                 raise refused

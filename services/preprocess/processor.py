@@ -76,7 +76,7 @@ class BatchOutcome:
 
 
 class ImageSource(Protocol):
-    async def get(self, key: str, max_bytes: int) -> bytes: ...
+    async def get(self, key: str, max_bytes: int) -> bytes | bytearray: ...
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ class BatchProcessor:
             counter = self._decode_cpu_counters[model] = metrics.PREPROCESS_DECODE_CPU_SECONDS.labels(model)
         return counter
 
-    async def _fetch(self, item: ItemRequest, model: ServedModel) -> bytes:
+    async def _fetch(self, item: ItemRequest, model: ServedModel) -> bytes | bytearray:
         key = object_key(item.image_uuid)
         started_s = time.perf_counter()
         with tracing.span("fetch", kind=SpanKind.CLIENT, attributes={"flotilla.image_uuid": item.image_uuid}):

@@ -515,6 +515,21 @@ def test_exif_orientation_turns_the_image_upright(
         assert np.abs(unturned.astype(np.int16) - reference.astype(np.int16)).mean() > 15
 
 
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_the_buffer_a_photo_was_received_into_decodes_as_its_bytes(upright_photo: Image.Image, orientation: int) -> None:
+    """The worker's S3 reader hands over the bytearray the body landed in (no copy to bytes)."""
+    data = jpeg_with_orientation(upright_photo, orientation)
+    received = bytearray(data)
+    assert read_exif_orientation(received) == orientation
+    for spec in ORIENTATION_SPECS.values():
+        assert np.array_equal(
+            decode_for_model(received, spec, what="image r", max_pixels=NO_LIMIT),
+            decode_for_model(data, spec, what="image r", max_pixels=NO_LIMIT),
+        )
+    with pytest.raises(InvalidImage, match="not a JPEG"):
+        decode_for_model(bytearray(b"GIF89a" + data[6:]), InputSpec(), what="image r", max_pixels=NO_LIMIT)
+
+
 @pytest.mark.parametrize("orientation", [3, 6, 8])
 def test_exif_orientation_off_keeps_the_stored_orientation(upright_photo: Image.Image, orientation: int) -> None:
     data = jpeg_with_orientation(upright_photo, orientation)
