@@ -46,6 +46,9 @@ class GrpcPeer(Generic[S]):
             dialer, address, keepalive_options(keepalive_s, keepalive_timeout_s), retire_grace_s=self.RETIRE_GRACE_S
         )
         self._retiring: set[asyncio.Task[None]] = set()
+        self.relay_unimplemented = False
+        """The peer answered its relay UNIMPLEMENTED (a version from before it served one): callers that
+        may fall back (the batcher's batches) make unary calls to it."""
         self._bind()
 
     @property

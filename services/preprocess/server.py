@@ -9,12 +9,15 @@ is loaded on demand through the controller's EnsureLoaded (cold start).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from flotilla.api.v1 import (
     controller_pb2,
@@ -23,14 +26,17 @@ from flotilla.api.v1 import (
     pools_pb2,
     preprocess_pb2,
     preprocess_pb2_grpc,
+    relay_pb2,
 )
 from flotilla.common import metrics
 from flotilla.common.fleet import FleetChange, FleetState, FleetWatcher, controller_call, ready_replicas, spec_of
 from flotilla.common.interceptors import UNKNOWN_MODEL
+from flotilla.common.relay import RelayServicer
 from flotilla.common.server import ServiceServer, serve_until_signal
 from flotilla.common.tls import PLAINTEXT, Dialer, RenewingChannel
-from flotilla.common.wire import PREPROCESSOR_SERVICE
+from flotilla.common.wire import PREPROCESSOR_SERVICE, PROCESS_BATCH_METHOD, RELAY_SERVICE
 from flotilla.config import FlotillaSettings, PreprocessSettings
+from flotilla.errors import MalformedRequest, Unimplemented
 from flotilla.pool.status import pools_to_pb
 from flotilla.services.preprocess.object_reader import AsyncObjectReader
 from flotilla.services.preprocess.processor import (
@@ -85,11 +91,27 @@ class PreprocessorServicer(preprocess_pb2_grpc.PreprocessorServicer):
     async def ProcessBatch(
         self, request: preprocess_pb2.ProcessBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> preprocess_pb2.ProcessBatchResponse:
+        return await self.process(request, context.time_remaining())
+
+    async def process(
+        self, request: preprocess_pb2.ProcessBatchRequest, timeout_s: float | None
+    ) -> preprocess_pb2.ProcessBatchResponse:
         items = [ItemRequest(i.image_uuid, i.top_k, i.request_id, i.all_scores) for i in request.items]
         outcome = await self.processor.process(
-            request.model_name, items, version=request.model_version, timeout_s=context.time_remaining()
+            request.model_name, items, version=request.model_version, timeout_s=timeout_s
         )
         return to_pb(request, outcome)
+
+    def start(self, frame: relay_pb2.CallFrame) -> asyncio.Future[preprocess_pb2.ProcessBatchResponse]:
+        """A ProcessBatch call relayed by a batcher (``relay.RelayServicer``): a frame on the batcher's
+        one stream to this worker instead of a unary call a batch; cancelling the future withdraws it."""
+        if frame.method != PROCESS_BATCH_METHOD:
+            raise Unimplemented(f"method {frame.method!r} is not served by the preprocess worker")
+        try:
+            request = preprocess_pb2.ProcessBatchRequest.FromString(frame.request)
+        except DecodeError as exc:
+            raise MalformedRequest(f"relay frame {frame.id} is not a ProcessBatchRequest: {exc}") from exc
+        return asyncio.ensure_future(self.process(request, frame.timeout_s or None))
 
 
 class FleetFollower:
@@ -164,6 +186,19 @@ class ControllerColdStart:
         return ready_replicas(status)
 
 
+def serve_batches(
+    server: ServiceServer, servicer: PreprocessorServicer, model_label: Callable[[str], str] | None = None
+) -> RelayServicer[preprocess_pb2.ProcessBatchResponse]:
+    """Serve ``servicer``'s batches on ``server`` both ways a batcher sends them: as frames on its
+    Relay stream (``servicer.start``) and, for batchers from before the relay, as unary ProcessBatch
+    calls. Returns the relay's servicer (it stops taking frames when the server drains)."""
+    preprocess_pb2_grpc.add_PreprocessorServicer_to_server(servicer, server.server)
+    relay = RelayServicer(servicer.start, tier="preprocess", model_label=model_label)
+    server.server.add_generic_rpc_handlers([relay.generic_handler()])
+    server.on_drain.append(relay.drain)
+    return relay
+
+
 def batch_regions(settings: PreprocessSettings) -> SharedMemoryRegions | None:
     """This worker's shared-memory regions for batches to Triton on its host (None when off)."""
     if settings.triton_shared_memory == "off" or settings.shared_memory_max_bytes == 0 or not SHM_DIR.is_dir():
@@ -207,13 +242,14 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     watcher = FleetWatcher(settings.endpoints.controller, follower.apply, name="preprocess", dialer=dialer)
     watcher.start()
     await watcher.wait_first(10.0)
+    def model_label(name: str) -> str:  # label values stay bounded: only served models
+        return name if name in processor.models else UNKNOWN_MODEL
+
     server = ServiceServer(
-        "preprocess", [PREPROCESSOR_SERVICE], grace_s=settings.shutdown_grace_s, tier="preprocess",
-        model_label=lambda name: name if name in processor.models else UNKNOWN_MODEL, tls=settings.tls,
+        "preprocess", [PREPROCESSOR_SERVICE, RELAY_SERVICE], grace_s=settings.shutdown_grace_s, tier="preprocess",
+        model_label=model_label, tls=settings.tls,
     )
-    preprocess_pb2_grpc.add_PreprocessorServicer_to_server(
-        PreprocessorServicer(processor, backend), server.server
-    )
+    serve_batches(server, PreprocessorServicer(processor, backend), model_label)
 
     async def cleanup() -> None:
         await watcher.stop()
