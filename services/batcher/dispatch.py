@@ -28,7 +28,7 @@ from flotilla.common import tracing
 from flotilla.common.clock import Clock
 from flotilla.common.peer import GrpcPeer
 from flotilla.common.status import error_from_rpc
-from flotilla.common.wire import PROCESS_BATCH_METHOD
+from flotilla.common.wire import MODEL_HEADER, PROCESS_BATCH_METHOD
 from flotilla.errors import FlotillaError, Unimplemented, error_from_code
 from flotilla.pool.pool import Endpoint, EndpointPool
 
@@ -93,7 +93,10 @@ class PreprocessDispatcher:
             peer = endpoint.client
             if not peer.relay_unimplemented:
                 try:
-                    answer = await peer.relay.call(PROCESS_BATCH_METHOD, body, tracing.inject(), timeout_s)
+                    # The model header names the batch's model in the worker's request metrics and span
+                    # (a unary call's is read from its request).
+                    headers = ((MODEL_HEADER, self.model), *tracing.inject())
+                    answer = await peer.relay.call(PROCESS_BATCH_METHOD, body, headers, timeout_s)
                     return preprocess_pb2.ProcessBatchResponse.FromString(answer)
                 except Unimplemented as exc:  # a worker from before the relay: unary calls from now on
                     if exc.origin:  # from below the worker: the batch's own failure

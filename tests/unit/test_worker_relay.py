@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
+from prometheus_client import REGISTRY
 
 from flotilla.api.v1 import inference_pb2, preprocess_pb2, preprocess_pb2_grpc, relay_pb2
 from flotilla.common.clock import MonotonicClock
@@ -93,8 +94,15 @@ def items(*uuids: str) -> list[preprocess_pb2.BatchItem]:
     return [preprocess_pb2.BatchItem(image_uuid=u, top_k=1) for u in uuids]
 
 
+def answered(model: str) -> float:
+    """The worker's count of ProcessBatch calls answered OK for ``model`` (its request metrics)."""
+    labels = {"tier": "preprocess", "method": "ProcessBatch", "model": model, "code": "OK"}
+    return REGISTRY.get_sample_value("flotilla_grpc_requests_total", labels) or 0.0
+
+
 async def test_each_batch_is_answered_item_by_item_whichever_way_it_went(worker: Worker) -> None:
     dispatcher = dispatcher_to(worker)
+    counted_before = answered("m")
     for batch in (("a", "b", "c"), ("d",)):
         answers = await dispatcher(items(*batch), None)
         assert all(isinstance(a, inference_pb2.ClassifyResponse) for a in answers)
@@ -102,6 +110,7 @@ async def test_each_batch_is_answered_item_by_item_whichever_way_it_went(worker:
     assert [uuids for _, uuids, _ in worker.processor.calls] == [["a", "b", "c"], ["d"]]
     timeouts = [timeout_s for _, _, timeout_s in worker.processor.calls]
     assert all(t is not None and 4 < t < 5.1 for t in timeouts), timeouts  # the batch's deadline (5 s) went along
+    assert answered("m") == counted_before + 2  # each batch one call of its model, either way
     if worker.relay is not None:  # both batches rode the relay stream: no unary call
         assert (worker.relay.calls_received, worker.servicer.unary_calls) == (2, 0)
         assert not worker.peer.relay_unimplemented
