@@ -120,21 +120,32 @@ class _Controller(controller_pb2_grpc.ControllerServicer):
 
 
 class _InstantWorker(preprocess_pb2_grpc.PreprocessorServicer):
-    """Answers every item of every batch at once."""
+    """Answers every item of every batch at once, both ways a batcher sends one: as a frame on its relay
+    stream (``start``, what it uses) or a unary call."""
 
     def __init__(self) -> None:
         self.batches = 0
         self.items = 0
+        self.unary_batches = 0
 
-    async def ProcessBatch(  # noqa: N802
-        self, request: preprocess_pb2.ProcessBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> preprocess_pb2.ProcessBatchResponse:
+    def _answer(self, request: preprocess_pb2.ProcessBatchRequest) -> preprocess_pb2.ProcessBatchResponse:
         self.batches += 1
         self.items += len(request.items)
         return preprocess_pb2.ProcessBatchResponse(
             backend="none",
             results=[preprocess_pb2.ItemResult(response=answer(item.image_uuid)) for item in request.items],
         )
+
+    def start(self, frame: relay_pb2.CallFrame) -> asyncio.Future[preprocess_pb2.ProcessBatchResponse]:
+        future: asyncio.Future[preprocess_pb2.ProcessBatchResponse] = asyncio.get_running_loop().create_future()
+        future.set_result(self._answer(preprocess_pb2.ProcessBatchRequest.FromString(frame.request)))
+        return future
+
+    async def ProcessBatch(  # noqa: N802
+        self, request: preprocess_pb2.ProcessBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> preprocess_pb2.ProcessBatchResponse:
+        self.unary_batches += 1
+        return self._answer(request)
 
 
 _RELAYED = answer("relayed")
@@ -233,6 +244,7 @@ async def batcher_point(settings: FlotillaSettings, run_dir: Path, *, max_batch_
     fakes = ServiceServer("bench fakes", [], grace_s=0, tier="bench")
     controller_pb2_grpc.add_ControllerServicer_to_server(_Controller(spec, []), fakes.server)
     preprocess_pb2_grpc.add_PreprocessorServicer_to_server(worker, fakes.server)
+    fakes.server.add_generic_rpc_handlers([RelayServicer(worker.start, tier="bench").generic_handler()])
     fakes_address = f"{settings.host}:{await fakes.start(settings.host, 0)}"
     name = f"batcher-bs{max_batch_size}"
     batcher: ManagedProcess | None = None
@@ -250,7 +262,8 @@ async def batcher_point(settings: FlotillaSettings, run_dir: Path, *, max_batch_
             concurrency=BATCHER_CONCURRENCY, window_s=window_s,
         )
         return {"tier": "batcher", "max_batch_size": max_batch_size, **point,
-                "mean_batch": round(worker.items / max(worker.batches, 1), 2)}  # over warm-up and window
+                "mean_batch": round(worker.items / max(worker.batches, 1), 2),  # over warm-up and window
+                "unary_batches": worker.unary_batches}
     finally:
         if peer is not None:
             await peer.close()

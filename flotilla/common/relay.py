@@ -135,6 +135,8 @@ class RelayClient:
             response_deserializer=relay_pb2.AnswerFrames.FromString,
         )
         self._stream: _ClientStream | None = None
+        self._answered = False
+        """Whether a stream before the current one had an answer."""
 
     async def call(
         self, method: str, request: bytes, headers: Sequence[tuple[str, str]], timeout_s: float | None
@@ -146,6 +148,7 @@ class RelayClient:
         """
         stream = self._stream
         if stream is None or stream.closed:
+            self._answered = self.answered
             stream = self._stream = _ClientStream(self._open_stream(), self.peer, self.pacing_s)
         answer = await stream.call(method, request, headers, timeout_s)
         if answer.code == OK:
@@ -155,6 +158,15 @@ class RelayClient:
     @property
     def open_calls(self) -> int:
         return 0 if self._stream is None else len(self._stream.pending)
+
+    @property
+    def answered(self) -> bool:
+        """Whether the peer has answered a frame on any of this client's streams: it serves the relay.
+
+        A stream that breaks before its first answer may also be a peer without a relay: a write that
+        races the peer's UNIMPLEMENTED gets grpc.aio's INTERNAL "Internal error from Core" in place
+        of that status (``BROKEN_STREAM_CODES``)."""
+        return self._answered or (self._stream is not None and self._stream.answered)
 
     @property
     def stream_open(self) -> bool:
@@ -225,6 +237,8 @@ class _ClientStream:
         self.peer = peer
         self.pacing_s = pacing_s
         self.closed = False
+        self.answered = False
+        """Whether an answer frame has come on this stream."""
         self.round_trip_s = 0.0
         """Moving mean of the answered calls' round trips (0 until one is answered)."""
         self.call_gaps = MeanGap(CALL_GAP_WEIGHT)
@@ -317,6 +331,7 @@ class _ClientStream:
     async def _read(self) -> None:
         try:
             async for message in self.rpc:
+                self.answered = True
                 for answer in message.answers:
                     future = self.pending.pop(answer.id, None)
                     if future is not None and not future.done():

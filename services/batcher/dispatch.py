@@ -13,7 +13,9 @@ batches of 8 in flight, alternating 15 s rounds (2026-12-07, 2 shared cores),
 its CPU beyond decode was 522-539 µs an image relayed against 562-574 unary
 (28-40 µs less in each of 3 pairs). A worker that answers the relay UNIMPLEMENTED
 (a version from before it served one, met in a rolling upgrade) gets unary
-calls, that batch at once and the later ones.
+calls, that batch at once and the later ones; so does a batch whose relay
+broke before the worker ever answered on one (its UNIMPLEMENTED may have
+been lost to a write that raced it).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from flotilla.common.clock import Clock
 from flotilla.common.peer import GrpcPeer
 from flotilla.common.status import error_from_rpc
 from flotilla.common.wire import MODEL_HEADER, PROCESS_BATCH_METHOD
-from flotilla.errors import FlotillaError, Unimplemented, error_from_code
+from flotilla.errors import FlotillaError, Unavailable, Unimplemented, error_from_code
 from flotilla.pool.pool import Endpoint, EndpointPool
 
 
@@ -102,6 +104,12 @@ class PreprocessDispatcher:
                     if exc.origin:  # from below the worker: the batch's own failure
                         raise
                     peer.relay_unimplemented = True
+                except Unavailable as exc:
+                    # A relay that broke before the worker ever answered on it may be a worker from
+                    # before the relay whose UNIMPLEMENTED a write raced (``RelayClient.answered``):
+                    # its unary call tells (a worker that is down fails that too).
+                    if exc.origin or peer.relay.answered:
+                        raise
             assert peer.stub is not None
             try:
                 response: preprocess_pb2.ProcessBatchResponse = await peer.stub.ProcessBatch(

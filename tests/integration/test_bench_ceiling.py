@@ -23,6 +23,7 @@ async def test_a_batcher_alone_forms_full_batches_and_is_metered(settings, tmp_p
     assert point["errors"] == 0 and point["requests"] > 100, point
     assert point["cpu_us_per_request"] > 0 and point["ceiling_requests_per_s_one_core"] > 0
     assert 1 <= point["mean_batch"] <= 8
+    assert point["unary_batches"] == 0  # every batch went to the worker on the batcher's relay stream
 
 
 async def test_a_router_alone_relays_every_call_and_is_metered(settings, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+import grpc
 import pytest
 from prometheus_client import REGISTRY
 
@@ -18,8 +19,8 @@ from flotilla.common.clock import MonotonicClock
 from flotilla.common.peer import GrpcPeer
 from flotilla.common.relay import RelayServicer
 from flotilla.common.server import ServiceServer
-from flotilla.common.wire import PROCESS_BATCH_METHOD
-from flotilla.errors import MalformedRequest, ModelNotFound, NotFound, Unimplemented
+from flotilla.common.wire import PROCESS_BATCH_METHOD, RELAY_SERVICE
+from flotilla.errors import MalformedRequest, ModelNotFound, NotFound, Unavailable, Unimplemented
 from flotilla.pool.pool import EndpointPool
 from flotilla.services.batcher.dispatch import PreprocessDispatcher
 from flotilla.services.preprocess.processor import BatchOutcome, ClassScore, ItemOutcome, ItemRequest
@@ -114,9 +115,9 @@ async def test_each_batch_is_answered_item_by_item_whichever_way_it_went(worker:
     if worker.relay is not None:  # both batches rode the relay stream: no unary call
         assert (worker.relay.calls_received, worker.servicer.unary_calls) == (2, 0)
         assert not worker.peer.relay_unimplemented
-    else:  # the first batch found no relay and went again as a unary call, the second went unary at once
+    else:  # the first batch found no relay and went again as a unary call, the second unary too
         assert worker.servicer.unary_calls == 2
-        assert worker.peer.relay_unimplemented
+        assert not worker.peer.relay.answered  # (the relay is marked UNIMPLEMENTED unless a write raced that)
 
 
 async def test_the_workers_failure_of_a_batch_reaches_the_batcher_as_its_status(worker: Worker) -> None:
@@ -136,3 +137,44 @@ async def test_the_workers_relay_takes_only_well_formed_batches() -> None:
                                                       request=request.SerializeToString(), timeout_s=2.5))
     assert answer.results[0].response.classes[0].label == "label of a"
     assert answer.backend == "triton:1"
+
+
+async def test_a_relay_that_breaks_before_the_worker_ever_answered_sends_the_batch_unary() -> None:
+    """What a batcher sees when its first frame's write races the UNIMPLEMENTED of a worker from before
+    the relay: the stream ends INTERNAL ("Internal error from Core"), not UNIMPLEMENTED."""
+    processor = FakeProcessor()
+    servicer = CountingServicer(processor, None)  # type: ignore[arg-type]
+    server = ServiceServer("preprocess", [], grace_s=0, tier="preprocess")
+    preprocess_pb2_grpc.add_PreprocessorServicer_to_server(servicer, server.server)
+
+    async def broken(requests, context):  # type: ignore[no-untyped-def]
+        await context.abort(grpc.StatusCode.INTERNAL, "Internal error from Core")
+        yield relay_pb2.AnswerFrames()  # never reached: makes this a stream handler
+
+    server.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        RELAY_SERVICE, {"Calls": grpc.stream_stream_rpc_method_handler(broken)})])
+    port = await server.start("127.0.0.1", 0)
+    peer: Peer = GrpcPeer(f"127.0.0.1:{port}", preprocess_pb2_grpc.PreprocessorStub)
+    worker = Worker(servicer, processor, None, peer)
+    try:
+        answers = await dispatcher_to(worker)(items("a"), None)
+        assert answers[0].classes[0].label == "label of a"  # type: ignore[union-attr]
+        assert servicer.unary_calls == 1 and not peer.relay_unimplemented and not peer.relay.answered
+    finally:
+        await peer.close()
+        await server.stop()
+
+
+async def test_a_worker_that_answered_on_its_relay_is_sent_no_unary_call_once_it_is_gone() -> None:
+    worker, server = await start_worker(relay=True)
+    try:
+        dispatcher = dispatcher_to(worker)
+        await dispatcher(items("a"), None)
+        assert worker.peer.relay.answered
+        await server.stop()
+        with pytest.raises(Unavailable, match="is unavailable"):
+            await dispatcher(items("b"), None)
+        assert worker.servicer.unary_calls == 0
+    finally:
+        await worker.peer.close()
+        await server.stop()
