@@ -172,7 +172,7 @@ async def test_a_worker_that_answered_on_its_relay_is_sent_no_unary_call_once_it
         await dispatcher(items("a"), None)
         assert worker.peer.relay.answered
         await server.stop()
-        with pytest.raises(Unavailable, match="is unavailable"):
+        with pytest.raises(Unavailable, match="no worker is available"):
             await dispatcher(items("b"), None)
         assert worker.servicer.unary_calls == 0
     finally:
