@@ -32,7 +32,8 @@ from flotilla.stack.processes import ManagedProcess
 LARGE_OVER_STREAM = "large over stream"
 """The point driven over ClassifyStream (the rest are unary Classify calls)."""
 STREAMS = 4
-"""ClassifyStream streams the stream point spreads its requests over (each on its own connection)."""
+"""ClassifyStream streams the stream point spreads its requests over (each on its own connection, its
+share of the closed loop's callers keeping to it: ``front_loads.StreamLoad``)."""
 
 
 def stack_tiers(stack: LocalStack) -> dict[str, Tier]:
