@@ -37,8 +37,11 @@ class GrpcPeer(Generic[S]):
         keepalive_timeout_s: float = PEER_KEEPALIVE_TIMEOUT_S,
         dialer: Dialer = PLAINTEXT,
         relay_pacing_s: float = 0.0,
+        tier: str = "",
     ) -> None:
         self.address = address
+        self.tier = tier
+        """What the peer is (``"batcher"``, ``"preprocess worker"``): its relay's failures name it with the address."""
         self.relay_pacing_s = relay_pacing_s
         """The relay's ``pacing_s`` (``relay.coalesce_wait_s``; the router's ``router.pacing_ms``)."""
         self._stub_factory = stub_factory
@@ -83,7 +86,8 @@ class GrpcPeer(Generic[S]):
     def relay(self) -> RelayClient:
         """Unary calls to this peer as frames on one stream (the peer serves ``Relay``)."""
         if self._relay is None:
-            self._relay = RelayClient(self.channel, self.address, pacing_s=self.relay_pacing_s)
+            label = f"{self.tier} {self.address}" if self.tier else self.address
+            self._relay = RelayClient(self.channel, label, pacing_s=self.relay_pacing_s)
         return self._relay
 
     async def serving(self, service: str = "") -> bool:

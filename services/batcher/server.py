@@ -158,7 +158,7 @@ async def serve(settings: FlotillaSettings, port: int, *, dedicated_model: str =
     dialer = Dialer(settings.tls)  # mutual TLS to the workers and the controller when tls.enabled
 
     def peer(address: str) -> GrpcPeer[preprocess_pb2_grpc.PreprocessorStub]:
-        return GrpcPeer(address, preprocess_pb2_grpc.PreprocessorStub, dialer=dialer)
+        return GrpcPeer(address, preprocess_pb2_grpc.PreprocessorStub, dialer=dialer, tier="preprocess worker")
 
     dns_interval_s = settings.pools.dns_refresh_interval_s
     pool, health_check = pool_from_settings(

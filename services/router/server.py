@@ -127,7 +127,7 @@ async def serve(settings: FlotillaSettings, port: int) -> None:
     keys = KeyBook(static, processes=settings.router.processes, clock=time.monotonic, unix_clock=time.time)
     dialer = Dialer(settings.tls)  # mutual TLS to the batchers and the controller when tls.enabled
     routes = BatcherRoutes(settings.pools, make_peer=functools.partial(
-        GrpcPeer, dialer=dialer, relay_pacing_s=settings.router.pacing_ms / 1000.0,
+        GrpcPeer, dialer=dialer, relay_pacing_s=settings.router.pacing_ms / 1000.0, tier="batcher",
     ))
 
     async def on_fleet(state: FleetState, change: FleetChange) -> None:

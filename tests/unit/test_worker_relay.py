@@ -73,7 +73,7 @@ async def start_worker(*, relay: bool) -> tuple[Worker, ServiceServer]:
         relay_servicer = None
         preprocess_pb2_grpc.add_PreprocessorServicer_to_server(servicer, server.server)
     port = await server.start("127.0.0.1", 0)
-    return Worker(servicer, processor, relay_servicer, GrpcPeer(f"127.0.0.1:{port}", preprocess_pb2_grpc.PreprocessorStub)), server
+    return Worker(servicer, processor, relay_servicer, GrpcPeer(f"127.0.0.1:{port}", preprocess_pb2_grpc.PreprocessorStub, tier="preprocess worker")), server
 
 
 @pytest.fixture(params=[True, False], ids=["relay", "before-relay"])
@@ -172,8 +172,9 @@ async def test_a_worker_that_answered_on_its_relay_is_sent_no_unary_call_once_it
         await dispatcher(items("a"), None)
         assert worker.peer.relay.answered
         await server.stop()
-        with pytest.raises(Unavailable, match="no worker is available"):
+        with pytest.raises(Unavailable, match="no worker is available") as failed:
             await dispatcher(items("b"), None)
+        assert f"last error: preprocess worker {worker.peer.address} " in failed.value.message  # names the tier
         assert worker.servicer.unary_calls == 0
     finally:
         await worker.peer.close()
