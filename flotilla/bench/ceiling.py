@@ -52,7 +52,6 @@ from flotilla.api.v1 import (
     controller_pb2_grpc,
     inference_pb2,
     preprocess_pb2,
-    preprocess_pb2_grpc,
     relay_pb2,
 )
 from flotilla.bench import front_loads
@@ -65,6 +64,7 @@ from flotilla.common.server import ServiceServer, run_service
 from flotilla.common.wire import MODEL_HEADER
 from flotilla.config import FlotillaSettings, ModelSettings, RouterSettings, dump_settings
 from flotilla.errors import NotFound
+from flotilla.services.preprocess.server import BatchServicer, serve_batches
 from flotilla.stack.processes import ManagedProcess, free_port, wait_until
 
 MODEL = "ceiling"
@@ -119,7 +119,7 @@ class _Controller(controller_pb2_grpc.ControllerServicer):
         await asyncio.Event().wait()  # the fleet never changes
 
 
-class _InstantWorker(preprocess_pb2_grpc.PreprocessorServicer):
+class _InstantWorker(BatchServicer):
     """Answers every item of every batch at once, both ways a batcher sends one: as a frame on its relay
     stream (``start``, what it uses) or a unary call."""
 
@@ -243,8 +243,7 @@ async def batcher_point(settings: FlotillaSettings, run_dir: Path, *, max_batch_
     worker = _InstantWorker()
     fakes = ServiceServer("bench fakes", [], grace_s=0, tier="bench")
     controller_pb2_grpc.add_ControllerServicer_to_server(_Controller(spec, []), fakes.server)
-    preprocess_pb2_grpc.add_PreprocessorServicer_to_server(worker, fakes.server)
-    fakes.server.add_generic_rpc_handlers([RelayServicer(worker.start, tier="bench").generic_handler()])
+    serve_batches(fakes, worker)
     fakes_address = f"{settings.host}:{await fakes.start(settings.host, 0)}"
     name = f"batcher-bs{max_batch_size}"
     batcher: ManagedProcess | None = None

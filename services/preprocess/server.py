@@ -9,6 +9,7 @@ is loaded on demand through the controller's EnsureLoaded (cold start).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import os
@@ -78,7 +79,16 @@ def to_pb(request: preprocess_pb2.ProcessBatchRequest, outcome: BatchOutcome) ->
     return reply
 
 
-class PreprocessorServicer(preprocess_pb2_grpc.PreprocessorServicer):
+class BatchServicer(preprocess_pb2_grpc.PreprocessorServicer, abc.ABC):
+    """Answers batches both ways a batcher sends them (``serve_batches``): unary ProcessBatch calls and
+    relayed frames (``start``)."""
+
+    @abc.abstractmethod
+    def start(self, frame: relay_pb2.CallFrame) -> asyncio.Future[preprocess_pb2.ProcessBatchResponse]:
+        """A ProcessBatch call relayed as ``frame``; cancelling the future withdraws it."""
+
+
+class PreprocessorServicer(BatchServicer):
     def __init__(self, processor: BatchProcessor, backend: TritonBackend) -> None:
         self.processor = processor
         self.backend = backend
@@ -187,7 +197,7 @@ class ControllerColdStart:
 
 
 def serve_batches(
-    server: ServiceServer, servicer: PreprocessorServicer, model_label: Callable[[str], str] | None = None
+    server: ServiceServer, servicer: BatchServicer, model_label: Callable[[str], str] | None = None
 ) -> RelayServicer[preprocess_pb2.ProcessBatchResponse]:
     """Serve ``servicer``'s batches on ``server`` both ways a batcher sends them: as frames on its
     Relay stream (``servicer.start``) and, for batchers from before the relay, as unary ProcessBatch
